@@ -1,0 +1,86 @@
+"""Small file helpers shared by every stage: atomic writes, JSON, fingerprints."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class UspxError(Exception):
+    """An error caused by the user's input; the CLI prints it without a traceback."""
+
+
+class FingerprintMismatch(UspxError):
+    """Two artifacts disagree on the model or workload they were made from."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
+
+    A crash or kill mid-write leaves the old file (or nothing) and never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise UspxError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UspxError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def check_fingerprints(expected: dict[str, str], found: dict[str, str], what: str) -> None:
+    """Raise unless every fingerprint in ``expected`` equals the one in ``found``.
+
+    A trace from one model scored against another gives numbers that mean nothing, so this is an
+    error, never a warning.
+    """
+    for key, value in expected.items():
+        other = found.get(key)
+        if other is not None and other != value:
+            raise FingerprintMismatch(
+                f"{what}: {key} fingerprint {other[:12]} does not match the expected {value[:12]}; "
+                "the artifacts come from different models or workloads"
+            )

@@ -1,0 +1,313 @@
+"""The one interface every model family implements.
+
+Everything outside ``uspx.models`` talks to a MoE through a :class:`MoEAdapter` and never touches a
+family's tensor layout. Transformers 5 stores experts as fused 3-D parameters in every family, every
+router module returns ``(logits, topk_weights, topk_index)`` (dbrx: logits only) and every
+``*.experts`` module is called as ``experts(hidden [N, H], topk_index [N, k], topk_weights [N, k])``.
+The base class builds on those facts; a family module overrides only what differs: how the router
+turns logits into weights, which tensors hold the experts, and the config field with the expert count.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError
+
+KeptSet = Mapping[int, Sequence[int]]
+"""Kept experts: MoE layer index (the decoder layer index) -> expert ids to keep."""
+
+
+@dataclass
+class MoELayer:
+    """One MoE block of a model."""
+
+    index: int  # decoder layer index
+    name: str  # module path of the MoE block, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+
+
+class Restriction:
+    """Handle for a mask-only restriction; ``remove()`` (or leaving the ``with`` block) undoes it."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "Restriction":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class MoEAdapter:
+    """Access to the routers and experts of one loaded Hugging Face MoE model.
+
+    Subclasses set the class attributes and override :meth:`route` (and :meth:`_expert_tensors`
+    when the experts are not stored with the expert id on dim 0).
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    expert_count_field: ClassVar[str] = "num_local_experts"  # dotted path inside the config
+    router_attr: ClassVar[str] = "gate"
+    router_expert_params: ClassVar[tuple[str, ...]] = ("weight",)  # router tensors with dim 0 = expert
+    router_returns_tuple: ClassVar[bool] = True
+    top_k_field: ClassVar[str] = "num_experts_per_tok"  # dotted path inside the config
+    layer_pattern: ClassVar[str] = r"layers\.(\d+)\."  # decoder layer index in a module path
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self._layers = self._find_layers()
+        if not self._layers:
+            raise UspxError(f"{type(model).__name__}: no MoE layers found for family {self.family}")
+
+    # ----- structure -------------------------------------------------------------------------
+    def _find_layers(self) -> list[MoELayer]:
+        layers = []
+        for name, module in self.model.named_modules():
+            experts = getattr(module, "experts", None)
+            router = getattr(module, self.router_attr, None)
+            if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
+                continue
+            m = re.search(self.layer_pattern, name + ".")
+            if m is None:
+                continue
+            layers.append(
+                MoELayer(int(m.group(1)), name, module, router, experts, self.num_experts, self.top_k)
+            )
+        return layers
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return self._layers
+
+    def layer(self, index: int) -> MoELayer:
+        for layer in self._layers:
+            if layer.index == index:
+                return layer
+        raise UspxError(f"layer {index} is not a MoE layer; MoE layers: {[l.index for l in self._layers]}")
+
+    @property
+    def num_experts(self) -> int:
+        return int(_get_field(self.config, self.expert_count_field))
+
+    @property
+    def top_k(self) -> int:
+        return int(_get_field(self.config, self.top_k_field))
+
+    # ----- routing ---------------------------------------------------------------------------
+    def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's routing: raw router logits [N, E] -> (topk_weights [N, k], topk_index [N, k])."""
+        raise NotImplementedError
+
+    def router_logits(self, output: object) -> torch.Tensor:
+        """Raw logits from a router module's forward output."""
+        return output[0] if self.router_returns_tuple else output  # type: ignore[index]
+
+    def masked_logits(self, layer: MoELayer, logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+        """Logits with banned experts made unroutable (-inf); exact for softmax routers."""
+        return logits.masked_fill(banned.to(logits.device), float("-inf"))
+
+    def restrict(self, kept: KeptSet) -> Restriction:
+        """Route only among ``kept`` experts, shapes unchanged (seed 000 section 7).
+
+        The hook is prepended so that transformers' own output recorders (registered lazily) and
+        uspx's tracer see the restricted routing, not the original one.
+        """
+        self.validate_kept(kept, allow_missing=True)
+        handles = []
+        for layer in self._layers:
+            if layer.index not in kept:
+                continue
+            banned = torch.ones(layer.num_experts, dtype=torch.bool)
+            banned[list(kept[layer.index])] = False
+            handles.append(
+                layer.router.register_forward_hook(self._restrict_hook(layer, banned), prepend=True)
+            )
+        return Restriction(handles)
+
+    def _restrict_hook(self, layer: MoELayer, banned: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            logits = self.masked_logits(layer, self.router_logits(output), banned)
+            if not self.router_returns_tuple:
+                return logits
+            weights, index = self.route(layer, logits)
+            return (logits, weights, index)
+
+        return hook
+
+    def validate_kept(self, kept: KeptSet, allow_missing: bool = False) -> None:
+        """Refuse kept sets that name unknown layers or experts, or leave fewer than top-k experts."""
+        indices = {l.index for l in self._layers}
+        for idx, experts in kept.items():
+            if idx not in indices:
+                raise UspxError(f"kept set names layer {idx}, which is not a MoE layer of this model")
+            ids = list(experts)
+            if len(set(ids)) != len(ids):
+                raise UspxError(f"kept set for layer {idx} repeats an expert: {ids}")
+            bad = [e for e in ids if not 0 <= int(e) < self.num_experts]
+            if bad:
+                raise UspxError(f"kept set for layer {idx} names experts {bad} outside 0..{self.num_experts - 1}")
+            if len(ids) < self.top_k:
+                raise UspxError(
+                    f"kept set for layer {idx} keeps {len(ids)} experts, fewer than top-k = {self.top_k}"
+                )
+        if not allow_missing:
+            missing = sorted(indices - set(kept))
+            if missing:
+                raise UspxError(f"kept set has no entry for MoE layers {missing}")
+
+    # ----- experts ---------------------------------------------------------------------------
+    def _expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """Expert parameters of one layer, each with the expert id on dim 0."""
+        return dict(layer.experts.named_parameters(recurse=False))
+
+    def expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """Views of the fused expert tensors, expert id on dim 0 (read-only use)."""
+        return self._expert_tensors(layer)
+
+    def expert_outputs(self, layer: MoELayer, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs f_e(x) for every (token, slot): hidden [N, H], index [N, k] -> [N, k, H].
+
+        Calls the family's own experts forward with one slot of weight 1 per row, so the output is
+        exactly what the model computes before gating (biases and clamps included).
+        """
+        n, k = index.shape
+        rows = hidden.repeat_interleave(k, dim=0)
+        idx = index.reshape(-1, 1)
+        ones = torch.ones(idx.shape, dtype=hidden.dtype, device=hidden.device)
+        out = layer.experts.forward(rows, idx, ones)  # .forward: skip hooks, we may be inside one
+        return out.reshape(n, k, -1)
+
+    # ----- sizes -----------------------------------------------------------------------------
+    def bytes_per_expert(self, layer: MoELayer) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.expert_tensors(layer).values())
+        for name in self.router_expert_params:
+            t = _router_tensor(layer.router, name)
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total // layer.num_experts
+
+    def total_bytes(self) -> int:
+        """Bytes of the state dict (parameters and persistent buffers), tied tensors counted once.
+
+        Persistent buffers count because some routers keep per-expert state there (deepseek's
+        ``e_score_correction_bias``); non-persistent ones (rotary tables) are not in a checkpoint.
+        """
+        seen = {}
+        for t in self.model.state_dict(keep_vars=True).values():
+            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def expert_bytes(self) -> int:
+        return sum(self.bytes_per_expert(l) * l.num_experts for l in self._layers)
+
+    def other_bytes(self) -> int:
+        """Bytes of everything that is not a routed expert (attention, embeddings, shared experts)."""
+        return self.total_bytes() - self.expert_bytes()
+
+    # ----- physical pruning ------------------------------------------------------------------
+    def pruned_config(self, n_kept: int):
+        cfg = copy.deepcopy(self.config)
+        _set_field(cfg, self.expert_count_field, n_kept)
+        return cfg
+
+    def prune(self, kept: KeptSet) -> nn.Module:
+        """A new, physically smaller model keeping ``kept`` experts (same count in every layer).
+
+        Slices dim 0 of every router and expert tensor, rebuilds the model from the new config and
+        loads the sliced state dict strictly, so nothing is silently left at its initial value.
+        """
+        self.validate_kept(kept)
+        counts = {len(v) for v in kept.values()}
+        if len(counts) != 1:
+            raise UspxError(
+                f"physical pruning needs the same expert count in every layer (stock configs hold one "
+                f"count); got counts {sorted(counts)}. Use restrict(), or pad the layers."
+            )
+        n_kept = counts.pop()
+        state = self.model.state_dict()
+        for layer in self._layers:
+            ids = torch.tensor(sorted(int(e) for e in kept[layer.index]))
+            for name in self._sliced_state_names(layer):
+                state[name] = self._slice(layer, name, state[name], ids)
+        new_model = type(self.model)(self.pruned_config(n_kept))
+        new_model.to(dtype=next(self.model.parameters()).dtype)
+        new_model.load_state_dict(state, strict=True)
+        new_model.eval()
+        return new_model
+
+    def _sliced_state_names(self, layer: MoELayer) -> list[str]:
+        names = [f"{layer.name}.experts.{n}" for n in self.expert_tensors(layer)]
+        for n in self.router_expert_params:
+            if _router_tensor(layer.router, n) is not None:
+                names.append(f"{layer.name}.{self.router_attr}.{n}")
+        return names
+
+    def _slice(self, layer: MoELayer, name: str, tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return tensor.index_select(0, ids).clone()
+
+
+def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
+    obj: object = router
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _get_field(config: object, dotted: str) -> object:
+    obj = config
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def _set_field(config: object, dotted: str, value: object) -> None:
+    parts = dotted.split(".")
+    obj = config
+    for part in parts[:-1]:
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    if isinstance(obj, dict):
+        obj[parts[-1]] = value
+    else:
+        setattr(obj, parts[-1], value)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, then top-k (mixtral, qwen, olmoe, jamba)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, index = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, index
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k on logits, then softmax over the k (gpt_oss, granitemoe)."""
+    values, index = torch.topk(logits, k, dim=-1)
+    return torch.softmax(values, dim=-1, dtype=values.dtype), index
+
+
+def all_families() -> Iterable[str]:
+    from uspx.models import ADAPTERS
+
+    return ADAPTERS.keys()

@@ -1,0 +1,113 @@
+"""Load a model safely (safetensors only, remote code behind a flag) and fingerprint it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError, sha256_json
+
+DEFAULT_MODEL = "default"
+BUNDLED_TEACHER = Path(__file__).resolve().parent.parent / "data" / "teacher"
+_SAMPLE = 1 << 20  # bytes hashed from each end of every weight file
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    source: str  # folder the model came from
+    fingerprint: str
+    label: str  # what to print in outputs, e.g. "uspx teacher (trained)"
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    if str(name) == DEFAULT_MODEL:
+        if not (BUNDLED_TEACHER / "config.json").exists():
+            raise UspxError(f"the bundled teacher is missing from {BUNDLED_TEACHER}; reinstall uspx")
+        return BUNDLED_TEACHER
+    path = Path(name)
+    if not path.is_dir():
+        raise UspxError(
+            f"{path}: not a model folder (uspx loads local Hugging Face folders with config.json and "
+            "*.safetensors; downloads are out of scope)"
+        )
+    if not (path / "config.json").exists():
+        raise UspxError(f"{path}: no config.json")
+    return path
+
+
+def load_model(
+    name: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a causal LM from a local folder; ``"default"`` is the bundled uspx teacher.
+
+    Weights load from safetensors only (``use_safetensors=True`` refuses pickle files), and a model
+    that needs its own Python code loads only with ``trust_remote_code=True``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    if not any(path.glob("*.safetensors")):
+        raise UspxError(f"{path}: no *.safetensors weights (uspx never loads pickle checkpoints)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UspxError(f"{path}: this model needs its own code; pass --trust-remote-code to allow it") from None
+        raise UspxError(f"{path}: cannot read config: {exc}") from None
+    from uspx.models import adapter_class
+
+    adapter_class(config.model_type)  # fail before loading gigabytes
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if device:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    label = "uspx teacher (trained on real text)" if path == BUNDLED_TEACHER else str(path)
+    return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), label)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Hash of the config and of every weight file's size, header and first and last MiB.
+
+    Cheap on a 13 GB checkpoint, and it changes when weights change (sizes alone would not: two
+    trainings of one architecture have identical headers and sizes).
+    """
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("transformers_version", None)
+    files = []
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE))
+            if size > 2 * _SAMPLE:
+                fh.seek(size - _SAMPLE)
+            h.update(fh.read(_SAMPLE))
+        files.append([f.name, size, h.hexdigest()])
+    return sha256_json({"config": config, "files": files})
+
+
+def module_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of an in-memory model (small models only: hashes every parameter)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,242 @@
+"""The user's workload: what they ask the model, normalised into prompt / completion items.
+
+Input is JSONL (one object a line with ``prompt``, chat ``messages`` or ``text``; optional
+``completion``, ``family``, ``id``, ``split``) or a folder of text files (family = sub-folder name).
+Every item lands in the calibration or the held-out part by a hash of its content, so appending lines
+never moves an existing item from one part to the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from uspx.io import UspxError, sha256_json
+
+BUNDLED_WORKLOADS = Path(__file__).resolve().parent / "data" / "workloads"
+SPLITS = ("calibration", "heldout")
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".sh", ".rst", ".text", ""}
+
+
+@dataclass
+class WorkloadItem:
+    id: str
+    family: str
+    split: str
+    prompt: str
+    completion: str | None = None
+    messages: list[dict] | None = None  # kept so the chat template can render it
+
+
+@dataclass
+class WorkloadSummary:
+    lines: int = 0
+    items: int = 0
+    skipped_empty: int = 0
+    duplicates: int = 0  # items identical to an earlier one, skipped
+    truncated: int = 0  # filled in by encode()
+    truncated_tokens: int = 0
+    families: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+
+    def lines_of_text(self) -> list[str]:
+        out = [
+            f"{self.items} items from {self.lines} lines; {self.skipped_empty} empty and "
+            f"{self.duplicates} duplicate items skipped; "
+            f"{self.truncated} truncated to the context ({self.truncated_tokens} tokens cut)",
+            "families: " + ", ".join(f"{k}={v}" for k, v in sorted(self.families.items())),
+            "splits: " + ", ".join(f"{k}={v}" for k, v in sorted(self.splits.items())),
+        ]
+        return out
+
+
+@dataclass
+class Workload:
+    source: str
+    items: list[WorkloadItem]
+    summary: WorkloadSummary
+    heldout_fraction: float = 0.2
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_json([asdict(i) for i in self.items])
+
+    def part(self, split: str) -> "Workload":
+        if split not in SPLITS and split != "all":
+            raise UspxError(f"unknown split {split!r}; use one of {SPLITS + ('all',)}")
+        items = self.items if split == "all" else [i for i in self.items if i.split == split]
+        return Workload(self.source, items, self.summary, self.heldout_fraction)
+
+    @property
+    def families(self) -> list[str]:
+        return sorted({i.family for i in self.items})
+
+
+def resolve_workload_path(name: str | Path) -> Path:
+    """A path, or the name of a bundled workload (``python_dev``, ``shell_user``, ``docs_writer``...)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = BUNDLED_WORKLOADS / f"{name}.jsonl"
+    if bundled.exists():
+        return bundled
+    names = sorted(p.stem for p in BUNDLED_WORKLOADS.glob("*.jsonl"))
+    raise UspxError(f"{name}: no such file or folder, and not a bundled workload ({', '.join(names) or 'none'})")
+
+
+def split_of(key: str, heldout_fraction: float) -> str:
+    """Deterministic split from a content hash: stable when other items are added."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "heldout" if h < heldout_fraction else "calibration"
+
+
+def load_workload(
+    name: str | Path, heldout_fraction: float = 0.2, default_family: str = "default"
+) -> Workload:
+    path = resolve_workload_path(name)
+    summary = WorkloadSummary()
+    if path.is_dir():
+        raw = list(_read_folder(path, summary))
+    else:
+        raw = list(_read_jsonl(path, summary))
+    items: list[WorkloadItem] = []
+    seen: set[str] = set()
+    for where, obj in raw:
+        item = _normalise(obj, where, heldout_fraction, default_family)
+        if item is None:
+            summary.skipped_empty += 1
+            continue
+        if item.id in seen:
+            if "id" in obj:
+                raise UspxError(f"{where}: duplicate id {item.id!r}")
+            summary.duplicates += 1
+            continue
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise UspxError(f"{path}: no usable items ({summary.skipped_empty} empty)")
+    summary.items = len(items)
+    for it in items:
+        summary.families[it.family] = summary.families.get(it.family, 0) + 1
+        summary.splits[it.split] = summary.splits.get(it.split, 0) + 1
+    return Workload(str(path), items, summary, heldout_fraction)
+
+
+def _read_jsonl(path: Path, summary: WorkloadSummary) -> Iterable[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            summary.lines += 1
+            if not line.strip():
+                summary.skipped_empty += 1
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UspxError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise UspxError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def _read_folder(path: Path, summary: WorkloadSummary) -> Iterable[tuple[str, dict]]:
+    for f in sorted(path.rglob("*")):
+        if not f.is_file() or f.name.startswith(".") or f.suffix not in TEXT_SUFFIXES:
+            continue
+        summary.lines += 1
+        rel = f.relative_to(path)
+        family = rel.parts[0] if len(rel.parts) > 1 else "default"
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UspxError(f"{f}: not UTF-8 text") from None
+        yield str(f), {"text": text, "family": family, "id": str(rel)}
+
+
+def _normalise(obj: dict, where: str, heldout_fraction: float, default_family: str) -> WorkloadItem | None:
+    keys = [k for k in ("prompt", "messages", "text") if k in obj]
+    if len(keys) != 1:
+        raise UspxError(f"{where}: needs exactly one of 'prompt', 'messages' or 'text' (found {keys or 'none'})")
+    messages = None
+    if keys[0] == "messages":
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise UspxError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}")
+        if not messages:
+            return None
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages)  # fallback rendering
+    else:
+        prompt = obj[keys[0]]
+        if not isinstance(prompt, str):
+            raise UspxError(f"{where}: '{keys[0]}' must be a string")
+    completion = obj.get("completion")
+    if completion is not None and not isinstance(completion, str):
+        raise UspxError(f"{where}: 'completion' must be a string")
+    if not prompt.strip() and not (completion or "").strip():
+        return None
+    family = obj.get("family", default_family)
+    if not isinstance(family, str) or not family:
+        raise UspxError(f"{where}: 'family' must be a non-empty string")
+    key = json.dumps([prompt, completion, messages], sort_keys=True)
+    item_id = obj.get("id")
+    if item_id is None:
+        item_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    split = obj.get("split")
+    if split is None:
+        split = split_of(key, heldout_fraction)
+    elif split not in SPLITS:
+        raise UspxError(f"{where}: 'split' must be one of {SPLITS}, got {split!r}")
+    return WorkloadItem(str(item_id), family, split, prompt, completion or None, messages)
+
+
+# ----- tokenisation ------------------------------------------------------------------------------
+@dataclass
+class EncodedItem:
+    index: int  # position in the workload
+    id: str
+    family: str
+    split: str
+    input_ids: list[int]
+    completion_start: int  # first token whose prediction is scored: the completion, or 0 without one
+
+
+def encode(workload: Workload, tokenizer, max_length: int) -> list[EncodedItem]:
+    """Tokenise every item to at most ``max_length`` tokens, counting what was truncated.
+
+    Truncation cuts the prompt's start first (the completion is what quality is measured on), then
+    the completion's end.
+    """
+    out = []
+    summary = workload.summary
+    summary.truncated = summary.truncated_tokens = 0
+    for i, item in enumerate(workload.items):
+        prompt_ids = _render_prompt(item, tokenizer)
+        comp_ids = tokenizer.encode(item.completion, add_special_tokens=False) if item.completion else []
+        total = len(prompt_ids) + len(comp_ids)
+        if total > max_length:
+            summary.truncated += 1
+            summary.truncated_tokens += total - max_length
+            keep_prompt = max(1, max_length - len(comp_ids)) if prompt_ids else 0
+            prompt_ids = prompt_ids[len(prompt_ids) - min(keep_prompt, len(prompt_ids)):]
+            comp_ids = comp_ids[: max_length - len(prompt_ids)]
+        ids = list(prompt_ids) + list(comp_ids)
+        start = len(prompt_ids) if item.completion else 0
+        out.append(EncodedItem(i, item.id, item.family, item.split, ids, start))
+    return out
+
+
+def _render_prompt(item: WorkloadItem, tokenizer) -> list[int]:
+    if item.messages is not None and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            item.messages, tokenize=True, add_generation_prompt=item.completion is not None
+        )
+        if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
+            rendered = rendered["input_ids"]
+        return list(rendered)
+    return tokenizer.encode(item.prompt, add_special_tokens=False) if item.prompt else []

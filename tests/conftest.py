@@ -1,0 +1,50 @@
+"""Shared fixtures: a character-level tokenizer and tiny random models saved as folders."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+
+CHARS = string.printable[:95]  # digits, letters, punctuation, space
+
+
+def make_tokenizer():
+    """A character tokenizer (ids < 100) that fits every tiny config's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
+    from uspx.testing import tiny_model
+
+    model = tiny_model(family, seed=seed)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_dir(tmp_path_factory) -> Path:
+    return save_tiny("gpt_oss", tmp_path_factory.mktemp("tiny_gpt_oss"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def small_workload(tmp_path) -> Path:
+    rows = [
+        {"prompt": f"def f{i}(x):", "completion": f" return x + {i}", "family": "code"} for i in range(7)
+    ] + [{"text": f"the quick brown fox {i} jumps over the lazy dog " * (1 + i % 3), "family": "prose"} for i in range(6)]
+    return write_jsonl(tmp_path / "w.jsonl", rows)

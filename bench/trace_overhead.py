@@ -1,0 +1,92 @@
+"""Cost of tracing: plain forward vs traced forward on the same model, tokens and batches, one process.
+
+    python bench/trace_overhead.py [--model default] [--workload mixed] [--repeats 5]
+
+Prints the median time of each variant over interleaved repeats and its ratio to the plain forward:
+hooks only (ids + weights), + router logits, + expert output norms, and the whole ``uspx trace``
+(rows built and Parquet shards written) against a plain forward loop over the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from uspx.models import adapter_for, load_model
+from uspx.trace import RoutingRecorder, trace
+from uspx.trace.run import batches, pad_id_of
+from uspx.workload import encode, load_workload
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--workload", default="mixed")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lm = load_model(args.model)
+    adapter = adapter_for(lm.model)
+    wl = load_workload(args.workload)
+    items = encode(wl, lm.tokenizer, args.max_length)
+    groups = batches(items, args.batch_size, pad_id_of(lm.tokenizer))
+    n_tokens = sum(len(e.input_ids) for e in items)
+
+    def plain() -> None:
+        for _, ids, mask in groups:
+            lm.model(input_ids=ids, attention_mask=mask)
+
+    def hooked(**kw):
+        def run() -> None:
+            with RoutingRecorder(adapter, **kw) as rec:
+                for _, ids, mask in groups:
+                    rec.clear()
+                    lm.model(input_ids=ids, attention_mask=mask)
+        return run
+
+    tmp = Path(tempfile.mkdtemp())
+
+    def full_trace() -> None:
+        out = tmp / "t"
+        shutil.rmtree(out, ignore_errors=True)
+        trace(lm, wl, out, batch_size=args.batch_size, max_length=args.max_length, progress=False)
+
+    variants = {
+        "plain forward": plain,
+        "hooks: ids + weights": hooked(),
+        "hooks: + router logits": hooked(logits=True),
+        "hooks: + expert norms": hooked(norms=True),
+        "uspx trace (ids + weights, Parquet written)": full_trace,
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.no_grad():
+        plain()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in variants.items():  # interleaved so drift on a shared machine hits all alike
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    base = statistics.median(times["plain forward"])
+    print(f"model: {lm.label}; workload: {wl.source}; {len(items)} items, {n_tokens} tokens, "
+          f"batch {args.batch_size}; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+    print(f"{'variant':48s} {'seconds':>8s} {'tok/s':>9s} {'ratio':>6s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:48s} {med:8.3f} {n_tokens / med:9.0f} {med / base:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

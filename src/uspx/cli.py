@@ -73,6 +73,41 @@ def trace(
     console.print(f"trace written to {out} ({len(manifest['shards'])} shards)")
 
 
+@app.command()
+def plan(
+    model: str = MODEL_ARG,
+    budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 8GiB: prints how many experts per layer fit."),
+    context: int = typer.Option(4096, help="Context length in tokens for the KV cache."),
+    dtype: str = typer.Option("bf16", help="Weights precision: fp32, bf16, fp16, int8, int4, mxfp4 (experts at 4.25 bits, rest bf16)."),
+    kv_dtype: str = typer.Option("bf16", help="KV cache precision: fp32, bf16, fp16, fp8, int8, int4."),
+    batch: int = typer.Option(1, help="Sequences held in the KV cache at once."),
+    experts_per_layer: Optional[int] = typer.Option(None, help="Size the model with this many experts per layer."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the breakdown as JSON."),
+) -> None:
+    """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts that fit."""
+    from uspx.io import write_json
+    from uspx.models.loading import resolve_model_path
+    from uspx.plan import estimate, fit_experts
+
+    path = resolve_model_path(model)
+    result: dict = {}
+    if budget is not None:
+        fit = fit_experts(path, budget, context=context, dtype=dtype, kv_dtype=kv_dtype, batch=batch)
+        console.print(fit.estimate)
+        console.print(("[green]" if fit.fits else "[red]") + fit.message())
+        result = dict(fit.estimate.breakdown(), budget_bytes=fit.budget_bytes, fits=fit.fits,
+                      experts_per_layer_fit=fit.experts_per_layer, min_budget_bytes=fit.min_budget_bytes)
+    else:
+        est = estimate(path, dtype, context=context, kv_dtype=kv_dtype, batch=batch, experts_per_layer=experts_per_layer)
+        console.print(est)
+        result = est.breakdown()
+    if out is not None:
+        write_json(out, result)
+        console.print(f"written to {out}")
+    if result.get("fits") is False:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

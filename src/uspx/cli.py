@@ -108,6 +108,144 @@ def plan(
         raise typer.Exit(1)
 
 
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def score(
+    model: str = MODEL_ARG,
+    trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction."),
+    split: str = typer.Option("calibration", help="Workload part to score on."),
+    max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
+    bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
+    batch_size: int = typer.Option(8),
+    trust_remote_code: bool = REMOTE,
+) -> None:
+    """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
+    from uspx.score import METHODS
+    from uspx.score import score as run_score
+
+    table = run_score(model, trace_dir, workload, out, methods=_csv(methods) or METHODS, split=split,
+                      max_tokens=max_tokens, bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
+
+
+@app.command("select")
+def select_cmd(
+    scores_dir: Path = typer.Argument(..., help="Scores folder made by `uspx score`."),
+    model: str = typer.Option("default", help="Model the scores belong to (its config sizes the plan)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Plan file to write (JSON)."),
+    method: Optional[str] = typer.Option(None, help="Score method to select by (default: uspx's default method)."),
+    budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
+    keep: Optional[str] = typer.Option(None, help="Experts to keep per layer: a share (50%) or a count."),
+    context: int = typer.Option(4096, help="Context length counted in the budget's KV cache."),
+    dtype: Optional[str] = typer.Option(None, help="Precision of the exported model (default: the checkpoint's)."),
+    kv_dtype: str = typer.Option("bf16"),
+    non_uniform: bool = typer.Option(False, "--non-uniform", help="Allow different counts per layer (export pads with never-routed experts)."),
+    solver: str = typer.Option("lagrangian", help="lagrangian or greedy (non-uniform plans)."),
+) -> None:
+    """Choose the kept experts under a memory budget (or a keep share) from a score table."""
+    from uspx.extract import checkpoint_dtype
+    from uspx.io import sha256_json
+    from uspx.models import load_model
+    from uspx.models.loading import resolve_model_path
+    from uspx.plan import load_config, select_experts
+    from uspx.score import DEFAULT_METHOD, load_scores
+
+    table = load_scores(scores_dir)
+    path = resolve_model_path(model)
+    fingerprint = load_model(path, with_tokenizer=False).fingerprint
+    table.check(model=fingerprint)
+    method = method or DEFAULT_METHOD
+    plan_obj = select_experts(
+        table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(load_config(path)),
+        context=context if budget else 0, kv_dtype=kv_dtype, uniform=not non_uniform, method=solver,
+        scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint,
+    )
+    plan_obj.save(out)
+    console.print(plan_obj)
+    if plan_obj.padding:
+        console.print(f"[yellow]{plan_obj.padding}")
+    console.print(f"plan written to {out}")
+
+
+@app.command()
+def prune(
+    model: str = MODEL_ARG,
+    plan_file: Path = typer.Argument(..., help="Plan file made by `uspx select`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the pruned checkpoint."),
+    mask_only: bool = typer.Option(False, "--mask-only", help="Keep all shapes; disable dropped experts in the router instead."),
+    trust_remote_code: bool = REMOTE,
+) -> None:
+    """Export the model pruned to the plan's experts; reloads it with stock transformers to verify."""
+    from uspx.prune import export
+
+    rec = export(model, plan_file, out, physical=not mask_only, trust_remote_code=trust_remote_code)
+    size = rec["size"]
+    console.print(f"{rec['status']}: {out}; max |logit diff| after reload {rec['verification']['max_abs_logit_diff']:.2e}; "
+                  f"{size['actual_bytes']} bytes of tensors (predicted {size.get('predicted_bytes')})")
+
+
+@app.command("eval")
+def eval_cmd(
+    candidate: str = typer.Argument(..., help="Exported model folder to evaluate (or 'default' with --plan)."),
+    workload: str = WORKLOAD_ARG,
+    teacher: str = typer.Option("default", help="The original model."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="Evaluate the teacher restricted to this plan instead."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder or .json path for evaluation.json."),
+    split: str = typer.Option("heldout"),
+    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
+    budget: Optional[str] = typer.Option(None, help="Memory budget for the memory-fit rule, e.g. 8GiB."),
+    context: int = typer.Option(2048),
+    max_length: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(8),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill/decode speed measurement."),
+    trust_remote_code: bool = REMOTE,
+) -> None:
+    """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
+    from uspx.evaluate import evaluate
+    from uspx.extract import QUALITY_COLUMNS
+
+    res = evaluate(teacher, None if plan_file else candidate, workload, split=split, kept=plan_file,
+                   max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
+                   context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code)
+    for fam, row in res["families"].items():
+        console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
+    console.print(f"verdict: [bold]{res['acceptance']['verdict']}[/]")
+    for reason in res["acceptance"]["reasons"]:
+        console.print(f"  {reason}")
+
+
+@app.command()
+def extract(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: trace, scores, plan, model, evaluation, report."),
+    budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
+    keep: Optional[str] = typer.Option(None, help="Experts to keep per layer instead of a budget: a share (50%) or a count."),
+    context: int = typer.Option(4096, help="Context length the budget must hold."),
+    method: Optional[str] = typer.Option(None, help="Score method (default: uspx's default)."),
+    non_uniform: bool = typer.Option(False, "--non-uniform"),
+    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
+    max_length: int = typer.Option(512, help="Truncate workload items to this many tokens."),
+    max_tokens: Optional[int] = typer.Option(None, help="Subsample calibration tokens for model-based scores."),
+    batch_size: int = typer.Option(8),
+    no_speed: bool = typer.Option(False, "--no-speed"),
+    trust_remote_code: bool = REMOTE,
+) -> None:
+    """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
+    from uspx.extract import extract as run_extract
+
+    run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
+                uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
+                batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code)
+    console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
+
+
 def main() -> None:
     try:
         app()

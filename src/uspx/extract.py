@@ -1,0 +1,163 @@
+"""``uspx extract``: the whole job in one call, each stage leaving its artifact in ``out_dir``.
+
+    out_dir/trace/            routing on the user's calibration prompts (uspx trace)
+    out_dir/scores/           importance of every (layer, expert)     (uspx score)
+    out_dir/plan.json         kept set under the budget                (uspx select)
+    out_dir/model/            pruned checkpoint, verified             (uspx prune)
+    out_dir/evaluation.json   quality on the held-out prompts         (uspx eval)
+    out_dir/report.json       the summary printed at the end
+
+Re-running with the same arguments resumes: a finished trace, scores and export are reused (their
+fingerprints are checked), an interrupted trace continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from uspx.io import UspxError, read_json, sha256_json, write_json
+from uspx.models import LoadedModel, load_model
+from uspx.progress import console
+from uspx.workload import Workload, load_workload
+
+NORM_METHODS = ("reap", "ean")
+QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta": "delta",
+                   "top1_agreement": "top-1 agree", "kl": "KL"}
+
+
+def checkpoint_dtype(config) -> str:
+    """The precision the exported checkpoint will have, in the planner's names."""
+    quant = getattr(config, "quantization_config", None) or {}
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        return "mxfp4"
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name.replace("torch.", ""), "bf16")
+
+
+def extract(
+    model: str | Path | LoadedModel = "default",
+    workload: str | Path | Workload = "python_dev",
+    out_dir: str | Path = "runs/extract",
+    *,
+    budget: str | int | None = None,
+    keep: str | int | float | None = None,
+    context: int = 4096,
+    kv_dtype: str = "bf16",
+    method: str | None = None,
+    uniform: bool = True,
+    solver: str = "lagrangian",
+    epsilon: float = 0.05,
+    batch_size: int = 8,
+    max_length: int = 512,
+    max_tokens: int | None = None,
+    speed: bool = True,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Trace, score, select, prune, verify, export and evaluate, for one user's workload."""
+    from uspx.evaluate import evaluate
+    from uspx.plan import select_experts
+    from uspx.prune import export
+    from uspx.score import DEFAULT_METHOD, load_scores, score
+    from uspx.trace import trace
+
+    if (budget is None) == (keep is None):
+        raise UspxError("give exactly one of --budget (e.g. 8GiB) or --keep (e.g. 50%)")
+    method = method or DEFAULT_METHOD
+    out = Path(out_dir)
+    started = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    if not wl.part("calibration").items or not wl.part("heldout").items:
+        raise UspxError(f"{wl.source}: needs both calibration and held-out items (split {wl.summary.splits})")
+    seconds: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
+        console.print(f"[green]done[/] {name} ({seconds[name]:.1f} s)")
+
+    console.rule(f"uspx extract: {lm.label} for {wl.source}")
+    trace(lm, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
+          norms=method in NORM_METHODS, progress=progress)
+    stage("trace")
+
+    scores_dir = out / "scores"
+    table = None
+    if (scores_dir / "scores.json").exists():
+        table = load_scores(scores_dir)
+        table.check(model=lm.fingerprint, workload=wl.fingerprint)
+        if method not in table.methods:
+            table = None
+    if table is None:
+        table = score(lm, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
+                      batch_size=batch_size, progress=progress)
+    stage("score")
+
+    plan = select_experts(
+        table.method(method), budget=budget, keep=keep, config=Path(lm.source), dtype=checkpoint_dtype(lm.model.config),
+        context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
+        scores_fingerprint=sha256_json(table.meta), model_fingerprint=lm.fingerprint,
+    )
+    plan.save(out / "plan.json")
+    console.print(plan)
+    stage("select")
+
+    record = export(lm, out / "plan.json", out / "model", trust_remote_code=trust_remote_code)
+    stage("prune + verify + export")
+
+    evaluation = evaluate(lm, out / "model", wl, split="heldout", max_length=max_length, batch_size=batch_size,
+                          epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
+                          speed=speed, out=out / "evaluation.json", progress=progress)
+    stage("evaluate")
+
+    report = dict(
+        model=dict(source=lm.source, label=lm.label, fingerprint=lm.fingerprint),
+        workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
+        method=method, budget=budget, keep=keep, context=context,
+        kept={str(k): v for k, v in plan.kept.items()},
+        counts={str(k): len(v) for k, v in plan.kept.items()},
+        size=dict(record["size"], plan_bytes=plan.predicted_bytes),
+        verification=record["verification"],
+        quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
+        acceptance=evaluation["acceptance"],
+        speed=evaluation.get("speed"),
+        seconds=seconds,
+        artifacts=dict(trace=str(out / "trace"), scores=str(scores_dir), plan=str(out / "plan.json"),
+                       model=str(out / "model"), evaluation=str(out / "evaluation.json")),
+    )
+    write_json(out / "report.json", report)
+    print_report(report)
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    from uspx.plan import format_bytes
+
+    counts = sorted(set(report["counts"].values()))
+    console.rule("what was kept")
+    console.print(f"method {report['method']}; experts kept per layer: {counts if len(counts) > 1 else counts[0]}")
+    size = report["size"]
+    console.print(
+        f"size: predicted {format_bytes(size.get('predicted_bytes') or 0)}, written "
+        f"{format_bytes(size.get('actual_bytes') or 0)} "
+        f"(original {format_bytes(size.get('source_tensor_bytes') or 0)}); "
+        f"reloaded export vs restricted model: max |logit diff| {report['verification']['max_abs_logit_diff']:.2e}"
+    )
+    t = Table(title="held-out quality per family (loss in nats per completion token)")
+    t.add_column("family")
+    for col in QUALITY_COLUMNS.values():
+        t.add_column(col, justify="right")
+    for fam, q in report["quality"].items():
+        t.add_row(fam, *(f"{q[k]:.4f}" if q.get(k) is not None else "-" for k in QUALITY_COLUMNS))
+    console.print(t)
+    acc = report["acceptance"]
+    console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']})")
+    for reason in acc["reasons"]:
+        console.print(f"  {reason}")
+
+
+def load_report(path: str | Path) -> dict:
+    return read_json(Path(path) / "report.json" if Path(path).is_dir() else path)

@@ -6,6 +6,8 @@ check correctness, never quality.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # Shared by the llama-like families: 2 layers, hidden 32, 4 heads (2 KV heads), vocab 128.
@@ -78,7 +80,7 @@ TINY_CONFIGS: dict[str, dict] = {
     # chosen per token, so grouped top-k changes the routing.
     "deepseek_v3": dict(
         model_type="deepseek_v3",
-        **_COMMON,
+        **{**_COMMON, "num_key_value_heads": 4},  # MLA: K/V for every head (masked sdpa fails otherwise)
         intermediate_size=32,
         moe_intermediate_size=16,
         n_routed_experts=8,
@@ -98,17 +100,21 @@ TINY_CONFIGS: dict[str, dict] = {
     "granitemoe": dict(
         model_type="granitemoe",
         **_COMMON,
+        attention_multiplier=0.125,  # 1/head_dim as in released granite MoEs; the default 1.0 is unscaled
         intermediate_size=16,
         num_local_experts=8,
         num_experts_per_tok=2,
     ),
-    # phimoe: sparsemixer routing is top-2 by construction.
+    # phimoe: sparsemixer routing is top-2 by construction. Each weight is a softmax over the experts
+    # within 2 * router_jitter_noise (relative) of that pick's maximum; the released 0.01 leaves almost
+    # every weight at exactly 1 on random routers, 0.1 makes the gap rule matter.
     "phimoe": dict(
         model_type="phimoe",
         **_COMMON,
         intermediate_size=16,
         num_local_experts=8,
         num_experts_per_tok=2,
+        router_jitter_noise=0.1,
     ),
     "dbrx": dict(
         model_type="dbrx",
@@ -153,7 +159,7 @@ TINY_CONFIGS: dict[str, dict] = {
 def tiny_config(family: str):
     from transformers import AutoConfig
 
-    kwargs = dict(TINY_CONFIGS[family])
+    kwargs = copy.deepcopy(TINY_CONFIGS[family])  # nested dicts (rope, dbrx sub-configs) are shared
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -176,5 +182,11 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
                 p.normal_(0, 1.0)
             elif p.dim() >= 2:
                 p.normal_(0, 0.2)
+        # Persistent 1-D float buffers are router state (deepseek's e_score_correction_bias, zero at
+        # init): randomise them too, or a router that ignored them would pass every test.
+        params = dict(model.named_parameters())
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in params and t.dim() == 1 and t.is_floating_point():
+                t.normal_(0, 0.1)
     model.eval()
     return model

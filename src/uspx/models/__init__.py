@@ -6,7 +6,16 @@
 from __future__ import annotations
 
 from uspx.models.base import KeptSet, MoEAdapter, MoELayer, Restriction
+from uspx.models.dbrx import DbrxAdapter
+from uspx.models.deepseek_v3 import DeepseekV3Adapter
 from uspx.models.gpt_oss import GptOssAdapter
+from uspx.models.granitemoe import GraniteMoeAdapter
+from uspx.models.jamba import JambaAdapter
+from uspx.models.mixtral import MixtralAdapter
+from uspx.models.olmoe import OlmoeAdapter
+from uspx.models.phimoe import PhimoeAdapter
+from uspx.models.qwen2_moe import Qwen2MoeAdapter
+from uspx.models.qwen3_moe import Qwen3MoeAdapter
 from uspx.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -19,6 +28,15 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     cls.family: cls
     for cls in (
         GptOssAdapter,
+        MixtralAdapter,
+        Qwen2MoeAdapter,
+        Qwen3MoeAdapter,
+        OlmoeAdapter,
+        DeepseekV3Adapter,
+        GraniteMoeAdapter,
+        PhimoeAdapter,
+        DbrxAdapter,
+        JambaAdapter,
     )
 }
 

@@ -254,6 +254,20 @@ class MoEAdapter:
         new_model.eval()
         return new_model
 
+    def pad_to_uniform(self, kept: KeptSet, width: int | None = None) -> tuple[nn.Module, dict[int, list[int]]]:
+        """A pruned model holding ``width`` (default max(len(kept[l]))) experts in every layer.
+
+        Layers that keep fewer experts are filled with dead experts that the router can never pick,
+        so the model computes exactly what ``restrict(kept)`` computes while the config holds one
+        count (``width`` = num_experts gives a same-shape restricted model that needs no uspx to load).
+        Returns the model and, per layer, the original ids used as dead fillers. Only families
+        whose router adds a per-expert bias to the logits can do this exactly; they override it.
+        """
+        raise UspxError(
+            f"{self.family}: non-uniform kept sets cannot be exported (the router has no per-expert bias "
+            "to disable padded experts); export a uniform kept set, or use restrict()"
+        )
+
     def _sliced_state_names(self, layer: MoELayer) -> list[str]:
         names = [f"{layer.name}.experts.{n}" for n in self.expert_tensors(layer)]
         for n in self.router_expert_params:

@@ -65,6 +65,8 @@ def trace(
     manifest = _start_manifest(out, lm, adapter, wl, options)
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
+    if manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists():
+        return manifest  # already finished with the same model, workload and options
     _write_items(out / "items.parquet", encoded)
 
     todo_tokens = sum(

@@ -363,7 +363,7 @@ def test_select_with_the_memory_planner():
     # layer 0: every expert worth 1; layer 1: only expert 0. keep=50% of 8 over 2 layers = 8 slots:
     # layer 1 gets its top-2 floor, layer 0 the other 6. Padding is exact for gpt_oss only.
     skewed = [dict(layer=l, expert=e, value=float(l == 0 or e == 0)) for l in range(2) for e in range(8)]
-    for family, says in (("gpt_oss", "router bias set to -inf"), ("mixtral", "mixtral has neither")):
+    for family, says in (("gpt_oss", "router bias set to -inf"), ("mixtral", "only for gpt_oss, not mixtral")):
         plan = sel.select_experts(skewed, keep="50%", config=TINY_CONFIGS[family], uniform=False, method="greedy")
         assert plan.counts == {0: 6, 1: 2} and plan.kept[1] == [0, 1]
         assert says in plan.padding

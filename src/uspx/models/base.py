@@ -68,6 +68,7 @@ class MoEAdapter:
     router_attr: ClassVar[str] = "gate"
     router_expert_params: ClassVar[tuple[str, ...]] = ("weight",)  # router tensors with dim 0 = expert
     router_returns_tuple: ClassVar[bool] = True
+    pad_mechanism: ClassVar[str | None] = None  # how pad_to_uniform makes filler experts unroutable
     top_k_field: ClassVar[str] = "num_experts_per_tok"  # dotted path inside the config
     layer_pattern: ClassVar[str] = r"layers\.(\d+)\."  # decoder layer index in a module path
 

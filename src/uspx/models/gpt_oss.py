@@ -16,6 +16,7 @@ class GptOssAdapter(MoEAdapter):
     expert_count_field = "num_local_experts"
     router_attr = "router"
     router_expert_params = ("weight", "bias")
+    pad_mechanism = "router bias set to -inf"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_softmax(logits, layer.top_k)

@@ -69,8 +69,16 @@ def load_model(
     from uspx.models import adapter_class
 
     adapter_class(config.model_type)  # fail before loading gigabytes
+    extra = {}
+    quant = getattr(config, "quantization_config", None) or {}
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        # Without GPU kernels transformers can only run MXFP4 experts dequantized; say so explicitly,
+        # since its automatic fallback needs accelerate.
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
     )
     if device:
         model.to(device)

@@ -15,13 +15,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from uspx.models import ADAPTERS
 from uspx.io import UspxError, read_json, write_json
 from uspx.plan import memory as mem
 
 FORMAT, VERSION = "uspx-plan", 1
 METHODS = ("greedy", "lagrangian")
-# Families whose router can make a padding expert unroutable exactly (bias -inf): DESIGN.md s3.
-PADDABLE = {"gpt_oss": "router bias", "deepseek_v3": "e_score_correction_bias"}
 
 
 @dataclass(frozen=True)
@@ -377,11 +376,20 @@ def _padding_note(plan: Plan, groups: Groups, base: int) -> str | None:
             f"({padded} bytes) instead of {mem.format_bytes(plan.predicted_bytes)}")
     if plan.budget_bytes is not None and padded > plan.budget_bytes:
         head += ", over the budget"
-    if plan.model_type in PADDABLE:
-        return f"{head}. Exact for {plan.model_type}: the {PADDABLE[plan.model_type]} set to -inf never routes them."
-    return (f"{head}. Padding is exact only where the router has a bias (gpt_oss) or a correction bias "
-            f"(deepseek_v3){'' if plan.model_type is None else f'; {plan.model_type} has neither'}: "
+    mechanism = _pad_mechanism(plan.model_type)
+    if mechanism:
+        return f"{head}. Exact for {plan.model_type}: {mechanism} never routes them."
+    paddable = ", ".join(f for f, cls in ADAPTERS.items() if cls.pad_mechanism)
+    return (f"{head}. uspx can pad exactly only for {paddable}"
+            f"{'' if plan.model_type is None else f', not {plan.model_type}'}: "
             "export a uniform plan or ship the ranking instead.")
+
+
+def _pad_mechanism(model_type: str | None) -> str | None:
+    for cls in ADAPTERS.values():
+        if model_type in cls.model_types:
+            return cls.pad_mechanism
+    return None
 
 
 # ----- reading plans back -------------------------------------------------------------------------

@@ -246,6 +246,24 @@ def extract(
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 
+@app.command()
+def analyze(
+    trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for report.html and report.json."),
+    model: Optional[str] = typer.Option(None, help="The traced model: enables the causal and model-based sections."),
+    workload: Optional[str] = typer.Option(None, help="Workload for model-based sections (default: the trace's own)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated sections: utilisation (cold), circuits, dynamics, cooperation, similarity, attention, prefetch."),
+    cold_threshold: float = typer.Option(0.01, help="Share of routed tokens below which an expert is cold (when the data can tell)."),
+    max_items: int = typer.Option(64, help="Workload items used by the model-based sections."),
+) -> None:
+    """How the model routes on this workload: one self-contained HTML report with plots, and JSON."""
+    from uspx.analyze import analyze as run_analyze
+
+    run_analyze(trace_dir, out, model=model, workload=workload, only=only, cold_threshold=cold_threshold,
+                max_items=max_items)
+    console.print(f"report: {out / 'report.html'} (numbers in {out / 'report.json'})")
+
+
 def main() -> None:
     try:
         app()

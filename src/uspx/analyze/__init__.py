@@ -1,0 +1,217 @@
+"""Routing introspection (issue 5): every analysis of seed 003, corrected, with the number of tokens
+behind each figure, a confidence interval, and a causal check where the seed only counted.
+
+``analyze(trace_dir, out_dir, model=None, workload=None, only=None)`` streams the trace once for
+the trace-only sections and runs the model for the others; it writes ``report.html`` (one
+self-contained file) and ``report.json`` (every figure's numbers) and returns the JSON object.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from uspx.analyze.attention import Contexts, attention_probe, split_masks
+from uspx.analyze.blocks import Vocab, iter_blocks, n_samples
+from uspx.analyze.circuits import Circuits
+from uspx.analyze.prefetch import AccessLog, cache_table, early_prediction
+from uspx.analyze.utilisation import Utilisation
+from uspx.io import UspxError
+from uspx.progress import console, progress_bar
+from uspx.trace import Trace
+
+SECTIONS: list[str] = ["utilisation", "circuits", "dynamics", "cooperation", "similarity", "attention", "prefetch"]
+NEEDS_MODEL = {"dynamics", "cooperation", "similarity"}  # attention and prefetch have trace-only parts
+ALIASES = {"cold": "utilisation", "usage": "utilisation", "coactivation": "circuits", "paths": "circuits",
+           "generation": "dynamics", "k": "cooperation", "kablation": "cooperation", "merge": "similarity",
+           "probe": "attention", "cache": "prefetch"}
+
+__all__ = ["SECTIONS", "ALIASES", "NEEDS_MODEL", "analyze", "resolve_sections"]
+
+
+def resolve_sections(only: str | Iterable[str] | None) -> list[str]:
+    if only is None:
+        return list(SECTIONS)
+    names = [s.strip().lower() for s in (only.split(",") if isinstance(only, str) else only) if s.strip()]
+    out = []
+    for n in names:
+        n = ALIASES.get(n, n)
+        if n not in SECTIONS:
+            raise UspxError(f"unknown section {n!r}; sections: {', '.join(SECTIONS)} (aliases: {', '.join(sorted(ALIASES))})")
+        if n not in out:
+            out.append(n)
+    return [s for s in SECTIONS if s in out]
+
+
+def analyze(
+    trace_dir: str | Path,
+    out_dir: str | Path,
+    model=None,
+    workload=None,
+    only: str | Iterable[str] | None = None,
+    progress: bool = True,
+    *,
+    cold_threshold: float = 0.01,
+    max_items: int = 64,
+    gen_prompts: int = 8,
+    new_tokens: int = 32,
+    cache_tokens: int = 20000,
+    capacities: list[int] | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Analyse a trace (and a model, for the sections that need one); write report.html/.json.
+
+    ``model``: None, a model folder / "default", or a LoadedModel. ``workload``: defaults to the
+    trace's own workload. ``max_items``: items per split used by model sections (runtime bound).
+    """
+    started = time.perf_counter()
+    sections = resolve_sections(only)
+    trace = Trace(trace_dir)
+    say = console.print if progress else (lambda *a, **k: None)
+    layers, E, k = trace.moe_layers, trace.num_experts, trace.top_k
+    report: dict = dict(
+        trace=str(trace.path), model=trace.manifest["model"], workload=trace.manifest["workload"],
+        sections=sections, skipped={}, timings={}, settings=dict(cold_threshold=cold_threshold, max_items=max_items,
+                                                                 gen_prompts=gen_prompts, new_tokens=new_tokens,
+                                                                 cache_tokens=cache_tokens),
+    )
+    report.update(_trace_pass(trace, sections, cold_threshold, cache_tokens, capacities, progress, say, report))
+
+    model_sections = [s for s in sections if s in NEEDS_MODEL or s in ("attention", "prefetch")]
+    if model is None:
+        for s in sections:
+            if s in NEEDS_MODEL:
+                report["skipped"][s] = "needs a model (pass model=...)"
+            elif s in ("attention", "prefetch"):
+                report["skipped"][s + "_model"] = "the probe/predictor part needs a model; the trace-only part ran"
+    elif model_sections:
+        _model_sections(trace, model, workload, sections, report, max_items, gen_prompts, new_tokens,
+                        capacities, say)
+    report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    from uspx.analyze.report import write_report
+
+    write_report(report, Path(out_dir))
+    say(f"report written to {Path(out_dir) / 'report.html'} and report.json")
+    return report
+
+
+def _trace_pass(trace: Trace, sections, threshold, cache_tokens, capacities, progress, say, report) -> dict:
+    layers, E, k = trace.moe_layers, trace.num_experts, trace.top_k
+    L = len(layers)
+    acc: dict = {}
+    if "utilisation" in sections:
+        acc["utilisation"] = Utilisation(L, E, k, n_samples(trace))
+    if "circuits" in sections:
+        acc["circuits"] = Circuits(L, E, k)
+    if "attention" in sections:
+        acc["contexts"] = Contexts(L, E)
+    if "prefetch" in sections:
+        acc["cache"] = AccessLog(cache_tokens)
+    if not acc:
+        return {}
+    t0 = time.perf_counter()
+    vocab = Vocab()
+    total = sum(s.get("rows", 0) for s in trace.manifest["shards"]) or None
+    rows = 0
+    with progress_bar("analyze: streaming trace", total=total, unit="rows", enabled=progress) as bar:
+        for blk in iter_blocks(trace, vocab):
+            for a in acc.values():
+                a.update(blk)
+            bar.advance(blk.ids.shape[0] * L)
+            rows += blk.ids.shape[0] * L
+    report["timings"]["trace_pass_s"] = round(time.perf_counter() - t0, 3)
+    report["timings"]["trace_rows"] = rows
+    out: dict = {}
+    if "utilisation" in acc:
+        out["utilisation"] = acc["utilisation"].result(layers, vocab.families, threshold)
+    if "circuits" in acc:
+        out["circuits"] = acc["circuits"].result(layers)
+    if "contexts" in acc:
+        out["attention"] = dict(contexts=acc["contexts"].result(layers))
+    if "cache" in acc:
+        t1 = time.perf_counter()
+        sets = acc["cache"].sets()
+        caps = capacities or sorted({k, min(2 * k, E), max(k, E // 2)})
+        say(f"analyze: cache simulation over {len(sets)} tokens, capacities {caps}")
+        out["prefetch"] = dict(cache=dict(tokens=int(len(sets)), capacities=caps, rows=cache_table(sets, layers, caps)))
+        report["timings"]["cache_sim_s"] = round(time.perf_counter() - t1, 3)
+    return out
+
+
+def _model_sections(trace, model, workload, sections, report, max_items, gen_prompts, new_tokens, capacities, say) -> None:
+    from uspx.analyze.collect import capture, workload_items
+    from uspx.analyze.cooperation import k_ablation
+    from uspx.analyze.dynamics import dynamics
+    from uspx.analyze.similarity import similarity
+    from uspx.models import LoadedModel, adapter_for, load_model
+    from uspx.trace.run import pad_id_of
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    trace.check(model=lm.fingerprint)  # numbers from another model's trace would mean nothing
+    if lm.tokenizer is None:
+        raise UspxError(f"{lm.source}: no tokenizer; the model sections need one to read the workload")
+    adapter = adapter_for(lm.model)
+    wl = workload if workload is not None else trace.manifest["workload"]["source"]
+    pad = pad_id_of(lm.tokenizer)
+    report["model_used"] = dict(source=lm.source, label=lm.label, family=adapter.family, workload=str(wl))
+    held = workload_items(lm, wl, "heldout", max_items)
+    cal = workload_items(lm, wl, "calibration", max_items)
+    if not held:  # a workload without a held-out part: score on the calibration items, and say so
+        held, report["heldout_note"] = cal, "no held-out items: model sections scored on calibration items"
+    timings = report["timings"]
+    torch.manual_seed(0)
+    cap = None
+    if {"similarity", "attention", "prefetch"} & set(sections):
+        t = time.perf_counter()
+        say(f"analyze: capturing hidden states on {len(cal) + len(held)} items")
+        cap = capture(lm, adapter, cal + [h for h in held if h not in cal])
+        timings["capture_s"] = round(time.perf_counter() - t, 3)
+    if "dynamics" in sections:
+        t = time.perf_counter()
+        prompts = [_prompt_only(e) for e in held[:gen_prompts]]
+        say(f"analyze: generation dynamics, {len(prompts)} prompts x {new_tokens} tokens")
+        report["dynamics"] = dynamics(lm, adapter, prompts, new_tokens)
+        timings["dynamics_s"] = round(time.perf_counter() - t, 3)
+    if "cooperation" in sections:
+        t = time.perf_counter()
+        say(f"analyze: k-ablation k=1..{adapter.top_k} on {len(held)} held-out items")
+        try:
+            report["cooperation"] = k_ablation(lm, adapter, held, pad)
+        except UspxError as exc:
+            report["skipped"]["cooperation"] = str(exc)
+        timings["cooperation_s"] = round(time.perf_counter() - t, 3)
+    if "similarity" in sections:
+        t = time.perf_counter()
+        say("analyze: expert similarity and merge cost")
+        report["similarity"] = similarity(lm, adapter, cap, held, pad)
+        timings["similarity_s"] = round(time.perf_counter() - t, 3)
+    if cap is not None and ({"attention", "prefetch"} & set(sections)):
+        train, test = split_masks(cap)
+        if "attention" in sections:
+            t = time.perf_counter()
+            say("analyze: attention -> routing probe")
+            report.setdefault("attention", {})["probe"] = attention_probe(cap, [l.index for l in adapter.layers], adapter.num_experts)
+            timings["attention_s"] = round(time.perf_counter() - t, 3)
+        if "prefetch" in sections:
+            t = time.perf_counter()
+            say("analyze: early prediction and cache with prefetch")
+            pred = early_prediction(adapter, cap, train, test)
+            sets = cap.ids[torch.from_numpy(test)].numpy()
+            k, E = adapter.top_k, adapter.num_experts
+            caps = capacities or sorted({k, min(2 * k, E), max(k, E // 2)})
+            li_pred = {li: p for li, p in pred.pop("predicted").items()}
+            rows = [r for r in cache_table(sets, [l.index for l in adapter.layers], caps, li_pred) if r["prefetch"] != "none"]
+            report.setdefault("prefetch", {}).update(prediction=pred, cache_with_prefetch=dict(tokens=int(len(sets)), rows=rows))
+            timings["prefetch_s"] = round(time.perf_counter() - t, 3)
+
+
+def _prompt_only(item):
+    """The prompt part of an item (generation starts where the reference completion would)."""
+    import dataclasses
+
+    cut = item.completion_start if item.completion_start > 0 else max(1, len(item.input_ids) // 2)
+    return dataclasses.replace(item, input_ids=item.input_ids[:cut])

@@ -1,0 +1,253 @@
+"""``score()``: every importance score for (layer, expert) in one table (DESIGN section 5)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+import uspx
+from uspx.io import UspxError
+from uspx.models import LoadedModel, adapter_for, load_model
+from uspx.progress import progress_bar
+from uspx.score.ablation import run_ablation
+from uspx.score.baseline import Baseline, run_baseline
+from uspx.score.bootstrap import Factor, estimate
+from uspx.score.reconstruction import run_reconstruction
+from uspx.score.table import FORMAT, ScoreTable, build_table
+from uspx.score.taylor import run_taylor
+from uspx.score.trace_stats import RouterStats, stats_from_trace
+from uspx.trace import Trace
+from uspx.trace.run import pad_id_of
+from uspx.workload import EncodedItem, Workload, encode, load_workload
+
+METHODS = (
+    "frequency",
+    "reap",
+    "ean",
+    "ablation_natural",
+    "ablation_interventional",
+    "usage_x_marginal",
+    "taylor",
+    "reconstruction",
+)
+TRACE_METHODS = ("frequency", "reap", "ean")  # computable from a trace alone (reap/ean need norms)
+NORM_METHODS = ("reap", "ean")
+# Provisional: REAP is the published one-shot baseline (DESIGN 6). To be replaced by the winner of
+# the method benchmark (issue 4), which compares every method's pruned-model loss on held-out data.
+DEFAULT_METHOD = "reap"
+
+LOSS_DEFINITION = (
+    "mean next-token cross-entropy over target tokens: completion tokens when an item has a "
+    "completion, else every token but the first; token-weighted over the prompt set"
+)
+
+
+def score(
+    model: str | Path | LoadedModel,
+    trace_dir: str | Path,
+    workload: str | Path | Workload,
+    out_dir: str | Path,
+    methods: Sequence[str] = METHODS,
+    *,
+    split: str = "calibration",
+    max_tokens: int | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 8,
+    marginal: str = "interventional",
+    trust_remote_code: bool = False,
+) -> ScoreTable:
+    """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
+
+    The trace must come from this model and workload (FingerprintMismatch otherwise). Trace-only
+    methods use every trace row of ``split``; model-based methods (ablations, usage x marginal,
+    taylor, reconstruction, and reap / ean when the trace has no norms) run on the same split's
+    prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
+    ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
+    "natural".
+    """
+    methods = _check_methods(methods)
+    if bootstrap < 0:
+        raise UspxError("bootstrap must be >= 0")
+    if max_tokens is not None and max_tokens < 1:
+        raise UspxError("max_tokens must be >= 1")
+    if marginal not in ("natural", "interventional"):
+        raise UspxError(f"marginal must be 'natural' or 'interventional', not {marginal!r}")
+    lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    tr = Trace(trace_dir)
+    trace_split = tr.manifest.get("options", {}).get("split", "all")
+    if trace_split not in ("all", split):
+        raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
+    traced = wl.part(trace_split)
+    tr.check(model=lm.fingerprint, workload=traced.fingerprint)
+    adapter = adapter_for(lm.model)
+    layers = [l.index for l in adapter.layers]
+    if list(tr.moe_layers) != layers or tr.num_experts != adapter.num_experts:
+        raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
+    has_norms = "expert_norms" in _trace_columns(tr)
+
+    seconds: dict[str, float] = {}
+    counts: dict[str, dict] = {}
+    rows: list[pa.Table] = []
+    cost = [adapter.bytes_per_expert(l) for l in adapter.layers]
+
+    def add(method: str, factors: list[Factor], tokens: np.ndarray, n_prompts: int) -> None:
+        est = estimate(factors, bootstrap, seed)
+        tok = np.broadcast_to(tokens, est.value.shape)
+        rows.append(build_table(layers, adapter.num_experts, method, est.value, tok, est.ci_low, est.ci_high, cost, n_prompts))
+
+    # ----- trace-based -----------------------------------------------------------------------------
+    trace_stats: RouterStats | None = None
+    from_trace = [m for m in methods if m == "frequency" or (m in NORM_METHODS and has_norms)]
+    if from_trace:
+        t0 = time.perf_counter()
+        trace_stats = stats_from_trace(tr, split, norms=has_norms and any(m in NORM_METHODS for m in methods))
+        seconds["trace_stats"] = time.perf_counter() - t0
+        for m in from_trace:
+            add(m, [getattr(trace_stats, m)()], trace_stats.count.sum(0), len(trace_stats.samples))
+
+    # ----- model-based -----------------------------------------------------------------------------
+    model_methods = [m for m in methods if m not in from_trace]
+    base: Baseline | None = None
+    items: list[EncodedItem] = []
+    if model_methods:
+        if lm.tokenizer is None:
+            raise UspxError(f"{lm.source}: no tokenizer; model-based scores need one")
+        items = _items(tr, traced, lm.tokenizer, split, max_tokens, seed)
+        pad_id = pad_id_of(lm.tokenizer)
+        t0 = time.perf_counter()
+        base = run_baseline(
+            lm.model, adapter, items, batch_size=batch_size, pad_id=pad_id,
+            norms=any(m in NORM_METHODS for m in model_methods), block_inputs="reconstruction" in model_methods,
+            progress=progress,
+        )
+        seconds["baseline"] = time.perf_counter() - t0
+        p = base.n_prompts
+        loss_tokens = base.loss_tokens()
+        for m in model_methods:
+            if m in NORM_METHODS:
+                add(m, [getattr(base.router, m)()], base.router.count.sum(0), p)
+
+        kinds = [k for k in ("natural", "interventional") if f"ablation_{k}" in methods]
+        if "usage_x_marginal" in methods and marginal not in kinds:
+            kinds.append(marginal)
+        results = {}
+        if kinds:
+            total = len(kinds) * len(layers) * adapter.num_experts * len(base.batches)
+            with progress_bar("ablation", total=total, unit="batches", enabled=progress) as bar:
+                for kind in kinds:
+                    t0 = time.perf_counter()
+                    results[kind] = run_ablation(lm.model, adapter, base, kind, bar)
+                    seconds[f"ablation_{kind}"] = time.perf_counter() - t0
+                    counts[f"ablation_{kind}"] = dict(forwards=results[kind].forwards, skipped=results[kind].skipped)
+        for kind in ("natural", "interventional"):
+            if f"ablation_{kind}" in methods:
+                add(f"ablation_{kind}", [Factor(results[kind].delta_sum, loss_tokens[:, None, None].astype(float))],
+                    np.full((len(layers), adapter.num_experts), loss_tokens.sum()), p)
+        if "usage_x_marginal" in methods:
+            routed_loss = base.routed_loss_tokens()
+            add("usage_x_marginal",
+                [base.router.frequency(), Factor(results[marginal].routed_delta_sum, routed_loss.astype(float))],
+                routed_loss.sum(0), p)
+        if "taylor" in methods:
+            t0 = time.perf_counter()
+            with progress_bar("taylor", total=p, unit="prompts", enabled=progress) as bar:
+                sal = run_taylor(lm.model, adapter, items, pad_id, bar)
+            seconds["taylor"] = time.perf_counter() - t0
+            add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
+        if "reconstruction" in methods:
+            t0 = time.perf_counter()
+            with progress_bar("reconstruction", total=len(layers), unit="layers", enabled=progress) as bar:
+                err, routed = run_reconstruction(adapter, base, bar)
+            seconds["reconstruction"] = time.perf_counter() - t0
+            add("reconstruction", [Factor(err, base.router.tokens[:, None, None].astype(float))], routed.sum(0), p)
+            base.block_inputs = {}  # free the captured activations
+
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
+    meta = dict(
+        format=FORMAT,
+        uspx_version=uspx.__version__,
+        model=dict(
+            source=lm.source, label=lm.label, fingerprint=lm.fingerprint, family=adapter.family,
+            moe_layers=layers, num_experts=adapter.num_experts, top_k=adapter.top_k,
+        ),
+        workload=dict(source=wl.source, fingerprint=wl.fingerprint, trace_fingerprint=traced.fingerprint, split=split),
+        trace=dict(path=str(Path(trace_dir).resolve()), split=trace_split, norms=has_norms),
+        methods=list(methods),
+        options=dict(
+            split=split, max_tokens=max_tokens, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
+            marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
+            taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
+            reconstruction_removal="interventional (banned in the router, next expert takes the slot)",
+        ),
+        prompts=dict(
+            trace=int(len(trace_stats.samples)) if trace_stats is not None else None,
+            model=len(items) if model_methods else None,
+            model_tokens=int(sum(len(e.input_ids) for e in items)) if model_methods else None,
+            loss_tokens=int(base.loss_tokens().sum()) if base is not None else None,
+        ),
+        method_source={m: ("trace" if m in from_trace else "model") for m in methods},
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        ablation_forwards=counts,
+    )
+    table = ScoreTable(pa.concat_tables(rows), meta)
+    table.write(out_dir)
+    return table
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    out = []
+    for m in methods:
+        if m not in METHODS:
+            raise UspxError(f"unknown score method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise UspxError("no score methods given")
+    return out
+
+
+def _trace_columns(tr: Trace) -> list[str]:
+    import pyarrow.parquet as pq
+
+    files = tr.files()
+    return pq.read_schema(files[0]).names if files else []
+
+
+def _items(tr: Trace, traced: Workload, tokenizer, split: str, max_tokens: int | None, seed: int) -> list[EncodedItem]:
+    """The prompts of ``split`` tokenised exactly as the trace did (same max_length), then checked
+    against the trace's token counts, so model-based and trace-based scores see the same tokens."""
+    max_length = tr.manifest.get("options", {}).get("max_length") or 2048
+    encoded = encode(traced, tokenizer, max_length)
+    if split != "all":
+        encoded = [e for e in encoded if e.split == split]
+    if not encoded:
+        raise UspxError(f"the workload has no {split!r} items")
+    items_tab = tr.items()
+    traced_tokens = dict(zip(items_tab.column("sample").to_pylist(), items_tab.column("tokens").to_pylist()))
+    bad = [e.index for e in encoded if traced_tokens.get(e.index) != len(e.input_ids)]
+    if bad:
+        raise UspxError(
+            f"{tr.path}: {len(bad)} items tokenise differently from the trace (first: item {bad[0]}); "
+            "was the trace made with another tokenizer?"
+        )
+    if max_tokens is not None:
+        # whole prompts (the bootstrap unit), in a seeded random order, until the budget is reached
+        order = np.random.default_rng(seed).permutation(len(encoded))
+        chosen, total = [], 0
+        for i in order:
+            if total >= max_tokens:
+                break
+            chosen.append(int(i))
+            total += len(encoded[i].input_ids)
+        encoded = [encoded[i] for i in sorted(chosen)]
+    return encoded

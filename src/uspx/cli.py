@@ -54,6 +54,9 @@ def trace(
     max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default: the model's context, at most 2048)."),
     logits: bool = typer.Option(False, "--logits", help="Also record full router logits."),
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
+    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss: run layer by layer from the safetensors files, never loading the whole model (see `uspx plan --streaming`)."),
+    reconstruction: bool = typer.Option(False, "--reconstruction", help="With --streaming: also compute the reconstruction score's sums in the same pass."),
+    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32 (fp32 doubles the layer's memory)."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Record, for every real token and MoE layer, the experts chosen and their weights."""
@@ -61,7 +64,8 @@ def trace(
 
     manifest = run_trace(
         model, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
-        norms=norms, trust_remote_code=trust_remote_code,
+        norms=norms, trust_remote_code=trust_remote_code, streaming=streaming, reconstruction=reconstruction,
+        dtype=compute_dtype,
     )
     s = manifest["summary"]
     console.print(f"[bold]model[/]: {manifest['model']['label']}  ({manifest['model']['family']}, "
@@ -83,6 +87,10 @@ def plan(
     batch: int = typer.Option(1, help="Sequences held in the KV cache at once."),
     experts_per_layer: Optional[int] = typer.Option(None, help="Size the model with this many experts per layer."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the breakdown as JSON."),
+    streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a streaming (layer-by-layer) trace / score / extract instead."),
+    tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
+    seq_len: int = typer.Option(512, help="With --streaming: longest sequence, in tokens."),
+    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32."),
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts that fit."""
     from uspx.io import write_json
@@ -91,7 +99,11 @@ def plan(
 
     path = resolve_model_path(model)
     result: dict = {}
-    if budget is not None:
+    if streaming:
+        from uspx.stream.plan import print_streaming_plan
+
+        result = print_streaming_plan(path, tokens, seq_len=seq_len, dtype=compute_dtype)
+    elif budget is not None:
         fit = fit_experts(path, budget, context=context, dtype=dtype, kv_dtype=kv_dtype, batch=batch)
         console.print(fit.estimate)
         console.print(("[green]" if fit.fits else "[red]") + fit.message())
@@ -123,12 +135,21 @@ def score(
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
     batch_size: int = typer.Option(8),
+    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss larger than memory: local methods only (frequency, reap, ean, reconstruction), layer by layer; needs a --streaming trace."),
+    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32 for a reconstruction pass."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
     from uspx.score import METHODS
     from uspx.score import score as run_score
 
+    if streaming:
+        from uspx.stream.score import score_streaming
+
+        table = score_streaming(model, trace_dir, out, _csv(methods), workload=workload, split=split,
+                                bootstrap=bootstrap, dtype=compute_dtype)
+        console.print(f"{len(table.methods)} methods scored by streaming ({', '.join(table.methods)}); written to {out}")
+        return
     table = run_score(model, trace_dir, workload, out, methods=_csv(methods) or METHODS, split=split,
                       max_tokens=max_tokens, bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
@@ -235,6 +256,8 @@ def extract(
     max_tokens: Optional[int] = typer.Option(None, help="Subsample calibration tokens for model-based scores."),
     batch_size: int = typer.Option(8),
     no_speed: bool = typer.Option(False, "--no-speed"),
+    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss larger than memory: every stage layer by layer from the safetensors files; MXFP4 stays MXFP4."),
+    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
@@ -242,7 +265,8 @@ def extract(
 
     run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
-                batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code)
+                batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
+                streaming=streaming, dtype=compute_dtype)
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 
@@ -262,6 +286,32 @@ def analyze(
     run_analyze(trace_dir, out, model=model, workload=workload, only=only, cold_threshold=cold_threshold,
                 max_items=max_items)
     console.print(f"report: {out / 'report.html'} (numbers in {out / 'report.json'})")
+
+
+@app.command()
+def superweights(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for superweights.json (the catalogue) and report.md."),
+    p_active_floor: float = typer.Option(0.01, help="Skip experts routed on fewer than this share of tokens."),
+    routing_entropy_thr: str = typer.Option("auto", help="Position-entropy threshold for the selection rule: auto or a number (bits)."),
+    co_spike_tau: str = typer.Option("auto", help="Co-spike score cut: auto (95th percentile under shuffled tokens) or a number."),
+    router_bias: float = typer.Option(2.0, help="Beta added to the expert's router logit for interventional importance."),
+    proxies: str = typer.Option("energy,stopwords", help="Micro-ablation gates before full evaluation."),
+    score_modes: str = typer.Option("natural,interventional", help="Importance modes that must agree."),
+    max_candidates: int = typer.Option(128),
+    apply_zero: Optional[str] = typer.Option(None, help="Zero catalogued scalars (all or 0,1,...) in a model copy instead of detecting."),
+    apply_restore: Optional[str] = typer.Option(None, help="Restore catalogued scalars (all or 0,1,...) in a model copy."),
+    apply_out: Optional[Path] = typer.Option(None, help="Where --apply-zero / --apply-restore write the model copy."),
+    trust_remote_code: bool = REMOTE,
+) -> None:
+    """Routing-aware super-weight and super-expert detector (seed 004), with a validation checklist."""
+    from uspx.superweights import run_cli
+
+    run_cli(model, workload, out, p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr,
+            co_spike_tau=co_spike_tau, router_bias=router_bias, proxies=proxies, score_modes=score_modes,
+            max_candidates=max_candidates, apply_zero=apply_zero, apply_restore=apply_restore,
+            apply_out=apply_out, trust_remote_code=trust_remote_code)
 
 
 def main() -> None:

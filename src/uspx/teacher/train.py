@@ -1,0 +1,408 @@
+"""Train the bundled gpt_oss teacher on the corpus (CPU, resumable).
+
+Usage (after building the corpus and the tokenizer)::
+
+    python -m uspx.teacher.train --corpus data/corpus --tokenizer data/tokenizer \\
+        --work runs/teacher --out src/uspx/data/teacher --steps 3000
+
+The model is a stock ``transformers.GptOssForCausalLM`` built from a
+``GptOssConfig`` (see :func:`teacher_config`). Training uses packed sequences
+sampled from each family in equal proportions, the language-model loss plus
+the stock Switch-style load-balancing loss applied *per layer* (the stock
+``load_balancing_loss_func`` averages counts over layers, which would let one
+layer starve experts as long as another compensates), AdamW, warmup + cosine.
+
+Checkpoints (every ``--save-every`` steps) are folders
+``<work>/ckpt-<step>/`` with ``model.safetensors``, ``optim.safetensors`` and
+``state.json``; ``<work>/latest.json`` names the newest one and is replaced
+atomically, so a crash mid-save never corrupts the resume point. Nothing is
+unpickled on resume. Rerunning the same command resumes.
+
+The final export is bf16 safetensors (fp32 would not fit the 25 MB budget),
+loadable with stock ``AutoModelForCausalLM.from_pretrained(folder)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uspx.teacher.corpus import FAMILIES, read_split
+
+SEQ_LEN = 256
+
+
+# --------------------------------------------------------------------------- config
+
+
+def teacher_config(vocab_size: int, eos_id: int, aux_coef: float = 0.02) -> "transformers.GptOssConfig":  # noqa: F821
+    """The teacher's architecture: gpt_oss, 6 layers, 16 experts, top-4, ~10M params."""
+    from transformers import GptOssConfig
+
+    n_layers = 6
+    return GptOssConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=96,
+        num_hidden_layers=n_layers,
+        num_local_experts=16,
+        num_experts_per_tok=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        # Window 128 < training length 256, so the sliding layers really see
+        # less context than the full ones, as in gpt-oss.
+        sliding_window=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        max_position_embeddings=2048,
+        # Plain RoPE: gpt-oss's YaRN stretch (factor 32 over 4096) is for 128k
+        # contexts and only blurs positions at 2048.
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        router_aux_loss_coef=aux_coef,
+        output_router_logits=False,  # turned on per call in training / analysis
+        tie_word_embeddings=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        use_cache=True,
+    )
+
+
+def build_model(config: "transformers.GptOssConfig", seed: int) -> "transformers.GptOssForCausalLM":  # noqa: F821
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"  # the only gpt_oss attention on CPU
+    return GptOssForCausalLM(config)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def tokenize_split(corpus: Path, tokenizer_dir: Path, split: str, cache: Path) -> dict[str, np.ndarray]:
+    """One packed token stream per family (documents joined by EOS), cached as .npy."""
+    from transformers import AutoTokenizer
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tok_hash = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:12]
+    paths = {f: cache / f"{split}-{f}-{tok_hash}.npy" for f in FAMILIES}
+    if all(p.exists() for p in paths.values()):
+        return {f: np.load(p, allow_pickle=False) for f, p in paths.items()}
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    docs = read_split(corpus, split)
+    out: dict[str, np.ndarray] = {}
+    for f in FAMILIES:
+        texts = [d["text"] for d in docs if d["family"] == f]
+        ids: list[int] = []
+        for enc in tok(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
+            ids.append(tok.eos_token_id)
+        arr = np.asarray(ids, dtype=np.int32)
+        tmp = paths[f].with_name(paths[f].name + ".tmp.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, paths[f])
+        out[f] = arr
+    return out
+
+
+def sample_batch(streams: dict[str, np.ndarray], batch: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """``batch`` windows of ``seq_len + 1`` tokens, families in equal shares.
+
+    Families are cycled (then shuffled) rather than drawn in proportion to
+    their size, so the small prose family weighs as much as the large ones.
+    """
+    fams = [FAMILIES[i % len(FAMILIES)] for i in range(batch)]
+    perm = torch.randperm(batch, generator=gen).tolist()
+    fams = [fams[i] for i in perm]
+    rows = []
+    for f in fams:
+        s = streams[f]
+        start = int(torch.randint(0, len(s) - seq_len - 1, (1,), generator=gen))
+        rows.append(torch.from_numpy(s[start:start + seq_len + 1].astype(np.int64)))
+    return torch.stack(rows), fams
+
+
+def fixed_windows(streams: dict[str, np.ndarray], per_family: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Evenly spaced, deterministic windows per family (for validation)."""
+    out = {}
+    for f, s in streams.items():
+        n = min(per_family, max(1, (len(s) - 1) // seq_len))
+        starts = np.linspace(0, len(s) - seq_len - 1, n).astype(np.int64)
+        out[f] = torch.stack([torch.from_numpy(s[a:a + seq_len + 1].astype(np.int64)) for a in starts])
+    return out
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def per_layer_aux(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: int) -> torch.Tensor:
+    """Mean over layers of the stock load-balancing loss computed on each layer alone.
+
+    Equals ``top_k`` when routing is perfectly balanced in every layer.
+    """
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    losses = [load_balancing_loss_func((lg,), n_experts, top_k) for lg in router_logits]
+    return torch.stack([torch.as_tensor(x) for x in losses]).mean()
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, with_router: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token cross-entropy on windows ``x`` [B, T+1]; optional per-layer aux loss."""
+    out = model(input_ids=x[:, :-1], output_router_logits=with_router, use_cache=False)
+    logits = out.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    aux = None
+    if with_router:
+        cfg = model.config
+        aux = per_layer_aux(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+    return loss, aux
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: dict[str, torch.Tensor], bs: int = 8) -> dict[str, float]:
+    model.eval()
+    res = {}
+    for f, w in windows.items():
+        tot, n = 0.0, 0
+        for i in range(0, len(w), bs):
+            loss, _ = lm_loss(model, w[i:i + bs], False)
+            tot += float(loss) * len(w[i:i + bs])
+            n += len(w[i:i + bs])
+        res[f] = tot / n
+    model.train()
+    return res
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, time_frac: float = 0.0) -> float:
+    """Linear warmup, cosine decay to 10% of peak.
+
+    ``time_frac`` (share of the wall-time budget spent) can push the decay
+    ahead of the step count, so that a run on a slow or shared CPU still
+    anneals before its time budget ends instead of stopping at a high lr.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(work: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> Path:
+    """Write ckpt-<step>/ then point latest.json at it (atomic os.replace)."""
+    from safetensors.torch import save_file
+
+    d = work / f"ckpt-{step:06d}"
+    tmp = work / f".ckpt-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{idx}.{k}"] = torch.as_tensor(v).detach().contiguous().clone()
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    (tmp / "param_groups.json").write_text(json.dumps(sd["param_groups"]))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    latest_tmp = work / "latest.json.tmp"
+    latest_tmp.write_text(json.dumps({"dir": d.name, "step": step}))
+    os.replace(latest_tmp, work / "latest.json")
+    for old in work.glob("ckpt-*"):  # keep only the newest
+        if old != d:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_checkpoint(work: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    from safetensors.torch import load_file
+
+    latest = work / "latest.json"
+    if not latest.exists():
+        return None
+    d = work / json.loads(latest.read_text())["dir"]
+    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    flat = load_file(str(d / "optim.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = json.loads((d / "param_groups.json").read_text())
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((d / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(model: torch.nn.Module, tokenizer_dir: Path, out: Path, max_mb: float = 25.0) -> int:
+    """Save the teacher (bf16 safetensors + tokenizer) into ``out``; returns bytes of weights."""
+    import copy
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    m.config.output_router_logits = False
+    m.config.use_cache = True
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    m.save_pretrained(str(tmp))
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)  # safetensors writes 0600; the package data must be world-readable
+    size = (tmp / "model.safetensors").stat().st_size
+    if size > max_mb * 1e6:
+        raise SystemExit(f"error: model.safetensors is {size / 1e6:.1f} MB > {max_mb} MB budget")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():  # drop stale files of an older export (same folder is ours)
+        if f.is_file() and not (tmp / f.name).exists():
+            f.unlink()
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    return size
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the uspx gpt_oss teacher.")
+    ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ap.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer"))
+    ap.add_argument("--work", type=Path, default=Path("runs/teacher"))
+    ap.add_argument("--out", type=Path, default=Path("src/uspx/data/teacher"))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--max-minutes", type=float, default=45.0,
+                    help="stop (checkpoint + export) once this much wall time has been spent in total")
+    ap.add_argument("--time-schedule", action="store_true",
+                    help="decay the lr by max(step share, wall-time share): finishes the cosine within "
+                         "--max-minutes on a contended CPU, at the price of step-exact reproducibility")
+    ap.add_argument("--bench", type=int, default=0, help="only time this many steps, then exit")
+    ap.add_argument("--no-export", action="store_true")
+    a = ap.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    tok = AutoTokenizer.from_pretrained(str(a.tokenizer))
+    cache = a.work / "tokens"
+    train = tokenize_split(a.corpus, a.tokenizer, "train", cache)
+    valid = fixed_windows(tokenize_split(a.corpus, a.tokenizer, "validation", cache), 16, a.seq_len)
+    print("train tokens per family:", {f: len(s) for f, s in train.items()}, flush=True)
+
+    config = teacher_config(len(tok), tok.eos_token_id, a.aux_coef)
+    model = build_model(config, a.seed)
+    print(f"parameters: {n_params(model):,}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(a.work, model, opt) or {"step": 0, "elapsed_s": 0.0, "history": []}
+    if state["step"]:
+        print(f"resumed at step {state['step']} ({state['elapsed_s'] / 60:.1f} min spent)", flush=True)
+    log_path = a.work / "train_log.jsonl"
+    t_prev = time.time()
+    model.train()
+    bar = tqdm(total=a.steps, initial=state["step"], desc="teacher", mininterval=5, file=sys.stdout)
+    step = state["step"]
+    ema = None
+    while step < a.steps:
+        # Per-step generator: the batch at step s is the same whether or not we resumed.
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        x, _ = sample_batch(train, a.batch, a.seq_len, gen)
+        time_frac = state["elapsed_s"] / (a.max_minutes * 60) if a.time_schedule else 0.0
+        lr = lr_at(step, a.steps, a.lr, a.warmup, time_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, aux = lm_loss(model, x, True)
+        total = loss + a.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        step += 1
+        now = time.time()
+        state["elapsed_s"] += now - t_prev
+        t_prev = now
+        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux):.3f}", lr=f"{lr:.1e}")
+        if a.bench and step - state.get("bench_from", 0) >= a.bench:
+            print(f"bench: {state['elapsed_s'] / step:.3f} s/step (batch {a.batch} x {a.seq_len})")
+            return 0
+        rec = {"step": step, "loss": float(loss), "aux": float(aux), "lr": lr, "gnorm": gnorm, "elapsed_s": state["elapsed_s"]}
+        if step % a.eval_every == 0 or step == a.steps:
+            rec["valid"] = evaluate(model, valid)
+            print(f"\nstep {step} valid {json.dumps({k: round(v, 3) for k, v in rec['valid'].items()})}", flush=True)
+        if step % 10 == 0 or "valid" in rec:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        if "valid" in rec:
+            state["history"].append({"step": step, "valid": rec["valid"], "train_ema": ema})
+        out_of_time = state["elapsed_s"] > a.max_minutes * 60
+        if step % a.save_every == 0 or step == a.steps or out_of_time:
+            state["step"] = step
+            state["args"] = {k: str(v) for k, v in vars(a).items()}
+            state["train_loss_ema"] = ema
+            save_checkpoint(a.work, step, model, opt, state)
+        if out_of_time:
+            print(f"\ntime budget reached at step {step}", flush=True)
+            break
+    bar.close()
+    state["step"] = step
+    if "valid" not in (state["history"][-1] if state["history"] else {}) or state["history"][-1]["step"] != step:
+        v = evaluate(model, valid)
+        state["history"].append({"step": step, "valid": v, "train_ema": ema})
+    summary = {
+        "steps": step, "batch": a.batch, "seq_len": a.seq_len, "tokens_seen": step * a.batch * a.seq_len,
+        "wall_minutes": state["elapsed_s"] / 60, "params": n_params(model), "final_valid": state["history"][-1]["valid"],
+        "final_train_loss_ema": ema, "aux_coef": a.aux_coef, "lr": a.lr, "seed": a.seed,
+        "threads": a.threads, "time_schedule": a.time_schedule, "history": state["history"],
+    }
+    tmp = a.work / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, a.work / "summary.json")
+    print(json.dumps(summary), flush=True)
+    if not a.no_export:
+        size = export(model, a.tokenizer, a.out)
+        tmp = a.out / "training_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, a.out / "training_summary.json")
+        print(f"exported to {a.out} ({size / 1e6:.1f} MB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Tests of the bundled teacher, its workloads, and the corpus builder (fast, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from uspx.teacher import TEACHER_DIR, WORKLOADS_DIR
+from uspx.teacher.corpus import SPLITS, Doc, arith_document, arith_line, parse_arith_line, split_docs, split_of
+from uspx.teacher.workloads import REQUIRED_FIELDS, SPLIT_VALUES, WORKLOADS
+
+FAMILIES = {"python", "shell", "prose", "arith"}
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_split_puts_each_document_in_exactly_one_split() -> None:
+    docs = [Doc("python", f"s{i}", f"document number {i}\n" * (1 + i % 7)) for i in range(2000)]
+    docs += docs[:50]  # exact duplicates must be dropped, not split
+    splits = split_docs(docs)
+    assert set(splits) == set(SPLITS)
+    texts = [d.text for s in SPLITS for d in splits[s]]
+    assert len(texts) == len(set(texts)) == 2000
+    for s in SPLITS:
+        for d in splits[s]:
+            assert split_of(d.text) == s  # deterministic: a pure function of the content
+    # every split is used, and train is the largest
+    sizes = {s: len(splits[s]) for s in SPLITS}
+    assert all(sizes.values()) and sizes["train"] > sizes["test"] and sizes["train"] > sizes["validation"]
+
+
+def test_split_does_not_depend_on_order() -> None:
+    docs = [Doc("prose", f"s{i}", f"text {i}") for i in range(300)]
+    a = split_docs(docs)
+    shuffled = docs[:]
+    random.Random(1).shuffle(shuffled)
+    b = split_docs(shuffled)
+    for s in SPLITS:
+        assert {d.text for d in a[s]} == {d.text for d in b[s]}
+
+
+def test_arith_results_are_exact() -> None:
+    rng = random.Random(123)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    seen = set()
+    for _ in range(2000):
+        a, op, b, c = parse_arith_line(arith_line(rng))
+        assert c == ops[op](a, b)
+        seen.add(op)
+    assert seen == set(ops)
+    for line in arith_document(7).splitlines():
+        a, op, b, c = parse_arith_line(line)
+        assert c == ops[op](a, b)
+    assert arith_document(7) == arith_document(7)  # reproducible from its seed
+    with pytest.raises(ValueError):
+        parse_arith_line("1 + 1 = two")
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def _rows(name: str) -> list[dict]:
+    path = WORKLOADS_DIR / f"{name}.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workload_parses(name: str) -> None:
+    rows = _rows(name)
+    for r in rows:
+        for k in REQUIRED_FIELDS:
+            assert k in r, (name, k)
+        assert isinstance(r["prompt"], str) and r["prompt"]
+        assert isinstance(r["completion"], str) and r["completion"]
+        assert r["split"] in SPLIT_VALUES
+        assert r["family"] in FAMILIES
+    cal = {r["id"] for r in rows if r["split"] == "calibration"}
+    held = {r["id"] for r in rows if r["split"] == "heldout"}
+    assert len(cal) >= 100 and len(held) >= 50
+    assert not cal & held
+    assert len(cal) + len(held) == len(rows)  # ids unique
+    # calibration and held-out items come from different documents
+    src_cal = {r["source"] for r in rows if r["split"] == "calibration"}
+    src_held = {r["source"] for r in rows if r["split"] == "heldout"}
+    assert not src_cal & src_held
+    families, _ = WORKLOADS[name]
+    assert {r["family"] for r in rows} == set(families)
+
+
+def test_user_heldout_sets_do_not_overlap_mixed() -> None:
+    mixed = {r["prompt"] for r in _rows("mixed")}
+    for name in ("python_dev", "shell_user", "docs_writer"):
+        held = {r["prompt"] for r in _rows(name) if r["split"] == "heldout"}
+        assert not held & mixed
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # One thread: on a shared 2-core machine a 2-thread forward is several
+    # times slower (OpenMP oversubscription). Restore the setting afterwards.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(TEACHER_DIR), dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(TEACHER_DIR))
+    yield model, tok
+    torch.set_num_threads(old)
+
+
+def test_teacher_files_are_small_safetensors() -> None:
+    assert (TEACHER_DIR / "config.json").exists()
+    w = TEACHER_DIR / "model.safetensors"
+    assert w.exists() and w.stat().st_size <= 25_000_000
+    assert not list(TEACHER_DIR.glob("*.bin")) and not list(TEACHER_DIR.glob("*.pt"))
+
+
+def test_teacher_is_stock_gpt_oss(teacher) -> None:
+    from transformers import GptOssForCausalLM
+
+    model, tok = teacher
+    assert isinstance(model, GptOssForCausalLM)
+    cfg = model.config
+    assert cfg.model_type == "gpt_oss"
+    assert cfg.num_local_experts >= 12 and cfg.num_experts_per_tok >= 2
+    assert len(tok) == cfg.vocab_size
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok(text)["input_ids"]) == text
+
+
+@torch.no_grad()
+def test_teacher_loss_far_below_uniform(teacher) -> None:
+    model, tok = teacher
+    for name in ("python_dev", "shell_user", "docs_writer"):
+        items = [r for r in _rows(name) if r["split"] == "heldout"][:3]
+        enc = [(tok(it["prompt"], add_special_tokens=False)["input_ids"],
+                tok(it["completion"], add_special_tokens=False)["input_ids"]) for it in items]
+        # One right-padded batch: causal attention keeps pads invisible to real tokens.
+        T = max(len(p) + len(c) for p, c in enc)
+        x = torch.full((len(enc), T), tok.pad_token_id)
+        for r, (p, c) in enumerate(enc):
+            x[r, : len(p) + len(c)] = torch.tensor(p + c)
+        logits = model(input_ids=x, use_cache=False).logits
+        tot, n = 0.0, 0
+        for r, (p, c) in enumerate(enc):
+            lg = logits[r, len(p) - 1 : len(p) + len(c) - 1]
+            tot += float(torch.nn.functional.cross_entropy(lg, torch.tensor(c), reduction="sum"))
+            n += len(c)
+        # ln(vocab) is what a model that knows nothing would score; a trained
+        # teacher must be far below it (an independent bound, not a snapshot).
+        assert tot / n < 0.6 * math.log(model.config.vocab_size), (name, tot / n)
+
+
+@torch.no_grad()
+def test_router_bias_restriction_is_exact(teacher) -> None:
+    """Banning experts with a -inf router bias never routes to them (the report relies on it)."""
+    model, tok = teacher
+    x = torch.tensor([tok("import os\nprint(os.getcwd())\n")["input_ids"]])
+    router = model.model.layers[0].mlp.router
+    old = router.bias.data.clone()
+    try:
+        router.bias.data[: model.config.num_local_experts // 2] = float("-inf")
+        out = model(input_ids=x, output_router_logits=True)
+        idx = out.router_logits[0].topk(model.config.num_experts_per_tok, dim=-1).indices
+        assert int(idx.min()) >= model.config.num_local_experts // 2
+        assert torch.isfinite(out.logits).all()
+    finally:
+        router.bias.data.copy_(old)

@@ -276,16 +276,17 @@ def analyze(
     out: Path = typer.Option(..., "-o", "--out", help="Folder for report.html and report.json."),
     model: Optional[str] = typer.Option(None, help="The traced model: enables the causal and model-based sections."),
     workload: Optional[str] = typer.Option(None, help="Workload for model-based sections (default: the trace's own)."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated sections: utilisation (cold), circuits, dynamics, cooperation, similarity, attention, prefetch."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated sections: utilisation (alias cold), circuits (paths), dynamics (generation), cooperation (k), similarity (merge), attention (probe), prefetch (cache)."),
     cold_threshold: float = typer.Option(0.01, help="Share of routed tokens below which an expert is cold (when the data can tell)."),
     max_items: int = typer.Option(64, help="Workload items used by the model-based sections."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads for the model sections (1 is fastest on a busy machine)."),
 ) -> None:
     """How the model routes on this workload: one self-contained HTML report with plots, and JSON."""
     from uspx.analyze import analyze as run_analyze
 
     run_analyze(trace_dir, out, model=model, workload=workload, only=only, cold_threshold=cold_threshold,
-                max_items=max_items)
-    console.print(f"report: {out / 'report.html'} (numbers in {out / 'report.json'})")
+                max_items=max_items, threads=threads)
+    console.print(f"report: {out / 'report.html'} (numbers in {out / 'report.json'}, figures in {out / 'figures'})")
 
 
 @app.command()

@@ -67,7 +67,20 @@ def analyze(
 
     ``model``: None, a model folder / "default", or a LoadedModel. ``workload``: defaults to the
     trace's own workload. ``max_items``: items per split used by model sections (runtime bound).
+    ``threads``: torch intra-op threads for the whole call (restored afterwards); None leaves torch's.
     """
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _analyze(trace_dir, out_dir, model, workload, only, progress, cold_threshold, max_items,
+                        gen_prompts, new_tokens, cache_tokens, capacities)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _analyze(trace_dir, out_dir, model, workload, only, progress, cold_threshold, max_items, gen_prompts,
+             new_tokens, cache_tokens, capacities) -> dict:
     started = time.perf_counter()
     sections = resolve_sections(only)
     trace = Trace(trace_dir)
@@ -77,7 +90,8 @@ def analyze(
         trace=str(trace.path), model=trace.manifest["model"], workload=trace.manifest["workload"],
         sections=sections, skipped={}, timings={}, settings=dict(cold_threshold=cold_threshold, max_items=max_items,
                                                                  gen_prompts=gen_prompts, new_tokens=new_tokens,
-                                                                 cache_tokens=cache_tokens),
+                                                                 cache_tokens=cache_tokens,
+                                                                 threads=torch.get_num_threads()),
     )
     report.update(_trace_pass(trace, sections, cold_threshold, cache_tokens, capacities, progress, say, report))
 

@@ -151,16 +151,21 @@ def _utilisation(u: dict, figs: Figures) -> str:
 
 
 def _circuits(c: dict, figs: Figures) -> str:
+    import matplotlib
     import matplotlib.pyplot as plt
 
     ca = c["coactivation"]
     lift = np.array(ca["lift"], dtype=float)
     show = _some(len(c["layers"]))
     fig, axes = plt.subplots(1, len(show), figsize=(2.6 * len(show), 2.8), squeeze=False)
+    # the diagonal (an expert with itself) has no lift: grey, not "strongly apart"
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")
     for i, ax in zip(show, axes[0]):
-        sym = np.where(np.isnan(lift[i]), 0, lift[i])
-        sym = sym + sym.T
-        ax.imshow(np.log2(np.clip(sym, 1e-3, None)), cmap="RdBu_r", vmin=-3, vmax=3)
+        up = np.triu(np.nan_to_num(lift[i], nan=0.0), 1)  # pairs are stored i < j
+        sym = up + up.T
+        logl = np.log2(np.clip(sym, 1e-3, None))
+        np.fill_diagonal(logl, np.nan)
+        ax.imshow(logl, cmap=cmap, vmin=-3, vmax=3)
         ax.set_title(f"L{c['layers'][i]}", fontsize=8), ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(f"co-activation lift (log2, red = together more than independent), {c['tokens']} tokens", fontsize=9)
     heat = figs.img(fig, "introspection_coactivation")
@@ -212,12 +217,23 @@ def _dynamics(d: dict, figs: Figures) -> str:
 def _cooperation(c: dict, figs: Figures) -> str:
     import matplotlib.pyplot as plt
 
+    # the paired change in loss, not the absolute loss: the absolute loss's prompt-bootstrap interval is
+    # dominated by how hard the prompts are and overlaps across k even where the paired change is certain
     ks = [r["k"] for r in c["rows"]]
-    loss = np.array([r["loss"] for r in c["rows"]])
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.errorbar(ks, loss, yerr=[loss - [r["loss_lo"] for r in c["rows"]], [r["loss_hi"] for r in c["rows"]] - loss], marker="o", capsize=3)
-    ax.set_xlabel("experts per token (k)"), ax.set_ylabel("held-out loss (nats/token)"), ax.set_xticks(ks)
-    ax.set_title(f"k ablation, {c['tokens']} tokens, {c['items']} items")
+    delta = np.array([r["delta"] for r in c["rows"]])
+    agree = np.array([r["top1_agreement"] for r in c["rows"]])
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    ax.errorbar(ks, delta, yerr=[delta - [r["delta_lo"] for r in c["rows"]], [r["delta_hi"] for r in c["rows"]] - delta],
+                marker="o", capsize=3, color="C0", label="loss change vs full k (paired 95% CI)")
+    ax.axhline(0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("experts per token (k)"), ax.set_ylabel("held-out loss change (nats/token)", color="C0"), ax.set_xticks(ks)
+    ax2 = ax.twinx()
+    ax2.plot(ks, agree, marker="s", color="C1", label="top-1 agreement with full model")
+    ax2.set_ylim(0, 1.02), ax2.set_ylabel("top-1 agreement", color="C1")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+    ax.set_title(f"k ablation, {c['tokens']} tokens, {c['items']} items (unablated loss {c['unablated_loss']:.3f})", fontsize=9)
     img = figs.img(fig, "introspection_k_ablation")
     return (f"<h2>4. Cooperation (k ablation)</h2><p>Mechanism: {html.escape(c['mechanism'])}. Loss on held-out "
             f"completion tokens; top-1 agreement with the unablated model's next-token prediction. Unablated loss "

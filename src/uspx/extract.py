@@ -28,10 +28,11 @@ QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta
 
 def checkpoint_dtype(config) -> str:
     """The precision the exported checkpoint will have, in the planner's names."""
-    quant = getattr(config, "quantization_config", None) or {}
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)  # config.json or object
+    quant = get("quantization_config") or {}
     if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
         return "mxfp4"
-    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    name = str(get("dtype") or get("torch_dtype") or "float32")
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name.replace("torch.", ""), "bf16")
 
 
@@ -54,8 +55,26 @@ def extract(
     speed: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
+    streaming: bool = False,
+    dtype: str = "bf16",
 ) -> dict:
-    """Trace, score, select, prune, verify, export and evaluate, for one user's workload."""
+    """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
+
+    ``streaming`` (gpt_oss checkpoints) never loads the whole model: every stage runs layer by layer
+    from the safetensors files in ``dtype`` with the local score methods, and an MXFP4 checkpoint is
+    pruned on disk to an MXFP4 one (``uspx.stream.pipeline``; ``batch_size``, ``max_tokens``,
+    ``non-uniform`` and ``speed`` do not apply there).
+    """
+    if streaming:
+        from uspx.stream.pipeline import extract_streaming
+
+        if isinstance(model, LoadedModel):
+            raise UspxError("streaming extraction reads the model folder layer by layer; pass its path")
+        if not uniform:
+            raise UspxError("streaming extraction exports uniform plans only (gpt_oss configs hold one expert count)")
+        return extract_streaming(model, workload, out_dir, budget=budget, keep=keep, context=context,
+                                 kv_dtype=kv_dtype, method=method, max_length=max_length, dtype=dtype,
+                                 epsilon=epsilon, progress=progress)
     from uspx.evaluate import evaluate
     from uspx.plan import select_experts
     from uspx.prune import export

@@ -2,7 +2,9 @@
 and prune MXFP4 checkpoints on disk without dequantizing them.
 
 ``stream_trace`` records routing layer by layer; ``predict_peak_memory`` says what it will need;
-``prune_mxfp4_checkpoint`` slices experts out of a checkpoint file by file.
+``prune_mxfp4_checkpoint`` slices experts out of a checkpoint file by file. On top of them:
+``folder`` writes a streaming trace as an ordinary trace folder (resumable per layer), ``score`` the
+local scores, ``verify`` streamed logits and losses, ``pipeline`` the whole ``extract --streaming``.
 """
 
 from uspx.stream.checkpoint import Checkpoint, TensorSpec, write_safetensors, write_sharded

@@ -18,16 +18,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from uspx.io import UspxError
 from uspx.stream.checkpoint import Checkpoint
-from uspx.stream.layer import build_layer, embedding_table, load_config
+from uspx.stream.hooks import LayerRecorder, RoutingBan
+from uspx.stream.layer import HEAD_VOCAB_CHUNK, build_layer, embedding_table, load_config, run_head
 
 OnLayer = Callable[[int, dict[str, np.ndarray]], None]
+OnLogits = Callable[[np.ndarray, torch.Tensor], None]
 
 DEFAULT_BATCH_TOKENS = 2048
 _EMBED_CHUNK = 1 << 15
@@ -39,6 +41,7 @@ class StreamResult:
     n_layers: int
     spilled: bool
     seconds_per_layer: list[float] = field(default_factory=list)
+    load_seconds_per_layer: list[float] = field(default_factory=list)  # reading + MXFP4 decoding
 
 
 class HiddenStore:
@@ -72,6 +75,28 @@ class HiddenStore:
             self._mem[torch.from_numpy(rows)] = values
         else:
             self._map[rows] = values.contiguous().view(torch.uint16 if self.dtype == torch.bfloat16 else self.dtype).numpy()
+
+    def save(self, path: Path) -> None:
+        """Copy every row to ``path`` (raw little-endian words), chunk by chunk; atomic."""
+        from uspx.io import atomic_path
+
+        n = self._mem.shape[0] if self._map is None else self._map.shape[0]
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            for a in range(0, n, _EMBED_CHUNK):
+                rows = self.read(np.arange(a, min(a + _EMBED_CHUNK, n)))
+                fh.write(rows.contiguous().view(torch.uint8).numpy().tobytes())
+
+    def load(self, path: Path) -> None:
+        """Fill every row from a file written by :meth:`save`."""
+        n, hidden = (self._mem.shape if self._map is None else self._map.shape)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        if path.stat().st_size != n * hidden * item:
+            raise UspxError(f"{path}: {path.stat().st_size} bytes, expected {n * hidden * item} for [{n}, {hidden}]")
+        with open(path, "rb") as fh:
+            for a in range(0, n, _EMBED_CHUNK):
+                b = min(a + _EMBED_CHUNK, n)
+                raw = bytearray(fh.read((b - a) * hidden * item))
+                self.write(np.arange(a, b), torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype).reshape(b - a, hidden))
 
     def close(self) -> None:
         if self._map is not None:
@@ -108,6 +133,13 @@ def stream_trace(
     expert_norms: bool = True,
     layers: Sequence[int] | None = None,
     progress: bool | Callable[[str], None] = True,
+    kept: Mapping[int, Sequence[int]] | None = None,
+    reconstruction: bool = False,
+    start_layer: int = 0,
+    restore: Callable[[HiddenStore], None] | None = None,
+    after_layer: Callable[[int, HiddenStore], None] | None = None,
+    head: OnLogits | None = None,
+    head_tokens: int = 256,
 ) -> StreamResult:
     """Run ``sequences`` through a gpt_oss checkpoint layer by layer and report each layer's routing.
 
@@ -121,6 +153,17 @@ def stream_trace(
     RAM would exceed ``memory_limit_bytes`` (default: 80% of the memory available at the start; an
     explicit limit that even spilling cannot meet is an error). ``layers`` stops early
     after the largest listed layer and reports only those listed.
+
+    ``kept`` restricts routing to those experts per layer (banned logits set to -inf and top-k
+    re-taken, as ``MoEAdapter.restrict`` does), so a pruned checkpoint can be compared with its
+    original. ``reconstruction`` adds ``reconstruction_error`` float64 [N, k] to the reported arrays:
+    for each routed (token, slot), ``||y - y^{-e}||^2`` of the MoE block output when that slot's
+    expert is banned and the router re-routes (the definition of ``uspx.score.reconstruction``),
+    computed on the block input while the layer is in memory. ``head(rows, logits)`` receives the
+    float32 logits (final norm + lm_head) of ``head_tokens`` tokens at a time after the last layer
+    (all layers run then). ``start_layer`` / ``restore`` / ``after_layer`` let a caller resume: the
+    embedding is skipped, ``restore(store)`` fills the hidden states after layer ``start_layer - 1``,
+    and ``after_layer(i, store)`` runs once layer ``i`` is done (after ``on_layer``).
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
@@ -134,6 +177,9 @@ def stream_trace(
     wanted = sorted(set(range(n_layers) if layers is None else layers))
     if any(not 0 <= i < n_layers for i in wanted):
         raise UspxError(f"layers {wanted} outside 0..{n_layers - 1}")
+    last = n_layers - 1 if head is not None else wanted[-1]
+    if not 0 <= start_layer <= last + 1 or (start_layer > 0 and restore is None):
+        raise UspxError(f"start_layer {start_layer} needs restore() and must lie in 0..{last + 1}")
     lengths = [len(s) for s in sequences]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n_tokens = int(offsets[-1])
@@ -143,7 +189,8 @@ def stream_trace(
     spill = Path(spill_dir) if spill_dir is not None else None
     if spill is None:
         plan = predict_peak_memory(config, n_tokens, dtype=dtype, batch_tokens=batch_tokens,
-                                   max_seq_len=max(lengths), record_logits=record_logits)
+                                   max_seq_len=max(lengths), record_logits=record_logits,
+                                   head_tokens=head_tokens if head is not None else 0)
         limit = memory_limit_bytes if memory_limit_bytes is not None else _default_limit()
         if memory_limit_bytes is not None and plan["total_spilled"] > limit:
             raise UspxError(
@@ -158,21 +205,28 @@ def stream_trace(
     result = StreamResult(n_tokens, n_layers, store.spilled)
     try:
         with torch.no_grad():
-            ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
-            table = embedding_table(ckpt, ids)
-            for a in range(0, n_tokens, _EMBED_CHUNK):  # slices: no [N, H] copy besides the store
-                b = min(a + _EMBED_CHUNK, n_tokens)
-                store.write(np.arange(a, b), table.index_select(0, ids[a:b]).to(dtype))
-            del ids, table
+            if start_layer == 0:
+                ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
+                table = embedding_table(ckpt, ids)
+                for a in range(0, n_tokens, _EMBED_CHUNK):  # slices: no [N, H] copy besides the store
+                    b = min(a + _EMBED_CHUNK, n_tokens)
+                    store.write(np.arange(a, b), table.index_select(0, ids[a:b]).to(dtype))
+                del ids, table
+            else:
+                restore(store)
+                say(f"resuming at layer {start_layer + 1}/{n_layers} from saved hidden states")
             rotary = GptOssRotaryEmbedding(config)
             batches = _batches(lengths, batch_tokens)
-            for layer_idx in range(wanted[-1] + 1):
+            for layer_idx in range(start_layer, last + 1):
                 t0 = time.perf_counter()
-                layer = build_layer(ckpt, config, layer_idx, dtype)
+                # restricted: banned experts never get a token, so their weights need not be decoded
+                layer = build_layer(ckpt, config, layer_idx, dtype, None if kept is None else kept.get(layer_idx))
                 ckpt.close()  # unmap the shards: touched pages would otherwise stay in RSS all run
+                result.load_seconds_per_layer.append(time.perf_counter() - t0)
+                ban = RoutingBan(layer.mlp.router, n_experts, None if kept is None else kept.get(layer_idx))
                 # layers before a wanted one only move hidden states along: no hooks, no extra pass
-                rec = _Recorder(layer, n_tokens, top_k, n_experts, record_logits, expert_norms) \
-                    if layer_idx in wanted else None
+                rec = LayerRecorder(layer, n_tokens, top_k, n_experts, record_logits, expert_norms,
+                                ban if reconstruction else None) if layer_idx in wanted else None
                 layer_type = config.layer_types[layer_idx]
                 for batch in batches:
                     rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
@@ -186,14 +240,21 @@ def stream_trace(
                     out = layer(x, attention_mask=mask, position_embeddings=rotary(x, position_ids),
                                 position_ids=position_ids, use_cache=False)
                     store.write(rows, out)
+                if rec is not None:
+                    rec.remove()
+                ban.remove()
                 del layer
                 gc.collect()
                 if rec is not None:
-                    rec.remove()
                     on_layer(layer_idx, rec.arrays())
+                    del rec
+                if after_layer is not None:
+                    after_layer(layer_idx, store)
                 result.seconds_per_layer.append(time.perf_counter() - t0)
                 say(f"layer {layer_idx + 1}/{n_layers}: {n_tokens} tokens in "
                     f"{result.seconds_per_layer[-1]:.1f} s{' (hidden states on disk)' if store.spilled else ''}")
+            if head is not None:
+                run_head(ckpt, config, store, n_tokens, dtype, head, head_tokens)
     finally:
         store.close()
         ckpt.close()
@@ -202,52 +263,10 @@ def stream_trace(
     return result
 
 
-class _Recorder:
-    """Forward hooks on one layer's router and experts that file their outputs under token rows."""
-
-    def __init__(self, layer: torch.nn.Module, n: int, k: int, e: int, logits: bool, norms: bool):
-        self.rows: np.ndarray = np.empty(0, dtype=np.int64)
-        self.ids = np.zeros((n, k), dtype=np.int32)
-        self.weights = np.zeros((n, k), dtype=np.float32)
-        self.logits = np.zeros((n, e), dtype=np.float32) if logits else None
-        self.norms = np.zeros((n, k), dtype=np.float32) if norms else None
-        self._handles = [layer.mlp.router.register_forward_hook(self._router_hook)]
-        if norms:
-            self._handles.append(layer.mlp.experts.register_forward_hook(self._experts_hook))
-
-    def _router_hook(self, module, args, output) -> None:
-        logits, weights, index = output  # rows in the order of hidden.reshape(-1, H): batch-major
-        self.ids[self.rows] = index.to(torch.int32).numpy()
-        self.weights[self.rows] = weights.float().numpy()
-        if self.logits is not None:
-            self.logits[self.rows] = logits.float().numpy()
-
-    def _experts_hook(self, module, args, output) -> None:
-        # Same computation as MoEAdapter.expert_outputs: every (token, slot) alone with weight 1,
-        # through the experts' own forward, so biases and the clamped SwiGLU are the model's.
-        hidden, index = args[0], args[1]
-        n, k = index.shape
-        rows = hidden.repeat_interleave(k, dim=0)
-        ones = torch.ones(n * k, 1, dtype=hidden.dtype)
-        out = module.forward(rows, index.reshape(-1, 1), ones)
-        self.norms[self.rows] = out.float().norm(dim=-1).reshape(n, k).numpy()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {"expert_ids": self.ids, "expert_weights": self.weights}
-        if self.logits is not None:
-            out["router_logits"] = self.logits
-        if self.norms is not None:
-            out["expert_norms"] = self.norms
-        return out
-
-
 def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfloat16,
                         batch_tokens: int = DEFAULT_BATCH_TOKENS, max_seq_len: int | None = None,
-                        record_logits: bool = True) -> dict[str, int]:
+                        record_logits: bool = True, head_tokens: int = 0,
+                        decoded_experts: int | None = None) -> dict[str, int]:
     """Bytes :func:`stream_trace` needs at its peak, by part (an estimate, from the config alone).
 
     ``config`` is a transformers config or a config.json dict. Parts: one dense decoder layer,
@@ -255,15 +274,18 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
     (eager attention materialises ``heads x T x T`` scores several times), the routing records of
     one layer, and the embedding table (read once, before the first layer, so it counts only if it
     is larger than a layer). ``total_spilled`` is the same with hidden states on disk.
+    ``decoded_experts``: experts decoded per layer when a run is restricted to a kept set (only
+    those become resident; see ``layer.layer_state``), default all.
     """
     c = config if isinstance(config, dict) else config.to_dict()
     h, i_sz, e, k = (int(c[f]) for f in ("hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok"))
     heads, kv, hd, v = (int(c[f]) for f in ("num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"))
     item = torch.empty((), dtype=dtype).element_size()
     t = min(max_seq_len or batch_tokens, batch_tokens)
-    b_tokens = max(batch_tokens, t)
+    b_tokens = min(max(batch_tokens, t), max(n_tokens, 1))  # a batch never holds more than every token
     attn_params = h * heads * hd * 2 + h * kv * hd * 2 + heads * hd * 2 + kv * hd * 2 + h + heads + 2 * h
-    expert_params = e * (h * 2 * i_sz + i_sz * h + 2 * i_sz + h) + e * (h + 1)
+    resident = e if decoded_experts is None else min(e, int(decoded_experts))
+    expert_params = resident * (h * 2 * i_sz + i_sz * h) + e * (2 * i_sz + h) + e * (h + 1)  # biases, router: all
     layer = (attn_params + expert_params) * item
     decode_tmp = (2 * i_sz * h) * 4 * 3  # float32 values, scale factors, transpose copy for one expert
     hidden = n_tokens * h * item
@@ -275,15 +297,18 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
     )
     records = n_tokens * (k * 12 + (e * 4 if record_logits else 0))
     embed_phase = v * h * 2 + min(n_tokens, _EMBED_CHUNK) * h * (2 + item) + n_tokens * 8  # table, one slice, ids
+    # lm_head as stored plus a slice in dtype; one chunk of float32 logits, a dtype copy, a log-softmax
+    head_phase = (v * h * 2 + HEAD_VOCAB_CHUNK * h * item + head_tokens * v * (item + 4 * 3)) if head_tokens else 0
     steady = layer + decode_tmp + activations + records
-    base = 300 * 2**20  # python, torch and transformers themselves
-    total_spilled = base + max(steady, embed_phase)
+    base = 512 * 2**20  # python, torch, transformers and pyarrow themselves (measured: about 480 MiB)
+    total_spilled = base + max(steady, embed_phase, head_phase)
     return {
         "layer_weights": layer,
         "decode_temporaries": decode_tmp,
         "activations": activations,
         "routing_records": records,
         "embedding_phase": embed_phase,
+        "head_phase": head_phase,
         "hidden_states": hidden,
         "runtime": base,
         "total": total_spilled + hidden,

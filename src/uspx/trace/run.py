@@ -46,8 +46,28 @@ def trace(
     items_per_shard: int = 64,
     progress: bool = True,
     trust_remote_code: bool = False,
+    streaming: bool = False,
+    reconstruction: bool = False,
+    dtype: str = "bf16",
 ) -> dict:
-    """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest."""
+    """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
+
+    ``streaming`` runs a gpt_oss checkpoint layer by layer from its safetensors files instead of
+    loading it (models larger than memory; see ``uspx.stream.folder``): same folder format, computed
+    in ``dtype``, with the reconstruction score's sums when ``reconstruction``.
+    """
+    if streaming:
+        from uspx.stream.folder import trace_workload_streaming
+
+        if isinstance(model, LoadedModel):
+            raise UspxError("streaming traces read the model folder layer by layer; pass its path, not a loaded model")
+        return trace_workload_streaming(
+            model, workload, out_dir, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
+            norms=norms, reconstruction=reconstruction, items_per_shard=items_per_shard, dtype=dtype,
+            progress=progress,
+        )
+    if reconstruction:
+        raise UspxError("reconstruction sums are recorded by streaming traces only (streaming=True)")
     lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     wl = wl.part(split)
@@ -67,7 +87,7 @@ def trace(
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
     if manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists():
         return manifest  # already finished with the same model, workload and options
-    _write_items(out / "items.parquet", encoded)
+    write_items(out / "items.parquet", encoded)
 
     todo_tokens = sum(
         len(e.input_ids) for e in encoded if e.index // items_per_shard not in done
@@ -80,33 +100,33 @@ def trace(
                     continue
                 chunk = encoded[s * items_per_shard : (s + 1) * items_per_shard]
                 table = _trace_chunk(lm.model, rec, adapter, chunk, batch_size, lm.tokenizer, bar)
-                name = f"shard-{s:05d}.parquet"
-                with atomic_path(out / name) as tmp:
-                    pq.write_table(table, tmp, compression="zstd")
-                manifest["shards"].append(
-                    dict(index=s, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
-                         rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
-                )
-                manifest["shards"].sort(key=lambda x: x["index"])
-                write_json(out / "manifest.json", manifest)
-    manifest["complete"] = True
-    manifest["summary"] = dict(
-        asdict(wl.summary),
-        tokens=sum(len(e.input_ids) for e in encoded),
-        rows=sum(s["rows"] for s in manifest["shards"]),
-        seconds_this_run=round(time.perf_counter() - started, 3),
-    )
-    write_json(out / "manifest.json", manifest)
-    return manifest
+                write_shard(out, manifest, s, chunk, table)
+    return finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
 
 
-def _start_manifest(out: Path, lm: LoadedModel, adapter, wl: Workload, options: dict) -> dict:
-    model_info = dict(
+def model_info(lm: LoadedModel, adapter) -> dict:
+    """The manifest's ``model`` entry of a loaded model."""
+    return dict(
         source=lm.source, label=lm.label, fingerprint=lm.fingerprint, family=adapter.family,
         model_type=lm.model.config.model_type, moe_layers=[l.index for l in adapter.layers],
         num_experts=adapter.num_experts, top_k=adapter.top_k,
     )
-    workload_info = dict(source=wl.source, fingerprint=wl.fingerprint, items=len(wl.items), families=wl.families)
+
+
+def workload_info(wl: Workload) -> dict:
+    return dict(source=wl.source, fingerprint=wl.fingerprint, items=len(wl.items), families=wl.families)
+
+
+def _start_manifest(out: Path, lm: LoadedModel, adapter, wl: Workload, options: dict) -> dict:
+    return open_manifest(out, model_info(lm, adapter), workload_info(wl), options)
+
+
+def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict:
+    """The manifest of a trace folder: the existing one if it matches (to resume), else a new one.
+
+    Shared by the whole-model and the streaming tracers, so both write the same format.
+    """
+    model_info, workload_info = model, workload
     path = out / "manifest.json"
     if path.exists():
         old = read_json(path)
@@ -131,7 +151,32 @@ def _start_manifest(out: Path, lm: LoadedModel, adapter, wl: Workload, options: 
     return manifest
 
 
-def _write_items(path: Path, encoded: list[EncodedItem]) -> None:
+def write_shard(out: Path, manifest: dict, index: int, chunk: list[EncodedItem], table: pa.Table) -> None:
+    """Write shard ``index`` (items ``chunk``) atomically, then record it in the manifest."""
+    name = f"shard-{index:05d}.parquet"
+    with atomic_path(out / name) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    manifest["shards"].append(
+        dict(index=index, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
+             rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
+    )
+    manifest["shards"].sort(key=lambda x: x["index"])
+    write_json(out / "manifest.json", manifest)
+
+
+def finish_manifest(out: Path, manifest: dict, wl_summary: dict, encoded: list[EncodedItem], seconds: float) -> dict:
+    manifest["complete"] = True
+    manifest["summary"] = dict(
+        wl_summary,
+        tokens=sum(len(e.input_ids) for e in encoded),
+        rows=sum(s["rows"] for s in manifest["shards"]),
+        seconds_this_run=round(seconds, 3),
+    )
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def write_items(path: Path, encoded: list[EncodedItem]) -> None:
     table = pa.table(
         dict(
             sample=pa.array([e.index for e in encoded], pa.int32()),
@@ -181,7 +226,6 @@ def _trace_chunk(model, rec: RoutingRecorder, adapter, chunk, batch_size, tokeni
 
 
 def _rows(group, ids, mask, real, rec: RoutingRecorder, layer_ids: list[int]) -> pa.Table:
-    n_layers = len(layer_ids)
     b, t = ids.shape
     sample = torch.tensor([e.index for e in group]).unsqueeze(1).expand(b, t).reshape(-1)[real]
     position = torch.arange(t).unsqueeze(0).expand(b, t).reshape(-1)[real]
@@ -189,28 +233,45 @@ def _rows(group, ids, mask, real, rec: RoutingRecorder, layer_ids: list[int]) ->
     family = np.array([e.family for e in group])[sample.numpy() - group[0].index]
     split = np.array([e.split for e in group])[sample.numpy() - group[0].index]
     token = ids.reshape(-1)[real]
-    n = int(real.sum())
 
     def per_layer(get) -> np.ndarray:  # [n, L, ...] token-major so rows sort by (sample, position, layer)
         return np.stack([get(rec.layers[i])[real].numpy() for i in layer_ids], axis=1)
 
-    k = rec.layers[layer_ids[0]].index.shape[1]
-    cols = dict(
-        sample=pa.array(np.repeat(sample.numpy(), n_layers).astype(np.int32)),
-        position=pa.array(np.repeat(position.numpy(), n_layers).astype(np.int32)),
-        token_id=pa.array(np.repeat(token.numpy(), n_layers).astype(np.int32)),
-        family=pa.array(np.repeat(family, n_layers)).dictionary_encode(),
-        split=pa.array(np.repeat(split, n_layers)).dictionary_encode(),
-        is_completion=pa.array(np.repeat((position >= start).numpy(), n_layers)),
-        layer=pa.array(np.tile(np.array(layer_ids, dtype=np.int16), n)),
-        expert_ids=_fixed(per_layer(lambda r: r.index).astype(np.int16), k),
-        expert_weights=_fixed(per_layer(lambda r: r.weights.float()).astype(np.float32), k),
+    per = dict(
+        expert_ids=per_layer(lambda r: r.index),
+        expert_weights=per_layer(lambda r: r.weights.float()),
     )
     if rec.want_logits:
-        e = rec.layers[layer_ids[0]].logits.shape[1]
-        cols["router_logits"] = _fixed(per_layer(lambda r: r.logits.float()).astype(np.float32), e)
+        per["router_logits"] = per_layer(lambda r: r.logits.float())
     if rec.want_norms:
-        cols["expert_norms"] = _fixed(per_layer(lambda r: r.norms).astype(np.float32), k)
+        per["expert_norms"] = per_layer(lambda r: r.norms)
+    return rows_table(sample.numpy(), position.numpy(), token.numpy(), family, split,
+                      (position >= start).numpy(), layer_ids, per)
+
+
+def rows_table(sample: np.ndarray, position: np.ndarray, token: np.ndarray, family: np.ndarray, split: np.ndarray,
+               is_completion: np.ndarray, layer_ids: list[int], per_layer: dict[str, np.ndarray]) -> pa.Table:
+    """Trace rows of ``n`` tokens, one row per (token, layer), token-major.
+
+    Per-token arrays are [n]; ``per_layer`` maps a routing column (expert_ids, expert_weights and
+    optionally router_logits, expert_norms) to [n, L, width]. The one place rows are built, so the
+    whole-model and the streaming tracer write identical columns and types.
+    """
+    n_layers, n = len(layer_ids), len(sample)
+    cols = dict(
+        sample=pa.array(np.repeat(sample, n_layers).astype(np.int32)),
+        position=pa.array(np.repeat(position, n_layers).astype(np.int32)),
+        token_id=pa.array(np.repeat(token, n_layers).astype(np.int32)),
+        family=pa.array(np.repeat(family, n_layers)).dictionary_encode(),
+        split=pa.array(np.repeat(split, n_layers)).dictionary_encode(),
+        is_completion=pa.array(np.repeat(is_completion, n_layers)),
+        layer=pa.array(np.tile(np.array(layer_ids, dtype=np.int16), n)),
+    )
+    dtypes = dict(expert_ids=np.int16, expert_weights=np.float32, router_logits=np.float32, expert_norms=np.float32)
+    for name in ("expert_ids", "expert_weights", "router_logits", "expert_norms"):
+        if name in per_layer:
+            values = per_layer[name]
+            cols[name] = _fixed(values.astype(dtypes[name]), values.shape[-1])
     return pa.table(cols)
 
 

@@ -2,7 +2,9 @@
 
     python bench/trace_overhead.py [--model default] [--workload mixed] [--repeats 5]
 
-Prints the median time of each variant over interleaved repeats and its ratio to the plain forward:
+Prints the median CPU time (process time: what this process computed, all threads summed, so other
+jobs on a shared machine disturb it far less than wall time) and wall time of each variant over
+interleaved repeats, and their ratios to the plain forward:
 hooks only (ids + weights), + router logits, + expert output norms, and the whole ``uspx trace``
 (rows built and Parquet shards written) against a plain forward loop over the same batches.
 """
@@ -32,12 +34,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--items", type=int, default=64, help="Use the first N workload items.")
+    ap.add_argument("--threads", type=int, default=1, help="Torch threads (1: least disturbed by other jobs).")
     args = ap.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     adapter = adapter_for(lm.model)
     wl = load_workload(args.workload)
+    wl.items = wl.items[: args.items]
     items = encode(wl, lm.tokenizer, args.max_length)
     groups = batches(items, args.batch_size, pad_id_of(lm.tokenizer))
     n_tokens = sum(len(e.input_ids) for e in items)
@@ -69,23 +74,26 @@ def main() -> None:
         "uspx trace (ids + weights, Parquet written)": full_trace,
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
         plain()  # warm-up
         for _ in range(args.repeats):
             for name, fn in variants.items():  # interleaved so drift on a shared machine hits all alike
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     shutil.rmtree(tmp, ignore_errors=True)
 
     base = statistics.median(times["plain forward"])
+    cpu_base = statistics.median(cpu["plain forward"])
     print(f"model: {lm.label}; workload: {wl.source}; {len(items)} items, {n_tokens} tokens, "
           f"batch {args.batch_size}; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats}")
-    print(f"{'variant':48s} {'seconds':>8s} {'tok/s':>9s} {'ratio':>6s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:48s} {med:8.3f} {n_tokens / med:9.0f} {med / base:6.3f}")
+    print(f"{'variant':48s} {'cpu s':>8s} {'ratio':>6s} {'wall s':>8s} {'ratio':>6s} {'tok/s':>7s}")
+    for name in variants:
+        c, w = statistics.median(cpu[name]), statistics.median(times[name])
+        print(f"{name:48s} {c:8.3f} {c / cpu_base:6.3f} {w:8.3f} {w / base:6.3f} {n_tokens / w:7.0f}")
 
 
 if __name__ == "__main__":

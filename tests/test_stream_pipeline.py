@@ -191,3 +191,40 @@ def test_restricted_stream_never_reads_banned_experts(mxfp4_dir, monkeypatch):
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, want)
 
+
+
+def test_cli_prune_keeps_mxfp4_and_matches_restricted_original(tmp_path):
+    """`uspx prune` on an MXFP4 checkpoint: sliced blocks, stock-loadable, same logits as a ban by hand."""
+    import json as _json
+
+    import torch as _torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+    from uspx.models.synthetic import write_gpt_oss
+    from uspx.plan import select_experts
+
+    src = tmp_path / "mx"
+    write_gpt_oss(src, "tiny", seed=1)
+    cfg = _json.loads((src / "config.json").read_text())
+    rows = [dict(layer=l, expert=e, value=float((l * 7 + e * 3) % 11), cost_bytes=1)
+            for l in range(cfg["num_hidden_layers"]) for e in range(cfg["num_local_experts"])]
+    select_experts(rows, keep="50%", config=src, dtype="mxfp4").save(tmp_path / "plan.json")
+    kept = {int(k): v for k, v in _json.loads((tmp_path / "plan.json").read_text())["kept"].items()}
+
+    res = CliRunner().invoke(app, ["prune", str(src), str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out_cfg = _json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out_cfg["quantization_config"]["quant_method"] == "mxfp4" and out_cfg["num_local_experts"] == 4
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
+
+    load = dict(quantization_config=Mxfp4Config(dequantize=True), dtype=_torch.float32)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", **load).eval()
+    original = AutoModelForCausalLM.from_pretrained(src, **load).eval()
+    with _torch.no_grad():
+        for l, layer in enumerate(original.model.layers):
+            banned = [e for e in range(cfg["num_local_experts"]) if e not in kept[l]]
+            layer.mlp.router.bias[banned] = float("-inf")
+        ids = _torch.arange(3, 40)[None]
+        assert _torch.allclose(pruned(ids).logits, original(ids).logits, atol=1e-4)

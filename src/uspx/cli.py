@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -202,9 +203,31 @@ def prune(
     mask_only: bool = typer.Option(False, "--mask-only", help="Keep all shapes; disable dropped experts in the router instead."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
-    """Export the model pruned to the plan's experts; reloads it with stock transformers to verify."""
-    from uspx.prune import export
+    """Export the model pruned to the plan's experts; reloads it with stock transformers to verify.
 
+    An MXFP4 checkpoint (gpt-oss) is pruned on disk by slicing its blocks and scales, and verified
+    layer by layer, so it stays MXFP4 and never has to fit in memory.
+    """
+    from uspx.models.loading import resolve_model_path
+    from uspx.plan import load_plan
+    from uspx.prune import export, weight_files
+
+    src = resolve_model_path(model)
+    if weight_files(src).is_mxfp4():
+        from uspx.stream.prune import prune_mxfp4_checkpoint
+        from uspx.stream.verify import verify_pruned
+
+        if mask_only:
+            raise UspxError("--mask-only is not available for MXFP4 checkpoints; prune physically")
+        kept = load_plan(plan_file).kept_set()
+        prune_mxfp4_checkpoint(src, kept, out)
+        check = verify_pruned(src, out, kept, [list(range(1, 65))], progress=True)
+        console.print(f"MXFP4 export written to {out}; max |logit diff| vs the restricted original "
+                      f"{check['max_abs_logit_diff']:.2e}; expert bytes identical: {check['expert_tensors_identical']}")
+        if not check["max_abs_logit_diff"] <= 1e-4 or not check["expert_tensors_identical"]:
+            shutil.rmtree(out, ignore_errors=True)  # never leave an unverified export behind
+            raise UspxError(f"{src}: verification of the MXFP4 export failed, nothing written: {check}")
+        return
     rec = export(model, plan_file, out, physical=not mask_only, trust_remote_code=trust_remote_code)
     size = rec["size"]
     console.print(f"{rec['status']}: {out}; max |logit diff| after reload {rec['verification']['max_abs_logit_diff']:.2e}; "

@@ -72,7 +72,7 @@ def trace(
     console.print(f"[bold]model[/]: {manifest['model']['label']}  ({manifest['model']['family']}, "
                   f"{len(manifest['model']['moe_layers'])} MoE layers, {manifest['model']['num_experts']} experts, top-{manifest['model']['top_k']})")
     console.print(f"[bold]workload[/]: {manifest['workload']['source']}")
-    for key in ("items", "skipped_empty", "truncated", "truncated_tokens", "tokens", "rows"):
+    for key in ("items", "skipped_empty", "duplicates", "truncated", "truncated_tokens", "tokens", "rows"):
         console.print(f"  {key}: {s[key]}")
     console.print(f"  families: {s['families']}  splits: {s['splits']}")
     console.print(f"trace written to {out} ({len(manifest['shards'])} shards)")
@@ -175,7 +175,7 @@ def select_cmd(
     from uspx.io import sha256_json
     from uspx.models import load_model
     from uspx.models.loading import resolve_model_path
-    from uspx.plan import load_config, select_experts
+    from uspx.plan import select_experts
     from uspx.score import DEFAULT_METHOD, load_scores
 
     table = load_scores(scores_dir)
@@ -184,7 +184,7 @@ def select_cmd(
     table.check(model=fingerprint)
     method = method or DEFAULT_METHOD
     plan_obj = select_experts(
-        table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(load_config(path)),
+        table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(path),
         context=context if budget else 0, kv_dtype=kv_dtype, uniform=not non_uniform, method=solver,
         scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint,
     )

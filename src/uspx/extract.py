@@ -26,14 +26,20 @@ QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta
                    "top1_agreement": "top-1 agree", "kl": "KL"}
 
 
-def checkpoint_dtype(config) -> str:
-    """The precision the exported checkpoint will have, in the planner's names."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)  # config.json or object
-    quant = get("quantization_config") or {}
-    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The precision of the checkpoint on disk, in the planner's names (what an export will keep).
+
+    Read from the weight files, not the config: a model loaded for computation in fp32 still
+    exports in its stored precision.
+    """
+    import torch
+
+    from uspx.prune import weight_files
+
+    files = weight_files(model_dir)
+    if files.is_mxfp4():
         return "mxfp4"
-    name = str(get("dtype") or get("torch_dtype") or "float32")
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name.replace("torch.", ""), "bf16")
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(files.main_float_dtype(), "fp32")
 
 
 def extract(
@@ -114,7 +120,7 @@ def extract(
     stage("score")
 
     plan = select_experts(
-        table.method(method), budget=budget, keep=keep, config=Path(lm.source), dtype=checkpoint_dtype(lm.model.config),
+        table.method(method), budget=budget, keep=keep, config=Path(lm.source), dtype=checkpoint_dtype(lm.source),
         context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
         scores_fingerprint=sha256_json(table.meta), model_fingerprint=lm.fingerprint,
     )

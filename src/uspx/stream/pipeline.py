@@ -112,7 +112,7 @@ def extract_streaming(
         table = score_streaming(path, out / "trace", scores_dir, [method], workload=wl, dtype=dtype, progress=progress)
     stage("score")
 
-    precision = checkpoint_dtype(config)
+    precision = checkpoint_dtype(path)
     plan = select_experts(
         table.method(method), budget=budget, keep=keep, config=path, dtype=precision,
         context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=True,

@@ -173,14 +173,14 @@ def select_cmd(
     """Choose the kept experts under a memory budget (or a keep share) from a score table."""
     from uspx.extract import checkpoint_dtype
     from uspx.io import sha256_json
-    from uspx.models import load_model
+    from uspx.models import model_fingerprint
     from uspx.models.loading import resolve_model_path
     from uspx.plan import select_experts
     from uspx.score import DEFAULT_METHOD, load_scores
 
     table = load_scores(scores_dir)
     path = resolve_model_path(model)
-    fingerprint = load_model(path, with_tokenizer=False).fingerprint
+    fingerprint = model_fingerprint(path)  # from the files: no need to load a model that may not fit
     table.check(model=fingerprint)
     method = method or DEFAULT_METHOD
     plan_obj = select_experts(

@@ -91,3 +91,31 @@ def check_fingerprints(expected: dict[str, str], found: dict[str, str], what: st
                 f"{what}: {key} fingerprint {other[:12]} does not match the expected {value[:12]}; "
                 "the artifacts come from different models or workloads"
             )
+
+
+class Provenance:
+    """Mixin for artifacts whose record names the model and workload they came from.
+
+    Subclasses set ``record`` (a dict with ``model`` and ``workload`` entries holding a
+    ``fingerprint``) and ``path``.
+    """
+
+    record: dict
+    path: Path | None
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.record["model"]["fingerprint"]
+
+    @property
+    def workload_fingerprint(self) -> str:
+        return self.record["workload"]["fingerprint"]
+
+    def check(self, *, model: str | None = None, workload: str | None = None) -> None:
+        """Raise FingerprintMismatch if this artifact comes from another model or workload."""
+        expected, found = {}, {}
+        if model is not None:
+            expected["model"], found["model"] = model, self.model_fingerprint
+        if workload is not None:
+            expected["workload"], found["workload"] = workload, self.workload_fingerprint
+        check_fingerprints(expected, found, str(self.path or type(self).__name__))

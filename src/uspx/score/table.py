@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from uspx.io import UspxError, atomic_path, check_fingerprints, read_json, write_json
+from uspx.io import Provenance, UspxError, atomic_path, read_json, write_json
 
 FORMAT = "uspx-scores/1"
 PARQUET = "scores.parquet"
@@ -33,7 +33,7 @@ SCHEMA = pa.schema(
 )
 
 
-class ScoreTable:
+class ScoreTable(Provenance):
     """Scores of every (layer, expert) under one or more methods, with their provenance."""
 
     def __init__(self, table: pa.Table, meta: dict, path: Path | None = None):
@@ -46,24 +46,11 @@ class ScoreTable:
         return list(self.meta["methods"])
 
     @property
-    def model_fingerprint(self) -> str:
-        return self.meta["model"]["fingerprint"]
-
-    @property
-    def workload_fingerprint(self) -> str:
-        return self.meta["workload"]["fingerprint"]
+    def record(self) -> dict:
+        return self.meta
 
     def to_pandas(self):
         return self.table.to_pandas()
-
-    def check(self, *, model: str | None = None, workload: str | None = None) -> None:
-        """Raise FingerprintMismatch if these scores come from another model or workload."""
-        expected, found = {}, {}
-        if model is not None:
-            expected["model"], found["model"] = model, self.model_fingerprint
-        if workload is not None:
-            expected["workload"], found["workload"] = workload, self.workload_fingerprint
-        check_fingerprints(expected, found, str(self.path or "scores"))
 
     def method(self, method: str) -> pa.Table:
         if method not in self.methods:

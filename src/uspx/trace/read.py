@@ -8,11 +8,11 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uspx.io import UspxError, check_fingerprints, read_json
+from uspx.io import Provenance, UspxError, read_json
 from uspx.trace.run import FORMAT
 
 
-class Trace:
+class Trace(Provenance):
     """An on-disk trace. ``iter_batches`` streams; ``table`` loads (small traces only)."""
 
     def __init__(self, path: str | Path, *, require_complete: bool = True):
@@ -27,12 +27,8 @@ class Trace:
                 raise UspxError(f"{self.path / shard['file']}: shard listed in the manifest is missing")
 
     @property
-    def model_fingerprint(self) -> str:
-        return self.manifest["model"]["fingerprint"]
-
-    @property
-    def workload_fingerprint(self) -> str:
-        return self.manifest["workload"]["fingerprint"]
+    def record(self) -> dict:
+        return self.manifest
 
     @property
     def moe_layers(self) -> list[int]:
@@ -45,15 +41,6 @@ class Trace:
     @property
     def top_k(self) -> int:
         return self.manifest["model"]["top_k"]
-
-    def check(self, *, model: str | None = None, workload: str | None = None) -> None:
-        """Raise FingerprintMismatch if this trace was made from another model or workload."""
-        expected, found = {}, {}
-        if model is not None:
-            expected["model"], found["model"] = model, self.model_fingerprint
-        if workload is not None:
-            expected["workload"], found["workload"] = workload, self.workload_fingerprint
-        check_fingerprints(expected, found, str(self.path))
 
     def files(self) -> list[Path]:
         return [self.path / s["file"] for s in self.manifest["shards"]]

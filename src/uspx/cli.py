@@ -329,7 +329,7 @@ def superweights(
     apply_out: Optional[Path] = typer.Option(None, help="Where --apply-zero / --apply-restore write the model copy."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
-    """Routing-aware super-weight and super-expert detector (seed 004), with a validation checklist."""
+    """Routing-aware super-weight and super-expert detector for MoE experts, with a validation checklist."""
     from uspx.superweights import run_cli
 
     run_cli(model, workload, out, p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr,

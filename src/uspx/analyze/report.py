@@ -147,7 +147,7 @@ def _utilisation(u: dict, figs: Figures) -> str:
             f"<h3>Load balance per layer</h3><p class=note>CV and max/mean of expert counts, normalised entropy of the "
             f"usage distribution (1 = uniform); CIs by bootstrap over prompts.</p>"
             f"{table(brows, ['layer', 'cv', 'cv_ci', 'max_over_mean', 'max_over_mean_ci', 'entropy_norm', 'entropy_norm_ci'])}"
-            f"<h3>Position entropy (seed 004, 2.2)</h3>{ent}")
+            f"<h3>Position entropy</h3>{ent}")
 
 
 def _circuits(c: dict, figs: Figures) -> str:

@@ -240,5 +240,5 @@ def _acceptance(families: dict, eps: dict[str, float], memory: dict | None) -> d
         reasons.append(f"memory: weights {memory['weights_bytes']} + KV {memory['kv_bytes']} = {memory['total_bytes']} "
                        f"bytes {'<=' if ok else '>'} budget {memory['budget_bytes']}")
     verdict = "pass" if all(c["ok"] for c in checks) else "fail"
-    return {"verdict": verdict, "rule": "seed 000 section 10: delta loss per family <= epsilon_t, and memory "
+    return {"verdict": verdict, "rule": "acceptance: delta loss per family <= epsilon_t, and memory "
             "fit when a budget is given", "reasons": reasons, "checks": checks}

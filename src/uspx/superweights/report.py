@@ -138,7 +138,7 @@ def _bar(value: float, top: float, width: int = 30) -> str:
 def render_report(cat: dict) -> str:
     m, w, v = cat["model"], cat["workload"], cat["verdict"]
     lines = [
-        "# Super-weight report (uspx, seed 004)",
+        "# Super-weight report (uspx)",
         "",
         f"- model: {m['label']} ({m['family']}, {len(m['moe_layers'])} MoE layers, {m['num_experts']} experts, "
         f"top-{m['top_k']}, hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, attention sinks: {m['attention_sinks']})",
@@ -151,7 +151,7 @@ def render_report(cat: dict) -> str:
         "",
         f"**Verdict: {v['summary']}.**",
         "",
-        "## Validation checklist (seed 004 section 8)",
+        "## Validation checklist",
         "",
         "| item | status | detail |",
         "|---|---|---|",
@@ -181,7 +181,7 @@ def render_report(cat: dict) -> str:
     for r in cat["massive_activations"]:
         lines.append(f"| {r['layer']} | {r['max_abs']:.3g} | {r['median_abs']:.3g} | {r['ratio']:.1f} | {r.get('channel')} | "
                      f"{r.get('position')} | `{_bar(r['ratio'], top)}` |")
-    lines += ["", "## Routing statistics (seed 004 section 2)", "",
+    lines += ["", "## Routing statistics", "",
               "| layer | sum p_active | min / max p_active | H threshold | low-entropy positions | active experts | overflow |",
               "|---|---|---|---|---|---|---|"]
     for r in cat["routing"]:

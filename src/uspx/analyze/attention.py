@@ -9,6 +9,8 @@ the same token id get different primary experts, against two random tokens.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -17,18 +19,24 @@ from uspx.analyze.collect import Capture
 from uspx.analyze.stats import single_thread, wilson
 
 
-def fit_softmax_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0):
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_out: int, loss_fn, steps: int = 300,
+                     seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear probe on standardised ``x``, fitted with Adam on ``loss_fn(scores, y)``."""
     torch.manual_seed(seed)
     mean, std = x.mean(0), x.std(0) + 1e-5
-    lin = torch.nn.Linear(x.shape[1], n_classes)
+    lin = torch.nn.Linear(x.shape[1], n_out)
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
     xs = (x - mean) / std
     with torch.enable_grad(), single_thread():  # callers may run under no_grad; tiny ops
         for _ in range(steps):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(lin(xs), y).backward()
+            loss_fn(lin(xs), y).backward()
             opt.step()
-        return lambda z: lin((z - mean) / std)
+    return lambda z: lin((z - mean) / std)
+
+
+def fit_softmax_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0):
+    return fit_linear_probe(x, y, n_classes, torch.nn.functional.cross_entropy, steps, seed)
 
 
 def split_masks(cap: Capture) -> tuple[np.ndarray, np.ndarray]:

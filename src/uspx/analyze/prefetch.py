@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from uspx.analyze.blocks import Block
-from uspx.analyze.stats import single_thread, wilson
+from uspx.analyze.attention import fit_linear_probe
+from uspx.analyze.stats import wilson
 
 
 class AccessLog:
@@ -143,31 +144,11 @@ def set_metrics(pred: torch.Tensor, actual: torch.Tensor) -> dict:
 
 
 def fit_multilabel_probe(x: torch.Tensor, sets: torch.Tensor, n_experts: int, steps: int = 200,
-                         seed: int = 0) -> torch.nn.Module:
+                         seed: int = 0):
     """Linear probe x -> expert scores, trained with BCE against the top-k set (multi-label)."""
-    torch.manual_seed(seed)
     y = torch.zeros(x.shape[0], n_experts)
     y.scatter_(1, sets.long(), 1.0)
-    mean, std = x.mean(0), x.std(0) + 1e-5
-    lin = torch.nn.Linear(x.shape[1], n_experts)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
-    xs = (x - mean) / std
-    with torch.enable_grad(), single_thread():  # callers may run under no_grad; tiny ops
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(lin(xs), y)
-            loss.backward()
-            opt.step()
-        return _Standardised(lin, mean, std)
-
-
-class _Standardised(torch.nn.Module):
-    def __init__(self, lin: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.lin, self.mean, self.std = lin, mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin((x - self.mean) / self.std)
+    return fit_linear_probe(x, y, n_experts, torch.nn.functional.binary_cross_entropy_with_logits, steps, seed)
 
 
 @torch.no_grad()

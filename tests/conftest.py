@@ -32,6 +32,17 @@ def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they only contend."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt_oss_dir(tmp_path_factory) -> Path:
     return save_tiny("gpt_oss", tmp_path_factory.mktemp("tiny_gpt_oss"))

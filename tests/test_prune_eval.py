@@ -21,13 +21,7 @@ UNIFORM = {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}
 UNEVEN = {0: [0, 2, 4, 6, 7], 1: [1, 3]}  # top-k is 2 in the tiny configs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: extra threads only fight each other (20x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(n: int = 3, length: int = 20) -> list[torch.Tensor]:

@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from uspx.teacher import TEACHER_DIR, WORKLOADS_DIR
-from uspx.teacher.corpus import SPLITS, Doc, arith_document, arith_line, parse_arith_line, split_docs, split_of
+from uspx.teacher.corpus import (
+    SPLITS,
+    Doc,
+    arith_document,
+    arith_line,
+    parse_arith_line,
+    shell_script_docs,
+    split_docs,
+    split_of,
+    write,
+)
 from uspx.teacher.workloads import REQUIRED_FIELDS, SPLIT_VALUES, WORKLOADS
 
 FAMILIES = {"python", "shell", "prose", "arith"}
@@ -59,6 +69,61 @@ def test_arith_results_are_exact() -> None:
     assert arith_document(7) == arith_document(7)  # reproducible from its seed
     with pytest.raises(ValueError):
         parse_arith_line("1 + 1 = two")
+
+
+def test_shell_scripts_come_only_from_listed_package_files(tmp_path) -> None:
+    body = "echo hello\n" * 40
+    (tmp_path / "a.sh").write_text("#!/bin/sh\n" + body)
+    (tmp_path / "b").write_text("#!/usr/bin/env bash\n" + body)
+    (tmp_path / "c.py").write_text("#!/usr/bin/python3\n" + body)  # not a shell
+    (tmp_path / "tiny").write_text("#!/bin/sh\necho\n")  # below the minimum size
+    (tmp_path / "link").symlink_to(tmp_path / "a.sh")  # would duplicate a.sh
+    (tmp_path / "unlisted.sh").write_text("#!/bin/sh\n" + body)  # on disk, in no package
+    files = {"pkg": sorted(tmp_path / n for n in ("a.sh", "b", "c.py", "tiny", "link"))}
+    docs = shell_script_docs(files, roots=(str(tmp_path),))
+    assert sorted(d.source for d in docs) == [f"script:pkg:{tmp_path / 'a.sh'}", f"script:pkg:{tmp_path / 'b'}"]
+    assert shell_script_docs(files, roots=("/nowhere/",)) == []
+
+
+def test_training_resumes_bit_identically(tmp_path) -> None:
+    """A run paused and resumed from its checkpoint ends with the same weights as one that never stopped."""
+    from uspx.teacher import train
+
+    rng = random.Random(0)
+    docs = {
+        "python": "def f(x):\n    return x + 1\n\n" * 30,
+        "shell": "ls -la /tmp | grep foo && echo done\n" * 30,
+        "prose": "The quick brown fox jumps over the lazy dog. " * 30,
+        "arith": "\n".join(arith_line(rng) for _ in range(60)) + "\n",
+    }
+    corpus = tmp_path / "corpus"
+    write({s: [Doc(f, f"{s}:{f}", f"{s}\n" + t) for f, t in docs.items()] for s in SPLITS}, corpus)
+    common = ["--corpus", str(corpus), "--tokenizer", str(TEACHER_DIR), "--steps", "6", "--batch", "2",
+              "--seq-len", "32", "--warmup", "2", "--save-every", "100", "--eval-every", "2",
+              "--threads", "1", "--no-export"]
+    old = torch.get_num_threads()
+    try:
+        assert train.main([*common, "--work", str(tmp_path / "straight")]) == 0
+        assert train.main([*common, "--work", str(tmp_path / "paused"), "--pause-at", "3"]) == 3
+        assert json.loads((tmp_path / "paused" / "latest.json").read_text())["step"] == 3
+        assert train.main([*common, "--work", str(tmp_path / "paused")]) == 0
+    finally:
+        torch.set_num_threads(old)
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads((tmp_path / "paused" / "summary.json").read_text())
+    assert a["steps"] == b["steps"] == 6
+    assert a["weights_fp32_sha256"] == b["weights_fp32_sha256"]
+    assert a["final_valid"] == b["final_valid"]
+
+    def log(run: str) -> list[tuple]:
+        rows = [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["valid"]) for r in rows]
+
+    assert [r[0] for r in log("straight")] == [2, 4, 6]
+    assert log("paused") == log("straight")  # no step logged twice, same values
+    # and the weights did move: the digest is not that of the initial model
+    init = train.build_model(train.teacher_config(4096, 0), 0)
+    assert a["weights_fp32_sha256"] != train._weights_sha(init)
 
 
 # --------------------------------------------------------------------------- workloads

@@ -7,11 +7,12 @@ Families
     (``sysconfig.get_paths()["stdlib"]``; ``site-packages`` and the huge
     ``test`` packages are skipped).
 ``shell``
-    Debian man pages (sections 1-8 under ``/usr/share/man``, English only)
-    rendered to plain text with ``man -l`` (or ``groff -man -Tutf8``; a crude
-    troff-stripping fallback when neither exists), plus shell scripts found
-    on the system (files with a ``sh``/``bash``/``dash`` shebang in
-    ``/usr/bin``, ``/usr/sbin``, ``/etc`` ...).
+    Man pages (sections 1, 5, 7, 8) of a fixed list of Debian packages
+    (:data:`SHELL_PACKAGES`) rendered to plain text with ``man -l`` (or
+    ``groff -man -Tutf8``; a crude troff-stripping fallback when neither
+    exists), plus those packages' shell scripts (a ``sh``/``bash``/``dash``
+    shebang). Files come from ``dpkg-query -L``, never from a scan of the
+    disk, so other installed software cannot leak in.
 ``prose``
     English documentation: ``pydoc_data.topics.topics`` and the module /
     class / function docstrings of the standard library (read with ``ast``,
@@ -25,20 +26,22 @@ document lands in exactly one split and the split does not depend on the order
 in which files are found. Each family is capped (``--mb-per-family``) so that
 no family dominates and tokenizer training and teacher training stay fast.
 
-A fresh Debian/Ubuntu machine needs the man pages and a renderer::
+A fresh Debian machine needs the packages and a renderer (``--print-deps``
+prints the line)::
 
-    apt-get install -y man-db manpages groff-base
+    apt-get install -y man-db groff-base <SHELL_PACKAGES>
 
-(and a Python with its standard library source, which every CPython install has).
-If a family ends up empty the script stops with an error that names the
-missing package.
+and a Python with its standard library source (every CPython install has it).
+A missing package stops the build with an error that names it. The corpus is
+a pure function of the Python version and the package versions, both recorded
+in ``manifest.json`` with the SHA-256 of each split file.
 
 Usage::
 
     python -m uspx.teacher.corpus --out data/corpus
 
 writes ``data/corpus/{train,validation,test}.jsonl`` (one JSON object per line:
-``{"family", "source", "text"}``) and ``data/corpus/stats.json``.
+``{"family", "source", "text"}``), ``stats.json`` and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -233,7 +236,6 @@ def pydoc_topic_docs() -> list[Doc]:
 # --------------------------------------------------------------------------- shell
 
 
-MAN_ROOT = Path("/usr/share/man")
 _TROFF_REQ = re.compile(r"^\.[A-Za-z]{1,3}\b ?")
 _TROFF_ESC = re.compile(r"\\f[BIRP]|\\f\(..|\\\(..|\\[&|^%]|\\s[+-]?\d")
 
@@ -284,28 +286,72 @@ def render_man(path: Path) -> str | None:
     return _strip_troff(src)
 
 
-def _man_files() -> list[Path]:
-    out: list[Path] = []
-    for sec in range(1, 9):
-        d = MAN_ROOT / f"man{sec}"
-        if not d.is_dir():
+#: Debian packages whose man pages and shell scripts make the shell family.
+#: A fixed list, not "whatever is installed": installing an unrelated package
+#: (a browser, a cloud SDK with 20 MB of man pages) must not change the corpus.
+#: All are in Debian main; ``apt-get install`` of this list plus man-db and
+#: groff-base gives the same files on every machine of the same release.
+SHELL_PACKAGES: tuple[str, ...] = (
+    "apt", "bash", "bsdutils", "bzip2", "coreutils", "curl", "debianutils", "diffutils", "dpkg",
+    "e2fsprogs", "file", "findutils", "gettext-base", "git", "git-man", "gnupg", "gpg", "grep", "gzip",
+    "hostname", "init-system-helpers", "iproute2", "less", "libc-bin", "login", "make", "man-db",
+    "manpages", "mount", "ncurses-bin", "openssh-client", "passwd", "patch", "procps", "sed",
+    "sensible-utils", "tar", "tmux", "ucf", "util-linux", "wget", "xz-utils", "zstd",
+)
+#: Commands, file formats, overviews and administration; sections 2 and 3
+#: (the C library API) are not what a shell user reads.
+_MAN_PAGE = re.compile(r"^/usr/share/man/man[1578]/[^/]+$")
+#: Package files under /etc are conffiles a machine may have edited: skipped.
+_SCRIPT_ROOTS: tuple[str, ...] = ("/usr/", "/bin/", "/sbin/", "/lib/")
+
+
+def package_files(packages: Sequence[str] = SHELL_PACKAGES) -> dict[str, list[Path]]:
+    """Files each Debian package installed (``dpkg-query -L``), sorted.
+
+    Raises ``SystemExit`` naming every package that is not installed.
+    """
+    if not shutil.which("dpkg-query"):
+        raise SystemExit("error: dpkg-query not found: the shell family is built from Debian packages")
+    out: dict[str, list[Path]] = {}
+    missing: list[str] = []
+    for pkg in packages:
+        r = subprocess.run(["dpkg-query", "-L", pkg], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            missing.append(pkg)
             continue
-        for p in sorted(d.iterdir()):
-            # Symlinked pages duplicate their target.
-            if p.is_file() and not p.is_symlink() and p.stat().st_size > 300:
-                out.append(p)
+        out[pkg] = sorted(Path(line) for line in r.stdout.splitlines() if line.startswith("/"))
+    if missing:
+        raise SystemExit(f"error: Debian packages not installed: {' '.join(missing)}; run "
+                         f"`apt-get install -y {' '.join(missing)}`")
     return out
 
 
-def man_docs(max_bytes: int, workers: int = 2) -> list[Doc]:
-    """Render man pages, in hash order of their path, until ``max_bytes`` of text."""
-    files = sorted(_man_files(), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+def package_versions(packages: Sequence[str] = SHELL_PACKAGES) -> dict[str, str]:
+    """Installed version of each package, recorded so two corpora can be compared."""
+    r = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *packages],
+                       capture_output=True, text=True, check=False)
+    return dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+
+
+def _man_files(files: dict[str, list[Path]]) -> list[Path]:
+    out: set[Path] = set()
+    for paths in files.values():
+        for p in paths:
+            # Symlinked pages duplicate their target.
+            if _MAN_PAGE.match(str(p)) and p.is_file() and not p.is_symlink() and p.stat().st_size > 300:
+                out.add(p)
+    return sorted(out)
+
+
+def man_docs(files: dict[str, list[Path]], max_bytes: int, workers: int = 2) -> list[Doc]:
+    """Render the packages' man pages, in hash order of their name, until ``max_bytes`` of text."""
+    pages = sorted(_man_files(files), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
     out: list[Doc] = []
     total = 0
     batch = 64
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        for i in range(0, len(files), batch):
-            chunk = files[i:i + batch]
+        for i in range(0, len(pages), batch):
+            chunk = pages[i:i + batch]
             for p, txt in zip(chunk, ex.map(render_man, chunk)):
                 if not txt or len(txt) < MIN_DOC_CHARS:
                     continue
@@ -317,46 +363,31 @@ def man_docs(max_bytes: int, workers: int = 2) -> list[Doc]:
     return out
 
 
-SCRIPT_DIRS: tuple[str, ...] = ("/usr/bin", "/usr/sbin", "/bin", "/sbin", "/etc", "/usr/lib", "/usr/share")
 _SHEBANG = re.compile(rb"^#!\s*\S*/(?:env\s+)?(?:ba|da|k|z)?sh\b")
 
 
-def shell_script_docs(max_files: int = 20000) -> list[Doc]:
-    """Shell scripts on the system: files whose first line is a sh/bash shebang."""
+def shell_script_docs(files: dict[str, list[Path]], roots: Sequence[str] = _SCRIPT_ROOTS) -> list[Doc]:
+    """The packages' shell scripts under ``roots``: files whose first line is a sh/bash shebang."""
     out: list[Doc] = []
-    seen_inodes: set[tuple[int, int]] = set()
-    n = 0
-    for top in SCRIPT_DIRS:
-        if not os.path.isdir(top):
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if d not in {"python3", "python3.11", "site-packages", "doc", "man", "locale"})
-            for fn in sorted(filenames):
-                p = Path(dirpath) / fn
-                try:
-                    st = p.stat()
-                except OSError:
-                    continue
-                if not p.is_file() or st.st_size < MIN_DOC_CHARS or st.st_size > MAX_DOC_CHARS:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen_inodes:
-                    continue
-                seen_inodes.add(key)
-                try:
-                    with open(p, "rb") as f:
-                        head = f.read(64)
-                except OSError:
-                    continue
-                if not _SHEBANG.match(head):
-                    continue
-                t = _read_text(p)
-                if t is None:
-                    continue
-                out.append(Doc("shell", f"script:{p}", _clean(t)))
-                n += 1
-                if n >= max_files:
-                    return out
+    seen: set[Path] = set()
+    for pkg in sorted(files):
+        for p in files[pkg]:
+            if not str(p).startswith(tuple(roots)) or p in seen or p.is_symlink() or not p.is_file():
+                continue
+            seen.add(p)
+            size = p.stat().st_size
+            if size < MIN_DOC_CHARS or size > MAX_DOC_CHARS:
+                continue
+            try:
+                with open(p, "rb") as f:
+                    head = f.read(64)
+            except OSError:
+                continue
+            if not _SHEBANG.match(head):
+                continue
+            t = _read_text(p)
+            if t is not None:
+                out.append(Doc("shell", f"script:{pkg}:{p}", _clean(t)))
     return out
 
 
@@ -405,8 +436,8 @@ def arith_docs(max_bytes: int, seed: int = 0) -> list[Doc]:
 
 _MISSING_HINT = {
     "python": "the Python standard library sources were not found (a CPython install with its .py files is needed)",
-    "shell": "no man pages / shell scripts found: run `apt-get install -y man-db manpages groff-base` "
-             "(and make sure /etc/dpkg/dpkg.cfg.d/excludes does not drop /usr/share/man)",
+    "shell": "no man pages / shell scripts found: run `apt-get install -y man-db groff-base` plus "
+             "SHELL_PACKAGES (and make sure /etc/dpkg/dpkg.cfg.d/excludes does not drop /usr/share/man)",
     "prose": "no pydoc topics / docstrings found: the Python install lacks pydoc_data or its stdlib sources",
     "arith": "the arithmetic generator produced nothing (bug)",
 }
@@ -428,13 +459,14 @@ def build(mb_per_family: float = 4.0, seed: int = 0, workers: int = 2, log: bool
     # fill the rest of the budget with docstrings.
     prose = _cap(topics, cap)
     prose += _cap(docstring_docs(), cap - sum(len(d.text.encode()) for d in prose))
+    say(f"shell: scripts of {len(SHELL_PACKAGES)} Debian packages ...")
+    files = package_files()
+    # Scripts take up to a third of the shell budget (the "code" a shell user
+    # writes), man pages the rest (what they read).
+    scripts = _cap(shell_script_docs(files), cap // 3)
     say("shell: man pages ...")
-    # Man pages take two thirds of the shell budget, scripts a third: scripts
-    # are the "code" a shell user writes, man pages what they read.
-    man = _cap(man_docs(int(cap * 2 / 3), workers=workers), int(cap * 2 / 3))
-    say("shell: scripts ...")
-    scripts = _cap(shell_script_docs(), cap - sum(len(d.text.encode()) for d in man))
-    shell = man + scripts
+    man_cap = cap - sum(len(d.text.encode()) for d in scripts)
+    shell = _cap(man_docs(files, man_cap, workers=workers), man_cap) + scripts
     arith = _cap(arith_docs(int(cap * 0.5), seed=seed), cap)  # arith is repetitive: half a budget is plenty
 
     fams = {"python": py, "shell": shell, "prose": prose, "arith": arith}
@@ -479,7 +511,23 @@ def write(splits: dict[str, list[Doc]], out_dir: Path) -> dict[str, dict[str, di
     tmp = out_dir / "stats.json.tmp"
     tmp.write_text(json.dumps(st, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "stats.json")
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest(out_dir), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "manifest.json")
     return st
+
+
+def manifest(out_dir: Path) -> dict[str, object]:
+    """What the corpus was built from, and the SHA-256 of each split file.
+
+    Two builds are the same corpus exactly when their ``sha256`` entries match;
+    when they do not, ``python`` and ``packages`` say which source moved.
+    """
+    return {
+        "python": sys.version.split()[0],
+        "packages": package_versions(),
+        "sha256": {f"{s}.jsonl": hashlib.sha256((out_dir / f"{s}.jsonl").read_bytes()).hexdigest() for s in SPLITS},
+    }
 
 
 def read_split(corpus_dir: Path, split: str) -> list[dict[str, str]]:
@@ -508,7 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mb-per-family", type=float, default=4.0, help="cap per family, in MB of UTF-8 text")
     ap.add_argument("--seed", type=int, default=0, help="seed of the arithmetic generator")
     ap.add_argument("--workers", type=int, default=2, help="parallel man renderers")
+    ap.add_argument("--print-deps", action="store_true", help="print the apt-get command that installs the sources")
     a = ap.parse_args(argv)
+    if a.print_deps:
+        print("apt-get install -y man-db groff-base " + " ".join(SHELL_PACKAGES))
+        return 0
     splits = build(a.mb_per_family, a.seed, a.workers)
     st = write(splits, a.out)
     print_stats(st)

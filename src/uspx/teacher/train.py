@@ -46,7 +46,7 @@ SEQ_LEN = 256
 # --------------------------------------------------------------------------- config
 
 
-def teacher_config(vocab_size: int, eos_id: int, aux_coef: float = 0.02) -> "transformers.GptOssConfig":  # noqa: F821
+def teacher_config(vocab_size: int, eos_id: int, aux_coef: float = 0.005) -> "transformers.GptOssConfig":  # noqa: F821
     """The teacher's architecture: gpt_oss, 6 layers, 16 experts, top-4, ~10M params."""
     from transformers import GptOssConfig
 
@@ -188,16 +188,11 @@ def evaluate(model: torch.nn.Module, windows: dict[str, torch.Tensor], bs: int =
     return res
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, time_frac: float = 0.0) -> float:
-    """Linear warmup, cosine decay to 10% of peak.
-
-    ``time_frac`` (share of the wall-time budget spent) can push the decay
-    ahead of the step count, so that a run on a slow or shared CPU still
-    anneals before its time budget ends instead of stopping at a high lr.
-    """
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, cosine decay to 10% of peak; a function of the step alone."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    p = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -288,27 +283,51 @@ def export(model: torch.nn.Module, tokenizer_dir: Path, out: Path, max_mb: float
 # --------------------------------------------------------------------------- main
 
 
+def _corpus_sha(corpus: Path) -> dict[str, str] | None:
+    m = corpus / "manifest.json"
+    return json.loads(m.read_text()).get("sha256") if m.exists() else None
+
+
+def _weights_sha(model: torch.nn.Module) -> str:
+    """SHA-256 over the fp32 weights in name order: equal iff two runs trained bit-identically."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines past the resume point, so that replayed steps are not logged twice."""
+    if not log.exists():
+        return
+    keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the uspx gpt_oss teacher.")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer"))
     ap.add_argument("--work", type=Path, default=Path("runs/teacher"))
     ap.add_argument("--out", type=Path, default=Path("src/uspx/data/teacher"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
-    ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--aux-coef", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--max-minutes", type=float, default=45.0,
-                    help="stop (checkpoint + export) once this much wall time has been spent in total")
-    ap.add_argument("--time-schedule", action="store_true",
-                    help="decay the lr by max(step share, wall-time share): finishes the cosine within "
-                         "--max-minutes on a contended CPU, at the price of step-exact reproducibility")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="pause (checkpoint, no export) after this many minutes of this invocation; "
+                         "rerun the same command to resume. 0: no limit")
+    ap.add_argument("--pause-at", type=int, default=0,
+                    help="pause (checkpoint, no export) after this step; rerun without it to resume")
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps, then exit")
     ap.add_argument("--no-export", action="store_true")
     a = ap.parse_args(argv)
@@ -329,21 +348,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
     a.work.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(a.work, model, opt) or {"step": 0, "elapsed_s": 0.0, "history": []}
+    recipe = {
+        "corpus_sha256": _corpus_sha(a.corpus),
+        "tokenizer_sha256": hashlib.sha256((a.tokenizer / "tokenizer.json").read_bytes()).hexdigest(),
+        **{k: getattr(a, k) for k in ("steps", "batch", "seq_len", "lr", "warmup", "aux_coef", "seed")},
+    }
+    state = load_checkpoint(a.work, model, opt) or {"step": 0, "elapsed_s": 0.0, "history": [], "recipe": recipe}
+    changed = sorted(k for k in recipe if state.get("recipe", {}).get(k) != recipe[k])
+    if changed:
+        raise SystemExit(f"error: {a.work} holds a run with a different {', '.join(changed)}; "
+                         "resuming would mix two recipes: use another --work folder or delete this one")
     if state["step"]:
         print(f"resumed at step {state['step']} ({state['elapsed_s'] / 60:.1f} min spent)", flush=True)
     log_path = a.work / "train_log.jsonl"
-    t_prev = time.time()
+    _truncate_log(log_path, state["step"])
+    t_prev = t_start = time.time()
     model.train()
     bar = tqdm(total=a.steps, initial=state["step"], desc="teacher", mininterval=5, file=sys.stdout)
     step = state["step"]
-    ema = None
+    ema = state.get("train_loss_ema")
     while step < a.steps:
         # Per-step generator: the batch at step s is the same whether or not we resumed.
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
         x, _ = sample_batch(train, a.batch, a.seq_len, gen)
-        time_frac = state["elapsed_s"] / (a.max_minutes * 60) if a.time_schedule else 0.0
-        lr = lr_at(step, a.steps, a.lr, a.warmup, time_frac)
+        lr = lr_at(step, a.steps, a.lr, a.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         loss, aux = lm_loss(model, x, True)
@@ -356,13 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         now = time.time()
         state["elapsed_s"] += now - t_prev
         t_prev = now
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        loss_f, aux_f = float(loss.detach()), float(aux.detach())
+        ema = loss_f if ema is None else 0.98 * ema + 0.02 * loss_f
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{float(aux):.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux_f:.3f}", lr=f"{lr:.1e}")
         if a.bench and step - state.get("bench_from", 0) >= a.bench:
             print(f"bench: {state['elapsed_s'] / step:.3f} s/step (batch {a.batch} x {a.seq_len})")
             return 0
-        rec = {"step": step, "loss": float(loss), "aux": float(aux), "lr": lr, "gnorm": gnorm, "elapsed_s": state["elapsed_s"]}
+        rec = {"step": step, "loss": loss_f, "aux": aux_f, "lr": lr, "gnorm": gnorm, "elapsed_s": state["elapsed_s"]}
         if step % a.eval_every == 0 or step == a.steps:
             rec["valid"] = evaluate(model, valid)
             print(f"\nstep {step} valid {json.dumps({k: round(v, 3) for k, v in rec['valid'].items()})}", flush=True)
@@ -371,15 +400,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f.write(json.dumps(rec) + "\n")
         if "valid" in rec:
             state["history"].append({"step": step, "valid": rec["valid"], "train_ema": ema})
-        out_of_time = state["elapsed_s"] > a.max_minutes * 60
+        out_of_time = bool(a.max_minutes) and time.time() - t_start > a.max_minutes * 60
+        out_of_time = out_of_time or step == a.pause_at
         if step % a.save_every == 0 or step == a.steps or out_of_time:
             state["step"] = step
             state["args"] = {k: str(v) for k, v in vars(a).items()}
             state["train_loss_ema"] = ema
             save_checkpoint(a.work, step, model, opt, state)
         if out_of_time:
-            print(f"\ntime budget reached at step {step}", flush=True)
-            break
+            bar.close()
+            print(f"\npaused at step {step}: rerun the same command to resume", flush=True)
+            return 3
     bar.close()
     state["step"] = step
     if "valid" not in (state["history"][-1] if state["history"] else {}) or state["history"][-1]["step"] != step:
@@ -389,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": step, "batch": a.batch, "seq_len": a.seq_len, "tokens_seen": step * a.batch * a.seq_len,
         "wall_minutes": state["elapsed_s"] / 60, "params": n_params(model), "final_valid": state["history"][-1]["valid"],
         "final_train_loss_ema": ema, "aux_coef": a.aux_coef, "lr": a.lr, "seed": a.seed,
-        "threads": a.threads, "time_schedule": a.time_schedule, "history": state["history"],
+        "threads": a.threads, "warmup": a.warmup, "corpus_sha256": recipe["corpus_sha256"],
+        "tokenizer_sha256": recipe["tokenizer_sha256"], "weights_fp32_sha256": _weights_sha(model), "history": state["history"],
     }
     tmp = a.work / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))

@@ -29,12 +29,13 @@ no family dominates and tokenizer training and teacher training stay fast.
 A fresh Debian machine needs the packages and a renderer (``--print-deps``
 prints the line)::
 
-    apt-get install -y man-db groff-base <SHELL_PACKAGES>
+    apt-get install -y groff-base <SHELL_PACKAGES>
 
 and a Python with its standard library source (every CPython install has it).
 A missing package stops the build with an error that names it. The corpus is
-a pure function of the Python version and the package versions, both recorded
-in ``manifest.json`` with the SHA-256 of each split file.
+a function of the Python install and the package versions (recorded in
+``manifest.json`` with the SHA-256 of each split file) and of nothing else
+on the machine.
 
 Usage::
 
@@ -298,6 +299,8 @@ SHELL_PACKAGES: tuple[str, ...] = (
     "manpages", "mount", "ncurses-bin", "openssh-client", "passwd", "patch", "procps", "sed",
     "sensible-utils", "tar", "tmux", "ucf", "util-linux", "wget", "xz-utils", "zstd",
 )
+#: Not read, but they render the man pages: their versions are recorded too.
+RENDER_PACKAGES: tuple[str, ...] = ("groff-base",)
 #: Commands, file formats, overviews and administration; sections 2 and 3
 #: (the C library API) are not what a shell user reads.
 _MAN_PAGE = re.compile(r"^/usr/share/man/man[1578]/[^/]+$")
@@ -326,7 +329,7 @@ def package_files(packages: Sequence[str] = SHELL_PACKAGES) -> dict[str, list[Pa
     return out
 
 
-def package_versions(packages: Sequence[str] = SHELL_PACKAGES) -> dict[str, str]:
+def package_versions(packages: Sequence[str] = SHELL_PACKAGES + RENDER_PACKAGES) -> dict[str, str]:
     """Installed version of each package, recorded so two corpora can be compared."""
     r = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *packages],
                        capture_output=True, text=True, check=False)
@@ -559,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--print-deps", action="store_true", help="print the apt-get command that installs the sources")
     a = ap.parse_args(argv)
     if a.print_deps:
-        print("apt-get install -y man-db groff-base " + " ".join(SHELL_PACKAGES))
+        print("apt-get install -y " + " ".join(sorted(set(SHELL_PACKAGES + RENDER_PACKAGES))))
         return 0
     splits = build(a.mb_per_family, a.seed, a.workers)
     st = write(splits, a.out)

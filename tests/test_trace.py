@@ -140,6 +140,21 @@ def test_resume_after_sigkill_gives_identical_trace(tmp_path, tiny_gpt_oss_dir):
     assert not list((tmp_path / "killed").glob(".*tmp"))  # no leftovers of interrupted writes
 
 
+def test_resume_removes_temp_files_of_a_killed_write(tmp_path, tiny_gpt_oss_dir):
+    # A kill during atomic_path leaves ".<name>.<random>.tmp" beside the target; the resume cleans it.
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS[:3])
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)
+    before = Trace(tmp_path / "t").table()
+    stale = [tmp_path / "t" / ".manifest.json.x1y2.tmp", tmp_path / "t" / ".shard-000001.parquet.q9.tmp"]
+    for f in stale:
+        f.write_text("half")
+    keep = tmp_path / "t" / "notes.tmp"  # not ours: no leading dot
+    keep.write_text("user file")
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)
+    assert not any(f.exists() for f in stale) and keep.exists()
+    assert Trace(tmp_path / "t").table().equals(before)
+
+
 def test_refuses_folder_of_another_model_or_foreign_files(tmp_path, tiny_gpt_oss_dir):
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS[:3])
     trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)

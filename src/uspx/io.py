@@ -41,6 +41,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that :func:`atomic_path` left in ``folder`` when a run was killed.
+
+    Call it only when resuming a folder that no other process writes to.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

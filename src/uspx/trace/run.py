@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 import uspx
-from uspx.io import UspxError, atomic_path, read_json, write_json
+from uspx.io import UspxError, atomic_path, read_json, remove_stale_temps, write_json
 from uspx.models import LoadedModel, adapter_for, load_model
 from uspx.progress import progress_bar
 from uspx.trace.capture import RoutingRecorder
@@ -140,6 +140,7 @@ def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict
                 )
         if old["options"] != options:
             raise UspxError(f"{out} holds a trace made with other options {old['options']}; use another folder")
+        remove_stale_temps(out)  # a killed run's half-written shard or manifest
         return old
     if out.exists() and any(out.iterdir()):
         raise UspxError(f"{out} exists and is not a trace folder; refusing to write into it")

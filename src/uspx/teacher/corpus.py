@@ -64,6 +64,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from uspx.io import write_text
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 FAMILIES: tuple[str, ...] = ("python", "shell", "prose", "arith")
 
@@ -514,9 +516,7 @@ def write(splits: dict[str, list[Doc]], out_dir: Path) -> dict[str, dict[str, di
     tmp = out_dir / "stats.json.tmp"
     tmp.write_text(json.dumps(st, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "stats.json")
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest(out_dir), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "manifest.json")
+    write_text(out_dir / "manifest.json", json.dumps(manifest(out_dir), indent=2) + "\n")
     return st
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.io import write_text
 from uspx.teacher.corpus import FAMILIES, read_split
 
 SEQ_LEN = 256
@@ -302,9 +303,7 @@ def _truncate_log(log: Path, step: int) -> None:
     if not log.exists():
         return
     keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, log)
+    write_text(log, "".join(line + "\n" for line in keep))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -213,7 +213,7 @@ class Bench:
         (items as the unit): ``compare`` run with A in the teacher's seat."""
         from uspx.evaluate.metrics import Runner, compare, summarise
         from uspx.models import adapter_for
-        from uspx.trace.run import pad_id_of
+        from uspx.engine.batches import pad_id_of
         from uspx.workload import encode
 
         path = self.out / "paired" / user / f"{kept_hash(kept_a)}_{kept_hash(kept_b)}.json"

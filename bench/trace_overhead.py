@@ -23,7 +23,7 @@ import torch
 
 from uspx.models import adapter_for, load_model
 from uspx.trace import RoutingRecorder, trace
-from uspx.trace.run import batches, pad_id_of
+from uspx.engine.batches import pad_id_of, padded
 from uspx.workload import encode, load_workload
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     wl = load_workload(args.workload)
     wl.items = wl.items[: args.items]
     items = encode(wl, lm.tokenizer, args.max_length)
-    groups = batches(items, args.batch_size, pad_id_of(lm.tokenizer))
+    groups = padded(items, args.batch_size, pad_id_of(lm.tokenizer))
     n_tokens = sum(len(e.input_ids) for e in items)
 
     def plain() -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from uspx.io import UspxError
 from uspx.models import ADAPTERS, adapter_for
+from uspx.prune import export
 from uspx.testing import TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(ADAPTERS)
@@ -158,10 +159,9 @@ def test_restrict_equals_pruned_reloaded(family, tmp_path):
     assert torch.equal(again, full)
     assert (restricted - full).abs().max() > 1e-4
 
-    pruned = adapter.prune(kept)
-    pruned.save_pretrained(tmp_path)
-    assert list(tmp_path.glob("*.safetensors"))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.save_pretrained(tmp_path / "src")
+    export(tmp_path / "src", kept, tmp_path / "out")  # sliced on disk, verified before it is written
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert adapter_for(reloaded).num_experts == adapter.num_experts // 2
     with torch.no_grad():
         small = reloaded(ids).logits
@@ -177,7 +177,7 @@ def test_deepseek_restriction_never_routes_banned_when_groups_run_short():
         _, _, routed = _run(model, adapter, _ids())
     assert routed[1][0].sort(dim=-1)[0].unique(dim=0).tolist() == [[0, 4]]
     with pytest.raises(UspxError, match="n_group"):
-        adapter.prune({1: [0, 1, 4]})  # 3 kept experts cannot form 2 equal groups
+        adapter.pruned_config(3)  # 3 kept experts cannot form 2 equal groups
 
 
 # ----- expert outputs ---------------------------------------------------------------------------
@@ -231,7 +231,9 @@ def test_expert_outputs_match_hand_reference(family):
 
 # ----- sizes ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bytes_add_up_and_pruning_removes_exactly_the_experts(family):
+def test_bytes_add_up_and_pruning_removes_exactly_the_experts(family, tmp_path):
+    from uspx.prune import weight_files
+
     model = _model(family)
     adapter = adapter_for(model)
     total = _state_bytes(model)
@@ -239,10 +241,10 @@ def test_bytes_add_up_and_pruning_removes_exactly_the_experts(family):
     assert sum(per[l.index] * l.num_experts for l in adapter.layers) + adapter.other_bytes() == total
     assert adapter.total_bytes() == total
     kept = _half(adapter, seed=3)
-    pruned = adapter.prune(kept)
+    model.save_pretrained(tmp_path / "src")
+    export(tmp_path / "src", kept, tmp_path / "out")
     removed = sum(per[l.index] * (l.num_experts - len(kept[l.index])) for l in adapter.layers)
-    assert _state_bytes(pruned) == total - removed
-    assert adapter_for(pruned).other_bytes() == adapter.other_bytes()
+    assert weight_files(tmp_path / "out").tensor_bytes == weight_files(tmp_path / "src").tensor_bytes - removed
 
 
 # ----- errors -----------------------------------------------------------------------------------
@@ -263,12 +265,13 @@ def test_validate_kept_errors(family):
         adapter.restrict({99: list(range(k))})
 
 
-def test_prune_refuses_missing_layers_and_uneven_counts():
-    adapter = adapter_for(_model("mixtral"))
+def test_prune_refuses_missing_layers_and_uneven_counts(tmp_path):
+    _model("mixtral").save_pretrained(tmp_path / "src")
     with pytest.raises(UspxError, match="no entry"):
-        adapter.prune({0: [0, 1, 2, 3]})
-    with pytest.raises(UspxError, match="same expert count"):
-        adapter.prune({0: [0, 1, 2, 3], 1: [0, 1, 2]})
+        export(tmp_path / "src", {0: [0, 1, 2, 3]}, tmp_path / "a")
+    with pytest.raises(UspxError, match="non-uniform"):
+        export(tmp_path / "src", {0: [0, 1, 2, 3], 1: [0, 1, 2]}, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_unsupported_architecture():
@@ -283,3 +286,20 @@ def test_unsupported_architecture():
     assert "llama" in msg
     for family in FAMILIES:
         assert family in msg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_count_params_from_the_config_matches_the_built_model(family):
+    """Each family's own parameter formula (config only) against the tensors transformers builds."""
+    from uspx.models import adapter_class
+    from uspx.testing import tiny_config
+
+    model = _model(family)
+    p = adapter_class(model.config.model_type).count_params(tiny_config(family))
+    state = dict(model.named_parameters())
+    # deepseek's e_score_correction_bias is a buffer but ships in the checkpoint, pruned with its expert
+    state.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert p.total_params == sum(t.numel() for t in state.values())
+    assert p.expert_params == sum(t.numel() for n, t in state.items() if ".experts." in n)
+    assert list(p.moe_layers) == MOE_LAYERS[family]
+    assert p.num_experts == adapter_for(model).num_experts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -14,7 +15,7 @@ from uspx.plan import memory as mem
 from uspx.plan import select as sel
 from uspx.plan.select import Item
 
-# gpt-oss-20b as DESIGN.md section 4 describes it (the fields a released config.json sets).
+# gpt-oss-20b: the fields of the released config.json that size it (no quantization_config).
 GPT_OSS_20B = dict(
     model_type="gpt_oss", hidden_size=2880, num_hidden_layers=24, num_local_experts=32,
     num_experts_per_tok=4, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
@@ -37,7 +38,7 @@ def test_gpt_oss_20b_public_figures():
     assert p.expert.total == 2880 * 5760 + 5760 + 2880 * 2880 + 2880 == 24_891_840
     mx = mem.estimate(p, "mxfp4", context=0)
     assert close(mx.weights_bytes / mem.GIB, 12.8)
-    assert close(mx.expert_bytes / 1e6, 13.2)  # DESIGN.md: one expert about 13.2 MB in MXFP4
+    assert close(mx.expert_bytes / 1e6, 13.2)  # one expert about 13.2 MB in MXFP4
     assert close(mem.estimate(p, "bf16", context=0).weights_bytes / mem.GIB, 39.0)
     assert close(mx.active_params, 3.61e9)  # the public "3.6B active"
     # 8 KV heads * 64 * 2 (K, V) * 2 bytes = 2 KiB per token per layer
@@ -112,6 +113,71 @@ def test_unsupported_family_is_named():
         mem.count_params({"model_type": "llama", "hidden_size": 8})
     with pytest.raises(UspxError, match="model_type"):
         mem.count_params({"hidden_size": 8})
+
+
+def test_parameter_formulas_are_the_adapters(monkeypatch):
+    """The planner holds no family facts: its counts come from the family's adapter class."""
+    import inspect
+
+    from uspx.models import adapter_class
+    from uspx.testing import tiny_config
+
+    source = inspect.getsource(mem)
+    for field in ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank",
+                  "ffn_config", "mamba_", "decoder_sparse_step", "attention_bias", "qkv_bias",
+                  "shared_expert", "layers_block_type", "hidden_size"):
+        assert field not in source, field
+    for family in _tiny_families():
+        cfg = tiny_config(family)
+        assert mem.count_params(cfg).total_params == adapter_class(family).count_params(cfg).total_params
+    # a changed family formula changes the plan: nothing in the planner shadows it
+    cls = adapter_class("mixtral")
+    real = cls.count_params
+    monkeypatch.setattr(cls, "count_params", classmethod(
+        lambda c, cfg: dataclasses.replace(real(cfg), num_experts=3)))
+    assert mem.count_params(tiny_config("mixtral")).num_experts == 3
+
+
+def test_config_only_gpt_oss_20b_is_planned_at_its_stored_mxfp4(tmp_path):
+    """The released config says quant_method mxfp4: with no dtype given, plan MXFP4 experts."""
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+    from uspx.models.synthetic import GPT_OSS_20B_CONFIG
+
+    assert mem.declared_dtype(GPT_OSS_20B_CONFIG) == "mxfp4"
+    assert mem.count_params(GPT_OSS_20B_CONFIG).stored_dtype == "mxfp4"
+    fit = mem.fit_experts(GPT_OSS_20B_CONFIG, "8GiB", context=4096)
+    assert fit.experts_per_layer == 15 and fit.estimate.dtype == "mxfp4"
+    assert mem.estimate(GPT_OSS_20B_CONFIG).weights_bytes == mem.estimate(GPT_OSS_20B, "mxfp4").weights_bytes
+    # an explicit dtype still wins (bf16 experts: only 4 fit)
+    assert mem.fit_experts(GPT_OSS_20B_CONFIG, "8GiB", context=4096, dtype="bf16").experts_per_layer == 4
+
+    folder = tmp_path / "gpt-oss-20b"  # a config, no weights
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(GPT_OSS_20B_CONFIG))
+    res = CliRunner().invoke(app, ["plan", str(folder), "--budget", "8GiB", "--context", "4096",
+                                   "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["experts_per_layer_fit"] == 15 and out["settings"]["dtype"] == "mxfp4"
+    assert "15 of 32" in res.output.replace("\n", " ")
+    res = CliRunner().invoke(app, ["plan", str(folder), "--budget", "8GiB", "--dtype", "bf16",
+                                   "-o", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text())["experts_per_layer_fit"] == 4
+
+
+def test_declared_dtypes():
+    assert mem.declared_dtype({"model_type": "mixtral", "torch_dtype": "bfloat16"}) == "bf16"
+    assert mem.declared_dtype({"model_type": "mixtral", "dtype": "float32"}) == "fp32"
+    assert mem.declared_dtype({"model_type": "mixtral"}) is None
+    assert mem.estimate(GPT_OSS_20B, context=0).dtype == "bf16"  # declares nothing: bf16
+    as_fp32 = mem.estimate({**GPT_OSS_20B, "dtype": "float32"}, context=0)
+    assert as_fp32.dtype == "fp32" and as_fp32.weights_bytes == mem.estimate(GPT_OSS_20B, "fp32", context=0).weights_bytes
+    fp8 = {**GPT_OSS_20B, "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(UspxError, match="'fp8'"):
+        mem.fit_experts(fp8, "8GiB")
+    assert mem.fit_experts(fp8, "8GiB", dtype="mxfp4").experts_per_layer == 15
 
 
 def test_parse_size():

@@ -132,16 +132,44 @@ def test_bf16_source_stays_bf16(tmp_path):
 
 
 def test_failed_export_leaves_nothing(src, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    import uspx.prune.slicing as slicing
 
-    def broken_save(self, path, *a, **k):
-        (Path(path) / "model.safetensors").write_bytes(b"half")
+    def broken_write(path, *a, **k):
+        Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    monkeypatch.setattr(slicing, "write_safetensors", broken_write)
     with pytest.raises(OSError, match="disk full"):
         export(src, UNIFORM, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
+
+
+def test_failed_verification_fails_and_keeps_the_users_folder(src, tmp_path, monkeypatch):
+    """A wrong byte in a kept expert fails the export; an occupied -o is refused, nothing deleted."""
+    import uspx.prune.slicing as slicing
+
+    real = slicing.write_safetensors
+
+    def corrupting(path, specs, produce, *a, **k):
+        def bad(spec):
+            for chunk in produce(spec):
+                if spec.name.endswith("experts.down_proj"):
+                    chunk = chunk.clone()
+                    chunk.view(-1)[0] += 1.0
+                yield chunk
+        return real(path, specs, bad, *a, **k)
+
+    monkeypatch.setattr(slicing, "write_safetensors", corrupting)
+    with pytest.raises(UspxError, match="verification failed"):
+        export(src, UNIFORM, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(slicing, "write_safetensors", real)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UspxError, match="refusing to overwrite"):
+        export(src, UNIFORM, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
 
 
 def test_occupied_folder_is_refused_and_same_export_is_up_to_date(src, tmp_path):

@@ -1,4 +1,4 @@
-"""Super-weight detector (seed 004) against planted truth, on tiny gpt_oss and mixtral models.
+"""Super-weight detector against planted truth, on tiny gpt_oss and mixtral models.
 
 The planted model: in layer 0, expert E0 is routed by every token (its router row reads a channel
 that every embedding carries), its intermediate channel R0 reads the same channel (so it is large
@@ -152,6 +152,27 @@ def test_router_bias_pushes_tokens_to_expert(family):
     with dp.router_biased(adapter, layer, 1, 100.0):
         assert share(1) == 1.0
     assert share(1) == before  # restored
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_down_weight_dtype_comes_from_the_adapter_layer(family):
+    """apply rounds a catalogued value to W_down's stored dtype, asked through uspx.models."""
+    import importlib
+    import inspect
+
+    model = tiny_model(family, dtype=torch.bfloat16)
+    adapter = adapter_for(model)
+    for layer in adapter.layers:
+        assert dp.down_weight_dtype(adapter, layer) == torch.bfloat16
+    # the tensor layout stays inside uspx.models: apply names no expert tensor itself
+    source = inspect.getsource(importlib.import_module("uspx.superweights.apply"))
+    assert ".experts." not in source and "down_proj." not in source
+
+
+def test_down_weight_dtype_refuses_unsupported_layouts():
+    adapter = adapter_for(tiny_model("dbrx"))
+    with pytest.raises(UspxError, match="dbrx"):
+        dp.down_weight_dtype(adapter, adapter.layers[0])
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])

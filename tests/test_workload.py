@@ -13,6 +13,20 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_workload(p)
 
 
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "w.jsonl"
+    # line 3 holds a Latin-1 "é" (byte 0xe9), not UTF-8; earlier lines hold valid multi-byte UTF-8
+    p.write_bytes('{"prompt": "caf\u00e9"}\n{"prompt": "b"}\n'.encode() + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UspxError, match=r"w\.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        load_workload(p)
+
+    (tmp_path / "docs" / "code").mkdir(parents=True)
+    (tmp_path / "docs" / "code" / "good.py").write_text("print('\u00e9')\n")
+    (tmp_path / "docs" / "code" / "bad.txt").write_bytes(b"line one\nline \xff two\n")
+    with pytest.raises(UspxError, match=r"bad\.txt:2: not valid UTF-8 \(byte 0xff at column 6\)"):
+        load_workload(tmp_path / "docs")
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

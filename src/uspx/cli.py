@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,8 @@ MODEL_ARG = typer.Argument("default", help="Local model folder, or 'default' for
 WORKLOAD_ARG = typer.Argument(
     "python_dev", help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed)."
 )
+STREAMING = typer.Option(False, "--streaming", help="Run a decoder layer at a time from the safetensors files, never loading the whole model (models larger than memory; `uspx plan --streaming` predicts the peak).")
+COMPUTE_DTYPE = typer.Option("bf16", "--compute-dtype", help="With --streaming: bf16, fp16 or fp32 (fp32 doubles a layer's memory).")
 REMOTE = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
 
 
@@ -55,9 +56,9 @@ def trace(
     max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default: the model's context, at most 2048)."),
     logits: bool = typer.Option(False, "--logits", help="Also record full router logits."),
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
-    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss: run layer by layer from the safetensors files, never loading the whole model (see `uspx plan --streaming`)."),
-    reconstruction: bool = typer.Option(False, "--reconstruction", help="With --streaming: also compute the reconstruction score's sums in the same pass."),
-    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32 (fp32 doubles the layer's memory)."),
+    reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
+    streaming: bool = STREAMING,
+    compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Record, for every real token and MoE layer, the experts chosen and their weights."""
@@ -83,15 +84,15 @@ def plan(
     model: str = MODEL_ARG,
     budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 8GiB: prints how many experts per layer fit."),
     context: int = typer.Option(4096, help="Context length in tokens for the KV cache."),
-    dtype: str = typer.Option("bf16", help="Weights precision: fp32, bf16, fp16, int8, int4, mxfp4 (experts at 4.25 bits, rest bf16)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights precision: fp32, bf16, fp16, int8, int4, mxfp4 (experts at 4.25 bits, rest bf16). Default: the checkpoint's, read from its weights, or from the config's quantization_config / dtype when the folder holds only a config."),
     kv_dtype: str = typer.Option("bf16", help="KV cache precision: fp32, bf16, fp16, fp8, int8, int4."),
     batch: int = typer.Option(1, help="Sequences held in the KV cache at once."),
     experts_per_layer: Optional[int] = typer.Option(None, help="Size the model with this many experts per layer."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the breakdown as JSON."),
-    streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a streaming (layer-by-layer) trace / score / extract instead."),
+    streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a layer-by-layer trace / score / extract instead (any family)."),
     tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
     seq_len: int = typer.Option(512, help="With --streaming: longest sequence, in tokens."),
-    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32."),
+    compute_dtype: str = COMPUTE_DTYPE,
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts that fit."""
     from uspx.io import write_json
@@ -99,9 +100,13 @@ def plan(
     from uspx.plan import estimate, fit_experts
 
     path = resolve_model_path(model)
+    if dtype is None and not streaming and any(path.glob("*.safetensors")):
+        from uspx.extract import checkpoint_dtype
+
+        dtype = checkpoint_dtype(path)  # as the weights are stored; with no weights, None: the config's
     result: dict = {}
     if streaming:
-        from uspx.stream.plan import print_streaming_plan
+        from uspx.plan.streaming import print_streaming_plan
 
         result = print_streaming_plan(path, tokens, seq_len=seq_len, dtype=compute_dtype)
     elif budget is not None:
@@ -131,28 +136,24 @@ def score(
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
     workload: str = WORKLOAD_ARG,
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
     batch_size: int = typer.Option(8),
-    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss larger than memory: local methods only (frequency, reap, ean, reconstruction), layer by layer; needs a --streaming trace."),
-    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32 for a reconstruction pass."),
+    streaming: bool = STREAMING,
+    compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
     from uspx.score import METHODS
     from uspx.score import score as run_score
+    from uspx.score.api import default_methods
 
-    if streaming:
-        from uspx.stream.score import score_streaming
-
-        table = score_streaming(model, trace_dir, out, _csv(methods), workload=workload, split=split,
-                                bootstrap=bootstrap, dtype=compute_dtype)
-        console.print(f"{len(table.methods)} methods scored by streaming ({', '.join(table.methods)}); written to {out}")
-        return
-    table = run_score(model, trace_dir, workload, out, methods=_csv(methods) or METHODS, split=split,
-                      max_tokens=max_tokens, bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    chosen = _csv(methods) or (default_methods(trace_dir) if streaming else METHODS)
+    table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
+                      bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                      streaming=streaming, dtype=compute_dtype)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -201,36 +202,18 @@ def prune(
     plan_file: Path = typer.Argument(..., help="Plan file made by `uspx select`."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the pruned checkpoint."),
     mask_only: bool = typer.Option(False, "--mask-only", help="Keep all shapes; disable dropped experts in the router instead."),
+    streaming: bool = typer.Option(False, "--streaming", help="Verify the export layer by layer instead of loading the original and the export whole."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
-    """Export the model pruned to the plan's experts; reloads it with stock transformers to verify.
+    """Export the model pruned to the plan's experts, sliced on disk in its stored precision (MXFP4
+    stays MXFP4); the export is reloaded and compared with the restricted original before it is
+    put in place, and a failed check writes nothing."""
+    from uspx.prune import export
 
-    An MXFP4 checkpoint (gpt-oss) is pruned on disk by slicing its blocks and scales, and verified
-    layer by layer, so it stays MXFP4 and never has to fit in memory.
-    """
-    from uspx.models.loading import resolve_model_path
-    from uspx.plan import load_plan
-    from uspx.prune import export, weight_files
-
-    src = resolve_model_path(model)
-    if weight_files(src).is_mxfp4():
-        from uspx.stream.prune import prune_mxfp4_checkpoint
-        from uspx.stream.verify import verify_pruned
-
-        if mask_only:
-            raise UspxError("--mask-only is not available for MXFP4 checkpoints; prune physically")
-        kept = load_plan(plan_file).kept_set()
-        prune_mxfp4_checkpoint(src, kept, out)
-        check = verify_pruned(src, out, kept, [list(range(1, 65))], progress=True)
-        console.print(f"MXFP4 export written to {out}; max |logit diff| vs the restricted original "
-                      f"{check['max_abs_logit_diff']:.2e}; expert bytes identical: {check['expert_tensors_identical']}")
-        if not check["max_abs_logit_diff"] <= 1e-4 or not check["expert_tensors_identical"]:
-            shutil.rmtree(out, ignore_errors=True)  # never leave an unverified export behind
-            raise UspxError(f"{src}: verification of the MXFP4 export failed, nothing written: {check}")
-        return
-    rec = export(model, plan_file, out, physical=not mask_only, trust_remote_code=trust_remote_code)
+    rec = export(model, plan_file, out, physical=not mask_only, streaming=streaming, trust_remote_code=trust_remote_code)
     size = rec["size"]
-    console.print(f"{rec['status']}: {out}; max |logit diff| after reload {rec['verification']['max_abs_logit_diff']:.2e}; "
+    console.print(f"{rec['status']}: {out} ({rec['dtype']}); max |logit diff| after reload "
+                  f"{rec['verification']['max_abs_logit_diff']:.2e} ({rec['verification']['reloaded_with']}); "
                   f"{size['actual_bytes']} bytes of tensors (predicted {size.get('predicted_bytes')})")
 
 
@@ -248,6 +231,8 @@ def eval_cmd(
     max_length: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill/decode speed measurement."),
+    streaming: bool = STREAMING,
+    compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
@@ -256,7 +241,8 @@ def eval_cmd(
 
     res = evaluate(teacher, None if plan_file else candidate, workload, split=split, kept=plan_file,
                    max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
-                   context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code)
+                   context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
+                   streaming=streaming, dtype=compute_dtype)
     for fam, row in res["families"].items():
         console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
     console.print(f"verdict: [bold]{res['acceptance']['verdict']}[/]")
@@ -279,8 +265,8 @@ def extract(
     max_tokens: Optional[int] = typer.Option(None, help="Subsample calibration tokens for model-based scores."),
     batch_size: int = typer.Option(8),
     no_speed: bool = typer.Option(False, "--no-speed"),
-    streaming: bool = typer.Option(False, "--streaming", help="gpt_oss larger than memory: every stage layer by layer from the safetensors files; MXFP4 stays MXFP4."),
-    compute_dtype: str = typer.Option("bf16", help="With --streaming: bf16 or fp32."),
+    streaming: bool = STREAMING,
+    compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""

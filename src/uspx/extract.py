@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from uspx.io import UspxError, read_json, sha256_json, write_json
-from uspx.models import LoadedModel, load_model
+from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import Workload, load_workload
 
@@ -66,83 +66,95 @@ def extract(
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
-    ``streaming`` (gpt_oss checkpoints) never loads the whole model: every stage runs layer by layer
-    from the safetensors files in ``dtype`` with the local score methods, and an MXFP4 checkpoint is
-    pruned on disk to an MXFP4 one (``uspx.stream.pipeline``; ``batch_size``, ``max_tokens``,
-    ``non-uniform`` and ``speed`` do not apply there).
+    ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
+    safetensors files, computing in ``dtype``, with the local score methods; the export slices the
+    files in their stored precision either way (MXFP4 stays MXFP4).
     """
-    if streaming:
-        from uspx.stream.pipeline import extract_streaming
-
-        if isinstance(model, LoadedModel):
-            raise UspxError("streaming extraction reads the model folder layer by layer; pass its path")
-        if not uniform:
-            raise UspxError("streaming extraction exports uniform plans only (gpt_oss configs hold one expert count)")
-        return extract_streaming(model, workload, out_dir, budget=budget, keep=keep, context=context,
-                                 kv_dtype=kv_dtype, method=method, max_length=max_length, dtype=dtype,
-                                 epsilon=epsilon, progress=progress)
+    from uspx.engine import compute_dtype, open_source
     from uspx.evaluate import evaluate
-    from uspx.plan import select_experts
+    from uspx.plan import parse_size, select_experts
+    from uspx.plan.select import parse_keep
     from uspx.prune import export
     from uspx.score import DEFAULT_METHOD, load_scores, score
+    from uspx.score.api import LOCAL_METHODS, METHODS
     from uspx.trace import trace
 
+    # every argument is checked before any work: a typo must not cost a trace
     if (budget is None) == (keep is None):
         raise UspxError("give exactly one of --budget (e.g. 8GiB) or --keep (e.g. 50%)")
     method = method or DEFAULT_METHOD
-    out = Path(out_dir)
-    started = time.perf_counter()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    if method not in METHODS:
+        raise UspxError(f"unknown score method {method!r}; choose from {', '.join(METHODS)}")
+    if streaming and method not in LOCAL_METHODS:
+        raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
+                        f"{', '.join(LOCAL_METHODS)}")
+    if budget is not None:
+        parse_size(budget)
+    compute_dtype(dtype)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     if not wl.part("calibration").items or not wl.part("heldout").items:
         raise UspxError(f"{wl.source}: needs both calibration and held-out items (split {wl.summary.splits})")
+    if keep is not None:
+        from uspx.models import adapter_class
+        from uspx.models.loading import resolve_model_path
+        from uspx.plan.memory import load_config
+
+        cfg = load_config(Path(model.source if isinstance(model, LoadedModel) else resolve_model_path(model)))
+        parse_keep(keep, adapter_class(cfg.model_type).config_num_experts(cfg))
+    opened = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
+    out = Path(out_dir)
+    started = time.perf_counter()
     seconds: dict[str, float] = {}
 
     def stage(name: str) -> None:
         seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
         console.print(f"[green]done[/] {name} ({seconds[name]:.1f} s)")
 
-    console.rule(f"uspx extract: {lm.label} for {wl.source}")
-    trace(lm, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
-          norms=method in NORM_METHODS, progress=progress)
+    console.rule(f"uspx extract{' (layer by layer)' if streaming else ''}: {opened.label} for {wl.source}")
+    # the reconstruction sums come out of the tracing pass itself: no second pass over the model
+    trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
+          norms=method in NORM_METHODS, reconstruction=method == "reconstruction", progress=progress)
     stage("trace")
 
     scores_dir = out / "scores"
     table = None
     if (scores_dir / "scores.json").exists():
         table = load_scores(scores_dir)
-        table.check(model=lm.fingerprint, workload=wl.fingerprint)
+        table.check(model=opened.fingerprint, workload=wl.fingerprint)
         if method not in table.methods:
             table = None
     if table is None:
-        table = score(lm, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
+        table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
                       batch_size=batch_size, progress=progress)
     stage("score")
 
     plan = select_experts(
-        table.method(method), budget=budget, keep=keep, config=Path(lm.source), dtype=checkpoint_dtype(lm.source),
+        table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
         context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
-        scores_fingerprint=sha256_json(table.meta), model_fingerprint=lm.fingerprint,
+        scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
     )
     plan.save(out / "plan.json")
     console.print(plan)
     stage("select")
 
-    record = export(lm, out / "plan.json", out / "model", trust_remote_code=trust_remote_code)
+    record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
+                    streaming=streaming, trust_remote_code=trust_remote_code)
     stage("prune + verify + export")
 
-    evaluation = evaluate(lm, out / "model", wl, split="heldout", max_length=max_length, batch_size=batch_size,
+    teacher = opened.loaded() if not streaming else opened.path
+    evaluation = evaluate(teacher, out / "model", wl, split="heldout", max_length=max_length, batch_size=batch_size,
                           epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
-                          speed=speed, out=out / "evaluation.json", progress=progress)
+                          speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
+                          streaming=streaming, dtype=dtype)
     stage("evaluate")
 
     report = dict(
-        model=dict(source=lm.source, label=lm.label, fingerprint=lm.fingerprint),
+        model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
-        method=method, budget=budget, keep=keep, context=context,
+        method=method, budget=budget, keep=keep, context=context, streaming=streaming,
         kept={str(k): v for k, v in plan.kept.items()},
         counts={str(k): len(v) for k, v in plan.kept.items()},
-        size=dict(record["size"], plan_bytes=plan.predicted_bytes),
+        size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
         verification=record["verification"],
         quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
         acceptance=evaluation["acceptance"],

@@ -125,14 +125,28 @@ def load_workload(
     return Workload(str(path), items, summary, heldout_fraction)
 
 
+def _not_utf8(path: Path, data: bytes, offset: int, first_line: int = 1) -> UspxError:
+    """The error for ``data`` (read from ``path`` from line ``first_line`` on) whose byte at ``offset``
+    is not UTF-8: it names the file, the line and the column (1-based, in bytes)."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    lineno = first_line + data.count(b"\n", 0, offset)
+    return UspxError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{data[offset]:02x} at column "
+                     f"{offset - line_start + 1}); save the file as UTF-8")
+
+
 def _read_jsonl(path: Path, summary: WorkloadSummary) -> Iterable[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    # Bytes, decoded line by line, so an invalid byte is reported at its own line.
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             summary.lines += 1
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, raw, exc.start, lineno) from None
             if not line.strip():
                 summary.skipped_empty += 1
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -149,10 +163,11 @@ def _read_folder(path: Path, summary: WorkloadSummary) -> Iterable[tuple[str, di
         summary.lines += 1
         rel = f.relative_to(path)
         family = rel.parts[0] if len(rel.parts) > 1 else "default"
+        data = f.read_bytes()
         try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UspxError(f"{f}: not UTF-8 text") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(f, data, exc.start) from None
         yield str(f), {"text": text, "family": family, "id": str(rel)}
 
 

@@ -1,5 +1,5 @@
-"""Routing introspection (issue 5): every analysis of seed 003, corrected, with the number of tokens
-behind each figure, a confidence interval, and a causal check where the seed only counted.
+"""Routing introspection: each analysis reports the number of tokens behind each figure, a
+confidence interval, and a causal check where counting alone would be ambiguous.
 
 ``analyze(trace_dir, out_dir, model=None, workload=None, only=None)`` streams the trace once for
 the trace-only sections and runs the model for the others; it writes ``report.html`` (one
@@ -162,7 +162,7 @@ def _model_sections(trace, model, workload, sections, report, max_items, gen_pro
     from uspx.analyze.dynamics import dynamics
     from uspx.analyze.similarity import similarity
     from uspx.models import LoadedModel, adapter_for, load_model
-    from uspx.trace.run import pad_id_of
+    from uspx.engine.batches import pad_id_of
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     trace.check(model=lm.fingerprint)  # numbers from another model's trace would mean nothing

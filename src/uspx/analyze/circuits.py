@@ -1,10 +1,10 @@
 """Section 2, circuits: co-activation within a layer, transitions between adjacent layers, and
 full-path signatures, all counted over every token of every prompt in one streaming pass.
 
-Fixes of the MLX routing tool behind seed 003: a pair's co-activation frequency is divided by the
-number of tokens routed in THAT layer (the seed divided by the layer count); paths are counted over
-all prompts (the seed kept the last prompt only); the "primary" expert of a layer is the one with the
-highest routing weight (the seed read the first slot of an unordered argpartition).
+Counting rules: a pair's co-activation frequency is divided by the number of tokens routed in THAT
+layer (not by the layer count); paths are counted over all prompts (not the last prompt only); the
+"primary" expert of a layer is the one with the highest routing weight (not the first slot of an
+unordered argpartition).
 """
 
 from __future__ import annotations

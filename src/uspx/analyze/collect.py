@@ -11,7 +11,7 @@ from torch import nn
 
 from uspx.models.base import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
-from uspx.trace.run import batches, pad_id_of
+from uspx.engine.batches import pad_id_of, padded
 from uspx.workload import EncodedItem, encode, load_workload
 
 
@@ -35,7 +35,7 @@ class Losses:
 def heldout_losses(model: nn.Module, items: list[EncodedItem], pad_id: int, batch_size: int = 8) -> Losses:
     """Next-token loss on each item's completion tokens (all tokens for items without a completion)."""
     nll, count, preds = [], [], []
-    for group, ids, mask in batches(items, batch_size, pad_id):
+    for group, ids, mask in padded(items, batch_size, pad_id):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:]
@@ -92,7 +92,7 @@ def capture(lm, adapter: MoEAdapter, items: list[EncodedItem], batch_size: int =
     rows: dict[str, list] = {k: [] for k in ("sample", "split", "token", "in", "attn", "ids", "w")}
     try:
         with RoutingRecorder(adapter) as rec:
-            for group, ids, mask in batches(items, batch_size, pad_id_of(lm.tokenizer)):
+            for group, ids, mask in padded(items, batch_size, pad_id_of(lm.tokenizer)):
                 rec.clear()
                 lm.model(input_ids=ids, attention_mask=mask)
                 real = mask.reshape(-1).bool()

@@ -5,7 +5,7 @@ Mechanism: a forward hook on every router, prepended so that every later hook se
 the router's raw logits and re-routes them with the family's own rule (``adapter.route``) at the
 smaller k (for gpt_oss: top-k on logits, softmax over the kept k, so weights renormalise). The same
 hook at full k must reproduce the unablated loss exactly: an independent check that the hook path is
-the model's own routing. Output length (the seed's "quality") is not a quality measure and is not used.
+the model's own routing. Output length is not a quality measure and is not used as one.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def _circuits(c: dict, figs: Figures) -> str:
             for i, v in enumerate(tr["top1_predictability"])]
     pa = c["paths"]
     return (f"<h2>2. Circuits</h2><p>Over all {c['tokens']} tokens of all prompts. Co-activation P(i and j in one "
-            f"token's top-k) is divided by the tokens routed in that layer (the seed divided by the layer count); "
+            f"token's top-k) is divided by the tokens routed in that layer (not by the layer count); "
             f"lift = P(i,j) / (P(i) P(j)); its interval is the Wilson interval of P(i,j) over the product of marginals.</p>"
             f"{heat}{table(ca['top_by_lift'], ['layer', 'a', 'b', 'count', 'p', 'lift', 'lift_lo', 'lift_hi'], 12)}"
             f"<h3>Transitions between adjacent layers</h3><p>P(j at l+1 | i at l) for the highest-weight expert "

@@ -1,5 +1,5 @@
 """Section 1, utilisation: p_active per (layer, expert), cold experts with statistical power,
-per-family usage, position entropy (seed 004 section 2.2) and load balance.
+per-family usage, position entropy and load balance.
 
 "Cold" needs evidence: an expert is cold only when the UPPER 95% bound of its p_active lies below
 the threshold. Zero hits in 79 tokens has a Wilson upper bound of 4.6%, so against a 1% threshold it
@@ -113,7 +113,7 @@ def _count_classes(cls: np.ndarray) -> dict[str, int]:
 
 
 def _position_entropy(pos_hits: np.ndarray, pos_tokens: np.ndarray, k: int) -> dict:
-    """H^(l)(pos) of seed 004 2.2: entropy of the empirical expert-selection frequencies at a position.
+    """H^(l)(pos): entropy of the empirical expert-selection frequencies at a position.
 
     p_hat(e) = hits / (k * tokens at pos), so it sums to 1 over experts. The plug-in estimate is
     biased low when few tokens sit at a position, so the token count is reported beside it.

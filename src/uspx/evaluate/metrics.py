@@ -79,6 +79,24 @@ def compare(teacher: Runner, candidate: Runner, items: Sequence[EncodedItem], ba
     return stats
 
 
+def compare_layerwise(teacher, candidate, items: Sequence[EncodedItem], pad_id: int = 0,
+                      progress: bool = False, candidate_kept: dict | None = None) -> ItemStats:
+    """``compare`` for models run a layer at a time (engine weight sources): each model runs once over
+    the items; losses and top-1 agreement as ``compare`` gives them. KL would need both models' full
+    distributions at once, which a layer-at-a-time run does not hold: it is left out (NaN)."""
+    from uspx.engine import run
+    from uspx.engine.observers import TokenLoss
+
+    n = len(items)
+    batches = make_batches(items, 8, pad_id, max_tokens=2048)
+    t, c = TokenLoss(n, argmax=True), TokenLoss(n, argmax=True)
+    run(teacher, batches, [t], progress=progress, label="teacher loss")
+    with (candidate.adapter.restrict(candidate_kept) if candidate_kept else contextlib.nullcontext()):
+        run(candidate, batches, [c], progress=progress, label="candidate loss")
+    agree = np.array([0.0 if a is None else float((a == b).sum()) for a, b in zip(t.argmax, c.argmax)])
+    return ItemStats(t.sum_loss, c.sum_loss, agree, np.full(n, np.nan), t.n_tokens)
+
+
 def summarise(stats: ItemStats, index: np.ndarray) -> dict:
     """Token-weighted means over the items in ``index``, with a 95% interval for the loss delta.
 
@@ -105,5 +123,5 @@ def summarise(stats: ItemStats, index: np.ndarray) -> dict:
         "delta_ci95": [float(delta - 1.96 * se), float(delta + 1.96 * se)] if math.isfinite(se) else None,
         "perplexity_ratio": float(math.exp(delta)),
         "top1_agreement": float(stats.agree[index].sum() / total),
-        "kl": float(stats.kl[index].sum() / total),
+        "kl": float(stats.kl[index].sum() / total) if np.isfinite(stats.kl[index]).all() else None,
     }

@@ -1,4 +1,4 @@
-"""``uspx eval``: does the candidate keep the user's quality? (seed 000 section 10)
+"""``uspx eval``: does the candidate keep the user's quality?
 
 Per task family on held-out items: loss on completion tokens and its delta to the teacher, perplexity
 ratio, top-1 agreement, KL(teacher || candidate); size; prefill and decode speed of both models in
@@ -18,13 +18,13 @@ import torch
 
 import uspx
 from uspx.evaluate import speed as speed_mod
-from uspx.evaluate.metrics import Runner, compare, summarise
+from uspx.evaluate.metrics import Runner, compare, compare_layerwise, summarise
 from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
 from uspx.models import LoadedModel, adapter_for, load_model
 from uspx.prune.export import RECORD
 from uspx.prune.files import check_config, weight_files
 from uspx.prune.kept import KeptLike, resolve_kept
-from uspx.trace.run import pad_id_of
+from uspx.engine.batches import pad_id_of
 from uspx.workload import Workload, encode, load_workload
 
 FORMAT = "uspx-eval/1"
@@ -49,6 +49,8 @@ def evaluate(
     out: str | Path | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
+    streaming: bool = False,
+    dtype: str = "bf16",
 ) -> dict:
     """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split``; returns (and writes to
     ``out``, a folder or a .json path) the evaluation.
@@ -57,10 +59,11 @@ def evaluate(
     file) it is restricted to those experts first, and ``candidate=None`` means the teacher itself.
     ``epsilon`` is the largest acceptable loss delta (nats per token), one for every family or one per
     family (key ``"*"`` for the rest). ``memory_budget`` adds the memory-fit rule: candidate weights
-    plus the KV cache for ``context`` tokens must fit.
+    plus the KV cache for ``context`` tokens must fit. ``streaming`` runs both models a decoder layer
+    at a time from their files (computing in ``dtype``; no KL and no speed then).
     """
-    t = _load(teacher, trust_remote_code)
-    c = t if candidate is None else _load(candidate, trust_remote_code)
+    t = _load(teacher, trust_remote_code, streaming, dtype)
+    c = t if candidate is None else _load(candidate, trust_remote_code, streaming, dtype)
     if t.tokenizer is None:
         raise UspxError(f"{t.source}: no tokenizer files; uspx needs one to read a text workload")
     _check_same_vocabulary(t, c)
@@ -79,7 +82,12 @@ def evaluate(
 
     t_run = Runner(t.model)
     c_run = Runner(c.model, (lambda: adapter_for(c.model).restrict(ks.kept)) if ks else contextlib.nullcontext)
-    stats = compare(t_run, c_run, items, batch_size, pad_id_of(t.tokenizer), progress)
+    if streaming:
+        speed = False  # a layer-at-a-time run says nothing about how fast the model generates
+        stats = compare_layerwise(_layer_source(t, dtype), _layer_source(c, dtype, ks), items, pad_id_of(t.tokenizer),
+                                  progress, ks.kept if ks else None)
+    else:
+        stats = compare(t_run, c_run, items, batch_size, pad_id_of(t.tokenizer), progress)
     fam = np.array([e.family for e in items])
     families = {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families}
 
@@ -97,7 +105,8 @@ def evaluate(
         },
         "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
                      "families": part.families, "truncated": part.summary.truncated},
-        "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": "float32",
+        "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": dtype if streaming else "float32",
+                     "streaming": streaming,
                      "epsilon": eps, "context": context, "kv_dtype": kv_dtype,
                      "loss": "token-weighted mean next-token cross-entropy on completion tokens (nats), "
                              "as uspx.score.loss defines it"},
@@ -118,21 +127,37 @@ def evaluate(
 
 
 # ----- inputs ------------------------------------------------------------------------------------
-def _load(model: str | Path | LoadedModel, trust_remote_code: bool) -> LoadedModel:
-    """fp32 for both sides: loss deltas of a bf16 export then measure pruning, not rounding."""
+def _load(model: str | Path | LoadedModel, trust_remote_code: bool, streaming: bool = False,
+          dtype: str = "bf16") -> LoadedModel:
+    """fp32 for both sides: loss deltas of a bf16 export then measure pruning, not rounding.
+    ``streaming``: the model's skeleton only (no weights); the engine reads them a layer at a time."""
     if isinstance(model, LoadedModel):
+        if streaming:
+            raise UspxError("a layer-by-layer evaluation reads the model folder; pass its path, not a loaded model")
         return model
     from uspx.models.loading import resolve_model_path
 
     path = resolve_model_path(model)
     check_config(path)
     weight_files(path)  # truncated / corrupt weight files fail here, named
+    if streaming:
+        from uspx.engine import open_source
+
+        opened = open_source(path, streaming=True, dtype=dtype)
+        return LoadedModel(opened.source.model, opened.tokenizer, opened.path, opened.fingerprint, opened.label)
     try:
         return load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except UspxError:
         raise
     except Exception as exc:
         raise UspxError(f"{path}: cannot load the model: {exc}") from None
+
+
+def _layer_source(lm: LoadedModel, dtype: str, ks=None):
+    """A layer-by-layer source over ``lm``'s folder (only the kept experts decoded when restricted)."""
+    from uspx.engine import FromCheckpoint, compute_dtype
+
+    return FromCheckpoint(lm.source, compute_dtype(dtype), experts=ks.kept if ks else None)
 
 
 def _check_same_vocabulary(t: LoadedModel, c: LoadedModel) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from uspx.io import UspxError
+
+if TYPE_CHECKING:
+    from uspx.models.params import ModelParams
 
 KeptSet = Mapping[int, Sequence[int]]
 """Kept experts: MoE layer index (the decoder layer index) -> expert ids to keep."""
@@ -68,9 +71,12 @@ class MoEAdapter:
     router_attr: ClassVar[str] = "gate"
     router_expert_params: ClassVar[tuple[str, ...]] = ("weight",)  # router tensors with dim 0 = expert
     router_returns_tuple: ClassVar[bool] = True
-    pad_mechanism: ClassVar[str | None] = None  # how pad_to_uniform makes filler experts unroutable
+    pad_mechanism: ClassVar[str | None] = None  # how an export's filler experts are made unroutable
     top_k_field: ClassVar[str] = "num_experts_per_tok"  # dotted path inside the config
     layer_pattern: ClassVar[str] = r"layers\.(\d+)\."  # decoder layer index in a module path
+    decoder_layers_attr: ClassVar[str] = "layers"  # the decoder layers' ModuleList in the base model
+    final_norm_attr: ClassVar[str] = "norm"  # the norm before the LM head, in the base model
+    logits_divisor_field: ClassVar[str | None] = None  # config field the LM head's logits are divided by
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -113,6 +119,57 @@ class MoEAdapter:
     def top_k(self) -> int:
         return int(_get_field(self.config, self.top_k_field))
 
+    # ----- parameter counts (config only, no model) ------------------------------------------
+    @classmethod
+    def count_params(cls, cfg: object) -> "ModelParams":
+        """Parameter counts of the model a transformers config describes, without building it.
+
+        Each family writes its formula from its own config fields (``uspx.models.params`` holds
+        the shared parts and the result types); the memory planner reaches it only through here.
+        """
+        raise UspxError(f"{cls.family or cls.__name__}: no parameter formula for this family's config")
+
+    @classmethod
+    def config_num_experts(cls, cfg: object) -> int:
+        """Routed experts per MoE layer, as the config says (``expert_count_field``)."""
+        return int(_get_field(cfg, cls.expert_count_field))
+
+    # ----- running the model a layer at a time ---------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return getattr(model.base_model, self.decoder_layers_attr)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return getattr(model.base_model, self.final_norm_attr)
+
+    def head_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the causal-LM forward computes from the last decoder layer's output."""
+        logits = model.get_output_embeddings()(self.final_norm(model)(hidden))
+        if self.logits_divisor_field is not None:
+            logits = logits / float(_get_field(self.config, self.logits_divisor_field))
+        return logits
+
+    @classmethod
+    def check_streamable(cls, config: Mapping, path: object) -> None:
+        """Refuse, with the reason, a checkpoint that cannot be run a decoder layer at a time."""
+
+    @classmethod
+    def decoded_name(cls, name: str) -> str:
+        """The checkpoint name a stored tensor has once decoded (quantized tensors: its parameter)."""
+        return name
+
+    @classmethod
+    def read_tensors(cls, ckpt, names: Sequence[str], dtype: torch.dtype,
+                     experts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors ``names`` as the model class loads them (quantized ones decoded to
+        ``dtype``; with ``experts``, only those experts need be decoded)."""
+        return {n: ckpt.get(n) for n in names}
+
+    @classmethod
+    def filler_value(cls, param: str) -> float:
+        """Every value of parameter ``param``'s rows for a never-routed filler expert (families with
+        a ``pad_mechanism``); weights are zero, so nothing of a dropped expert stays in the file."""
+        return 0.0
+
     # ----- routing ---------------------------------------------------------------------------
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's routing: raw router logits [N, E] -> (topk_weights [N, k], topk_index [N, k])."""
@@ -127,7 +184,7 @@ class MoEAdapter:
         return logits.masked_fill(banned.to(logits.device), float("-inf"))
 
     def restrict(self, kept: KeptSet) -> Restriction:
-        """Route only among ``kept`` experts, shapes unchanged (seed 000 section 7).
+        """Route only among ``kept`` experts, shapes unchanged: the mask-only restriction a pruned export must reproduce.
 
         The hook is prepended so that transformers' own output recorders (registered lazily) and
         uspx's tracer see the restricted routing, not the original one.
@@ -145,8 +202,14 @@ class MoEAdapter:
         return Restriction(handles)
 
     def _restrict_hook(self, layer: MoELayer, banned: torch.Tensor) -> Callable:
+        return self.reroute_hook(layer, lambda: banned)
+
+    def reroute_hook(self, layer: MoELayer, banned: Callable[[], torch.Tensor]) -> Callable:
+        """A router forward hook that routes again without the experts ``banned()`` names: [E] for
+        every token, or [N, E] per token (read at each call, so a caller can change it)."""
+
         def hook(module: nn.Module, args: tuple, output: object) -> object:
-            logits = self.masked_logits(layer, self.router_logits(output), banned)
+            logits = self.masked_logits(layer, self.router_logits(output), banned())
             if not self.router_returns_tuple:
                 return logits
             weights, index = self.route(layer, logits)
@@ -226,58 +289,10 @@ class MoEAdapter:
 
     # ----- physical pruning ------------------------------------------------------------------
     def pruned_config(self, n_kept: int):
+        """The config of this model with ``n_kept`` experts per MoE layer (a pruned export's)."""
         cfg = copy.deepcopy(self.config)
         _set_field(cfg, self.expert_count_field, n_kept)
         return cfg
-
-    def prune(self, kept: KeptSet) -> nn.Module:
-        """A new, physically smaller model keeping ``kept`` experts (same count in every layer).
-
-        Slices dim 0 of every router and expert tensor, rebuilds the model from the new config and
-        loads the sliced state dict strictly, so nothing is silently left at its initial value.
-        """
-        self.validate_kept(kept)
-        counts = {len(v) for v in kept.values()}
-        if len(counts) != 1:
-            raise UspxError(
-                f"physical pruning needs the same expert count in every layer (stock configs hold one "
-                f"count); got counts {sorted(counts)}. Use restrict(), or pad the layers."
-            )
-        n_kept = counts.pop()
-        state = self.model.state_dict()
-        for layer in self._layers:
-            ids = torch.tensor(sorted(int(e) for e in kept[layer.index]))
-            for name in self._sliced_state_names(layer):
-                state[name] = self._slice(layer, name, state[name], ids)
-        new_model = type(self.model)(self.pruned_config(n_kept))
-        new_model.to(dtype=next(self.model.parameters()).dtype)
-        new_model.load_state_dict(state, strict=True)
-        new_model.eval()
-        return new_model
-
-    def pad_to_uniform(self, kept: KeptSet, width: int | None = None) -> tuple[nn.Module, dict[int, list[int]]]:
-        """A pruned model holding ``width`` (default max(len(kept[l]))) experts in every layer.
-
-        Layers that keep fewer experts are filled with dead experts that the router can never pick,
-        so the model computes exactly what ``restrict(kept)`` computes while the config holds one
-        count (``width`` = num_experts gives a same-shape restricted model that needs no uspx to load).
-        Returns the model and, per layer, the original ids used as dead fillers. Only families
-        whose router adds a per-expert bias to the logits can do this exactly; they override it.
-        """
-        raise UspxError(
-            f"{self.family}: non-uniform kept sets cannot be exported (the router has no per-expert bias "
-            "to disable padded experts); export a uniform kept set, or use restrict()"
-        )
-
-    def _sliced_state_names(self, layer: MoELayer) -> list[str]:
-        names = [f"{layer.name}.experts.{n}" for n in self.expert_tensors(layer)]
-        for n in self.router_expert_params:
-            if _router_tensor(layer.router, n) is not None:
-                names.append(f"{layer.name}.{self.router_attr}.{n}")
-        return names
-
-    def _slice(self, layer: MoELayer, name: str, tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return tensor.index_select(0, ids).clone()
 
 
 def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:

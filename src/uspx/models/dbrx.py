@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from uspx.models.base import MoEAdapter, MoELayer
+from uspx.models.params import ModelParams, Part, linear
 
 
 class DbrxAdapter(MoEAdapter):
@@ -20,6 +21,27 @@ class DbrxAdapter(MoEAdapter):
     router_expert_params = ("layer.weight",)
     router_returns_tuple = False
     layer_pattern = r"blocks\.(\d+)\."
+
+    @classmethod
+    def count_params(cls, cfg) -> ModelParams:
+        """Fused Wqkv, bias-free LayerNorms, every block MoE with experts flattened to [E*F, H]
+        (w1, v1, w2 of width ``ffn_config.ffn_hidden_size``); the LM head is never tied."""
+        h, n_layers = cfg.d_model, cfg.n_layers
+        hd, nkv = h // cfg.n_heads, cfg.attn_config.kv_n_heads
+        other = {
+            "embeddings": Part(cfg.vocab_size * h),
+            "lm_head": linear(h, cfg.vocab_size),
+            "attention": (linear(h, h + 2 * nkv * hd) + linear(h, h)) * n_layers,
+            "norms": Part(vector=h) * (2 * n_layers + 1),
+        }
+        return ModelParams(
+            model_type=cfg.model_type, num_layers=n_layers, moe_layers=tuple(range(n_layers)),
+            num_experts=cls.config_num_experts(cfg), top_k=cfg.ffn_config.moe_top_k,
+            expert=Part(3 * h * cfg.ffn_config.ffn_hidden_size), router_row=Part(h), other=other,
+            kv_per_token=(2 * nkv * hd,) * n_layers, window=(None,) * n_layers,
+        )
+    decoder_layers_attr = "blocks"
+    final_norm_attr = "norm_f"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(logits, dim=1, dtype=logits.dtype)
@@ -35,9 +57,3 @@ class DbrxAdapter(MoEAdapter):
             f"mlp.{n}": p.view(layer.num_experts, -1, p.shape[-1])
             for n, p in layer.experts.mlp.named_parameters(recurse=False)
         }
-
-    def _slice(self, layer: MoELayer, name: str, tensor: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if name.endswith(".router.layer.weight"):
-            return tensor.index_select(0, ids).clone()
-        kept = tensor.view(layer.num_experts, -1, tensor.shape[-1]).index_select(0, ids)
-        return kept.reshape(-1, tensor.shape[-1]).clone()

@@ -22,6 +22,7 @@ import torch
 
 from uspx.io import UspxError
 from uspx.models.base import MoEAdapter, MoELayer
+from uspx.models.params import ModelParams, Part, glu_mlp, linear, lm_head
 
 
 class DeepseekV3Adapter(MoEAdapter):
@@ -29,6 +30,42 @@ class DeepseekV3Adapter(MoEAdapter):
     model_types = ("deepseek_v3",)
     expert_count_field = "n_routed_experts"
     router_expert_params = ("weight", "e_score_correction_bias")
+
+    @classmethod
+    def count_params(cls, cfg) -> ModelParams:
+        """MLA attention (q through a ``q_lora_rank`` bottleneck unless it is None, k/v through
+        ``kv_lora_rank``), ``n_shared_experts`` shared experts fused into one MLP, the first
+        ``first_k_dense_replace`` layers dense."""
+        h, nh, n_layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        kv_rank, rope, b = cfg.kv_lora_rank, cfg.qk_rope_head_dim, bool(cfg.attention_bias)
+        if cfg.q_lora_rank is None:
+            attn = linear(h, nh * qk)
+        else:
+            attn = linear(h, cfg.q_lora_rank, b) + Part(vector=cfg.q_lora_rank) + linear(cfg.q_lora_rank, nh * qk)
+        attn += linear(h, kv_rank + rope, b) + Part(vector=kv_rank)
+        attn += linear(kv_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)) + linear(nh * cfg.v_head_dim, h, b)
+        moe = tuple(range(cfg.first_k_dense_replace, n_layers))
+        inter = cfg.moe_intermediate_size
+        other = {
+            "embeddings": Part(cfg.vocab_size * h),
+            "lm_head": lm_head(cfg, h),
+            "attention": attn * n_layers,
+            "norms": Part(vector=h) * (2 * n_layers + 1),
+            "dense_mlp": glu_mlp(h, cfg.intermediate_size) * (n_layers - len(moe)),
+            "shared_experts": glu_mlp(h, inter * cfg.n_shared_experts) * len(moe),
+        }
+        return ModelParams(
+            model_type=cfg.model_type, num_layers=n_layers, moe_layers=moe,
+            num_experts=cls.config_num_experts(cfg), top_k=cfg.num_experts_per_tok,
+            expert=Part(3 * h * inter),
+            # e_score_correction_bias is a buffer, not a parameter, but it is in the checkpoint
+            router_row=Part(h, 1), other=other,
+            # transformers caches the compressed latent, not per-head K and V
+            kv_per_token=(kv_rank + rope,) * n_layers, window=(None,) * n_layers,
+            notes=("multi-token-prediction layers of the released checkpoint are not counted "
+                   "(transformers does not build them)",),
+        )
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

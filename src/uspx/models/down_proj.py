@@ -1,4 +1,4 @@
-"""Expert down-projections and router nudges, for the super-weight detector (seed 004).
+"""Expert down-projections and router nudges, for the super-weight detector (``uspx.superweights``).
 
 The detector needs, per (layer, expert), the down-projection's input (the activated intermediate
 ``a = act(gate) * up``, [n, I]) and its output ([n, H]) on the tokens routed to that expert, and one
@@ -8,7 +8,7 @@ nothing outside ``uspx.models`` may know, so they live here.
 Index convention: every function takes ``(row, col)`` in the **Linear weight convention**
 ``W_down[e][row, col]``, ``row`` = output channel (hidden / d_model), ``col`` = input channel
 (intermediate / d_ff), so that ``out[:, row] = sum_col a[:, col] * W_down[e][row, col]`` (+ bias).
-Seed 004's co-spike pair ``(r*, c*)`` is (ff index, model index) and its scalar is
+The detector's co-spike pair ``(r*, c*)`` is (ff index, model index) and its scalar is
 ``W_down[c*, r*]``: ``row = c*`` (catalogue field ``col_model``), ``col = r*`` (``row_ff``).
 
 Storage, checked against transformers 5.23:
@@ -59,6 +59,12 @@ def intermediate_size(adapter: MoEAdapter, layer: MoELayer) -> int:
     """Width I of one expert's intermediate (d_ff)."""
     w = layer.experts.down_proj
     return int(w.shape[1] if _layout(adapter) == "gpt_oss" else w.shape[2])
+
+
+def down_weight_dtype(adapter: MoEAdapter, layer: MoELayer) -> torch.dtype:
+    """The dtype ``W_down`` is stored in: what a catalogued value rounds to when written back."""
+    _layout(adapter)
+    return layer.experts.down_proj.dtype
 
 
 def down_proj_io(
@@ -134,7 +140,8 @@ def down_weight_zeroed(adapter: MoEAdapter, layer: MoELayer, expert: int, row: i
 
 @contextlib.contextmanager
 def router_biased(adapter: MoEAdapter, layer: MoELayer, expert: int, beta: float) -> Iterator[None]:
-    """Add ``beta`` to ``expert``'s router logit before top-k (seed 004 section 4, interventional).
+    """Add ``beta`` to ``expert``'s router logit before top-k (the interventional importance routes
+    tokens to the expert this way).
 
     gpt_oss: ``router.bias[e] += beta`` (exactly a logit shift, restored afterwards). Families
     without a router bias: a router forward hook, prepended so transformers' recorders and uspx's

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from uspx.models.base import MoEAdapter, MoELayer, topk_softmax
+from uspx.models.params import ModelParams, decoder_params
 
 
 class GraniteMoeAdapter(MoEAdapter):
@@ -13,6 +14,14 @@ class GraniteMoeAdapter(MoEAdapter):
     model_types = ("granitemoe",)
     expert_count_field = "num_local_experts"
     router_attr = "router"
+
+    @classmethod
+    def count_params(cls, cfg) -> ModelParams:
+        """q/k/v/o biases follow ``attention_bias``; experts of width ``intermediate_size``."""
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return decoder_params(cfg, num_experts=cls.config_num_experts(cfg), expert_inter=cfg.intermediate_size,
+                              qkv_bias=bias, o_bias=bias)
+    logits_divisor_field = "logits_scaling"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, index = topk_softmax(logits.float(), layer.top_k)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from uspx.models.base import MoEAdapter, MoELayer
+from uspx.models.params import ModelParams, decoder_params
 
 
 class PhimoeAdapter(MoEAdapter):
@@ -20,6 +21,15 @@ class PhimoeAdapter(MoEAdapter):
     model_types = ("phimoe",)
     expert_count_field = "num_local_experts"
     router_attr = "router"
+
+    @classmethod
+    def count_params(cls, cfg) -> ModelParams:
+        """q/k/v/o biases follow ``attention_bias``; LayerNorms (scale and bias); an LM-head bias
+        when ``lm_head_bias``; experts of width ``intermediate_size``."""
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return decoder_params(cfg, num_experts=cls.config_num_experts(cfg), expert_inter=cfg.intermediate_size,
+                              qkv_bias=bias, o_bias=bias, norm_bias=True,
+                              lm_head_bias=bool(getattr(cfg, "lm_head_bias", False)))
 
     @property
     def top_k(self) -> int:

@@ -2,290 +2,39 @@
 
 The user's first question ("does gpt-oss-20b fit my 8 GiB GPU, and with how many experts?") comes
 before any download, so everything here reads only the config (a transformers ``PretrainedConfig``,
-a ``config.json`` dict, or a path to one) and never touches weights. Each family's parameter formula
-is a few lines that mirror its transformers modeling file; the tests check them against
-``sum(p.numel())`` of real tiny models, an independent count.
+a ``config.json`` dict, or a path to one) and never touches weights. The parameter formulas are
+family facts, so they live with each family's adapter (``adapter_class(model_type).count_params``,
+see ``uspx.models.params``); this module turns their counts into bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from uspx.io import UspxError, read_json
+from uspx.models.params import ModelParams, Part
 
-# Bytes per KV-cache element. fp8/int8 caches halve a 16-bit one; int4 halves again (seed 000 s13).
+# Bytes per KV-cache element: an fp8/int8 cache holds one byte per element, half a 16-bit one; an
+# int4 cache half a byte.
 KV_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "mxfp4")
 MXFP4_BITS = 4.25  # 32 FP4 values (16 bytes) share one 8-bit scale: 17 bytes per 32 weights
 GIB = 1 << 30
+# A config's ``dtype`` (``torch_dtype`` before transformers 5) in the planner's names.
+_TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
 # ----- parameter counts ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Part:
-    """A parameter count split by what quantized formats do with it."""
+def _adapter_class(model_type: str) -> Any:
+    from uspx.models import adapter_class
 
-    matrix: int = 0  # 2-D weight matrices: what int8 / int4 / mxfp4 quantize
-    vector: int = 0  # biases, norm scales, attention sinks: kept at 16 bits by every quantized format
-
-    @property
-    def total(self) -> int:
-        return self.matrix + self.vector
-
-    def __add__(self, other: "Part") -> "Part":
-        return Part(self.matrix + other.matrix, self.vector + other.vector)
-
-    def __mul__(self, n: int) -> "Part":
-        return Part(self.matrix * n, self.vector * n)
-
-    __rmul__ = __mul__
-
-
-def _linear(n_in: int, n_out: int, bias: bool = False) -> Part:
-    return Part(n_in * n_out, n_out if bias else 0)
-
-
-def _glu_mlp(hidden: int, inter: int) -> Part:
-    """gate, up and down projections without biases (every dense / shared MLP here)."""
-    return Part(3 * hidden * inter)
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    """Parameter counts of one model, routed experts apart from everything else."""
-
-    model_type: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    num_experts: int
-    top_k: int
-    expert: Part  # one routed expert: its weight matrices and biases
-    router_row: Part  # the router's share of one expert (a weight row, a bias); pruned with the expert
-    other: Mapping[str, Part]  # the rest, summed over the model, by component (routers not included)
-    kv_per_token: tuple[int, ...]  # K+V elements cached per token, per layer
-    window: tuple[int | None, ...]  # sliding window per layer; None = full attention
-    state_per_seq: int = 0  # cache elements per sequence that do not grow with context (mamba)
-    notes: tuple[str, ...] = ()
-
-    @property
-    def num_moe_layers(self) -> int:
-        return len(self.moe_layers)
-
-    @property
-    def expert_params(self) -> int:
-        return self.expert.total * self.num_experts * self.num_moe_layers
-
-    @property
-    def router_params(self) -> int:
-        return self.router_row.total * self.num_experts * self.num_moe_layers
-
-    @property
-    def other_params(self) -> int:
-        """Everything but routed experts; routers count here, as the public figures do."""
-        return sum(p.total for p in self.other.values()) + self.router_params
-
-    @property
-    def total_params(self) -> int:
-        return self.expert_params + self.other_params
-
-    def components(self) -> dict[str, int]:
-        out = {name: p.total for name, p in self.other.items() if p.total}
-        out["routers"] = self.router_params
-        out["routed_experts"] = self.expert_params
-        return out
-
-
-@dataclass(frozen=True)
-class _Family:
-    """Config fields that differ between families sharing the llama-style decoder layer."""
-
-    experts_field: str = "num_local_experts"
-    expert_inter: str = "intermediate_size"
-    qkv_bias: str | None = None  # config field switching q/k/v biases on
-    o_bias: str | None = None
-    qk_norm: str | None = None  # "head": per-head RMSNorm (qwen3); "olmoe": full-width q/k norms
-    sinks: bool = False
-    norm_bias: bool = False  # nn.LayerNorm (phimoe) rather than RMSNorm
-    router_bias: bool = False
-    expert_bias: bool = False
-    shared_expert: str | None = None  # config field with the shared expert's width
-    lm_head_bias: str | None = None
-    sparse_step: bool = False  # qwen: mlp_only_layers / decoder_sparse_step pick the MoE layers
-
-
-_LLAMA_LIKE: dict[str, _Family] = {
-    "gpt_oss": _Family(qkv_bias="attention_bias", o_bias="attention_bias", sinks=True,
-                       router_bias=True, expert_bias=True),
-    "mixtral": _Family(),
-    "qwen2_moe": _Family(experts_field="num_experts", expert_inter="moe_intermediate_size",
-                         qkv_bias="qkv_bias", shared_expert="shared_expert_intermediate_size",
-                         sparse_step=True),
-    "qwen3_moe": _Family(experts_field="num_experts", expert_inter="moe_intermediate_size",
-                         qkv_bias="attention_bias", o_bias="attention_bias", qk_norm="head",
-                         sparse_step=True),
-    "olmoe": _Family(experts_field="num_experts", qkv_bias="attention_bias",
-                     o_bias="attention_bias", qk_norm="olmoe"),
-    "phimoe": _Family(qkv_bias="attention_bias", o_bias="attention_bias", norm_bias=True,
-                      lm_head_bias="lm_head_bias"),
-    "granitemoe": _Family(qkv_bias="attention_bias", o_bias="attention_bias"),
-}
-
-
-def _flag(cfg: Any, name: str | None) -> bool:
-    return bool(name and getattr(cfg, name, False))
-
-
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _windows(cfg: Any) -> tuple[int | None, ...]:
-    """Sliding window per layer: ``layer_types`` when the config has them (gpt_oss, qwen2), else
-    ``sliding_window`` on every layer (mistral-style), else full attention everywhere."""
-    n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None) or None
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return tuple(window if t == "sliding_attention" else None for t in types)
-    return (window,) * n
-
-
-def _moe_layer_ids(cfg: Any, fam: _Family) -> tuple[int, ...]:
-    n = cfg.num_hidden_layers
-    if not fam.sparse_step:
-        return tuple(range(n))
-    dense, step = set(getattr(cfg, "mlp_only_layers", None) or []), cfg.decoder_sparse_step
-    return tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
-
-
-def _llama_like(cfg: Any, fam: _Family) -> ModelParams:
-    h, hd, nq, nkv = cfg.hidden_size, _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
-    n_layers, n_exp = cfg.num_hidden_layers, int(getattr(cfg, fam.experts_field))
-    qkv_b, o_b = _flag(cfg, fam.qkv_bias), _flag(cfg, fam.o_bias)
-    attn = (_linear(h, nq * hd, qkv_b) + _linear(h, nkv * hd, qkv_b) * 2 + _linear(nq * hd, h, o_b))
-    if fam.qk_norm == "head":
-        attn += Part(vector=2 * hd)
-    elif fam.qk_norm == "olmoe":  # olmoe normalises the whole q and k projections
-        attn += Part(vector=h + (h // nq) * nkv)
-    if fam.sinks:
-        attn += Part(vector=nq)
-    norm = Part(vector=2 * h if fam.norm_bias else h)
-
-    moe = _moe_layer_ids(cfg, fam)
-    inter = getattr(cfg, fam.expert_inter)
-    # gpt_oss: gate_up [H, 2I] + bias [2I], down [I, H] + bias [H]; the others: the same without biases
-    expert = Part(3 * h * inter, (2 * inter + h) if fam.expert_bias else 0)
-    other: dict[str, Part] = {
-        "embeddings": Part(cfg.vocab_size * h),
-        "lm_head": Part() if cfg.tie_word_embeddings
-        else _linear(h, cfg.vocab_size, _flag(cfg, fam.lm_head_bias)),
-        "attention": attn * n_layers,
-        "norms": norm * (2 * n_layers + 1),
-        "dense_mlp": _glu_mlp(h, cfg.intermediate_size) * (n_layers - len(moe)),
-    }
-    if fam.shared_expert:  # qwen2_moe: a shared MLP and its sigmoid gate (a [1, H] linear)
-        other["shared_experts"] = (_glu_mlp(h, getattr(cfg, fam.shared_expert)) + Part(h)) * len(moe)
-    return ModelParams(
-        model_type=cfg.model_type, num_layers=n_layers, moe_layers=moe, num_experts=n_exp,
-        top_k=cfg.num_experts_per_tok, expert=expert,
-        router_row=Part(h, 1 if fam.router_bias else 0), other=other,
-        kv_per_token=(2 * nkv * hd,) * n_layers, window=_windows(cfg),
-    )
-
-
-def _deepseek_v3(cfg: Any) -> ModelParams:
-    """MLA attention, shared experts, first ``first_k_dense_replace`` layers dense."""
-    h, nh, n_layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    kv_rank, rope, b = cfg.kv_lora_rank, cfg.qk_rope_head_dim, bool(cfg.attention_bias)
-    if cfg.q_lora_rank is None:
-        attn = _linear(h, nh * qk)
-    else:
-        attn = _linear(h, cfg.q_lora_rank, b) + Part(vector=cfg.q_lora_rank) + _linear(cfg.q_lora_rank, nh * qk)
-    attn += _linear(h, kv_rank + rope, b) + Part(vector=kv_rank)
-    attn += _linear(kv_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)) + _linear(nh * cfg.v_head_dim, h, b)
-    moe = tuple(range(cfg.first_k_dense_replace, n_layers))
-    inter = cfg.moe_intermediate_size
-    other = {
-        "embeddings": Part(cfg.vocab_size * h),
-        "lm_head": Part() if cfg.tie_word_embeddings else _linear(h, cfg.vocab_size),
-        "attention": attn * n_layers,
-        "norms": Part(vector=h) * (2 * n_layers + 1),
-        "dense_mlp": _glu_mlp(h, cfg.intermediate_size) * (n_layers - len(moe)),
-        "shared_experts": _glu_mlp(h, inter * cfg.n_shared_experts) * len(moe),
-    }
-    return ModelParams(
-        model_type=cfg.model_type, num_layers=n_layers, moe_layers=moe,
-        num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
-        expert=Part(3 * h * inter),
-        # e_score_correction_bias is a buffer, not a parameter, but it is in the checkpoint
-        router_row=Part(h, 1), other=other,
-        # transformers caches the compressed latent, not per-head K and V
-        kv_per_token=(kv_rank + rope,) * n_layers, window=(None,) * n_layers,
-        notes=("multi-token-prediction layers of the released checkpoint are not counted "
-               "(transformers does not build them)",),
-    )
-
-
-def _dbrx(cfg: Any) -> ModelParams:
-    """Fused Wqkv, bias-free LayerNorms, experts flattened to [E*F, H] (w1, v1, w2)."""
-    h, n_layers, ffn, attn_cfg = cfg.d_model, cfg.n_layers, cfg.ffn_config, cfg.attn_config
-    hd, nkv = h // cfg.n_heads, attn_cfg.kv_n_heads
-    other = {
-        "embeddings": Part(cfg.vocab_size * h),
-        "lm_head": _linear(h, cfg.vocab_size),  # dbrx refuses tied embeddings
-        "attention": (_linear(h, h + 2 * nkv * hd) + _linear(h, h)) * n_layers,
-        "norms": Part(vector=h) * (2 * n_layers + 1),
-    }
-    return ModelParams(
-        model_type=cfg.model_type, num_layers=n_layers, moe_layers=tuple(range(n_layers)),
-        num_experts=ffn.moe_num_experts, top_k=ffn.moe_top_k, expert=Part(3 * h * ffn.ffn_hidden_size),
-        router_row=Part(h), other=other, kv_per_token=(2 * nkv * hd,) * n_layers,
-        window=(None,) * n_layers,
-    )
-
-
-def _jamba(cfg: Any) -> ModelParams:
-    """Mamba layers with attention every ``attn_layer_period``; MoE every ``expert_layer_period``."""
-    h, n_layers, r, st = cfg.hidden_size, cfg.num_hidden_layers, cfg.mamba_dt_rank, cfg.mamba_d_state
-    inner, kern, pb = cfg.mamba_expand * h, cfg.mamba_d_conv, bool(cfg.mamba_proj_bias)
-    hd, nq, nkv = h // cfg.num_attention_heads, cfg.num_attention_heads, cfg.num_key_value_heads
-    attn_ids = [i for i, t in enumerate(cfg.layers_block_type) if t == "attention"]
-    # conv weights, A_log, D and the three small norms are not Linear layers: no quantizer touches them
-    mamba = (_linear(h, 2 * inner, pb) + _linear(inner, r + 2 * st) + _linear(r, inner, True)
-             + _linear(inner, h, pb)
-             + Part(vector=inner * kern + (inner if cfg.mamba_conv_bias else 0) + inner * st + inner + r + 2 * st))
-    attn = _linear(h, nq * hd) + _linear(h, nkv * hd) * 2 + _linear(nq * hd, h)
-    moe = tuple(i for i, n in enumerate(cfg.layers_num_experts) if n > 1)
-    other = {
-        "embeddings": Part(cfg.vocab_size * h),
-        "lm_head": Part() if cfg.tie_word_embeddings else _linear(h, cfg.vocab_size),
-        "attention": attn * len(attn_ids),
-        "mamba": mamba * (n_layers - len(attn_ids)),
-        "norms": Part(vector=h) * (2 * n_layers + 1),
-        "dense_mlp": _glu_mlp(h, cfg.intermediate_size) * (n_layers - len(moe)),
-    }
-    return ModelParams(
-        model_type=cfg.model_type, num_layers=n_layers, moe_layers=moe, num_experts=cfg.num_experts,
-        top_k=cfg.num_experts_per_tok, expert=Part(3 * h * cfg.intermediate_size), router_row=Part(h),
-        other=other,
-        kv_per_token=tuple(2 * nkv * hd if i in attn_ids else 0 for i in range(n_layers)),
-        window=(None,) * n_layers,
-        # mamba layers keep a fixed-size state per sequence instead: conv [inner, kernel], ssm [inner, state]
-        state_per_seq=(n_layers - len(attn_ids)) * inner * (kern + st),
-    )
-
-
-FAMILIES: dict[str, Callable[[Any], ModelParams]] = {
-    **{name: (lambda cfg, fam=fam: _llama_like(cfg, fam)) for name, fam in _LLAMA_LIKE.items()},
-    "deepseek_v3": _deepseek_v3,
-    "dbrx": _dbrx,
-    "jamba": _jamba,
-}
+    return adapter_class(model_type)  # a UspxError naming the type and the supported families
 
 
 def load_config(config: Any) -> Any:
@@ -303,8 +52,7 @@ def load_config(config: Any) -> Any:
     model_type = data.pop("model_type", None)
     if not model_type:
         raise UspxError("config has no model_type; cannot tell the model family")
-    if model_type not in FAMILIES:
-        raise UspxError(_unsupported(model_type))
+    _adapter_class(model_type)
     from transformers import AutoConfig
 
     try:
@@ -313,21 +61,50 @@ def load_config(config: Any) -> Any:
         raise UspxError(f"config for {model_type!r} is not valid: {exc}") from None
 
 
-def _unsupported(model_type: str) -> str:
-    return (f"the memory planner has no parameter formula for model type {model_type!r}; "
-            f"covered: {', '.join(sorted(FAMILIES))}")
-
-
 def count_params(config: Any) -> ModelParams:
-    """Parameter counts of the model a config describes (config only, no weights)."""
+    """Parameter counts of the model a config describes (config only, no weights), from its family's
+    adapter, with the precision the config declares for the checkpoint (``stored_dtype``)."""
     cfg = load_config(config)
     model_type = getattr(cfg, "model_type", None) or type(cfg).__name__
-    if model_type not in FAMILIES:
-        raise UspxError(_unsupported(model_type))
+    cls = _adapter_class(model_type)
     try:
-        return FAMILIES[model_type](cfg)
+        params = cls.count_params(cfg)
     except AttributeError as exc:
         raise UspxError(f"{model_type} config lacks a field the planner needs: {exc}") from None
+    return dataclasses.replace(params, stored_dtype=declared_dtype(cfg))
+
+
+def declared_dtype(config: Any) -> str | None:
+    """How the config says its checkpoint stores the weights, in the planner's names.
+
+    A ``quantization_config`` wins (``quant_method`` "mxfp4" is the gpt-oss layout; any other method
+    is returned as it is named, which :func:`estimate` then refuses to guess at); else the config's
+    ``dtype`` / ``torch_dtype``; None when the config says neither.
+    """
+    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
+    quant = get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else getattr(quant, "quant_method", None)
+        method = str(getattr(method, "value", method) or "unknown").lower()
+        return "mxfp4" if method == "mxfp4" else method
+    stored = get("dtype") or get("torch_dtype")
+    if stored is None:
+        return None
+    name = str(stored).removeprefix("torch.").lower()
+    return _TORCH_DTYPES.get(name, name)
+
+
+def _resolve_dtype(params: ModelParams, dtype: str | None) -> str:
+    """``dtype``, or when None the checkpoint's declared precision (bf16 when it declares none)."""
+    if dtype is not None:
+        return dtype
+    stored = params.stored_dtype or "bf16"
+    if stored not in DTYPES:
+        raise UspxError(
+            f"the {params.model_type} config declares its weights as {stored!r}, which the planner "
+            f"cannot size; give the precision to plan for ({', '.join(DTYPES)})"
+        )
+    return stored
 
 
 # ----- bytes ----------------------------------------------------------------------------------------
@@ -472,7 +249,7 @@ class MemoryEstimate:
 
 def estimate(
     config: Any,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     *,
     context: int = 4096,
     kv_dtype: str = "bf16",
@@ -481,9 +258,13 @@ def estimate(
     scale_group: int | None = None,
     reserve_bytes: int = 0,
 ) -> MemoryEstimate:
-    """Memory of the model (all experts unless ``experts_per_layer``) at one precision and context."""
+    """Memory of the model (all experts unless ``experts_per_layer``) at one precision and context.
+
+    ``dtype`` None plans at the precision the config declares for its checkpoint (its
+    ``quantization_config``, else its ``dtype``; bf16 when it declares neither).
+    """
     params = config if isinstance(config, ModelParams) else count_params(config)
-    prec = precision(dtype, scale_group)
+    prec = precision(_resolve_dtype(params, dtype), scale_group)
     n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if not 0 <= n <= params.num_experts:
         raise UspxError(f"experts per layer must be in 0..{params.num_experts}, got {n}")
@@ -530,15 +311,20 @@ def fit_experts(
     budget_bytes: int | str,
     *,
     context: int = 4096,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     kv_dtype: str = "bf16",
     batch: int = 1,
     scale_group: int | None = None,
     reserve_bytes: int = 0,
 ) -> ExpertFit:
-    """Largest n with fixed + n * expert_bytes * L_moe + KV + reserve <= budget (n <= num_experts)."""
+    """Largest n with fixed + n * expert_bytes * L_moe + KV + reserve <= budget (n <= num_experts).
+
+    ``dtype`` None: the checkpoint's declared precision, as in :func:`estimate`.
+    """
     budget = parse_size(budget_bytes)
-    base = estimate(config, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
+    params = config if isinstance(config, ModelParams) else count_params(config)
+    dtype = _resolve_dtype(params, dtype)
+    base = estimate(params, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
                     experts_per_layer=0, scale_group=scale_group, reserve_bytes=reserve_bytes)
     p = base.params
     per_n = base.expert_bytes * p.num_moe_layers

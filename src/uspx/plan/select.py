@@ -1,4 +1,4 @@
-"""Selection under a budget (seed 000 section 4): which experts to keep in every MoE layer.
+"""Selection under a budget: which experts to keep in every MoE layer.
 
 A knapsack over (layer, expert) items with value v (an importance score) and weight w (bytes pruning
 the expert saves), grouped: every layer keeps at least top-k experts (fewer and the router cannot

@@ -1,9 +1,11 @@
 """``uspx prune``: restrict a model to a kept set, or export a smaller checkpoint that loads with stock
 ``from_pretrained``.
 
-The export is built in a hidden temporary folder next to the target, verified there (logits against
-the restricted original, size against the prediction), and only then renamed into place: a failure at
-any step leaves no output folder, never a half-written one.
+The export slices the checkpoint on disk in its stored precision (``prune.slicing``: bf16, fp16,
+fp32 and MXFP4 alike, the model never loaded whole), builds it in a hidden temporary folder next to
+the target, verifies it there (logits of the reloaded export against the original restricted to the
+kept set, and size against the plan's prediction), and only then renames it into place. A failure
+at any step leaves no output folder, never a half-written one, and touches nothing that was there.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 from torch import nn
 
 import uspx
+from uspx.engine import FromCheckpoint, InMemory
 from uspx.io import UspxError, check_fingerprints, read_json, write_json
 from uspx.models import LoadedModel, Restriction, adapter_for, load_model, model_fingerprint
 from uspx.models.loading import resolve_model_path
-from uspx.prune.files import DTYPES, WeightFiles, check_config, copy_tokenizer, weight_files
-from uspx.prune.kept import KeptLike, KeptSource, resolve_kept
-from uspx.prune.verify import check_size, compare_logits, prompt_ids
+from uspx.prune.files import check_config, copy_tokenizer, weight_files
+from uspx.prune.kept import KeptLike, resolve_kept
+from uspx.prune.slicing import plan_layout, write_layout
+from uspx.prune.verify import check_size, compare_logits, verification_items
 
 FORMAT = "uspx-export/1"
 RECORD = "uspx_export.json"
@@ -46,6 +50,7 @@ def export(
     predicted_bytes: int | None = None,
     logit_tolerance: float = 1e-4,
     size_tolerance: float = 0.02,
+    streaming: bool = False,
     trust_remote_code: bool = False,
 ) -> dict:
     """Write the model restricted to ``kept`` into ``out_dir``; returns the export record.
@@ -53,60 +58,63 @@ def export(
     ``kept`` is a mapping layer -> expert ids, a :class:`~uspx.plan.Plan` or a plan file. With
     ``physical`` the dropped experts are removed (same count per layer; non-uniform sets are padded
     with never-routed experts where the family allows it); without it the model keeps its shapes and
-    banned experts are disabled in the checkpoint itself. The checkpoint keeps the source's precision.
-    ``predicted_bytes`` (or the plan's prediction) is compared with the exported tensor bytes.
+    banned experts are disabled in the checkpoint itself. ``streaming`` verifies layer by layer
+    instead of loading the original and the export whole. ``predicted_bytes`` (or the plan's
+    prediction) is compared with the exported tensor bytes.
     """
     src = Path(model.source) if isinstance(model, LoadedModel) else resolve_model_path(model)
     check_config(src)
     files = weight_files(src)  # a truncated or corrupt weight file fails here, named
-    if files.is_mxfp4():
-        raise UspxError(
-            f"{src}: MXFP4 checkpoint; an in-memory export would dequantize it to bf16 and come out larger "
-            "than the original. Use uspx.stream.prune.prune_mxfp4_checkpoint, which slices the blocks."
-        )
     ks = resolve_kept(kept)
     fingerprint = model_fingerprint(src)
     if ks.plan is not None and getattr(ks.plan, "model_fingerprint", None):
         check_fingerprints({"model": fingerprint}, {"model": ks.plan.model_fingerprint}, f"plan {ks.plan_path or ''}".strip())
     out = Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise UspxError(f"{out}: the export must go to another folder than its source")
     existing = _existing_export(out, fingerprint, ks.kept, physical)
     if existing is not None:
         return {**existing, "status": "up-to-date"}
 
-    lm = _fp32_model(model, src, trust_remote_code)
-    adapter = adapter_for(lm.model)
-    new_model, fillers = _build(adapter, ks, physical)
-    _cast_like_source(new_model, files)
+    layout_source = FromCheckpoint(src, torch.float32)  # the skeleton only: no weights are read here
+    adapter = layout_source.adapter
+    adapter.validate_kept(ks.kept, allow_missing=not physical)
+    full = _full_kept(adapter, ks.kept)
+    width = adapter.num_experts if not physical else max(len(v) for v in full.values())
+    layout = plan_layout(layout_source, full, width)
     expected = predicted_bytes if predicted_bytes is not None else ks.predicted_weight_bytes()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        new_model.save_pretrained(tmp)
+        written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
-        del new_model  # the check below reloads from disk, the copy in memory is no longer needed
-        ids = prompt_ids(lm.tokenizer, verify_prompts, int(lm.model.config.vocab_size))
-        verification = compare_logits(lm.model, _full_kept(adapter, ks.kept), tmp, ids)
+        verification = _verify(model, src, tmp, full, verify_prompts, streaming, trust_remote_code)
+        verification["tolerance"] = logit_tolerance
         if not verification["max_abs_logit_diff"] <= logit_tolerance:  # `not <=` also catches NaN
             raise UspxError(
-                f"export verification failed: logits of the reloaded export differ from the restricted "
-                f"model by {verification['max_abs_logit_diff']:.3g} (tolerance {logit_tolerance:g})"
+                f"export verification failed: logits of the reloaded export differ from the original restricted "
+                f"to the kept experts by {verification['max_abs_logit_diff']:.3g} (tolerance {logit_tolerance:g}); "
+                "nothing was written"
             )
-        written = weight_files(tmp)
+        new_files = weight_files(tmp)
         plan_dtype = (getattr(ks.plan, "settings", None) or {}).get("dtype") if predicted_bytes is None else None
-        size = check_size(written.tensor_bytes, expected, size_tolerance,
-                          f" (plan sized for {plan_dtype}, checkpoint in {written.main_float_dtype()})" if plan_dtype else "")
-        size.update(file_bytes=written.file_bytes, header_bytes=sum(written.headers.values()),
-                    source_file_bytes=files.file_bytes, source_tensor_bytes=files.tensor_bytes)
+        precision = "mxfp4" if new_files.is_mxfp4() else str(new_files.main_float_dtype()).replace("torch.", "")
+        size = check_size(new_files.tensor_bytes, expected, size_tolerance,
+                          f" (plan sized for {plan_dtype}, checkpoint in {precision})" if plan_dtype else "")
+        size.update(file_bytes=new_files.file_bytes, header_bytes=sum(new_files.headers.values()),
+                    source_file_bytes=files.file_bytes, source_tensor_bytes=files.tensor_bytes,
+                    written_tensor_bytes=written)
+        removed = sum(adapter.num_experts - len(v) for v in full.values())
+        size["saved_per_expert_bytes"] = (files.tensor_bytes - new_files.tensor_bytes) / removed if removed else 0
         record = dict(
             format=FORMAT, uspx_version=uspx.__version__, source=str(src), source_fingerprint=fingerprint,
-            family=adapter.family, model_type=lm.model.config.model_type, physical=physical,
-            dtype=str(files.main_float_dtype()).replace("torch.", ""),
+            family=adapter.family, model_type=layout_source.config.model_type, physical=physical,
+            dtype=precision,
             kept={str(l): v for l, v in ks.kept.items()}, counts={str(l): len(v) for l, v in ks.kept.items()},
-            padding={str(l): v for l, v in fillers.items() if v},
+            padding={str(l): v for l, v in layout.fillers.items() if v},
             plan=ks.plan_path, plan_sha256=ks.plan_sha256,
-            verification={**verification, "tolerance": logit_tolerance, "reloaded_with": "AutoModelForCausalLM.from_pretrained (fp32)"},
-            size=size, fingerprint=model_fingerprint(tmp), status="written",
+            verification=verification, size=size, fingerprint=model_fingerprint(tmp), status="written",
         )
         write_json(tmp / RECORD, record)
         if out.exists():
@@ -116,6 +124,30 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return record
+
+
+def _verify(model, src: Path, exported: Path, kept: dict[int, list[int]], prompts, streaming: bool,
+            trust_remote_code: bool) -> dict:
+    """Reload the export and compare its logits with the original restricted to ``kept`` (float32):
+    with stock ``from_pretrained`` both whole, or both layer by layer from their files."""
+    if streaming:
+        reference, candidate = FromCheckpoint(src, torch.float32, experts=kept), FromCheckpoint(exported, torch.float32)
+        tokenizer, how = _tokenizer(src), "layer by layer from the safetensors files (float32)"
+    else:
+        lm = _fp32_model(model, src, trust_remote_code)
+        reloaded = load_model(exported, dtype=torch.float32, with_tokenizer=False)
+        reference, candidate, tokenizer = InMemory(lm.model), InMemory(reloaded.model), lm.tokenizer
+        how = "AutoModelForCausalLM.from_pretrained (fp32)"
+    items = verification_items(tokenizer, prompts, int(reference.config.vocab_size))
+    return {**compare_logits(reference, kept, candidate, items), "reloaded_with": how}
+
+
+def _tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], physical: bool) -> dict | None:
@@ -151,7 +183,7 @@ def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], ph
 
 
 def _fp32_model(model: str | Path | LoadedModel, src: Path, trust_remote_code: bool) -> LoadedModel:
-    """The source in fp32: exact for bf16/fp16 weights, so one copy serves pruning and verification."""
+    """The source in fp32: exact for bf16/fp16 weights, so the comparison sees the stored values."""
     if isinstance(model, LoadedModel) and all(
         p.dtype == torch.float32 for p in model.model.parameters() if p.is_floating_point()
     ):
@@ -167,29 +199,3 @@ def _fp32_model(model: str | Path | LoadedModel, src: Path, trust_remote_code: b
 def _full_kept(adapter, kept: dict[int, list[int]]) -> dict[int, list[int]]:
     """Layers the kept set leaves out keep every expert."""
     return {l.index: kept.get(l.index, list(range(l.num_experts))) for l in adapter.layers}
-
-
-def _build(adapter, ks: KeptSource, physical: bool) -> tuple[nn.Module, dict[int, list[int]]]:
-    if not physical:
-        # Same shapes, banned experts dead in the checkpoint itself: loads and behaves restricted
-        # without uspx (families with a router bias only).
-        return adapter.pad_to_uniform(_full_kept(adapter, ks.kept), width=adapter.num_experts)
-    adapter.validate_kept(ks.kept)  # every layer named, >= top-k each, ids in range
-    if ks.uniform:
-        return adapter.prune(ks.kept), {}
-    return adapter.pad_to_uniform(ks.kept)
-
-
-def _cast_like_source(model: nn.Module, files: WeightFiles) -> None:
-    """Give every tensor the dtype it has in the source checkpoint (tensors saved under other names,
-    e.g. fused experts saved per expert, take the checkpoint's main dtype). Exact: the fp32 values
-    were read from exactly these dtypes."""
-    tags = files.dtype_tags()
-    main = files.main_float_dtype()
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            target = DTYPES.get(tags.get(name, ""), main)
-            if target.is_floating_point and t.dtype != target:
-                t.data = t.data.to(target)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 
+from uspx.engine import WeightSource, make_batches, run
+from uspx.engine.observers import Logits
 from uspx.io import UspxError
-from uspx.models import adapter_for
+from uspx.workload import EncodedItem
 
 DEFAULT_PROMPTS = (
     "def parse_args(argv):\n    parser = argparse.ArgumentParser(",
@@ -19,40 +19,36 @@ DEFAULT_PROMPTS = (
 MAX_PROMPT_TOKENS = 64
 
 
-def prompt_ids(tokenizer, prompts: Sequence[str] | None, vocab_size: int) -> list[torch.Tensor]:
-    """Token ids of the verification prompts; without a tokenizer, fixed pseudo-random ids."""
+def verification_items(tokenizer, prompts: Sequence[str] | None, vocab_size: int) -> list[EncodedItem]:
+    """The verification prompts as items scored at every position; without a tokenizer, fixed
+    pseudo-random ids."""
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
-        return [torch.randint(0, vocab_size, (1, 24), generator=g) for _ in range(len(prompts or DEFAULT_PROMPTS))]
-    out = []
-    for text in prompts or DEFAULT_PROMPTS:
-        ids = tokenizer.encode(text, add_special_tokens=False)[:MAX_PROMPT_TOKENS]
-        if ids:
-            out.append(torch.tensor([ids]))
-    if not out:
-        raise UspxError("no verification prompt has any token")
-    return out
+        seqs = [torch.randint(0, vocab_size, (24,), generator=g).tolist() for _ in range(len(prompts or DEFAULT_PROMPTS))]
+    else:
+        seqs = [tokenizer.encode(text, add_special_tokens=False)[:MAX_PROMPT_TOKENS] for text in prompts or DEFAULT_PROMPTS]
+        seqs = [s for s in seqs if len(s) > 1]
+    if not seqs:
+        raise UspxError("no verification prompt has two tokens")
+    return [EncodedItem(i, f"verify-{i}", "verify", "verify", list(s), 0) for i, s in enumerate(seqs)]
 
 
 @torch.no_grad()
-def compare_logits(reference: nn.Module, kept: dict[int, list[int]], exported_dir: Path,
-                   ids: list[torch.Tensor]) -> dict:
-    """Max |logits| difference between ``reference`` restricted to ``kept`` and the export reloaded
-    with stock ``AutoModelForCausalLM.from_pretrained`` (both fp32), over every prompt position."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=torch.float32, use_safetensors=True)
-    reloaded.eval()
+def compare_logits(reference: WeightSource, kept: dict[int, list[int]], exported: WeightSource,
+                   items: list[EncodedItem]) -> dict:
+    """Max |logits| difference between ``reference`` restricted to ``kept`` and ``exported``, over
+    every scored position of ``items``; both sources compute in float32."""
+    want, got = Logits(len(items)), Logits(len(items))
+    with reference.adapter.restrict(kept):
+        run(reference, make_batches(items, len(items)), [want], progress=False)
+    run(exported, make_batches(items, len(items)), [got], progress=False)
     worst, scale, agree, tokens = 0.0, 0.0, 0, 0
-    with adapter_for(reference).restrict(kept):
-        for x in ids:
-            a = reference(input_ids=x).logits.float()
-            b = reloaded(input_ids=x).logits.float()
-            worst = max(worst, (a - b).abs().max().item())
-            scale = max(scale, a.abs().max().item())
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            tokens += x.numel()
-    return {"prompts": len(ids), "tokens": tokens, "max_abs_logit_diff": worst, "max_abs_logit": scale,
+    for a, b in zip(want.per_item, got.per_item):
+        worst = max(worst, (a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        tokens += a.shape[0]
+    return {"prompts": len(items), "tokens": tokens, "max_abs_logit_diff": worst, "max_abs_logit": scale,
             "argmax_agreement": agree / tokens}
 
 

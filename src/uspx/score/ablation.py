@@ -1,4 +1,4 @@
-"""Causal scores: the loss change when one expert is removed (seed 000 3.1 and 3.3).
+"""Causal scores: the loss change when one expert is removed.
 
 Two removals, both shape-preserving:
 

@@ -1,4 +1,4 @@
-"""``score()``: every importance score for (layer, expert) in one table (DESIGN section 5)."""
+"""``score()``: every importance score for (layer, expert) in one table."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import pyarrow as pa
 
 import uspx
 from uspx.io import UspxError
-from uspx.models import LoadedModel, adapter_for, load_model
+from uspx.engine import open_source
+from uspx.models import LoadedModel
 from uspx.progress import progress_bar
 from uspx.score.ablation import run_ablation
 from uspx.score.baseline import Baseline, run_baseline
 from uspx.score.bootstrap import Factor, estimate
-from uspx.score.reconstruction import run_reconstruction
+from uspx.score.reconstruction import reconstruction_sums, traced_sums
 from uspx.score.table import FORMAT, ScoreTable, build_table
 from uspx.score.taylor import run_taylor
 from uspx.score.trace_stats import RouterStats, stats_from_trace
 from uspx.trace import Trace
-from uspx.trace.run import pad_id_of
+from uspx.engine.batches import pad_id_of
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
 METHODS = (
@@ -34,7 +35,8 @@ METHODS = (
     "taylor",
     "reconstruction",
 )
-TRACE_METHODS = ("frequency", "reap", "ean")  # computable from a trace alone (reap/ean need norms)
+TRACE_METHODS = ("frequency", "reap", "ean")
+LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
 NORM_METHODS = ("reap", "ean")
 # Chosen by the method benchmark (bench/methods.py, docs/benchmarks.md): on the teacher with the user's own
 # calibration, reconstruction has the lowest mean held-out loss delta (tied with the ablations, which cost
@@ -63,6 +65,8 @@ def score(
     batch_size: int = 8,
     marginal: str = "interventional",
     trust_remote_code: bool = False,
+    streaming: bool = False,
+    dtype: str = "bf16",
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -71,33 +75,43 @@ def score(
     taylor, reconstruction, and reap / ean when the trace has no norms) run on the same split's
     prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
     ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
-    "natural".
+    "natural". ``streaming`` reads the model a decoder layer at a time (computing in ``dtype``),
+    which allows the local methods only (:data:`LOCAL_METHODS`).
     """
     methods = _check_methods(methods)
+    if streaming:
+        whole = [m for m in methods if m not in LOCAL_METHODS]
+        if whole:
+            raise UspxError(
+                f"{', '.join(whole)} need the whole model in memory (a full forward, or gradients, per expert); "
+                f"a layer-by-layer run scores only the local methods {', '.join(LOCAL_METHODS)}"
+            )
     if bootstrap < 0:
         raise UspxError("bootstrap must be >= 0")
     if max_tokens is not None and max_tokens < 1:
         raise UspxError("max_tokens must be >= 1")
     if marginal not in ("natural", "interventional"):
         raise UspxError(f"marginal must be 'natural' or 'interventional', not {marginal!r}")
-    lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     tr = Trace(trace_dir)
     trace_split = tr.manifest.get("options", {}).get("split", "all")
     if trace_split not in ("all", split):
         raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
     traced = wl.part(trace_split)
+    has_norms = "expert_norms" in _trace_columns(tr)
+    if streaming and not has_norms and any(m in NORM_METHODS for m in methods):
+        raise UspxError(f"{tr.path}: reap / ean need expert norms in the trace for a layer-by-layer run; trace with --norms")
+    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
     tr.check(model=lm.fingerprint, workload=traced.fingerprint)
-    adapter = adapter_for(lm.model)
+    adapter = lm.source.adapter
     layers = [l.index for l in adapter.layers]
     if list(tr.moe_layers) != layers or tr.num_experts != adapter.num_experts:
         raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
-    has_norms = "expert_norms" in _trace_columns(tr)
 
     seconds: dict[str, float] = {}
     counts: dict[str, dict] = {}
     rows: list[pa.Table] = []
-    cost = [adapter.bytes_per_expert(l) for l in adapter.layers]
+    cost = [adapter.bytes_per_expert(l) for l in adapter.layers] if lm.source.resident else lm.source.stored_expert_bytes()
 
     def add(method: str, factors: list[Factor], tokens: np.ndarray, n_prompts: int) -> None:
         est = estimate(factors, bootstrap, seed)
@@ -120,14 +134,22 @@ def score(
     items: list[EncodedItem] = []
     if model_methods:
         if lm.tokenizer is None:
-            raise UspxError(f"{lm.source}: no tokenizer; model-based scores need one")
+            raise UspxError(f"{lm.path}: no tokenizer; model-based scores need one")
         items = _items(tr, traced, lm.tokenizer, split, max_tokens, seed)
         pad_id = pad_id_of(lm.tokenizer)
+    if "reconstruction" in model_methods:
+        t0 = time.perf_counter()
+        sums = traced_sums(tr, np.array([e.index for e in items])) if tr.manifest["options"].get("reconstruction") else None
+        err, routed = sums if sums is not None else reconstruction_sums(
+            lm.source, items, pad_id=pad_id, batch_size=batch_size, progress=progress)
+        seconds["reconstruction"] = time.perf_counter() - t0
+        tokens = np.array([len(e.input_ids) for e in items], dtype=float)
+        add("reconstruction", [Factor(err, tokens[:, None, None])], routed.sum(0), len(items))
+    if any(m != "reconstruction" for m in model_methods):
         t0 = time.perf_counter()
         base = run_baseline(
-            lm.model, adapter, items, batch_size=batch_size, pad_id=pad_id,
-            norms=any(m in NORM_METHODS for m in model_methods), block_inputs="reconstruction" in model_methods,
-            progress=progress,
+            lm.source.model, adapter, items, batch_size=batch_size, pad_id=pad_id,
+            norms=any(m in NORM_METHODS for m in model_methods), progress=progress,
         )
         seconds["baseline"] = time.perf_counter() - t0
         p = base.n_prompts
@@ -145,7 +167,7 @@ def score(
             with progress_bar("ablation", total=total, unit="batches", enabled=progress) as bar:
                 for kind in kinds:
                     t0 = time.perf_counter()
-                    results[kind] = run_ablation(lm.model, adapter, base, kind, bar)
+                    results[kind] = run_ablation(lm.source.model, adapter, base, kind, bar)
                     seconds[f"ablation_{kind}"] = time.perf_counter() - t0
                     counts[f"ablation_{kind}"] = dict(forwards=results[kind].forwards, skipped=results[kind].skipped)
         for kind in ("natural", "interventional"):
@@ -160,16 +182,9 @@ def score(
         if "taylor" in methods:
             t0 = time.perf_counter()
             with progress_bar("taylor", total=p, unit="prompts", enabled=progress) as bar:
-                sal = run_taylor(lm.model, adapter, items, pad_id, bar)
+                sal = run_taylor(lm.source.model, adapter, items, pad_id, bar)
             seconds["taylor"] = time.perf_counter() - t0
             add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
-        if "reconstruction" in methods:
-            t0 = time.perf_counter()
-            with progress_bar("reconstruction", total=len(layers), unit="layers", enabled=progress) as bar:
-                err, routed = run_reconstruction(adapter, base, bar)
-            seconds["reconstruction"] = time.perf_counter() - t0
-            add("reconstruction", [Factor(err, base.router.tokens[:, None, None].astype(float))], routed.sum(0), p)
-            base.block_inputs = {}  # free the captured activations
 
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
@@ -177,7 +192,7 @@ def score(
         format=FORMAT,
         uspx_version=uspx.__version__,
         model=dict(
-            source=lm.source, label=lm.label, fingerprint=lm.fingerprint, family=adapter.family,
+            source=lm.path, label=lm.label, fingerprint=lm.fingerprint, family=adapter.family,
             moe_layers=layers, num_experts=adapter.num_experts, top_k=adapter.top_k,
         ),
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, trace_fingerprint=traced.fingerprint, split=split),
@@ -185,6 +200,7 @@ def score(
         methods=list(methods),
         options=dict(
             split=split, max_tokens=max_tokens, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
+            streaming=streaming, dtype=dtype if streaming else None,
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",
@@ -196,12 +212,20 @@ def score(
             loss_tokens=int(base.loss_tokens().sum()) if base is not None else None,
         ),
         method_source={m: ("trace" if m in from_trace else "model") for m in methods},
+        cost_bytes="bytes of one expert as the model holds it" if lm.source.resident else
+        "bytes of one expert in the checkpoint as stored (quantized blocks and scales, biases, router row)",
         seconds={k: round(v, 3) for k, v in seconds.items()},
         ablation_forwards=counts,
     )
     table = ScoreTable(pa.concat_tables(rows), meta)
     table.write(out_dir)
     return table
+
+
+def default_methods(trace_dir: str | Path) -> list[str]:
+    """The local methods a trace allows (reap and ean need its expert norms)."""
+    has_norms = "expert_norms" in _trace_columns(Trace(trace_dir))
+    return [m for m in LOCAL_METHODS if has_norms or m not in NORM_METHODS]
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

@@ -20,64 +20,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from uspx.progress import progress_bar
+from uspx.engine.batches import Batch, loss_mask, make_batches, n_targets, target_losses
 from uspx.workload import EncodedItem
 
-
-@dataclass
-class Batch:
-    """Right-padded items: ``rows[i]`` is the position of ``items[i]`` in the caller's list."""
-
-    rows: list[int]
-    items: list[EncodedItem]
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    loss_mask: torch.Tensor  # [B, T] bool: position p predicts a target token p + 1
-
-    @property
-    def real(self) -> torch.Tensor:
-        """[B*T] bool: real (non-pad) tokens, in the flattened order the MoE layers see."""
-        return self.attention_mask.reshape(-1).bool()
-
-
-def loss_mask(items: Sequence[EncodedItem], width: int) -> torch.Tensor:
-    """[B, width] bool: True at predicting positions ``p`` with ``max(s, 1) <= p + 1 <= n - 1``."""
-    mask = torch.zeros((len(items), width), dtype=torch.bool)
-    for r, e in enumerate(items):
-        first = max(e.completion_start, 1) - 1
-        last = len(e.input_ids) - 2
-        if last >= first:
-            mask[r, first : last + 1] = True
-    return mask
-
-
-def n_targets(item: EncodedItem) -> int:
-    return max(0, len(item.input_ids) - max(item.completion_start, 1))
-
-
-def make_batches(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0) -> list[Batch]:
-    """Batches of similar length (sorted, longest first) to waste little compute on padding.
-
-    Right padding with a causal model leaves every real token's logits unchanged, so batching does
-    not change any loss; sorting only changes which items share a forward.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i].input_ids), i))
-    out = []
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
-        group = [items[i] for i in rows]
-        width = max(len(e.input_ids) for e in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(group), width), dtype=torch.long)
-        for r, e in enumerate(group):
-            ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-            att[r, : len(e.input_ids)] = 1
-        out.append(Batch(rows, group, ids, att, loss_mask(group, width)))
-    return out
+__all__ = ["Batch", "ItemLosses", "compute_loss", "loss_mask", "make_batches", "n_targets", "token_losses"]
 
 
 def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -96,10 +43,7 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     ).logits
     if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
         logits = logits[mask]
-    # the mask's last column is always False (nothing follows the last token), so the targets of
-    # the True positions, in the same row-major order, are the ids one column to the right
-    targets = batch.input_ids[:, 1:][mask[:, :-1]]
-    out[mask] = F.cross_entropy(logits.float(), targets, reduction="none")
+    out[mask] = target_losses(batch, logits)
     return out
 
 
@@ -123,7 +67,7 @@ class ItemLosses:
 
 
 def compute_loss(
-    model: torch.nn.Module,
+    model,
     encoded_items: Sequence[EncodedItem],
     batch_size: int = 8,
     *,
@@ -132,16 +76,14 @@ def compute_loss(
 ) -> ItemLosses:
     """Per-item (sum of next-token loss, number of target tokens) under the module's definition.
 
-    Public helper: the evaluation stage compares teacher and candidate with it, so both stages measure
-    the same thing.
+    ``model`` is a loaded model or an engine weight source (a checkpoint read layer by layer). The
+    evaluation stage compares teacher and candidate with it, so both stages measure the same thing.
     """
-    n = len(encoded_items)
-    sums = np.zeros(n, dtype=np.float64)
+    from uspx.engine import InMemory, WeightSource, run
+    from uspx.engine.observers import TokenLoss
+
+    source = model if isinstance(model, WeightSource) else InMemory(model)
     counts = np.array([n_targets(e) for e in encoded_items], dtype=np.int64)
-    batches = make_batches(encoded_items, batch_size, pad_id)
-    with torch.no_grad(), progress_bar("loss", total=len(batches), unit="batches", enabled=progress) as bar:
-        for batch in batches:
-            per_token = token_losses(model, batch)
-            sums[batch.rows] = per_token.double().sum(dim=1).numpy()
-            bar.advance()
-    return ItemLosses(sums, counts)
+    observer = TokenLoss(len(encoded_items))
+    run(source, make_batches(encoded_items, batch_size, pad_id), [observer], progress=progress, label="loss")
+    return ItemLosses(observer.sum_loss, counts)

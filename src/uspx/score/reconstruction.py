@@ -1,60 +1,51 @@
-"""NAEE-style reconstruction score, local to one layer: how much the MoE block's output moves when
-the expert is removed, ``mean_t ||y_t - y_t^{-e}||^2`` over all calibration tokens.
+"""Reconstruction score, local to one layer: how much the MoE block's output moves when the expert
+is removed, ``sum_t ||y_t - y_t^{-e}||^2`` over the calibration tokens routed to it, divided by all
+calibration tokens of the prompts.
 
 Removal is the *interventional* one (the expert is banned in the router and the next expert takes
-its slot, weights recomputed by the family's routing), because that is what pruning does. The
-block is re-run on its captured inputs, no full-model forward per expert. A MoE block treats tokens
-independently, so only the tokens routed to ``e`` can change: the others contribute exactly 0 and
-are not recomputed.
+its slot, weights recomputed by the family's routing), because that is what pruning does. The block
+is re-run on its own inputs while the engine runs the model (``engine.observers.Reconstruction``),
+so it needs no full-model forward per expert and runs layer by layer for models larger than memory.
+A trace made with ``reconstruction`` already holds the sums (``reconstruction.npz``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from uspx.models import MoEAdapter
-from uspx.score.baseline import Baseline
-from uspx.trace import RoutingRecorder
-
-CHUNK = 4096  # rows per block call, to bound memory on long calibration sets
-
-
-def _block_out(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = block(x[None])
-    if isinstance(out, tuple):  # gpt_oss returns (hidden, router_scores)
-        out = out[0]
-    return out.reshape(x.shape[0], -1)
+from uspx.engine import WeightSource, make_batches, run
+from uspx.engine.observers import Reconstruction
+from uspx.io import UspxError
+from uspx.trace import Trace
+from uspx.trace.run import DEFAULT_BATCH_TOKENS, RECONSTRUCTION
+from uspx.workload import EncodedItem
 
 
-def run_reconstruction(adapter: MoEAdapter, base: Baseline, bar) -> tuple[np.ndarray, np.ndarray]:
-    """Per-prompt ([P, L, E] summed squared error, [P, L, E] routed tokens) from the captured inputs."""
-    p, e_count = base.n_prompts, adapter.num_experts
-    shape = (p, len(adapter.layers), e_count)
-    err = np.zeros(shape)
-    routed = np.zeros(shape, np.int64)
-    prompt = base.block_prompt
-    with torch.no_grad():
-        for pos, layer in enumerate(adapter.layers):
-            x_all = base.block_inputs[layer.index]
-            for start in range(0, x_all.shape[0], CHUNK):
-                x = x_all[start : start + CHUNK]
-                rows_prompt = prompt[start : start + CHUNK]
-                # the routing of these rows as the block itself computes it (not the full-model
-                # pass's), so "routed to e" and "changes when e is banned" agree exactly
-                with RoutingRecorder(adapter) as rec:
-                    y = _block_out(layer.block, x)
-                index = rec.layers[layer.index].index
-                for expert in range(e_count):
-                    rows = (index == expert).any(dim=1)
-                    if not rows.any():
-                        continue
-                    kept = [e for e in range(e_count) if e != expert]
-                    with adapter.restrict({layer.index: kept}):
-                        y_e = _block_out(layer.block, x[rows])
-                    d = (y[rows].double() - y_e.double()).pow(2).sum(dim=1).numpy()
-                    rp = rows_prompt[rows.numpy()]
-                    err[:, pos, expert] += np.bincount(rp, weights=d, minlength=p)
-                    routed[:, pos, expert] += np.bincount(rp, minlength=p)
-            bar.advance()
+def reconstruction_sums(source: WeightSource, items: list[EncodedItem], *, pad_id: int, batch_size: int = 8,
+                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: ([P, L, E] summed squared error, [P, L, E] routed tokens), in ``items``' order."""
+    item_of_token = np.repeat(np.arange(len(items)), [len(e.input_ids) for e in items])
+    observer = Reconstruction(item_of_token, len(items))
+    layers = [l.index for l in source.adapter.layers]
+    if source.resident:
+        batches = make_batches(items, batch_size, pad_id)
+    else:
+        batches = make_batches(items, DEFAULT_BATCH_TOKENS, pad_id, max_tokens=DEFAULT_BATCH_TOKENS)
+    run(source, batches, [observer], last_layer=None if source.resident else max(layers), progress=progress,
+        label="reconstruction")
+    err = np.stack([observer.layers[l]["reconstruction_error"] for l in layers], axis=1)
+    routed = np.stack([observer.layers[l]["reconstruction_routed"] for l in layers], axis=1)
     return err, routed
+
+
+def traced_sums(tr: Trace, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sums a trace recorded for the prompts ``samples`` (None when it recorded none)."""
+    path = tr.path / RECONSTRUCTION
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        pos = {int(s): i for i, s in enumerate(z["samples"])}
+        if list(z["layers"]) != list(tr.moe_layers) or any(int(s) not in pos for s in samples):
+            raise UspxError(f"{path}: does not cover this trace's layers and prompts")
+        idx = [pos[int(s)] for s in samples]
+        return z["err"][idx], z["routed"][idx]

@@ -1,4 +1,4 @@
-"""Second-order Taylor / OBD saliency (seed 000 3.2): ``1/2 * sum_j theta_j^2 * H_jj`` over the
+"""Second-order Taylor / OBD saliency: ``1/2 * sum_j theta_j^2 * H_jj`` over the
 parameters of one expert (the fused expert tensors' slice ``[e]``; router rows are not expert
 parameters and are left out).
 

@@ -1,4 +1,4 @@
-"""Routing-aware super-weight and super-expert detection for MoE models (seed 004).
+"""Routing-aware super-weight and super-expert detection for MoE models.
 
 ``detect(model, workload, out_dir, ...)`` writes ``superweights.json`` (the catalogue) and
 ``report.md``; ``apply(model_dir, catalogue, entries, mode, out_dir)`` zeroes or restores

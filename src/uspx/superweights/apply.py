@@ -1,5 +1,5 @@
-"""Zero or restore catalogued super weights in a copy of a model (seed 004 section 11: "restore /
-ablate precisely where it matters").
+"""Zero or restore catalogued super weights in a copy of a model: ablate or restore exactly the
+catalogued scalars, nothing else, and never in the source model.
 
 The scalar's place comes from ``uspx.models.down_proj`` for the loaded model, and is checked
 against the catalogue's ``param`` / ``storage_index``, so a catalogue from another layout or model
@@ -84,7 +84,7 @@ def apply(
             raise UspxError(f"catalogue entry {param}{list(index)} disagrees with its stored place "
                             f"{ent['param']}{ent['storage_index']}: catalogue from another layout?")
         current = dp.get_down_weight(*args)
-        stored = float(torch.tensor(float(ent["value"]), dtype=layer.experts.down_proj.dtype))
+        stored = float(torch.tensor(float(ent["value"]), dtype=dp.down_weight_dtype(adapter, layer)))
         target = 0.0 if mode == "zero" else stored
         if current not in (stored, 0.0):
             raise UspxError(f"{param}{list(index)} holds {current:.6g}, neither the catalogued {stored:.6g} nor 0: "

@@ -1,4 +1,4 @@
-"""Co-spike score (seed 004 section 3.1) on the tokens routed to one expert.
+"""Co-spike score on the tokens routed to one expert.
 
     S(r, c) = sum_t |X[t, r] Y[t, c]| / (sqrt(sum_t X[t, r]^2) sqrt(sum_t Y[t, c]^2) + eps)
 
@@ -45,7 +45,7 @@ def co_spike(
     """Argmax of S, its cut, and how many pairs dominate.
 
     ``w`` is W_down [d_model, d_ff] (Linear convention). S alone is scale-free, so "dominant" pairs
-    (seed 004 section 8: "very few dominant (r, c) pairs") are counted by what the scalar can
+    (a super weight shows as very few dominant (r, c) pairs) are counted by what the scalar can
     write: peak contribution max_t |X[t, r]| * |W[c, r]|, among pairs that pass the cut.
     """
     s = score_matrix(x, y, eps)

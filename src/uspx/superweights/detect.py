@@ -1,19 +1,20 @@
-"""``uspx superweights``: routing-aware super-weight detection for MoE models (seed 004).
+"""``uspx superweights``: routing-aware super-weight detection for MoE models.
 
-Pipeline, with the seed's section numbers:
+Pipeline:
 
-1. one calibration pass: routing of every MoE layer (2.1-2.3), every expert's largest routed
-   down-projection output (super-expert candidates), massive activations of the residual stream;
-2. expert selection by p_active floor or low-entropy positions (2.4, replacing ">50%");
-3. per layer, in order, per selected expert: co-spike argmax on routed tokens only (3.1), cut at
-   tau, micro-ablation proxies (3.2: channel energy of H^(l+1) on the expert's tokens, stopword mass
-   skew) as gates, then zero the scalar, re-run and look for the next (5.6). Accepted scalars stay
+1. one calibration pass: routing of every MoE layer (p_active, position entropy, overflow), every
+   expert's largest routed down-projection output (super-expert candidates), massive activations of
+   the residual stream;
+2. expert selection by p_active floor or low-entropy positions (replacing a ">50% of samples" filter);
+3. per layer, in order, per selected expert: co-spike argmax on routed tokens only, cut at tau,
+   micro-ablation proxies (channel energy of H^(l+1) on the expert's tokens, stopword mass skew) as
+   gates, then zero the scalar, re-run and look for the next. Accepted scalars stay
    zeroed while later layers are searched, so a spike that is only the downstream echo of an earlier
    super weight is not counted twice;
-4. with the model restored: natural and interventional importance (4) of every gated candidate,
+4. with the model restored: natural and interventional importance of every gated candidate,
    each scalar zeroed alone; super weight = both agree in sign and exceed the effect threshold;
 5. held-out loss for the top candidates, super experts against a random control, the validation
-   checklist (8), and a negative verdict with its evidence when nothing qualifies.
+   checklist, and a negative verdict with its evidence when nothing qualifies.
 
 The metric is next-token loss in nats/token; every delta is ablated minus baseline, so a positive
 I_nat / I_int means the scalar's removal hurts.
@@ -37,7 +38,7 @@ from uspx.superweights.passes import Slice, decoder_layer, layer_inputs, make_sl
 from uspx.superweights.report import checklist, render_report, verdict
 from uspx.superweights.routing import layer_routing, per_prompt_p_active
 from uspx.superweights.stopwords import stopword_ids
-from uspx.trace.run import pad_id_of
+from uspx.engine.batches import pad_id_of
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
 FORMAT = "uspx-superweights/1"
@@ -366,7 +367,7 @@ def _discover_expert(
     net, adapter, layer, e, hidden, index, P: Slice, p_base, stop_ids, rs, tau, proxies, energy_drop_min,
     stop_min, max_iters, min_tokens, budget, capture, seed, zeroed, candidates,
 ) -> dict:
-    """Co-spike -> proxies -> zero -> repeat, for one expert (seed 004 5.6).
+    """Co-spike -> proxies -> zero -> repeat, for one expert (iterative suppression).
 
     ``p_base`` is the proxy slice's pass in the current working model (earlier accepted scalars
     zeroed); it is renewed after every acceptance and handed back in ``rec["_p_base"]``.
@@ -472,7 +473,8 @@ def _energy_proxy(adapter, layer, e, row, col, w, p_base) -> tuple[float, float,
 
 
 def _score_candidate(net, adapter, c, D: Slice, base, modes, beta, thr, biased_base) -> None:
-    """I_nat and I_int of one scalar zeroed alone in the intact model (seed 004 section 4)."""
+    """I_nat (natural routing) and I_int (tokens forced to the expert) of one scalar zeroed alone
+    in the intact model."""
     layer = adapter.layer(c["layer"])
     e = c["expert"]
     if "natural" in modes:
@@ -525,7 +527,7 @@ SCHEMA_KEYS = ("layer", "expert", "row_ff", "col_model", "score_co_spike", "p_ac
 
 
 def _entry(c: dict, full: bool = False) -> dict:
-    """A catalogue entry: seed 004 section 6's fields first, then where the scalar lives."""
+    """A catalogue entry: the schema's fields (``SCHEMA_KEYS``) first, then where the scalar lives."""
     out = {k: c.get(k) for k in SCHEMA_KEYS}
     out.update(param=c["param"], storage_index=c["storage_index"], value=c["value"])
     extra = ("rank", "direction", "delta_loss_diag", "heldout_delta_loss", "forced_share", "massive_ratio",

@@ -15,7 +15,7 @@ from torch import nn
 
 from uspx.models import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
-from uspx.trace.run import batches
+from uspx.engine.batches import padded
 from uspx.workload import EncodedItem
 
 
@@ -35,7 +35,7 @@ class Slice:
 
 
 def make_slice(name: str, items: list[EncodedItem], batch_size: int, pad_id: int) -> Slice:
-    bs = batches(items, batch_size, pad_id)
+    bs = padded(items, batch_size, pad_id)
     rows = {id(it): i for i, it in enumerate(items)}
     sample, position = [], []
     for group, ids, mask in bs:

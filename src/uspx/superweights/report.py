@@ -1,4 +1,5 @@
-"""Validation checklist (seed 004 section 8), verdict, and the markdown report of a catalogue."""
+"""Validation checklist (the checks a catalogue must pass before it is believed), verdict, and the
+markdown report of a catalogue."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing statistics (seed 004 section 2): p_active, position entropy, overflow, expert selection.
+"""Routing statistics: p_active, position entropy, overflow, expert selection.
 
 These replace the ">50% of samples" filter: an expert is examined when it is used by at least
 ``p_floor`` of the tokens, or when it is routinely picked at a low-entropy (stable) position, so
@@ -83,7 +83,7 @@ def layer_routing(
     p_active = torch.bincount(index.reshape(-1).long(), minlength=num_experts).double() / max(n, 1)
     positions, ent, share = position_entropy(index, position, num_experts)
     if entropy_thr == "auto":
-        thr = 0.7 * float(ent.median()) if ent.numel() else 0.0  # seed 004 5.1: 0.7 * median(H)
+        thr = 0.7 * float(ent.median()) if ent.numel() else 0.0  # low entropy: at most 0.7 * median(H)
     else:
         thr = float(entropy_thr)
     low_mask = ent <= thr
@@ -106,7 +106,8 @@ def layer_routing(
 
 
 def _stability(index: torch.Tensor, position: torch.Tensor, group: torch.Tensor, num_experts: int, thr: float) -> dict:
-    """Jaccard overlap of the low-entropy position sets of two prompt classes (seed 004 section 8).
+    """Jaccard overlap of the low-entropy position sets of two prompt classes (a checklist item:
+    stable positions should not depend on the kind of prompt).
 
     Compared only over positions scored in both classes. No low-entropy position in either class
     counts as agreement (both say "nothing is stable"), reported as such.

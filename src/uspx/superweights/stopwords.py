@@ -1,4 +1,4 @@
-"""The stopword set S of proxy B (seed 004 section 3.2), built from the model's own tokenizer.
+"""The stopword set S of proxy B (stopword-mass skew), built from the model's own tokenizer.
 
 Super weights in dense models are known to shift probability mass towards stopwords when removed
 (Yu et al. 2024). Which token ids are "stopwords" depends on the tokenizer, so the set is every

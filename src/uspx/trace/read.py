@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uspx.io import Provenance, UspxError, read_json
-from uspx.trace.run import FORMAT
+from uspx.trace.format import FORMAT
 
 
 class Trace(Provenance):

@@ -1,40 +1,40 @@
-"""``uspx trace``: run the model over a workload and write its routing as Parquet shards.
+"""``uspx trace``: run the model over a workload and write its routing as a trace folder.
 
-Layout of a trace folder::
+A model loaded in memory is traced a shard of items at a time: each shard is run through the whole
+model and written, so a killed run resumes at the first shard the manifest does not list. A model
+traced layer by layer (``streaming``) runs every item through one layer before the next; each
+finished layer's routing is staged in ``.streaming/`` and the engine saves the hidden states after
+it, so a killed run resumes at the first layer not done. The shards are assembled once every layer
+is done. Either way the folder format (``uspx.trace.format``) is the same.
 
-    manifest.json        format, uspx version, model and workload fingerprints, options, shards
-    items.parquet        one row per workload item: sample, id, family, split, tokens, completion_start
-    shard-00000.parquet  one row per (real token, MoE layer)
-
-A shard covers a fixed range of workload items and is written atomically, then recorded in the
-manifest (also atomically). A killed run restarts at the first shard the manifest does not list,
-and since shard boundaries and batches depend only on the workload, the result is identical to an
-uninterrupted run.
+With ``reconstruction`` the reconstruction score's per-item sums are computed in the same pass and
+written to ``reconstruction.npz`` (``uspx score`` reads them instead of running the model again).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
-import uspx
-from uspx.io import UspxError, atomic_path, read_json, remove_stale_temps, write_json
-from uspx.models import LoadedModel, adapter_for, load_model
+from uspx.engine import Opened, make_batches, open_source, pad_id_of, run
+from uspx.engine.observers import Reconstruction, Routing
+from uspx.io import UspxError, atomic_path
 from uspx.progress import progress_bar
-from uspx.trace.capture import RoutingRecorder
+from uspx.trace.format import COLUMNS, finish_manifest, open_manifest, rows_table, write_items, write_shard
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
-FORMAT = "uspx-trace/1"
+STAGING = ".streaming"
+RECONSTRUCTION = "reconstruction.npz"
+DEFAULT_BATCH_TOKENS = 2048  # padded positions per batch of a layer-by-layer run
 
 
 def trace(
-    model: str | Path | LoadedModel,
+    model,
     workload: str | Path | Workload,
     out_dir: str | Path,
     *,
@@ -43,73 +43,73 @@ def trace(
     max_length: int | None = None,
     logits: bool = False,
     norms: bool = False,
+    reconstruction: bool = False,
     items_per_shard: int = 64,
     progress: bool = True,
     trust_remote_code: bool = False,
     streaming: bool = False,
-    reconstruction: bool = False,
     dtype: str = "bf16",
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> dict:
     """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
 
-    ``streaming`` runs a gpt_oss checkpoint layer by layer from its safetensors files instead of
-    loading it (models larger than memory; see ``uspx.stream.folder``): same folder format, computed
-    in ``dtype``, with the reconstruction score's sums when ``reconstruction``.
+    ``streaming`` runs the model a decoder layer at a time from its safetensors files, computing in
+    ``dtype`` with batches of about ``batch_tokens`` positions (models larger than memory); the
+    folder is the same either way.
     """
-    if streaming:
-        from uspx.stream.folder import trace_workload_streaming
-
-        if isinstance(model, LoadedModel):
-            raise UspxError("streaming traces read the model folder layer by layer; pass its path, not a loaded model")
-        return trace_workload_streaming(
-            model, workload, out_dir, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
-            norms=norms, reconstruction=reconstruction, items_per_shard=items_per_shard, dtype=dtype,
-            progress=progress,
-        )
-    if reconstruction:
-        raise UspxError("reconstruction sums are recorded by streaming traces only (streaming=True)")
-    lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
+    opened = model if isinstance(model, Opened) else open_source(
+        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     wl = wl.part(split)
-    if lm.tokenizer is None:
-        raise UspxError(f"{lm.source}: no tokenizer files; uspx needs one to read a text workload")
-    adapter = adapter_for(lm.model)
-    max_length = max_length or min(int(getattr(lm.model.config, "max_position_embeddings", 2048)), 2048)
-    encoded = encode(wl, lm.tokenizer, max_length)
+    if opened.tokenizer is None:
+        raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
+    source = opened.source
+    config = source.config
+    max_length = max_length or min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 2048)
+    encoded = encode(wl, opened.tokenizer, max_length)
+    if not encoded:
+        raise UspxError(f"{wl.source}: no items to trace in split {split!r}")
 
     out = Path(out_dir)
-    options = dict(
-        split=split, batch_size=batch_size, max_length=max_length, logits=logits, norms=norms,
-        items_per_shard=items_per_shard,
-    )
-    manifest = _start_manifest(out, lm, adapter, wl, options)
+    options = dict(split=split, batch_size=batch_size, max_length=max_length, logits=logits, norms=norms,
+                   items_per_shard=items_per_shard)
+    if reconstruction:
+        options["reconstruction"] = True
+    if opened.streaming:
+        options.update(streaming=True, dtype=dtype, batch_tokens=batch_tokens)
+    manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
-    if manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists():
-        return manifest  # already finished with the same model, workload and options
+    finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
+    if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
+        return manifest
     write_items(out / "items.parquet", encoded)
-
-    todo_tokens = sum(
-        len(e.input_ids) for e in encoded if e.index // items_per_shard not in done
-    )
     started = time.perf_counter()
-    with progress_bar("tracing", total=todo_tokens, unit="tok", enabled=progress) as bar, torch.no_grad():
-        with RoutingRecorder(adapter, logits=logits, norms=norms) as rec:
-            for s in range(n_shards):
-                if s in done:
-                    continue
-                chunk = encoded[s * items_per_shard : (s + 1) * items_per_shard]
-                table = _trace_chunk(lm.model, rec, adapter, chunk, batch_size, lm.tokenizer, bar)
-                write_shard(out, manifest, s, chunk, table)
-    return finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
+    pad = pad_id_of(opened.tokenizer)
+    if opened.streaming:
+        stats = _trace_layers(opened, encoded, out, options, pad, progress)
+        if stats is not None:
+            manifest["streaming"] = dict(
+                first_layer=stats.layers_run[0] if stats.layers_run else None, hidden_on_disk=stats.hidden_on_disk,
+                seconds_per_layer=[round(t, 3) for t in stats.seconds_per_layer])
+        _write_staged_shards(out, manifest, encoded, source, items_per_shard, done, progress)
+        if reconstruction:
+            _write_reconstruction(out / RECONSTRUCTION, encoded, _staged_reconstruction(out / STAGING, source))
+    else:
+        _trace_shards(opened, encoded, out, manifest, options, pad, done, progress)
+    manifest = finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # the shards hold everything now
+    return manifest
 
 
-def model_info(lm: LoadedModel, adapter) -> dict:
-    """The manifest's ``model`` entry of a loaded model."""
+def model_info(opened: Opened) -> dict:
+    """The manifest's ``model`` entry."""
+    a = opened.source.adapter
     return dict(
-        source=lm.source, label=lm.label, fingerprint=lm.fingerprint, family=adapter.family,
-        model_type=lm.model.config.model_type, moe_layers=[l.index for l in adapter.layers],
-        num_experts=adapter.num_experts, top_k=adapter.top_k,
+        source=opened.path, label=opened.label, fingerprint=opened.fingerprint, family=a.family,
+        model_type=opened.source.config.model_type, moe_layers=[l.index for l in a.layers],
+        num_experts=a.num_experts, top_k=a.top_k,
     )
 
 
@@ -117,164 +117,114 @@ def workload_info(wl: Workload) -> dict:
     return dict(source=wl.source, fingerprint=wl.fingerprint, items=len(wl.items), families=wl.families)
 
 
-def _start_manifest(out: Path, lm: LoadedModel, adapter, wl: Workload, options: dict) -> dict:
-    return open_manifest(out, model_info(lm, adapter), workload_info(wl), options)
+def _moe_layers(source) -> list[int]:
+    return [l.index for l in source.adapter.layers]
 
 
-def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict:
-    """The manifest of a trace folder: the existing one if it matches (to resume), else a new one.
+def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict, options: dict, pad: int, done: set,
+                  progress: bool) -> None:
+    source, per = opened.source, options["items_per_shard"]
+    layers = _moe_layers(source)
+    recon_parts: list[dict] = []
+    n_shards = (len(encoded) + per - 1) // per
+    todo = [s for s in range(n_shards) if s not in done or options.get("reconstruction")]
+    total = sum(len(e.input_ids) for s in todo for e in encoded[s * per : (s + 1) * per])
+    with progress_bar("tracing", total=total, unit="tok", enabled=progress) as bar:
+        for s in todo:
+            chunk = encoded[s * per : (s + 1) * per]
+            n = sum(len(e.input_ids) for e in chunk)
+            routing = Routing(n, logits=options["logits"], norms=options["norms"])
+            observers = [routing]
+            if options.get("reconstruction"):
+                item_of_token = np.repeat(np.arange(len(chunk)), [len(e.input_ids) for e in chunk])
+                observers.append(Reconstruction(item_of_token, len(chunk)))
+            run(source, make_batches(chunk, options["batch_size"], pad, by_length=False), observers, progress=False)
+            if len(observers) > 1:
+                recon_parts.append(observers[1].layers)
+            if s not in done:
+                write_shard(out, manifest, s, chunk, _table(chunk, layers, routing.layers))
+            bar.advance(n)
+    if options.get("reconstruction"):
+        staged = {l: {k: np.concatenate([p[l][k] for p in recon_parts]) for k in recon_parts[0][l]} for l in layers}
+        _write_reconstruction(out / RECONSTRUCTION, encoded, staged)
 
-    Shared by the whole-model and the streaming tracers, so both write the same format.
-    """
-    model_info, workload_info = model, workload
-    path = out / "manifest.json"
-    if path.exists():
-        old = read_json(path)
-        if old.get("format") != FORMAT:
-            raise UspxError(f"{path}: not a uspx trace manifest (format {old.get('format')!r})")
-        for key, new in (("model", model_info), ("workload", workload_info)):
-            if old[key]["fingerprint"] != new["fingerprint"]:
-                raise UspxError(
-                    f"{out} already holds a trace of another {key} ({old[key]['source']}); "
-                    "use another output folder or delete it"
-                )
-        if old["options"] != options:
-            raise UspxError(f"{out} holds a trace made with other options {old['options']}; use another folder")
-        remove_stale_temps(out)  # a killed run's half-written shard or manifest
-        return old
-    if out.exists() and any(out.iterdir()):
-        raise UspxError(f"{out} exists and is not a trace folder; refusing to write into it")
-    manifest = dict(
-        format=FORMAT, uspx_version=uspx.__version__, model=model_info, workload=workload_info,
-        options=options, shards=[], complete=False,
+
+def _table(chunk: list[EncodedItem], layers: list[int], arrays: dict[int, dict[str, np.ndarray]]) -> pa.Table:
+    """Trace rows of the items ``chunk`` from per-layer arrays over their tokens (in item order)."""
+    lengths = [len(e.input_ids) for e in chunk]
+    position = np.concatenate([np.arange(n) for n in lengths])
+    start = np.repeat([e.completion_start for e in chunk], lengths)
+    names = [c for c in COLUMNS if c in arrays[layers[0]]]
+    per_layer = {c: np.stack([np.asarray(arrays[l][c]) for l in layers], axis=1) for c in names}
+    return rows_table(
+        np.repeat([e.index for e in chunk], lengths), position,
+        np.concatenate([np.asarray(e.input_ids) for e in chunk]),
+        np.repeat(np.array([e.family for e in chunk]), lengths),
+        np.repeat(np.array([e.split for e in chunk]), lengths),
+        position >= start, layers, per_layer,
     )
-    write_json(path, manifest)
-    return manifest
 
 
-def write_shard(out: Path, manifest: dict, index: int, chunk: list[EncodedItem], table: pa.Table) -> None:
-    """Write shard ``index`` (items ``chunk``) atomically, then record it in the manifest."""
-    name = f"shard-{index:05d}.parquet"
-    with atomic_path(out / name) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    manifest["shards"].append(
-        dict(index=index, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
-             rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
-    )
-    manifest["shards"].sort(key=lambda x: x["index"])
-    write_json(out / "manifest.json", manifest)
+def _trace_layers(opened: Opened, encoded, out: Path, options: dict, pad: int, progress: bool):
+    """Run every MoE layer not yet staged; each finished layer's arrays go to ``.streaming/``."""
+    source = opened.source
+    stage = out / STAGING
+    layers = _moe_layers(source)
+    if all(_staged(stage, l, "expert_ids") is not None for l in layers) and (
+            not options.get("reconstruction") or all(_staged(stage, l, "reconstruction_error") is not None for l in layers)):
+        return None
+    n = sum(len(e.input_ids) for e in encoded)
+
+    def on_layer(index: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, values in arrays.items():
+            with atomic_path(stage / f"layer-{index:05d}.{name}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, values)
+
+    observers = [Routing(n, logits=options["logits"], norms=options["norms"], on_layer=on_layer)]
+    if options.get("reconstruction"):
+        item_of_token = np.repeat(np.arange(len(encoded)), [len(e.input_ids) for e in encoded])
+        observers.append(Reconstruction(item_of_token, len(encoded), on_layer=on_layer))
+    batches = make_batches(encoded, max(1, options["batch_tokens"]), pad, max_tokens=options["batch_tokens"])
+    stage.mkdir(parents=True, exist_ok=True)
+    return run(source, batches, observers, last_layer=max(layers), state_dir=stage,
+               state_key=dict(options=options, items=len(encoded), tokens=n), progress=progress,
+               label="tracing layer by layer")
 
 
-def finish_manifest(out: Path, manifest: dict, wl_summary: dict, encoded: list[EncodedItem], seconds: float) -> dict:
-    manifest["complete"] = True
-    manifest["summary"] = dict(
-        wl_summary,
-        tokens=sum(len(e.input_ids) for e in encoded),
-        rows=sum(s["rows"] for s in manifest["shards"]),
-        seconds_this_run=round(seconds, 3),
-    )
-    write_json(out / "manifest.json", manifest)
-    return manifest
+def _staged(stage: Path, layer: int, name: str) -> np.ndarray | None:
+    path = stage / f"layer-{layer:05d}.{name}.npy"
+    return np.load(path, mmap_mode="r") if path.exists() else None
 
 
-def write_items(path: Path, encoded: list[EncodedItem]) -> None:
-    table = pa.table(
-        dict(
-            sample=pa.array([e.index for e in encoded], pa.int32()),
-            id=pa.array([e.id for e in encoded], pa.string()),
-            family=pa.array([e.family for e in encoded], pa.string()).dictionary_encode(),
-            split=pa.array([e.split for e in encoded], pa.string()).dictionary_encode(),
-            tokens=pa.array([len(e.input_ids) for e in encoded], pa.int32()),
-            completion_start=pa.array([e.completion_start for e in encoded], pa.int32()),
-        )
-    )
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+def _write_staged_shards(out: Path, manifest: dict, encoded: list[EncodedItem], source, per: int, done: set,
+                         progress: bool) -> None:
+    """Token-major shards from the layer-major staged arrays (memory-mapped, a shard at a time)."""
+    stage = out / STAGING
+    layers = _moe_layers(source)
+    offsets = np.concatenate([[0], np.cumsum([len(e.input_ids) for e in encoded])])
+    names = [c for c in COLUMNS if _staged(stage, layers[0], c) is not None]
+    columns = {c: {l: _staged(stage, l, c) for l in layers} for c in names}
+    n_shards = (len(encoded) + per - 1) // per
+    with progress_bar("writing shards", total=n_shards, unit="shards", enabled=progress) as bar:
+        for s in range(n_shards):
+            if s not in done:
+                first, end = s * per, min((s + 1) * per, len(encoded))
+                a, b = int(offsets[first]), int(offsets[end])
+                arrays = {l: {c: columns[c][l][a:b] for c in names} for l in layers}
+                write_shard(out, manifest, s, encoded[first:end], _table(encoded[first:end], layers, arrays))
+            bar.advance()
 
 
-def batches(items: list[EncodedItem], batch_size: int, pad_id: int) -> list[tuple[list[EncodedItem], torch.Tensor, torch.Tensor]]:
-    """Right-padded batches in workload order: (items, input_ids [B, T], attention_mask [B, T])."""
-    out = []
-    for i in range(0, len(items), batch_size):
-        group = items[i : i + batch_size]
-        width = max(len(e.input_ids) for e in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for r, e in enumerate(group):
-            ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[r, : len(e.input_ids)] = 1
-        out.append((group, ids, mask))
-    return out
+def _staged_reconstruction(stage: Path, source) -> dict[int, dict[str, np.ndarray]]:
+    return {l: {k: np.asarray(_staged(stage, l, k)) for k in ("reconstruction_error", "reconstruction_routed")}
+            for l in _moe_layers(source)}
 
 
-def pad_id_of(tokenizer) -> int:
-    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
-def _trace_chunk(model, rec: RoutingRecorder, adapter, chunk, batch_size, tokenizer, bar) -> pa.Table:
-    layer_ids = [l.index for l in adapter.layers]
-    parts: list[pa.Table] = []
-    for group, ids, mask in batches(chunk, batch_size, pad_id_of(tokenizer)):
-        rec.clear()
-        model(input_ids=ids, attention_mask=mask)
-        real = mask.reshape(-1).bool()  # pad tokens are routed by the model but never recorded
-        parts.append(_rows(group, ids, mask, real, rec, layer_ids))
-        bar.advance(int(real.sum()))
-    return pa.concat_tables(parts)
-
-
-def _rows(group, ids, mask, real, rec: RoutingRecorder, layer_ids: list[int]) -> pa.Table:
-    b, t = ids.shape
-    sample = torch.tensor([e.index for e in group]).unsqueeze(1).expand(b, t).reshape(-1)[real]
-    position = torch.arange(t).unsqueeze(0).expand(b, t).reshape(-1)[real]
-    start = torch.tensor([e.completion_start for e in group]).unsqueeze(1).expand(b, t).reshape(-1)[real]
-    family = np.array([e.family for e in group])[sample.numpy() - group[0].index]
-    split = np.array([e.split for e in group])[sample.numpy() - group[0].index]
-    token = ids.reshape(-1)[real]
-
-    def per_layer(get) -> np.ndarray:  # [n, L, ...] token-major so rows sort by (sample, position, layer)
-        return np.stack([get(rec.layers[i])[real].numpy() for i in layer_ids], axis=1)
-
-    per = dict(
-        expert_ids=per_layer(lambda r: r.index),
-        expert_weights=per_layer(lambda r: r.weights.float()),
-    )
-    if rec.want_logits:
-        per["router_logits"] = per_layer(lambda r: r.logits.float())
-    if rec.want_norms:
-        per["expert_norms"] = per_layer(lambda r: r.norms)
-    return rows_table(sample.numpy(), position.numpy(), token.numpy(), family, split,
-                      (position >= start).numpy(), layer_ids, per)
-
-
-def rows_table(sample: np.ndarray, position: np.ndarray, token: np.ndarray, family: np.ndarray, split: np.ndarray,
-               is_completion: np.ndarray, layer_ids: list[int], per_layer: dict[str, np.ndarray]) -> pa.Table:
-    """Trace rows of ``n`` tokens, one row per (token, layer), token-major.
-
-    Per-token arrays are [n]; ``per_layer`` maps a routing column (expert_ids, expert_weights and
-    optionally router_logits, expert_norms) to [n, L, width]. The one place rows are built, so the
-    whole-model and the streaming tracer write identical columns and types.
-    """
-    n_layers, n = len(layer_ids), len(sample)
-    cols = dict(
-        sample=pa.array(np.repeat(sample, n_layers).astype(np.int32)),
-        position=pa.array(np.repeat(position, n_layers).astype(np.int32)),
-        token_id=pa.array(np.repeat(token, n_layers).astype(np.int32)),
-        family=pa.array(np.repeat(family, n_layers)).dictionary_encode(),
-        split=pa.array(np.repeat(split, n_layers)).dictionary_encode(),
-        is_completion=pa.array(np.repeat(is_completion, n_layers)),
-        layer=pa.array(np.tile(np.array(layer_ids, dtype=np.int16), n)),
-    )
-    dtypes = dict(expert_ids=np.int16, expert_weights=np.float32, router_logits=np.float32, expert_norms=np.float32)
-    for name in ("expert_ids", "expert_weights", "router_logits", "expert_norms"):
-        if name in per_layer:
-            values = per_layer[name]
-            cols[name] = _fixed(values.astype(dtypes[name]), values.shape[-1])
-    return pa.table(cols)
-
-
-def _fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+def _write_reconstruction(path: Path, encoded: list[EncodedItem], per_layer: dict[int, dict[str, np.ndarray]]) -> None:
+    """Per-item sums behind the reconstruction score: error [P, L, E] and routed tokens [P, L, E]."""
+    layers = sorted(per_layer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, samples=np.array([e.index for e in encoded]), layers=np.array(layers),
+                 err=np.stack([per_layer[l]["reconstruction_error"] for l in layers], axis=1),
+                 routed=np.stack([per_layer[l]["reconstruction_routed"] for l in layers], axis=1),
+                 tokens=np.array([len(e.input_ids) for e in encoded]))

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from uspx.io import UspxError, read_json
 from uspx.progress import console
-from uspx.stream.folder import DTYPE_NAMES
-from uspx.stream.trace import DEFAULT_BATCH_TOKENS, predict_peak_memory
+from uspx.engine import compute_dtype
+from uspx.engine.memory import predict_peak_memory
+from uspx.trace.run import DEFAULT_BATCH_TOKENS
 
 _ROWS = (
     ("layer_weights", "one decoder layer, experts dequantized"),
-    ("decode_temporaries", "MXFP4 decoding of one expert"),
+    ("load_temporaries", "loading a layer's experts (stacking, MXFP4 decoding)"),
     ("activations", "one batch through the layer"),
     ("routing_records", "routing of one layer, every token"),
     ("hidden_states", "hidden states of every token"),
@@ -29,14 +30,11 @@ def streaming_plan(path: str | Path, tokens: int, *, seq_len: int = 512, dtype: 
 
     if tokens < 1 or seq_len < 1:
         raise UspxError("--tokens and --seq-len must be at least 1")
-    if dtype not in DTYPE_NAMES:
-        raise UspxError(f"compute dtype must be one of {sorted(DTYPE_NAMES)}, not {dtype!r}")
+    torch_dtype = compute_dtype(dtype)
     config = read_json(Path(path) / "config.json")  # the config alone: no weights need be present
-    if config.get("model_type") != "gpt_oss":
-        raise UspxError(f"{path}: streaming supports gpt_oss checkpoints only, this one is {config.get('model_type')!r}")
-    parts = predict_peak_memory(config, tokens, dtype=DTYPE_NAMES[dtype], batch_tokens=batch_tokens,
+    parts = predict_peak_memory(config, tokens, dtype=torch_dtype, batch_tokens=batch_tokens,
                                 max_seq_len=min(seq_len, tokens), head_tokens=256)
-    whole = estimate(path, "bf16" if DTYPE_NAMES[dtype].itemsize == 2 else "fp32", context=0)
+    whole = estimate(path, "bf16" if torch_dtype.itemsize == 2 else "fp32", context=0)
     return dict(parts, tokens=tokens, seq_len=seq_len, dtype=dtype, whole_model_bytes=whole.weights_bytes)
 
 

@@ -1,0 +1,116 @@
+"""The one batcher: right-padded batches of encoded items, with the rows every observer files under.
+
+Right padding with a causal model leaves every real token's computation unchanged, so batching
+never changes a result; only which items share a forward. Tokens are numbered by their position in
+the concatenation of the items in the caller's order ("token rows"), whatever the batch order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from uspx.workload import EncodedItem
+
+
+@dataclass
+class Batch:
+    """Right-padded items: ``rows[i]`` is the position of ``items[i]`` in the caller's list."""
+
+    rows: list[int]
+    items: list[EncodedItem]
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T] bool: position p predicts a target token p + 1
+    token_rows: np.ndarray  # [B * T] int64: token row of each position, -1 for padding
+    slot: int = 0  # first row of this batch in a hidden-state store (B * T rows, padding included)
+
+    @property
+    def real(self) -> torch.Tensor:
+        """[B*T] bool: real (non-pad) tokens, in the flattened order the MoE layers see."""
+        return self.attention_mask.reshape(-1).bool()
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def loss_mask(items: Sequence[EncodedItem], width: int) -> torch.Tensor:
+    """[B, width] bool: True at predicting positions ``p`` with ``max(s, 1) <= p + 1 <= n - 1``."""
+    mask = torch.zeros((len(items), width), dtype=torch.bool)
+    for r, e in enumerate(items):
+        first = max(e.completion_start, 1) - 1
+        last = len(e.input_ids) - 2
+        if last >= first:
+            mask[r, first : last + 1] = True
+    return mask
+
+
+def n_targets(item: EncodedItem) -> int:
+    return max(0, len(item.input_ids) - max(item.completion_start, 1))
+
+
+def token_offsets(items: Sequence[EncodedItem]) -> np.ndarray:
+    """[n + 1]: item i's tokens are rows ``offsets[i]:offsets[i + 1]``."""
+    return np.concatenate([[0], np.cumsum([len(e.input_ids) for e in items])]).astype(np.int64)
+
+
+def make_batches(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0, *,
+                 by_length: bool = True, max_tokens: int | None = None) -> list[Batch]:
+    """Batches of at most ``batch_size`` items (and, with ``max_tokens``, at most that many padded
+    positions, one item at least); ``by_length`` groups similar lengths (longest first) to waste
+    little compute on padding, else batches follow the items' order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    offsets = token_offsets(items)
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i].input_ids), i)) if by_length else list(range(len(items)))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            last = groups[-1]
+            width = max(len(items[j].input_ids) for j in last + [i])
+            if len(last) < batch_size and (max_tokens is None or (len(last) + 1) * width <= max_tokens):
+                last.append(i)
+                continue
+        groups.append([i])
+    out, slot = [], 0
+    for rows in groups:
+        group = [items[i] for i in rows]
+        width = max(len(e.input_ids) for e in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(group), width), dtype=torch.long)
+        token_rows = np.full((len(group), width), -1, dtype=np.int64)
+        for r, (i, e) in enumerate(zip(rows, group)):
+            n = len(e.input_ids)
+            ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+            att[r, :n] = 1
+            token_rows[r, :n] = np.arange(offsets[i], offsets[i + 1])
+        out.append(Batch(rows, group, ids, att, loss_mask(group, width), token_rows.reshape(-1), slot))
+        slot += ids.numel()
+    return out
+
+
+def target_losses(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (float32) at the batch's target positions, in row-major order.
+
+    ``logits`` holds one row per True position of ``batch.loss_mask``. The mask's last column is
+    always False (nothing follows the last token), so the targets of the True positions, in the same
+    row-major order, are the ids one column to the right.
+    """
+    targets = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def pad_id_of(tokenizer) -> int:
+    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def padded(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0) -> list[tuple[list[EncodedItem], torch.Tensor, torch.Tensor]]:
+    """(items, input_ids, attention_mask) of each batch of :func:`make_batches`, in the items' order."""
+    return [(b.items, b.input_ids, b.attention_mask) for b in make_batches(items, batch_size, pad_id, by_length=False)]

@@ -1,0 +1,233 @@
+"""What a stage measures while the engine runs: observers attached to the MoE layers and the head.
+
+An observer registers hooks on one MoE layer's modules (router, experts, block) when the engine
+asks (``attach``), learns which batch is running (``begin``), may receive the LM logits of the
+batch's target positions (``logits``, when ``wants_logits``), and is told when a layer has seen
+every batch (``layer_done``). It files what it sees under token rows (``Batch.token_rows``), so the
+same observer gives the same numbers whether the model runs whole or a layer at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from uspx.engine.batches import Batch, target_losses
+from uspx.models.base import MoEAdapter, MoELayer
+
+LayerArrays = dict[str, np.ndarray]
+OnLayer = Callable[[int, LayerArrays], None]
+
+_rerun = [False]  # set while an observer re-runs a block: the other hooks must not record it
+
+
+@contextlib.contextmanager
+def rerunning() -> Iterator[None]:
+    _rerun[0] = True
+    try:
+        yield
+    finally:
+        _rerun[0] = False
+
+
+class Observer:
+    wants_logits = False
+
+    def __init__(self) -> None:
+        self.batch: Batch | None = None
+
+    def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
+        """Register hooks on ``layer``'s modules; return their handles."""
+        return []
+
+    def begin(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Logits [n, V] of the True positions of ``batch.loss_mask``, row-major."""
+
+    def layer_done(self, index: int) -> None:
+        """Layer ``index`` has seen every batch."""
+
+
+def _real(batch: Batch) -> tuple[np.ndarray, torch.Tensor]:
+    rows = batch.token_rows
+    return rows[rows >= 0], torch.from_numpy(rows >= 0)
+
+
+class Routing(Observer):
+    """Per token and MoE layer: expert ids and gate weights, highest weight first; optionally the
+    raw router logits and each routed expert's unweighted output norm ``||f_e(x)||_2``.
+
+    Arrays of a layer are handed to ``on_layer`` (then dropped) when it is done, or kept in
+    ``self.layers`` without a callback.
+    """
+
+    def __init__(self, n_tokens: int, *, logits: bool = False, norms: bool = False, on_layer: OnLayer | None = None):
+        super().__init__()
+        self.n, self.want_logits, self.want_norms, self.on_layer = n_tokens, logits, norms, on_layer
+        self.layers: dict[int, LayerArrays] = {}
+
+    def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
+        k, e = layer.top_k, layer.num_experts
+        arrays = dict(expert_ids=np.zeros((self.n, k), np.int32), expert_weights=np.zeros((self.n, k), np.float32))
+        if self.want_logits:
+            arrays["router_logits"] = np.zeros((self.n, e), np.float32)
+        if self.want_norms:
+            arrays["expert_norms"] = np.zeros((self.n, k), np.float32)
+        self.layers.setdefault(layer.index, arrays)
+        handles = [layer.experts.register_forward_pre_hook(self._experts_hook(adapter, layer))]
+        if self.want_logits:
+            handles.append(layer.router.register_forward_hook(self._router_hook(adapter, layer)))
+        return handles
+
+    def _experts_hook(self, adapter: MoEAdapter, layer: MoELayer):
+        def hook(module, args):
+            if _rerun[0]:
+                return
+            hidden, index, weights = args[0], args[1], args[2]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            rows, real = _real(self.batch)
+            index = index.reshape(hidden.shape[0], -1)[real]
+            weights = weights.reshape(hidden.shape[0], -1)[real].float()
+            # rank order, highest weight first (some routers return their top-k unsorted)
+            order = torch.argsort(weights, dim=1, descending=True, stable=True)
+            index, weights = index.gather(1, order), weights.gather(1, order)
+            out = self.layers[layer.index]
+            out["expert_ids"][rows] = index.numpy()
+            out["expert_weights"][rows] = weights.numpy()
+            if self.want_norms:
+                with torch.no_grad():
+                    f = adapter.expert_outputs(layer, hidden[real].detach(), index)
+                out["expert_norms"][rows] = f.float().norm(dim=-1).numpy()
+
+        return hook
+
+    def _router_hook(self, adapter: MoEAdapter, layer: MoELayer):
+        def hook(module, args, output):
+            if _rerun[0]:
+                return
+            logits = adapter.router_logits(output).detach()
+            logits = logits.reshape(-1, logits.shape[-1])
+            rows, real = _real(self.batch)
+            self.layers[layer.index]["router_logits"][rows] = logits[real].float().numpy()
+
+        return hook
+
+    def layer_done(self, index: int) -> None:
+        if self.on_layer is not None and index in self.layers:
+            self.on_layer(index, self.layers.pop(index))
+
+
+class Reconstruction(Observer):
+    """How far each MoE block's output moves when one routed expert is removed.
+
+    For every routed (token, expert): ban that expert for that token in the router (the next expert
+    takes its slot, weights recomputed by the family's routing, as pruning does), re-run the block
+    on the same input and take ``||y - y^{-e}||^2`` in float64. A MoE block treats tokens
+    independently, so every token is re-run once per slot: ``k`` re-runs of the batch, each token
+    banning its slot-``j`` expert, which keeps the expert matmuls as large as the forward's own.
+
+    Per layer, sums per item are handed to ``on_layer`` (or kept): ``reconstruction_error`` [P, E]
+    and ``reconstruction_routed`` [P, E] (routed tokens), with ``item_of_token`` mapping token rows
+    to the P items.
+    """
+
+    def __init__(self, item_of_token: np.ndarray, n_items: int, on_layer: OnLayer | None = None):
+        super().__init__()
+        self.item_of_token, self.p, self.on_layer = item_of_token, n_items, on_layer
+        self.layers: dict[int, LayerArrays] = {}
+        self._index: dict[int, torch.Tensor] = {}
+
+    def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
+        e = layer.num_experts
+        self.layers.setdefault(layer.index, dict(reconstruction_error=np.zeros((self.p, e)),
+                                                 reconstruction_routed=np.zeros((self.p, e), np.int64)))
+
+        def keep_index(module, args):
+            if not _rerun[0]:
+                self._index[layer.index] = args[1].reshape(-1, args[1].shape[-1])
+
+        return [layer.experts.register_forward_pre_hook(keep_index),
+                layer.block.register_forward_hook(self._block_hook(adapter, layer), with_kwargs=True)]
+
+    def _block_hook(self, adapter: MoEAdapter, layer: MoELayer):
+        def hook(module, args, kwargs, output):
+            if _rerun[0]:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1])
+            rows, real = _real(self.batch)
+            x = x[real].detach()
+            y = _first(output).reshape(real.shape[0], -1)[real].double()
+            index = self._index.pop(layer.index)[real].long()
+            e = layer.num_experts
+            out = self.layers[layer.index]
+            items = self.item_of_token[rows]
+            banned = torch.zeros(len(rows), e, dtype=torch.bool)
+            handle = layer.router.register_forward_hook(adapter.reroute_hook(layer, lambda: banned), prepend=True)
+            try:
+                with rerunning(), torch.no_grad():
+                    for slot in range(index.shape[1]):
+                        banned = torch.nn.functional.one_hot(index[:, slot], e).bool()
+                        y_e = _first(module(x[None])).reshape(x.shape)
+                        d = (y - y_e.double()).pow(2).sum(dim=1).numpy()
+                        flat = items * e + index[:, slot].numpy()
+                        out["reconstruction_error"] += np.bincount(flat, weights=d, minlength=self.p * e).reshape(self.p, e)
+                        out["reconstruction_routed"] += np.bincount(flat, minlength=self.p * e).reshape(self.p, e)
+            finally:
+                handle.remove()
+
+        return hook
+
+    def layer_done(self, index: int) -> None:
+        if self.on_layer is not None and index in self.layers:
+            self.on_layer(index, self.layers.pop(index))
+
+
+def _first(output: object) -> torch.Tensor:
+    """A block's hidden-state output (some families return (hidden, router scores))."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index]
+
+
+class TokenLoss(Observer):
+    """Per item: summed next-token loss over its target tokens and their count (the loss every
+    stage measures; targets defined by ``engine.batches.loss_mask``)."""
+
+    wants_logits = True
+
+    def __init__(self, n_items: int, *, argmax: bool = False):
+        super().__init__()
+        self.sum_loss = np.zeros(n_items, np.float64)
+        self.n_tokens = np.zeros(n_items, np.int64)
+        self.argmax: list[torch.Tensor | None] | None = [None] * n_items if argmax else None
+
+    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
+        losses = target_losses(batch, logits).double()
+        owner = torch.nonzero(batch.loss_mask)[:, 0]
+        rows = torch.tensor(batch.rows)[owner].numpy()
+        np.add.at(self.sum_loss, rows, losses.numpy())
+        np.add.at(self.n_tokens, rows, 1)
+        if self.argmax is not None:  # top-1 prediction at each target position, for agreement
+            top = logits.argmax(-1)
+            for r, row in enumerate(batch.rows):
+                self.argmax[row] = top[owner == r].clone()
+
+
+class Logits(Observer):
+    """The float32 logits of every target position, per item (``per_item[i]`` is [n_targets_i, V]);
+    keep the item count small, a logit row is as wide as the vocabulary."""
+
+    wants_logits = True
+
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.per_item: list[torch.Tensor | None] = [None] * n_items
+
+    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
+        owner = torch.nonzero(batch.loss_mask)[:, 0]
+        for r, row in enumerate(batch.rows):
+            self.per_item[row] = logits[owner == r].float().clone()

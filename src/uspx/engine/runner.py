@@ -1,0 +1,201 @@
+"""The engine: run batches through a weight source with observers attached.
+
+A resident source (a model in memory) runs each batch through the whole model; a checkpoint source
+runs every batch through layer 0, then layer 1, and so on, keeping only one layer's weights and the
+hidden states of every token between two layers. Observers see the same calls either way.
+
+A layer-by-layer run given a ``state_dir`` resumes after a kill: after each layer it saves the
+hidden states and the number of layers done (each file atomic), and a run with the same key starts
+at the first layer not done. Observers hand each finished layer to their callbacks before that
+point is saved, so a caller that writes those results atomically loses nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from uspx.engine.batches import Batch
+from uspx.engine.observers import Observer
+from uspx.engine.source import WeightSource
+from uspx.engine.store import HiddenStore
+from uspx.io import UspxError, read_json, write_json
+from uspx.progress import progress_bar
+
+SPILL_SHARE = 0.5  # hidden states go to disk when they would take more than this share of free RAM
+
+
+@dataclass
+class RunStats:
+    layers_run: list[int] = field(default_factory=list)
+    seconds_per_layer: list[float] = field(default_factory=list)
+    hidden_on_disk: bool = False
+
+
+def run(source: WeightSource, batches: Sequence[Batch], observers: Sequence[Observer], *,
+        last_layer: int | None = None, state_dir: str | Path | None = None, state_key: object = None,
+        spill_dir: str | Path | None = None, progress: bool = True, label: str = "running") -> RunStats:
+    """Run ``batches`` through ``source`` with ``observers``; returns timings.
+
+    ``last_layer`` stops a layer-by-layer run after that decoder layer (no observer then wants
+    logits). ``state_dir`` / ``state_key`` make a layer-by-layer run resumable (see the module doc);
+    ``spill_dir`` keeps its hidden states on disk (default: only when RAM would not hold them).
+    """
+    if not batches:
+        raise UspxError("nothing to run: no batches")
+    head = any(o.wants_logits for o in observers)
+    if head and last_layer is not None:
+        raise UspxError("an observer wants logits, which need every layer")
+    with torch.no_grad():
+        if source.resident:
+            return _run_whole(source, batches, observers, head, progress, label)
+        return _run_layers(source, batches, observers, head, last_layer, state_dir, state_key, spill_dir,
+                           progress, label)
+
+
+def _attach(source: WeightSource, observers: Sequence[Observer], index: int) -> list:
+    handles = []
+    for layer in source.adapter.layers:
+        if layer.index == index:
+            for o in observers:
+                handles += o.attach(source.adapter, layer)
+    return handles
+
+
+def _run_whole(source, batches, observers, head: bool, progress: bool, label: str) -> RunStats:
+    stats = RunStats()
+    handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
+    model = source.model
+    try:
+        with progress_bar(label, total=sum(int(b.attention_mask.sum()) for b in batches), unit="tok",
+                          enabled=progress) as bar:
+            for batch in batches:
+                for o in observers:
+                    o.begin(batch)
+                if head and batch.loss_mask.any():
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   logits_to_keep=batch.loss_mask, use_cache=False).logits
+                    if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
+                        logits = logits[batch.loss_mask]
+                    for o in observers:
+                        if o.wants_logits:
+                            o.logits(batch, logits)
+                else:
+                    model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                bar.advance(int(batch.attention_mask.sum()))
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in source.adapter.layers:
+        for o in observers:
+            o.layer_done(layer.index)
+    stats.layers_run = list(range(source.n_layers))
+    return stats
+
+
+def _run_layers(source, batches, observers, head: bool, last_layer: int | None, state_dir, state_key,
+                spill_dir, progress: bool, label: str) -> RunStats:
+    n_layers = source.n_layers
+    last = n_layers - 1 if last_layer is None else int(last_layer)
+    if not 0 <= last < n_layers:
+        raise UspxError(f"last_layer {last_layer} outside 0..{n_layers - 1}")
+    hidden = int(getattr(source.config, "hidden_size", 0) or source.config.d_model)
+    n_rows = batches[-1].slot + batches[-1].size
+    if any(b.slot + b.size > n_rows for b in batches):
+        raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
+    dtype = source.dtype
+    state_dir = Path(state_dir) if state_dir is not None else None
+    key = dict(key=state_key, rows=n_rows, hidden=hidden, dtype=str(dtype), batches=len(batches))
+    start = _resume_point(state_dir, key, last, head)
+
+    tmp_spill = None
+    if spill_dir is None and n_rows * hidden * dtype.itemsize > SPILL_SHARE * _available():
+        tmp_spill = spill_dir = Path(tempfile.mkdtemp(prefix="uspx-hidden-"))
+    store = HiddenStore(n_rows, hidden, dtype, Path(spill_dir) if spill_dir is not None else None)
+    stats = RunStats(hidden_on_disk=store.spilled)
+    try:
+        if start == 0:
+            with source.embedding():
+                for batch in batches:
+                    store.write(_slots(batch), source.embed(batch.input_ids, batch.attention_mask))
+        else:
+            store.load(state_dir / "hidden.bin")
+        with progress_bar(label, total=last + 1, unit="layers", enabled=progress) as bar:
+            bar.advance(start)
+            for index in range(start, last + 1):
+                t0 = time.perf_counter()
+                with source.layer(index) as layer:
+                    handles = _attach(source, observers, index)
+                    try:
+                        for batch in batches:
+                            for o in observers:
+                                o.begin(batch)
+                            args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
+                            b, t = batch.input_ids.shape
+                            x = store.read(_slots(batch)).reshape(b, t, hidden)
+                            out = layer(x, *args, **kwargs)
+                            store.write(_slots(batch), out[0] if isinstance(out, tuple) else out)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                gc.collect()
+                for o in observers:
+                    o.layer_done(index)
+                if state_dir is not None:
+                    _save_state(state_dir, key, index + 1, store, save_hidden=index < last or head)
+                stats.layers_run.append(index)
+                stats.seconds_per_layer.append(time.perf_counter() - t0)
+                bar.advance()
+        if head:
+            with source.head():
+                for batch in batches:
+                    if not batch.loss_mask.any():
+                        continue
+                    for o in observers:
+                        o.begin(batch)
+                    h = store.read(_slots(batch))[batch.loss_mask.reshape(-1)]
+                    logits = source.logits(h)
+                    for o in observers:
+                        if o.wants_logits:
+                            o.logits(batch, logits)
+    finally:
+        store.close()
+        if tmp_spill is not None:
+            shutil.rmtree(tmp_spill, ignore_errors=True)
+    return stats
+
+
+def _slots(batch: Batch) -> np.ndarray:
+    return np.arange(batch.slot, batch.slot + batch.size)
+
+
+def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> int:
+    if state_dir is None or not (state_dir / "state.json").exists():
+        return 0
+    state = read_json(state_dir / "state.json")
+    done = int(state.get("layers_done", 0)) if state.get("key") == key else 0
+    needs_hidden = done <= last or head
+    if done == 0 or (needs_hidden and not (state_dir / "hidden.bin").exists()):
+        return 0
+    return done
+
+
+def _save_state(state_dir: Path, key: dict, done: int, store: HiddenStore, save_hidden: bool) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if save_hidden:
+        store.save(state_dir / "hidden.bin")
+    write_json(state_dir / "state.json", dict(key=key, layers_done=done))
+
+
+def _available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)

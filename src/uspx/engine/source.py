@@ -1,0 +1,275 @@
+"""Where the weights come from: a model in memory, or one decoder layer at a time from its files.
+
+Both sources run a decoder layer with the model's own transformers classes and the arguments the
+model's own forward would pass it (attention masks per layer type, rotary embeddings, position
+ids). Those arguments are captured by running the base model's forward with every decoder layer
+replaced by a recorder that passes the hidden states through: the family's masking, sliding
+windows, embedding scale and rotary code run exactly as in a whole-model forward, and nothing here
+knows how a family builds them.
+
+A checkpoint source builds the model's skeleton with parameters on the meta device (no memory),
+materialises one module at a time from the safetensors files through transformers' own checkpoint
+conversion (per-expert tensors on disk become the fused expert parameters of the loaded class),
+and puts it back on the meta device when done. Quantized expert tensors are decoded by the
+family's adapter, for the experts that will run only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from uspx.engine.checkpoint import Checkpoint
+from uspx.io import UspxError
+from uspx.models import MoEAdapter, adapter_class, adapter_for
+
+
+class _Stop(Exception):
+    """Raised by the last recorder a capture needs: the rest of the forward is not run."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during a capture: keeps its inputs, returns them."""
+
+    def __init__(self, index: int, sink: dict, stop_at: int):
+        super().__init__()
+        self.index, self.sink, self.stop_at = index, sink, stop_at
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.index] = (hidden_states, args, kwargs)
+        if self.index >= self.stop_at:
+            raise _Stop
+        return hidden_states
+
+
+class WeightSource:
+    """What the engine runs: decoder layers, their call arguments, and the LM head."""
+
+    adapter: MoEAdapter
+    model: nn.Module
+    resident: bool  # every weight is in memory: the engine may run a batch through all layers at once
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.adapter.decoder_layers(self.model)
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its weights in memory for the duration of the block."""
+        yield self.decoder_layers[index]
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """Final norm and LM head in memory for the duration of the block."""
+        yield
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Input of decoder layer 0: the family's embedding and any scale applied to it (inside
+        ``with source.embedding()``)."""
+        return self._capture(attention_mask, 0, input_ids=input_ids)[0][0]
+
+    def layer_call(self, attention_mask: torch.Tensor, index: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """(extra positional args, keyword args) the model's forward passes to decoder layer ``index``."""
+        b, t = attention_mask.shape
+        hidden = int(getattr(self.config, "hidden_size", 0) or self.config.d_model)
+        embeds = torch.zeros(b, t, hidden, dtype=dtype)
+        _, args, kwargs = self._capture(attention_mask, index, inputs_embeds=embeds)[index]
+        return args, kwargs
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits of final hidden states (inside ``with source.head()``)."""
+        return self.adapter.head_logits(self.model, hidden)
+
+    def _capture(self, attention_mask: torch.Tensor, stop_at: int, **inputs) -> dict:
+        layers = self.decoder_layers
+        sink: dict = {}
+        real = list(layers)
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, sink, stop_at)
+        try:
+            self.model.base_model(attention_mask=attention_mask, use_cache=False, **inputs)
+        except _Stop:
+            pass
+        finally:
+            for i, module in enumerate(real):
+                layers[i] = module
+        return sink
+
+    @contextmanager
+    def embedding(self) -> Iterator[None]:
+        """The embedding in memory for the duration of the block."""
+        yield
+
+
+class InMemory(WeightSource):
+    """A loaded transformers model: every layer is already there."""
+
+    resident = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapter = adapter_for(model)
+
+
+class FromCheckpoint(WeightSource):
+    """A model folder read one module at a time, computing in ``dtype``.
+
+    ``experts``: per MoE layer, the experts a run can route to (a restricted run); quantized
+    experts outside it are never decoded, so they cost no memory.
+    """
+
+    resident = False
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                 experts: Mapping[int, Sequence[int]] | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt = Checkpoint(path)
+        self.path = self.ckpt.path
+        self.dtype = dtype
+        self.experts = experts
+        cls = adapter_class(str(self.ckpt.config.get("model_type")))
+        cls.check_streamable(self.ckpt.config, self.path)
+        config = AutoConfig.from_pretrained(self.path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # decoded per layer by the adapter, not by transformers
+        # parameters on the meta device, buffers (rotary tables) computed for real
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.adapter = cls(self.model)
+        self._targets = self._target_names()
+
+    def _target_names(self) -> dict[str, str]:
+        """Checkpoint tensor name -> the model parameter it becomes (transformers' own renaming)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self._mapping = get_model_conversion_mapping(self.model)
+        renamings = [m for m in self._mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self._mapping if isinstance(m, WeightConverter)]
+        meta = self.model.state_dict()
+        out = {}
+        for name in self.ckpt.weight_map:
+            decoded = self.adapter.decoded_name(name)
+            target, _ = rename_source_key(decoded, renamings, converters, self.model.base_model_prefix, meta)
+            if target not in meta and decoded in meta:
+                target = decoded
+            out[name] = target
+        return out
+
+    def target_of(self, name: str) -> str:
+        """The model parameter a stored tensor becomes (its first one, for fused conversions)."""
+        return self._targets[name]
+
+    def stored_expert_bytes(self) -> list[int]:
+        """Per MoE layer, the bytes one expert takes in the files as stored (its slice of every
+        expert and router tensor, quantized blocks and scales included): what pruning it saves."""
+        out = []
+        for layer in self.adapter.layers:
+            prefixes = [f"{layer.name}.experts."] + [f"{layer.name}.{self.adapter.router_attr}.{p}"
+                                                      for p in self.adapter.router_expert_params]
+            total = sum(self.ckpt.spec(n).nbytes for n, t in self._targets.items() if t.startswith(tuple(prefixes)))
+            out.append(total // layer.num_experts)
+        self.ckpt.close()
+        return out
+
+    def _names_under(self, prefix: str) -> list[str]:
+        return [n for n, t in self._targets.items() if t.startswith(prefix)]
+
+    def _materialise(self, prefix: str, experts: Sequence[int] | None = None) -> None:
+        """Load every parameter under module path ``prefix`` (with a trailing dot) from the files."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        names = self._names_under(prefix)
+        if not names:
+            raise UspxError(f"{self.path}: no tensors for {prefix.rstrip('.')}")
+        state = self.adapter.read_tensors(self.ckpt, names, self.dtype, experts)
+        self.ckpt.close()  # unmap the shards: touched pages would otherwise stay in RSS all run
+        cfg = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self._mapping, device_map={"": "cpu"})
+        with _quiet():
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, cfg)
+        missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
+        mismatched = sorted(str(k) for k in info.mismatched_keys)
+        if missing or mismatched or info.conversion_errors:
+            raise UspxError(
+                f"{self.path}: tensors for {prefix.rstrip('.')} do not match the model class "
+                f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}; wrong shape {mismatched[:4]}; "
+                f"errors {info.conversion_errors})"
+            )
+
+    def _release(self, module: nn.Module) -> None:
+        module.to("meta")
+
+    def _module_prefix(self, module: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name + "."
+        raise UspxError("module is not part of the model")
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        module = self.decoder_layers[index]
+        experts = None if self.experts is None else self.experts.get(index)
+        self._materialise(self._module_prefix(module), experts)
+        try:
+            yield module
+        finally:
+            self._release(module)
+
+    @contextmanager
+    def embedding(self) -> Iterator[None]:
+        module = self.model.get_input_embeddings()
+        self._materialise(self._module_prefix(module))
+        try:
+            yield
+        finally:
+            self._release(module)
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        norm = self.adapter.final_norm(self.model)
+        lm_head = self.model.get_output_embeddings()
+        self._materialise(self._module_prefix(norm))
+        prefix = self._module_prefix(lm_head)
+        if self._names_under(prefix):
+            self._materialise(prefix)
+        else:  # tied embeddings: the head is the embedding table
+            embedding = self.model.get_input_embeddings()
+            self._materialise(self._module_prefix(embedding))
+            lm_head.weight = embedding.weight
+        try:
+            yield
+        finally:
+            self._release(norm)
+            self._release(lm_head)
+            self._release(self.model.get_input_embeddings())
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' loader draws a progress bar per call; one per layer would flood the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+

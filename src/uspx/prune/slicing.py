@@ -1,0 +1,156 @@
+"""Slice a checkpoint on disk to a kept set of experts, tensor by tensor, in its stored precision.
+
+Which stored tensor holds which expert comes from the model class (transformers' own checkpoint
+conversion names the parameter each stored tensor becomes): a stored tensor that becomes part of
+a MoE layer's experts or router is either one expert's own (``...experts.<e>...`` in its name: kept
+ones are renamed to their new index, the others dropped) or a fused tensor whose dim 0 holds the
+experts one after the other (sliced; quantized blocks and scales alike, since each expert's bytes are
+independent). Everything else is copied as stored. Nothing is dequantized or cast, so the pruned
+file is the original minus the dropped experts.
+
+Kept experts keep their order: new expert ``j`` is the ``j``-th smallest kept id. Where the plan
+keeps fewer experts in some layers than the file holds per layer, filler experts pad the layer;
+the family's adapter gives their values (so that the router can never pick them) or refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from uspx.engine.checkpoint import INDEX_NAME, TensorSpec, make_readable, write_safetensors
+from uspx.engine.source import FromCheckpoint
+from uspx.io import UspxError, read_json, write_json
+
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+@dataclass
+class _Slice:
+    name: str  # new name
+    spec: TensorSpec
+    source: str  # stored name it comes from
+    slots: list[int] | None = None  # fused: original expert id per new slot (None: copy as stored)
+    rows_per_expert: int = 1
+    fill: float | None = None  # per-expert tensor of a filler expert: every value this
+    fillers: set[int] = field(default_factory=set)  # fused: original ids whose slots are fillers
+    filler_value: float = 0.0
+
+
+@dataclass
+class Layout:
+    """What the sliced checkpoint holds: its config and, per stored file, the tensors to write."""
+
+    config: dict
+    files: dict[str, list[_Slice]]
+    fillers: dict[int, list[int]]  # per layer: original ids used as never-routed fillers
+
+    def tensor_bytes(self) -> int:
+        return sum(s.spec.nbytes for slices in self.files.values() for s in slices)
+
+
+def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) -> Layout:
+    """The layout of ``source`` cut to ``kept`` (every MoE layer named), ``width`` experts per layer."""
+    adapter, ckpt = source.adapter, source.ckpt
+    slots: dict[str, list[int]] = {}  # MoE layer module name -> original ids, in new order
+    fillers: dict[int, list[int]] = {}
+    moe = {}
+    for layer in adapter.layers:
+        ids = sorted(int(e) for e in kept[layer.index])
+        spare = [e for e in range(layer.num_experts) if e not in set(ids)][: width - len(ids)]
+        if spare and adapter.pad_mechanism is None:
+            raise UspxError(
+                f"{adapter.family}: a non-uniform plan needs never-routed filler experts (it keeps {len(ids)} experts in "
+                f"layer {layer.index} but {width} per layer are exported), and this family's router has no "
+                "per-expert bias to disable them; export a plan with the same count in every layer"
+            )
+        fillers[layer.index] = spare
+        slots[layer.name] = sorted(ids + spare)
+        moe[layer.name] = layer
+    # through the config class, so that every alias of the count is set (qwen3_moe writes both
+    # num_experts and num_local_experts); the family's own checks run there too (deepseek's groups)
+    config = adapter.pruned_config(width).to_diff_dict()
+    if "quantization_config" in ckpt.config:  # decoded by uspx per layer, stored as it was
+        config["quantization_config"] = copy.deepcopy(ckpt.config["quantization_config"])
+
+    files: dict[str, list[_Slice]] = {}
+    for name, file in sorted(ckpt.weight_map.items()):
+        target = source.target_of(name)
+        spec = ckpt.spec(name)
+        layer = _owner(target, moe, adapter)
+        out = files.setdefault(file, [])
+        if layer is None:
+            out.append(_Slice(name, spec, name))
+            continue
+        order, dead = slots[layer.name], set(fillers[layer.index])
+        fill = adapter.filler_value(target)
+        per = _PER_EXPERT.search(name)
+        if per is not None:
+            e = int(per.group(1))
+            if e in order:
+                new = name[: per.start()] + f".experts.{order.index(e)}." + name[per.end():]
+                out.append(_Slice(new, spec, name, fill=fill if e in dead else None))
+            continue
+        n = layer.num_experts
+        if not spec.shape or spec.shape[0] % n:
+            raise UspxError(f"{ckpt.path}: {name} has {spec.shape[0] if spec.shape else 0} rows on dim 0, "
+                            f"not a multiple of the {n} experts")
+        rows = spec.shape[0] // n
+        new_spec = TensorSpec(name, (width * rows, *spec.shape[1:]), spec.dtype)
+        out.append(_Slice(name, new_spec, name, slots=order, rows_per_expert=rows, fillers=dead,
+                          filler_value=fill if dead else 0.0))
+    return Layout(config, files, fillers)
+
+
+def _owner(target: str, moe: dict, adapter):
+    """The MoE layer whose experts or router the parameter ``target`` belongs to (None: neither)."""
+    for name, layer in moe.items():
+        if target.startswith(f"{name}.experts."):
+            return layer
+        if any(target == f"{name}.{adapter.router_attr}.{p}" for p in adapter.router_expert_params):
+            return layer
+    return None
+
+
+def write_layout(source: FromCheckpoint, layout: Layout, out: Path) -> int:
+    """Write the sliced tensors (stored file names kept), the index and config.json; returns the
+    bytes of tensor data written."""
+    ckpt = source.ckpt
+    by_name = {s.name: s for slices in layout.files.values() for s in slices}
+
+    def produce(spec: TensorSpec) -> Iterator[torch.Tensor]:
+        s = by_name[spec.name]
+        if s.fill is not None:
+            yield torch.full(s.spec.shape, s.fill, dtype=s.spec.dtype)
+        elif s.slots is None:
+            yield ckpt.get(s.source)
+        else:  # one expert at a time: bounded memory whatever the tensor's size
+            r = s.rows_per_expert
+            for e in s.slots:
+                if e in s.fillers:
+                    yield torch.full((r, *s.spec.shape[1:]), s.filler_value, dtype=s.spec.dtype)
+                else:
+                    yield ckpt.rows(s.source, e * r, (e + 1) * r)
+
+    total = 0
+    weight_map: dict[str, str] = {}
+    with ckpt:
+        for file, slices in layout.files.items():
+            specs = [TensorSpec(s.name, s.spec.shape, s.spec.dtype) for s in slices]
+            write_safetensors(out / file, specs, produce)
+            total += sum(s.nbytes for s in specs)
+            weight_map.update({s.name: file for s in specs})
+    if (ckpt.path / INDEX_NAME).exists():
+        index = read_json(ckpt.path / INDEX_NAME)
+        write_json(out / INDEX_NAME, {"metadata": {**index.get("metadata", {}), "total_size": total},
+                                      "weight_map": weight_map})
+        make_readable(out / INDEX_NAME)
+    write_json(out / "config.json", layout.config)
+    make_readable(out / "config.json")
+    return total
+

@@ -1,0 +1,133 @@
+"""The trace folder format: manifest, items table and Parquet shards.
+
+Layout of a trace folder::
+
+    manifest.json        format, uspx version, model and workload fingerprints, options, shards
+    items.parquet        one row per workload item: sample, id, family, split, tokens, completion_start
+    shard-00000.parquet  one row per (real token, MoE layer)
+
+A shard covers a fixed range of workload items and is written atomically, then recorded in the
+manifest (also atomically). A run restarted with the same arguments skips the shards the manifest
+lists, so a killed run ends with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import uspx
+from uspx.io import UspxError, atomic_path, read_json, remove_stale_temps, write_json
+from uspx.workload import EncodedItem
+
+FORMAT = "uspx-trace/1"
+COLUMNS = ("expert_ids", "expert_weights", "router_logits", "expert_norms")
+
+
+def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict:
+    """The manifest of a trace folder: the existing one if it matches (to resume), else a new one.
+
+    A folder holding nothing but temporary files of an interrupted first write is empty.
+    """
+    model_info, workload_info = model, workload
+    path = out / "manifest.json"
+    if path.exists():
+        old = read_json(path)
+        if old.get("format") != FORMAT:
+            raise UspxError(f"{path}: not a uspx trace manifest (format {old.get('format')!r})")
+        for key, new in (("model", model_info), ("workload", workload_info)):
+            if old[key]["fingerprint"] != new["fingerprint"]:
+                raise UspxError(
+                    f"{out} already holds a trace of another {key} ({old[key]['source']}); "
+                    "use another output folder or delete it"
+                )
+        if old["options"] != options:
+            raise UspxError(f"{out} holds a trace made with other options {old['options']}; use another folder")
+        remove_stale_temps(out)  # a killed run's half-written shard or manifest
+        return old
+    if out.is_dir():
+        first = [p for p in out.iterdir() if p.name.startswith(".manifest.json.") and p.name.endswith(".tmp")]
+        if first and len(first) == len(list(out.iterdir())):
+            for p in first:  # a run killed while writing its first manifest: nothing else was written
+                p.unlink()
+    if out.exists() and any(out.iterdir()):
+        raise UspxError(f"{out} exists and is not a trace folder; refusing to write into it")
+    manifest = dict(
+        format=FORMAT, uspx_version=uspx.__version__, model=model_info, workload=workload_info,
+        options=options, shards=[], complete=False,
+    )
+    write_json(path, manifest)
+    return manifest
+
+
+def write_shard(out: Path, manifest: dict, index: int, chunk: list[EncodedItem], table: pa.Table) -> None:
+    """Write shard ``index`` (items ``chunk``) atomically, then record it in the manifest."""
+    name = f"shard-{index:05d}.parquet"
+    with atomic_path(out / name) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    manifest["shards"].append(
+        dict(index=index, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
+             rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
+    )
+    manifest["shards"].sort(key=lambda x: x["index"])
+    write_json(out / "manifest.json", manifest)
+
+
+def finish_manifest(out: Path, manifest: dict, wl_summary: dict, encoded: list[EncodedItem], seconds: float) -> dict:
+    manifest["complete"] = True
+    manifest["summary"] = dict(
+        wl_summary,
+        tokens=sum(len(e.input_ids) for e in encoded),
+        rows=sum(s["rows"] for s in manifest["shards"]),
+        seconds_this_run=round(seconds, 3),
+    )
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def write_items(path: Path, encoded: list[EncodedItem]) -> None:
+    table = pa.table(
+        dict(
+            sample=pa.array([e.index for e in encoded], pa.int32()),
+            id=pa.array([e.id for e in encoded], pa.string()),
+            family=pa.array([e.family for e in encoded], pa.string()).dictionary_encode(),
+            split=pa.array([e.split for e in encoded], pa.string()).dictionary_encode(),
+            tokens=pa.array([len(e.input_ids) for e in encoded], pa.int32()),
+            completion_start=pa.array([e.completion_start for e in encoded], pa.int32()),
+        )
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def rows_table(sample: np.ndarray, position: np.ndarray, token: np.ndarray, family: np.ndarray, split: np.ndarray,
+               is_completion: np.ndarray, layer_ids: list[int], per_layer: dict[str, np.ndarray]) -> pa.Table:
+    """Trace rows of ``n`` tokens, one row per (token, layer), token-major.
+
+    Per-token arrays are [n]; ``per_layer`` maps a routing column (expert_ids, expert_weights and
+    optionally router_logits, expert_norms) to [n, L, width]. The one place rows are built, so the
+    whole-model and the layer-by-layer tracer write identical columns and types.
+    """
+    n_layers, n = len(layer_ids), len(sample)
+    cols = dict(
+        sample=pa.array(np.repeat(sample, n_layers).astype(np.int32)),
+        position=pa.array(np.repeat(position, n_layers).astype(np.int32)),
+        token_id=pa.array(np.repeat(token, n_layers).astype(np.int32)),
+        family=pa.array(np.repeat(family, n_layers)).dictionary_encode(),
+        split=pa.array(np.repeat(split, n_layers)).dictionary_encode(),
+        is_completion=pa.array(np.repeat(is_completion, n_layers)),
+        layer=pa.array(np.tile(np.array(layer_ids, dtype=np.int16), n)),
+    )
+    dtypes = dict(expert_ids=np.int16, expert_weights=np.float32, router_logits=np.float32, expert_norms=np.float32)
+    for name in ("expert_ids", "expert_weights", "router_logits", "expert_norms"):
+        if name in per_layer:
+            values = per_layer[name]
+            cols[name] = _fixed(values.astype(dtypes[name]), values.shape[-1])
+    return pa.table(cols)
+
+
+def _fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)

@@ -245,3 +245,33 @@ def test_cli_prune_keeps_mxfp4_refuses_an_occupied_folder(mxfp4_dir, tmp_path):
     assert res.exit_code == 0, res.output
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg["quantization_config"]["quant_method"] == "mxfp4" and out_cfg["num_local_experts"] == 4
+
+
+def test_sequential_calibration_scores_each_layer_after_pruning_the_ones_before(tmp_path, workload, one_thread):
+    from uspx.engine import InMemory
+    from uspx.score.reconstruction import reconstruction_sums
+    from uspx.workload import encode, load_workload
+
+    src = save_tiny("mixtral", tmp_path / "src")
+    trace(src, workload, tmp_path / "t", split="calibration", norms=True, progress=False)
+    one = score(src, tmp_path / "t", workload, tmp_path / "a", methods=["reconstruction", "reap"], bootstrap=0,
+                progress=False).to_pandas()
+    # keeping every expert prunes nothing: the sequential pass gives the one-pass scores
+    same = score(src, tmp_path / "t", workload, tmp_path / "b", methods=["reconstruction", "reap"], bootstrap=0,
+                 progress=False, sequential=8).to_pandas()
+    np.testing.assert_allclose(same.value, one.value, rtol=1e-5, atol=1e-9)
+    # keeping 3: layer 0 is scored as before; layer 1 as the model with layer 0 restricted computes it
+    seq = score(src, tmp_path / "t", workload, tmp_path / "c", methods=["reconstruction"], bootstrap=0,
+                progress=False, sequential=3)
+    kept0 = seq.meta["options"]["sequential"]["kept"]["reconstruction"]["0"]
+    top0 = one[(one.method == "reconstruction") & (one.layer == 0)].sort_values(["value", "expert"], ascending=[False, True])
+    assert kept0 == sorted(top0.expert[:3].tolist())
+    got = seq.to_pandas()
+    np.testing.assert_allclose(got[got.layer == 0].value, one[(one.method == "reconstruction") & (one.layer == 0)].value,
+                               rtol=1e-5)
+    lm = load_model(src)
+    items = [e for e in encode(load_workload(workload).part("calibration"), lm.tokenizer, 2048)]
+    with adapter_for(lm.model).restrict({0: kept0}):
+        err, _ = reconstruction_sums(InMemory(lm.model), items, pad_id=0, progress=False)
+    tokens = sum(len(e.input_ids) for e in items)
+    np.testing.assert_allclose(got[got.layer == 1].value, err[:, 1].sum(0) / tokens, rtol=1e-5, atol=1e-12)

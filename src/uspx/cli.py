@@ -143,6 +143,7 @@ def score(
     batch_size: int = typer.Option(8),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
@@ -150,10 +151,10 @@ def score(
     from uspx.score import score as run_score
     from uspx.score.api import default_methods
 
-    chosen = _csv(methods) or (default_methods(trace_dir) if streaming else METHODS)
+    chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
     table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
-                      streaming=streaming, dtype=compute_dtype)
+                      streaming=streaming, dtype=compute_dtype, sequential=sequential)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -267,6 +268,7 @@ def extract(
     no_speed: bool = typer.Option(False, "--no-speed"),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
@@ -275,7 +277,7 @@ def extract(
     run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
-                streaming=streaming, dtype=compute_dtype)
+                streaming=streaming, dtype=compute_dtype, sequential=sequential)
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 

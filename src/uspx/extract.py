@@ -63,12 +63,14 @@ def extract(
     trust_remote_code: bool = False,
     streaming: bool = False,
     dtype: str = "bf16",
+    sequential: bool = False,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
     ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
     safetensors files, computing in ``dtype``, with the local score methods; the export slices the
-    files in their stored precision either way (MXFP4 stays MXFP4).
+    files in their stored precision either way (MXFP4 stays MXFP4). ``sequential`` scores each
+    layer with the layers before it already pruned to the kept count (local methods).
     """
     from uspx.engine import compute_dtype, open_source
     from uspx.evaluate import evaluate
@@ -85,7 +87,7 @@ def extract(
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise UspxError(f"unknown score method {method!r}; choose from {', '.join(METHODS)}")
-    if streaming and method not in LOCAL_METHODS:
+    if (streaming or sequential) and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
     if budget is not None:
@@ -113,7 +115,8 @@ def extract(
     console.rule(f"uspx extract{' (layer by layer)' if streaming else ''}: {opened.label} for {wl.source}")
     # the reconstruction sums come out of the tracing pass itself: no second pass over the model
     trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
-          norms=method in NORM_METHODS, reconstruction=method == "reconstruction", progress=progress)
+          norms=method in NORM_METHODS, reconstruction=method == "reconstruction" and not sequential,
+          progress=progress)
     stage("trace")
 
     scores_dir = out / "scores"
@@ -123,9 +126,18 @@ def extract(
         table.check(model=opened.fingerprint, workload=wl.fingerprint)
         if method not in table.methods:
             table = None
+    n_keep = None
+    if sequential:  # the count every layer will keep, known before scoring
+        from uspx.plan import fit_experts
+
+        n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
+            Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
+        ).require().experts_per_layer)
+    if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != n_keep:
+        table = None  # scored the other way (one pass vs sequential, or another count)
     if table is None:
         table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, sequential=n_keep)
     stage("score")
 
     plan = select_experts(

@@ -32,8 +32,8 @@ def generate_routing(lm, adapter: MoEAdapter, prompt_ids: list[int], new_tokens:
     with RoutingRecorder(adapter) as rec:
         for _ in range(new_tokens):
             rec.clear()
-            res = lm.model(input_ids=inp, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = lm.model(input_ids=inp, cache=past, use_cache=True)
+            past = res.cache
             ids_steps.append(np.stack([rec.layers[l].index[-1].numpy() for l in layers]))
             w_steps.append(np.stack([rec.layers[l].weights[-1].float().numpy() for l in layers]))
             nxt = int(res.logits[0, -1].argmax())

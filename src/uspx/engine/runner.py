@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
 from uspx.progress import progress_bar
 
+Decide = Callable[[int], Sequence[int] | None]
 SPILL_SHARE = 0.5  # hidden states go to disk when they would take more than this share of free RAM
 
 
@@ -42,12 +43,18 @@ class RunStats:
 
 def run(source: WeightSource, batches: Sequence[Batch], observers: Sequence[Observer], *,
         last_layer: int | None = None, state_dir: str | Path | None = None, state_key: object = None,
-        spill_dir: str | Path | None = None, progress: bool = True, label: str = "running") -> RunStats:
+        spill_dir: str | Path | None = None, decide: Decide | None = None, progress: bool = True,
+        label: str = "running") -> RunStats:
     """Run ``batches`` through ``source`` with ``observers``; returns timings.
 
     ``last_layer`` stops a layer-by-layer run after that decoder layer (no observer then wants
     logits). ``state_dir`` / ``state_key`` make a layer-by-layer run resumable (see the module doc);
     ``spill_dir`` keeps its hidden states on disk (default: only when RAM would not hold them).
+
+    ``decide(index)`` makes the run sequential (layer by layer, also for a model in memory): once
+    the observers have seen MoE layer ``index``, it returns the experts to keep there (or None), and
+    the layer runs again restricted to them to give the next layer its inputs, so every later layer
+    is observed on a model whose earlier layers are already pruned.
     """
     if not batches:
         raise UspxError("nothing to run: no batches")
@@ -55,10 +62,10 @@ def run(source: WeightSource, batches: Sequence[Batch], observers: Sequence[Obse
     if head and last_layer is not None:
         raise UspxError("an observer wants logits, which need every layer")
     with torch.no_grad():
-        if source.resident:
+        if source.resident and decide is None:
             return _run_whole(source, batches, observers, head, progress, label)
         return _run_layers(source, batches, observers, head, last_layer, state_dir, state_key, spill_dir,
-                           progress, label)
+                           decide, progress, label)
 
 
 def _attach(source: WeightSource, observers: Sequence[Observer], index: int) -> list:
@@ -102,7 +109,7 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
 
 
 def _run_layers(source, batches, observers, head: bool, last_layer: int | None, state_dir, state_key,
-                spill_dir, progress: bool, label: str) -> RunStats:
+                spill_dir, decide: Decide | None, progress: bool, label: str) -> RunStats:
     n_layers = source.n_layers
     last = n_layers - 1 if last_layer is None else int(last_layer)
     if not 0 <= last < n_layers:
@@ -112,6 +119,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
     if any(b.slot + b.size > n_rows for b in batches):
         raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
     dtype = source.dtype
+    moe = {l.index for l in source.adapter.layers}
     state_dir = Path(state_dir) if state_dir is not None else None
     key = dict(key=state_key, rows=n_rows, hidden=hidden, dtype=str(dtype), batches=len(batches))
     start = _resume_point(state_dir, key, last, head)
@@ -132,23 +140,21 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
             bar.advance(start)
             for index in range(start, last + 1):
                 t0 = time.perf_counter()
+                sequential = decide is not None and index in moe
                 with source.layer(index) as layer:
                     handles = _attach(source, observers, index)
                     try:
-                        for batch in batches:
-                            for o in observers:
-                                o.begin(batch)
-                            args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
-                            b, t = batch.input_ids.shape
-                            x = store.read(_slots(batch)).reshape(b, t, hidden)
-                            out = layer(x, *args, **kwargs)
-                            store.write(_slots(batch), out[0] if isinstance(out, tuple) else out)
+                        _layer_pass(source, layer, index, batches, observers, store, hidden, dtype, write=not sequential)
                     finally:
                         for h in handles:
                             h.remove()
+                    for o in observers:
+                        o.layer_done(index)
+                    if sequential:
+                        kept = decide(index)
+                        with source.adapter.restrict({index: list(kept)} if kept is not None else {}):
+                            _layer_pass(source, layer, index, batches, [], store, hidden, dtype, write=True)
                 gc.collect()
-                for o in observers:
-                    o.layer_done(index)
                 if state_dir is not None:
                     _save_state(state_dir, key, index + 1, store, save_hidden=index < last or head)
                 stats.layers_run.append(index)
@@ -171,6 +177,18 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
         if tmp_spill is not None:
             shutil.rmtree(tmp_spill, ignore_errors=True)
     return stats
+
+
+def _layer_pass(source, layer, index: int, batches, observers, store: HiddenStore, hidden: int,
+                dtype: torch.dtype, write: bool) -> None:
+    for batch in batches:
+        for o in observers:
+            o.begin(batch)
+        args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
+        b, t = batch.input_ids.shape
+        out = layer(store.read(_slots(batch)).reshape(b, t, hidden), *args, **kwargs)
+        if write:
+            store.write(_slots(batch), out[0] if isinstance(out, tuple) else out)
 
 
 def _slots(batch: Batch) -> np.ndarray:

@@ -122,6 +122,10 @@ class InMemory(WeightSource):
         self.model = model
         self.adapter = adapter_for(model)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
 
 class FromCheckpoint(WeightSource):
     """A model folder read one module at a time, computing in ``dtype``.

@@ -33,11 +33,11 @@ def decode_seconds(runner: Runner, prompt: torch.Tensor, new_tokens: int) -> flo
     """Seconds for ``new_tokens`` greedy steps with the KV cache (the prefill is not counted)."""
     with runner.context():
         out = runner.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        past, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = runner.model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = runner.model(input_ids=nxt, cache=past, use_cache=True)
+            past, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
         return time.perf_counter() - start
 
 

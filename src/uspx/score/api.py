@@ -12,12 +12,14 @@ import pyarrow as pa
 import uspx
 from uspx.io import UspxError
 from uspx.engine import open_source
+from uspx.plan.select import parse_keep
 from uspx.models import LoadedModel
 from uspx.progress import progress_bar
 from uspx.score.ablation import run_ablation
 from uspx.score.baseline import Baseline, run_baseline
 from uspx.score.bootstrap import Factor, estimate
 from uspx.score.reconstruction import reconstruction_sums, traced_sums
+from uspx.score.sequential import sequential_sums
 from uspx.score.table import FORMAT, ScoreTable, build_table
 from uspx.score.taylor import run_taylor
 from uspx.score.trace_stats import RouterStats, stats_from_trace
@@ -67,6 +69,7 @@ def score(
     trust_remote_code: bool = False,
     streaming: bool = False,
     dtype: str = "bf16",
+    sequential: str | int | None = None,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -76,10 +79,12 @@ def score(
     prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
     ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
     "natural". ``streaming`` reads the model a decoder layer at a time (computing in ``dtype``),
-    which allows the local methods only (:data:`LOCAL_METHODS`).
+    which allows the local methods only (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
+    layer: a count or a share) scores each layer on the model with its earlier layers pruned by the
+    same method to that many experts (``uspx.score.sequential``; local methods, one pass per method).
     """
     methods = _check_methods(methods)
-    if streaming:
+    if streaming or sequential is not None:
         whole = [m for m in methods if m not in LOCAL_METHODS]
         if whole:
             raise UspxError(
@@ -104,6 +109,7 @@ def score(
     lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
     tr.check(model=lm.fingerprint, workload=traced.fingerprint)
     adapter = lm.source.adapter
+    n_keep = parse_keep(sequential, adapter.num_experts) if sequential is not None else None
     layers = [l.index for l in adapter.layers]
     if list(tr.moe_layers) != layers or tr.num_experts != adapter.num_experts:
         raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
@@ -120,7 +126,7 @@ def score(
 
     # ----- trace-based -----------------------------------------------------------------------------
     trace_stats: RouterStats | None = None
-    from_trace = [m for m in methods if m == "frequency" or (m in NORM_METHODS and has_norms)]
+    from_trace = [] if n_keep is not None else [m for m in methods if m == "frequency" or (m in NORM_METHODS and has_norms)]
     if from_trace:
         t0 = time.perf_counter()
         trace_stats = stats_from_trace(tr, split, norms=has_norms and any(m in NORM_METHODS for m in methods))
@@ -137,6 +143,17 @@ def score(
             raise UspxError(f"{lm.path}: no tokenizer; model-based scores need one")
         items = _items(tr, traced, lm.tokenizer, split, max_tokens, seed)
         pad_id = pad_id_of(lm.tokenizer)
+    if n_keep is not None:
+        sequential_kept = {}
+        for m in model_methods:
+            t0 = time.perf_counter()
+            sums = sequential_sums(lm.source, items, m, n_keep, pad_id=pad_id, batch_size=batch_size, progress=progress)
+            seconds[f"sequential_{m}"] = time.perf_counter() - t0
+            f = (Factor(sums.err, sums.stats.tokens[:, None, None].astype(float)) if m == "reconstruction"
+                 else getattr(sums.stats, m)())
+            add(m, [f], (sums.routed if m == "reconstruction" else sums.stats.count).sum(0), len(items))
+            sequential_kept[m] = {str(l): v for l, v in sums.kept.items()}
+        model_methods = []
     if "reconstruction" in model_methods:
         t0 = time.perf_counter()
         sums = traced_sums(tr, np.array([e.index for e in items])) if tr.manifest["options"].get("reconstruction") else None
@@ -201,6 +218,7 @@ def score(
         options=dict(
             split=split, max_tokens=max_tokens, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
             streaming=streaming, dtype=dtype if streaming else None,
+            sequential=dict(keep=n_keep, kept=sequential_kept) if n_keep is not None else None,
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",

@@ -5,8 +5,10 @@
 Prints the median CPU time (process time: what this process computed, all threads summed, so other
 jobs on a shared machine disturb it far less than wall time) and wall time of each variant over
 interleaved repeats, and their ratios to the plain forward:
+a plain forward without the LM head (the decoder stack only, which is what ``uspx trace`` runs),
 hooks only (ids + weights), + router logits, + expert output norms, and the whole ``uspx trace``
-(rows built and Parquet shards written) against a plain forward loop over the same batches.
+(rows built and Parquet shards written) against a plain forward loop over the same batches. The
+last line gives the whole trace against the headless forward too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def main() -> None:
         for _, ids, mask in groups:
             lm.model(input_ids=ids, attention_mask=mask)
 
+    def base_only() -> None:  # what ``uspx trace`` runs: the decoder stack, no LM head
+        for _, ids, mask in groups:
+            lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+
     def hooked(**kw):
         def run() -> None:
             with RoutingRecorder(adapter, **kw) as rec:
@@ -68,6 +74,7 @@ def main() -> None:
 
     variants = {
         "plain forward": plain,
+        "plain forward, no LM head": base_only,
         "hooks: ids + weights": hooked(),
         "hooks: + router logits": hooked(logits=True),
         "hooks: + expert norms": hooked(norms=True),
@@ -94,6 +101,11 @@ def main() -> None:
     for name in variants:
         c, w = statistics.median(cpu[name]), statistics.median(times[name])
         print(f"{name:48s} {c:8.3f} {c / cpu_base:6.3f} {w:8.3f} {w / base:6.3f} {n_tokens / w:7.0f}")
+    # the trace runs the decoder stack only (no LM head), so its fair baseline is the headless forward
+    name = "uspx trace (ids + weights, Parquet written)"
+    c0, w0 = statistics.median(cpu["plain forward, no LM head"]), statistics.median(times["plain forward, no LM head"])
+    print(f"uspx trace / plain forward without the LM head: cpu {statistics.median(cpu[name]) / c0:.3f}, "
+          f"wall {statistics.median(times[name]) / w0:.3f}")
 
 
 if __name__ == "__main__":

@@ -273,3 +273,22 @@ def test_predict_peak_memory_20b_and_30b_shapes():
                 head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
     q = predict_peak_memory(qwen, 2048)
     assert 1.2e9 < q["layer_weights"] < 1.3e9  # 128 * 4.72M expert params + attention, bf16
+
+
+def test_lm_head_in_chunks_gives_the_same_losses_and_logits(tmp_path, monkeypatch, one_thread):
+    import uspx.engine.runner as runner
+
+    path = save_tiny("olmoe", tmp_path / "o")
+    items = _items(100, lengths=(9, 14, 5))
+
+    def measure():
+        loss, logits = TokenLoss(len(items), argmax=True), Logits(len(items))
+        run(FromCheckpoint(path, torch.float32), make_batches(items, 3), [loss, logits], progress=False)
+        return loss, logits
+
+    whole_loss, whole_logits = measure()
+    monkeypatch.setattr(runner, "HEAD_ROWS", 4)  # every batch's 25 target positions in 7 pieces
+    loss, logits = measure()
+    np.testing.assert_allclose(loss.sum_loss, whole_loss.sum_loss, rtol=1e-6)
+    for a, b, c, d in zip(logits.per_item, whole_logits.per_item, loss.argmax, whole_loss.argmax):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(c, d) and len(c) == len(a)

@@ -74,6 +74,9 @@ def test_trace_equals_transformers_routing(family, tmp_path):
             got_ids = np.stack(got["expert_ids"].to_numpy())
             got_w = np.stack(got["expert_weights"].to_numpy())
             assert np.array_equal(np.sort(got_ids, 1), np.sort(idx.numpy(), 1)), (family, layer)
+            # rank order, highest weight first, whatever order the router returned them in
+            ref_w = w.float().numpy()
+            assert np.allclose(got_w, -np.sort(-ref_w, 1), atol=1e-6), (family, layer)
             order_got, order_ref = np.argsort(got_ids, 1), np.argsort(idx.numpy(), 1)
             np.testing.assert_allclose(
                 np.take_along_axis(got_w, order_got, 1), np.take_along_axis(w.float().numpy(), order_ref, 1), atol=1e-5

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from uspx.io import UspxError, read_json, sha256_json, write_json
+from uspx.io import UspxError, sha256_json, write_json
 from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import Workload, load_workload
@@ -206,7 +206,3 @@ def print_report(report: dict) -> None:
     console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']})")
     for reason in acc["reasons"]:
         console.print(f"  {reason}")
-
-
-def load_report(path: str | Path) -> dict:
-    return read_json(Path(path) / "report.json" if Path(path).is_dir() else path)

@@ -79,10 +79,9 @@ def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_re
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    from uspx.models.loading import BUNDLED_TEACHER
+    from uspx.models.loading import model_label
 
-    label = "uspx teacher (trained on real text)" if path == BUNDLED_TEACHER else str(path)
-    return Opened(source, tokenizer, str(path), model_fingerprint(path), label)
+    return Opened(source, tokenizer, str(path), model_fingerprint(path), model_label(path))
 
 
 __all__ = ["Batch", "FromCheckpoint", "InMemory", "Opened", "RunStats", "WeightSource", "compute_dtype",

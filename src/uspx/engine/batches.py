@@ -93,14 +93,14 @@ def make_batches(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0,
     return out
 
 
-def target_losses(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+def target_losses(batch: Batch, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Next-token cross-entropy (float32) at the batch's target positions, in row-major order.
 
-    ``logits`` holds one row per True position of ``batch.loss_mask``. The mask's last column is
-    always False (nothing follows the last token), so the targets of the True positions, in the same
-    row-major order, are the ids one column to the right.
+    ``logits`` holds one row per True position of ``batch.loss_mask``, from the ``start``-th on. The
+    mask's last column is always False (nothing follows the last token), so the targets of the True
+    positions, in the same row-major order, are the ids one column to the right.
     """
-    targets = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
+    targets = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]][start : start + len(logits)]
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 

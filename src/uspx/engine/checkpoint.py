@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
@@ -22,20 +22,14 @@ from uspx.io import UspxError, atomic_path, read_json, write_json
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-# safetensors dtype tags <-> torch dtypes (only those gpt-oss checkpoints and uspx use)
-_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
+# safetensors dtype tags <-> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
-}
-_TAGS = {v: k for k, v in _DTYPES.items()}
+}  # fmt: skip
+_TAGS = {v: k for k, v in DTYPES.items()}
 
 
 def dtype_tag(dtype: torch.dtype) -> str:
@@ -206,7 +200,7 @@ class Checkpoint:
         if name not in self.weight_map:
             raise UspxError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         sl = self._open(self.weight_map[name]).get_slice(name)
-        return TensorSpec(name, tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])  # header only: stays open
+        return TensorSpec(name, tuple(sl.get_shape()), DTYPES[sl.get_dtype()])  # header only: stays open
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor along dim 0, read without loading the rest."""
@@ -226,9 +220,3 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def chunked(tensor_rows: Callable[[int, int], torch.Tensor], n_rows: int, rows_per_chunk: int) -> Iterator[torch.Tensor]:
-    """Yield ``tensor_rows(a, b)`` for consecutive row ranges covering ``0..n_rows``."""
-    for a in range(0, n_rows, max(1, rows_per_chunk)):
-        yield tensor_rows(a, min(a + rows_per_chunk, n_rows))

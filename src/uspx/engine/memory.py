@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-HEAD_VOCAB_CHUNK = 1 << 15
 RUNTIME_BYTES = 640 * 2**20  # python, torch, transformers, accelerate and pyarrow themselves
 
 

@@ -46,8 +46,9 @@ class Observer:
     def begin(self, batch: Batch) -> None:
         self.batch = batch
 
-    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
-        """Logits [n, V] of the True positions of ``batch.loss_mask``, row-major."""
+    def logits(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> None:
+        """Logits [n, V] of the True positions ``start .. start + n`` of ``batch.loss_mask``, row-major
+        (a batch's positions may come in several calls)."""
 
     def layer_done(self, index: int) -> None:
         """Layer ``index`` has seen every batch."""
@@ -205,16 +206,18 @@ class TokenLoss(Observer):
         self.n_tokens = np.zeros(n_items, np.int64)
         self.argmax: list[torch.Tensor | None] | None = [None] * n_items if argmax else None
 
-    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
-        losses = target_losses(batch, logits).double()
-        owner = torch.nonzero(batch.loss_mask)[:, 0]
+    def logits(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> None:
+        losses = target_losses(batch, logits, start).double()
+        owner = torch.nonzero(batch.loss_mask)[start : start + len(logits), 0]
         rows = torch.tensor(batch.rows)[owner].numpy()
         np.add.at(self.sum_loss, rows, losses.numpy())
         np.add.at(self.n_tokens, rows, 1)
         if self.argmax is not None:  # top-1 prediction at each target position, for agreement
             top = logits.argmax(-1)
-            for r, row in enumerate(batch.rows):
-                self.argmax[row] = top[owner == r].clone()
+            for r in owner.unique().tolist():
+                row = batch.rows[r]
+                part = top[owner == r]
+                self.argmax[row] = part if self.argmax[row] is None or start == 0 else torch.cat([self.argmax[row], part])
 
 
 class Logits(Observer):
@@ -227,7 +230,8 @@ class Logits(Observer):
         super().__init__()
         self.per_item: list[torch.Tensor | None] = [None] * n_items
 
-    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
-        owner = torch.nonzero(batch.loss_mask)[:, 0]
-        for r, row in enumerate(batch.rows):
-            self.per_item[row] = logits[owner == r].float().clone()
+    def logits(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> None:
+        owner = torch.nonzero(batch.loss_mask)[start : start + len(logits), 0]
+        for r in owner.unique().tolist():
+            row, part = batch.rows[r], logits[owner == r].float().clone()
+            self.per_item[row] = part if self.per_item[row] is None or start == 0 else torch.cat([self.per_item[row], part])

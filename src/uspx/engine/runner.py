@@ -31,7 +31,8 @@ from uspx.io import UspxError, read_json, write_json
 from uspx.progress import progress_bar
 
 Decide = Callable[[int], Sequence[int] | None]
-SPILL_SHARE = 0.5  # hidden states go to disk when they would take more than this share of free RAM
+SPILL_SHARE = 0.5
+HEAD_ROWS = 256  # target positions sent through the LM head at once  # hidden states go to disk when they would take more than this share of free RAM
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
     last = n_layers - 1 if last_layer is None else int(last_layer)
     if not 0 <= last < n_layers:
         raise UspxError(f"last_layer {last_layer} outside 0..{n_layers - 1}")
-    hidden = int(getattr(source.config, "hidden_size", 0) or source.config.d_model)
+    hidden = int(source.config.hidden_size)
     n_rows = batches[-1].slot + batches[-1].size
     if any(b.slot + b.size > n_rows for b in batches):
         raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
@@ -168,10 +169,11 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                     for o in observers:
                         o.begin(batch)
                     h = store.read(_slots(batch))[batch.loss_mask.reshape(-1)]
-                    logits = source.logits(h)
-                    for o in observers:
-                        if o.wants_logits:
-                            o.logits(batch, logits)
+                    for start in range(0, h.shape[0], HEAD_ROWS):  # logits are vocabulary-wide
+                        logits = source.logits(h[start : start + HEAD_ROWS])
+                        for o in observers:
+                            if o.wants_logits:
+                                o.logits(batch, logits, start)
     finally:
         store.close()
         if tmp_spill is not None:

@@ -83,7 +83,7 @@ class WeightSource:
     def layer_call(self, attention_mask: torch.Tensor, index: int, dtype: torch.dtype) -> tuple[tuple, dict]:
         """(extra positional args, keyword args) the model's forward passes to decoder layer ``index``."""
         b, t = attention_mask.shape
-        hidden = int(getattr(self.config, "hidden_size", 0) or self.config.d_model)
+        hidden = int(self.config.hidden_size)
         embeds = torch.zeros(b, t, hidden, dtype=dtype)
         _, args, kwargs = self._capture(attention_mask, index, inputs_embeds=embeds)[index]
         return args, kwargs
@@ -146,7 +146,6 @@ class FromCheckpoint(WeightSource):
         self.dtype = dtype
         self.experts = experts
         cls = adapter_class(str(self.ckpt.config.get("model_type")))
-        cls.check_streamable(self.ckpt.config, self.path)
         config = AutoConfig.from_pretrained(self.path)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # decoded per layer by the adapter, not by transformers

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -147,10 +147,6 @@ class MoEAdapter:
         if self.logits_divisor_field is not None:
             logits = logits / float(_get_field(self.config, self.logits_divisor_field))
         return logits
-
-    @classmethod
-    def check_streamable(cls, config: Mapping, path: object) -> None:
-        """Refuse, with the reason, a checkpoint that cannot be run a decoder layer at a time."""
 
     @classmethod
     def decoded_name(cls, name: str) -> str:
@@ -335,9 +331,3 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """Top-k on logits, then softmax over the k (gpt_oss, granitemoe)."""
     values, index = torch.topk(logits, k, dim=-1)
     return torch.softmax(values, dim=-1, dtype=values.dtype), index
-
-
-def all_families() -> Iterable[str]:
-    from uspx.models import ADAPTERS
-
-    return ADAPTERS.keys()

@@ -86,8 +86,12 @@ def load_model(
     tokenizer = None
     if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    label = "uspx teacher (trained on real text)" if path == BUNDLED_TEACHER else str(path)
-    return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), label)
+    return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), model_label(path))
+
+
+def model_label(path: Path) -> str:
+    """What outputs call the model in ``path``."""
+    return "uspx teacher (trained on real text)" if Path(path) == BUNDLED_TEACHER else str(path)
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -110,12 +114,3 @@ def model_fingerprint(path: str | Path) -> str:
             h.update(fh.read(_SAMPLE))
         files.append([f.name, size, h.hexdigest()])
     return sha256_json({"config": config, "files": files})
-
-
-def module_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of an in-memory model (small models only: hashes every parameter)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import torch
 
+from uspx.engine.checkpoint import DTYPES, INDEX_NAME
 from uspx.io import UspxError, read_json
 
-INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -48,9 +42,6 @@ class WeightFiles:
     def tensor_bytes(self) -> int:
         """Bytes of tensor data: the files minus their headers (what a size prediction models)."""
         return sum(n for _, _, n in self.tensors.values())
-
-    def dtype_tags(self) -> dict[str, str]:
-        return {name: tag for name, (tag, _, _) in self.tensors.items()}
 
     def main_float_dtype(self) -> torch.dtype:
         """The floating dtype holding the most bytes: the checkpoint's precision."""

@@ -5,7 +5,8 @@ A one-pass score sees every layer's inputs as the original model computes them; 
 inputs of later layers change. Here the engine runs layer by layer: once a layer has been observed,
 its ``keep`` best experts by ``method`` are kept and the layer runs again restricted to them, so the
 next layer is observed on the pruned model's hidden states. Every local method's sums come out of
-the same pass (routing for frequency, REAP and EAN; block re-runs for reconstruction).
+the same pass (routing for frequency, REAP and EAN; block re-runs for reconstruction, when that is
+the deciding method).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from uspx.workload import EncodedItem
 @dataclass
 class SequentialSums:
     stats: RouterStats  # routing sums of the sequentially pruned model (norms included)
-    err: np.ndarray  # [P, L, E] reconstruction sums
+    err: np.ndarray  # [P, L, E] reconstruction sums (zero unless the method was reconstruction)
     routed: np.ndarray  # [P, L, E]
     kept: dict[int, list[int]]  # what each layer kept while the next ones were observed
 
@@ -61,8 +62,9 @@ def sequential_sums(source: WeightSource, items: list[EncodedItem], method: str,
         kept[index] = sorted(order[:keep])
         return kept[index]
 
-    observers = [Routing(len(item_of_token), norms=True, on_layer=on_routing),
-                 Reconstruction(item_of_token, len(items), on_layer=on_reconstruction)]
+    observers = [Routing(len(item_of_token), norms=True, on_layer=on_routing)]
+    if method == "reconstruction":  # block re-runs cost k forwards of the layer's experts: only when used
+        observers.append(Reconstruction(item_of_token, len(items), on_layer=on_reconstruction))
     batches = (make_batches(items, batch_size, pad_id) if source.resident
                else make_batches(items, DEFAULT_BATCH_TOKENS, pad_id, max_tokens=DEFAULT_BATCH_TOKENS))
     run(source, batches, observers, last_layer=max(layers), decide=decide, progress=progress,

@@ -158,6 +158,24 @@ def test_resume_removes_temp_files_of_a_killed_write(tmp_path, tiny_gpt_oss_dir)
     assert Trace(tmp_path / "t").table().equals(before)
 
 
+def test_a_kill_during_the_first_manifest_write_resumes(tmp_path, tiny_gpt_oss_dir):
+    """The folder then holds only the manifest's temporary file: nothing was written, so the run
+    starts as in an empty folder (and a folder with anything else of the user's is still refused)."""
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS[:3])
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / ".manifest.json.k1ll.tmp").write_text('{"format": "uspx-tr')
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "ref", progress=False)
+    assert Trace(tmp_path / "t").table().equals(Trace(tmp_path / "ref").table())
+    assert not list((tmp_path / "t").glob(".*.tmp"))
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / ".manifest.json.k1ll.tmp").write_text("{")
+    (tmp_path / "u" / "mine.txt").write_text("user file")
+    with pytest.raises(UspxError, match="not a trace folder"):
+        trace(tiny_gpt_oss_dir, wl, tmp_path / "u", progress=False)
+    assert (tmp_path / "u" / "mine.txt").exists()
+
+
 def test_refuses_folder_of_another_model_or_foreign_files(tmp_path, tiny_gpt_oss_dir):
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS[:3])
     trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)

@@ -181,14 +181,13 @@ class FromCheckpoint(WeightSource):
     def stored_expert_bytes(self) -> list[int]:
         """Per MoE layer, the bytes one expert takes in the files as stored (its slice of every
         expert and router tensor, quantized blocks and scales included): what pruning it saves."""
-        out = []
-        for layer in self.adapter.layers:
-            prefixes = [f"{layer.name}.experts."] + [f"{layer.name}.{self.adapter.router_attr}.{p}"
-                                                      for p in self.adapter.router_expert_params]
-            total = sum(self.ckpt.spec(n).nbytes for n, t in self._targets.items() if t.startswith(tuple(prefixes)))
-            out.append(total // layer.num_experts)
+        total = {l.index: 0 for l in self.adapter.layers}
+        for name, target in self._targets.items():
+            layer = self.adapter.pruned_with_expert(target)
+            if layer is not None:
+                total[layer.index] += self.ckpt.spec(name).nbytes
         self.ckpt.close()
-        return out
+        return [total[l.index] // l.num_experts for l in self.adapter.layers]
 
     def _names_under(self, prefix: str) -> list[str]:
         return [n for n, t in self._targets.items() if t.startswith(prefix)]

@@ -77,6 +77,7 @@ class MoEAdapter:
     decoder_layers_attr: ClassVar[str] = "layers"  # the decoder layers' ModuleList in the base model
     final_norm_attr: ClassVar[str] = "norm"  # the norm before the LM head, in the base model
     logits_divisor_field: ClassVar[str | None] = None  # config field the LM head's logits are divided by
+    per_expert_name: ClassVar[str] = r"\.experts\.(\d+)\."  # a stored tensor of one expert: its id
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -159,6 +160,15 @@ class MoEAdapter:
         """Checkpoint tensors ``names`` as the model class loads them (quantized ones decoded to
         ``dtype``; with ``experts``, only those experts need be decoded)."""
         return {n: ckpt.get(n) for n in names}
+
+    def pruned_with_expert(self, param: str) -> MoELayer | None:
+        """The MoE layer whose experts parameter ``param`` (a model parameter name) is sliced with:
+        its routed experts' tensors and the router's per-expert rows. None for everything else."""
+        for layer in self._layers:
+            if param.startswith(f"{layer.name}.experts.") or any(
+                    param == f"{layer.name}.{self.router_attr}.{p}" for p in self.router_expert_params):
+                return layer
+        return None
 
     @classmethod
     def filler_value(cls, param: str) -> float:

@@ -27,8 +27,6 @@ from uspx.engine.checkpoint import INDEX_NAME, TensorSpec, make_readable, write_
 from uspx.engine.source import FromCheckpoint
 from uspx.io import UspxError, read_json, write_json
 
-_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-
 
 @dataclass
 class _Slice:
@@ -59,7 +57,7 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
     adapter, ckpt = source.adapter, source.ckpt
     slots: dict[str, list[int]] = {}  # MoE layer module name -> original ids, in new order
     fillers: dict[int, list[int]] = {}
-    moe = {}
+    per_expert = re.compile(adapter.per_expert_name)
     for layer in adapter.layers:
         ids = sorted(int(e) for e in kept[layer.index])
         spare = [e for e in range(layer.num_experts) if e not in set(ids)][: width - len(ids)]
@@ -71,7 +69,6 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
             )
         fillers[layer.index] = spare
         slots[layer.name] = sorted(ids + spare)
-        moe[layer.name] = layer
     # through the config class, so that every alias of the count is set (qwen3_moe writes both
     # num_experts and num_local_experts); the family's own checks run there too (deepseek's groups)
     config = adapter.pruned_config(width).to_diff_dict()
@@ -82,14 +79,14 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
     for name, file in sorted(ckpt.weight_map.items()):
         target = source.target_of(name)
         spec = ckpt.spec(name)
-        layer = _owner(target, moe, adapter)
+        layer = adapter.pruned_with_expert(target)
         out = files.setdefault(file, [])
         if layer is None:
             out.append(_Slice(name, spec, name))
             continue
         order, dead = slots[layer.name], set(fillers[layer.index])
         fill = adapter.filler_value(target)
-        per = _PER_EXPERT.search(name)
+        per = per_expert.search(name)
         if per is not None:
             e = int(per.group(1))
             if e in order:
@@ -105,16 +102,6 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
         out.append(_Slice(name, new_spec, name, slots=order, rows_per_expert=rows, fillers=dead,
                           filler_value=fill if dead else 0.0))
     return Layout(config, files, fillers)
-
-
-def _owner(target: str, moe: dict, adapter):
-    """The MoE layer whose experts or router the parameter ``target`` belongs to (None: neither)."""
-    for name, layer in moe.items():
-        if target.startswith(f"{name}.experts."):
-            return layer
-        if any(target == f"{name}.{adapter.router_attr}.{p}" for p in adapter.router_expert_params):
-            return layer
-    return None
 
 
 def write_layout(source: FromCheckpoint, layout: Layout, out: Path) -> int:

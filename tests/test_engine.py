@@ -17,7 +17,8 @@ from uspx.engine.observers import Logits, Reconstruction, Routing, TokenLoss
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError
 from uspx.models import adapter_for
-from uspx.models.synthetic import gpt_oss_config, tensor_specs, checkpoint_bytes, write_gpt_oss
+from uspx.models.synthetic import (checkpoint_bytes, gpt_oss_config, qwen3_moe_config, qwen3_moe_tensor_specs,
+                                   tensor_specs, write_gpt_oss, write_qwen3_moe)
 from uspx.testing import TINY_CONFIGS
 from uspx.workload import EncodedItem
 
@@ -194,6 +195,52 @@ def test_synthetic_layout_matches_transformers_gpt_oss():
                 expected[name] = tuple(t.shape)
         assert {s.name: s.shape for s in tensor_specs(cfg)} == expected
     assert 12.7 < checkpoint_bytes(gpt_oss_config("20b")) / 2**30 < 12.9  # the published one is 12.8 GiB
+
+
+def test_synthetic_qwen3_moe_is_what_transformers_writes(tmp_path, one_thread):
+    """write_qwen3_moe's files load with stock from_pretrained (no missing, unexpected or mismatched
+    keys) and hold the names, shapes and dtypes transformers' own save_pretrained writes; the
+    checkpoint runs layer by layer as the stock load runs whole."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = write_qwen3_moe(tmp_path / "q", num_layers=3, scale="tiny", mlp_only_layers=[1], max_shard_bytes=20_000)
+    assert len(Checkpoint(path).files()) > 1
+    model = _load(path)  # asserts no missing / unexpected / mismatched keys
+
+    def layout(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                out.update({k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()})
+        return out
+
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    reference.save_pretrained(tmp_path / "ref")
+    assert layout(path) == layout(tmp_path / "ref")
+
+    items = _items(128)
+    whole, layered = _observe(InMemory(model), items), _observe(FromCheckpoint(path, torch.float32), items)
+    assert sorted(whole[0]) == [0, 2]
+    for layer in whole[0]:
+        np.testing.assert_array_equal(layered[0][layer]["expert_ids"], whole[0][layer]["expert_ids"])
+    np.testing.assert_allclose(layered[2].sum_loss, whole[2].sum_loss, rtol=1e-5)
+
+    # full size: Qwen3-30B-A3B's shapes, per-expert tensors stacked as transformers' model holds them
+    cfg = qwen3_moe_config(2)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    specs = {s.name: s.shape for s in qwen3_moe_tensor_specs(cfg)}
+    stacked = {n: t for n, t in specs.items() if ".experts." not in n}
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts."
+        e, (i, h) = cfg["num_experts"], specs[p + "0.gate_proj.weight"]
+        assert all(specs[f"{p}{x}.{w}.weight"] == ((h, i) if w == "down_proj" else (i, h))
+                   for x in range(e) for w in ("gate_proj", "up_proj", "down_proj"))
+        stacked[p + "gate_up_proj"], stacked[p + "down_proj"] = (e, 2 * i, h), (e, h, i)
+    assert stacked == {n: tuple(t.shape) for n, t in full.state_dict().items()}
+    assert specs["model.layers.0.mlp.experts.127.down_proj.weight"] == (2048, 768)
+    assert specs["lm_head.weight"] == (151936, 2048)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

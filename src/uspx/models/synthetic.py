@@ -1,9 +1,12 @@
-"""Random gpt-oss checkpoints with the real file layout: config, tensor names, shapes, dtypes, MXFP4.
+"""Random checkpoints with the real file layout: config, tensor names, shapes, dtypes, MXFP4.
 
 ``write_gpt_oss(folder, scale="20b")`` writes a 12.8 GiB stand-in for openai/gpt-oss-20b (same
 config.json, same tensor names, uint8 MXFP4 experts, bf16 everything else) for memory and speed
-benchmarks; ``scale="tiny"`` writes the same layout at toy size for tests. Values are random: the
-files exercise loading, streaming and pruning, never model quality.
+benchmarks; ``scale="tiny"`` writes the same layout at toy size for tests.
+``write_qwen3_moe(folder, num_layers=4)`` writes Qwen3-30B-A3B's layers at their real shapes (bf16,
+one tensor per expert and projection, as the published checkpoints store them), but only
+``num_layers`` decoder layers. Values are random: the files exercise loading, streaming and
+pruning, never model quality.
 
 Tensor layout (transformers' gpt_oss MXFP4 loader reads exactly these names, see
 ``Mxfp4HfQuantizer.serialized_names``): per layer ``mlp.experts.gate_up_proj_blocks`` uint8
@@ -188,7 +191,7 @@ def _random_values(name: str, shape: tuple[int, ...], gen: torch.Generator, std:
     x = torch.randn(shape, generator=gen)
     if "norm" in name:
         x = 1.0 + 0.1 * x
-    elif "router.weight" in name:
+    elif "router.weight" in name or name.endswith("mlp.gate.weight"):  # gpt_oss / qwen3_moe routers
         x = x * (1.0 if std > 0.05 else 0.1)  # decisive routing: logit gaps well above rounding noise
     elif "sinks" in name:
         x = x * 0.5
@@ -225,3 +228,141 @@ def write_gpt_oss(out_dir: str | os.PathLike, scale: str = "20b", *, seed: int =
 def checkpoint_bytes(cfg: dict) -> int:
     """Bytes of tensor data a gpt-oss MXFP4 checkpoint of this config holds (headers excluded)."""
     return sum(s.nbytes for s in tensor_specs(cfg))
+
+
+# config.json of Qwen/Qwen3-30B-A3B as published (transformers 4.51 format: ``num_experts``, which
+# transformers 5 maps to ``num_local_experts``; ``rope_theta`` becomes ``rope_parameters`` on load).
+QWEN3_30B_A3B_CONFIG: dict = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# The same layout at toy size, for tests.
+QWEN3_TINY_OVERRIDES: dict = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 16,
+    "head_dim": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 128,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "max_position_embeddings": 256,
+}
+
+QWEN3_SCALES = {"30b-a3b": {}, "tiny": QWEN3_TINY_OVERRIDES}
+
+
+def qwen3_moe_config(num_layers: int = 4, scale: str = "30b-a3b", **overrides: object) -> dict:
+    """A qwen3_moe config.json dict: Qwen3-30B-A3B's (or its toy-size twin's) with ``num_layers`` layers."""
+    if scale not in QWEN3_SCALES:
+        raise UspxError(f"unknown scale {scale!r}; choose one of {sorted(QWEN3_SCALES)}")
+    if num_layers < 1:
+        raise UspxError(f"num_layers must be at least 1, not {num_layers}")
+    cfg = copy.deepcopy(QWEN3_30B_A3B_CONFIG)
+    cfg.update(copy.deepcopy(QWEN3_SCALES[scale]))
+    cfg["num_hidden_layers"] = int(num_layers)
+    cfg.update(overrides)
+    return cfg
+
+
+def _qwen3_sparse(cfg: dict, layer: int) -> bool:
+    """Whether decoder layer ``layer`` is an MoE layer (transformers' Qwen3MoeDecoderLayer rule)."""
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    return layer not in (cfg.get("mlp_only_layers") or []) and int(cfg["num_experts"]) > 0 and (layer + 1) % step == 0
+
+
+def qwen3_moe_tensor_specs(cfg: dict) -> list[TensorSpec]:
+    """Every tensor of a qwen3_moe checkpoint as the published ones store it, in file order.
+
+    Per expert ``model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight`` (transformers
+    stacks them into fused parameters on load), router ``mlp.gate.weight``, per-head ``q_norm`` /
+    ``k_norm``; a dense ``mlp.{gate,up,down}_proj`` in ``mlp_only_layers``.
+    """
+    h, moe_i, dense_i = int(cfg["hidden_size"]), int(cfg["moe_intermediate_size"]), int(cfg["intermediate_size"])
+    heads, kv, hd = int(cfg["num_attention_heads"]), int(cfg["num_key_value_heads"]), int(cfg["head_dim"])
+    e, v, bias, bf16 = int(cfg["num_experts"]), int(cfg["vocab_size"]), bool(cfg.get("attention_bias")), torch.bfloat16
+    specs = [TensorSpec("model.embed_tokens.weight", (v, h), bf16)]
+    for layer in range(int(cfg["num_hidden_layers"])):
+        p = f"model.layers.{layer}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (h,), bf16),
+            TensorSpec(p + "self_attn.q_proj.weight", (heads * hd, h), bf16),
+            TensorSpec(p + "self_attn.k_proj.weight", (kv * hd, h), bf16),
+            TensorSpec(p + "self_attn.v_proj.weight", (kv * hd, h), bf16),
+            TensorSpec(p + "self_attn.o_proj.weight", (h, heads * hd), bf16),
+            TensorSpec(p + "self_attn.q_norm.weight", (hd,), bf16),
+            TensorSpec(p + "self_attn.k_norm.weight", (hd,), bf16),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), bf16),
+        ]
+        if bias:
+            specs += [TensorSpec(p + f"self_attn.{n}_proj.bias", (d,), bf16)
+                      for n, d in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd), ("o", h))]
+        if _qwen3_sparse(cfg, layer):
+            specs.append(TensorSpec(p + "mlp.gate.weight", (e, h), bf16))
+            for x in range(e):
+                q = f"{p}mlp.experts.{x}."
+                specs += [TensorSpec(q + "gate_proj.weight", (moe_i, h), bf16),
+                          TensorSpec(q + "up_proj.weight", (moe_i, h), bf16),
+                          TensorSpec(q + "down_proj.weight", (h, moe_i), bf16)]
+        else:
+            specs += [TensorSpec(p + "mlp.gate_proj.weight", (dense_i, h), bf16),
+                      TensorSpec(p + "mlp.up_proj.weight", (dense_i, h), bf16),
+                      TensorSpec(p + "mlp.down_proj.weight", (h, dense_i), bf16)]
+    specs.append(TensorSpec("model.norm.weight", (h,), bf16))
+    if not cfg.get("tie_word_embeddings"):
+        specs.append(TensorSpec("lm_head.weight", (v, h), bf16))
+    return specs
+
+
+def write_qwen3_moe(out_dir: str | os.PathLike, num_layers: int = 4, *, scale: str = "30b-a3b", seed: int = 0,
+                    max_shard_bytes: int = MAX_SHARD_BYTES, progress: Callable[[str], None] | None = None,
+                    **overrides: object) -> Path:
+    """Write a random bf16 qwen3_moe checkpoint (config.json, shards, index) into ``out_dir``.
+
+    Qwen3-30B-A3B's config and tensor layout with ``num_layers`` decoder layers (about 1.25 GB of
+    weights per layer, 1.24 GB of embedding and head); ``scale="tiny"`` is the same at toy size.
+    Memory stays at one 64 MiB chunk whatever the size. Returns the folder.
+    """
+    out_dir = Path(out_dir)
+    cfg = qwen3_moe_config(num_layers, scale, **overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_sharded(out_dir, qwen3_moe_tensor_specs(cfg), random_producer(cfg, seed), max_shard_bytes, progress)
+    write_json(out_dir / "config.json", cfg)
+    make_readable(out_dir / "config.json")
+    return out_dir

@@ -27,10 +27,7 @@ def reconstruction_sums(source: WeightSource, items: list[EncodedItem], *, pad_i
     item_of_token = np.repeat(np.arange(len(items)), [len(e.input_ids) for e in items])
     observer = Reconstruction(item_of_token, len(items))
     layers = [l.index for l in source.adapter.layers]
-    if source.resident:
-        batches = make_batches(items, batch_size, pad_id)
-    else:
-        batches = make_batches(items, DEFAULT_BATCH_TOKENS, pad_id, max_tokens=DEFAULT_BATCH_TOKENS)
+    batches = make_batches(items, batch_size, pad_id, max_tokens=None if source.resident else DEFAULT_BATCH_TOKENS)
     run(source, batches, [observer], last_layer=None if source.resident else max(layers), progress=progress,
         label="reconstruction")
     err = np.stack([observer.layers[l]["reconstruction_error"] for l in layers], axis=1)

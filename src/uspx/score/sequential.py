@@ -65,8 +65,7 @@ def sequential_sums(source: WeightSource, items: list[EncodedItem], method: str,
     observers = [Routing(len(item_of_token), norms=True, on_layer=on_routing)]
     if method == "reconstruction":  # block re-runs cost k forwards of the layer's experts: only when used
         observers.append(Reconstruction(item_of_token, len(items), on_layer=on_reconstruction))
-    batches = (make_batches(items, batch_size, pad_id) if source.resident
-               else make_batches(items, DEFAULT_BATCH_TOKENS, pad_id, max_tokens=DEFAULT_BATCH_TOKENS))
+    batches = make_batches(items, batch_size, pad_id, max_tokens=None if source.resident else DEFAULT_BATCH_TOKENS)
     run(source, batches, observers, last_layer=max(layers), decide=decide, progress=progress,
         label="sequential calibration")
     return SequentialSums(stats, err, routed, kept)

@@ -54,8 +54,8 @@ def trace(
     """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
 
     ``streaming`` runs the model a decoder layer at a time from its safetensors files, computing in
-    ``dtype`` with batches of about ``batch_tokens`` positions (models larger than memory); the
-    folder is the same either way.
+    ``dtype`` with batches of at most ``batch_size`` items and ``batch_tokens`` padded positions
+    (models larger than memory); the folder is the same either way.
     """
     opened = model if isinstance(model, Opened) else open_source(
         model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -184,7 +184,7 @@ def _trace_layers(opened: Opened, encoded, out: Path, options: dict, pad: int, p
     if options.get("reconstruction"):
         item_of_token = np.repeat(np.arange(len(encoded)), [len(e.input_ids) for e in encoded])
         observers.append(Reconstruction(item_of_token, len(encoded), on_layer=on_layer))
-    batches = make_batches(encoded, max(1, options["batch_tokens"]), pad, max_tokens=options["batch_tokens"])
+    batches = make_batches(encoded, options["batch_size"], pad, max_tokens=options["batch_tokens"])
     stage.mkdir(parents=True, exist_ok=True)
     return run(source, batches, observers, last_layer=max(layers), state_dir=stage,
                state_key=dict(options=options, items=len(encoded), tokens=n), progress=progress,

@@ -136,7 +136,7 @@ def score(
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
     workload: str = WORKLOAD_ARG,
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks; needs --keep)."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
@@ -144,6 +144,7 @@ def score(
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0: the experts per layer the learned masks must keep (50% or a count)."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
@@ -154,7 +155,7 @@ def score(
     chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
     table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
-                      streaming=streaming, dtype=compute_dtype, sequential=sequential)
+                      streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -269,6 +270,8 @@ def extract(
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
+    recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
+    recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
@@ -277,8 +280,39 @@ def extract(
     run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
-                streaming=streaming, dtype=compute_dtype, sequential=sequential)
+                streaming=streaming, dtype=compute_dtype, sequential=sequential, recover=recover,
+                recover_steps=recover_steps)
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
+
+
+@app.command()
+def recover(
+    run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its model/ is the pruned checkpoint)."),
+    train: str = typer.Option("full", help="What trains: router (routers only), lora (routers + LoRA on attention and experts), full (every kept weight)."),
+    steps: int = typer.Option(300, help="Training steps at most (early stopping on a validation slice of the calibration items may end sooner)."),
+    minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
+    kd: float = typer.Option(1.0, help="Weight of token-level distillation from the original."),
+    ce: float = typer.Option(0.0, help="Weight of cross-entropy on the calibration targets."),
+    router_kd: float = typer.Option(0.0, "--router-kd", help="Weight of router distillation (the original's routing renormalised over the kept experts)."),
+    layer: float = typer.Option(0.0, help="Weight of matching each MoE layer's output to the original's."),
+    tau: float = typer.Option(1.0, help="Distillation temperature."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default by --train)."),
+    batch_size: int = typer.Option(8),
+    lora_rank: int = typer.Option(8),
+    generated: int = typer.Option(0, help="Extra training items per calibration item: continuations the original writes from its prompt."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/recover)."),
+    others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),
+    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
+) -> None:
+    """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
+    from uspx.recover import Settings
+    from uspx.recover import recover as run_recover
+
+    settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=ce, router_kd=router_kd, layer=layer,
+                        tau=tau, lr=lr, batch_size=batch_size, lora_rank=lora_rank, generated=generated, seed=seed)
+    res = run_recover(run_dir, settings=settings, out_dir=out, others=others, epsilon=epsilon)
+    console.print(f"recovered checkpoint: {res['model']}; report: {Path(res['model']).parent / 'recover.json'}")
 
 
 @app.command()

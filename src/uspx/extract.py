@@ -64,13 +64,17 @@ def extract(
     streaming: bool = False,
     dtype: str = "bf16",
     sequential: bool = False,
+    recover: bool = False,
+    recover_steps: int | None = None,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
     ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
     safetensors files, computing in ``dtype``, with the local score methods; the export slices the
     files in their stored precision either way (MXFP4 stays MXFP4). ``sequential`` scores each
-    layer with the layers before it already pruned to the kept count (local methods).
+    layer with the layers before it already pruned to the kept count (local methods). ``recover``
+    then distills the pruned model from the original (``uspx.recover``), and the verdict is the
+    recovered model's.
     """
     from uspx.engine import compute_dtype, open_source
     from uspx.evaluate import evaluate
@@ -90,6 +94,8 @@ def extract(
     if (streaming or sequential) and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
+    if streaming and recover:
+        raise UspxError("--recover trains the pruned model in memory; it cannot be combined with --streaming yet")
     if budget is not None:
         parse_size(budget)
     compute_dtype(dtype)
@@ -177,6 +183,17 @@ def extract(
     )
     write_json(out / "report.json", report)
     print_report(report)
+    if recover:
+        from uspx.recover import Settings
+        from uspx.recover import recover as run_recover
+
+        settings = Settings() if recover_steps is None else Settings(steps=recover_steps)
+        res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon, progress=progress)
+        report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
+                                   history=dict((k, res["history"][k]) for k in ("step", "best_step", "tokens_seen", "seconds", "stopped")))
+        report["acceptance"] = res["acceptance"]
+        report["seconds"]["recover"] = res["seconds"]
+        write_json(out / "report.json", report)
     return report
 
 

@@ -78,6 +78,7 @@ class MoEAdapter:
     final_norm_attr: ClassVar[str] = "norm"  # the norm before the LM head, in the base model
     logits_divisor_field: ClassVar[str | None] = None  # config field the LM head's logits are divided by
     per_expert_name: ClassVar[str] = r"\.experts\.(\d+)\."  # a stored tensor of one expert: its id
+    attention_projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LoRA targets
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -30,6 +30,7 @@ class DeepseekV3Adapter(MoEAdapter):
     model_types = ("deepseek_v3",)
     expert_count_field = "n_routed_experts"
     router_expert_params = ("weight", "e_score_correction_bias")
+    attention_projections = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

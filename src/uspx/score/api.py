@@ -36,7 +36,9 @@ METHODS = (
     "usage_x_marginal",
     "taylor",
     "reconstruction",
+    "l0",
 )
+KEEP_METHODS = ("l0",)  # need ``keep``: the default (every method) leaves them out when it is not given
 TRACE_METHODS = ("frequency", "reap", "ean")
 LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
 NORM_METHODS = ("reap", "ean")
@@ -70,6 +72,7 @@ def score(
     streaming: bool = False,
     dtype: str = "bf16",
     sequential: str | int | None = None,
+    keep: str | int | None = None,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -82,8 +85,15 @@ def score(
     which allows the local methods only (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
     layer: a count or a share) scores each layer on the model with its earlier layers pruned by the
     same method to that many experts (``uspx.score.sequential``; local methods, one pass per method).
+    ``keep`` (experts per layer: a count or a share) is the budget "l0" learns its masks under
+    (``uspx.recover.masks``; required by it). Its value is the learned P(gate open) of each expert:
+    one estimate from the whole calibration set, so the table has no CI for it (NaN).
     """
+    if keep is None and methods is METHODS:
+        methods = [m for m in METHODS if m not in KEEP_METHODS]
     methods = _check_methods(methods)
+    if keep is None and any(m in KEEP_METHODS for m in methods):
+        raise UspxError("l0 learns which experts to keep under a budget: give keep (a count or a share like 50%)")
     if streaming or sequential is not None:
         whole = [m for m in methods if m not in LOCAL_METHODS]
         if whole:
@@ -119,8 +129,8 @@ def score(
     rows: list[pa.Table] = []
     cost = [adapter.bytes_per_expert(l) for l in adapter.layers] if lm.source.resident else lm.source.stored_expert_bytes()
 
-    def add(method: str, factors: list[Factor], tokens: np.ndarray, n_prompts: int) -> None:
-        est = estimate(factors, bootstrap, seed)
+    def add(method: str, factors: list[Factor], tokens: np.ndarray, n_prompts: int, n_boot: int | None = None) -> None:
+        est = estimate(factors, bootstrap if n_boot is None else n_boot, seed)
         tok = np.broadcast_to(tokens, est.value.shape)
         rows.append(build_table(layers, adapter.num_experts, method, est.value, tok, est.ci_low, est.ci_high, cost, n_prompts))
 
@@ -162,7 +172,8 @@ def score(
         seconds["reconstruction"] = time.perf_counter() - t0
         tokens = np.array([len(e.input_ids) for e in items], dtype=float)
         add("reconstruction", [Factor(err, tokens[:, None, None])], routed.sum(0), len(items))
-    if any(m != "reconstruction" for m in model_methods):
+    l0_meta = None
+    if any(m not in ("reconstruction", "l0") for m in model_methods):
         t0 = time.perf_counter()
         base = run_baseline(
             lm.source.model, adapter, items, batch_size=batch_size, pad_id=pad_id,
@@ -203,6 +214,24 @@ def score(
             seconds["taylor"] = time.perf_counter() - t0
             add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
 
+    if "l0" in model_methods:
+        from uspx.recover.masks import learn_masks
+
+        t0 = time.perf_counter()
+        l0_keep = parse_keep(keep, adapter.num_experts)
+        log_alpha, history = learn_masks(lm.source.model, items, l0_keep, batch_size=batch_size, seed=seed,
+                                         pad_id=pad_id, progress=progress)
+        seconds["l0"] = time.perf_counter() - t0
+        from uspx.recover.objectives import gate_open_probability
+
+        value = gate_open_probability(log_alpha.double()).numpy()
+        if trace_stats is not None or base is not None:  # routed counts at hand
+            l0_tokens = (trace_stats.count if trace_stats is not None else base.router.count).sum(0)
+        else:  # no routed counts at hand: the calibration tokens behind the masks
+            l0_tokens = np.full(value.shape, sum(len(e.input_ids) for e in items))
+        # one learned value per expert (P = 1): nothing to resample, so no bootstrap and NaN CIs
+        add("l0", [Factor(value[None], np.ones((1, 1, 1)))], l0_tokens, len(items), n_boot=0)
+        l0_meta = dict(keep=l0_keep, log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha], history=history)
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
     meta = dict(
@@ -219,6 +248,7 @@ def score(
             split=split, max_tokens=max_tokens, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
             streaming=streaming, dtype=dtype if streaming else None,
             sequential=dict(keep=n_keep, kept=sequential_kept) if n_keep is not None else None,
+            l0=l0_meta,
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",

@@ -1,0 +1,212 @@
+"""Learned expert masks: which experts to keep under a per-layer budget, learned jointly.
+
+Every MoE layer gets a vector ``log_alpha`` [E] of hard-concrete gate parameters
+(``uspx.recover.objectives``). A router forward hook adds ``log(z)`` to the router's logits, ``z``
+the layer's gates (``-inf`` where a gate is exactly 0, so a closed expert is never chosen), and
+routes again with the family's own rule (:meth:`MoEAdapter.route`). With a softmax router this
+scales each expert's routing probability by its gate and renormalises, so a gate in (0, 1) turns
+an expert down smoothly and a gate of 0 removes it as pruning does; with other routers (sigmoid
+scores, sparsemixer) it is a monotone turn-down of the same kind.
+
+The model stays frozen (no weight gradients). Each step: the ungated model's logits at the target
+positions (the teacher, no gradients), then the gated model with one hard-concrete sample of the
+gates, and the loss ``kd_loss(student, teacher, tau) + sum_l lagrangian(E[open_l], keep, l1_l, l2_l)``
+with ``E[open_l] = sum_e P(gate_le != 0)``. Adam descends in ``log_alpha`` and ascends in the
+lambdas (``maximize=True``), so the expected number of open gates per layer is driven to ``keep``
+while the gates that matter least to the output close first. The kept set of a layer is its
+``keep`` largest ``log_alpha`` (ties: lower expert id); ``P(gate open)`` is the score uspx's
+selection ranks.
+
+Batches follow ``uspx.recover.train``: the batch of a step is a function of the step and the seed
+alone, the gate noise comes from a generator seeded with ``seed``; with one thread a run is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError
+from uspx.models import adapter_for
+from uspx.models.base import MoEAdapter, MoELayer, Restriction
+from uspx.progress import progress_bar
+from uspx.recover.objectives import gate_open_probability, hard_concrete, kd_loss, lagrangian
+from uspx.recover.train import Settings, _batch_of_step, _target_logits
+from uspx.workload import EncodedItem
+
+INIT_LOG_ALPHA = 3.0  # P(gate open) ~ 0.99 at the start: every expert starts (almost surely) in
+HISTORY_POINTS = 50  # at most this many entries per curve in the returned history
+
+
+def gate_hook(adapter: MoEAdapter, layer: MoELayer, gates: Callable[[], torch.Tensor | None]) -> Callable:
+    """A router forward hook that adds ``log(z)`` to the router logits and routes again with the
+    family's rule; ``z = gates()`` [E] in [0, 1], read at each call (``None``: leave the output
+    as it is, the ungated model). Gradients flow to ``z`` wherever ``z > 0``."""
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        z = gates()
+        if z is None:
+            return output
+        logits = adapter.router_logits(output)
+        z = z.to(device=logits.device, dtype=torch.float32)
+        log_z = torch.where(z > 0, torch.log(z.clamp_min(1e-30)), torch.full_like(z, float("-inf")))
+        gated = (logits.float() + log_z).to(logits.dtype)
+        if not adapter.router_returns_tuple:
+            return gated
+        weights, index = adapter.route(layer, gated)
+        return (gated, weights, index)
+
+    return hook
+
+
+def gate(model: nn.Module, gates: dict[int, Callable[[], torch.Tensor | None]]) -> Restriction:
+    """Register :func:`gate_hook` on the routers of the MoE layers in ``gates`` (layer index ->
+    a callable giving that layer's gates), prepended like :meth:`MoEAdapter.restrict` so that
+    transformers' recorders and uspx's tracer see the gated routing. ``remove()`` (or a ``with``
+    block) undoes it."""
+    adapter = adapter_for(model)
+    handles = []
+    for layer in adapter.layers:
+        if layer.index in gates:
+            handles.append(layer.router.register_forward_hook(gate_hook(adapter, layer, gates[layer.index]),
+                                                              prepend=True))
+    return Restriction(handles)
+
+
+def sample_gates(log_alpha: torch.Tensor, top_k: int, generator: torch.Generator, tries: int = 100) -> torch.Tensor:
+    """One hard-concrete sample [L, E] in which every layer has at least ``top_k`` open gates.
+
+    A layer's sample with fewer is drawn again (the gates are then conditioned on describing a
+    model the router can fill its k slots in, as every kept set must); after ``tries`` draws the
+    ``top_k`` largest ``log_alpha`` of the last draw are opened to at least 1e-3. Without this a
+    layer with every gate at 0 would route nowhere (NaN weights)."""
+    rows = []
+    for r in range(log_alpha.shape[0]):
+        for _ in range(tries):
+            z = hard_concrete(log_alpha[r], generator)
+            if int((z > 0).sum()) >= top_k:
+                break
+        else:
+            force = torch.zeros(z.shape, dtype=torch.bool)
+            force[torch.topk(log_alpha[r].detach(), top_k).indices] = True
+            z = torch.where(force, z.clamp_min(1e-3), z)
+        rows.append(z)
+    return torch.stack(rows)
+
+
+def kept_from_log_alpha(log_alpha: torch.Tensor, layers: Sequence[int], keep: int) -> dict[int, list[int]]:
+    """Each layer's ``keep`` largest ``log_alpha`` (ties: lower expert id), ids sorted."""
+    out = {}
+    for row, index in zip(log_alpha.detach().cpu().double(), layers):
+        order = sorted(range(len(row)), key=lambda e: (-float(row[e]), e))
+        out[int(index)] = sorted(order[:keep])
+    return out
+
+
+def learn_masks(
+    model: nn.Module,
+    items: Sequence[EncodedItem],
+    keep: int,
+    *,
+    steps: int = 200,
+    lr: float = 0.05,
+    lambda_lr: float = 0.05,
+    batch_size: int = 8,
+    tau: float = 1.0,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress: bool = True,
+    init_log_alpha: float = INIT_LOG_ALPHA,
+) -> tuple[torch.Tensor, dict]:
+    """Learn hard-concrete expert gates so that ``keep`` experts per MoE layer stay open.
+
+    Returns ``log_alpha`` [L, E] (rows in the adapter's layer order, CPU float32) and the history:
+    the settings, the seconds, the MoE layer indices, the kept sets (each layer's ``keep`` largest
+    ``log_alpha``), the final expected open gates and lambdas per layer, and at most
+    :data:`HISTORY_POINTS` samples of the KD loss and of the mean expected open count per step.
+    The model's weights are left as they were (``requires_grad`` flags restored).
+    """
+    adapter = adapter_for(model)
+    n_layers, n_exp, top_k = len(adapter.layers), adapter.num_experts, adapter.top_k
+    if not top_k <= keep <= n_exp:
+        raise UspxError(f"learned masks keep {keep} experts per layer; it must be in {top_k}..{n_exp} (top-k..experts)")
+    if steps < 1 or batch_size < 1 or tau <= 0 or lr <= 0 or lambda_lr <= 0:
+        raise UspxError("learned masks need steps and batch size >= 1, and tau and learning rates > 0")
+    items = list(items)
+    if not items:
+        raise UspxError("learned masks need at least one calibration item")
+    order = Settings(batch_size=batch_size, seed=seed)  # only what _batch_of_step reads
+
+    log_alpha = torch.full((n_layers, n_exp), float(init_log_alpha), requires_grad=True)
+    lambdas = torch.zeros((2, n_layers), requires_grad=True)  # lambda_1, lambda_2 per layer
+    opt_gates = torch.optim.Adam([log_alpha], lr=lr)
+    opt_lambdas = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    current: dict[str, torch.Tensor | None] = {"z": None}
+    rows = {layer.index: r for r, layer in enumerate(adapter.layers)}
+
+    def gates_of(r: int) -> Callable[[], torch.Tensor | None]:
+        return lambda: None if current["z"] is None else current["z"][r]
+
+    kd_curve, open_curve = [], []
+    every = max(1, math.ceil(steps / HISTORY_POINTS))
+    started = time.perf_counter()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()  # deterministic routing (phimoe samples in train mode), no dropout
+    hooks = gate(model, {index: gates_of(r) for index, r in rows.items()})
+    try:
+        with progress_bar("learning masks", total=steps, unit="steps", enabled=progress) as bar:
+            for step in range(steps):
+                batch = _batch_of_step(items, step, order, pad_id)
+                kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          logits_to_keep=batch.loss_mask, use_cache=False)
+                current["z"] = None
+                with torch.no_grad():
+                    teacher = _target_logits(model(**kw).logits, batch)
+                current["z"] = sample_gates(log_alpha, top_k, generator)
+                student = _target_logits(model(**kw).logits, batch)
+                current["z"] = None
+                kd = kd_loss(student, teacher.to(student.device), tau).cpu()
+                expected = gate_open_probability(log_alpha).sum(-1)  # [L]
+                penalty = lagrangian(expected, float(keep), lambdas[0], lambdas[1]).sum()
+                opt_gates.zero_grad(set_to_none=True)
+                opt_lambdas.zero_grad(set_to_none=True)
+                (kd + penalty).backward()
+                opt_gates.step()
+                opt_lambdas.step()
+                done = step + 1
+                if done % every == 0 or done == steps:
+                    kd_curve.append([done, round(float(kd.detach()), 6)])
+                    open_curve.append([done, round(float(expected.detach().mean()), 4)])
+                bar.advance()
+                bar.describe(f"learning masks (kd {float(kd.detach()):.4f}, open {float(expected.detach().mean()):.2f})")
+    finally:
+        current["z"] = None
+        hooks.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    final = log_alpha.detach().clone()
+    layers = [layer.index for layer in adapter.layers]
+    with torch.no_grad():
+        expected = gate_open_probability(final).sum(-1)
+    history = dict(
+        keep=int(keep), steps=int(steps), lr=lr, lambda_lr=lambda_lr, batch_size=int(batch_size), tau=tau,
+        seed=int(seed), init_log_alpha=float(init_log_alpha), seconds=round(time.perf_counter() - started, 3),
+        layers=layers, kept={str(l): v for l, v in kept_from_log_alpha(final, layers, keep).items()},
+        expected_open=[round(float(x), 4) for x in expected],
+        lambda_1=[round(float(x), 6) for x in lambdas[0].detach()],
+        lambda_2=[round(float(x), 6) for x in lambdas[1].detach()],
+        kd=kd_curve, mean_expected_open=open_curve,
+    )
+    return final, history

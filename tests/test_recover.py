@@ -1,0 +1,172 @@
+"""Recovery: the objectives against hand computation, the hard-concrete gates and the Lagrangian, and
+``uspx recover`` end to end on a tiny model: it trains, exports a stock-loadable checkpoint, resumes
+after a kill to the same weights, and refuses a folder of another run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_jsonl
+from uspx.io import UspxError
+from uspx.recover import Settings, recover
+from uspx.recover.objectives import (gate_open_probability, hard_concrete, kd_loss, lagrangian, layer_loss,
+                                     router_kd_loss)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_kd_loss_is_tau_squared_kl_on_a_tiny_vocabulary():
+    t = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    s = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, -2.0]])
+    tau = 2.0
+    p, q = _softmax(t / tau), _softmax(s / tau)
+    want = tau * tau * np.mean((p * np.log(p / q)).sum(-1))
+    got = kd_loss(torch.tensor(s), torch.tensor(t), tau)
+    assert abs(float(got) - want) < 1e-6
+    assert float(kd_loss(torch.tensor(t), torch.tensor(t), tau)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_router_kd_renormalises_the_original_over_the_kept_experts():
+    teacher = np.array([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, 1.0, -2.0]])
+    kept = [0, 2, 3]  # the pruned router's experts 0, 1, 2 are the original's 0, 2, 3
+    student = np.array([[1.0, 0.0, 1.5], [0.3, 0.2, 0.1]])
+    p, q = _softmax(teacher[:, kept]), _softmax(student)
+    want = np.mean((p * np.log(p / q)).sum(-1))
+    got = router_kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(kept))
+    assert abs(float(got) - want) < 1e-6
+
+
+def test_layer_loss_is_relative_mse():
+    t = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    s = torch.tensor([[1.5, -2.0], [2.0, 1.0]])
+    assert float(layer_loss(s, t)) == pytest.approx(((0.25 + 1 + 1) / 4) / ((1 + 4 + 9) / 4))
+
+
+def test_hard_concrete_open_share_matches_its_expectation():
+    log_alpha = torch.tensor([-2.0, 0.0, 1.5])
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([hard_concrete(log_alpha, g) for _ in range(20000)])
+    assert ((samples >= 0) & (samples <= 1)).all()
+    empirical = (samples > 0).float().mean(0)
+    # P(gate > 0) = P(s > -gamma / (zeta - gamma)) = sigmoid(log_alpha - beta * log(-gamma / zeta))
+    want = 1 / (1 + torch.exp(-(log_alpha - (2 / 3) * math.log(0.1 / 1.1))))
+    torch.testing.assert_close(gate_open_probability(log_alpha), want)
+    torch.testing.assert_close(empirical, want, atol=0.01, rtol=0)
+
+
+def test_lagrangian_pushes_the_expected_count_to_its_target():
+    expected = torch.tensor(6.0, requires_grad=True)
+    l1, l2 = torch.tensor(0.5, requires_grad=True), torch.tensor(0.1, requires_grad=True)
+    lagrangian(expected, 4.0, l1, l2).backward()
+    assert expected.grad > 0  # descending on the gates lowers the count when above the target
+    assert l1.grad == pytest.approx(2.0) and l2.grad == pytest.approx(4.0)  # ascending raises the penalty
+    expected = torch.tensor(2.0, requires_grad=True)
+    lagrangian(expected, 4.0, torch.tensor(0.5), torch.tensor(0.1)).backward()
+    assert expected.grad > 0  # below the target with lambda_1 > 0: still pushed down until lambda_1 turns
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(UspxError, match="--train"):
+        Settings(train="everything")
+    with pytest.raises(UspxError, match="nothing to train"):
+        Settings(kd=0.0)
+
+
+ROWS = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code",
+         "split": "heldout" if i >= 10 else "calibration"} for i in range(13)]
+
+
+@pytest.fixture
+def run_dir(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.extract import extract
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    extract(tiny_gpt_oss_dir, wl, tmp_path / "run", keep="50%", speed=False, progress=False)
+    return tmp_path / "run"
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_recover_trains_exports_and_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import uspx.recover.train as train_mod
+
+    settings = Settings(steps=6, batch_size=4, eval_every=2, checkpoint_every=2, patience=10, lr=1e-3,
+                        router_kd=0.5, layer=0.5, ce=0.1, generated=1, generated_tokens=5)
+    ref = recover(run_dir, settings=settings, out_dir=tmp_path / "a", others=run_dir / ".." / "w.jsonl", progress=False)
+    assert ref["history"]["step"] == 6 and ref["history"]["tokens_seen"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")  # stock loading
+    assert model.config.num_local_experts == 4
+    record = json.loads((tmp_path / "a" / "model" / "uspx_export.json").read_text())
+    assert record["recovered"]["history"]["step"] == 6 and record["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert ref["calibration"]["after"]["all"]["delta"] < ref["calibration"]["before"]["all"]["delta"]
+
+    real = train_mod._checkpoint
+
+    def killed_at_step_4(work, key, history, *a):
+        real(work, key, history, *a)
+        if history.step == 4:
+            raise KeyboardInterrupt  # as if killed right after the checkpoint of step 4
+
+    monkeypatch.setattr(train_mod, "_checkpoint", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        recover(run_dir, settings=settings, out_dir=tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "model").exists()
+    monkeypatch.setattr(train_mod, "_checkpoint", real)
+    resumed = recover(run_dir, settings=settings, out_dir=tmp_path / "b", others=run_dir / ".." / "w.jsonl",
+                      progress=False)
+    assert resumed["history"]["train_loss"] == ref["history"]["train_loss"]
+    a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # another plan's (or setting's) recovery folder is refused, not overwritten
+    with pytest.raises(UspxError, match="another plan, model or settings"):
+        recover(run_dir, settings=Settings(steps=3, batch_size=4), out_dir=tmp_path / "b", progress=False)
+    assert all(torch.equal(a[k], _weights(tmp_path / "b" / "model")[k]) for k in a)
+
+
+def test_lora_recovery_is_merged_into_a_stock_checkpoint(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = recover(run_dir, settings=Settings(train="lora", steps=3, batch_size=4, lr=1e-2, lora_rank=2),
+                out_dir=tmp_path / "l", others=run_dir / ".." / "w.jsonl", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "l" / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged, no adapter left
+    pruned = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, pruned.get_parameter(n))]
+    assert any("experts" in n for n in changed) and any("q_proj" in n for n in changed)
+    assert r["history"]["step"] == 3
+
+
+def test_recover_refuses_what_is_not_a_run(tmp_path):
+    with pytest.raises(UspxError, match="not a finished"):
+        recover(tmp_path, progress=False)
+
+
+def test_extract_recover_judges_the_recovered_model(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    res = CliRunner().invoke(app, ["extract", str(tiny_gpt_oss_dir), str(wl), "-o", str(tmp_path / "run"), "--keep", "50%",
+                                   "--no-speed", "--recover", "--recover-steps", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rec = json.loads((tmp_path / "run" / "recover" / "recover.json").read_text())
+    assert report["acceptance"] == rec["acceptance"] and report["recovered"]["history"]["step"] == 2
+    res = CliRunner().invoke(app, ["recover", str(tmp_path / "run"), "--steps", "2", "--train", "nonsense"])
+    assert isinstance(res.exception, UspxError) and "--train must be one of" in str(res.exception)

@@ -552,7 +552,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     a.users = [w for w in a.workloads.split(",") if w]
     a.keeps = [k.strip() for k in a.keeps.split(",")]
-    a.methods = list(METHODS) if a.methods is None else [m for m in a.methods.split(",") if m]
+    a.methods = [m for m in METHODS if m != "l0"] if a.methods is None else [m for m in a.methods.split(",") if m]
     a.max_tokens = a.max_tokens or None
     if a.quick:
         a.out = str(Path(a.out) / "quick")

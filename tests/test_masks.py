@@ -137,3 +137,23 @@ def test_l0_needs_keep(traced):
     d, model_dir, wl = traced
     with pytest.raises(UspxError, match="give keep"):
         score(model_dir, d / "t", wl, d / "s2", ["l0"], progress=False)
+
+
+def test_cli_score_l0_then_select(one_thread, traced):
+    import json
+
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    d, model_dir, wl = traced
+    run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    res = run("score", model_dir, d / "t", wl, "-o", d / "cli_s", "--methods", "l0", "--keep", "50%",
+              "--bootstrap", "0", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    res = run("select", d / "cli_s", "--model", model_dir, "-o", d / "plan.json", "--method", "l0", "--keep", "50%")
+    assert res.exit_code == 0, res.output
+    kept = json.loads((d / "plan.json").read_text())["kept"]
+    assert kept == load_scores(d / "cli_s").meta["options"]["l0"]["history"]["kept"]
+    res = run("score", model_dir, d / "t", wl, "-o", d / "cli_s2", "--methods", "l0")
+    assert res.exit_code != 0 and "give keep" in str(res.exception) + res.output

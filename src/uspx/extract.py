@@ -133,17 +133,18 @@ def extract(
         if method not in table.methods:
             table = None
     n_keep = None
-    if sequential:  # the count every layer will keep, known before scoring
+    if sequential or method == "l0":  # the count every layer will keep, known before scoring
         from uspx.plan import fit_experts
 
         n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
             Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
         ).require().experts_per_layer)
-    if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != n_keep:
+    if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
         table = None  # scored the other way (one pass vs sequential, or another count)
     if table is None:
         table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
-                      batch_size=batch_size, progress=progress, sequential=n_keep)
+                      batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
+                      keep=n_keep if method == "l0" else None)
     stage("score")
 
     plan = select_experts(

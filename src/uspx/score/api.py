@@ -93,7 +93,7 @@ def score(
         methods = [m for m in METHODS if m not in KEEP_METHODS]
     methods = _check_methods(methods)
     if keep is None and any(m in KEEP_METHODS for m in methods):
-        raise UspxError("l0 learns which experts to keep under a budget: give keep (a count or a share like 50%)")
+        raise UspxError("l0 learns which experts to keep under a budget: give keep (--keep: a count or a share like 50%)")
     if streaming or sequential is not None:
         whole = [m for m in methods if m not in LOCAL_METHODS]
         if whole:

@@ -27,10 +27,11 @@ def variants():
     from uspx.recover import Settings
 
     return {
+        "full KD": Settings(train="full", kd=1.0),  # uspx recover's defaults
         "router KD": Settings(train="router", kd=1.0, router_kd=1.0),
         "LoRA + KD": Settings(train="lora", kd=1.0),
-        "full KD": Settings(train="full", kd=1.0),
         "full KD + layer": Settings(train="full", kd=1.0, layer=1.0),
+        "full KD, no generated text": Settings(train="full", kd=1.0, generated=0),
     }
 
 

@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                      torch=torch.__version__, torch_threads=torch.get_num_threads(),
                      transformers=__import__("transformers").__version__, load_average_at_start=os.getloadavg()),
         command=" ".join([Path(sys.executable).name, *sys.argv]),
+        malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # glibc allocator tuning
         family=args.family, model=str(args.model), keep=args.keep, method=args.method,
     )
     res["checkpoint"] = ensure_checkpoint(args.family, args.model, "tiny" if tiny else "20b", args.layers)

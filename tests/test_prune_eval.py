@@ -129,6 +129,13 @@ def test_bf16_source_stays_bf16(tmp_path):
 
     kept = load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.mlp.experts.down_proj"]
     assert torch.equal(kept, model.model.layers[1].mlp.experts.down_proj[[1, 3, 5, 7]])  # bit for bit
+    # the config is the source's but for the count: a stock load comes back in bf16, not fp32
+    src_cfg, out_cfg = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("src", "out"))
+    assert out_cfg.pop("num_local_experts") == 4 and src_cfg.pop("num_local_experts") == 8
+    assert out_cfg == src_cfg
+    from transformers import AutoModelForCausalLM
+
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "out").parameters()).dtype == torch.bfloat16
 
 
 def test_failed_export_leaves_nothing(src, tmp_path, monkeypatch):

@@ -299,7 +299,7 @@ def recover(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default by --train)."),
     batch_size: int = typer.Option(8),
     lora_rank: int = typer.Option(8),
-    generated: int = typer.Option(0, help="Extra training items per calibration item: continuations the original writes from its prompt."),
+    generated: int = typer.Option(2, help="Extra training items per calibration item: continuations the original writes from its prompt (0: none)."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/recover)."),
     others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),

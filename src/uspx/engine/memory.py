@@ -1,9 +1,9 @@
 """What a layer-by-layer run needs at its peak, from the config alone, for any family.
 
 Parts: one decoder layer in the compute dtype (the largest: attention, norms, dense or shared MLP
-and every routed expert, or only the decoded ones of a restricted run), one more copy of its experts
-while they are loaded (transformers' checkpoint conversion stacks per-expert tensors, MXFP4
-decoding writes into a fresh tensor), the hidden states of every token, one batch's activations
+and every routed expert; a restricted run of an MXFP4 checkpoint decodes only its kept experts), two
+more copies of its experts while they are loaded (transformers' checkpoint conversion stacks the
+per-expert tensors, then joins the gate and up projections), the hidden states of every token, one batch's activations
 (eager attention materialises ``heads x T x T`` scores several times), the routing records of one
 layer, and the embedding and head phases (each runs alone, before the first or after the last
 layer, so each counts only if it is larger than a layer's phase).
@@ -21,7 +21,8 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
                         decoded_experts: int | None = None) -> dict[str, int]:
     """Bytes by part (an estimate); ``total`` keeps hidden states in RAM, ``total_spilled`` on disk.
 
-    ``config`` is a transformers config, a config.json dict or a model folder.
+    ``config`` is a transformers config, a config.json dict or a model folder. ``decoded_experts``
+    counts only for quantized (MXFP4) experts: dense ones are read whole even when restricted.
     """
     from uspx.plan.memory import count_params, load_config
 
@@ -32,13 +33,15 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     e, k = p.num_experts, p.top_k
     inter = max(1, p.expert.matrix // (3 * h))
-    resident = e if decoded_experts is None else min(e, int(decoded_experts))
+    resident = e if decoded_experts is None or p.stored_dtype != "mxfp4" else min(e, int(decoded_experts))
     shared = (p.other.get("attention").total if "attention" in p.other else 0) + \
         sum(p.other[c].total for c in ("norms", "dense_mlp") if c in p.other)
     per_layer_shared = shared // max(p.num_layers, 1)
     experts = resident * p.expert.total + e * p.router_row.total
     layer = (per_layer_shared + experts) * item
-    load_tmp = resident * p.expert.total * item
+    # loading: transformers stacks per-expert tensors into the fused parameter and concatenates the
+    # gate and up projections (two more copies at worst); MXFP4 is decoded into the parameter itself
+    load_tmp = (1 if p.stored_dtype == "mxfp4" else 2) * resident * p.expert.total * item
     t = min(max_seq_len or batch_tokens, batch_tokens)
     b_tokens = min(max(batch_tokens, t), max(n_tokens, 1))
     activations = (

@@ -141,6 +141,7 @@ class FromCheckpoint(WeightSource):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        _return_freed_memory()
         self.ckpt = Checkpoint(path)
         self.path = self.ckpt.path
         self.dtype = dtype
@@ -260,6 +261,28 @@ class FromCheckpoint(WeightSource):
             self._release(norm)
             self._release(lm_head)
             self._release(self.model.get_input_embeddings())
+
+
+def _return_freed_memory() -> None:
+    """Have glibc give large freed blocks back to the system at once.
+
+    A layer stored as hundreds of per-expert tensors (Qwen3: 384 of 1.5-3 MiB) is freed into glibc's
+    heap, which keeps it: the next layer's load then peaked at 7.6 GiB instead of 5.3 GiB on a
+    Qwen3-30B-A3B layer in float32. Serving every allocation above 128 KiB from its own mapping
+    (``M_MMAP_THRESHOLD``, also settable as ``MALLOC_MMAP_THRESHOLD_``) returns each layer's memory
+    when it is released. A no-op where the C library is not glibc or the user set the variable.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager

@@ -69,11 +69,7 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
             )
         fillers[layer.index] = spare
         slots[layer.name] = sorted(ids + spare)
-    # through the config class, so that every alias of the count is set (qwen3_moe writes both
-    # num_experts and num_local_experts); the family's own checks run there too (deepseek's groups)
-    config = adapter.pruned_config(width).to_diff_dict()
-    if "quantization_config" in ckpt.config:  # decoded by uspx per layer, stored as it was
-        config["quantization_config"] = copy.deepcopy(ckpt.config["quantization_config"])
+    config = pruned_config_json(adapter, ckpt.config, width)
 
     files: dict[str, list[_Slice]] = {}
     for name, file in sorted(ckpt.weight_map.items()):
@@ -102,6 +98,22 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
         out.append(_Slice(name, new_spec, name, slots=order, rows_per_expert=rows, fillers=dead,
                           filler_value=fill if dead else 0.0))
     return Layout(config, files, fillers)
+
+
+def pruned_config_json(adapter, stored: dict, width: int) -> dict:
+    """The stored config.json with only what pruning changes: the expert count, under every name the
+    config class accepts for it (qwen3_moe reads ``num_experts`` as ``num_local_experts``), and
+    whatever else the family's own ``pruned_config`` changes (it also checks the count: deepseek's
+    groups). Everything else, the declared dtype and the quantization config included, stays as it
+    was written, so the export loads like its source."""
+    before, after = adapter.config.to_dict(), adapter.pruned_config(width).to_dict()
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    config = copy.deepcopy(stored)
+    config.update(changed)
+    for alias, canonical in getattr(type(adapter.config), "attribute_map", {}).items():
+        if canonical in changed and alias in config:
+            config[alias] = changed[canonical]
+    return config
 
 
 def write_layout(source: FromCheckpoint, layout: Layout, out: Path) -> int:

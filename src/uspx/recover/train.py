@@ -39,7 +39,7 @@ class Settings:
     router_kd: float = 0.0
     layer: float = 0.0  # MoE block output matching
     tau: float = 1.0
-    lr: float | None = None  # default by what trains: router 1e-3, lora 5e-4, full 5e-5
+    lr: float | None = None  # default by what trains: router 1e-3, lora 5e-4, full 5e-4
     steps: int = 300
     batch_size: int = 8
     warmup: int = 10
@@ -48,7 +48,7 @@ class Settings:
     patience: int = 5  # evaluations without a better validation loss before stopping
     checkpoint_every: int = 20
     val_fraction: float = 0.15
-    generated: int = 0  # extra training items per calibration item: the original's own continuations
+    generated: int = 2  # extra training items per calibration item: the original's own continuations
     generated_tokens: int = 64
     seed: int = 0
     max_minutes: float | None = None
@@ -68,7 +68,7 @@ class Settings:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else {"router": 1e-3, "lora": 5e-4, "full": 5e-5}[self.train]
+        return self.lr if self.lr is not None else {"router": 1e-3, "lora": 5e-4, "full": 5e-4}[self.train]
 
 
 @dataclass
@@ -134,19 +134,15 @@ def generated_items(teacher: torch.nn.Module, items: list[EncodedItem], settings
     if cache.exists():
         return [EncodedItem(**row) for row in read_json(cache)]
     out: list[EncodedItem] = []
-    g = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # generate() samples from the global generator
     with torch.no_grad():
         for item in items:
             start = item.completion_start or max(1, len(item.input_ids) // 2)
             prompt = torch.tensor([item.input_ids[:start]])
             for r in range(settings.generated):
-                ids = prompt
-                for _ in range(settings.generated_tokens):  # plain sampling: no cache needed for short runs
-                    logits = teacher(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
-                    nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-                    ids = torch.cat([ids, nxt[None]], dim=1)
-                    if eos is not None and int(nxt) == eos:
-                        break
+                ids = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                                       top_p=1.0, temperature=1.0, max_new_tokens=settings.generated_tokens,
+                                       eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
                 out.append(EncodedItem(item.index, f"{item.id}#gen{r}", item.family, "generated", ids[0].tolist(), start))
     write_json(cache, [asdict(e) for e in out])
     return out

@@ -170,3 +170,22 @@ def test_extract_recover_judges_the_recovered_model(tiny_gpt_oss_dir, tmp_path, 
     assert report["acceptance"] == rec["acceptance"] and report["recovered"]["history"]["step"] == 2
     res = CliRunner().invoke(app, ["recover", str(tmp_path / "run"), "--steps", "2", "--train", "nonsense"])
     assert isinstance(res.exception, UspxError) and "--train must be one of" in str(res.exception)
+
+
+def test_generated_items_continue_the_users_prompts(tiny_gpt_oss_dir, tmp_path):
+    from uspx.models import load_model
+    from uspx.recover.train import generated_items
+    from uspx.workload import encode, load_workload
+
+    lm = load_model(tiny_gpt_oss_dir)
+    items = encode(load_workload(write_jsonl(tmp_path / "w.jsonl", ROWS)).part("calibration"), lm.tokenizer, 256)
+    settings = Settings(generated=2, generated_tokens=5)
+    gen = generated_items(lm.model, items, settings, tmp_path / "g.json")
+    assert len(gen) == 2 * len(items)
+    for g in gen:
+        item = next(i for i in items if i.index == g.index)
+        assert g.input_ids[: g.completion_start] == item.input_ids[: item.completion_start]  # the user's prompt
+        assert 1 <= len(g.input_ids) - g.completion_start <= 5 and g.split == "generated"
+    # cached: a resumed run trains on the same items
+    again = generated_items(lm.model, items, Settings(generated=2, generated_tokens=5, seed=9), tmp_path / "g.json")
+    assert again == gen

@@ -27,6 +27,7 @@ from uspx.recover.objectives import kd_loss, layer_loss, router_kd_loss
 from uspx.workload import EncodedItem
 
 TRAINABLE = ("router", "lora", "full")
+GENERATE_BATCH = 16  # prompts continued at once
 
 
 @dataclass
@@ -134,16 +135,26 @@ def generated_items(teacher: torch.nn.Module, items: list[EncodedItem], settings
     if cache.exists():
         return [EncodedItem(**row) for row in read_json(cache)]
     out: list[EncodedItem] = []
+    pad = eos if eos is not None else 0
     torch.manual_seed(settings.seed)  # generate() samples from the global generator
+    prompts = [(item, r, item.input_ids[: item.completion_start or max(1, len(item.input_ids) // 2)])
+               for item in items for r in range(settings.generated)]
     with torch.no_grad():
-        for item in items:
-            start = item.completion_start or max(1, len(item.input_ids) // 2)
-            prompt = torch.tensor([item.input_ids[:start]])
-            for r in range(settings.generated):
-                ids = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                                       top_p=1.0, temperature=1.0, max_new_tokens=settings.generated_tokens,
-                                       eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
-                out.append(EncodedItem(item.index, f"{item.id}#gen{r}", item.family, "generated", ids[0].tolist(), start))
+        for a in range(0, len(prompts), GENERATE_BATCH):  # left-padded batches: one cache per batch
+            group = prompts[a : a + GENERATE_BATCH]
+            width = max(len(p) for _, _, p in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for i, (_, _, p) in enumerate(group):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            new = teacher.generate(ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                   max_new_tokens=settings.generated_tokens, eos_token_id=eos,
+                                   pad_token_id=pad)[:, width:]
+            for (item, r, p), row in zip(group, new.tolist()):
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos) + 1]
+                out.append(EncodedItem(item.index, f"{item.id}#gen{r}", item.family, "generated", p + row, len(p)))
     write_json(cache, [asdict(e) for e in out])
     return out
 

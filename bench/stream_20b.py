@@ -35,7 +35,6 @@ import platform
 import random
 import resource
 import shutil
-import string
 import subprocess
 import sys
 import threading
@@ -45,9 +44,10 @@ from pathlib import Path
 
 import psutil
 
+from uspx.testing import CHARS, char_tokenizer  # one token per printable character
+
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
-CHARS = string.printable[:95]  # digits, letters, punctuation, space: one token each
 FAMILIES = {
     "gpt_oss": dict(model=REPO / "data" / "gpt-oss-20b-synthetic", out=REPO / "runs" / "stream_20b", keep=16),
     "qwen3_moe": dict(model=REPO / "data" / "qwen3-30b-a3b-4layers-synthetic", out=REPO / "runs" / "stream_qwen3",
@@ -58,18 +58,6 @@ FAMILIES = {
 def ru_maxrss() -> int:
     """Peak resident set of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def make_tokenizer():
-    """A character tokenizer (ids < 100), valid for any vocabulary (as tests/conftest.py builds it)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 def ensure_checkpoint(family: str, path: Path, scale: str, layers: int) -> dict:
@@ -88,7 +76,7 @@ def ensure_checkpoint(family: str, path: Path, scale: str, layers: int) -> dict:
             synthetic.write_qwen3_moe(path, layers, scale="tiny" if scale == "tiny" else "30b-a3b", progress=say)
         info["write_seconds"] = round(time.perf_counter() - t0, 1)
     if not (path / "tokenizer.json").exists():
-        make_tokenizer().save_pretrained(path)
+        char_tokenizer().save_pretrained(path)
     return info
 
 
@@ -364,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         shards=len(list(args.model.glob("*.safetensors"))), config=read_json(args.model / "config.json"))
     res["workload"] = write_workload(args.out / "workload.jsonl", args)
 
-    tok = make_tokenizer()
+    tok = char_tokenizer()
     verify_tokens = sum(min(len(tok.encode(p, add_special_tokens=False)), MAX_PROMPT_TOKENS) for p in DEFAULT_PROMPTS)
     res["predicted"] = predictions(args.model, args, res["workload"], verify_tokens)
     res["rss_after_imports_bytes"] = psutil.Process().memory_info().rss

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
 
-CHARS = string.printable[:95]  # digits, letters, punctuation, space
-
-
-def make_tokenizer():
-    """A character tokenizer (ids < 100) that fits every tiny config's vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+from uspx.testing import CHARS, char_tokenizer as make_tokenizer  # noqa: F401  (tests import both from here)
 
 
 def save_tiny(family: str, path: Path, seed: int = 0) -> Path:

@@ -7,6 +7,7 @@ check correctness, never quality.
 from __future__ import annotations
 
 import copy
+import string
 
 import torch
 
@@ -154,6 +155,22 @@ TINY_CONFIGS: dict[str, dict] = {
         mamba_expand=2,
     ),
 }
+
+
+CHARS = string.printable[:95]  # digits, letters, punctuation, space
+
+
+def char_tokenizer():
+    """A character tokenizer (ids < 100) that fits every tiny config's vocabulary, and any real one:
+    for tests, and for benchmarks on random-weight checkpoints where no text means more than another."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 def tiny_config(family: str):

@@ -11,9 +11,11 @@ PIP_FLAGS := -q
 .PHONY: setup demo test teacher
 setup: .venv/installed
 
-# The demo's recovery is shortened to 150 steps (uspx recover's default is 300) to finish in about 3 minutes.
+# The demo's recovery is shortened to 150 steps (uspx recover's default is 300) to finish in about
+# 3 minutes; one thread, because the teacher's matrices are too small for a second one to pay
+# (a training step took 2.0 s with two threads, 1.4 s with one).
 demo: setup
-	.venv/bin/uspx extract default python_dev --keep 50% -o runs/quickstart --recover --recover-steps 150
+	OMP_NUM_THREADS=1 .venv/bin/uspx extract default python_dev --keep 50% -o runs/quickstart --recover --recover-steps 150
 
 test: setup
 	$(PY) -m pytest -q

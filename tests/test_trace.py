@@ -90,7 +90,7 @@ def test_trace_equals_transformers_routing(family, tmp_path):
 
 
 def test_expert_norms_match_hand_computation(tmp_path):
-    """||f_e(x)|| from the gpt_oss fused weights, written out here from the layout in DESIGN.md."""
+    """||f_e(x)|| from the gpt_oss fused weights, written out here from gpt_oss's expert layout (gate/up interleaved)."""
     model_dir = save_tiny("gpt_oss", tmp_path / "m")
     trace(model_dir, write_jsonl(tmp_path / "w.jsonl", ROWS[:2]), tmp_path / "t", norms=True, progress=False)
     lm = load_model(model_dir)

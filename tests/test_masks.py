@@ -16,13 +16,7 @@ from uspx.testing import tiny_model
 from uspx.trace import trace
 from uspx.workload import EncodedItem
 
-ROWS = [
-    {"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i * i}", "family": "code", "split": "calibration"}
-    for i in range(4)
-] + [
-    {"text": f"the {i} quick brown foxes jump " * (1 + i % 2), "family": "prose", "split": "calibration"}
-    for i in range(3)
-]
+from test_score import ROWS  # the same small workload
 
 
 def random_items(n: int, length: int, seed: int = 1) -> list[EncodedItem]:

@@ -11,11 +11,11 @@ PIP_FLAGS := -q
 .PHONY: setup demo test teacher
 setup: .venv/installed
 
-# The demo's recovery is shortened to 150 steps (uspx recover's default is 300) to finish in about
+# The demo's recovery is shortened to 100 steps (uspx recover's default is 300) to finish in about
 # 3 minutes; one thread, because the teacher's matrices are too small for a second one to pay
-# (a training step took 2.0 s with two threads, 1.4 s with one).
+# (a training step takes about 1.2 s with one thread; with two it was about 40% slower).
 demo: setup
-	OMP_NUM_THREADS=1 .venv/bin/uspx extract default python_dev --keep 50% -o runs/quickstart --recover --recover-steps 150
+	OMP_NUM_THREADS=1 .venv/bin/uspx extract default python_dev --keep 50% -o runs/quickstart --recover --recover-steps 100
 
 test: setup
 	$(PY) -m pytest -q

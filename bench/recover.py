@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +23,24 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def variants():
+@dataclass
+class Variant:
+    settings: object  # uspx.recover.Settings
+    method: str | None = None  # selection of the pruned checkpoint (None: extract's default)
+    streaming: bool = False  # router recovery one decoder layer at a time from the files
+
+
+def variants() -> dict[str, Variant]:
     from uspx.recover import Settings
 
     return {
-        "full KD": Settings(train="full", kd=1.0),  # uspx recover's defaults
-        "router KD": Settings(train="router", kd=1.0, router_kd=1.0),
-        "LoRA + KD": Settings(train="lora", kd=1.0),
-        "full KD + layer": Settings(train="full", kd=1.0, layer=1.0),
-        "full KD, no generated text": Settings(train="full", kd=1.0, generated=0),
+        "full KD": Variant(Settings(train="full", kd=1.0)),  # uspx recover's defaults
+        "router KD": Variant(Settings(train="router", kd=1.0, router_kd=1.0)),
+        "LoRA + KD": Variant(Settings(train="lora", kd=1.0)),
+        "full KD + layer": Variant(Settings(train="full", kd=1.0, layer=1.0)),
+        "full KD, no generated text": Variant(Settings(train="full", kd=1.0, generated=0)),
+        "L0 masks + full KD": Variant(Settings(train="full", kd=1.0), method="l0"),
+        "router layer-by-layer": Variant(Settings(train="router", router_kd=1.0, layer=1.0), streaming=True),
     }
 
 
@@ -55,25 +64,29 @@ def main() -> None:
     rows = []
     for user in args.users.split(","):
         for keep in args.keeps.split(","):
-            run = args.out / f"{user}-{keep.strip('%')}"
-            extract("default", user, run, keep=keep, speed=False, progress=False)
-            for name, settings in chosen.items():
+            for name, v in chosen.items():
+                settings = v.settings
+                run = args.out / (f"{user}-{keep.strip('%')}" + (f"-{v.method}" if v.method else ""))
+                if not (run / "report.json").exists():
+                    extract("default", user, run, keep=keep, method=v.method, speed=False, progress=False)
                 settings.max_minutes = args.minutes
                 if args.steps is not None:
                     settings.steps = args.steps
                 t0 = time.perf_counter()
-                r = recover(run, settings=settings, out_dir=run / f"recover-{name.replace(' ', '_').replace('+', 'and')}",
-                            progress=False)
+                r = recover(run, settings=settings, out_dir=run / f"recover-{name.replace(' ', '_').replace('+', 'and').replace(',', '')}",
+                            streaming=v.streaming, dtype="fp32", progress=False)
+                h = r["history"]
+                # the one-shot delta is the default selection's (the L0 variant's own pruned model is one-shot too)
                 before, after = r["heldout"]["before"]["all"]["delta"], r["heldout"]["after"]["all"]["delta"]
-                rows.append(dict(user=user, keep=keep, variant=name, settings=asdict(settings), one_shot=before,
-                                 recovered=after, share=r["recovered_share"], tokens=r["history"]["tokens_seen"],
-                                 steps=r["history"]["step"], best_step=r["history"]["best_step"],
-                                 train_seconds=round(r["history"]["seconds"], 1), wall_seconds=round(time.perf_counter() - t0, 1),
-                                 stopped=r["history"]["stopped"], gap=r["overfitting_gap"]["after"],
+                rows.append(dict(user=user, keep=keep, variant=name, settings=asdict(settings), method=v.method,
+                                 streaming=v.streaming, one_shot=before, recovered=after, share=r["recovered_share"],
+                                 tokens=h.get("tokens_seen", h.get("tokens")), steps=h.get("step"),
+                                 best_step=h.get("best_step"), peak_rss_bytes=h.get("peak_rss_bytes"),
+                                 train_seconds=round(h["seconds"], 1), wall_seconds=round(time.perf_counter() - t0, 1),
+                                 stopped=h.get("stopped"), gap=r["overfitting_gap"]["after"],
                                  families=r["heldout"], elsewhere=r["elsewhere"]))
-                print(f"{user:12s} {keep:>4s} {name:16s} {before:+.4f} -> {after:+.4f} "
-                      f"({100 * (r['recovered_share'] or 0):.0f}% recovered, {r['history']['step']} steps, "
-                      f"{r['history']['seconds']:.0f} s)", flush=True)
+                print(f"{user:12s} {keep:>4s} {name:24s} {before:+.4f} -> {after:+.4f} "
+                      f"({100 * (r['recovered_share'] or 0):.0f}% recovered, {h['seconds']:.0f} s)", flush=True)
     write_json(args.out / "results.json", dict(
         machine=dict(platform=platform.platform(), torch=torch.__version__, threads=args.threads),
         command="python bench/recover.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),

@@ -189,3 +189,96 @@ def test_generated_items_continue_the_users_prompts(tiny_gpt_oss_dir, tmp_path):
     # cached: a resumed run trains on the same items
     again = generated_items(lm.model, items, Settings(generated=2, generated_tokens=5, seed=9), tmp_path / "g.json")
     assert again == gen
+
+
+def _layer0_objective(teacher, student, kept0, items):
+    """Router KD plus layer matching at MoE layer 0 of two stock-loaded models, item by item: both see
+    the same layer-0 inputs, so this is what layer-by-layer training minimises there."""
+    from uspx.models import adapter_for
+
+    def first(o):
+        return o[0] if isinstance(o, tuple) else o
+
+    total = 0.0
+    for ids in items:
+        seen = {}
+        for name, model in (("t", teacher), ("s", student)):
+            layer = adapter_for(model).layers[0]
+            hooks = [layer.router.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n + "r", first(o))),
+                     layer.block.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n + "b", first(o)))]
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+        n = len(ids)
+        total += n * float(router_kd_loss(seen["sr"].reshape(n, -1), seen["tr"].reshape(n, -1), torch.tensor(kept0))
+                           + layer_loss(seen["sb"].reshape(n, -1), seen["tb"].reshape(n, -1)))
+    return total
+
+
+def test_layer_by_layer_router_recovery_trains_only_routers_and_resumes(run_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import uspx.recover.layers as layers_mod
+    from uspx.models import load_model
+    from uspx.workload import encode, load_workload
+
+    wl = run_dir / ".." / "w.jsonl"
+    settings = Settings(train="router", steps=12, eval_every=3, patience=10, batch_size=4)
+    ref = recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "a", others=wl,
+                  progress=False)
+    assert ref["streaming"] and len(ref["history"]["layers"]) == 2 and ref["history"]["peak_rss_bytes"] > 0
+    pruned = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")  # stock loading
+    changed = {n for n, p in recovered.named_parameters() if not torch.equal(p, pruned.get_parameter(n))}
+    assert changed and all(".router." in n for n in changed)
+
+    record = json.loads((run_dir / "model" / "uspx_export.json").read_text())
+    teacher = load_model(record["source"])
+    items = encode(load_workload(wl).part("calibration"), teacher.tokenizer, 64)
+    ids, kept0 = [e.input_ids for e in items], record["kept"]["0"]
+    assert _layer0_objective(teacher.model, recovered, kept0, ids) < _layer0_objective(teacher.model, pruned, kept0, ids)
+
+    real = layers_mod._save
+
+    def killed_after_layer_2(work, key, history, *a):
+        real(work, key, history, *a)
+        if history.layers_done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(layers_mod, "_save", killed_after_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(layers_mod, "_save", real)
+    again = recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "b", others=wl,
+                    progress=False)
+    assert [r["val_after"] for r in again["history"]["layers"]] == [r["val_after"] for r in ref["history"]["layers"]]
+    a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(UspxError, match="routers only"):
+        recover(run_dir, settings=Settings(train="full"), streaming=True, out_dir=tmp_path / "c", progress=False)
+
+
+def test_mxfp4_recovery_keeps_the_expert_blocks_byte_for_byte(tmp_path, one_thread):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from conftest import make_tokenizer
+    from uspx.extract import extract
+    from uspx.models.synthetic import write_gpt_oss
+
+    src = write_gpt_oss(tmp_path / "mx", "tiny")
+    make_tokenizer().save_pretrained(src)
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    extract(src, wl, tmp_path / "run", keep="50%", speed=False, progress=False)
+    recover(tmp_path / "run", settings=Settings(steps=3, batch_size=4, generated=0), others=wl, progress=False)
+    before = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "recover" / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    quantized = [k for k in before if k.endswith(("_blocks", "_scales"))]
+    assert quantized and all(torch.equal(before[k], after[k]) for k in quantized)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "q_proj" in k)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "recover" / "model",
+                                                 quantization_config=Mxfp4Config(dequantize=True))
+    assert model.config.num_local_experts == 4

@@ -304,6 +304,8 @@ def recover(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/recover)."),
     others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
+    streaming: bool = typer.Option(False, "--streaming", help="Train the routers one decoder layer at a time from the files (with --train router; router KD and layer matching, both weighted 1 unless set) for models larger than memory."),
+    compute_dtype: str = typer.Option("bf16", "--compute-dtype", help="With --streaming: precision the layers compute in (routers always train in fp32)."),
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
     from uspx.recover import Settings
@@ -311,7 +313,8 @@ def recover(
 
     settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=ce, router_kd=router_kd, layer=layer,
                         tau=tau, lr=lr, batch_size=batch_size, lora_rank=lora_rank, generated=generated, seed=seed)
-    res = run_recover(run_dir, settings=settings, out_dir=out, others=others, epsilon=epsilon)
+    res = run_recover(run_dir, settings=settings, out_dir=out, others=others, epsilon=epsilon, streaming=streaming,
+                      dtype=compute_dtype)
     console.print(f"recovered checkpoint: {res['model']}; report: {Path(res['model']).parent / 'recover.json'}")
 
 

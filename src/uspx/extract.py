@@ -94,8 +94,6 @@ def extract(
     if (streaming or sequential) and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
-    if streaming and recover:
-        raise UspxError("--recover trains the pruned model in memory; it cannot be combined with --streaming yet")
     if budget is not None:
         parse_size(budget)
     compute_dtype(dtype)
@@ -188,10 +186,12 @@ def extract(
         from uspx.recover import Settings
         from uspx.recover import recover as run_recover
 
-        settings = Settings() if recover_steps is None else Settings(steps=recover_steps)
-        res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon, progress=progress)
+        # layer by layer only the routers can train (the objectives that need no logits)
+        settings = Settings(train="router" if streaming else "full", **({} if recover_steps is None else {"steps": recover_steps}))
+        res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
+                          streaming=streaming, dtype=dtype, progress=progress)
         report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
-                                   history=dict((k, res["history"][k]) for k in ("step", "best_step", "tokens_seen", "seconds", "stopped")))
+                                   history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
         report["acceptance"] = res["acceptance"]
         report["seconds"]["recover"] = res["seconds"]
         write_json(out / "report.json", report)

@@ -220,3 +220,56 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_replacing(src: str | os.PathLike, out_dir: str | os.PathLike, replace: dict[str, torch.Tensor],
+                    skip_files: Iterable[str] = ()) -> int:
+    """Copy the model folder ``src`` into ``out_dir`` with the stored tensors named in ``replace``
+    given new values (cast to their stored dtype; shapes must match), every other tensor byte for
+    byte in its file, quantized ones included. Other files (config, tokenizer) are copied, except
+    ``skip_files``. Returns the bytes of tensor data written.
+
+    This is how a model that changed only some tensors is saved without touching the rest: an
+    MXFP4 checkpoint whose experts stayed frozen keeps its expert blocks exactly.
+    """
+    import shutil
+
+    ckpt = Checkpoint(src)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(replace) - set(ckpt.weight_map))
+    if unknown:
+        raise UspxError(f"{ckpt.path}: no stored tensors named {unknown[:4]}")
+    for name, value in replace.items():
+        spec = ckpt.spec(name)
+        if tuple(value.shape) != spec.shape:
+            raise UspxError(f"{name}: new value has shape {tuple(value.shape)}, stored {spec.shape}")
+
+    def produce(spec: TensorSpec) -> Iterable[torch.Tensor]:
+        if spec.name in replace:
+            yield replace[spec.name].detach().to(spec.dtype)
+        elif not spec.shape:
+            yield ckpt.get(spec.name)
+        else:  # row chunks of about _CHUNK_BYTES: memory stays bounded on any tensor
+            step = max(1, _CHUNK_BYTES * spec.shape[0] // max(1, spec.nbytes))
+            for start in range(0, spec.shape[0], step):
+                yield ckpt.rows(spec.name, start, start + step)
+
+    written = 0
+    by_file: dict[str, list[str]] = {}
+    for name, file in ckpt.weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        metadata = ckpt._open(file).metadata()
+        specs = [ckpt.spec(n) for n in names]
+        write_safetensors(out / file, specs, produce, metadata)
+        written += sum(s.nbytes for s in specs)
+    skip = set(skip_files) | set(by_file)
+    for path in sorted(ckpt.path.iterdir()):
+        if path.is_file() and path.name not in skip:
+            shutil.copy2(path, out / path.name)
+    ckpt.close()
+    return written
+
+
+_CHUNK_BYTES = 64 << 20

@@ -25,7 +25,7 @@ import torch
 
 from uspx.engine.batches import Batch
 from uspx.engine.observers import Observer
-from uspx.engine.source import WeightSource
+from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
 from uspx.progress import progress_bar
@@ -65,8 +65,9 @@ def run(source: WeightSource, batches: Sequence[Batch], observers: Sequence[Obse
     with torch.no_grad():
         if source.resident and decide is None:
             return _run_whole(source, batches, observers, head, progress, label)
-        return _run_layers(source, batches, observers, head, last_layer, state_dir, state_key, spill_dir,
-                           decide, progress, label)
+        with freed_memory_returned():
+            return _run_layers(source, batches, observers, head, last_layer, state_dir, state_key, spill_dir,
+                               decide, progress, label)
 
 
 def _attach(source: WeightSource, observers: Sequence[Observer], index: int) -> list:

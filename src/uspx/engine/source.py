@@ -16,6 +16,7 @@ family's adapter, for the experts that will run only.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -141,7 +142,6 @@ class FromCheckpoint(WeightSource):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        _return_freed_memory()
         self.ckpt = Checkpoint(path)
         self.path = self.ckpt.path
         self.dtype = dtype
@@ -263,26 +263,45 @@ class FromCheckpoint(WeightSource):
             self._release(self.model.get_input_embeddings())
 
 
-def _return_freed_memory() -> None:
-    """Have glibc give large freed blocks back to the system at once.
+_M_MMAP_THRESHOLD = -3
+_returning = 0  # depth of nested freed_memory_returned blocks
+
+
+@contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Within the block, have glibc give large freed blocks back to the system at once.
 
     A layer stored as hundreds of per-expert tensors (Qwen3: 384 of 1.5-3 MiB) is freed into glibc's
     heap, which keeps it: the next layer's load then peaked at 7.6 GiB instead of 5.3 GiB on a
     Qwen3-30B-A3B layer in float32. Serving every allocation above 128 KiB from its own mapping
-    (``M_MMAP_THRESHOLD``, also settable as ``MALLOC_MMAP_THRESHOLD_``) returns each layer's memory
-    when it is released. A no-op where the C library is not glibc or the user set the variable.
+    (``M_MMAP_THRESHOLD``) returns each layer's memory when it is released. Only for the block:
+    outside layer-by-layer runs every allocation and free would cost page faults (a recovery
+    training step on the bundled teacher took twice as long, most of it system time), so on leaving
+    the threshold goes to 32 MiB, the ceiling glibc's own adaptive threshold grows towards. A no-op
+    where the C library is not glibc or the user set ``MALLOC_MMAP_THRESHOLD_``.
     """
+    global _returning
+    libc = _libc() if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None else None
+    if libc is not None and _returning == 0:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    _returning += 1
+    try:
+        yield
+    finally:
+        _returning -= 1
+        if libc is not None and _returning == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def _libc():
     import ctypes
     import ctypes.util
-    import os
 
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
-        return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 @contextmanager

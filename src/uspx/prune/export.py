@@ -21,6 +21,7 @@ from torch import nn
 
 import uspx
 from uspx.engine import FromCheckpoint, InMemory
+from uspx.engine.source import freed_memory_returned
 from uspx.io import UspxError, check_fingerprints, read_json, write_json
 from uspx.models import LoadedModel, Restriction, adapter_for, load_model, model_fingerprint
 from uspx.models.loading import resolve_model_path
@@ -87,7 +88,8 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        written = write_layout(layout_source, layout, tmp)
+        with freed_memory_returned():  # tensors of every size pass through: hand each back when written
+            written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
         verification = _verify(model, src, tmp, full, verify_prompts, streaming, trust_remote_code)
         verification["tolerance"] = logit_tolerance

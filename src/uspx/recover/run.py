@@ -24,6 +24,7 @@ import torch
 import uspx
 from uspx.io import UspxError, read_json, write_json
 from uspx.progress import console
+from uspx.prune.export import FORMAT
 from uspx.recover.train import Settings, train
 
 REPORT = "recover.json"
@@ -31,22 +32,22 @@ REPORT = "recover.json"
 
 def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = None, out_dir: str | Path | None = None,
             others: str | Path | None = None, max_length: int = 512, epsilon: float = 0.05,
-            progress: bool = True) -> dict:
+            streaming: bool = False, dtype: str = "bf16", progress: bool = True) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 
     ``workload`` defaults to the run's own (its fingerprint must match the run's). ``others`` is a
     workload whose held-out items measure what the specialisation costs elsewhere (default: the
-    bundled ``mixed`` workload when the model is the bundled teacher).
+    bundled ``mixed`` workload when the model is the bundled teacher). ``streaming`` trains the
+    routers one decoder layer at a time from the files (router KD and layer matching, computing in
+    ``dtype``), for models larger than memory. An MXFP4 checkpoint keeps its expert blocks as they
+    are: the rest of the model trains, and only those tensors are rewritten.
     """
-    from uspx.evaluate import evaluate
-    from uspx.models import load_model, model_fingerprint
+    from uspx.engine import compute_dtype
+    from uspx.models import model_fingerprint
     from uspx.models.loading import BUNDLED_TEACHER
-    from uspx.prune.export import FORMAT, RECORD
-    from uspx.prune.files import copy_tokenizer, weight_files
-    from uspx.prune.verify import compare_logits, verification_items
-    from uspx.engine import InMemory
-    from uspx.engine.batches import pad_id_of
-    from uspx.workload import Workload, encode, load_workload
+    from uspx.prune.export import RECORD
+    from uspx.prune.files import weight_files
+    from uspx.workload import Workload, load_workload
 
     settings = settings or Settings()
     run = Path(run_dir)
@@ -63,46 +64,35 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     plan_sha = hashlib.sha256((run / "plan.json").read_bytes()).hexdigest()
     if record.get("plan_sha256") not in (None, plan_sha):
         raise UspxError(f"{run / 'plan.json'} is not the plan {pruned} was exported from")
-    if weight_files(pruned).is_mxfp4():
-        raise UspxError(f"{pruned}: MXFP4 checkpoint; recovery trains dense weights and would have to requantize "
-                        "the experts, which uspx does not do yet")
+    if streaming and settings.train != "router":
+        raise UspxError("--streaming trains the routers only (--train router); full and LoRA training need the "
+                        "whole model in memory")
+    mxfp4 = weight_files(pruned).is_mxfp4()
     wl = workload if isinstance(workload, Workload) else load_workload(workload or report["workload"]["source"])
     if wl.fingerprint != report["workload"]["fingerprint"]:
         raise UspxError(f"{wl.source} is not the workload {run} was extracted for")
     out = Path(out_dir) if out_dir is not None else run / "recover"
-    teacher = load_model(source)
-    student = load_model(pruned, with_tokenizer=False).model
     kept = {int(l): sorted(v + record.get("padding", {}).get(l, [])) for l, v in record["kept"].items()}
-    items = encode(wl.part("calibration"), teacher.tokenizer, max_length)
     key = dict(source=record["source_fingerprint"], pruned=record["fingerprint"], plan=plan_sha,
-               workload=wl.fingerprint, max_length=max_length, settings=asdict(settings))
+               workload=wl.fingerprint, max_length=max_length, settings=asdict(settings),
+               **({"streaming": dtype} if streaming else {}))
 
-    console.rule(f"uspx recover: {pruned} ({settings.train}, {settings.steps} steps at most)")
+    how = f"{settings.train}, {settings.steps} steps at most" + (", layer by layer" if streaming else "")
+    console.rule(f"uspx recover: {pruned} ({how})")
     started = time.perf_counter()
     existing = _finished(out / "model", key)
+    teacher = source if streaming else _load(source)
     if existing is None:
-        student, history = train(teacher.model, student, kept, items, settings, out / "work", key,
-                                 pad_id=pad_id_of(teacher.tokenizer), progress=progress)
-        stored = weight_files(pruned).main_float_dtype()
-        with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
-            for p in student.parameters():
-                p.copy_(p.to(stored).to(p.dtype))
+        trainer = _train_layers if streaming else _train_whole
+        history, write, verify = trainer(source, pruned, teacher, kept, wl, settings, out / "work", key, max_length,
+                                         mxfp4, compute_dtype(dtype), progress)
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
         try:
-            # a copy: casting the model itself would round its rotary tables too, which are not saved
-            copy.deepcopy(student).to(stored).save_pretrained(tmp)
-            copy_tokenizer(pruned, tmp)
-            reloaded = load_model(tmp, with_tokenizer=False).model
-            check = compare_logits(InMemory(student), {}, InMemory(reloaded),
-                                   verification_items(teacher.tokenizer, None, int(student.config.vocab_size)))
-            if not check["max_abs_logit_diff"] <= 1e-4:
-                raise UspxError(f"the reloaded recovered checkpoint differs from the trained model by "
-                                f"{check['max_abs_logit_diff']:.3g}; nothing was written")
-            new_record = {**record, "format": FORMAT, "uspx_version": uspx.__version__,
-                          "verification": {**check, "reloaded_with": "AutoModelForCausalLM.from_pretrained (fp32)",
-                                           "against": "the trained model in memory"},
-                          "recovered": dict(key=key, pruned=str(pruned), history=asdict(history)),
+            write(tmp)
+            check = verify(tmp)
+            new_record = {**record, "format": FORMAT, "uspx_version": uspx.__version__, "verification": check,
+                          "recovered": dict(key=key, pruned=str(pruned), history=history),
                           "fingerprint": model_fingerprint(tmp), "status": "written"}
             write_json(tmp / RECORD, new_record)
             os.replace(tmp, out / "model")
@@ -110,14 +100,15 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(out / "work")  # the checkpoints: the model holds the result now
-        history = asdict(history)
     else:
         history = existing["recovered"]["history"]
     train_seconds = round(time.perf_counter() - started, 1)
 
     def quality(candidate, part, split):
-        ev = evaluate(teacher, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False)
-        return ev
+        return evaluate(teacher, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False,
+                        streaming=streaming, dtype=dtype)
+
+    from uspx.evaluate import evaluate
 
     before = quality(pruned, wl, "heldout")
     after = quality(out / "model", wl, "heldout")
@@ -131,8 +122,10 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     gap_before, gap_after = before["overall"]["delta"], after["overall"]["delta"]
     result = dict(
         format="uspx-recover/1", uspx_version=uspx.__version__, run=str(run), pruned=str(pruned),
-        model=str(out / "model"), source=str(source), settings=asdict(settings), history=history,
-        train_seconds=history.get("seconds"), seconds=train_seconds,
+        model=str(out / "model"), source=str(source), settings=asdict(settings), streaming=streaming,
+        experts=("kept in MXFP4 as exported (frozen)" if mxfp4 else "trained" if settings.train != "router"
+                 else "frozen"),
+        history=history, train_seconds=history.get("seconds"), seconds=train_seconds,
         heldout=dict(before=_families(before), after=_families(after)),
         recovered_share=(1 - gap_after / gap_before) if gap_before and gap_before > 0 else None,
         calibration=dict(before=_families(cal_before), after=_families(cal_after)),
@@ -142,6 +135,107 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     write_json(out / REPORT, result)
     _print(result)
     return result
+
+
+def _load(path: Path):
+    from uspx.models import load_model
+
+    return load_model(path)
+
+
+def _train_whole(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):
+    """Train the pruned model in memory; returns (history, write(folder), verify(folder))."""
+    from uspx.engine import InMemory
+    from uspx.engine.batches import pad_id_of
+    from uspx.engine.checkpoint import write_replacing
+    from uspx.models import adapter_for, load_model
+    from uspx.prune.export import RECORD
+    from uspx.prune.files import copy_tokenizer, weight_files
+    from uspx.prune.verify import compare_logits, verification_items
+    from uspx.recover.train import expert_parameter_names
+    from uspx.workload import encode
+
+    student = load_model(pruned, with_tokenizer=False).model
+    items = encode(wl.part("calibration"), teacher.tokenizer, max_length)
+    student, history = train(teacher.model, student, kept, items, settings, work, key,
+                             pad_id=pad_id_of(teacher.tokenizer), progress=progress, frozen_experts=mxfp4)
+    stored = weight_files(pruned).main_float_dtype()
+    with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
+        for p in student.parameters():
+            p.copy_(p.to(stored).to(p.dtype))
+
+    def write(tmp: Path) -> None:
+        if mxfp4:  # the expert blocks stay byte for byte; every other tensor is the trained one
+            experts = expert_parameter_names(student, adapter_for(student))
+            names = _stored_names(pruned)
+            write_replacing(pruned, tmp, {names[n]: p for n, p in student.named_parameters() if n not in experts},
+                            skip_files=(RECORD,))
+        else:
+            # a copy: casting the model itself would round its rotary tables too, which are not saved
+            copy.deepcopy(student).to(stored).save_pretrained(tmp)
+            copy_tokenizer(pruned, tmp)
+
+    def verify(tmp: Path) -> dict:
+        reloaded = load_model(tmp, with_tokenizer=False).model
+        check = compare_logits(InMemory(student), {}, InMemory(reloaded),
+                               verification_items(teacher.tokenizer, None, int(student.config.vocab_size)))
+        if not check["max_abs_logit_diff"] <= 1e-4:
+            raise UspxError(f"the reloaded recovered checkpoint differs from the trained model by "
+                            f"{check['max_abs_logit_diff']:.3g}; nothing was written")
+        return {**check, "reloaded_with": "AutoModelForCausalLM.from_pretrained (fp32)",
+                "against": "the trained model in memory"}
+
+    return asdict(history), write, verify
+
+
+def _train_layers(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):
+    """Train the routers layer by layer from the files; returns (history, write(folder), verify(folder))."""
+    from transformers import AutoTokenizer
+
+    from uspx.engine.batches import pad_id_of
+    from uspx.engine.checkpoint import Checkpoint, write_replacing
+    from uspx.prune.export import RECORD
+    from uspx.recover.layers import train_routers
+    from uspx.workload import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    items = encode(wl.part("calibration"), tokenizer, max_length)
+    trained, history = train_routers(source, pruned, kept, items, settings, work, key, dtype=dtype,
+                                     pad_id=pad_id_of(tokenizer), progress=progress)
+
+    def write(tmp: Path) -> None:
+        write_replacing(pruned, tmp, trained, skip_files=(RECORD,))
+
+    def verify(tmp: Path) -> dict:
+        """Read every tensor back: the trained routers as trained (in the stored precision), every
+        other tensor byte for byte the pruned checkpoint's."""
+        old, new = Checkpoint(pruned), Checkpoint(tmp)
+        if set(old.weight_map) != set(new.weight_map):
+            raise UspxError(f"the recovered checkpoint's tensors differ from {pruned}'s; nothing was written")
+        worst = 0.0
+        for name in old.weight_map:
+            a = new.get(name)
+            want = trained[name].to(a.dtype) if name in trained else old.get(name)
+            if a.dtype != want.dtype or not torch.equal(a, want):
+                raise UspxError(f"{tmp}: tensor {name} was not written as intended; nothing was written")
+            if name in trained:
+                worst = max(worst, float((a.float() - trained[name].float()).abs().max()))
+        return dict(reloaded_with="every tensor read back from the safetensors files",
+                    against="the trained routers and the pruned checkpoint", tensors=len(old.weight_map),
+                    replaced=sorted(trained), max_abs_rounding=worst)
+
+    return asdict(history), write, verify
+
+
+def _stored_names(folder: Path) -> dict[str, str]:
+    """Model parameter name -> the stored tensor it is loaded from (one-to-one tensors only)."""
+    from uspx.engine import FromCheckpoint
+
+    layout = FromCheckpoint(folder, torch.float32)  # the skeleton only
+    out: dict[str, str] = {}
+    for name in layout.ckpt.weight_map:
+        out.setdefault(layout.target_of(name), name)
+    return out
 
 
 def _finished(model_dir: Path, key: dict) -> dict | None:
@@ -172,8 +266,15 @@ def _print(r: dict) -> None:
     from rich.table import Table
 
     h = r["history"]
-    console.print(f"trained {h['step']} steps ({h['tokens_seen']} tokens, {h['seconds']:.0f} s); best validation "
-                  f"loss {h['best_val']:.4f} at step {h['best_step']}; stopped: {h['stopped']}")
+    if r["streaming"]:
+        worst = max(h["layers"], key=lambda x: x["val_before"], default=None)
+        console.print(f"trained the routers of {len(h['layers'])} MoE layers one at a time ({h['seconds']:.0f} s, "
+                      f"peak memory {h['peak_rss_bytes'] / 2**30:.2f} GiB)" +
+                      (f"; hardest layer {worst['layer']}: validation loss {worst['val_before']:.4f} -> "
+                       f"{worst['val_after']:.4f}" if worst else ""))
+    else:
+        console.print(f"trained {h['step']} steps ({h['tokens_seen']} tokens, {h['seconds']:.0f} s); best validation "
+                      f"loss {h['best_val']:.4f} at step {h['best_step']}; stopped: {h['stopped']}")
     t = Table(title="held-out loss delta vs the original (nats per target token)")
     for col in ("family", "pruned", "recovered", "top-1 agree (recovered)"):
         t.add_column(col, justify="right" if col != "family" else "left")

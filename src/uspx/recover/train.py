@@ -159,15 +159,23 @@ def generated_items(teacher: torch.nn.Module, items: list[EncodedItem], settings
     return out
 
 
-def trainable_parameters(student: torch.nn.Module, adapter: MoEAdapter, settings: Settings):
-    """The student to train (peft-wrapped for LoRA) and its trainable parameters, by name."""
+def expert_parameter_names(model: torch.nn.Module, adapter: MoEAdapter) -> set[str]:
+    prefixes = tuple(f"{layer.name}.experts." for layer in adapter.layers)
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def trainable_parameters(student: torch.nn.Module, adapter: MoEAdapter, settings: Settings,
+                         frozen_experts: bool = False):
+    """The student to train (peft-wrapped for LoRA) and its trainable parameters, by name.
+    ``frozen_experts``: expert weights never train (an MXFP4 checkpoint keeps its expert blocks)."""
+    frozen = expert_parameter_names(student, adapter) if frozen_experts else set()
     for p in student.parameters():
         p.requires_grad_(False)
     if settings.train == "full":
-        for p in student.parameters():
-            p.requires_grad_(True)
+        for n, p in student.named_parameters():
+            p.requires_grad_(n not in frozen)
     elif settings.train == "lora":
-        student = _with_lora(student, adapter, settings.lora_rank)
+        student = _with_lora(student, adapter, settings.lora_rank, experts=not frozen_experts)
     routers = {id(p) for layer in adapter.layers for p in layer.router.parameters()}
     for p in student.parameters():
         if id(p) in routers and p.is_floating_point():
@@ -175,12 +183,13 @@ def trainable_parameters(student: torch.nn.Module, adapter: MoEAdapter, settings
     return student, {n: p for n, p in student.named_parameters() if p.requires_grad}
 
 
-def _with_lora(student: torch.nn.Module, adapter: MoEAdapter, rank: int) -> torch.nn.Module:
+def _with_lora(student: torch.nn.Module, adapter: MoEAdapter, rank: int, experts: bool = True) -> torch.nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UspxError("--train lora needs peft: pip install 'uspx[lora]'") from None
-    experts = [f"{layer.name}.experts.{name}" for layer in adapter.layers for name in adapter.expert_tensors(layer)]
+    experts = [f"{layer.name}.experts.{name}" for layer in adapter.layers
+               for name in adapter.expert_tensors(layer)] if experts else None
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(adapter.attention_projections),
                         target_parameters=experts)
     return get_peft_model(student, config)
@@ -188,23 +197,25 @@ def _with_lora(student: torch.nn.Module, adapter: MoEAdapter, rank: int) -> torc
 
 def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, list[int]], items: list[EncodedItem],
           settings: Settings, work: Path, key: dict, *, pad_id: int = 0, progress: bool = True,
-          on_checkpoint: Callable[[int], None] | None = None) -> tuple[torch.nn.Module, History]:
+          frozen_experts: bool = False, on_checkpoint: Callable[[int], None] | None = None
+          ) -> tuple[torch.nn.Module, History]:
     """Train ``student`` (the pruned model) towards ``teacher``; returns the student with its best
     validation weights loaded (LoRA merged) and the history. ``kept``: per MoE layer, the original
-    ids of the student's experts in its order (router KD)."""
+    ids of the student's experts in its order (router KD). ``frozen_experts``: expert weights stay
+    as loaded."""
     torch.manual_seed(settings.seed)
     t_adapter, s_adapter = adapter_for(teacher), adapter_for(student)
-    _check_work(work, key)
+    check_work(work, key)
     train_items, val_items = split_items(items, settings.val_fraction, settings.seed)
     eos = getattr(teacher.config, "eos_token_id", None)
     train_items = train_items + generated_items(teacher, train_items, settings, work / "generated.json",
                                                 eos if isinstance(eos, int) else None)
-    student, params = trainable_parameters(student, s_adapter, settings)
+    student, params = trainable_parameters(student, s_adapter, settings, frozen_experts)
     optimizer = torch.optim.AdamW(params.values(), lr=settings.learning_rate, weight_decay=0.0)
     history = _resume(work, key, params, optimizer)
     best = {n: p.detach().clone() for n, p in params.items()}
     if history.step and (work / "best.safetensors").exists():
-        best = _load_tensors(work / "best.safetensors")
+        best = load_tensors(work / "best.safetensors")
     want_router, want_blocks = settings.router_kd > 0, settings.layer > 0
     t_sig, s_sig = _Signals(t_adapter, want_router, want_blocks), _Signals(s_adapter, want_router, want_blocks)
     kept_t = {l: torch.tensor(v) for l, v in kept.items()}
@@ -314,14 +325,14 @@ def _validation_loss(student, batches: list[Batch]) -> float:
 
 
 # ----- checkpoints: tensors as safetensors, the rest as JSON ----------------------------------------
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
@@ -334,14 +345,14 @@ def _checkpoint(work: Path, key: dict, history: History, params: dict, optimizer
     work.mkdir(parents=True, exist_ok=True)
     state = optimizer.state_dict()
     flat = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
-    _save_tensors(work / "trainable.safetensors", params)
-    _save_tensors(work / "optimizer.safetensors", flat)
-    _save_tensors(work / "best.safetensors", best)
+    save_tensors(work / "trainable.safetensors", params)
+    save_tensors(work / "optimizer.safetensors", flat)
+    save_tensors(work / "best.safetensors", best)
     # written last: a state.json names a complete checkpoint
     write_json(work / "state.json", dict(key=key, history=asdict(history), param_groups=state["param_groups"]))
 
 
-def _check_work(work: Path, key: dict) -> None:
+def check_work(work: Path, key: dict) -> None:
     """Refuse a work folder of another run (or of something else) before anything is written to it."""
     path = work / "state.json"
     if path.exists():
@@ -360,13 +371,13 @@ def _resume(work: Path, key: dict, params: dict, optimizer) -> History:
     if not path.exists():
         return History()
     state = read_json(path)
-    trainable = _load_tensors(work / "trainable.safetensors")
+    trainable = load_tensors(work / "trainable.safetensors")
     if set(trainable) != set(params):
         raise UspxError(f"{work}: the checkpoint's trainable tensors do not match this run")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(trainable[n])
-    flat = _load_tensors(work / "optimizer.safetensors")
+    flat = load_tensors(work / "optimizer.safetensors")
     opt_state: dict = {}
     for name, value in flat.items():
         idx, field_name = name.split(".", 1)

@@ -88,6 +88,7 @@ def plan(
     kv_dtype: str = typer.Option("bf16", help="KV cache precision: fp32, bf16, fp16, fp8, int8, int4."),
     batch: int = typer.Option(1, help="Sequences held in the KV cache at once."),
     experts_per_layer: Optional[int] = typer.Option(None, help="Size the model with this many experts per layer."),
+    student: Optional[int] = typer.Option(None, "--student", help="Also size a dense student of this many experts per layer (`uspx student -m M`) beside the pruned MoE keeping as many."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the breakdown as JSON."),
     streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a layer-by-layer trace / score / extract instead (any family)."),
     tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
@@ -119,6 +120,27 @@ def plan(
         est = estimate(path, dtype, context=context, kv_dtype=kv_dtype, batch=batch, experts_per_layer=experts_per_layer)
         console.print(est)
         result = est.breakdown()
+    if student is not None and not streaming:
+        from rich.table import Table
+
+        from uspx.plan.memory import format_bytes, student_estimate
+
+        st = student_estimate(path, student, dtype, context=context, kv_dtype=kv_dtype, batch=batch)
+        table = Table(title=f"{student} experts per layer: pruned MoE vs dense student ({st['dtype']} weights, "
+                            f"{context} tokens of {kv_dtype} KV cache)")
+        for col in ("model", "weights", "KV cache", "total", "active params / token"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, key in (("pruned MoE", "pruned_moe"), ("dense student", "dense_student")):
+            r = st[key]
+            active = f"{r['active_params_per_token']:,}" if r["active_params_per_token"] is not None else "below top-k"
+            table.add_row(name, format_bytes(r["weights_bytes"]), format_bytes(r["kv_bytes"]),
+                          format_bytes(r["total_bytes"]), active)
+        console.print(table)
+        if budget is not None:
+            fits = st["dense_student"]["total_bytes"] <= fit.budget_bytes
+            console.print(("[green]" if fits else "[red]") + f"the dense student {'fits' if fits else 'does not fit'} "
+                          f"in {format_bytes(fit.budget_bytes)}")
+        result["student"] = st
     if out is not None:
         write_json(out, result)
         console.print(f"written to {out}")
@@ -316,6 +338,37 @@ def recover(
     res = run_recover(run_dir, settings=settings, out_dir=out, others=others, epsilon=epsilon, streaming=streaming,
                       dtype=compute_dtype)
     console.print(f"recovered checkpoint: {res['model']}; report: {Path(res['model']).parent / 'recover.json'}")
+
+
+@app.command()
+def student(
+    run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its scores choose the experts)."),
+    experts_per_layer: int = typer.Option(..., "--experts-per-layer", "-m", help="Experts merged into each layer's dense MLP (its width is this many experts')."),
+    weights: str = typer.Option("routed", help="Fixed weight of each merged expert: routed (its mean routing weight on the user's tokens) or router (the router's mean softmax)."),
+    steps: int = typer.Option(300, help="Distillation steps at most (early stopping on a validation slice may end sooner)."),
+    minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
+    kd: float = typer.Option(1.0, help="Weight of token-level distillation from the original."),
+    ce: float = typer.Option(0.0, help="Weight of cross-entropy on the calibration targets."),
+    layer: float = typer.Option(0.0, help="Weight of matching each MoE layer's output to the original's."),
+    tau: float = typer.Option(1.0, help="Distillation temperature."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 5e-4)."),
+    group_lasso: float = typer.Option(0.0, "--group-lasso", help="Group lasso strength on each layer's channel blocks (one per merged expert); blocks driven to zero are reported."),
+    generated: int = typer.Option(2, help="Extra training items per calibration item: continuations the original writes (0: none)."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/student-M)."),
+    others: Optional[str] = typer.Option(None, help="Workload whose held-out items show the cost elsewhere (default for the bundled teacher: mixed)."),
+    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure prefill and decode speed of the student and the pruned MoE."),
+) -> None:
+    """Build a dense model from the user's top experts of every layer, distill it from the original, export and compare it with the pruned MoE."""
+    from uspx.recover import Settings
+    from uspx.student import student as run_student
+
+    settings = Settings(train="full", steps=steps, max_minutes=minutes, kd=kd, ce=ce, layer=layer, tau=tau, lr=lr,
+                        generated=generated, seed=seed)
+    res = run_student(run_dir, experts_per_layer=experts_per_layer, weighting=weights, settings=settings,
+                      group_lasso=group_lasso, out_dir=out, others=others, epsilon=epsilon, speed=speed)
+    console.print(f"student: {res['model']}; report: {Path(res['model']).parent / 'student.json'}")
 
 
 @app.command()

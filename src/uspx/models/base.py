@@ -79,6 +79,11 @@ class MoEAdapter:
     logits_divisor_field: ClassVar[str | None] = None  # config field the LM head's logits are divided by
     per_expert_name: ClassVar[str] = r"\.experts\.(\d+)\."  # a stored tensor of one expert: its id
     attention_projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LoRA targets
+    expert_width_field: ClassVar[str] = "intermediate_size"  # an expert's intermediate width in the config
+    # With one expert chosen top-1 the family's routing weight is exactly 1 whatever the router's logits
+    # (softmax over the chosen logits, or over all logits of a single expert): a dense student runs as
+    # that family's own model class. False where routing scales the output (sigmoid scores, sampling).
+    single_expert_weight_is_one: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -301,6 +306,53 @@ class MoEAdapter:
         _set_field(cfg, self.expert_count_field, n_kept)
         return cfg
 
+    # ----- dense students ----------------------------------------------------------------------
+    def expert_width(self) -> int:
+        return self.config_expert_width(self.config)
+
+    @classmethod
+    def config_expert_width(cls, cfg: object) -> int:
+        """An expert's intermediate width, as the config says (``expert_width_field``)."""
+        return int(_get_field(cfg, cls.expert_width_field))
+
+    @classmethod
+    def student_config(cls, cfg: object, width: int):
+        """The config of a dense student of ``cfg``: every MoE layer one expert of ``width``
+        channels, chosen top-1 (its routing weight is then 1, so the layer is one dense MLP)."""
+        if not cls.single_expert_weight_is_one:
+            raise UspxError(f"{cls.family}: its routing does not give a single expert the weight 1; "
+                            "a dense student cannot be expressed in this family's own model class")
+        cfg = copy.deepcopy(cfg)
+        _set_field(cfg, cls.expert_count_field, 1)
+        _set_field(cfg, cls.top_k_field, 1)
+        _set_field(cfg, cls.expert_width_field, int(width))
+        return cfg
+
+    def merged_experts(self, layer: MoELayer, experts: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """The fused expert parameters (name under ``experts.`` -> tensor with one expert on dim 0) of
+        one MLP computing ``sum_e weights[e] * expert_e(x)`` for ``experts``: channels concatenated
+        (gate rows, up rows), down columns scaled by the weights. Layout here: ``gate_up_proj``
+        [E, 2I, H] (gate rows then up rows), ``down_proj`` [E, H, I], no biases."""
+        gate_up, down = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
+        if set(n for n, _ in layer.experts.named_parameters()) != {"gate_up_proj", "down_proj"}:
+            raise UspxError(f"{self.family}: expert parameters {sorted(n for n, _ in layer.experts.named_parameters())} "
+                            "are not the gate_up_proj / down_proj layout a student is built from")
+        ids = torch.tensor(list(experts))
+        w = torch.tensor(list(weights), dtype=down.dtype)
+        inter = gate_up.shape[1] // 2
+        gates, ups = gate_up[ids, :inter], gate_up[ids, inter:]  # [M, I, H] each
+        hidden = gate_up.shape[2]
+        return {
+            "gate_up_proj": torch.cat([gates.reshape(-1, hidden), ups.reshape(-1, hidden)]).unsqueeze(0),
+            "down_proj": (down[ids] * w[:, None, None]).permute(1, 0, 2).reshape(down.shape[1], -1).unsqueeze(0),
+        }
+
+
+    def channel_layout(self, layer: MoELayer, width: int) -> dict[str, tuple[int, torch.Tensor]]:
+        """Where intermediate channel ``c`` of an expert of ``width`` channels sits: per fused expert
+        parameter, (dim, [width, k] positions along that dim). Layout as :meth:`merged_experts`."""
+        c = torch.arange(width)
+        return {"gate_up_proj": (1, torch.stack([c, width + c], 1)), "down_proj": (2, c[:, None])}
 
 def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
     obj: object = router

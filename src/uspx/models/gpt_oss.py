@@ -20,6 +20,7 @@ class GptOssAdapter(MoEAdapter):
     router_attr = "router"
     router_expert_params = ("weight", "bias")
     pad_mechanism = "router bias set to -inf"
+    single_expert_weight_is_one = True  # softmax over the top-k logits: one logit gives 1
 
     @classmethod
     def count_params(cls, cfg):
@@ -75,3 +76,25 @@ class GptOssAdapter(MoEAdapter):
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_softmax(logits, layer.top_k)
+
+    def merged_experts(self, layer: MoELayer, experts, weights) -> dict[str, torch.Tensor]:
+        """gpt-oss layout: ``gate_up_proj`` [E, H, 2I] with gate and up interleaved (even, odd
+        columns), its bias [E, 2I], ``down_proj`` [E, I, H], its bias [E, H]. The clamped SwiGLU acts
+        on each (gate, up) pair alone, so expert blocks concatenate along the columns with the
+        interleaving intact; the down biases add up, weighted."""
+        x = layer.experts
+        ids = torch.tensor(list(experts))
+        w = torch.tensor(list(weights), dtype=x.down_proj.dtype)
+        gate_up, bias = x.gate_up_proj.detach()[ids], x.gate_up_proj_bias.detach()[ids]  # [M, H, 2I], [M, 2I]
+        down, down_bias = x.down_proj.detach()[ids], x.down_proj_bias.detach()[ids]  # [M, I, H], [M, H]
+        return {
+            "gate_up_proj": gate_up.permute(1, 0, 2).reshape(gate_up.shape[1], -1).unsqueeze(0),
+            "gate_up_proj_bias": bias.reshape(1, -1),
+            "down_proj": (down * w[:, None, None]).reshape(-1, down.shape[2]).unsqueeze(0),
+            "down_proj_bias": (down_bias * w[:, None]).sum(0, keepdim=True),
+        }
+
+    def channel_layout(self, layer: MoELayer, width: int) -> dict[str, tuple[int, torch.Tensor]]:
+        c = torch.arange(width)
+        pairs = torch.stack([2 * c, 2 * c + 1], 1)  # gate and up of channel c, interleaved
+        return {"gate_up_proj": (2, pairs), "gate_up_proj_bias": (1, pairs), "down_proj": (1, c[:, None])}

@@ -13,6 +13,7 @@ class MixtralAdapter(MoEAdapter):
     family = "mixtral"
     model_types = ("mixtral",)
     expert_count_field = "num_local_experts"
+    single_expert_weight_is_one = True
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

@@ -11,6 +11,8 @@ class OlmoeAdapter(Qwen2MoeAdapter):
     family = "olmoe"
     model_types = ("olmoe",)
     expert_count_field = "num_experts"
+    expert_width_field = "intermediate_size"
+    single_expert_weight_is_one = True
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

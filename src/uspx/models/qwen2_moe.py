@@ -15,6 +15,8 @@ class Qwen2MoeAdapter(MoEAdapter):
     family = "qwen2_moe"
     model_types = ("qwen2_moe",)
     expert_count_field = "num_experts"
+    expert_width_field = "moe_intermediate_size"
+    single_expert_weight_is_one = True
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

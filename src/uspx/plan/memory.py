@@ -276,6 +276,33 @@ def estimate(
     )
 
 
+def student_estimate(config: Any, experts_per_layer: int, dtype: str | None = None, *, context: int = 4096,
+                     kv_dtype: str = "bf16", batch: int = 1) -> dict[str, Any]:
+    """Memory of a dense student whose every MoE layer is one MLP of ``experts_per_layer`` experts
+    (``uspx student``), beside the pruned MoE that keeps the same experts.
+
+    Both hold the same expert weights; the student's router is one row per layer instead of one per
+    kept expert, and the KV cache is the same (attention is the original's). What differs is the
+    compute per token: the student runs all ``M`` experts' channels, the MoE its top-k.
+    """
+    cfg = load_config(config)
+    moe = estimate(cfg, dtype, context=context, kv_dtype=kv_dtype, batch=batch, experts_per_layer=experts_per_layer)
+    family = _adapter_class(str(cfg.model_type))
+    m = int(experts_per_layer)
+    # the student's own config (one expert of M experts' width, top-1), sized by the family's formula
+    dense = estimate(family.student_config(cfg, m * family.config_expert_width(cfg)), moe.dtype, context=context,
+                     kv_dtype=kv_dtype, batch=batch)
+
+    def row(e: MemoryEstimate, active: int | None) -> dict:
+        return dict(weights_bytes=e.weights_bytes, kv_bytes=e.kv_bytes, total_bytes=e.weights_bytes + e.kv_bytes,
+                    active_params_per_token=active)
+
+    return dict(experts_per_layer=m, dtype=moe.dtype, kv_dtype=kv_dtype, context=context, batch=batch,
+                pruned_moe=row(moe, moe.active_params if m >= moe.params.top_k else None),
+                dense_student=row(dense, dense.active_params),
+                note="formula M_w + M_KV; the student keeps the original's attention, so its KV cache is the MoE's")
+
+
 @dataclass(frozen=True)
 class ExpertFit:
     """How many experts per layer (same count everywhere) fit a byte budget."""

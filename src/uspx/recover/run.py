@@ -44,33 +44,17 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     """
     from uspx.engine import compute_dtype
     from uspx.models import model_fingerprint
-    from uspx.models.loading import BUNDLED_TEACHER
     from uspx.prune.export import RECORD
     from uspx.prune.files import weight_files
-    from uspx.workload import Workload, load_workload
+    from uspx.workload import load_workload
 
     settings = settings or Settings()
-    run = Path(run_dir)
+    run, record, report, source, plan_sha, wl = finished_run(run_dir, workload)
     pruned = run / "model"
-    for need in (pruned / RECORD, run / "plan.json", run / "report.json"):
-        if not need.exists():
-            raise UspxError(f"{run}: not a finished `uspx extract` run ({need.name} is missing)")
-    record, report = read_json(pruned / RECORD), read_json(run / "report.json")
-    source = Path(record["source"])
-    if model_fingerprint(source) != record["source_fingerprint"]:
-        raise UspxError(f"{source} changed since {pruned} was exported from it; run the extraction again")
-    if model_fingerprint(pruned) != record["fingerprint"]:
-        raise UspxError(f"{pruned}: its weights or config changed since uspx exported them")
-    plan_sha = hashlib.sha256((run / "plan.json").read_bytes()).hexdigest()
-    if record.get("plan_sha256") not in (None, plan_sha):
-        raise UspxError(f"{run / 'plan.json'} is not the plan {pruned} was exported from")
     if streaming and settings.train != "router":
         raise UspxError("--streaming trains the routers only (--train router); full and LoRA training need the "
                         "whole model in memory")
     mxfp4 = weight_files(pruned).is_mxfp4()
-    wl = workload if isinstance(workload, Workload) else load_workload(workload or report["workload"]["source"])
-    if wl.fingerprint != report["workload"]["fingerprint"]:
-        raise UspxError(f"{wl.source} is not the workload {run} was extracted for")
     out = Path(out_dir) if out_dir is not None else run / "recover"
     kept = {int(l): sorted(v + record.get("padding", {}).get(l, [])) for l, v in record["kept"].items()}
     key = dict(source=record["source_fingerprint"], pruned=record["fingerprint"], plan=plan_sha,
@@ -113,7 +97,7 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     before = quality(pruned, wl, "heldout")
     after = quality(out / "model", wl, "heldout")
     cal_before, cal_after = quality(pruned, wl, "calibration"), quality(out / "model", wl, "calibration")
-    others_wl = others if others is not None else ("mixed" if source == BUNDLED_TEACHER else None)
+    others_wl = default_others(source, others)
     elsewhere = None
     if others_wl is not None:
         o = load_workload(others_wl)
@@ -137,6 +121,42 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     return result
 
 
+def finished_run(run_dir: str | Path, workload=None):
+    """(run, export record, report, source path, plan sha256, workload) of a finished ``uspx extract``
+    run, after checking that nothing changed since: the original, the export, the plan and the workload
+    (``workload`` defaults to the run's own; another one is refused)."""
+    from uspx.models import model_fingerprint
+    from uspx.prune.export import RECORD
+    from uspx.workload import Workload, load_workload
+
+    run = Path(run_dir)
+    pruned = run / "model"
+    for need in (pruned / RECORD, run / "plan.json", run / "report.json"):
+        if not need.exists():
+            raise UspxError(f"{run}: not a finished `uspx extract` run ({need.name} is missing)")
+    record, report = read_json(pruned / RECORD), read_json(run / "report.json")
+    source = Path(record["source"])
+    if model_fingerprint(source) != record["source_fingerprint"]:
+        raise UspxError(f"{source} changed since {pruned} was exported from it; run the extraction again")
+    if model_fingerprint(pruned) != record["fingerprint"]:
+        raise UspxError(f"{pruned}: its weights or config changed since uspx exported them")
+    plan_sha = hashlib.sha256((run / "plan.json").read_bytes()).hexdigest()
+    if record.get("plan_sha256") not in (None, plan_sha):
+        raise UspxError(f"{run / 'plan.json'} is not the plan {pruned} was exported from")
+    wl = workload if isinstance(workload, Workload) else load_workload(workload or report["workload"]["source"])
+    if wl.fingerprint != report["workload"]["fingerprint"]:
+        raise UspxError(f"{wl.source} is not the workload {run} was extracted for")
+    return run, record, report, source, plan_sha, wl
+
+
+def default_others(source: Path, others):
+    """The workload that shows what specialising costs elsewhere: the user's choice, else the bundled
+    ``mixed`` one for the bundled teacher."""
+    from uspx.models.loading import BUNDLED_TEACHER
+
+    return others if others is not None else ("mixed" if source == BUNDLED_TEACHER else None)
+
+
 def _load(path: Path):
     from uspx.models import load_model
 
@@ -145,13 +165,11 @@ def _load(path: Path):
 
 def _train_whole(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):
     """Train the pruned model in memory; returns (history, write(folder), verify(folder))."""
-    from uspx.engine import InMemory
     from uspx.engine.batches import pad_id_of
     from uspx.engine.checkpoint import write_replacing
     from uspx.models import adapter_for, load_model
     from uspx.prune.export import RECORD
-    from uspx.prune.files import copy_tokenizer, weight_files
-    from uspx.prune.verify import compare_logits, verification_items
+    from uspx.prune.files import weight_files
     from uspx.recover.train import expert_parameter_names
     from uspx.workload import encode
 
@@ -171,21 +189,35 @@ def _train_whole(source, pruned, teacher, kept, wl, settings, work, key, max_len
             write_replacing(pruned, tmp, {names[n]: p for n, p in student.named_parameters() if n not in experts},
                             skip_files=(RECORD,))
         else:
-            # a copy: casting the model itself would round its rotary tables too, which are not saved
-            copy.deepcopy(student).to(stored).save_pretrained(tmp)
-            copy_tokenizer(pruned, tmp)
+            save_model(student, tmp, stored, pruned)
 
-    def verify(tmp: Path) -> dict:
-        reloaded = load_model(tmp, with_tokenizer=False).model
-        check = compare_logits(InMemory(student), {}, InMemory(reloaded),
-                               verification_items(teacher.tokenizer, None, int(student.config.vocab_size)))
-        if not check["max_abs_logit_diff"] <= 1e-4:
-            raise UspxError(f"the reloaded recovered checkpoint differs from the trained model by "
-                            f"{check['max_abs_logit_diff']:.3g}; nothing was written")
-        return {**check, "reloaded_with": "AutoModelForCausalLM.from_pretrained (fp32)",
-                "against": "the trained model in memory"}
+    return asdict(history), write, lambda tmp: verify_reload(student, tmp, teacher.tokenizer)
 
-    return asdict(history), write, verify
+
+def save_model(model: torch.nn.Module, folder: Path, dtype: torch.dtype, tokenizer_from: Path) -> None:
+    """``save_pretrained`` in ``dtype``, with the tokenizer files of ``tokenizer_from``."""
+    from uspx.prune.files import copy_tokenizer
+
+    # a copy: casting the model itself would round its rotary tables too, which are not saved
+    copy.deepcopy(model).to(dtype).save_pretrained(folder)
+    copy_tokenizer(tokenizer_from, folder)
+
+
+def verify_reload(model: torch.nn.Module, folder: Path, tokenizer) -> dict:
+    """Reload ``folder`` with stock ``from_pretrained`` and compare its logits with ``model``'s; an
+    error (nothing is put in place) past 1e-4."""
+    from uspx.engine import InMemory
+    from uspx.models import load_model
+    from uspx.prune.verify import compare_logits, verification_items
+
+    reloaded = load_model(folder, with_tokenizer=False).model
+    check = compare_logits(InMemory(model), {}, InMemory(reloaded),
+                           verification_items(tokenizer, None, int(model.config.vocab_size)))
+    if not check["max_abs_logit_diff"] <= 1e-4:
+        raise UspxError(f"the reloaded checkpoint differs from the trained model by "
+                        f"{check['max_abs_logit_diff']:.3g}; nothing was written")
+    return {**check, "reloaded_with": "AutoModelForCausalLM.from_pretrained (fp32)",
+            "against": "the trained model in memory"}
 
 
 def _train_layers(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):

@@ -197,12 +197,13 @@ def _with_lora(student: torch.nn.Module, adapter: MoEAdapter, rank: int, experts
 
 def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, list[int]], items: list[EncodedItem],
           settings: Settings, work: Path, key: dict, *, pad_id: int = 0, progress: bool = True,
-          frozen_experts: bool = False, on_checkpoint: Callable[[int], None] | None = None
-          ) -> tuple[torch.nn.Module, History]:
+          frozen_experts: bool = False, on_checkpoint: Callable[[int], None] | None = None,
+          after_step: Callable[[float], None] | None = None) -> tuple[torch.nn.Module, History]:
     """Train ``student`` (the pruned model) towards ``teacher``; returns the student with its best
     validation weights loaded (LoRA merged) and the history. ``kept``: per MoE layer, the original
-    ids of the student's experts in its order (router KD). ``frozen_experts``: expert weights stay
-    as loaded."""
+    ids of the student's experts in its order (router KD; its keys are the layers layer matching
+    compares). ``frozen_experts``: expert weights stay as loaded. ``after_step(lr)`` runs after each
+    optimizer step (a proximal step of a regulariser)."""
     torch.manual_seed(settings.seed)
     t_adapter, s_adapter = adapter_for(teacher), adapter_for(student)
     check_work(work, key)
@@ -237,6 +238,8 @@ def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, li
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 optimizer.step()
+                if after_step is not None:
+                    after_step(lr)
                 history.step += 1
                 history.tokens_seen += int(batch.attention_mask.sum())
                 value = float(loss.detach())

@@ -151,3 +151,30 @@ def test_cli_score_l0_then_select(one_thread, traced):
     assert kept == load_scores(d / "cli_s").meta["options"]["l0"]["history"]["kept"]
     res = run("score", model_dir, d / "t", wl, "-o", d / "cli_s2", "--methods", "l0")
     assert res.exit_code != 0 and "give keep" in str(res.exception) + res.output
+
+
+def test_layer_masks_close_the_experts_the_router_never_chooses(tmp_path, one_thread):
+    """Experts 1, 3, 4 and 6 of every layer get a router bias of -1e4: they are never routed, so
+    removing them changes no block output, while removing any other does. Layer-local masks under
+    keep 4 of 8 must close exactly those four, learned whole or layer by layer from the files."""
+    from conftest import make_tokenizer
+
+    model = tiny_model("gpt_oss")
+    never = [1, 3, 4, 6]
+    with torch.no_grad():
+        for layer in adapter_for(model).layers:
+            layer.router.bias[never] = -1e4
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tmp_path / "m", wl, tmp_path / "t", progress=False)
+    want = {l.index: sorted(set(range(8)) - set(never)) for l in adapter_for(model).layers}
+    kept = {}
+    for streaming in (False, True):
+        out = tmp_path / f"s{int(streaming)}"
+        score(tmp_path / "m", tmp_path / "t", wl, out, ["l0_layer"], keep="50%", progress=False, batch_size=4,
+              streaming=streaming, dtype="fp32")
+        meta = load_scores(out).meta["options"]["l0_layer"]
+        kept[streaming] = {int(l): v for l, v in meta["history"]["kept"].items()}
+        assert kept[streaming] == want
+    assert load_scores(tmp_path / "s1").meta["options"]["streaming"]

@@ -158,7 +158,7 @@ def score(
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
     workload: str = WORKLOAD_ARG,
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks; needs --keep)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams)."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
@@ -166,7 +166,7 @@ def score(
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
-    keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0: the experts per layer the learned masks must keep (50% or a count)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
     trust_remote_code: bool = REMOTE,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
@@ -282,7 +282,7 @@ def extract(
     budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
     keep: Optional[str] = typer.Option(None, help="Experts to keep per layer instead of a budget: a share (50%) or a count."),
     context: int = typer.Option(4096, help="Context length the budget must hold."),
-    method: Optional[str] = typer.Option(None, help="Score method (default: uspx's default)."),
+    method: Optional[str] = typer.Option(None, help="Score method: frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction (the default), l0, l0_layer; with --streaming the local ones (frequency, reap, ean, reconstruction, l0_layer)."),
     non_uniform: bool = typer.Option(False, "--non-uniform"),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
     max_length: int = typer.Option(512, help="Truncate workload items to this many tokens."),

@@ -82,7 +82,7 @@ def extract(
     from uspx.plan.select import parse_keep
     from uspx.prune import export
     from uspx.score import DEFAULT_METHOD, load_scores, score
-    from uspx.score.api import LOCAL_METHODS, METHODS
+    from uspx.score.api import KEEP_METHODS, LOCAL_METHODS, METHODS
     from uspx.trace import trace
 
     # every argument is checked before any work: a typo must not cost a trace
@@ -131,7 +131,7 @@ def extract(
         if method not in table.methods:
             table = None
     n_keep = None
-    if sequential or method == "l0":  # the count every layer will keep, known before scoring
+    if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
         from uspx.plan import fit_experts
 
         n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
@@ -142,7 +142,7 @@ def extract(
     if table is None:
         table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
                       batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
-                      keep=n_keep if method == "l0" else None)
+                      keep=n_keep if method in KEEP_METHODS else None)
     stage("score")
 
     plan = select_experts(

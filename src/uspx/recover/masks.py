@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from uspx.engine.observers import Observer
 from uspx.io import UspxError
 from uspx.models import adapter_for
 from uspx.models.base import MoEAdapter, MoELayer, Restriction
@@ -210,3 +211,107 @@ def learn_masks(
         kd=kd_curve, mean_expected_open=open_curve,
     )
     return final, history
+
+
+class LayerMasks(Observer):
+    """Learned masks one MoE layer at a time (method ``l0_layer``): an engine observer.
+
+    The same gates as :func:`learn_masks` (hard-concrete on the router logits, Lagrangian on the
+    expected open count), trained on one layer alone: the loss is the relative squared error of the
+    gated MoE block's output against the ungated one on the same inputs (``layer_loss``), on the
+    layer's own inputs (the original's hidden states at that layer). It needs one layer's weights
+    and its tokens' inputs, so it runs layer by layer from the files like the other local methods.
+    ``max_rows`` tokens per layer at most (the first ones met) are kept for training.
+    """
+
+    def __init__(self, keep: int, *, steps: int = 200, lr: float = 0.05, lambda_lr: float = 0.05,
+                 rows_per_step: int = 256, max_rows: int = 8192, seed: int = 0,
+                 init_log_alpha: float = INIT_LOG_ALPHA):
+        super().__init__()
+        self.keep, self.steps, self.lr, self.lambda_lr = keep, steps, lr, lambda_lr
+        self.rows_per_step, self.max_rows, self.seed, self.init = rows_per_step, max_rows, seed, init_log_alpha
+        self.log_alpha: dict[int, torch.Tensor] = {}
+        self.final_loss: dict[int, float] = {}
+        self._inputs: dict[int, list[torch.Tensor]] = {}
+        self._layers: dict[int, tuple[MoEAdapter, MoELayer]] = {}
+
+    def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
+        if not adapter.top_k <= self.keep <= adapter.num_experts:
+            raise UspxError(f"learned masks keep {self.keep} experts per layer; it must be in "
+                            f"{adapter.top_k}..{adapter.num_experts} (top-k..experts)")
+        self._layers[layer.index] = (adapter, layer)
+        store = self._inputs.setdefault(layer.index, [])
+
+        def keep_input(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            have = sum(len(t) for t in store)
+            if have < self.max_rows:
+                x = x.reshape(-1, x.shape[-1])[self.batch.real]
+                store.append(x[: self.max_rows - have].detach().clone())
+
+        return [layer.block.register_forward_pre_hook(keep_input, with_kwargs=True)]
+
+    def layer_done(self, index: int) -> None:
+        from uspx.recover.objectives import layer_loss
+
+        adapter, layer = self._layers[index]
+        x = torch.cat(self._inputs.pop(index))
+        block = layer.block
+        flags = [(p, p.requires_grad) for p in block.parameters()]
+        current: dict[str, torch.Tensor | None] = {"z": None}
+        hook = layer.router.register_forward_hook(gate_hook(adapter, layer, lambda: current["z"]), prepend=True)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        log_alpha = torch.full((adapter.num_experts,), float(self.init), requires_grad=True)
+        lambdas = torch.zeros(2, requires_grad=True)
+        opt_gates = torch.optim.Adam([log_alpha], lr=self.lr)
+        opt_lambdas = torch.optim.Adam([lambdas], lr=self.lambda_lr, maximize=True)
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.no_grad():
+                y = torch.cat([_first(block(x[a : a + 4096].unsqueeze(0))).reshape(-1, x.shape[1])
+                               for a in range(0, len(x), 4096)])
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    rows = torch.randint(len(x), (min(self.rows_per_step, len(x)),), generator=gen)
+                    current["z"] = sample_gates(log_alpha[None], adapter.top_k, gen)[0]
+                    out = _first(block(x[rows].unsqueeze(0))).reshape(len(rows), -1)
+                    current["z"] = None
+                    loss = layer_loss(out, y[rows])
+                    penalty = lagrangian(gate_open_probability(log_alpha).sum(), float(self.keep),
+                                         lambdas[0], lambdas[1])
+                    opt_gates.zero_grad(set_to_none=True)
+                    opt_lambdas.zero_grad(set_to_none=True)
+                    (loss + penalty).backward()
+                    opt_gates.step()
+                    opt_lambdas.step()
+        finally:
+            current["z"] = None
+            hook.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        self.log_alpha[index] = log_alpha.detach().clone()
+        self.final_loss[index] = float(loss.detach())
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_masks(source, items: Sequence[EncodedItem], keep: int, *, pad_id: int = 0, batch_size: int = 8,
+                steps: int = 200, seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """``log_alpha`` [L, E] learned layer by layer (:class:`LayerMasks`) on ``source`` (a model in
+    memory or a checkpoint read a layer at a time), and the history."""
+    from uspx.engine import make_batches, run
+
+    started = time.perf_counter()
+    observer = LayerMasks(keep, steps=steps, seed=seed)
+    run(source, make_batches(list(items), batch_size, pad_id), [observer], progress=progress, label="learning masks")
+    layers = [layer.index for layer in source.adapter.layers]
+    log_alpha = torch.stack([observer.log_alpha[l] for l in layers])
+    history = dict(keep=int(keep), steps=int(steps), seed=int(seed), layers=layers, objective="layer",
+                   seconds=round(time.perf_counter() - started, 3),
+                   kept={str(l): v for l, v in kept_from_log_alpha(log_alpha, layers, keep).items()},
+                   expected_open=[round(float(x), 4) for x in gate_open_probability(log_alpha).sum(-1)],
+                   final_layer_loss=[round(observer.final_loss[l], 6) for l in layers])
+    return log_alpha, history

@@ -37,10 +37,11 @@ METHODS = (
     "taylor",
     "reconstruction",
     "l0",
+    "l0_layer",
 )
-KEEP_METHODS = ("l0",)  # need ``keep``: the default (every method) leaves them out when it is not given
+KEEP_METHODS = ("l0", "l0_layer")  # need ``keep``: the default (every method) leaves them out when it is not given
 TRACE_METHODS = ("frequency", "reap", "ean")
-LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
+LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction", "l0_layer")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
 NORM_METHODS = ("reap", "ean")
 # Chosen by the method benchmark (bench/methods.py, docs/benchmarks.md): on the teacher with the user's own
 # calibration, reconstruction has the lowest mean held-out loss delta (tied with the ablations, which cost
@@ -173,7 +174,7 @@ def score(
         tokens = np.array([len(e.input_ids) for e in items], dtype=float)
         add("reconstruction", [Factor(err, tokens[:, None, None])], routed.sum(0), len(items))
     l0_meta = None
-    if any(m not in ("reconstruction", "l0") for m in model_methods):
+    if any(m not in ("reconstruction", "l0", "l0_layer") for m in model_methods):
         t0 = time.perf_counter()
         base = run_baseline(
             lm.source.model, adapter, items, batch_size=batch_size, pad_id=pad_id,
@@ -214,24 +215,28 @@ def score(
             seconds["taylor"] = time.perf_counter() - t0
             add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
 
-    if "l0" in model_methods:
-        from uspx.recover.masks import learn_masks
+    for method in [m for m in ("l0", "l0_layer") if m in model_methods]:
+        from uspx.recover.masks import layer_masks, learn_masks
+        from uspx.recover.objectives import gate_open_probability
 
         t0 = time.perf_counter()
         l0_keep = parse_keep(keep, adapter.num_experts)
-        log_alpha, history = learn_masks(lm.source.model, items, l0_keep, batch_size=batch_size, seed=seed,
-                                         pad_id=pad_id, progress=progress)
-        seconds["l0"] = time.perf_counter() - t0
-        from uspx.recover.objectives import gate_open_probability
-
+        if method == "l0":  # the whole model's output (token KD)
+            log_alpha, history = learn_masks(lm.source.model, items, l0_keep, batch_size=batch_size, seed=seed,
+                                             pad_id=pad_id, progress=progress)
+        else:  # each layer's block output alone: streams
+            log_alpha, history = layer_masks(lm.source, items, l0_keep, batch_size=batch_size, seed=seed,
+                                             pad_id=pad_id, progress=progress)
+        seconds[method] = time.perf_counter() - t0
         value = gate_open_probability(log_alpha.double()).numpy()
         if trace_stats is not None or base is not None:  # routed counts at hand
             l0_tokens = (trace_stats.count if trace_stats is not None else base.router.count).sum(0)
         else:  # no routed counts at hand: the calibration tokens behind the masks
             l0_tokens = np.full(value.shape, sum(len(e.input_ids) for e in items))
         # one learned value per expert (P = 1): nothing to resample, so no bootstrap and NaN CIs
-        add("l0", [Factor(value[None], np.ones((1, 1, 1)))], l0_tokens, len(items), n_boot=0)
-        l0_meta = dict(keep=l0_keep, log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha], history=history)
+        add(method, [Factor(value[None], np.ones((1, 1, 1)))], l0_tokens, len(items), n_boot=0)
+        l0_meta = {**(l0_meta or {}), method: dict(keep=l0_keep, history=history,
+                                                   log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha])}
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
     meta = dict(
@@ -248,7 +253,7 @@ def score(
             split=split, max_tokens=max_tokens, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
             streaming=streaming, dtype=dtype if streaming else None,
             sequential=dict(keep=n_keep, kept=sequential_kept) if n_keep is not None else None,
-            l0=l0_meta,
+            l0=(l0_meta or {}).get("l0"), l0_layer=(l0_meta or {}).get("l0_layer"),
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",

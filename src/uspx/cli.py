@@ -241,6 +241,26 @@ def prune(
                   f"{size['actual_bytes']} bytes of tensors (predicted {size.get('predicted_bytes')})")
 
 
+@app.command("prune-gguf")
+def prune_gguf_cmd(
+    gguf_file: Path = typer.Argument(..., help="A GGUF file of the model the plan was made on (any quantization)."),
+    plan_file: Path = typer.Argument(..., help="Plan file made by `uspx select` (the same expert count in every layer)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The pruned GGUF file to write."),
+) -> None:
+    """Prune a GGUF file by a plan without dequantizing: kept experts copied byte for byte, the expert
+    count patched, every kept byte checked against the source."""
+    from uspx.io import write_json
+    from uspx.prune.gguf_file import prune_gguf
+    from uspx.prune.kept import resolve_kept
+
+    ks = resolve_kept(plan_file)
+    rec = prune_gguf(gguf_file, ks.kept, out, num_experts=ks.plan.num_experts)
+    write_json(out.with_name(out.name + ".uspx.json"), {**rec, "plan": str(plan_file)})
+    console.print(f"written {out}: {rec['kept_count']} of {rec['experts']} experts per layer, "
+                  f"{rec['bytes'] / 2**30:.2f} GiB (was {rec['source_bytes'] / 2**30:.2f} GiB); "
+                  f"{rec['check']['bytes_compared']} bytes checked against the source")
+
+
 @app.command("eval")
 def eval_cmd(
     candidate: str = typer.Argument(..., help="Exported model folder to evaluate (or 'default' with --plan)."),

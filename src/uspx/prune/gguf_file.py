@@ -1,0 +1,155 @@
+"""Prune a GGUF file a user already has, by a uspx plan, without dequantizing anything.
+
+In a GGUF file the experts of a MoE layer are the outermost dimension of their tensors
+(``blk.N.ffn_{gate,up,down,gate_up}_exps`` weights and biases, the router ``blk.N.ffn_gate_inp``
+and ``blk.N.exp_probs_b``): whatever the quantization type, expert ``e``'s bytes are one contiguous
+slice, since quantization blocks run along the innermost dimension. So the kept experts are copied
+byte for byte, ``{arch}.expert_count`` is set to the kept count, and every other tensor and
+metadata field is copied as it is. Reading and writing go through the ``gguf`` package (llama.cpp's
+own), which memory-maps the source: memory stays at one tensor.
+
+A plan made on the Hugging Face model applies to its GGUF: layers match by decoder layer index
+(``blk.N``) and experts by index, as llama.cpp's converter keeps both. llama.cpp holds one expert
+count for the whole model, so the plan must keep the same count in every layer, and at least the
+file's ``expert_used_count``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from uspx.io import UspxError, atomic_path
+
+EXPERT_SUFFIXES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps", "ffn_gate_inp", "exp_probs_b")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UspxError("GGUF files need the gguf package: pip install 'uspx[gguf]'") from None
+    return gguf
+
+
+def expert_tensor_layer(name: str) -> int | None:
+    """The layer whose experts tensor ``name`` holds on its outermost dimension, else None."""
+    gguf = _gguf()
+    names = {gguf.TENSOR_NAMES[t].replace("{bid}", r"(\d+)") for t in (
+        gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+        gguf.MODEL_TENSOR.FFN_GATE_UP_EXP, gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)}
+    for pattern in names:
+        m = re.fullmatch(pattern + r"\.(weight|bias)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def read_counts(reader) -> tuple[str, int, int, int]:
+    """(architecture, block count, expert count, experts used per token) of a GGUF file."""
+    gguf = _gguf()
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field(gguf.Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise UspxError("the GGUF file names no general.architecture")
+    values = [field(k.format(arch=arch)) for k in (gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.EXPERT_COUNT,
+                                                   gguf.Keys.LLM.EXPERT_USED_COUNT)]
+    if values[1] is None:
+        raise UspxError(f"the GGUF file has no {arch}.expert_count: not a MoE model")
+    return arch, int(values[0]), int(values[1]), int(values[2] or 0)
+
+
+def prune_gguf(source: str | Path, kept: dict[int, list[int]], out: str | Path, *,
+               num_experts: int | None = None) -> dict:
+    """Write ``out``: ``source`` with only the ``kept`` experts of every MoE layer; returns a record
+    (counts, bytes, the check that every kept expert's bytes equal the source's). ``num_experts``:
+    the expert count the plan was made for (the file must have it)."""
+    gguf = _gguf()
+    src, dst = Path(source), Path(out)
+    if dst.exists():
+        raise UspxError(f"{dst} exists; refusing to overwrite it (choose another name or delete it)")
+    if src.resolve() == dst.resolve():
+        raise UspxError("the pruned GGUF must go to another file than its source")
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as exc:  # the gguf package's own errors for a damaged or foreign file
+        raise UspxError(f"{src}: cannot read GGUF file ({exc})") from None
+    arch, blocks, n_experts, used = read_counts(reader)
+    if num_experts is not None and int(num_experts) != n_experts:
+        raise UspxError(f"the plan was made for {num_experts} experts per layer, {src} has {n_experts}")
+    layers_in_file = sorted({l for t in reader.tensors if (l := expert_tensor_layer(t.name)) is not None})
+    counts = {len(v) for v in kept.values()}
+    if set(kept) != set(layers_in_file):
+        raise UspxError(f"the plan keeps experts in layers {sorted(kept)}, the GGUF file has MoE layers {layers_in_file}")
+    if len(counts) != 1:
+        raise UspxError("llama.cpp holds one expert count for the whole model; the plan keeps "
+                        f"{sorted(counts)} experts in different layers (select with the same count everywhere)")
+    count = counts.pop()
+    bad = {l: v for l, v in kept.items() if len(set(v)) != len(v) or not all(0 <= e < n_experts for e in v)}
+    if bad:
+        raise UspxError(f"the plan names experts outside 0..{n_experts - 1} or twice: {dict(list(bad.items())[:3])}")
+    if count < used:
+        raise UspxError(f"the plan keeps {count} experts per layer, fewer than the {used} the model routes each "
+                        "token to; llama.cpp refuses top-k above the expert count")
+    for t in reader.tensors:
+        if expert_tensor_layer(t.name) is not None and t.data.shape[0] != n_experts:
+            raise UspxError(f"{src}: tensor {t.name} has {t.data.shape[0]} rows on its outermost dimension, "
+                            f"not the file's expert count {n_experts}")
+
+    writer = gguf.GGUFWriter(None, arch=arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        value = field.contents()
+        if field.name == gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch):
+            value = count
+        kind = field.types[0]
+        writer.add_key_value(field.name, value, kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+
+    def sliced(t) -> np.ndarray:
+        layer = expert_tensor_layer(t.name)
+        return t.data if layer is None else t.data[np.array(sorted(kept[layer]))]
+
+    for t in reader.tensors:
+        data = sliced(t)
+        writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, t.tensor_type)
+    with atomic_path(dst) as tmp:
+        writer.write_header_to_file(path=Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(np.ascontiguousarray(sliced(t)), tensor_endianess=reader.endianess)
+        writer.close()
+        check = _check(reader, gguf.GGUFReader(str(tmp)), kept, count, arch)
+    return dict(source=str(src), out=str(dst), arch=arch, blocks=blocks, experts=n_experts, kept_count=count,
+                expert_used_count=used, kept={str(l): sorted(v) for l, v in kept.items()},
+                source_bytes=src.stat().st_size, bytes=dst.stat().st_size, check=check)
+
+
+def _check(old, new, kept: dict[int, list[int]], count: int, arch: str) -> dict:
+    """Every tensor of the pruned file: a kept expert's bytes equal the source's, anything else
+    equals the source's whole, types unchanged; the expert count reads back."""
+    gguf = _gguf()
+    source = {t.name: t for t in old.tensors}
+    if set(source) != {t.name for t in new.tensors}:
+        raise UspxError("the pruned GGUF does not hold the source's tensors; nothing was written")
+    compared = 0
+    for t in new.tensors:
+        s = source[t.name]
+        layer = expert_tensor_layer(t.name)
+        want = s.data if layer is None else s.data[np.array(sorted(kept[layer]))]
+        if t.tensor_type != s.tensor_type or t.data.shape != want.shape or \
+                t.data.tobytes() != np.ascontiguousarray(want).tobytes():
+            raise UspxError(f"tensor {t.name} of the pruned GGUF differs from the source's kept bytes; nothing was written")
+        compared += int(t.n_bytes)
+    got = new.fields[gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch)].contents()
+    if int(got) != count:
+        raise UspxError(f"the pruned GGUF's expert count reads {got}, not {count}; nothing was written")
+    return dict(tensors=len(new.tensors), bytes_compared=compared, expert_count=int(got))

@@ -1,0 +1,122 @@
+"""Pruning a GGUF file in place: kept experts byte for byte whatever the quantization, the expert
+count patched, everything else unchanged; plans that llama.cpp could not load are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from uspx.io import UspxError  # noqa: E402
+from uspx.prune.gguf_file import expert_tensor_layer, prune_gguf  # noqa: E402
+
+E, H, FF = 4, 64, 32  # Q8_0 and MXFP4 blocks are 32 wide
+
+
+def _weights(seed: int, *shape: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def write_moe_gguf(path, layers=2, used=2, types=None):
+    """A small MoE GGUF as llama.cpp's converter lays it out: experts outermost."""
+    types = types or {"gate": gguf.GGMLQuantizationType.Q8_0, "up": gguf.GGMLQuantizationType.MXFP4,
+                      "down": gguf.GGMLQuantizationType.F16}
+    w = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    w.add_block_count(layers)
+    w.add_expert_count(E)
+    w.add_expert_used_count(used)
+    w.add_context_length(128)
+    w.add_string("general.name", "tiny")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("token_embd.weight", _weights(0, 10, H))
+    floats = {}
+    for l in range(layers):
+        for part, shape in (("gate", (E, FF, H)), ("up", (E, FF, H)), ("down", (E, H, FF))):
+            x = _weights(10 * l + len(part), *shape)
+            floats[l, part] = x
+            kind = types[part]
+            if kind == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(f"blk.{l}.ffn_{part}_exps.weight", x.astype(np.float16))
+            else:
+                w.add_tensor(f"blk.{l}.ffn_{part}_exps.weight", gguf.quants.quantize(x, kind),
+                             raw_dtype=kind)
+        floats[l, "inp"] = _weights(100 + l, E, H)
+        w.add_tensor(f"blk.{l}.ffn_gate_inp.weight", floats[l, "inp"])
+        w.add_tensor(f"blk.{l}.attn_q.weight", _weights(200 + l, H, H).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return floats, types
+
+
+def test_prune_gguf_keeps_expert_bytes_and_patches_the_count(tmp_path):
+    floats, types = write_moe_gguf(tmp_path / "m.gguf")
+    kept = {0: [1, 3], 1: [2, 0]}
+    record = prune_gguf(tmp_path / "m.gguf", kept, tmp_path / "p.gguf")
+    r = gguf.GGUFReader(str(tmp_path / "p.gguf"))
+    assert r.fields["qwen3moe.expert_count"].contents() == 2
+    assert r.fields["qwen3moe.expert_used_count"].contents() == 2
+    assert r.fields["general.name"].contents() == "tiny"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
+    tensors = {t.name: t for t in r.tensors}
+    for l, ids in kept.items():
+        ids = sorted(ids)
+        for part in ("gate", "up", "down"):
+            t = tensors[f"blk.{l}.ffn_{part}_exps.weight"]
+            assert t.tensor_type == types[part]
+            x = floats[l, part][ids]  # the kept experts' weights, quantized on their own
+            want = x.astype(np.float16) if types[part] == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(x, types[part])
+            assert t.data.tobytes() == np.ascontiguousarray(want).tobytes()
+        np.testing.assert_array_equal(tensors[f"blk.{l}.ffn_gate_inp.weight"].data, floats[l, "inp"][ids])
+        assert tensors[f"blk.{l}.attn_q.weight"].data.shape == (H, H)
+    assert record["kept_count"] == 2 and record["check"]["tensors"] == len(r.tensors)
+    assert record["bytes"] < record["source_bytes"]
+
+
+def test_prune_gguf_refuses_what_llama_cpp_could_not_load(tmp_path):
+    write_moe_gguf(tmp_path / "m.gguf")
+    cases = [({0: [0, 1], 1: [0, 1, 2]}, "one expert count"),
+             ({0: [0], 1: [1]}, "fewer than the 2"),
+             ({0: [0, 1]}, "layers"),
+             ({0: [0, 4], 1: [0, 1]}, "outside"),
+             ({0: [1, 1], 1: [0, 1]}, "twice")]
+    for kept, message in cases:
+        with pytest.raises(UspxError, match=message):
+            prune_gguf(tmp_path / "m.gguf", kept, tmp_path / "p.gguf")
+        assert not (tmp_path / "p.gguf").exists()
+    with pytest.raises(UspxError, match="made for 8 experts"):
+        prune_gguf(tmp_path / "m.gguf", {0: [0, 1], 1: [0, 1]}, tmp_path / "p.gguf", num_experts=8)
+        assert not (tmp_path / "p.gguf").exists()
+    (tmp_path / "p.gguf").write_bytes(b"x")
+    with pytest.raises(UspxError, match="exists"):
+        prune_gguf(tmp_path / "m.gguf", {0: [0, 1], 1: [0, 1]}, tmp_path / "p.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(UspxError, match="cannot read GGUF"):
+        prune_gguf(tmp_path / "bad.gguf", {0: [0, 1], 1: [0, 1]}, tmp_path / "q.gguf")
+
+
+def test_expert_tensor_names():
+    assert expert_tensor_layer("blk.12.ffn_down_exps.weight") == 12
+    assert expert_tensor_layer("blk.3.ffn_gate_inp.bias") == 3
+    assert expert_tensor_layer("blk.3.ffn_down_shexp.weight") is None  # shared expert: never sliced
+    assert expert_tensor_layer("blk.3.attn_q.weight") is None
+
+
+def test_cli_prune_gguf_by_a_plan_file(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    write_moe_gguf(tmp_path / "m.gguf")
+    plan = {"format": "uspx-plan", "version": 1, "kept": {"0": [0, 2], "1": [1, 3]}, "top_k": 2, "num_experts": E,
+            "predicted_bytes": 0, "method": "uniform", "uniform": True}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    res = CliRunner().invoke(app, ["prune-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "plan.json"),
+                                   "-o", str(tmp_path / "p.gguf")])
+    assert res.exit_code == 0, res.output
+    assert gguf.GGUFReader(str(tmp_path / "p.gguf")).fields["qwen3moe.expert_count"].contents() == 2
+    assert json.loads((tmp_path / "p.gguf.uspx.json").read_text())["kept"] == {"0": [0, 2], "1": [1, 3]}

@@ -120,3 +120,14 @@ def test_cli_prune_gguf_by_a_plan_file(tmp_path):
     assert res.exit_code == 0, res.output
     assert gguf.GGUFReader(str(tmp_path / "p.gguf")).fields["qwen3moe.expert_count"].contents() == 2
     assert json.loads((tmp_path / "p.gguf.uspx.json").read_text())["kept"] == {"0": [0, 2], "1": [1, 3]}
+
+
+def test_runtime_notes_name_what_runtimes_refuse():
+    from uspx.plan.select import runtime_notes
+
+    assert runtime_notes({0: 8, 1: 8}, 4) == []
+    notes = runtime_notes({0: 3, 1: 8}, 4)
+    assert any("fewer than top-k = 4" in n for n in notes) and any("different counts" in n for n in notes)
+    assert any("not a power of two" in n and "8 or 16" in n for n in runtime_notes([12], 4))
+    padded = runtime_notes({0: 6, 1: 8}, 4, padded=True)
+    assert any("pads to the largest" in n for n in padded) and not any("power of two" in n for n in padded)

@@ -111,9 +111,13 @@ def plan(
 
         result = print_streaming_plan(path, tokens, seq_len=seq_len, dtype=compute_dtype)
     elif budget is not None:
+        from uspx.plan.select import runtime_notes
+
         fit = fit_experts(path, budget, context=context, dtype=dtype, kv_dtype=kv_dtype, batch=batch)
         console.print(fit.estimate)
         console.print(("[green]" if fit.fits else "[red]") + fit.message())
+        for note in runtime_notes([fit.experts_per_layer], fit.estimate.params.top_k) if fit.fits else []:
+            console.print(f"[yellow]runtime: {note}")
         result = dict(fit.estimate.breakdown(), budget_bytes=fit.budget_bytes, fits=fit.fits,
                       experts_per_layer_fit=fit.experts_per_layer, min_budget_bytes=fit.min_budget_bytes)
     else:
@@ -217,7 +221,17 @@ def select_cmd(
     console.print(plan_obj)
     if plan_obj.padding:
         console.print(f"[yellow]{plan_obj.padding}")
+    from uspx.plan.select import runtime_notes
+
+    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism_of(plan_obj))):
+        console.print(f"[yellow]runtime: {note}")
     console.print(f"plan written to {out}")
+
+
+def _pad_mechanism_of(plan) -> str | None:
+    from uspx.plan.select import _pad_mechanism
+
+    return _pad_mechanism(plan.model_type)
 
 
 @app.command()

@@ -385,6 +385,26 @@ def _padding_note(plan: Plan, groups: Groups, base: int) -> str | None:
             "export a uniform plan or ship the ranking instead.")
 
 
+def runtime_notes(counts: Mapping[int, int] | Sequence[int], top_k: int, padded: bool = False) -> list[str]:
+    """What keeps a plan with these expert counts per layer from loading, or running fast, in the
+    runtimes users run (llama.cpp, vLLM, transformers). Empty when nothing does."""
+    values = sorted(set(counts.values() if isinstance(counts, Mapping) else counts))
+    notes = []
+    if values and values[0] < top_k:
+        notes.append(f"{values[0]} experts in a layer is fewer than top-k = {top_k}: llama.cpp, vLLM and "
+                     "transformers refuse a top-k above the expert count")
+    if len(values) > 1:
+        notes.append(f"different counts per layer ({values[0]}..{values[-1]}): llama.cpp and vLLM hold one count "
+                     "for the whole model" + ("; the export pads to the largest" if padded else
+                                              " and cannot load it without padding"))
+    uniform = values[-1] if len(values) == 1 or padded else None
+    if uniform is not None and uniform & (uniform - 1):
+        notes.append(f"{uniform} experts per layer is not a power of two: llama.cpp's fused CUDA top-k routing "
+                     "kernel covers power-of-two counts only, so routing falls back to its slower general path "
+                     f"(nearest: {1 << (uniform.bit_length() - 1)} or {1 << uniform.bit_length()})")
+    return notes
+
+
 def _pad_mechanism(model_type: str | None) -> str | None:
     for cls in ADAPTERS.values():
         if model_type in cls.model_types:

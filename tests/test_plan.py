@@ -379,7 +379,7 @@ def test_select_refuses_an_unmeetable_budget_with_the_smallest_size():
 
 def test_select_uniform_default_and_keep():
     plan = sel.select_experts(table(TWO_LAYERS), budget=74, top_k=1, fixed_bytes=5)
-    assert plan.uniform and plan.method == "uniform" and plan.counts == {0: 3, 1: 3}
+    assert plan.uniform and plan.solver["name"] == "uniform" and plan.counts == {0: 3, 1: 3}
     assert plan.kept == {0: [0, 1, 2], 1: [0, 1, 2]} and plan.predicted_bytes == 65
     assert plan.padding is None
     half = sel.select_experts(table(TWO_LAYERS), keep="50%", top_k=2)
@@ -398,7 +398,7 @@ def test_select_non_uniform_and_its_padding_note():
     rows = table({0: [5, 4, 3, 2], 1: [9, 0.1, 0.2, 0.1]})
     for method in sel.METHODS:
         plan = sel.select_experts(rows, budget=60, top_k=1, uniform=False, method=method)
-        assert plan.method == method and plan.counts == {0: 4, 1: 2}
+        assert plan.solver["name"] == method and plan.counts == {0: 4, 1: 2}
         assert plan.predicted_bytes == 60 and plan.sizes["padded"] == 80
         assert "pads every layer to 4" in plan.padding and "over the budget" in plan.padding
     with pytest.raises(UspxError, match="unknown selection method"):

@@ -26,6 +26,19 @@ COMPUTE_DTYPE = typer.Option("bf16", "--compute-dtype", help="With --streaming: 
 REMOTE = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
 
 
+THREADS = typer.Option(None, "--threads", help="Torch threads for running the model (default: torch's; 1 is often fastest for small models or on a busy machine).")
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UspxError(f"--threads must be >= 1, not {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 @app.command()
 def families() -> None:
     """List the supported model families."""
@@ -36,11 +49,24 @@ def families() -> None:
 
 
 @app.command()
-def workload(path: str = WORKLOAD_ARG, heldout: float = typer.Option(0.2, help="Held-out share for items without a split.")) -> None:
-    """Read and check a workload; print its families and splits."""
-    from uspx.workload import load_workload
+def workload(
+    path: str = WORKLOAD_ARG,
+    heldout: float = typer.Option(0.2, help="Held-out share for items without a split."),
+    model: str = typer.Option("default", help="Model whose tokenizer counts the tokens and what is truncated."),
+    max_length: Optional[int] = typer.Option(None, help="Truncation length (default: the one every other command uses, 512 or the model's context)."),
+) -> None:
+    """Read and check a workload; print its families, splits, tokens and what the other commands truncate."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from uspx.models.loading import resolve_model_path
+    from uspx.workload import default_max_length, encode, load_workload
 
     wl = load_workload(path, heldout_fraction=heldout)
+    folder = resolve_model_path(model)
+    length = max_length or default_max_length(AutoConfig.from_pretrained(folder))
+    items = encode(wl, AutoTokenizer.from_pretrained(folder), length)  # counts what is truncated
+    console.print(f"{sum(len(e.input_ids) for e in items)} tokens after truncation to {length} "
+                  f"({model}'s tokenizer)")
     for line in wl.summary.lines_of_text():
         console.print(line)
     console.print(f"fingerprint: {wl.fingerprint[:16]}")
@@ -53,15 +79,17 @@ def trace(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the trace (resumes if it holds a partial one)."),
     split: str = typer.Option("all", help="Which part of the workload: all, calibration or heldout."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
-    max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default: the model's context, at most 2048)."),
+    max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default 512, or the model's context when shorter; the same in every command)."),
     logits: bool = typer.Option(False, "--logits", help="Also record full router logits."),
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
     reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Record, for every real token and MoE layer, the experts chosen and their weights."""
+    _set_threads(threads)
     from uspx.trace import trace as run_trace
 
     manifest = run_trace(
@@ -172,8 +200,10 @@ def score(
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
+    _set_threads(threads)
     from uspx.score import METHODS
     from uspx.score import score as run_score
     from uspx.score.api import default_methods
@@ -190,7 +220,8 @@ def select_cmd(
     scores_dir: Path = typer.Argument(..., help="Scores folder made by `uspx score`."),
     model: str = typer.Option("default", help="Model the scores belong to (its config sizes the plan)."),
     out: Path = typer.Option(..., "-o", "--out", help="Plan file to write (JSON)."),
-    method: Optional[str] = typer.Option(None, help="Score method to select by (default: uspx's default method)."),
+    method: Optional[str] = typer.Option(None, help="Score method to select by: one the table holds (default: reconstruction), or random (a seeded random ranking, the baseline)."),
+    seed: int = typer.Option(0, help="With --method random: the seed."),
     budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
     keep: Optional[str] = typer.Option(None, help="Experts to keep per layer: a share (50%) or a count."),
     context: int = typer.Option(4096, help="Context length counted in the budget's KV cache."),
@@ -213,7 +244,7 @@ def select_cmd(
     table.check(model=fingerprint)
     method = method or DEFAULT_METHOD
     plan_obj = select_experts(
-        table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(path),
+        table.random(seed) if method == "random" else table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(path),
         context=context if budget else 0, kv_dtype=kv_dtype, uniform=not non_uniform, method=solver,
         scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint,
     )
@@ -242,10 +273,12 @@ def prune(
     mask_only: bool = typer.Option(False, "--mask-only", help="Keep all shapes; disable dropped experts in the router instead."),
     streaming: bool = typer.Option(False, "--streaming", help="Verify the export layer by layer instead of loading the original and the export whole."),
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Export the model pruned to the plan's experts, sliced on disk in its stored precision (MXFP4
     stays MXFP4); the export is reloaded and compared with the restricted original before it is
     put in place, and a failed check writes nothing."""
+    _set_threads(threads)
     from uspx.prune import export
 
     rec = export(model, plan_file, out, physical=not mask_only, streaming=streaming, trust_remote_code=trust_remote_code)
@@ -292,8 +325,10 @@ def eval_cmd(
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
+    _set_threads(threads)
     from uspx.evaluate import evaluate
     from uspx.extract import QUALITY_COLUMNS
 
@@ -328,16 +363,19 @@ def extract(
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
     recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
+    eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
+    _set_threads(threads)
     from uspx.extract import extract as run_extract
 
     run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
                 streaming=streaming, dtype=compute_dtype, sequential=sequential, recover=recover,
-                recover_steps=recover_steps)
+                recover_steps=recover_steps, eval_workload=eval_workload)
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 
@@ -362,8 +400,10 @@ def recover(
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
     streaming: bool = typer.Option(False, "--streaming", help="Train the routers one decoder layer at a time from the files (with --train router; router KD and layer matching, both weighted 1 unless set) for models larger than memory."),
     compute_dtype: str = typer.Option("bf16", "--compute-dtype", help="With --streaming: precision the layers compute in (routers always train in fp32)."),
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
+    _set_threads(threads)
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
 
@@ -393,8 +433,10 @@ def student(
     others: Optional[str] = typer.Option(None, help="Workload whose held-out items show the cost elsewhere (default for the bundled teacher: mixed)."),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure prefill and decode speed of the student and the pruned MoE."),
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Build a dense model from the user's top experts of every layer, distill it from the original, export and compare it with the pruned MoE."""
+    _set_threads(threads)
     from uspx.recover import Settings
     from uspx.student import student as run_student
 
@@ -440,8 +482,10 @@ def superweights(
     apply_restore: Optional[str] = typer.Option(None, help="Restore catalogued scalars (all or 0,1,...) in a model copy."),
     apply_out: Optional[Path] = typer.Option(None, help="Where --apply-zero / --apply-restore write the model copy."),
     trust_remote_code: bool = REMOTE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Routing-aware super-weight and super-expert detector for MoE experts, with a validation checklist."""
+    _set_threads(threads)
     from uspx.superweights import run_cli
 
     run_cli(model, workload, out, p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr,

@@ -19,7 +19,7 @@ from pathlib import Path
 from uspx.io import UspxError, sha256_json, write_json
 from uspx.models import LoadedModel
 from uspx.progress import console
-from uspx.workload import Workload, load_workload
+from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload
 
 NORM_METHODS = ("reap", "ean")
 QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta": "delta",
@@ -56,7 +56,7 @@ def extract(
     solver: str = "lagrangian",
     epsilon: float = 0.05,
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: int = DEFAULT_MAX_LENGTH,
     max_tokens: int | None = None,
     speed: bool = True,
     progress: bool = True,
@@ -66,8 +66,12 @@ def extract(
     sequential: bool = False,
     recover: bool = False,
     recover_steps: int | None = None,
+    eval_workload: str | Path | Workload | None = None,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
+
+    ``eval_workload``: evaluate on every item of this other workload instead of the held-out split
+    of ``workload`` (calibrate on one set of prompts, judge on another).
 
     ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
     safetensors files, computing in ``dtype``, with the local score methods; the export slices the
@@ -98,6 +102,11 @@ def extract(
         parse_size(budget)
     compute_dtype(dtype)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    if eval_workload is None:
+        eval_wl, eval_split = wl, "heldout"
+    else:
+        eval_wl = eval_workload if isinstance(eval_workload, Workload) else load_workload(eval_workload)
+        eval_split = "all"
     if not wl.part("calibration").items or not wl.part("heldout").items:
         raise UspxError(f"{wl.source}: needs both calibration and held-out items (split {wl.summary.splits})")
     if keep is not None:
@@ -159,7 +168,7 @@ def extract(
     stage("prune + verify + export")
 
     teacher = opened.loaded() if not streaming else opened.path
-    evaluation = evaluate(teacher, out / "model", wl, split="heldout", max_length=max_length, batch_size=batch_size,
+    evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
                           epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
                           speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
                           streaming=streaming, dtype=dtype)
@@ -168,6 +177,7 @@ def extract(
     report = dict(
         model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
+        evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
         method=method, budget=budget, keep=keep, context=context, streaming=streaming,
         kept={str(k): v for k, v in plan.kept.items()},
         counts={str(k): len(v) for k, v in plan.kept.items()},

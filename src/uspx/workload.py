@@ -221,6 +221,16 @@ class EncodedItem:
     completion_start: int  # first token whose prediction is scored: the completion, or 0 without one
 
 
+DEFAULT_MAX_LENGTH = 512  # tokens per item, for every stage (trace, score, eval, extract, recover, workload)
+
+
+def default_max_length(config=None) -> int:
+    """The truncation length every stage uses unless told otherwise: 512 tokens, or the model's
+    context when shorter."""
+    context = getattr(config, "max_position_embeddings", None) if config is not None else None
+    return min(DEFAULT_MAX_LENGTH, int(context)) if context else DEFAULT_MAX_LENGTH
+
+
 def encode(workload: Workload, tokenizer, max_length: int) -> list[EncodedItem]:
     """Tokenise every item to at most ``max_length`` tokens, counting what was truncated.
 

@@ -25,7 +25,7 @@ from uspx.prune.export import RECORD
 from uspx.prune.files import check_config, weight_files
 from uspx.prune.kept import KeptLike, resolve_kept
 from uspx.engine.batches import pad_id_of
-from uspx.workload import Workload, encode, load_workload
+from uspx.workload import Workload, default_max_length, encode, load_workload
 
 FORMAT = "uspx-eval/1"
 FILENAME = "evaluation.json"
@@ -76,7 +76,7 @@ def evaluate(
     part = wl.part(split)
     if not part.items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
-    max_length = max_length or min(int(getattr(t.model.config, "max_position_embeddings", 2048)), 2048)
+    max_length = max_length or default_max_length(t.model.config)
     items = encode(part, t.tokenizer, max_length)
     eps = _epsilons(epsilon, part.families)
 
@@ -112,6 +112,11 @@ def evaluate(
                              "as uspx.score.loss defines it"},
         "families": families,
         "overall": summarise(stats, np.arange(len(items))),
+        # per item, in the workload's order: paired comparisons between candidates need these
+        "items": [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
+                       loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
+                       loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
+                  for i, e in enumerate(items)],
         "size": _sizes(t, c, ks),
     }
     result["memory"] = _memory(c, result["size"]["candidate"], memory_budget, context, kv_dtype)

@@ -171,7 +171,7 @@ class Plan:
     """A kept set per MoE layer with its predicted size; written as JSON by :meth:`save`."""
 
     kept: dict[int, list[int]]
-    method: str  # "uniform", "greedy" or "lagrangian"
+    method: str  # the score method the experts were ranked by (the solver is ``solver["name"]``)
     uniform: bool
     top_k: int
     num_experts: int
@@ -216,7 +216,7 @@ class Plan:
 
         target = (f"budget {mem.format_bytes(self.budget_bytes)}" if self.budget_bytes is not None
                   else f"keep {self.keep}")
-        table = Table(title=f"{self.method} plan, {target}: predicted {mem.format_bytes(self.predicted_bytes)}, "
+        table = Table(title=f"{self.method} plan ({self.solver.get('name', 'solver')}), {target}: predicted {mem.format_bytes(self.predicted_bytes)}, "
                             f"value kept {self.value:.4g} of {self.value_total:.4g}")
         table.add_column("layer", justify="right")
         table.add_column("kept", justify="right")
@@ -333,8 +333,9 @@ def select_experts(
     value = {(l, it.expert): it.value for l, items in groups.items() for it in items}
     experts_bytes = math.ceil(sum(cost[l, e] for l, v in kept.items() for e in v))
     sizes = {**sizes, "kept_experts": int(experts_bytes)}
+    solver = {"name": used, **solver}
     plan = Plan(
-        kept=kept, method=used, uniform=uniform, top_k=top_k, num_experts=n_exp,
+        kept=kept, method=_score_method(scores), uniform=uniform, top_k=top_k, num_experts=n_exp,
         predicted_bytes=int(base + experts_bytes), sizes=sizes, budget_bytes=budget_bytes,
         keep=keep_text, model_type=model_type, settings=settings,
         value=sum(value[l, e] for l, v in kept.items() for e in v), value_total=sum(value.values()),
@@ -342,6 +343,17 @@ def select_experts(
     )
     plan.padding = _padding_note(plan, groups, base)
     return plan
+
+
+def _score_method(scores: Any) -> str:
+    """The score method a selection ranked by: the table's ``method`` column, when it has one."""
+    import pyarrow as pa
+
+    if isinstance(scores, pa.Table) and "method" in scores.column_names and scores.num_rows:
+        names = set(scores.column("method").to_pylist())
+        if len(names) == 1:
+            return str(names.pop())
+    return "scores"
 
 
 def _groups_from_planner(rows: Iterable[tuple], params: mem.ModelParams, cost: int) -> dict[int, list[Item]]:

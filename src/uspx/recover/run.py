@@ -23,6 +23,7 @@ import torch
 
 import uspx
 from uspx.io import UspxError, read_json, write_json
+from uspx.workload import DEFAULT_MAX_LENGTH
 from uspx.progress import console
 from uspx.prune.export import FORMAT
 from uspx.recover.train import Settings, train
@@ -31,7 +32,7 @@ REPORT = "recover.json"
 
 
 def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = None, out_dir: str | Path | None = None,
-            others: str | Path | None = None, max_length: int = 512, epsilon: float = 0.05,
+            others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH, epsilon: float = 0.05,
             streaming: bool = False, dtype: str = "bf16", progress: bool = True) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 

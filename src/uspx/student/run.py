@@ -29,6 +29,7 @@ import torch
 
 import uspx
 from uspx.io import UspxError, write_json
+from uspx.workload import DEFAULT_MAX_LENGTH
 from uspx.progress import console
 from uspx.recover.train import Settings
 
@@ -37,7 +38,7 @@ REPORT = "student.json"
 
 def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "routed",
             settings: Settings | None = None, group_lasso: float = 0.0, workload=None,
-            out_dir: str | Path | None = None, others: str | Path | None = None, max_length: int = 512,
+            out_dir: str | Path | None = None, others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
             epsilon: float = 0.05, speed: bool = True, progress: bool = True) -> dict:
     """Build, distill, export and evaluate the dense student of ``run_dir``; returns (and writes) its report."""
     from uspx.engine.batches import pad_id_of

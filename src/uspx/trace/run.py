@@ -26,7 +26,7 @@ from uspx.engine.observers import Reconstruction, Routing
 from uspx.io import UspxError, atomic_path
 from uspx.progress import progress_bar
 from uspx.trace.format import COLUMNS, finish_manifest, open_manifest, rows_table, write_items, write_shard
-from uspx.workload import EncodedItem, Workload, encode, load_workload
+from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
 
 STAGING = ".streaming"
 RECONSTRUCTION = "reconstruction.npz"
@@ -65,7 +65,7 @@ def trace(
         raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
     source = opened.source
     config = source.config
-    max_length = max_length or min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 2048)
+    max_length = max_length or default_max_length(config)
     encoded = encode(wl, opened.tokenizer, max_length)
     if not encoded:
         raise UspxError(f"{wl.source}: no items to trace in split {split!r}")

@@ -3,6 +3,8 @@ count patched, everything else unchanged; plans that llama.cpp could not load ar
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,50 @@ def test_runtime_notes_name_what_runtimes_refuse():
     assert any("not a power of two" in n and "8 or 16" in n for n in runtime_notes([12], 4))
     padded = runtime_notes({0: 6, 1: 8}, 4, padded=True)
     assert any("pads to the largest" in n for n in padded) and not any("power of two" in n for n in padded)
+
+
+def test_pre_tokenizer_declared_from_tokenizer_json(tmp_path):
+    import json as _json
+
+    from uspx.models.loading import BUNDLED_TEACHER
+    from uspx.prune.gguf_export import declared_pre_tokenizer
+
+    assert declared_pre_tokenizer(BUNDLED_TEACHER) == "gpt-2"  # byte-level BPE with the GPT-2 split pattern
+    (tmp_path / "tokenizer.json").write_text(_json.dumps({"pre_tokenizer": {"type": "Metaspace"}}))
+    assert declared_pre_tokenizer(tmp_path) is None
+    assert declared_pre_tokenizer(tmp_path / "nothing") is None
+
+
+def _llama_cpp_source():
+    import os
+
+    path = os.environ.get("USPX_LLAMA_CPP")
+    if not path:
+        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout or the llama-cpp-python source package")
+    return path
+
+
+def test_export_gguf_with_llama_cpps_converter(tiny_gpt_oss_dir, tmp_path, one_thread):
+    """With llama.cpp's converter at hand: a pruned tiny gpt-oss export converts, with the kept
+    expert count, and the pruned-in-place GGUF of the full model equals it tensor for tensor."""
+    from conftest import write_jsonl
+    from uspx.extract import extract
+    from uspx.prune.gguf_export import export_gguf
+
+    source = _llama_cpp_source()
+    rows = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i}", "family": "code"} for i in range(12)]
+    wl = write_jsonl(tmp_path / "w.jsonl", rows)
+    extract(tiny_gpt_oss_dir, wl, tmp_path / "run", keep="50%", speed=False, progress=False)
+    with pytest.raises(UspxError, match="--pre-tokenizer"):  # the test tokenizer is not one llama.cpp knows
+        export_gguf(tmp_path / "run" / "model", tmp_path / "p.gguf", llama_cpp=source, outtype="f32")
+    assert not (tmp_path / "p.gguf").exists()
+    rec = export_gguf(tmp_path / "run" / "model", tmp_path / "p.gguf", llama_cpp=source, outtype="f32",
+                      pre_tokenizer="gpt-2")
+    pruned = gguf.GGUFReader(str(tmp_path / "p.gguf"))
+    assert pruned.fields["gpt-oss.expert_count"].contents() == 4 and rec["pre_tokenizer"] == "gpt-2"
+    export_gguf(tiny_gpt_oss_dir, tmp_path / "full.gguf", llama_cpp=source, outtype="f32", pre_tokenizer="gpt-2")
+    kept = {int(l): v for l, v in json.loads((tmp_path / "run" / "plan.json").read_text())["kept"].items()}
+    prune_gguf(tmp_path / "full.gguf", kept, tmp_path / "in_place.gguf")
+    in_place = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "in_place.gguf")).tensors}
+    for t in pruned.tensors:
+        assert t.data.tobytes() == in_place[t.name].data.tobytes(), t.name

@@ -308,6 +308,26 @@ def prune_gguf_cmd(
                   f"{rec['check']['bytes_compared']} bytes checked against the source")
 
 
+@app.command("export")
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="An exported checkpoint folder, or an extract run folder (its model/)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The GGUF file to write."),
+    fmt: str = typer.Option("gguf", "--format", help="Output format: gguf (llama.cpp, Ollama)."),
+    llama_cpp: Path = typer.Option(..., "--llama-cpp", help="llama.cpp's source: a checkout, or the llama-cpp-python source package (.tar.gz from `pip download llama-cpp-python --no-binary :all: --no-deps`)."),
+    outtype: str = typer.Option("auto", help="The converter's --outtype: f32, f16, bf16, q8_0 or auto (MXFP4 experts stay MXFP4)."),
+    pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp's name for the tokenizer's pre-tokenization when its converter does not recognise it (default: declared from tokenizer.json where uspx can tell)."),
+) -> None:
+    """Convert an export to GGUF with llama.cpp's own converter."""
+    from uspx.prune.gguf_export import export_gguf
+
+    if fmt != "gguf":
+        raise UspxError(f"--format must be gguf, not {fmt!r} (Hugging Face checkpoints come from `uspx prune`)")
+    folder = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
+    rec = export_gguf(folder, out, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer)
+    console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {folder}; pre-tokenizer "
+                  f"{rec['pre_tokenizer'] or 'recognised by the converter'}")
+
+
 @app.command("eval")
 def eval_cmd(
     candidate: str = typer.Argument(..., help="Exported model folder to evaluate (or 'default' with --plan)."),

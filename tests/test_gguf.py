@@ -20,7 +20,7 @@ def _weights(seed: int, *shape: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def write_moe_gguf(path, layers=2, used=2, types=None):
+def write_moe_gguf(path, layers=2, used=2, types=None, router_bias=False):
     """A small MoE GGUF as llama.cpp's converter lays it out: experts outermost."""
     types = types or {"gate": gguf.GGMLQuantizationType.Q8_0, "up": gguf.GGMLQuantizationType.MXFP4,
                       "down": gguf.GGMLQuantizationType.F16}
@@ -45,6 +45,9 @@ def write_moe_gguf(path, layers=2, used=2, types=None):
                              raw_dtype=kind)
         floats[l, "inp"] = _weights(100 + l, E, H)
         w.add_tensor(f"blk.{l}.ffn_gate_inp.weight", floats[l, "inp"])
+        if router_bias:
+            floats[l, "bias"] = _weights(300 + l, E)
+            w.add_tensor(f"blk.{l}.ffn_gate_inp.bias", floats[l, "bias"])
         w.add_tensor(f"blk.{l}.attn_q.weight", _weights(200 + l, H, H).astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -180,3 +183,16 @@ def test_export_gguf_with_llama_cpps_converter(tiny_gpt_oss_dir, tmp_path, one_t
     in_place = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "in_place.gguf")).tensors}
     for t in pruned.tensors:
         assert t.data.tobytes() == in_place[t.name].data.tobytes(), t.name
+
+
+def test_prune_gguf_pads_a_non_uniform_plan_with_unroutable_experts(tmp_path):
+    floats, types = write_moe_gguf(tmp_path / "m.gguf", router_bias=True)
+    record = prune_gguf(tmp_path / "m.gguf", {0: [1, 3], 1: [0, 2, 3]}, tmp_path / "p.gguf")
+    assert record["kept_count"] == 3 and record["padding"] == {"0": [0]} and record["padding_bytes"] > 0
+    r = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "p.gguf")).tensors}
+    bias = r["blk.0.ffn_gate_inp.bias"].data  # experts 0, 1, 3 in that order; 0 is the filler
+    assert np.isneginf(bias[0]) and bias[1] == floats[0, "bias"][1] and bias[2] == floats[0, "bias"][3]
+    np.testing.assert_array_equal(r["blk.1.ffn_gate_inp.bias"].data, floats[1, "bias"][[0, 2, 3]])
+    # the kept expert's bytes are the source's
+    want = gguf.quants.quantize(floats[0, "gate"][[3]], types["gate"])
+    assert r["blk.0.ffn_gate_exps.weight"].data[2].tobytes() == want.tobytes()

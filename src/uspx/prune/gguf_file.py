@@ -8,6 +8,10 @@ byte for byte, ``{arch}.expert_count`` is set to the kept count, and every other
 metadata field is copied as it is. Reading and writing go through the ``gguf`` package (llama.cpp's
 own), which memory-maps the source: memory stays at one tensor.
 
+A plan with different counts per layer is padded to its largest count with dropped experts whose
+router bias is set to -inf, so that no runtime routes to them (only where the router has a float32
+bias, as gpt-oss's has); the record says which and what they cost.
+
 A plan made on the Hugging Face model applies to its GGUF: layers match by decoder layer index
 (``blk.N``) and experts by index, as llama.cpp's converter keeps both. llama.cpp holds one expert
 count for the whole model, so the plan must keep the same count in every layer, and at least the
@@ -83,24 +87,35 @@ def prune_gguf(source: str | Path, kept: dict[int, list[int]], out: str | Path, 
     arch, blocks, n_experts, used = read_counts(reader)
     if num_experts is not None and int(num_experts) != n_experts:
         raise UspxError(f"the plan was made for {num_experts} experts per layer, {src} has {n_experts}")
+    tensors = {t.name: t for t in reader.tensors}
     layers_in_file = sorted({l for t in reader.tensors if (l := expert_tensor_layer(t.name)) is not None})
-    counts = {len(v) for v in kept.values()}
     if set(kept) != set(layers_in_file):
         raise UspxError(f"the plan keeps experts in layers {sorted(kept)}, the GGUF file has MoE layers {layers_in_file}")
-    if len(counts) != 1:
-        raise UspxError("llama.cpp holds one expert count for the whole model; the plan keeps "
-                        f"{sorted(counts)} experts in different layers (select with the same count everywhere)")
-    count = counts.pop()
     bad = {l: v for l, v in kept.items() if len(set(v)) != len(v) or not all(0 <= e < n_experts for e in v)}
     if bad:
         raise UspxError(f"the plan names experts outside 0..{n_experts - 1} or twice: {dict(list(bad.items())[:3])}")
-    if count < used:
-        raise UspxError(f"the plan keeps {count} experts per layer, fewer than the {used} the model routes each "
-                        "token to; llama.cpp refuses top-k above the expert count")
     for t in reader.tensors:
         if expert_tensor_layer(t.name) is not None and t.data.shape[0] != n_experts:
             raise UspxError(f"{src}: tensor {t.name} has {t.data.shape[0]} rows on its outermost dimension, "
                             f"not the file's expert count {n_experts}")
+    count = max(len(v) for v in kept.values())
+    if min(len(v) for v in kept.values()) < used:
+        raise UspxError(f"the plan keeps {min(len(v) for v in kept.values())} experts in a layer, fewer than the "
+                        f"{used} the model routes each token to; llama.cpp refuses top-k above the expert count")
+    fillers = _fillers(kept, count, n_experts, tensors)
+    rows = {l: sorted(list(v) + fillers.get(l, [])) for l, v in kept.items()}
+
+    def expected(t) -> np.ndarray:
+        """What the pruned file holds for tensor ``t``: its kept (and filler) experts' bytes, and a
+        router bias of -inf for every filler, so that no runtime routes to it."""
+        layer = expert_tensor_layer(t.name)
+        if layer is None:
+            return t.data
+        data = t.data[np.array(rows[layer])]
+        if fillers.get(layer) and t.name == f"blk.{layer}.ffn_gate_inp.bias":
+            data = data.copy()
+            data[[rows[layer].index(e) for e in fillers[layer]]] = -np.inf
+        return data
 
     writer = gguf.GGUFWriter(None, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
@@ -113,29 +128,46 @@ def prune_gguf(source: str | Path, kept: dict[int, list[int]], out: str | Path, 
         writer.add_key_value(field.name, value, kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
 
-    def sliced(t) -> np.ndarray:
-        layer = expert_tensor_layer(t.name)
-        return t.data if layer is None else t.data[np.array(sorted(kept[layer]))]
-
     for t in reader.tensors:
-        data = sliced(t)
+        data = expected(t)
         writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, t.tensor_type)
     with atomic_path(dst) as tmp:
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in reader.tensors:
-            writer.write_tensor_data(np.ascontiguousarray(sliced(t)), tensor_endianess=reader.endianess)
+            writer.write_tensor_data(np.ascontiguousarray(expected(t)), tensor_endianess=reader.endianess)
         writer.close()
-        check = _check(reader, gguf.GGUFReader(str(tmp)), kept, count, arch)
+        check = _check(reader, gguf.GGUFReader(str(tmp)), expected, count, arch)
+    per_expert = sum(t.n_bytes for t in reader.tensors if expert_tensor_layer(t.name) is not None) / (
+        n_experts * len(kept))
     return dict(source=str(src), out=str(dst), arch=arch, blocks=blocks, experts=n_experts, kept_count=count,
                 expert_used_count=used, kept={str(l): sorted(v) for l, v in kept.items()},
+                padding={str(l): v for l, v in fillers.items() if v},
+                padding_bytes=round(per_expert * sum(len(v) for v in fillers.values())),
                 source_bytes=src.stat().st_size, bytes=dst.stat().st_size, check=check)
 
 
-def _check(old, new, kept: dict[int, list[int]], count: int, arch: str) -> dict:
-    """Every tensor of the pruned file: a kept expert's bytes equal the source's, anything else
-    equals the source's whole, types unchanged; the expert count reads back."""
+def _fillers(kept: dict[int, list[int]], count: int, n_experts: int, tensors: dict) -> dict[int, list[int]]:
+    """For a plan with different counts per layer: per layer, the dropped experts (lowest ids) that
+    pad it to ``count``. Only a router with a float32 bias can make them unroutable (-inf)."""
+    short = {l: count - len(v) for l, v in kept.items() if len(v) < count}
+    if not short:
+        return {}
+    gguf = _gguf()
+    for l in short:
+        bias = tensors.get(f"blk.{l}.ffn_gate_inp.bias")
+        if bias is None or bias.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise UspxError("llama.cpp holds one expert count for the whole model, and this file's router has no "
+                            f"float32 bias to disable padded experts; the plan keeps {sorted({len(v) for v in kept.values()})} "
+                            "experts in different layers (select with the same count everywhere)")
+    return {l: sorted(set(range(n_experts)) - set(kept[l]))[:n] for l, n in short.items()}
+
+
+def _check(old, new, expected, count: int, arch: str) -> dict:
+    """Every tensor of the pruned file equals what the plan asks of the source's bytes (kept experts
+    byte for byte, everything else whole, filler router biases -inf), types unchanged; the expert
+    count reads back."""
     gguf = _gguf()
     source = {t.name: t for t in old.tensors}
     if set(source) != {t.name for t in new.tensors}:
@@ -143,8 +175,7 @@ def _check(old, new, kept: dict[int, list[int]], count: int, arch: str) -> dict:
     compared = 0
     for t in new.tensors:
         s = source[t.name]
-        layer = expert_tensor_layer(t.name)
-        want = s.data if layer is None else s.data[np.array(sorted(kept[layer]))]
+        want = expected(s)
         if t.tensor_type != s.tensor_type or t.data.shape != want.shape or \
                 t.data.tobytes() != np.ascontiguousarray(want).tobytes():
             raise UspxError(f"tensor {t.name} of the pruned GGUF differs from the source's kept bytes; nothing was written")

@@ -1,0 +1,1 @@
+"""Virtual experts: computations handed to real tools while the model generates."""

@@ -190,7 +190,7 @@ def score(
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
     workload: str = WORKLOAD_ARG,
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams), capability (needs --tool-families)."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
@@ -199,6 +199,7 @@ def score(
     compute_dtype: str = COMPUTE_DTYPE,
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
+    tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --methods capability: comma-separated families whose work goes to tools (virtual experts), e.g. arith."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -211,7 +212,8 @@ def score(
     chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
     table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
-                      streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep)
+                      streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep,
+                      tool_families=_csv(tool_families))
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 

@@ -38,10 +38,11 @@ METHODS = (
     "reconstruction",
     "l0",
     "l0_layer",
+    "capability",
 )
 KEEP_METHODS = ("l0", "l0_layer")  # need ``keep``: the default (every method) leaves them out when it is not given
-TRACE_METHODS = ("frequency", "reap", "ean")
-LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction", "l0_layer")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
+TRACE_METHODS = ("frequency", "reap", "ean", "capability")
+LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction", "l0_layer", "capability")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
 NORM_METHODS = ("reap", "ean")
 # Chosen by the method benchmark (bench/methods.py, docs/benchmarks.md): on the teacher with the user's own
 # calibration, reconstruction has the lowest mean held-out loss delta (tied with the ablations, which cost
@@ -74,6 +75,7 @@ def score(
     dtype: str = "bf16",
     sequential: str | int | None = None,
     keep: str | int | None = None,
+    tool_families: Sequence[str] | None = None,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -89,10 +91,19 @@ def score(
     ``keep`` (experts per layer: a count or a share) is the budget "l0" learns its masks under
     (``uspx.recover.masks``; required by it). Its value is the learned P(gate open) of each expert:
     one estimate from the whole calibration set, so the table has no CI for it (NaN).
+
+    ``capability`` (needs ``tool_families``, the families whose work goes to tools) is each
+    expert's routing frequency on the other families' tokens: experts that serve only the tool
+    families score 0 and go first, experts that serve both keep what they do for the rest. The
+    share of each expert's routed tokens in the tool families, with its interval, is recorded in
+    the table's options.
     """
-    if keep is None and methods is METHODS:
-        methods = [m for m in METHODS if m not in KEEP_METHODS]
+    if methods is METHODS:
+        methods = [m for m in METHODS if m not in KEEP_METHODS or keep is not None]
+        methods = [m for m in methods if m != "capability" or tool_families]
     methods = _check_methods(methods)
+    if "capability" in methods and not tool_families:
+        raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
     if keep is None and any(m in KEEP_METHODS for m in methods):
         raise UspxError("l0 learns which experts to keep under a budget: give keep (--keep: a count or a share like 50%)")
     if streaming or sequential is not None:
@@ -137,13 +148,28 @@ def score(
 
     # ----- trace-based -----------------------------------------------------------------------------
     trace_stats: RouterStats | None = None
-    from_trace = [] if n_keep is not None else [m for m in methods if m == "frequency" or (m in NORM_METHODS and has_norms)]
+    capability_meta = None
+    from_trace = [] if n_keep is not None else [m for m in methods if m in ("frequency", "capability")
+                                                or (m in NORM_METHODS and has_norms)]
     if from_trace:
         t0 = time.perf_counter()
         trace_stats = stats_from_trace(tr, split, norms=has_norms and any(m in NORM_METHODS for m in methods))
         seconds["trace_stats"] = time.perf_counter() - t0
-        for m in from_trace:
+        for m in [m for m in from_trace if m != "capability"]:
             add(m, [getattr(trace_stats, m)()], trace_stats.count.sum(0), len(trace_stats.samples))
+        if "capability" in from_trace:
+            unknown = sorted(set(tool_families) - set(traced.families))
+            if unknown:
+                raise UspxError(f"--tool-families {unknown} are not families of {wl.source} ({', '.join(traced.families)})")
+            tool = np.array([traced.items[int(i)].family in set(tool_families) for i in trace_stats.samples])
+            count = trace_stats.count.astype(np.float64)
+            fluent = ~tool
+            add("capability", [Factor(count * fluent[:, None, None], (trace_stats.tokens * fluent)[:, None, None]
+                                      .astype(np.float64))], (count * fluent[:, None, None]).sum(0), int(fluent.sum()))
+            share = estimate([Factor(count * tool[:, None, None], count)], bootstrap, seed)
+            capability_meta = dict(tool_families=sorted(tool_families), tool_prompts=int(tool.sum()),
+                                   tool_share=np.round(share.value, 4).tolist(),
+                                   tool_share_ci=[np.round(share.ci_low, 4).tolist(), np.round(share.ci_high, 4).tolist()])
 
     # ----- model-based -----------------------------------------------------------------------------
     model_methods = [m for m in methods if m not in from_trace]
@@ -254,6 +280,7 @@ def score(
             streaming=streaming, dtype=dtype if streaming else None,
             sequential=dict(keep=n_keep, kept=sequential_kept) if n_keep is not None else None,
             l0=(l0_meta or {}).get("l0"), l0_layer=(l0_meta or {}).get("l0_layer"),
+            capability=capability_meta,
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",
@@ -276,9 +303,11 @@ def score(
 
 
 def default_methods(trace_dir: str | Path) -> list[str]:
-    """The local methods a trace allows (reap and ean need its expert norms)."""
+    """The local methods a trace allows (reap and ean need its expert norms), without those that
+    need more than the trace (a budget to learn masks under, tool families)."""
     has_norms = "expert_norms" in _trace_columns(Trace(trace_dir))
-    return [m for m in LOCAL_METHODS if has_norms or m not in NORM_METHODS]
+    return [m for m in LOCAL_METHODS if (has_norms or m not in NORM_METHODS) and m not in KEEP_METHODS
+            and m != "capability"]
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

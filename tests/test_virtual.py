@@ -112,3 +112,24 @@ def test_capability_scores_count_routing_on_the_other_families(tiny_gpt_oss_dir,
     share = np.array(table.meta["options"]["capability"]["tool_share"])
     total = counts["arith"] + counts["prose"]
     np.testing.assert_allclose(share, np.where(total > 0, counts["arith"] / np.maximum(total, 1), 0), atol=1e-4)
+
+
+def test_cli_generate_and_tool(teacher_probe, tmp_path):
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    _, probe, _ = teacher_probe
+    probe.save(tmp_path / "p")
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    res = run("generate", "default", "40 * 25 =", "--probe", tmp_path / "p", "--max-new-tokens", 4)
+    assert res.exit_code == 0, res.output
+    assert "40 * 25 = 1000" in res.output and "tool calc: 40 * 25 = 1000" in res.output
+    res = run("generate", "default", "hi", "--virtual-experts", "calc,units", "--probe", tmp_path / "p")
+    assert isinstance(res.exception, UspxError) and "uspx tool" in str(res.exception)
+    res = run("generate", "default", "hi")
+    assert isinstance(res.exception, UspxError) and "--probe" in str(res.exception)
+    res = run("tool", "calc", "7 / 2")
+    assert res.exit_code == 0 and res.output.strip() == "7/2"
+    res = run("tool", "python", "print(1)")
+    assert isinstance(res.exception, UspxError) and "off" in str(res.exception)

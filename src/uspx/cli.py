@@ -386,6 +386,7 @@ def extract(
     recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
+    tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --method capability: families whose work goes to tools (virtual experts), e.g. arith."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -397,7 +398,7 @@ def extract(
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
                 streaming=streaming, dtype=compute_dtype, sequential=sequential, recover=recover,
-                recover_steps=recover_steps, eval_workload=eval_workload)
+                recover_steps=recover_steps, eval_workload=eval_workload, tool_families=_csv(tool_families))
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 
@@ -467,6 +468,80 @@ def student(
     res = run_student(run_dir, experts_per_layer=experts_per_layer, weighting=weights, settings=settings,
                       group_lasso=group_lasso, out_dir=out, others=others, epsilon=epsilon, speed=speed)
     console.print(f"student: {res['model']}; report: {Path(res['model']).parent / 'student.json'}")
+
+
+@app.command()
+def probe(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the probe (probe.safetensors, probe.json)."),
+    family: str = typer.Option("arith", help="The workload family whose computations the tool takes over."),
+    tool: str = typer.Option("calc", help="The tool the probe calls (calc)."),
+    layer: Optional[int] = typer.Option(None, help="Decoder layer whose hidden states the probe reads (default: the middle one)."),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Train the detector that decides, from the model's hidden state, when to call a tool; report
+    its precision and recall on held-out items against a regular expression."""
+    _set_threads(threads)
+    from uspx.io import write_json
+    from uspx.models import load_model
+    from uspx.virtual.probe import train_probe
+    from uspx.workload import load_workload
+
+    lm = load_model(model)
+    p, report = train_probe(lm.model, lm.tokenizer, load_workload(workload), family=family, tool=tool, layer=layer)
+    p.save(out, record=dict(report=report, model=lm.fingerprint))
+    write_json(Path(out) / "report.json", report)
+    for name in ("probe", "regex"):
+        d = report[name]
+        console.print(f"{name}: precision {d['precision']} {d['precision_ci']}, recall {d['recall']} {d['recall_ci']} "
+                      f"({report['heldout_positives']} held-out trigger tokens of {report['heldout_tokens']})")
+
+
+@app.command()
+def generate(
+    model: str = MODEL_ARG,
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    virtual_experts: str = typer.Option("calc", "--virtual-experts", help="Tools the model may hand work to: calc (needs --probe); datetime, units and python run through `uspx tool`."),
+    probe_dir: Optional[Path] = typer.Option(None, "--probe", help="A probe made by `uspx probe` for this model."),
+    max_new_tokens: int = typer.Option(64),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Generate, with the computations the probe detects done by tools and their exact results spliced in."""
+    _set_threads(threads)
+    from uspx.models import load_model
+    from uspx.virtual.generate import generate_with_tools
+    from uspx.virtual.probe import Probe
+
+    tools = _csv(virtual_experts) or []
+    unknown = [t for t in tools if t not in ("calc", "datetime", "units", "python")]
+    if unknown:
+        raise UspxError(f"unknown tools {unknown}; choose from calc, datetime, units, python")
+    if [t for t in tools if t != "calc"]:
+        raise UspxError("only calc has a detector trained from the workloads' labels; datetime, units and python "
+                        "run on explicit requests with `uspx tool NAME INPUT`")
+    if probe_dir is None:
+        raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
+    lm = load_model(model)
+    g = generate_with_tools(lm.model, lm.tokenizer, prompt, Probe.load(probe_dir), max_new_tokens=max_new_tokens)
+    console.print(prompt + g.text, markup=False, highlight=False)
+    for c in g.calls:
+        console.print(f"[dim]tool calc: {c.expression} = {c.result if c.result is not None else 'refused: ' + str(c.refused)}")
+
+
+@app.command()
+def tool(
+    name: str = typer.Argument(..., help="calc, datetime, units or python."),
+    query: str = typer.Argument(..., help="The tool's input, e.g. '2**64 / 3', 'weekday of 2026-11-29', '3 miles to km'."),
+    allow_python: bool = typer.Option(False, "--allow-python", help="Let the python tool run the program (in its sandbox)."),
+) -> None:
+    """Run one virtual-expert tool on an input: the same safe tools generation hands work to."""
+    from uspx.virtual.tools import TOOLS
+
+    if name not in TOOLS:
+        raise UspxError(f"unknown tool {name!r}; choose from {', '.join(TOOLS)}")
+    result = TOOLS[name](query, enabled=allow_python) if name == "python" else TOOLS[name](query)
+    console.print(result.text, markup=False, highlight=False)
 
 
 @app.command()

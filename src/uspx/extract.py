@@ -67,11 +67,13 @@ def extract(
     recover: bool = False,
     recover_steps: int | None = None,
     eval_workload: str | Path | Workload | None = None,
+    tool_families: list[str] | None = None,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
     ``eval_workload``: evaluate on every item of this other workload instead of the held-out split
-    of ``workload`` (calibrate on one set of prompts, judge on another).
+    of ``workload`` (calibrate on one set of prompts, judge on another). ``tool_families``: for
+    ``method="capability"``, the families whose work goes to tools (virtual experts).
 
     ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
     safetensors files, computing in ``dtype``, with the local score methods; the export slices the
@@ -95,6 +97,8 @@ def extract(
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise UspxError(f"unknown score method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "capability" and not tool_families:
+        raise UspxError("--method capability needs the families handed to tools (--tool-families, e.g. arith)")
     if (streaming or sequential) and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
@@ -151,7 +155,7 @@ def extract(
     if table is None:
         table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
                       batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
-                      keep=n_keep if method in KEEP_METHODS else None)
+                      keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
     stage("score")
 
     plan = select_experts(

@@ -57,7 +57,6 @@ def model_answer(model, tokenizer, context: str) -> str:
 
 
 def main() -> None:
-    from uspx.evaluate import evaluate
     from uspx.extract import extract
     from uspx.io import write_json
     from uspx.models import load_model

@@ -91,24 +91,31 @@ def main() -> None:
 
     cases = arith_cases(wl)
     pruned = load_model(args.out / f"mixed-{args.keep.strip('%')}-capability" / "model")
-    correct = {"original": 0, "pruned (capability)": 0, "pruned + calculator": 0}
-    calls = 0
+    # a probe reads the hidden states of the model that generates: the pruned model gets its own
+    pruned_probe, pruned_report = train_probe(pruned.model, teacher.tokenizer, wl)
+    print(f"pruned model's probe: {pruned_report['probe']}", flush=True)
+    correct = {"original": 0, "original + calculator": 0, "pruned (capability)": 0,
+               "pruned + calculator (the original's probe)": 0, "pruned + calculator (its own probe)": 0}
+    calls = dict.fromkeys(correct, 0)
     for context, want in cases:
         correct["original"] += model_answer(teacher.model, teacher.tokenizer, context) == want
         correct["pruned (capability)"] += model_answer(pruned.model, teacher.tokenizer, context) == want
-        g = generate_with_tools(pruned.model, teacher.tokenizer, context, probe, max_new_tokens=12)
-        calls += bool(g.calls)
-        correct["pruned + calculator"] += g.text.split("\n")[0].strip() == want
+        for name, lm, p in (("original + calculator", teacher, probe),
+                            ("pruned + calculator (the original's probe)", pruned, probe),
+                            ("pruned + calculator (its own probe)", pruned, pruned_probe)):
+            g = generate_with_tools(lm.model, teacher.tokenizer, context, p, max_new_tokens=12)
+            calls[name] += bool(g.calls)
+            correct[name] += g.text.split("\n")[0].strip() == want
     accuracy = {k: dict(correct=v, cases=len(cases), accuracy=v / len(cases), ci=wilson(v, len(cases)))
                 for k, v in correct.items()}
     for k, v in accuracy.items():
-        print(f"{k:24s} exact match {v['correct']}/{v['cases']} = {v['accuracy']:.3f} {v['ci']}", flush=True)
+        print(f"{k:44s} exact match {v['correct']}/{v['cases']} = {v['accuracy']:.3f} {v['ci']}", flush=True)
 
     write_json(args.out / "results.json", dict(
         machine=dict(platform=platform.platform(), torch=torch.__version__, threads=args.threads),
         command="python bench/virtual.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        seconds=round(time.perf_counter() - started, 1), probe=report, selections=runs, exact_match=accuracy,
-        calculator_calls=calls))
+        seconds=round(time.perf_counter() - started, 1), probe=report, pruned_probe=pruned_report, selections=runs,
+        exact_match=accuracy, calculator_calls=calls))
     fams = [f for f in runs["frequency"] if f != "all"] + ["all"]
     print("\n| selection (keep %s of mixed) | " % args.keep + " | ".join(fams) + " |")
     print("|---|" + "---:|" * len(fams))

@@ -14,7 +14,7 @@ from uspx.models import adapter_for, load_model, model_fingerprint
 from uspx.score import DEFAULT_METHOD, METHODS, compute_loss, load_scores, score
 from uspx.score.api import KEEP_METHODS
 
-SCORED = [m for m in METHODS if m not in KEEP_METHODS]  # the ones that need no kept count
+SCORED = [m for m in METHODS if m not in KEEP_METHODS and m != "capability"]  # need neither a kept count nor tool families
 from uspx.score.bootstrap import Factor, estimate
 from uspx.trace import trace
 from uspx.workload import EncodedItem, encode, load_workload

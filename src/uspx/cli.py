@@ -83,20 +83,25 @@ def trace(
     logits: bool = typer.Option(False, "--logits", help="Also record full router logits."),
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
     reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
+    items_per_shard: int = typer.Option(64, "--items-per-shard", help="Items per Parquet shard (the unit a killed run resumes from, and that torchrun's processes share out)."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
-    """Record, for every real token and MoE layer, the experts chosen and their weights."""
+    """Record, for every real token and MoE layer, the experts chosen and their weights. Under
+    `torchrun --nproc_per_node N -m uspx trace ...` the shards are shared out among the processes."""
     _set_threads(threads)
+    from uspx.dist import current
     from uspx.trace import trace as run_trace
 
     manifest = run_trace(
         model, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
         norms=norms, trust_remote_code=trust_remote_code, streaming=streaming, reconstruction=reconstruction,
-        dtype=compute_dtype,
+        dtype=compute_dtype, items_per_shard=items_per_shard,
     )
+    if not current().main:
+        return
     s = manifest["summary"]
     console.print(f"[bold]model[/]: {manifest['model']['label']}  ({manifest['model']['family']}, "
                   f"{len(manifest['model']['moe_layers'])} MoE layers, {manifest['model']['num_experts']} experts, top-{manifest['model']['top_k']})")
@@ -522,7 +527,13 @@ def generate(
                         "run on explicit requests with `uspx tool NAME INPUT`")
     if probe_dir is None:
         raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
+    from uspx.io import FingerprintMismatch, read_json
+
     lm = load_model(model)
+    trained_on = read_json(probe_dir / "probe.json").get("model") if (probe_dir / "probe.json").exists() else None
+    if trained_on not in (None, lm.fingerprint):
+        raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for {model} "
+                                  "(`uspx probe`)")
     g = generate_with_tools(lm.model, lm.tokenizer, prompt, Probe.load(probe_dir), max_new_tokens=max_new_tokens)
     console.print(prompt + g.text, markup=False, highlight=False)
     for c in g.calls:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from uspx.io import UspxError, sha256_json, write_json
+from uspx.dist import current, solo
+from uspx.io import UspxError, read_json, sha256_json, write_json
 from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload
@@ -135,81 +136,92 @@ def extract(
           norms=method in NORM_METHODS, reconstruction=method == "reconstruction" and not sequential,
           progress=progress)
     stage("trace")
+    d = current()
+    if d.active and not d.main:  # the trace was split across the processes; the rest is rank 0's
+        d.barrier()
+        return read_json(out / "report.json")
 
-    scores_dir = out / "scores"
-    table = None
-    if (scores_dir / "scores.json").exists():
-        table = load_scores(scores_dir)
-        table.check(model=opened.fingerprint, workload=wl.fingerprint)
-        if method not in table.methods:
-            table = None
-    n_keep = None
-    if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
-        from uspx.plan import fit_experts
+    def after_trace() -> dict:
+        scores_dir = out / "scores"
+        table = None
+        if (scores_dir / "scores.json").exists():
+            table = load_scores(scores_dir)
+            table.check(model=opened.fingerprint, workload=wl.fingerprint)
+            if method not in table.methods:
+                table = None
+        n_keep = None
+        if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
+            from uspx.plan import fit_experts
 
-        n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
-            Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
-        ).require().experts_per_layer)
-    if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
-        table = None  # scored the other way (one pass vs sequential, or another count)
-    if table is None:
-        table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
-                      batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
-                      keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
-    stage("score")
+            n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
+                Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
+            ).require().experts_per_layer)
+        if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
+            table = None  # scored the other way (one pass vs sequential, or another count)
+        if table is None:
+            table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
+                          batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
+                          keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
+        stage("score")
 
-    plan = select_experts(
-        table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
-        context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
-        scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
-    )
-    plan.save(out / "plan.json")
-    console.print(plan)
-    stage("select")
+        plan = select_experts(
+            table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
+            context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
+            scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
+        )
+        plan.save(out / "plan.json")
+        console.print(plan)
+        stage("select")
 
-    record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
-                    streaming=streaming, trust_remote_code=trust_remote_code)
-    stage("prune + verify + export")
+        record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
+                        streaming=streaming, trust_remote_code=trust_remote_code)
+        stage("prune + verify + export")
 
-    teacher = opened.loaded() if not streaming else opened.path
-    evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
-                          epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
-                          speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
-                          streaming=streaming, dtype=dtype)
-    stage("evaluate")
+        teacher = opened.loaded() if not streaming else opened.path
+        evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
+                              epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
+                              speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
+                              streaming=streaming, dtype=dtype)
+        stage("evaluate")
 
-    report = dict(
-        model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
-        workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
-        evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
-        method=method, budget=budget, keep=keep, context=context, streaming=streaming,
-        kept={str(k): v for k, v in plan.kept.items()},
-        counts={str(k): len(v) for k, v in plan.kept.items()},
-        size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
-        verification=record["verification"],
-        quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
-        acceptance=evaluation["acceptance"],
-        speed=evaluation.get("speed"),
-        seconds=seconds,
-        artifacts=dict(trace=str(out / "trace"), scores=str(scores_dir), plan=str(out / "plan.json"),
-                       model=str(out / "model"), evaluation=str(out / "evaluation.json")),
-    )
-    write_json(out / "report.json", report)
-    print_report(report)
-    if recover:
-        from uspx.recover import Settings
-        from uspx.recover import recover as run_recover
-
-        # layer by layer only the routers can train (the objectives that need no logits)
-        settings = Settings(train="router" if streaming else "full", **({} if recover_steps is None else {"steps": recover_steps}))
-        res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
-                          streaming=streaming, dtype=dtype, progress=progress)
-        report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
-                                   history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
-        report["acceptance"] = res["acceptance"]
-        report["seconds"]["recover"] = res["seconds"]
+        report = dict(
+            model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
+            workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
+            evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
+            method=method, budget=budget, keep=keep, context=context, streaming=streaming,
+            kept={str(k): v for k, v in plan.kept.items()},
+            counts={str(k): len(v) for k, v in plan.kept.items()},
+            size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
+            verification=record["verification"],
+            quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
+            acceptance=evaluation["acceptance"],
+            speed=evaluation.get("speed"),
+            seconds=seconds,
+            artifacts=dict(trace=str(out / "trace"), scores=str(scores_dir), plan=str(out / "plan.json"),
+                           model=str(out / "model"), evaluation=str(out / "evaluation.json")),
+        )
         write_json(out / "report.json", report)
-    return report
+        print_report(report)
+        if recover:
+            from uspx.recover import Settings
+            from uspx.recover import recover as run_recover
+
+            # layer by layer only the routers can train (the objectives that need no logits)
+            settings = Settings(train="router" if streaming else "full", **({} if recover_steps is None else {"steps": recover_steps}))
+            res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
+                              streaming=streaming, dtype=dtype, progress=progress)
+            report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
+                                       history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
+            report["acceptance"] = res["acceptance"]
+            report["seconds"]["recover"] = res["seconds"]
+            write_json(out / "report.json", report)
+        return report
+
+    try:
+        with solo():
+            return after_trace()
+    finally:
+        d.barrier()
 
 
 def print_report(report: dict) -> None:

@@ -20,7 +20,8 @@ from uspx.score.baseline import Baseline, run_baseline
 from uspx.score.bootstrap import Factor, estimate
 from uspx.score.reconstruction import reconstruction_sums, traced_sums
 from uspx.score.sequential import sequential_sums
-from uspx.score.table import FORMAT, ScoreTable, build_table
+from uspx.dist import current
+from uspx.score.table import FORMAT, ScoreTable, build_table, load_scores
 from uspx.score.taylor import run_taylor
 from uspx.score.trace_stats import RouterStats, stats_from_trace
 from uspx.trace import Trace
@@ -56,7 +57,25 @@ LOSS_DEFINITION = (
 )
 
 
-def score(
+
+def score(*args, **kwargs) -> ScoreTable:
+    """Score every (layer, expert); see :func:`_score` for the arguments. Under torchrun the
+    trace was already split across the processes; scoring runs on rank 0 (the others wait and read
+    its table), so every process returns the same table."""
+    d = current()
+    if not d.active:
+        return _score(*args, **kwargs)
+    out_dir = kwargs["out_dir"] if "out_dir" in kwargs else args[3]
+    if not d.main:
+        d.barrier()
+        return load_scores(out_dir)
+    try:
+        return _score(*args, **kwargs)
+    finally:
+        d.barrier()
+
+
+def _score(
     model: str | Path | LoadedModel,
     trace_dir: str | Path,
     workload: str | Path | Workload,

@@ -63,17 +63,48 @@ def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict
     return manifest
 
 
-def write_shard(out: Path, manifest: dict, index: int, chunk: list[EncodedItem], table: pa.Table) -> None:
-    """Write shard ``index`` (items ``chunk``) atomically, then record it in the manifest."""
+def write_shard(out: Path, manifest: dict | None, index: int, chunk: list[EncodedItem], table: pa.Table) -> dict:
+    """Write shard ``index`` (items ``chunk``) atomically, then record it in ``manifest`` (a process
+    of a multi-process run passes None and records it in its own rank file); returns its entry."""
     name = f"shard-{index:05d}.parquet"
     with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    manifest["shards"].append(
-        dict(index=index, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
-             rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
-    )
+    entry = dict(index=index, file=name, first_item=chunk[0].index, end_item=chunk[-1].index + 1,
+                 rows=table.num_rows, tokens=sum(len(e.input_ids) for e in chunk))
+    if manifest is not None:
+        record_shards(out, manifest, [entry])
+    return entry
+
+
+RANKS = ".ranks"  # a multi-process run's per-rank lists of written shards, merged by rank 0
+
+
+def record_shards(out: Path, manifest: dict, entries: list[dict]) -> None:
+    """Add shard entries to the manifest (by index, once each) and write it atomically."""
+    known = {s["index"] for s in manifest["shards"]}
+    manifest["shards"] += [e for e in entries if e["index"] not in known and (out / e["file"]).exists()]
     manifest["shards"].sort(key=lambda x: x["index"])
     write_json(out / "manifest.json", manifest)
+
+
+def record_rank_shard(out: Path, rank: int, entry: dict) -> None:
+    """A process of a multi-process run records a shard it wrote in its own file (atomic)."""
+    path = out / RANKS / f"rank-{rank:05d}.json"
+    entries = read_json(path) if path.exists() else []
+    write_json(path, entries + [entry])
+
+
+def merge_rank_shards(out: Path, manifest: dict) -> None:
+    """Rank 0: every shard the processes recorded goes into the manifest (also those of a killed
+    run, whose files are complete since each is written atomically)."""
+    folder = out / RANKS
+    if not folder.is_dir():
+        return
+    entries = [e for path in sorted(folder.glob("rank-*.json")) for e in read_json(path)]
+    record_shards(out, manifest, entries)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
 
 
 def finish_manifest(out: Path, manifest: dict, wl_summary: dict, encoded: list[EncodedItem], seconds: float) -> dict:

@@ -23,9 +23,11 @@ import pyarrow as pa
 
 from uspx.engine import Opened, make_batches, open_source, pad_id_of, run
 from uspx.engine.observers import Reconstruction, Routing
-from uspx.io import UspxError, atomic_path
+from uspx.io import UspxError, atomic_path, read_json
 from uspx.progress import progress_bar
-from uspx.trace.format import COLUMNS, finish_manifest, open_manifest, rows_table, write_items, write_shard
+from uspx.dist import Dist, current
+from uspx.trace.format import (COLUMNS, finish_manifest, merge_rank_shards, open_manifest, record_rank_shard, rows_table,
+                               write_items, write_shard)
 from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
 
 STAGING = ".streaming"
@@ -77,16 +79,33 @@ def trace(
         options["reconstruction"] = True
     if opened.streaming:
         options.update(streaming=True, dtype=dtype, batch_tokens=batch_tokens)
-    manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
+    d = current()
+    if d.active and opened.streaming:
+        raise UspxError("a layer-by-layer trace runs in one process (each layer once); start it without torchrun")
+    if d.main:
+        manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
+        merge_rank_shards(out, manifest)  # shards a killed multi-process run wrote
+    d.barrier()
+    if not d.main:
+        manifest = read_json(out / "manifest.json")
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
     finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
     if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
         shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
         return manifest
-    write_items(out / "items.parquet", encoded)
+    if d.main:
+        write_items(out / "items.parquet", encoded)
     started = time.perf_counter()
     pad = pad_id_of(opened.tokenizer)
+    if d.active:
+        _trace_shards(opened, encoded, out, None, options, pad, done, progress and d.main, d)
+        d.barrier()
+        if d.main:
+            merge_rank_shards(out, manifest)
+            manifest = finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
+        d.barrier()
+        return read_json(out / "manifest.json")
     if opened.streaming:
         stats = _trace_layers(opened, encoded, out, options, pad, progress)
         if stats is not None:
@@ -121,13 +140,15 @@ def _moe_layers(source) -> list[int]:
     return [l.index for l in source.adapter.layers]
 
 
-def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict, options: dict, pad: int, done: set,
-                  progress: bool) -> None:
+def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict | None, options: dict, pad: int, done: set,
+                  progress: bool, d: Dist = Dist()) -> None:
+    """Trace the shards not done (this process's share of them in a multi-process run, which
+    records them in its rank file; rank 0 writes the reconstruction sums of every rank)."""
     source, per = opened.source, options["items_per_shard"]
     layers = _moe_layers(source)
-    recon_parts: list[dict] = []
+    recon_parts: dict[int, dict] = {}
     n_shards = (len(encoded) + per - 1) // per
-    todo = [s for s in range(n_shards) if s not in done or options.get("reconstruction")]
+    todo = [s for s in range(n_shards) if d.mine(s) and (s not in done or options.get("reconstruction"))]
     total = sum(len(e.input_ids) for s in todo for e in encoded[s * per : (s + 1) * per])
     with progress_bar("tracing", total=total, unit="tok", enabled=progress) as bar:
         for s in todo:
@@ -140,13 +161,18 @@ def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict, options: d
                 observers.append(Reconstruction(item_of_token, len(chunk)))
             run(source, make_batches(chunk, options["batch_size"], pad, by_length=False), observers, progress=False)
             if len(observers) > 1:
-                recon_parts.append(observers[1].layers)
+                recon_parts[s] = observers[1].layers
             if s not in done:
-                write_shard(out, manifest, s, chunk, _table(chunk, layers, routing.layers))
+                entry = write_shard(out, manifest, s, chunk, _table(chunk, layers, routing.layers))
+                if manifest is None:
+                    record_rank_shard(out, d.rank, entry)
             bar.advance(n)
     if options.get("reconstruction"):
-        staged = {l: {k: np.concatenate([p[l][k] for p in recon_parts]) for k in recon_parts[0][l]} for l in layers}
-        _write_reconstruction(out / RECONSTRUCTION, encoded, staged)
+        parts = {s: p for ranks in d.gather(recon_parts) for s, p in ranks.items()}
+        if d.main:
+            ordered = [parts[s] for s in sorted(parts)]
+            staged = {l: {k: np.concatenate([p[l][k] for p in ordered]) for k in ordered[0][l]} for l in layers}
+            _write_reconstruction(out / RECONSTRUCTION, encoded, staged)
 
 
 def _table(chunk: list[EncodedItem], layers: list[int], arrays: dict[int, dict[str, np.ndarray]]) -> pa.Table:

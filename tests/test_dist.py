@@ -1,0 +1,125 @@
+"""Several processes, one trace: two gloo processes (as torchrun starts them) write the same trace
+folder, reconstruction sums and scores as one process, and a run with a killed rank resumes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch.multiprocessing as mp
+
+from conftest import write_jsonl
+
+ROWS = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code",
+         "split": "heldout" if i >= 10 else "calibration"} for i in range(13)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: bool) -> None:
+    import os
+
+    import torch
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        if crash and rank == 1:
+            import uspx.trace.format as fmt
+            import uspx.trace.run as run_mod
+
+            real = fmt.record_rank_shard
+
+            def record_then_die(out_dir, r, entry):
+                real(out_dir, r, entry)
+                os._exit(9)  # killed right after its first shard
+
+            run_mod.record_rank_shard = record_then_die
+        from uspx.trace import trace
+
+        trace(model, workload, out, items_per_shard=2, reconstruction=True, progress=False)
+    finally:
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def _spawn(model, workload, out, crash=False):
+    mp.start_processes(_worker, args=(2, _free_port(), str(model), str(workload), str(out), crash), nprocs=2,
+                       start_method="spawn", join=True)
+
+
+def _same_folders(a, b):
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert ma["shards"] == mb["shards"] and ma["complete"] and mb["complete"]
+    assert ma["options"] == mb["options"] and ma["model"] == mb["model"] and ma["workload"] == mb["workload"]
+    for s in ma["shards"]:
+        assert pq.read_table(a / s["file"]).equals(pq.read_table(b / s["file"]))
+    assert pq.read_table(a / "items.parquet").equals(pq.read_table(b / "items.parquet"))
+    ra, rb = np.load(a / "reconstruction.npz"), np.load(b / "reconstruction.npz")
+    assert set(ra.files) == set(rb.files) and all(np.array_equal(ra[k], rb[k]) for k in ra.files)
+    assert not (a / ".ranks").exists()
+
+
+def test_two_processes_write_the_trace_of_one(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.score import score
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", items_per_shard=2, reconstruction=True, progress=False)
+    _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two")
+    _same_folders(tmp_path / "two", tmp_path / "one")
+    # and the scores read from either are the same
+    a = score(tiny_gpt_oss_dir, tmp_path / "one", wl, tmp_path / "s1", ["frequency", "reconstruction"], progress=False)
+    b = score(tiny_gpt_oss_dir, tmp_path / "two", wl, tmp_path / "s2", ["frequency", "reconstruction"], progress=False)
+    assert a.table.select(["layer", "expert", "method", "value"]).equals(b.table.select(["layer", "expert", "method", "value"]))
+
+
+def test_a_killed_rank_resumes(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", items_per_shard=2, reconstruction=True, progress=False)
+    with pytest.raises(Exception):
+        _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", crash=True)
+    assert not json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+    _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two")
+    _same_folders(tmp_path / "two", tmp_path / "one")
+
+
+def _extract_worker(rank: int, world: int, port: int, model: str, workload: str, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from uspx.extract import extract
+
+        report = extract(model, workload, out, keep="50%", speed=False, progress=False)
+        assert report["kept"]  # every rank returns rank 0's report
+    finally:
+        td.destroy_process_group()
+
+
+def test_extract_under_two_processes_equals_one(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.extract import extract
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    one = extract(tiny_gpt_oss_dir, wl, tmp_path / "one", keep="50%", speed=False, progress=False)
+    mp.start_processes(_extract_worker, args=(2, _free_port(), str(tiny_gpt_oss_dir), str(wl), str(tmp_path / "two")),
+                       nprocs=2, start_method="spawn", join=True)
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["kept"] == one["kept"] and two["quality"] == one["quality"]

@@ -7,8 +7,9 @@ experts can go when it does?
    recall on held-out tokens with 95% intervals, for the probe and for the regular expression.
 2. Exact-match accuracy on held-out arithmetic lines (``a op b = c`` in the ``mixed`` workload's
    held-out ``arith`` items, the 4 last complete lines of each, everything before the result as
-   context): the original alone, the pruned model alone, the pruned model with the calculator
-   (``uspx generate --virtual-experts calc``). Greedy decoding to the end of the line.
+   context): the original alone, the pruned model alone, each with the calculator (``uspx generate
+   --virtual-experts calc``; the pruned model with the original's probe and with its own). Greedy
+   decoding; the answer is the first integer after ``=``.
 3. At the same keep share on ``mixed``, three selections: ``frequency``, ``capability``
    (``--tool-families arith``: routing frequency on the other families' tokens) and uspx's default
    (``reconstruction``): held-out delta per family. The pruned model of (2) is the capability one.
@@ -49,11 +50,18 @@ def arith_cases(workload, per_item: int = 4) -> list[tuple[str, str]]:
     return cases
 
 
+def answer(continuation: str) -> str:
+    """The number a continuation gives as the result: the first integer after '=' (what follows
+    it on the line, a pruned model's stray text, is not part of the answer)."""
+    m = re.match(r"\s*(-?\d+)", continuation)
+    return m.group(1) if m else ""
+
+
 def model_answer(model, tokenizer, context: str) -> str:
     ids = torch.tensor([tokenizer.encode(context, add_special_tokens=False)])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          pad_token_id=0)
-    return tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
+    return answer(tokenizer.decode(out[0, ids.shape[1]:]))
 
 
 def main() -> None:
@@ -105,7 +113,7 @@ def main() -> None:
                             ("pruned + calculator (its own probe)", pruned, pruned_probe)):
             g = generate_with_tools(lm.model, teacher.tokenizer, context, p, max_new_tokens=12)
             calls[name] += bool(g.calls)
-            correct[name] += g.text.split("\n")[0].strip() == want
+            correct[name] += answer(g.text) == want
     accuracy = {k: dict(correct=v, cases=len(cases), accuracy=v / len(cases), ci=wilson(v, len(cases)))
                 for k, v in correct.items()}
     for k, v in accuracy.items():

@@ -133,3 +133,15 @@ def test_cli_generate_and_tool(teacher_probe, tmp_path):
     assert res.exit_code == 0 and res.output.strip() == "7/2"
     res = run("tool", "python", "print(1)")
     assert isinstance(res.exception, UspxError) and "off" in str(res.exception)
+
+
+def test_generate_refuses_a_probe_of_another_model(teacher_probe, tmp_path):
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+    from uspx.io import FingerprintMismatch
+
+    _, probe, _ = teacher_probe
+    probe.save(tmp_path / "p", record=dict(model="0" * 64))
+    res = CliRunner().invoke(app, ["generate", "default", "1 + 1 =", "--probe", str(tmp_path / "p")])
+    assert isinstance(res.exception, FingerprintMismatch)

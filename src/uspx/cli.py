@@ -295,6 +295,26 @@ def prune(
                   f"{size['actual_bytes']} bytes of tensors (predicted {size.get('predicted_bytes')})")
 
 
+@app.command()
+def channels(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the narrowed checkpoint."),
+    width: str = typer.Option(..., "--width", help="Intermediate channels every expert keeps: a share (75%) or a count."),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Narrow every expert to its best channels on the user's calibration items (the same width in
+    every expert, as configs require); export, verify against the masked model, evaluate."""
+    _set_threads(threads)
+    from uspx.prune.channels import export_channels
+
+    rec = export_channels(model, workload, out, width=width)
+    console.print(f"written {out}: experts {rec['original_width']} -> {rec['width']} channels; tensors "
+                  f"{rec['bytes']['original'] / 2**20:.1f} -> {rec['bytes']['narrowed'] / 2**20:.1f} MiB; max |logit diff| "
+                  f"vs the masked model {rec['verification']['max_abs_logit_diff']:.2e}; held-out delta "
+                  + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
+
+
 @app.command("prune-gguf")
 def prune_gguf_cmd(
     gguf_file: Path = typer.Argument(..., help="A GGUF file of the model the plan was made on (any quantization)."),

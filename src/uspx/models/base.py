@@ -348,11 +348,22 @@ class MoEAdapter:
         }
 
 
+    def expert_intermediate(self, layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s intermediate activations (what its down projection reads) for
+        ``hidden`` [N, H] -> [N, I]; layout as :meth:`merged_experts`, activation the module's own."""
+        gate, up = torch.nn.functional.linear(hidden, layer.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return layer.experts.act_fn(gate) * up
+
     def channel_layout(self, layer: MoELayer, width: int) -> dict[str, tuple[int, torch.Tensor]]:
         """Where intermediate channel ``c`` of an expert of ``width`` channels sits: per fused expert
         parameter, (dim, [width, k] positions along that dim). Layout as :meth:`merged_experts`."""
         c = torch.arange(width)
         return {"gate_up_proj": (1, torch.stack([c, width + c], 1)), "down_proj": (2, c[:, None])}
+
+    def channel_positions(self, layer: MoELayer, width: int, channels: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+        """The positions, in the order a narrower expert holds them, that keep ``channels`` (sorted):
+        here all kept gate rows, then all kept up rows."""
+        return {n: (d, idx[channels].T.reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}
 
 def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
     obj: object = router

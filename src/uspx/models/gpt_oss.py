@@ -98,3 +98,11 @@ class GptOssAdapter(MoEAdapter):
         c = torch.arange(width)
         pairs = torch.stack([2 * c, 2 * c + 1], 1)  # gate and up of channel c, interleaved
         return {"gate_up_proj": (2, pairs), "gate_up_proj_bias": (1, pairs), "down_proj": (1, c[:, None])}
+
+    def expert_intermediate(self, layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        x = layer.experts
+        return x._apply_gate(hidden @ x.gate_up_proj[expert] + x.gate_up_proj_bias[expert])
+
+    def channel_positions(self, layer: MoELayer, width: int, channels: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+        # gate and up of a channel stay side by side
+        return {n: (d, idx[channels].reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}

@@ -1,0 +1,185 @@
+"""Narrower experts: keep the same number of intermediate channels in every expert (the width a
+config holds for the whole model), each expert its own best ones.
+
+A channel ``c`` of expert ``e`` adds ``g_e(x) * h_c(x) * d_c`` to the MoE block's output (``h_c``
+its activation, ``d_c`` its column of the down projection, ``g_e`` the routing weight), so its
+score on the user's calibration tokens is ``sum over tokens routed to e of g_e(x) |h_c(x)|``
+times ``||d_c||`` (the activation-weighted magnitude Wanda and FLAP use, restricted to the
+tokens the expert serves). Removing a channel is exact: the export slices the gate/up rows, their
+biases and the down columns of the dropped channels out of every expert and sets the config's
+expert width; it is reloaded with stock ``from_pretrained`` and compared with the original whose
+dropped channels are zeroed in the down projection (the masked model).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError, write_json
+from uspx.models import MoEAdapter, adapter_for
+from uspx.workload import EncodedItem
+
+
+def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Per MoE layer, [E, I] channel scores on ``items`` (see the module doc)."""
+    from uspx.engine import make_batches
+
+    adapter = adapter_for(model)
+    width = adapter.expert_width()
+    sums = {l.index: torch.zeros(l.num_experts, width, dtype=torch.float64) for l in adapter.layers}
+    real: list[torch.Tensor] = []
+
+    def hook_for(layer):
+        def hook(module, args):
+            hidden, index, weights = args[0], args[1], args[2]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            n, keep = hidden.shape[0], real[0]  # real (not padding) tokens only
+            hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
+            for e in index.unique().tolist():
+                rows, slot = torch.nonzero(index == e, as_tuple=True)
+                h = adapter.expert_intermediate(layer, hidden[rows], e).abs().double()
+                sums[layer.index][e] += (weights[rows, slot].double()[:, None] * h).sum(0)
+        return hook
+
+    handles = [l.experts.register_forward_pre_hook(hook_for(l)) for l in adapter.layers]
+    try:
+        with torch.no_grad():
+            for batch in make_batches(items, batch_size, pad_id):
+                real[:] = [batch.real]
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {l.index: sums[l.index] * _down_norms(adapter, l, width) for l in adapter.layers}
+
+
+def _down_norms(adapter: MoEAdapter, layer, width: int) -> torch.Tensor:
+    """[E, I]: the norm of each channel's column of the down projection."""
+    dim, _ = adapter.channel_layout(layer, width)["down_proj"]
+    down = layer.experts.down_proj.detach().double()
+    other = [d for d in range(1, down.dim()) if d != dim]
+    return down.pow(2).sum(dim=other).sqrt()
+
+
+def kept_channels(scores: dict[int, torch.Tensor], width: int) -> dict[int, torch.Tensor]:
+    """Per layer, [E, width] channel ids each expert keeps: its ``width`` best, in increasing order."""
+    out = {}
+    for layer, s in scores.items():
+        if not 1 <= width <= s.shape[1]:
+            raise UspxError(f"expert width {width} outside 1..{s.shape[1]}")
+        top = torch.topk(s, width, dim=1, sorted=False).indices
+        out[layer] = top.sort(dim=1).values
+    return out
+
+
+def masked(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose dropped channels write nothing (their down columns zeroed)."""
+    out = copy.deepcopy(model)
+    adapter = adapter_for(out)
+    width = adapter.expert_width()
+    with torch.no_grad():
+        for layer in adapter.layers:
+            dim, index = adapter.channel_layout(layer, width)["down_proj"]
+            down = layer.experts.down_proj
+            for e in range(layer.num_experts):
+                drop = torch.ones(width, dtype=torch.bool)
+                drop[kept[layer.index][e]] = False
+                down[e].index_fill_(dim - 1, index[drop].reshape(-1), 0.0)
+    return out
+
+
+def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
+    """A new model of the same family with every expert cut to its kept channels (config width set)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for(model)
+    width = adapter.expert_width()
+    new_width = int(next(iter(kept.values())).shape[1])
+    config = copy.deepcopy(model.config)
+    from uspx.models.base import _set_field
+
+    _set_field(config, adapter.expert_width_field, new_width)
+    state = dict(model.state_dict())
+    for layer in adapter.layers:
+        for name in adapter.channel_layout(layer, width):
+            param = getattr(layer.experts, name).detach()
+            rows = []
+            for e in range(layer.num_experts):
+                dim, positions = adapter.channel_positions(layer, width, kept[layer.index][e])[name]
+                rows.append(param[e].index_select(dim - 1, positions))
+            state[f"{layer.name}.experts.{name}"] = torch.stack(rows)
+    student = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UspxError(f"narrowed tensors do not fit the model class (missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
+    return student.eval()
+
+
+def export_channels(model, workload, out_dir: str | Path, *, width: int | str, max_length: int | None = None,
+                    progress: bool = True) -> dict:
+    """Score the channels on ``workload``'s calibration items, keep ``width`` per expert (a count or
+    a share like ``75%``), export, verify against the masked model and evaluate on held-out items."""
+    from uspx.engine import InMemory
+    from uspx.engine.batches import pad_id_of
+    from uspx.evaluate import evaluate
+    from uspx.models import load_model, model_fingerprint
+    from uspx.plan import parse_keep
+    from uspx.prune.export import RECORD
+    from uspx.prune.files import copy_tokenizer, weight_files
+    from uspx.prune.verify import compare_logits, verification_items
+    from uspx.workload import default_max_length, encode, load_workload
+
+    lm = load_model(model)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UspxError(f"{out} exists and is not empty; refusing to overwrite it")
+    if weight_files(lm.source).is_mxfp4():
+        raise UspxError(f"{lm.source}: MXFP4 experts; narrowing them would requantize, which uspx does not do")
+    adapter = adapter_for(lm.model)
+    full = adapter.expert_width()
+    n = parse_keep(width, full)
+    wl = load_workload(workload)
+    items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
+    scores = channel_scores(lm.model, items, pad_id_of(lm.tokenizer))
+    kept = kept_channels(scores, n)
+    narrow = narrowed(lm.model, kept)
+    reference = masked(lm.model, kept)
+    stored = weight_files(lm.source).main_float_dtype()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        copy.deepcopy(narrow).to(stored).save_pretrained(tmp)
+        copy_tokenizer(Path(lm.source), tmp)
+        reloaded = load_model(tmp, with_tokenizer=False).model
+        with torch.no_grad():  # the stored precision, parameters only (rotary tables are not saved)
+            for p in reference.parameters():
+                p.copy_(p.to(stored).to(p.dtype))
+        check = compare_logits(InMemory(reference), {}, InMemory(reloaded),
+                               verification_items(lm.tokenizer, None, int(lm.model.config.vocab_size)))
+        if not check["max_abs_logit_diff"] <= 1e-4:
+            raise UspxError(f"the narrowed export differs from the masked model by {check['max_abs_logit_diff']:.3g}; "
+                            "nothing was written")
+        record = dict(format="uspx-channels/1", source=str(lm.source), source_fingerprint=lm.fingerprint,
+                      family=adapter.family, width=n, original_width=full,
+                      kept={str(l): v.tolist() for l, v in kept.items()}, verification=check,
+                      fingerprint=model_fingerprint(tmp), status="written")
+        write_json(tmp / RECORD, record)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ev = evaluate(lm, out, wl, speed=False)
+    record["heldout"] = {f: v["delta"] for f, v in {**ev["families"], "all": ev["overall"]}.items()}
+    record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
+    write_json(out / RECORD, record)
+    return record

@@ -123,3 +123,36 @@ def test_extract_under_two_processes_equals_one(tiny_gpt_oss_dir, tmp_path, one_
                        nprocs=2, start_method="spawn", join=True)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["kept"] == one["kept"] and two["quality"] == one["quality"]
+
+
+def _score_worker(rank: int, world: int, port: int, model: str, workload: str, trace_dir: str, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from uspx.score import score
+
+        score(model, trace_dir, workload, out, ["ablation_natural", "frequency"], progress=False, bootstrap=20)
+    finally:
+        td.destroy_process_group()
+
+
+def test_ablations_shared_out_give_the_single_process_scores(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.score import load_scores, score
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)
+    one = score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "s1", ["ablation_natural", "frequency"],
+                progress=False, bootstrap=20)
+    mp.start_processes(_score_worker, args=(2, _free_port(), str(tiny_gpt_oss_dir), str(wl), str(tmp_path / "t"),
+                                            str(tmp_path / "s2")), nprocs=2, start_method="spawn", join=True)
+    two = load_scores(tmp_path / "s2")
+    cols = ["layer", "expert", "method", "value", "ci_low", "ci_high", "tokens"]
+    assert two.table.select(cols).equals(one.table.select(cols))
+    assert two.meta["ablation_forwards"] == one.meta["ablation_forwards"]

@@ -49,6 +49,18 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
+    def sum(self, array):
+        """The element-wise sum of ``array`` (numpy) over every rank, on every rank."""
+        if not self.active:
+            return array
+        import numpy as np
+        import torch
+        import torch.distributed as td
+
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+        return t.numpy()
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from uspx.dist import Dist
 from uspx.io import UspxError
 from uspx.models import MoEAdapter, MoELayer
 from uspx.score.baseline import Baseline
@@ -142,8 +143,12 @@ def _replay_prefix(stack: nn.ModuleList, pos: int, output: object) -> Iterator[N
 
 
 def run_ablation(
-    model: torch.nn.Module, adapter: MoEAdapter, base: Baseline, kind: str, bar, *, replay: bool = True
+    model: torch.nn.Module, adapter: MoEAdapter, base: Baseline, kind: str, bar, *, replay: bool = True,
+    dist: Dist = Dist(),
 ) -> AblationResult:
+    """Every (layer, expert) removed in turn. Under several processes each takes the (layer,
+    expert) units ``dist.mine`` gives it and the per-prompt sums are added across processes (each
+    unit's sums come from exactly one process, so the result is the single-process one)."""
     layers = adapter.layers
     e_count = adapter.num_experts
     shape = (base.n_prompts, len(layers), e_count)
@@ -160,6 +165,9 @@ def run_ablation(
                     if base.routed[bi][pos].any():
                         prefix[bi] = _capture_prefix(model, stack, depth, batch)
             for expert in range(e_count):
+                if not dist.mine(pos * e_count + expert):
+                    bar.advance(len(base.batches))
+                    continue
                 bar.describe(f"ablation ({kind}) layer {layer.index} expert {expert}")
                 for bi, batch in enumerate(base.batches):
                     if not base.hit(bi, pos, expert):
@@ -178,4 +186,5 @@ def run_ablation(
                     served = base.routed[bi][pos, :, :, expert]
                     routed_delta[batch.rows, pos, expert] = (d * served).sum(1).numpy()
                     bar.advance()
-    return AblationResult(kind, delta, routed_delta, forwards, skipped)
+    counts = dist.sum(np.array([forwards, skipped], dtype=np.int64))
+    return AblationResult(kind, dist.sum(delta), dist.sum(routed_delta), int(counts[0]), int(counts[1]))

@@ -21,7 +21,7 @@ from uspx.score.bootstrap import Factor, estimate
 from uspx.score.reconstruction import reconstruction_sums, traced_sums
 from uspx.score.sequential import sequential_sums
 from uspx.dist import current
-from uspx.score.table import FORMAT, ScoreTable, build_table, load_scores
+from uspx.score.table import FORMAT, ScoreTable, build_table
 from uspx.score.taylor import run_taylor
 from uspx.score.trace_stats import RouterStats, stats_from_trace
 from uspx.trace import Trace
@@ -59,16 +59,10 @@ LOSS_DEFINITION = (
 
 
 def score(*args, **kwargs) -> ScoreTable:
-    """Score every (layer, expert); see :func:`_score` for the arguments. Under torchrun the
-    trace was already split across the processes; scoring runs on rank 0 (the others wait and read
-    its table), so every process returns the same table."""
+    """Score every (layer, expert); see :func:`_score` for the arguments. Under torchrun every
+    process runs it, the ablations' (layer, expert) units are shared out and their sums added
+    across processes, and rank 0 writes the table: every process returns the single-process one."""
     d = current()
-    if not d.active:
-        return _score(*args, **kwargs)
-    out_dir = kwargs["out_dir"] if "out_dir" in kwargs else args[3]
-    if not d.main:
-        d.barrier()
-        return load_scores(out_dir)
     try:
         return _score(*args, **kwargs)
     finally:
@@ -121,6 +115,8 @@ def _score(
         methods = [m for m in METHODS if m not in KEEP_METHODS or keep is not None]
         methods = [m for m in methods if m != "capability" or tool_families]
     methods = _check_methods(methods)
+    d = current()
+    progress = progress and d.main
     if "capability" in methods and not tool_families:
         raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
     if keep is None and any(m in KEEP_METHODS for m in methods):
@@ -241,7 +237,7 @@ def _score(
             with progress_bar("ablation", total=total, unit="batches", enabled=progress) as bar:
                 for kind in kinds:
                     t0 = time.perf_counter()
-                    results[kind] = run_ablation(lm.source.model, adapter, base, kind, bar)
+                    results[kind] = run_ablation(lm.source.model, adapter, base, kind, bar, dist=d)
                     seconds[f"ablation_{kind}"] = time.perf_counter() - t0
                     counts[f"ablation_{kind}"] = dict(forwards=results[kind].forwards, skipped=results[kind].skipped)
         for kind in ("natural", "interventional"):
@@ -317,7 +313,8 @@ def _score(
         ablation_forwards=counts,
     )
     table = ScoreTable(pa.concat_tables(rows), meta)
-    table.write(out_dir)
+    if d.main:
+        table.write(out_dir)
     return table
 
 

@@ -315,6 +315,27 @@ def channels(
                   + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
 
 
+@app.command()
+def heads(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the checkpoint with fewer attention heads."),
+    groups: str = typer.Option(..., "--groups", help="KV groups (a key/value head with its query heads) every layer keeps: a share (50%) or a count."),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Keep every layer's best KV groups on the user's calibration items (the same count in every
+    layer), shrinking the KV cache; export, verify against the masked model, evaluate."""
+    _set_threads(threads)
+    from uspx.prune.heads import export_heads
+
+    rec = export_heads(model, workload, out, groups=groups)
+    kv = rec["kv_bytes_per_token"]
+    console.print(f"written {out}: KV groups {rec['original_kv_groups']} -> {rec['kv_groups']} per layer; KV cache "
+                  f"{kv['original']} -> {kv['narrowed']} bytes per token; max |logit diff| vs the masked model "
+                  f"{rec['verification']['max_abs_logit_diff']:.2e}; held-out delta "
+                  + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
+
+
 @app.command("prune-gguf")
 def prune_gguf_cmd(
     gguf_file: Path = typer.Argument(..., help="A GGUF file of the model the plan was made on (any quantization)."),

@@ -80,6 +80,8 @@ class MoEAdapter:
     per_expert_name: ClassVar[str] = r"\.experts\.(\d+)\."  # a stored tensor of one expert: its id
     attention_projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LoRA targets
     expert_width_field: ClassVar[str] = "intermediate_size"  # an expert's intermediate width in the config
+    attention_attr: ClassVar[str] = "self_attn"  # a decoder layer's attention module
+    per_head_params: ClassVar[tuple[str, ...]] = ()  # attention parameters with one entry per query head (sinks)
     # With one expert chosen top-1 the family's routing weight is exactly 1 whatever the router's logits
     # (softmax over the chosen logits, or over all logits of a single expert): a dense student runs as
     # that family's own model class. False where routing scales the output (sigmoid scores, sampling).

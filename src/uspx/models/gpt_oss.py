@@ -21,6 +21,7 @@ class GptOssAdapter(MoEAdapter):
     router_expert_params = ("weight", "bias")
     pad_mechanism = "router bias set to -inf"
     single_expert_weight_is_one = True  # softmax over the top-k logits: one logit gives 1
+    per_head_params = ("sinks",)  # one attention sink logit per query head
 
     @classmethod
     def count_params(cls, cfg):

@@ -127,31 +127,39 @@ def export_channels(model, workload, out_dir: str | Path, *, width: int | str, m
                     progress: bool = True) -> dict:
     """Score the channels on ``workload``'s calibration items, keep ``width`` per expert (a count or
     a share like ``75%``), export, verify against the masked model and evaluate on held-out items."""
-    from uspx.engine import InMemory
     from uspx.engine.batches import pad_id_of
-    from uspx.evaluate import evaluate
-    from uspx.models import load_model, model_fingerprint
+    from uspx.models import load_model
     from uspx.plan import parse_keep
-    from uspx.prune.export import RECORD
-    from uspx.prune.files import copy_tokenizer, weight_files
-    from uspx.prune.verify import compare_logits, verification_items
     from uspx.workload import default_max_length, encode, load_workload
 
     lm = load_model(model)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UspxError(f"{out} exists and is not empty; refusing to overwrite it")
-    if weight_files(lm.source).is_mxfp4():
-        raise UspxError(f"{lm.source}: MXFP4 experts; narrowing them would requantize, which uspx does not do")
     adapter = adapter_for(lm.model)
     full = adapter.expert_width()
     n = parse_keep(width, full)
     wl = load_workload(workload)
     items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
-    scores = channel_scores(lm.model, items, pad_id_of(lm.tokenizer))
-    kept = kept_channels(scores, n)
-    narrow = narrowed(lm.model, kept)
-    reference = masked(lm.model, kept)
+    kept = kept_channels(channel_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
+    return save_verified(lm, narrowed(lm.model, kept), masked(lm.model, kept), wl, out_dir, dict(
+        format="uspx-channels/1", width=n, original_width=full, kept={str(l): v.tolist() for l, v in kept.items()}))
+
+
+def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir: str | Path, fields: dict) -> dict:
+    """Write ``narrow`` (a structurally smaller copy of ``lm``'s model) to ``out_dir`` in the stored
+    precision, reload it with stock ``from_pretrained``, compare its logits with ``reference`` (the
+    masked original, rounded the same way) and put it in place only if they agree; then evaluate it
+    on ``workload``'s held-out items. Returns the record (``fields`` plus verification, sizes, delta)."""
+    from uspx.engine import InMemory
+    from uspx.evaluate import evaluate
+    from uspx.models import load_model, model_fingerprint
+    from uspx.prune.export import RECORD
+    from uspx.prune.files import copy_tokenizer, weight_files
+    from uspx.prune.verify import compare_logits, verification_items
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UspxError(f"{out} exists and is not empty; refusing to overwrite it")
+    if weight_files(lm.source).is_mxfp4():
+        raise UspxError(f"{lm.source}: MXFP4 weights; cutting them would requantize, which uspx does not do")
     stored = weight_files(lm.source).main_float_dtype()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -165,11 +173,10 @@ def export_channels(model, workload, out_dir: str | Path, *, width: int | str, m
         check = compare_logits(InMemory(reference), {}, InMemory(reloaded),
                                verification_items(lm.tokenizer, None, int(lm.model.config.vocab_size)))
         if not check["max_abs_logit_diff"] <= 1e-4:
-            raise UspxError(f"the narrowed export differs from the masked model by {check['max_abs_logit_diff']:.3g}; "
+            raise UspxError(f"the export differs from the masked model by {check['max_abs_logit_diff']:.3g}; "
                             "nothing was written")
-        record = dict(format="uspx-channels/1", source=str(lm.source), source_fingerprint=lm.fingerprint,
-                      family=adapter.family, width=n, original_width=full,
-                      kept={str(l): v.tolist() for l, v in kept.items()}, verification=check,
+        record = dict(fields, source=str(lm.source), source_fingerprint=lm.fingerprint,
+                      family=adapter_for(lm.model).family, verification=check,
                       fingerprint=model_fingerprint(tmp), status="written")
         write_json(tmp / RECORD, record)
         if out.exists():
@@ -178,7 +185,7 @@ def export_channels(model, workload, out_dir: str | Path, *, width: int | str, m
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ev = evaluate(lm, out, wl, speed=False)
+    ev = evaluate(lm, out, workload, speed=False)
     record["heldout"] = {f: v["delta"] for f, v in {**ev["families"], "all": ev["overall"]}.items()}
     record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
     write_json(out / RECORD, record)

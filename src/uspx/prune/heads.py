@@ -1,0 +1,156 @@
+"""Fewer attention heads: whole KV groups (a key/value head with the query heads that read it),
+the same number in every layer (a config holds one head count), each layer its own best groups.
+A removed KV group shrinks the KV cache by its share for every token of context.
+
+Group ``g``'s heads write ``o_proj`` through its columns only, so their contribution to the
+attention output is ``x[:, cols_g] @ W_o[:, cols_g].T``; its score on the user's calibration
+tokens is the sum of that contribution's norm over the real tokens: exactly the output change
+removing the group causes at that layer. The export slices the query, key and value rows (and
+biases) of the dropped groups, the ``o_proj`` columns, and per-head parameters such as gpt-oss's
+attention sinks, and writes the head counts and ``head_dim`` into the config; it is reloaded with
+stock ``from_pretrained`` and compared with the masked model (the dropped groups' ``o_proj``
+columns zeroed).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError
+from uspx.models import adapter_for
+from uspx.workload import EncodedItem
+
+
+def _shape(model: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of ``model``."""
+    cfg = model.config
+    heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return heads, kv, head_dim
+
+
+def _attention(model: nn.Module) -> list[nn.Module]:
+    adapter = adapter_for(model)
+    return [getattr(layer, adapter.attention_attr) for layer in adapter.decoder_layers(model)]
+
+
+def group_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """[layers, KV groups]: each group's summed contribution norm on ``items`` (see the module doc)."""
+    from uspx.engine import make_batches
+
+    heads, kv, hd = _shape(model)
+    rep = heads // kv
+    attn = _attention(model)
+    sums = torch.zeros(len(attn), kv, dtype=torch.float64)
+    real: list[torch.Tensor] = []
+
+    def hook_for(i: int, o_proj: nn.Linear):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])[real[0]].double()
+            w = o_proj.weight.detach().double()
+            for g in range(kv):
+                cols = slice(g * rep * hd, (g + 1) * rep * hd)
+                sums[i, g] += (x[:, cols] @ w[:, cols].T).norm(dim=1).sum()
+        return hook
+
+    handles = [a.o_proj.register_forward_pre_hook(hook_for(i, a.o_proj)) for i, a in enumerate(attn)]
+    try:
+        with torch.no_grad():
+            for batch in make_batches(items, batch_size, pad_id):
+                real[:] = [batch.real]
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def kept_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """[layers, n]: each layer's ``n`` best KV groups, in increasing order."""
+    if not 1 <= n <= scores.shape[1]:
+        raise UspxError(f"KV groups kept per layer must lie in 1..{scores.shape[1]}, not {n}")
+    return torch.topk(scores, n, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _query_rows(groups: torch.Tensor, rep: int, hd: int) -> torch.Tensor:
+    heads = (groups[:, None] * rep + torch.arange(rep)).reshape(-1)
+    return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+
+
+def masked_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose dropped groups write nothing (their ``o_proj`` columns zeroed)."""
+    out = copy.deepcopy(model)
+    heads, kv, hd = _shape(out)
+    rep = heads // kv
+    with torch.no_grad():
+        for i, a in enumerate(_attention(out)):
+            drop = torch.tensor([g for g in range(kv) if g not in kept[i].tolist()], dtype=torch.long)
+            if len(drop):
+                a.o_proj.weight[:, _query_rows(drop, rep, hd)] = 0.0
+    return out
+
+
+def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
+    """A new model of the same family keeping only the ``kept`` KV groups of every layer."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for(model)
+    heads, kv, hd = _shape(model)
+    rep, n = heads // kv, kept.shape[1]
+    config = copy.deepcopy(model.config)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = n * rep, n, hd
+    state = dict(model.state_dict())
+    prefix = {id(a): name for name, a in model.named_modules()}
+    for i, a in enumerate(_attention(model)):
+        p = prefix[id(a)]
+        q_rows = _query_rows(kept[i], rep, hd)
+        kv_rows = _query_rows(kept[i], 1, hd)
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            module = getattr(a, proj)
+            state[f"{p}.{proj}.weight"] = module.weight.detach()[rows]
+            if module.bias is not None:
+                state[f"{p}.{proj}.bias"] = module.bias.detach()[rows]
+        state[f"{p}.o_proj.weight"] = a.o_proj.weight.detach()[:, q_rows]
+        for name in adapter.per_head_params:
+            q_heads = (kept[i][:, None] * rep + torch.arange(rep)).reshape(-1)
+            state[f"{p}.{name}"] = getattr(a, name).detach()[q_heads]
+    narrow = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    result = narrow.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UspxError(f"narrowed attention does not fit the model class (missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
+    return narrow.eval()
+
+
+def kv_bytes_per_token(config, kv_dtype: str = "bf16") -> int:
+    """KV cache bytes one token of context costs (every layer), from the config."""
+    from uspx.plan.memory import count_params, kv_cache_bytes
+
+    return kv_cache_bytes(count_params(config), 1, kv_dtype)
+
+
+def export_heads(model, workload, out_dir: str | Path, *, groups: int | str, max_length: int | None = None) -> dict:
+    """Score KV groups on ``workload``'s calibration items, keep ``groups`` per layer (a count or
+    a share), export, verify against the masked model and evaluate on held-out items."""
+    from uspx.engine.batches import pad_id_of
+    from uspx.plan import parse_keep
+    from uspx.prune.channels import save_verified
+    from uspx.workload import default_max_length, encode, load_workload
+
+    from uspx.models import load_model
+
+    lm = load_model(model)
+    _, kv, _ = _shape(lm.model)
+    n = parse_keep(groups, kv)
+    wl = load_workload(workload)
+    items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
+    kept = kept_groups(group_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
+    narrow = narrowed_heads(lm.model, kept)
+    record = save_verified(lm, narrow, masked_heads(lm.model, kept), wl, out_dir, dict(
+        format="uspx-heads/1", kv_groups=n, original_kv_groups=kv, kept={str(i): v.tolist() for i, v in enumerate(kept)},
+        kv_bytes_per_token=dict(original=kv_bytes_per_token(lm.model.config), narrowed=kv_bytes_per_token(narrow.config))))
+    return record

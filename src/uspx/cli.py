@@ -336,6 +336,40 @@ def heads(
                   + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
 
 
+@app.command()
+def attribution(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for attribution.json."),
+    sample: int = typer.Option(64, help="Channels removed for real to check the estimates (every KV group is)."),
+    max_items: Optional[int] = typer.Option(None, help="Calibration items used (default: all)."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Estimate what removing every expert channel and every KV group would cost, from one forward
+    and one backward (attribution patching), and check the estimates against true removal."""
+    _set_threads(threads)
+    from uspx.engine.batches import pad_id_of
+    from uspx.io import write_json
+    from uspx.models import load_model
+    from uspx.score.attribution import attribution as estimate
+    from uspx.score.attribution import validate
+    from uspx.workload import default_max_length, encode, load_workload
+
+    lm = load_model(model)
+    items = encode(load_workload(workload).part("calibration"), lm.tokenizer, default_max_length(lm.model.config))
+    items = items[:max_items] if max_items else items
+    pad = pad_id_of(lm.tokenizer)
+    est = estimate(lm.model, items, pad)
+    check = validate(lm.model, items, est, channels=sample, seed=seed, pad_id=pad)
+    write_json(Path(out) / "attribution.json", dict(
+        model=lm.fingerprint, items=len(items), loss=est.loss,
+        channels={str(l): v.tolist() for l, v in est.channels.items()}, groups=est.groups.tolist(), validation=check))
+    for kind in ("channels", "groups"):
+        v = check[kind]
+        console.print(f"{kind}: Spearman {v['spearman']:.3f} between estimated and true loss change over {v['units']} removals")
+
+
 @app.command("prune-gguf")
 def prune_gguf_cmd(
     gguf_file: Path = typer.Argument(..., help="A GGUF file of the model the plan was made on (any quantization)."),

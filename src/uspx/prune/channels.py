@@ -29,8 +29,6 @@ from uspx.workload import EncodedItem
 
 def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
     """Per MoE layer, [E, I] channel scores on ``items`` (see the module doc)."""
-    from uspx.engine import make_batches
-
     adapter = adapter_for(model)
     width = adapter.expert_width()
     sums = {l.index: torch.zeros(l.num_experts, width, dtype=torch.float64) for l in adapter.layers}
@@ -48,7 +46,17 @@ def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, 
                 sums[layer.index][e] += (weights[rows, slot].double()[:, None] * h).sum(0)
         return hook
 
-    handles = [l.experts.register_forward_pre_hook(hook_for(l)) for l in adapter.layers]
+    forward_items(model, items, [l.experts.register_forward_pre_hook(hook_for(l)) for l in adapter.layers], real,
+                  pad_id, batch_size)
+    return {l.index: sums[l.index] * _down_norms(adapter, l, width) for l in adapter.layers}
+
+
+def forward_items(model: nn.Module, items: list[EncodedItem], handles: list, real: list, pad_id: int = 0,
+                  batch_size: int = 8) -> None:
+    """Run ``items`` through ``model`` without gradients with the hooks ``handles`` attached (removed
+    after); ``real[0]`` holds the running batch's real-token mask [B*T] for the hooks."""
+    from uspx.engine import make_batches
+
     try:
         with torch.no_grad():
             for batch in make_batches(items, batch_size, pad_id):
@@ -57,7 +65,6 @@ def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, 
     finally:
         for h in handles:
             h.remove()
-    return {l.index: sums[l.index] * _down_norms(adapter, l, width) for l in adapter.layers}
 
 
 def _down_norms(adapter: MoEAdapter, layer, width: int) -> torch.Tensor:

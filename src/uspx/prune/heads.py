@@ -40,7 +40,7 @@ def _attention(model: nn.Module) -> list[nn.Module]:
 
 def group_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
     """[layers, KV groups]: each group's summed contribution norm on ``items`` (see the module doc)."""
-    from uspx.engine import make_batches
+    from uspx.prune.channels import forward_items
 
     heads, kv, hd = _shape(model)
     rep = heads // kv
@@ -57,15 +57,8 @@ def group_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, ba
                 sums[i, g] += (x[:, cols] @ w[:, cols].T).norm(dim=1).sum()
         return hook
 
-    handles = [a.o_proj.register_forward_pre_hook(hook_for(i, a.o_proj)) for i, a in enumerate(attn)]
-    try:
-        with torch.no_grad():
-            for batch in make_batches(items, batch_size, pad_id):
-                real[:] = [batch.real]
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_items(model, items, [a.o_proj.register_forward_pre_hook(hook_for(i, a.o_proj)) for i, a in enumerate(attn)],
+                  real, pad_id, batch_size)
     return sums
 
 

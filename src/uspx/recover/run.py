@@ -23,10 +23,10 @@ import torch
 
 import uspx
 from uspx.io import UspxError, read_json, write_json
-from uspx.workload import DEFAULT_MAX_LENGTH
 from uspx.progress import console
 from uspx.prune.export import FORMAT
 from uspx.recover.train import Settings, train
+from uspx.workload import DEFAULT_MAX_LENGTH
 
 REPORT = "recover.json"
 
@@ -89,11 +89,11 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
         history = existing["recovered"]["history"]
     train_seconds = round(time.perf_counter() - started, 1)
 
+    from uspx.evaluate import evaluate
+
     def quality(candidate, part, split):
         return evaluate(teacher, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False,
                         streaming=streaming, dtype=dtype)
-
-    from uspx.evaluate import evaluate
 
     before = quality(pruned, wl, "heldout")
     after = quality(out / "model", wl, "heldout")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
 
 import numpy as np
@@ -24,15 +25,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: bool) -> None:
-    import os
-
+def _join(rank: int, world: int, port: int, seconds: int):
+    """A spawned process joins the gloo group as torchrun would set it up; returns torch.distributed."""
     import torch
     import torch.distributed as td
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=seconds))
+    return td
+
+
+def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: bool) -> None:
+    td = _join(rank, world, port, 30)
     try:
         if crash and rank == 1:
             import uspx.trace.format as fmt
@@ -97,14 +102,7 @@ def test_a_killed_rank_resumes(tiny_gpt_oss_dir, tmp_path, one_thread):
 
 
 def _extract_worker(rank: int, world: int, port: int, model: str, workload: str, out: str) -> None:
-    import os
-
-    import torch
-    import torch.distributed as td
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    td = _join(rank, world, port, 60)
     try:
         from uspx.extract import extract
 
@@ -126,14 +124,7 @@ def test_extract_under_two_processes_equals_one(tiny_gpt_oss_dir, tmp_path, one_
 
 
 def _score_worker(rank: int, world: int, port: int, model: str, workload: str, trace_dir: str, out: str) -> None:
-    import os
-
-    import torch
-    import torch.distributed as td
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    td.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    td = _join(rank, world, port, 60)
     try:
         from uspx.score import score
 

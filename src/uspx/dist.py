@@ -61,16 +61,6 @@ class Dist:
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return t.numpy()
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.active:
-            return obj
-        import torch.distributed as td
-
-        box = [obj if self.main else None]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 _SOLO = [0]  # depth of solo() blocks
 

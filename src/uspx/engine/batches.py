@@ -37,6 +37,11 @@ class Batch:
     def size(self) -> int:
         return int(self.input_ids.numel())
 
+    @property
+    def slots(self) -> np.ndarray:
+        """Its rows in a hidden-state store: ``slot .. slot + size`` (padding included)."""
+        return np.arange(self.slot, self.slot + self.size)
+
 
 def loss_mask(items: Sequence[EncodedItem], width: int) -> torch.Tensor:
     """[B, width] bool: True at predicting positions ``p`` with ``max(s, 1) <= p + 1 <= n - 1``."""

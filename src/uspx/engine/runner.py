@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from uspx.engine.batches import Batch
@@ -135,7 +134,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
         if start == 0:
             with source.embedding():
                 for batch in batches:
-                    store.write(_slots(batch), source.embed(batch.input_ids, batch.attention_mask))
+                    store.write(batch.slots, source.embed(batch.input_ids, batch.attention_mask))
         else:
             store.load(state_dir / "hidden.bin")
         with progress_bar(label, total=last + 1, unit="layers", enabled=progress) as bar:
@@ -169,7 +168,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                         continue
                     for o in observers:
                         o.begin(batch)
-                    h = store.read(_slots(batch))[batch.loss_mask.reshape(-1)]
+                    h = store.read(batch.slots)[batch.loss_mask.reshape(-1)]
                     for start in range(0, h.shape[0], HEAD_ROWS):  # logits are vocabulary-wide
                         logits = source.logits(h[start : start + HEAD_ROWS])
                         for o in observers:
@@ -189,13 +188,9 @@ def _layer_pass(source, layer, index: int, batches, observers, store: HiddenStor
             o.begin(batch)
         args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
         b, t = batch.input_ids.shape
-        out = layer(store.read(_slots(batch)).reshape(b, t, hidden), *args, **kwargs)
+        out = layer(store.read(batch.slots).reshape(b, t, hidden), *args, **kwargs)
         if write:
-            store.write(_slots(batch), out[0] if isinstance(out, tuple) else out)
-
-
-def _slots(batch: Batch) -> np.ndarray:
-    return np.arange(batch.slot, batch.slot + batch.size)
+            store.write(batch.slots, out[0] if isinstance(out, tuple) else out)
 
 
 def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> int:

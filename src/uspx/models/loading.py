@@ -89,6 +89,20 @@ def load_model(
     return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), model_label(path))
 
 
+def model_from_state(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """A model of ``config``'s own class holding exactly ``state`` (eval mode): how a structurally
+    changed copy of a model (narrower experts, fewer heads, a dense student) is built. An error names
+    the tensors that do not fit the class."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UspxError(f"the changed tensors do not fit {type(model).__name__} (missing {result.missing_keys[:4]}, "
+                        f"unexpected {result.unexpected_keys[:4]})")
+    return model.eval()
+
+
 def model_label(path: Path) -> str:
     """What outputs call the model in ``path``."""
     return "uspx teacher (trained on real text)" if Path(path) == BUNDLED_TEACHER else str(path)

@@ -104,14 +104,13 @@ def masked(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
 
 def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
     """A new model of the same family with every expert cut to its kept channels (config width set)."""
-    from transformers import AutoModelForCausalLM
+    from uspx.models.base import _set_field
+    from uspx.models.loading import model_from_state
 
     adapter = adapter_for(model)
     width = adapter.expert_width()
     new_width = int(next(iter(kept.values())).shape[1])
     config = copy.deepcopy(model.config)
-    from uspx.models.base import _set_field
-
     _set_field(config, adapter.expert_width_field, new_width)
     state = dict(model.state_dict())
     for layer in adapter.layers:
@@ -122,12 +121,7 @@ def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
                 dim, positions = adapter.channel_positions(layer, width, kept[layer.index][e])[name]
                 rows.append(param[e].index_select(dim - 1, positions))
             state[f"{layer.name}.experts.{name}"] = torch.stack(rows)
-    student = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    result = student.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UspxError(f"narrowed tensors do not fit the model class (missing {result.missing_keys[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]})")
-    return student.eval()
+    return model_from_state(config, state, next(model.parameters()).dtype)
 
 
 def export_channels(model, workload, out_dir: str | Path, *, width: int | str, max_length: int | None = None,

@@ -20,6 +20,7 @@ file's ``expert_used_count``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -27,7 +28,6 @@ import numpy as np
 
 from uspx.io import UspxError, atomic_path
 
-EXPERT_SUFFIXES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps", "ffn_gate_inp", "exp_probs_b")
 
 
 def _gguf():
@@ -38,17 +38,20 @@ def _gguf():
     return gguf
 
 
+@functools.cache
+def _expert_tensor_pattern() -> re.Pattern:
+    """llama.cpp's names of the tensors that hold a layer's experts on their outermost dimension."""
+    gguf = _gguf()
+    names = [gguf.TENSOR_NAMES[t].replace(".", r"\.").replace("{bid}", r"(\d+)") for t in (
+        gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+        gguf.MODEL_TENSOR.FFN_GATE_UP_EXP, gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)]
+    return re.compile("(?:" + "|".join(names) + r")\.(?:weight|bias)")
+
+
 def expert_tensor_layer(name: str) -> int | None:
     """The layer whose experts tensor ``name`` holds on its outermost dimension, else None."""
-    gguf = _gguf()
-    names = {gguf.TENSOR_NAMES[t].replace("{bid}", r"(\d+)") for t in (
-        gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP,
-        gguf.MODEL_TENSOR.FFN_GATE_UP_EXP, gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)}
-    for pattern in names:
-        m = re.fullmatch(pattern + r"\.(weight|bias)", name)
-        if m:
-            return int(m.group(1))
-    return None
+    m = _expert_tensor_pattern().fullmatch(name)
+    return None if m is None else int(next(g for g in m.groups() if g is not None))
 
 
 def read_counts(reader) -> tuple[str, int, int, int]:

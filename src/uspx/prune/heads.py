@@ -89,7 +89,7 @@ def masked_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
 
 def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A new model of the same family keeping only the ``kept`` KV groups of every layer."""
-    from transformers import AutoModelForCausalLM
+    from uspx.models.loading import model_from_state
 
     adapter = adapter_for(model)
     heads, kv, hd = _shape(model)
@@ -111,12 +111,7 @@ def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
         for name in adapter.per_head_params:
             q_heads = (kept[i][:, None] * rep + torch.arange(rep)).reshape(-1)
             state[f"{p}.{name}"] = getattr(a, name).detach()[q_heads]
-    narrow = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    result = narrow.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UspxError(f"narrowed attention does not fit the model class (missing {result.missing_keys[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]})")
-    return narrow.eval()
+    return model_from_state(config, state, next(model.parameters()).dtype)
 
 
 def kv_bytes_per_token(config, kv_dtype: str = "bf16") -> int:
@@ -130,11 +125,10 @@ def export_heads(model, workload, out_dir: str | Path, *, groups: int | str, max
     """Score KV groups on ``workload``'s calibration items, keep ``groups`` per layer (a count or
     a share), export, verify against the masked model and evaluate on held-out items."""
     from uspx.engine.batches import pad_id_of
+    from uspx.models import load_model
     from uspx.plan import parse_keep
     from uspx.prune.channels import save_verified
     from uspx.workload import default_max_length, encode, load_workload
-
-    from uspx.models import load_model
 
     lm = load_model(model)
     _, kv, _ = _shape(lm.model)

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from uspx.engine.batches import Batch, make_batches
+from uspx.engine.observers import _first
 from uspx.engine.source import FromCheckpoint, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
@@ -104,10 +104,10 @@ def _train_routers(original, pruned, kept, items, settings, work, key, dtype, pa
             if history.layers_done == 0:
                 with teacher.embedding():
                     for b in batches:
-                        t_store.write(_slots(b), teacher.embed(b.input_ids, b.attention_mask))
+                        t_store.write(b.slots, teacher.embed(b.input_ids, b.attention_mask))
                 with student.embedding():
                     for b in batches:
-                        s_store.write(_slots(b), student.embed(b.input_ids, b.attention_mask))
+                        s_store.write(b.slots, student.embed(b.input_ids, b.attention_mask))
         with progress_bar("recovering routers", total=student.n_layers, unit="layers", enabled=progress) as bar:
             bar.advance(history.layers_done)
             for index in range(history.layers_done, student.n_layers):
@@ -165,8 +165,8 @@ def _teacher_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
         try:
             for b in batches:
                 args, kwargs = source.layer_call(b.attention_mask, index, dtype)
-                out = layer(store.read(_slots(b)).reshape(*b.input_ids.shape, -1), *args, **kwargs)
-                store.write(_slots(b), _first(out))
+                out = layer(store.read(b.slots).reshape(*b.input_ids.shape, -1), *args, **kwargs)
+                store.write(b.slots, _first(out))
                 if moe_layer is not None:
                     real = b.real
                     logits[-1], blocks[-1] = logits[-1][real], blocks[-1][real]
@@ -190,11 +190,11 @@ def _student_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
         try:
             for b in batches:
                 args, kwargs = source.layer_call(b.attention_mask, index, dtype)
-                out = layer(store.read(_slots(b)).reshape(*b.input_ids.shape, -1), *args, **kwargs)
+                out = layer(store.read(b.slots).reshape(*b.input_ids.shape, -1), *args, **kwargs)
                 if inputs is not None:
                     inputs[-1] = inputs[-1][b.real]
                 else:
-                    store.write(_slots(b), _first(out))
+                    store.write(b.slots, _first(out))
         finally:
             if handle is not None:
                 handle.remove()
@@ -282,14 +282,6 @@ def _train_layer(source: FromCheckpoint, moe_layer, index: int, batches: list[Ba
     record = LayerRecord(index, step, round(before, 6), round(best_val, 6), best_step,
                          int(len(train_rows)), int(len(val_rows)), 0.0)
     return record, {prefix + n: v for n, v in best.items()}
-
-
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _slots(batch: Batch) -> np.ndarray:
-    return np.arange(batch.slot, batch.slot + batch.size)
 
 
 def _validation_rows(batches: list[Batch], n_train: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from uspx.engine.observers import Observer
+from uspx.engine.observers import Observer, _first
 from uspx.io import UspxError
 from uspx.models import adapter_for
 from uspx.models.base import MoEAdapter, MoELayer, Restriction
@@ -292,10 +292,6 @@ class LayerMasks(Observer):
                 p.requires_grad_(flag)
         self.log_alpha[index] = log_alpha.detach().clone()
         self.final_loss[index] = float(loss.detach())
-
-
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def layer_masks(source, items: Sequence[EncodedItem], keep: int, *, pad_id: int = 0, batch_size: int = 8,

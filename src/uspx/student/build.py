@@ -96,7 +96,7 @@ def choose_experts(ranking: dict[int, np.ndarray], stats: RoutingStats, per_laye
 def build_student(model: nn.Module, choice: ExpertChoice) -> nn.Module:
     """The dense student of ``model`` (float32, eval mode): every MoE layer one MLP of the chosen
     experts, every other tensor the original's."""
-    from transformers import AutoModelForCausalLM
+    from uspx.models.loading import model_from_state
 
     adapter: MoEAdapter = adapter_for(model)
     missing = sorted({l.index for l in adapter.layers} - set(choice.experts))
@@ -104,7 +104,6 @@ def build_student(model: nn.Module, choice: ExpertChoice) -> nn.Module:
         raise UspxError(f"no experts chosen for MoE layers {missing}")
     width = choice.per_layer * adapter.expert_width()
     config = adapter.student_config(adapter.config, width)
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {n: t for n, t in model.state_dict().items() if adapter.pruned_with_expert(n) is None}
     for layer in adapter.layers:
         merged = adapter.merged_experts(layer, choice.experts[layer.index], choice.weights[layer.index])
@@ -112,11 +111,7 @@ def build_student(model: nn.Module, choice: ExpertChoice) -> nn.Module:
         for name in adapter.router_expert_params:
             original = model.get_parameter(f"{layer.name}.{adapter.router_attr}.{name}")
             state[f"{layer.name}.{adapter.router_attr}.{name}"] = torch.zeros((1, *original.shape[1:]), dtype=original.dtype)
-    result = student.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UspxError(f"the student's tensors do not match its model class (missing {result.missing_keys[:4]}, "
-                        f"unexpected {result.unexpected_keys[:4]})")
-    return student.eval()
+    return model_from_state(config, state, torch.float32)
 
 
 def channel_groups(student: nn.Module, groups: int) -> list[list[tuple[torch.nn.Parameter, int, torch.Tensor]]]:

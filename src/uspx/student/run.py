@@ -17,6 +17,7 @@ proximal step after each update, which sets whole blocks exactly to zero; the re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -88,11 +89,12 @@ def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "ro
     stats = routing_stats(teacher.model, items, pad, progress=progress)
     choice = choose_experts(ranking, stats, experts_per_layer, weighting)
     built = build_student(teacher.model, choice)
-    stored = weight_files(source).main_float_dtype() if not weight_files(source).is_mxfp4() else torch.bfloat16
+    files = weight_files(source)
+    stored = torch.bfloat16 if files.is_mxfp4() else files.main_float_dtype()  # merged experts cannot stay MXFP4
     existing = _finished(out / "model", key)
     zeros = None
     if existing is None:
-        model = build_student(teacher.model, choice)
+        model = copy.deepcopy(built)  # the built student stays as it is, for its own evaluation
         groups = channel_groups(model, experts_per_layer) if group_lasso else None
         after_step = (lambda lr: group_lasso_step(groups, lr * group_lasso)) if groups else None
         kept = {l.index: choice.experts[l.index] for l in adapter.layers}  # the layers layer matching compares

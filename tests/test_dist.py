@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import write_jsonl
+from conftest import make_tokenizer, write_jsonl
 
 ROWS = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code",
          "split": "heldout" if i >= 10 else "calibration"} for i in range(13)]
@@ -36,10 +36,11 @@ def _join(rank: int, world: int, port: int, seconds: int):
     return td
 
 
-def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: bool) -> None:
+def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: str | None,
+            kw: dict, log: str | None) -> None:
     td = _join(rank, world, port, 30)
     try:
-        if crash and rank == 1:
+        if crash == "shard" and rank == 1:
             import uspx.trace.format as fmt
             import uspx.trace.run as run_mod
 
@@ -50,17 +51,35 @@ def _worker(rank: int, world: int, port: int, model: str, workload: str, out: st
                 os._exit(9)  # killed right after its first shard
 
             run_mod.record_rank_shard = record_then_die
+        if (crash == "layer" or log) and rank == 1:
+            import uspx.engine.runner as runner
+
+            save = runner._save_state
+
+            def save_then_die_or_log(state_dir, key, done, store, save_hidden):
+                save(state_dir, key, done, store, save_hidden)
+                if log:
+                    with open(log, "a") as fh:
+                        fh.write(f"{done}\n")
+                if crash == "layer" and done == 1:
+                    os._exit(9)  # killed once its first layer was saved
+
+            runner._save_state = save_then_die_or_log
         from uspx.trace import trace
 
-        trace(model, workload, out, items_per_shard=2, reconstruction=True, progress=False)
+        trace(model, workload, out, progress=False, **kw)
     finally:
         if td.is_initialized():
             td.destroy_process_group()
 
 
-def _spawn(model, workload, out, crash=False):
-    mp.start_processes(_worker, args=(2, _free_port(), str(model), str(workload), str(out), crash), nprocs=2,
-                       start_method="spawn", join=True)
+WHOLE = dict(items_per_shard=2, reconstruction=True)
+
+
+def _spawn(model, workload, out, crash=None, kw=WHOLE, log=None):
+    mp.start_processes(_worker, args=(2, _free_port(), str(model), str(workload), str(out), crash, kw,
+                                      None if log is None else str(log)),
+                       nprocs=2, start_method="spawn", join=True)
 
 
 def _same_folders(a, b):
@@ -95,7 +114,7 @@ def test_a_killed_rank_resumes(tiny_gpt_oss_dir, tmp_path, one_thread):
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
     trace(tiny_gpt_oss_dir, wl, tmp_path / "one", items_per_shard=2, reconstruction=True, progress=False)
     with pytest.raises(Exception):
-        _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", crash=True)
+        _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", crash="shard")
     assert not json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
     _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two")
     _same_folders(tmp_path / "two", tmp_path / "one")
@@ -147,3 +166,47 @@ def test_ablations_shared_out_give_the_single_process_scores(tiny_gpt_oss_dir, t
     cols = ["layer", "expert", "method", "value", "ci_low", "ci_high", "tokens"]
     assert two.table.select(cols).equals(one.table.select(cols))
     assert two.meta["ablation_forwards"] == one.meta["ablation_forwards"]
+
+
+# batch_size 2: seven batches, so each process runs several, of different lengths; two items per
+# shard, so most shards hold tokens of both processes' batches
+STREAMED = dict(streaming=True, dtype="fp32", batch_size=2, items_per_shard=2, reconstruction=True, norms=True,
+                logits=True)
+
+
+def test_layer_by_layer_under_two_processes_writes_the_trace_of_one(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.engine import make_batches
+    from uspx.engine.batches import share
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", progress=False, **STREAMED)
+    _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", kw=STREAMED)
+    _same_folders(tmp_path / "two", tmp_path / "one")
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["options"]["streaming"] and manifest["streaming"]["first_layer"] == 0
+    assert not (tmp_path / "two" / ".streaming").exists()
+    # the processes really shared the work: each ran whole batches of the one-process run, and
+    # every token was in exactly one share
+    from uspx.workload import encode, load_workload
+
+    encoded = encode(load_workload(wl), make_tokenizer(), manifest["options"]["max_length"])
+    batches = make_batches(encoded, 2, 0, max_tokens=manifest["options"]["batch_tokens"])
+    rows = [share(batches, r, 2)[1] for r in range(2)]
+    assert len(batches) > 2 and all(len(r) for r in rows)
+    assert np.array_equal(np.sort(np.concatenate(rows)), np.arange(sum(len(e.input_ids) for e in encoded)))
+
+
+def test_a_killed_rank_resumes_layer_by_layer(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", progress=False, **STREAMED)
+    with pytest.raises(Exception):
+        _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", crash="layer", kw=STREAMED)
+    stage = tmp_path / "two" / ".streaming" / "rank-00001-of-00002"
+    assert json.loads((stage / "state.json").read_text())["layers_done"] == 1
+    assert not json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+    _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", kw=STREAMED, log=tmp_path / "saved.txt")
+    assert (tmp_path / "saved.txt").read_text().split() == ["2"]  # rank 1 ran only its second layer again
+    _same_folders(tmp_path / "two", tmp_path / "one")

@@ -7,7 +7,7 @@ the concatenation of the items in the caller's order ("token rows"), whatever th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -96,6 +96,29 @@ def make_batches(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0,
         out.append(Batch(rows, group, ids, att, loss_mask(group, width), token_rows.reshape(-1), slot))
         slot += ids.numel()
     return out
+
+
+def share(batches: Sequence[Batch], rank: int, world: int) -> tuple[list[Batch], np.ndarray]:
+    """Process ``rank``'s share of a run's ``batches`` (batch ``i`` goes to rank ``i % world``) as a
+    run of its own: slots packed from 0 and token rows renumbered ``0..n`` over its real tokens in
+    their original order. Also returns each new token row's original one.
+
+    Whole batches move, never items between batches, so every batch computes exactly what it would
+    in one process whatever ``world`` is; the renumbering keeps each process's buffers (hidden
+    states, routing arrays) the size of its own share.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    mine = [b for i, b in enumerate(batches) if i % world == rank]
+    original = np.sort(np.concatenate([b.token_rows[b.token_rows >= 0] for b in mine])) if mine else np.zeros(0, np.int64)
+    out, slot = [], 0
+    for b in mine:
+        rows = b.token_rows.copy()
+        real = rows >= 0
+        rows[real] = np.searchsorted(original, rows[real])
+        out.append(replace(b, token_rows=rows, slot=slot))
+        slot += b.size
+    return out, original
 
 
 def target_losses(batch: Batch, logits: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -7,6 +7,12 @@ finished layer's routing is staged in ``.streaming/`` and the engine saves the h
 it, so a killed run resumes at the first layer not done. The shards are assembled once every layer
 is done. Either way the folder format (``uspx.trace.format``) is the same.
 
+Under torchrun (``uspx.dist``) the whole-model tracer shares out shards; the layer-by-layer one
+shares out the batches a single process would run (batch ``i`` to rank ``i % N``, each process
+running every layer over its own batches and staging them in ``.streaming/rank-R-of-N/``), then
+every process assembles its shards from all the stages. Each batch computes what it computes in
+one process, so the folder is the single-process one, byte for byte.
+
 With ``reconstruction`` the reconstruction score's per-item sums are computed in the same pass and
 written to ``reconstruction.npz`` (``uspx score`` reads them instead of running the model again).
 """
@@ -22,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from uspx.engine import Opened, make_batches, open_source, pad_id_of, run
+from uspx.engine.batches import share
 from uspx.engine.observers import Reconstruction, Routing
 from uspx.io import UspxError, atomic_path, read_json
 from uspx.progress import progress_bar
@@ -80,11 +87,11 @@ def trace(
     if opened.streaming:
         options.update(streaming=True, dtype=dtype, batch_tokens=batch_tokens)
     d = current()
-    if d.active and opened.streaming:
-        raise UspxError("a layer-by-layer trace runs in one process (each layer once); start it without torchrun")
     if d.main:
         manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
         merge_rank_shards(out, manifest)  # shards a killed multi-process run wrote
+        if opened.streaming:
+            _clear_other_stages(out / STAGING, d.world)
     d.barrier()
     if not d.main:
         manifest = read_json(out / "manifest.json")
@@ -92,34 +99,37 @@ def trace(
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
     finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
     if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
+        if d.main:
+            shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
+        d.barrier()
         return manifest
     if d.main:
         write_items(out / "items.parquet", encoded)
     started = time.perf_counter()
     pad = pad_id_of(opened.tokenizer)
-    if d.active:
-        _trace_shards(opened, encoded, out, None, options, pad, done, progress and d.main, d)
-        d.barrier()
-        if d.main:
-            merge_rank_shards(out, manifest)
-            manifest = finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
-        d.barrier()
-        return read_json(out / "manifest.json")
+    record = None if d.active else manifest  # several processes record their shards in rank files
+    entry = None
     if opened.streaming:
-        stats = _trace_layers(opened, encoded, out, options, pad, progress)
-        if stats is not None:
-            manifest["streaming"] = dict(
-                first_layer=stats.layers_run[0] if stats.layers_run else None, hidden_on_disk=stats.hidden_on_disk,
-                seconds_per_layer=[round(t, 3) for t in stats.seconds_per_layer])
-        _write_staged_shards(out, manifest, encoded, source, items_per_shard, done, progress)
-        if reconstruction:
-            _write_reconstruction(out / RECONSTRUCTION, encoded, _staged_reconstruction(out / STAGING, source))
+        batches = make_batches(encoded, batch_size, pad, max_tokens=batch_tokens)
+        shares = [share(batches, r, d.world) for r in range(d.world)]  # every rank's, known to every rank
+        stats = _trace_layers(opened, encoded, out, options, shares[d.rank][0], progress and d.main, d)
+        entry = _streaming_entry(d.gather(stats))
+        d.barrier()  # every rank's layers are staged before any shard is assembled from them
+        _write_staged_shards(out, record, encoded, source, items_per_shard, [o for _, o in shares], done,
+                             progress and d.main, d)
+        if reconstruction and d.main:
+            _write_reconstruction(out / RECONSTRUCTION, encoded, _staged_reconstruction(out, source, d.world))
     else:
-        _trace_shards(opened, encoded, out, manifest, options, pad, done, progress)
-    manifest = finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
-    shutil.rmtree(out / STAGING, ignore_errors=True)  # the shards hold everything now
-    return manifest
+        _trace_shards(opened, encoded, out, record, options, pad, done, progress and d.main, d)
+    d.barrier()
+    if d.main:
+        merge_rank_shards(out, manifest)
+        if entry is not None:
+            manifest["streaming"] = entry
+        manifest = finish_manifest(out, manifest, asdict(wl.summary), encoded, time.perf_counter() - started)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # the shards hold everything now
+    d.barrier()
+    return manifest if d.main else read_json(out / "manifest.json")
 
 
 def model_info(opened: Opened) -> dict:
@@ -191,15 +201,35 @@ def _table(chunk: list[EncodedItem], layers: list[int], arrays: dict[int, dict[s
     )
 
 
-def _trace_layers(opened: Opened, encoded, out: Path, options: dict, pad: int, progress: bool):
-    """Run every MoE layer not yet staged; each finished layer's arrays go to ``.streaming/``."""
+def _stage_dir(out: Path, d: Dist) -> Path:
+    """Where a process stages its layers: ``.streaming/`` alone, a folder per rank with several
+    (named by the process count too, so a rerun with another count never reads a different share)."""
+    return out / STAGING if not d.active else out / STAGING / f"rank-{d.rank:05d}-of-{d.world:05d}"
+
+
+def _clear_other_stages(stage: Path, world: int) -> None:
+    """Rank 0, before any work: drop what a killed run with another process count staged (its
+    shares held other tokens; only its finished shards, in the manifest, carry over)."""
+    if not stage.is_dir():
+        return
+    for p in stage.iterdir():
+        ours = p.is_dir() and p.name.endswith(f"-of-{world:05d}") if world > 1 else not p.name.startswith("rank-")
+        if not ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _trace_layers(opened: Opened, encoded, out: Path, options: dict, batches, progress: bool, d: Dist = Dist()):
+    """Run ``batches`` (this process's share, token rows its own) through every MoE layer not yet
+    staged; each finished layer's arrays go to the process's stage folder."""
     source = opened.source
-    stage = out / STAGING
+    stage = _stage_dir(out, d)
     layers = _moe_layers(source)
+    if not batches:  # more processes than batches
+        return None
     if all(_staged(stage, l, "expert_ids") is not None for l in layers) and (
             not options.get("reconstruction") or all(_staged(stage, l, "reconstruction_error") is not None for l in layers)):
         return None
-    n = sum(len(e.input_ids) for e in encoded)
+    n = sum(int(b.attention_mask.sum()) for b in batches)
 
     def on_layer(index: int, arrays: dict[str, np.ndarray]) -> None:
         for name, values in arrays.items():
@@ -207,14 +237,32 @@ def _trace_layers(opened: Opened, encoded, out: Path, options: dict, pad: int, p
                 np.save(fh, values)
 
     observers = [Routing(n, logits=options["logits"], norms=options["norms"], on_layer=on_layer)]
-    if options.get("reconstruction"):
-        item_of_token = np.repeat(np.arange(len(encoded)), [len(e.input_ids) for e in encoded])
+    if options.get("reconstruction"):  # per workload item: a share fills its own items' sums, the rest stay 0
+        item_of_token = np.zeros(n, np.int64)
+        for b in batches:
+            real = b.token_rows >= 0
+            item_of_token[b.token_rows[real]] = np.repeat(b.rows, b.input_ids.shape[1])[real]
         observers.append(Reconstruction(item_of_token, len(encoded), on_layer=on_layer))
-    batches = make_batches(encoded, options["batch_size"], pad, max_tokens=options["batch_tokens"])
     stage.mkdir(parents=True, exist_ok=True)
-    return run(source, batches, observers, last_layer=max(layers), state_dir=stage,
-               state_key=dict(options=options, items=len(encoded), tokens=n), progress=progress,
-               label="tracing layer by layer")
+    key = dict(options=options, items=len(encoded), tokens=sum(len(e.input_ids) for e in encoded))
+    if d.active:
+        key.update(rank=d.rank, world=d.world)
+    return run(source, batches, observers, last_layer=max(layers), state_dir=stage, state_key=key,
+               progress=progress, label="tracing layer by layer")
+
+
+def _streaming_entry(all_stats: list) -> dict | None:
+    """The manifest's ``streaming`` entry from every process's run (None when none ran): a layer
+    took as long as its slowest process."""
+    ran = [s for s in all_stats if s is not None]
+    if not ran:
+        return None
+    seconds: dict[int, float] = {}
+    for s in ran:
+        for layer, t in zip(s.layers_run, s.seconds_per_layer):
+            seconds[layer] = max(seconds.get(layer, 0.0), t)
+    return dict(first_layer=min(seconds) if seconds else None, hidden_on_disk=any(s.hidden_on_disk for s in ran),
+                seconds_per_layer=[round(seconds[l], 3) for l in sorted(seconds)])
 
 
 def _staged(stage: Path, layer: int, name: str) -> np.ndarray | None:
@@ -222,28 +270,57 @@ def _staged(stage: Path, layer: int, name: str) -> np.ndarray | None:
     return np.load(path, mmap_mode="r") if path.exists() else None
 
 
-def _write_staged_shards(out: Path, manifest: dict, encoded: list[EncodedItem], source, per: int, done: set,
-                         progress: bool) -> None:
-    """Token-major shards from the layer-major staged arrays (memory-mapped, a shard at a time)."""
-    stage = out / STAGING
+def _write_staged_shards(out: Path, manifest: dict | None, encoded: list[EncodedItem], source, per: int,
+                         originals: list[np.ndarray], done: set, progress: bool, d: Dist = Dist()) -> None:
+    """Token-major shards from the layer-major staged arrays of every process's share
+    (``originals[r]``: the token rows of rank r's share, in its staged order), memory-mapped and
+    read a shard at a time. A process writes the shards ``d.mine`` gives it; with several, each
+    records them in its rank file (``manifest`` None)."""
     layers = _moe_layers(source)
-    offsets = np.concatenate([[0], np.cumsum([len(e.input_ids) for e in encoded])])
-    names = [c for c in COLUMNS if _staged(stage, layers[0], c) is not None]
-    columns = {c: {l: _staged(stage, l, c) for l in layers} for c in names}
+    offsets = np.concatenate([[0], np.cumsum([len(e.input_ids) for e in encoded])]).astype(np.int64)
+    owner = np.zeros(int(offsets[-1]), np.int64)  # the share holding each token, and its row there
+    local = np.zeros(int(offsets[-1]), np.int64)
+    for r, original in enumerate(originals):
+        owner[original] = r
+        local[original] = np.arange(len(original))
+    stages = [_stage_dir(out, Dist(r, d.world)) for r in range(d.world)]
+    held = [r for r, original in enumerate(originals) if len(original)]
+    names = [c for c in COLUMNS if _staged(stages[held[0]], layers[0], c) is not None]
+    columns = {r: {c: {l: _staged(stages[r], l, c) for l in layers} for c in names} for r in held}
     n_shards = (len(encoded) + per - 1) // per
-    with progress_bar("writing shards", total=n_shards, unit="shards", enabled=progress) as bar:
-        for s in range(n_shards):
-            if s not in done:
-                first, end = s * per, min((s + 1) * per, len(encoded))
-                a, b = int(offsets[first]), int(offsets[end])
-                arrays = {l: {c: columns[c][l][a:b] for c in names} for l in layers}
-                write_shard(out, manifest, s, encoded[first:end], _table(encoded[first:end], layers, arrays))
+    todo = [s for s in range(n_shards) if d.mine(s) and s not in done]
+    with progress_bar("writing shards", total=len(todo), unit="shards", enabled=progress) as bar:
+        for s in todo:
+            first, end = s * per, min((s + 1) * per, len(encoded))
+            a, b = int(offsets[first]), int(offsets[end])
+            who, row = owner[a:b], local[a:b]
+            arrays: dict[int, dict[str, np.ndarray]] = {l: {} for l in layers}
+            for c in names:
+                for l in layers:
+                    like = columns[held[0]][c][l]
+                    values = np.empty((b - a, *like.shape[1:]), like.dtype)
+                    for r in held:
+                        at = who == r
+                        if at.any():
+                            values[at] = columns[r][c][l][row[at]]
+                    arrays[l][c] = values
+            entry = write_shard(out, manifest, s, encoded[first:end], _table(encoded[first:end], layers, arrays))
+            if manifest is None:
+                record_rank_shard(out, d.rank, entry)
             bar.advance()
 
 
-def _staged_reconstruction(stage: Path, source) -> dict[int, dict[str, np.ndarray]]:
-    return {l: {k: np.asarray(_staged(stage, l, k)) for k in ("reconstruction_error", "reconstruction_routed")}
-            for l in _moe_layers(source)}
+def _staged_reconstruction(out: Path, source, world: int) -> dict[int, dict[str, np.ndarray]]:
+    """Every share's per-item sums added up (an item's come from the one share that ran it, the
+    others hold 0 for it, so the sum is that share's value exactly)."""
+    stages = [_stage_dir(out, Dist(r, world)) for r in range(world)]
+    total: dict[int, dict[str, np.ndarray]] = {}
+    for l in _moe_layers(source):
+        total[l] = {}
+        for k in ("reconstruction_error", "reconstruction_routed"):
+            parts = [np.asarray(p) for p in (_staged(stage, l, k) for stage in stages) if p is not None]
+            total[l][k] = np.sum(parts, axis=0)
+    return total
 
 
 def _write_reconstruction(path: Path, encoded: list[EncodedItem], per_layer: dict[int, dict[str, np.ndarray]]) -> None:

@@ -142,12 +142,27 @@ def test_extract_under_two_processes_equals_one(tiny_gpt_oss_dir, tmp_path, one_
     assert two["kept"] == one["kept"] and two["quality"] == one["quality"]
 
 
-def _score_worker(rank: int, world: int, port: int, model: str, workload: str, trace_dir: str, out: str) -> None:
+def _score_worker(rank: int, world: int, port: int, model: str, workload: str, trace_dir: str, out: str,
+                  runs: list | None = None, log: str | None = None) -> None:
     td = _join(rank, world, port, 60)
     try:
         from uspx.score import score
 
-        score(model, trace_dir, workload, out, ["ablation_natural", "frequency"], progress=False, bootstrap=20)
+        if log:  # what this process ran: taylor's backwards (one per prompt), reconstruction's batches
+            import uspx.score.reconstruction as rec
+            import uspx.score.taylor as tay
+
+            def logged(name, real):
+                def call(*a, **k):
+                    with open(f"{log}.{rank}", "a") as fh:
+                        fh.write(f"{name} {len(a[1]) if name == 'batches' else 1}\n")
+                    return real(*a, **k)
+                return call
+
+            tay.token_losses = logged("backward", tay.token_losses)
+            rec.run = logged("batches", rec.run)
+        for i, (methods, kw) in enumerate(runs or [(["ablation_natural", "frequency"], dict(bootstrap=20))]):
+            score(model, trace_dir, workload, f"{out}{i or ''}", methods, progress=False, **kw)
     finally:
         td.destroy_process_group()
 
@@ -210,3 +225,49 @@ def test_a_killed_rank_resumes_layer_by_layer(tiny_gpt_oss_dir, tmp_path, one_th
     _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", kw=STREAMED, log=tmp_path / "saved.txt")
     assert (tmp_path / "saved.txt").read_text().split() == ["2"]  # rank 1 ran only its second layer again
     _same_folders(tmp_path / "two", tmp_path / "one")
+
+
+def _ran(log, rank):
+    lines = [l.split() for l in (log.parent / f"{log.name}.{rank}").read_text().splitlines()]
+    return {k: sum(int(n) for name, n in lines if name == k) for k in ("backward", "batches")}
+
+
+def test_taylor_and_reconstruction_shared_out_give_the_single_process_scores(tiny_gpt_oss_dir, tmp_path, one_thread):
+    """taylor's prompts and reconstruction's batches (whole model, and layer by layer) are shared out
+    and their per-prompt sums added. Each prompt's sums come from exactly one process and the others
+    add exact zeros, so the tables are compared for equality, not within a tolerance."""
+    from uspx.score import load_scores, score
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)  # no reconstruction sums: score runs the model
+    runs = [(["taylor", "reconstruction"], dict(bootstrap=20, batch_size=2)),
+            (["reconstruction"], dict(bootstrap=20, batch_size=2, streaming=True, dtype="fp32"))]
+    one = [score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / f"s1-{i}", m, progress=False, **kw)
+           for i, (m, kw) in enumerate(runs)]
+    mp.start_processes(_score_worker, args=(2, _free_port(), str(tiny_gpt_oss_dir), str(wl), str(tmp_path / "t"),
+                                            str(tmp_path / "s2-"), runs, str(tmp_path / "ran")),
+                       nprocs=2, start_method="spawn", join=True)
+    cols = ["layer", "expert", "method", "value", "ci_low", "ci_high", "tokens"]
+    for i, want in enumerate(one):
+        got = load_scores(tmp_path / (f"s2-{i}" if i else "s2-"))
+        assert got.table.select(cols).equals(want.table.select(cols)), runs[i]
+    assert (one[0].to_pandas().query("method == 'taylor'").value > 0).any()
+    # the work was shared: each process ran some of the backwards and batches, none ran them twice
+    ran = [_ran(tmp_path / "ran", r) for r in range(2)]
+    calibration = sum(r["split"] == "calibration" for r in ROWS)
+    assert all(r["backward"] > 0 and r["batches"] > 0 for r in ran)
+    assert sum(r["backward"] for r in ran) == calibration  # one backward per prompt (every one has targets)
+    assert sum(r["batches"] for r in ran) == 2 * -(-calibration // 2)  # two runs of ceil(P / 2) batches
+
+
+def test_learned_masks_are_refused_under_several_processes(tmp_path, monkeypatch):
+    import uspx.score.api as api
+    from uspx.dist import Dist
+    from uspx.io import UspxError
+
+    monkeypatch.setattr(api, "current", lambda: Dist(0, 2))  # the check precedes any collective
+    with pytest.raises(UspxError, match="l0_layer learn masks in one process.*2 processes"):
+        api._score("default", tmp_path / "t", "python_dev", tmp_path / "s", ["frequency", "l0_layer"], keep="50%",
+                  progress=False)
+    assert not (tmp_path / "s").exists()

@@ -86,6 +86,8 @@ def trace(
     items_per_shard: int = typer.Option(64, "--items-per-shard", help="Items per Parquet shard (the unit a killed run resumes from, and that torchrun's processes share out)."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk); modules on disk are read from the safetensors files at each forward."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -98,7 +100,7 @@ def trace(
     manifest = run_trace(
         model, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
         norms=norms, trust_remote_code=trust_remote_code, streaming=streaming, reconstruction=reconstruction,
-        dtype=compute_dtype, items_per_shard=items_per_shard,
+        dtype=compute_dtype, items_per_shard=items_per_shard, device_map=device_map, max_memory=max_memory,
     )
     if not current().main:
         return
@@ -205,6 +207,8 @@ def score(
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
     tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --methods capability: comma-separated families whose work goes to tools (virtual experts), e.g. arith."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk). taylor needs every expert weight off disk."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,cpu=60GiB."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -218,7 +222,7 @@ def score(
     table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
                       streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep,
-                      tool_families=_csv(tool_families))
+                      tool_families=_csv(tool_families), device_map=device_map, max_memory=max_memory)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 

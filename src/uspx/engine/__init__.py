@@ -51,24 +51,30 @@ class Opened:
         return LoadedModel(self.source.model, self.tokenizer, self.path, self.fingerprint, self.label)
 
 
-def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_remote_code: bool = False) -> Opened:
+def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_remote_code: bool = False,
+                device: str | None = None, device_map=None, max_memory=None) -> Opened:
     """``model`` (a folder, ``"default"``, a :class:`~uspx.models.LoadedModel` or an :class:`Opened`)
     as a weight source.
 
     ``streaming`` reads one decoder layer at a time from the files, computing in ``dtype``; otherwise
-    the model is loaded whole (fp32).
+    the model is loaded whole (fp32), on ``device`` or placed by accelerate's ``device_map`` /
+    ``max_memory`` (:func:`uspx.models.load_model`; a folder only).
     """
     from uspx.models import LoadedModel, load_model, model_fingerprint
     from uspx.models.loading import resolve_model_path
 
     if isinstance(model, Opened):  # already opened: its source decides
         return model
+    if (device_map is not None or max_memory is not None) and (streaming or isinstance(model, LoadedModel)):
+        raise UspxError("a device map places a model loaded whole from its folder; a layer-by-layer run "
+                        "(--streaming) and an already loaded model take none")
     if isinstance(model, LoadedModel):
         if streaming:
             raise UspxError("a layer-by-layer run reads the model folder; pass its path, not a loaded model")
         return Opened(InMemory(model.model), model.tokenizer, model.source, model.fingerprint, model.label)
     if not streaming:
-        lm = load_model(model, trust_remote_code=trust_remote_code)
+        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, device_map=device_map,
+                        max_memory=max_memory)
         return Opened(InMemory(lm.model), lm.tokenizer, lm.source, lm.fingerprint, lm.label)
     if trust_remote_code:
         raise UspxError("layer-by-layer runs use transformers' own model classes; remote code is not supported")

@@ -92,8 +92,8 @@ class Routing(Observer):
             hidden, index, weights = args[0], args[1], args[2]
             hidden = hidden.reshape(-1, hidden.shape[-1])
             rows, real = _real(self.batch)
-            index = index.reshape(hidden.shape[0], -1)[real]
-            weights = weights.reshape(hidden.shape[0], -1)[real].float()
+            index = index.reshape(hidden.shape[0], -1).cpu()[real]
+            weights = weights.reshape(hidden.shape[0], -1).cpu()[real].float()
             # rank order, highest weight first (some routers return their top-k unsorted)
             order = torch.argsort(weights, dim=1, descending=True, stable=True)
             index, weights = index.gather(1, order), weights.gather(1, order)
@@ -102,8 +102,8 @@ class Routing(Observer):
             out["expert_weights"][rows] = weights.numpy()
             if self.want_norms:
                 with torch.no_grad():
-                    f = adapter.expert_outputs(layer, hidden[real].detach(), index)
-                out["expert_norms"][rows] = f.float().norm(dim=-1).numpy()
+                    f = adapter.expert_outputs(layer, hidden[real.to(hidden.device)].detach(), index.to(hidden.device))
+                out["expert_norms"][rows] = f.float().norm(dim=-1).cpu().numpy()
 
         return hook
 
@@ -112,7 +112,7 @@ class Routing(Observer):
             if _rerun[0]:
                 return
             logits = adapter.router_logits(output).detach()
-            logits = logits.reshape(-1, logits.shape[-1])
+            logits = logits.reshape(-1, logits.shape[-1]).cpu()
             rows, real = _real(self.batch)
             self.layers[layer.index]["router_logits"][rows] = logits[real].float().numpy()
 
@@ -162,6 +162,7 @@ class Reconstruction(Observer):
             x = args[0] if args else kwargs["hidden_states"]
             x = x.reshape(-1, x.shape[-1])
             rows, real = _real(self.batch)
+            real = real.to(x.device)
             x = x[real].detach()
             y = _first(output).reshape(real.shape[0], -1)[real].double()
             index = self._index.pop(layer.index)[real].long()
@@ -175,8 +176,8 @@ class Reconstruction(Observer):
                     for slot in range(index.shape[1]):
                         banned = torch.nn.functional.one_hot(index[:, slot], e).bool()
                         y_e = _first(module(x[None])).reshape(x.shape)
-                        d = (y - y_e.double()).pow(2).sum(dim=1).numpy()
-                        flat = items * e + index[:, slot].numpy()
+                        d = (y - y_e.double()).pow(2).sum(dim=1).cpu().numpy()
+                        flat = items * e + index[:, slot].cpu().numpy()
                         out["reconstruction_error"] += np.bincount(flat, weights=d, minlength=self.p * e).reshape(self.p, e)
                         out["reconstruction_routed"] += np.bincount(flat, minlength=self.p * e).reshape(self.p, e)
             finally:

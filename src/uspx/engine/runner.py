@@ -82,22 +82,24 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
     stats = RunStats()
     handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
     model = source.model
+    device = _input_device(model)
     try:
         with progress_bar(label, total=sum(int(b.attention_mask.sum()) for b in batches), unit="tok",
                           enabled=progress) as bar:
             for batch in batches:
                 for o in observers:
                     o.begin(batch)
+                ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
                 if head and batch.loss_mask.any():
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   logits_to_keep=batch.loss_mask, use_cache=False).logits
+                    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=batch.loss_mask.to(device),
+                                   use_cache=False).logits
                     if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
-                        logits = logits[batch.loss_mask]
+                        logits = logits[batch.loss_mask.to(logits.device)]
                     for o in observers:
                         if o.wants_logits:
-                            o.logits(batch, logits)
+                            o.logits(batch, logits.cpu())
                 else:
-                    model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                    model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
                 bar.advance(int(batch.attention_mask.sum()))
     finally:
         for h in handles:
@@ -107,6 +109,13 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
             o.layer_done(layer.index)
     stats.layers_run = list(range(source.n_layers))
     return stats
+
+
+def _input_device(model) -> torch.device:
+    """Where a batch goes into a whole model: its embedding's device (a model placed by a device map
+    moves activations between its devices itself; one whose embedding sits on disk takes CPU input)."""
+    weight = model.get_input_embeddings().weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 def _run_layers(source, batches, observers, head: bool, last_layer: int | None, state_dir, state_key,

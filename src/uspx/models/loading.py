@@ -42,6 +42,43 @@ def resolve_model_path(name: str | Path) -> Path:
     return path
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these from free memory
+DeviceMap = str | dict[str, int | str]
+
+
+def parse_device_map(value: str | Path | dict | None) -> DeviceMap | None:
+    """A device map for ``from_pretrained``: one of :data:`DEVICE_MAPS`, a dict, or a JSON file
+    holding a dict of module name -> device (an int GPU index, ``"cuda:1"``, ``"cpu"``, ``"disk"``)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if str(value) in DEVICE_MAPS:
+        return str(value)
+    path = Path(value)
+    if not path.is_file():
+        raise UspxError(f"--device-map {value!r}: not one of {', '.join(DEVICE_MAPS)} and not a JSON file")
+    try:
+        mapping = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UspxError(f"--device-map {path}: not JSON ({exc})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, (int, str)) for k, v in mapping.items()):
+        raise UspxError(f"--device-map {path}: expected an object of module name -> device (int or string)")
+    return mapping
+
+
+def parse_max_memory(value: str | dict | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` as accelerate's ``max_memory`` (GPU indices as ints)."""
+    if value is None or isinstance(value, dict):
+        return value
+    out: dict[int | str, str] = {}
+    for part in str(value).split(","):
+        device, sep, size = part.strip().partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise UspxError(f"--max-memory {value!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=60GiB")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
+
+
 def load_model(
     name: str | Path = DEFAULT_MODEL,
     *,
@@ -49,11 +86,17 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | None = None,
     with_tokenizer: bool = True,
+    device_map: str | Path | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM from a local folder; ``"default"`` is the bundled uspx teacher.
 
     Weights load from safetensors only (``use_safetensors=True`` refuses pickle files), and a model
     that needs its own Python code loads only with ``trust_remote_code=True``.
+
+    ``device_map`` (see :func:`parse_device_map`) places the modules across devices with accelerate,
+    for a model larger than one device; modules mapped to ``"disk"`` stay in the files and are read
+    at each forward. ``max_memory`` bounds what the computed maps put on each device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -77,9 +120,21 @@ def load_model(
         # Without GPU kernels transformers can only run MXFP4 experts dequantized; say so explicitly,
         # since its automatic fallback needs accelerate.
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
-    )
+    device_map = parse_device_map(device_map)
+    if max_memory is not None and not isinstance(device_map, str):
+        raise UspxError(f"--max-memory bounds a computed device map ({', '.join(DEVICE_MAPS)}); got device map {device_map!r}")
+    if device_map is not None:
+        if device:
+            raise UspxError(f"give a device ({device}) or a device map, not both")
+        extra.update(device_map=device_map, max_memory=parse_max_memory(max_memory), offload_folder=_offload_folder())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
+        )
+    except (ValueError, KeyError) as exc:
+        if device_map is None:
+            raise
+        raise UspxError(f"{path}: cannot place the model with device map {device_map!r}: {exc}") from None
     if device:
         model.to(device)
     model.eval()
@@ -87,6 +142,18 @@ def load_model(
     if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), model_label(path))
+
+
+def _offload_folder() -> str:
+    """Where accelerate may write modules mapped to ``"disk"`` (safetensors weights are read from
+    their own files, so it usually stays empty); removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="uspx-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def model_from_state(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:

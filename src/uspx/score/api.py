@@ -60,8 +60,10 @@ LOSS_DEFINITION = (
 
 def score(*args, **kwargs) -> ScoreTable:
     """Score every (layer, expert); see :func:`_score` for the arguments. Under torchrun every
-    process runs it, the ablations' (layer, expert) units are shared out and their sums added
-    across processes, and rank 0 writes the table: every process returns the single-process one."""
+    process runs it: the ablations' (layer, expert) units, taylor's prompts and, when the trace
+    holds no reconstruction sums, reconstruction's batches are shared out and their sums added
+    across processes; the learned masks (l0, l0_layer) are refused. Rank 0 writes the table: every
+    process returns the single-process one."""
     d = current()
     try:
         return _score(*args, **kwargs)
@@ -89,6 +91,8 @@ def _score(
     sequential: str | int | None = None,
     keep: str | int | None = None,
     tool_families: Sequence[str] | None = None,
+    device_map: str | Path | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -110,6 +114,9 @@ def _score(
     families score 0 and go first, experts that serve both keep what they do for the rest. The
     share of each expert's routed tokens in the tool families, with its interval, is recorded in
     the table's options.
+
+    ``device_map`` / ``max_memory`` place the whole model across devices (accelerate; see
+    :func:`uspx.models.load_model`); taylor then needs every expert weight in memory (not on disk).
     """
     if methods is METHODS:
         methods = [m for m in METHODS if m not in KEEP_METHODS or keep is not None]
@@ -121,6 +128,12 @@ def _score(
         raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
     if keep is None and any(m in KEEP_METHODS for m in methods):
         raise UspxError("l0 learns which experts to keep under a budget: give keep (--keep: a count or a share like 50%)")
+    learned = [m for m in methods if m in KEEP_METHODS]
+    if d.active and learned:
+        # training is one sequence of steps, not a sum over items to share out; run alone, the other
+        # processes would only wait on it (and time out on a long training)
+        raise UspxError(f"{', '.join(learned)} learn masks in one process: run `uspx score` for them without "
+                        f"torchrun (this run has {d.world} processes), or `uspx extract`, whose rank 0 scores")
     if streaming or sequential is not None:
         whole = [m for m in methods if m not in LOCAL_METHODS]
         if whole:
@@ -143,7 +156,11 @@ def _score(
     has_norms = "expert_norms" in _trace_columns(tr)
     if streaming and not has_norms and any(m in NORM_METHODS for m in methods):
         raise UspxError(f"{tr.path}: reap / ean need expert norms in the trace for a layer-by-layer run; trace with --norms")
-    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
+    if d.active and (device_map is not None or max_memory is not None):
+        raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
+                        "processes, each with its own copy: start it without torchrun")
+    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
+                     device_map=device_map, max_memory=max_memory)
     tr.check(model=lm.fingerprint, workload=traced.fingerprint)
     adapter = lm.source.adapter
     n_keep = parse_keep(sequential, adapter.num_experts) if sequential is not None else None
@@ -210,7 +227,7 @@ def _score(
         t0 = time.perf_counter()
         sums = traced_sums(tr, np.array([e.index for e in items])) if tr.manifest["options"].get("reconstruction") else None
         err, routed = sums if sums is not None else reconstruction_sums(
-            lm.source, items, pad_id=pad_id, batch_size=batch_size, progress=progress)
+            lm.source, items, pad_id=pad_id, batch_size=batch_size, progress=progress, dist=d)
         seconds["reconstruction"] = time.perf_counter() - t0
         tokens = np.array([len(e.input_ids) for e in items], dtype=float)
         add("reconstruction", [Factor(err, tokens[:, None, None])], routed.sum(0), len(items))
@@ -252,7 +269,7 @@ def _score(
         if "taylor" in methods:
             t0 = time.perf_counter()
             with progress_bar("taylor", total=p, unit="prompts", enabled=progress) as bar:
-                sal = run_taylor(lm.source.model, adapter, items, pad_id, bar)
+                sal = run_taylor(lm.source.model, adapter, items, pad_id, bar, dist=d)
             seconds["taylor"] = time.perf_counter() - t0
             add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
 

@@ -7,6 +7,10 @@ the gradient of prompt i's mean target loss (one backward per prompt, batch size
 gradients would be the textbook empirical Fisher but cost one backward per token; per-batch
 gradients would depend on the batch size. Since the score is linear in ``H``, it is the mean over
 prompts of ``1/2 sum_j theta_j^2 g_ij^2``: the per-prompt term is the bootstrap unit.
+
+Under several processes each takes every ``N``-th prompt and the per-prompt rows are added across
+processes: a prompt's row comes from the one process that ran it (the others hold 0), so the sum is
+the single-process value exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from uspx.dist import Dist
 from uspx.io import UspxError
 from uspx.models import MoEAdapter
 from uspx.score.loss import make_batches, token_losses
@@ -37,6 +42,9 @@ def _expert_params(adapter: MoEAdapter) -> list[list[tuple[torch.nn.Parameter, t
                     f"taylor needs floating-point expert parameters; {layer.name} {name} is "
                     f"{t.dtype} (dequantize the model first)"
                 )
+            if base.device.type == "meta":  # offloaded by a device map: its gradient would never reach it
+                raise UspxError(f"taylor needs every expert weight in memory; {layer.name} {name} is offloaded "
+                                "by the device map (map that layer to a device, not to disk)")
             if base.numel() != t.numel() or not t.is_contiguous():
                 raise UspxError(f"{layer.name} {name}: expert view does not keep memory order")
             params.append((base, t.shape))
@@ -44,8 +52,10 @@ def _expert_params(adapter: MoEAdapter) -> list[list[tuple[torch.nn.Parameter, t
     return out
 
 
-def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedItem], pad_id: int, bar) -> np.ndarray:
-    """[P, L, E] per-prompt ``1/2 sum_j theta_j^2 g_ij^2`` (0 for prompts without target tokens)."""
+def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedItem], pad_id: int, bar, *,
+               dist: Dist = Dist()) -> np.ndarray:
+    """[P, L, E] per-prompt ``1/2 sum_j theta_j^2 g_ij^2`` (0 for prompts without target tokens);
+    ``dist``: this process's share of the prompts (every process returns every row)."""
     per_layer = _expert_params(adapter)
     wanted = [p for params in per_layer for p, _ in params]
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -57,9 +67,9 @@ def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedI
             p.requires_grad_(False)
         for p in wanted:
             p.requires_grad_(True)
-        for batch in make_batches(items, 1, pad_id):
+        for i, batch in enumerate(make_batches(items, 1, pad_id)):
             n = int(batch.loss_mask.sum())
-            if n == 0:
+            if n == 0 or not dist.mine(i):  # prompts sorted by length: every N-th one balances the shares
                 bar.advance()
                 continue
             loss = token_losses(model, batch).sum() / n
@@ -72,10 +82,10 @@ def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedI
                     if g is None:
                         continue
                     sal = (p.detach().double() ** 2) * (g.double() ** 2)
-                    total += sal.reshape(shape[0], -1).sum(1)
+                    total += sal.reshape(shape[0], -1).sum(1).cpu()
                 out[batch.rows[0], pos] = 0.5 * total.numpy()
             bar.advance()
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-    return out
+    return dist.sum(out)

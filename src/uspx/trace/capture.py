@@ -57,11 +57,13 @@ class RoutingRecorder:
         def hook(module, args):
             hidden, index, weights = args[0], args[1], args[2]
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            rec = LayerRouting(index.detach().reshape(hidden.shape[0], -1), weights.detach().reshape(hidden.shape[0], -1))
+            index = index.detach().reshape(hidden.shape[0], -1)
+            # kept on the CPU, where every reader of the records works, whatever device ran the layer
+            rec = LayerRouting(index.cpu(), weights.detach().reshape(hidden.shape[0], -1).cpu())
             if self.want_norms:
                 with torch.no_grad():
-                    out = self.adapter.expert_outputs(layer, hidden.detach(), rec.index)
-                rec.norms = out.float().norm(dim=-1)
+                    out = self.adapter.expert_outputs(layer, hidden.detach(), index)
+                rec.norms = out.float().norm(dim=-1).cpu()
             old = self.layers.get(layer.index)
             if old is not None and old.logits is not None:
                 rec.logits = old.logits
@@ -72,7 +74,7 @@ class RoutingRecorder:
     def _router_hook(self, layer: MoELayer):
         def hook(module, args, output):
             logits = self.adapter.router_logits(output).detach()
-            logits = logits.reshape(-1, logits.shape[-1])
+            logits = logits.reshape(-1, logits.shape[-1]).cpu()
             rec = self.layers.get(layer.index)
             if rec is None:
                 # the router runs before the experts: park the logits until the experts hook fires

@@ -59,15 +59,25 @@ def trace(
     streaming: bool = False,
     dtype: str = "bf16",
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    device_map: str | Path | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> dict:
     """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
 
     ``streaming`` runs the model a decoder layer at a time from its safetensors files, computing in
     ``dtype`` with batches of at most ``batch_size`` items and ``batch_tokens`` padded positions
-    (models larger than memory); the folder is the same either way.
+    (models larger than memory); the folder is the same either way. ``device_map`` / ``max_memory``
+    place a model loaded whole across devices (accelerate; see :func:`uspx.models.load_model`).
+    Under torchrun with GPUs, each process loads the whole model onto its own GPU.
     """
+    d = current()
+    if d.active and (device_map is not None or max_memory is not None):
+        raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
+                        "processes, each with its own copy: start it without torchrun")
+    gpu = d.device if d.device != "cpu" and not streaming else None  # layer-by-layer runs compute on the CPU
     opened = model if isinstance(model, Opened) else open_source(
-        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code, device=gpu,
+        device_map=device_map, max_memory=max_memory)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     wl = wl.part(split)
     if opened.tokenizer is None:
@@ -86,7 +96,6 @@ def trace(
         options["reconstruction"] = True
     if opened.streaming:
         options.update(streaming=True, dtype=dtype, batch_tokens=batch_tokens)
-    d = current()
     if d.main:
         manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
         merge_rank_shards(out, manifest)  # shards a killed multi-process run wrote

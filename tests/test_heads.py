@@ -6,22 +6,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uspx.prune.heads import group_scores, kept_groups, kv_bytes_per_token, masked_heads, narrowed_heads
+from uspx.prune.heads import group_heads, group_scores, kept_groups, kv_bytes_per_token, masked_heads, narrowed_heads
 from uspx.testing import tiny_model
 from uspx.workload import EncodedItem
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "mixtral"])
-def test_narrowed_attention_equals_the_masked_model(family, one_thread, tmp_path):
+@pytest.mark.parametrize("query_heads", ["all", "half"])
+def test_narrowed_attention_equals_the_masked_model(family, query_heads, one_thread, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(family)
     n_layers, kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    rep = model.config.num_attention_heads // kv
     g = torch.Generator().manual_seed(1)
-    kept = torch.stack([torch.randperm(kv, generator=g)[: kv // 2].sort().values for _ in range(n_layers)])
+    groups = torch.stack([torch.randperm(kv, generator=g)[: kv // 2].sort().values for _ in range(n_layers)])
+    kept = group_heads(groups, rep)
+    if query_heads == "half":  # a random half of the query heads of each kept group
+        if rep < 2:
+            pytest.skip("one query head per KV group")
+        kept = torch.stack([torch.cat([row[i * rep:(i + 1) * rep][torch.randperm(rep, generator=g)[: rep // 2]].sort().values
+                                       for i in range(kv // 2)]) for row in kept])
     narrow = narrowed_heads(model, kept)
     assert narrow.config.num_key_value_heads == kv // 2
-    assert narrow.config.num_attention_heads == model.config.num_attention_heads // 2
+    assert narrow.config.num_attention_heads == kept.shape[1]
     assert kv_bytes_per_token(narrow.config) * 2 == kv_bytes_per_token(model.config)
     narrow.save_pretrained(tmp_path / "n")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "n")  # stock loading

@@ -209,6 +209,8 @@ def score(
     tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --methods capability: comma-separated families whose work goes to tools (virtual experts), e.g. arith."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk). taylor needs every expert weight off disk."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,cpu=60GiB."),
+    units: str = typer.Option("experts", "--units", help="Unit types to score: experts, and channels (expert intermediate channels) and heads (KV groups and query heads), written to units.parquet."),
+    unit_methods: Optional[str] = typer.Option(None, "--unit-methods", help="Channel and head score methods (default: reconstruction, activation, attribution, fisher): also ablation (heads only; one pass over the prompts per head)."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -222,7 +224,8 @@ def score(
     table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
                       streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep,
-                      tool_families=_csv(tool_families), device_map=device_map, max_memory=max_memory)
+                      tool_families=_csv(tool_families), device_map=device_map, max_memory=max_memory,
+                      units=units, unit_methods=_csv(unit_methods))
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -240,8 +243,12 @@ def select_cmd(
     kv_dtype: str = typer.Option("bf16"),
     non_uniform: bool = typer.Option(False, "--non-uniform", help="Allow different counts per layer (export pads with never-routed experts)."),
     solver: str = typer.Option("lagrangian", help="lagrangian or greedy (non-uniform plans)."),
+    units: str = typer.Option("experts", "--units", help="Unit types to choose under the budget: experts, channels, heads (e.g. experts,channels,heads; needs `uspx score --units` and --budget)."),
+    unit_method: Optional[str] = typer.Option(None, "--unit-method", help="Channel and head score to select by (default: the same name as --method; reconstruction puts experts, channels and heads in one currency)."),
+    channel_step: Optional[int] = typer.Option(None, "--channel-step", help="Expert width granularity in channels (default 8 up to 256 channels, else 32)."),
 ) -> None:
-    """Choose the kept experts under a memory budget (or a keep share) from a score table."""
+    """Choose the kept experts (and, with --units, expert channels and attention heads) under a
+    memory budget (or a keep share) from a score table."""
     from uspx.extract import checkpoint_dtype
     from uspx.io import sha256_json
     from uspx.models import model_fingerprint
@@ -254,6 +261,24 @@ def select_cmd(
     fingerprint = model_fingerprint(path)  # from the files: no need to load a model that may not fit
     table.check(model=fingerprint)
     method = method or DEFAULT_METHOD
+    from uspx.score.units import parse_units
+
+    unit_types = parse_units(units)
+    if unit_types != ["experts"]:  # channels or heads: one shape for the whole model, under a byte budget
+        from uspx.plan.joint import select_units
+        from uspx.score.units import load_units
+
+        if budget is None or keep is not None or non_uniform or method == "random":
+            raise typer.BadParameter("--units chooses uniform shapes under a --budget (no --keep, --non-uniform or random)")
+        layers, matrix = table.matrix(method)
+        plan_obj = select_units(
+            dict(zip(layers, matrix)), load_units(scores_dir), path, units=unit_types, budget=budget, method=method, unit_method=unit_method,
+            dtype=dtype or checkpoint_dtype(path), context=context, kv_dtype=kv_dtype, channel_step=channel_step,
+            scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint)
+        plan_obj.save(out)
+        console.print(plan_obj)
+        console.print(f"plan written to {out}")
+        return
     plan_obj = select_experts(
         table.random(seed) if method == "random" else table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(path),
         context=context if budget else 0, kv_dtype=kv_dtype, uniform=not non_uniform, method=solver,

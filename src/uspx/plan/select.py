@@ -187,6 +187,9 @@ class Plan:
     scores_fingerprint: str | None = None
     model_fingerprint: str | None = None
     padding: str | None = None  # how a non-uniform plan exports, and what that costs
+    # joint plans (``uspx.plan.joint``): narrower experts and fewer heads, or None for whole ones
+    channels: dict[str, Any] | None = None  # width, original_width, kept: layer -> per kept expert, its channels
+    heads: dict[str, Any] | None = None  # kv_groups, heads_per_group, original_*, kept: layer -> query heads
 
     @property
     def counts(self) -> dict[int, int]:
@@ -206,6 +209,10 @@ class Plan:
             "value": self.value, "value_total": self.value_total, "solver": self.solver,
             "scores_fingerprint": self.scores_fingerprint, "model_fingerprint": self.model_fingerprint,
             "padding": self.padding,
+            **({"channels": {**self.channels, "kept": {str(l): v for l, v in sorted(self.channels["kept"].items())}}}
+               if self.channels else {}),
+            **({"heads": {**self.heads, "kept": {str(l): v for l, v in sorted(self.heads["kept"].items())}}}
+               if self.heads else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -223,12 +230,20 @@ class Plan:
         table.add_column("experts")
         for layer, ids in sorted(self.kept.items()):
             table.add_row(str(layer), f"{len(ids)}/{self.num_experts}", " ".join(map(str, ids)))
-        if not self.padding:
+        lines = [self.padding] if self.padding else []
+        if self.channels:
+            lines.append(f"expert width {self.channels['width']} of {self.channels['original_width']} channels")
+        if self.heads:
+            h = self.heads
+            lines.append(f"attention: {h['kv_groups']} of {h['original_kv_groups']} KV groups, {h['heads_per_group']} of "
+                         f"{h['original_heads_per_group']} query heads each; KV cache "
+                         f"{self.sizes.get('kv_per_token', 0)} bytes per token (was {self.sizes.get('kv_per_token_original', 0)})")
+        if not lines:
             return table
         from rich.console import Group
         from rich.text import Text
 
-        return Group(table, Text(self.padding))  # a caption would wrap to the table's width
+        return Group(table, *map(Text, lines))  # a caption would wrap to the table's width
 
 
 def parse_keep(keep: int | float | str, num_experts: int) -> int:
@@ -479,4 +494,65 @@ def load_plan(path: str | os.PathLike) -> Plan:
         value_total=float(data.get("value_total") or 0.0), solver=dict(data.get("solver") or {}),
         scores_fingerprint=data.get("scores_fingerprint"), model_fingerprint=data.get("model_fingerprint"),
         padding=data.get("padding"),
+        channels=_read_channels(data.get("channels"), kept, bad),
+        heads=_read_heads(data.get("heads"), bad),
     )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _read_channels(raw: Any, experts: dict[int, list[int]], bad) -> dict[str, Any] | None:
+    """A joint plan's channel choice: per MoE layer, one sorted list of ``width`` channel ids per
+    kept expert (in the order of the kept experts)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not _count(raw.get("width")) or not _count(raw.get("original_width")):
+        raise bad("channels", "expected an object with positive width and original_width and kept")
+    width, full = raw["width"], raw["original_width"]
+    if width > full:
+        raise bad("channels.width", f"{width} is above original_width {full}")
+    kept = raw.get("kept")
+    if not isinstance(kept, dict) or sorted(int(k) for k in kept if str(k).isdigit()) != sorted(experts):
+        raise bad("channels.kept", f"expected one entry per layer of kept ({sorted(experts)})")
+    out = {}
+    for key, lists in kept.items():
+        layer = int(key)
+        if not isinstance(lists, list) or len(lists) != len(experts[layer]):
+            raise bad(f"channels.kept.{key}", f"expected {len(experts[layer])} lists, one per kept expert")
+        for ids in lists:
+            if (not isinstance(ids, list) or len(ids) != width or ids != sorted(set(ids))
+                    or not all(isinstance(c, int) and 0 <= c < full for c in ids)):
+                raise bad(f"channels.kept.{key}", f"each list must hold {width} sorted, unique channel ids in 0..{full - 1}")
+        out[layer] = lists
+    return {**raw, "kept": out}
+
+
+def _read_heads(raw: Any, bad) -> dict[str, Any] | None:
+    """A joint plan's head choice: per decoder layer, the kept query heads (sorted), ``heads_per_group``
+    of each of ``kv_groups`` groups."""
+    if raw is None:
+        return None
+    names = ("kv_groups", "heads_per_group", "original_kv_groups", "original_heads_per_group")
+    if not isinstance(raw, dict) or not all(_count(raw.get(n)) for n in names):
+        raise bad("heads", f"expected an object with positive {', '.join(names)} and kept")
+    g, r, full_g, full_r = (raw[n] for n in names)
+    if g > full_g or r > full_r:
+        raise bad("heads", f"{g} groups of {r} heads exceed the original {full_g} of {full_r}")
+    kept = raw.get("kept")
+    if not isinstance(kept, dict) or not kept:
+        raise bad("heads.kept", "expected an object: layer -> kept query heads")
+    out = {}
+    for key, ids in kept.items():
+        if not str(key).isdigit() or not isinstance(ids, list) or ids != sorted(set(ids)) or len(ids) != g * r:
+            raise bad(f"heads.kept.{key}", f"expected {g * r} sorted, unique query head ids")
+        groups = {}
+        for h in ids:
+            if not isinstance(h, int) or not 0 <= h < full_g * full_r:
+                raise bad(f"heads.kept.{key}", f"query head ids must lie in 0..{full_g * full_r - 1}")
+            groups.setdefault(h // full_r, []).append(h)
+        if len(groups) != g or any(len(v) != r for v in groups.values()):
+            raise bad(f"heads.kept.{key}", f"must keep {r} heads in each of {g} KV groups")
+        out[int(key)] = ids
+    return {**raw, "kept": out}

@@ -144,11 +144,14 @@ def export_channels(model, workload, out_dir: str | Path, *, width: int | str, m
         format="uspx-channels/1", width=n, original_width=full, kept={str(l): v.tolist() for l, v in kept.items()}))
 
 
-def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir: str | Path, fields: dict) -> dict:
+def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir: str | Path, fields: dict, *,
+                  kept: dict[int, list[int]] | None = None, size_check=None) -> dict:
     """Write ``narrow`` (a structurally smaller copy of ``lm``'s model) to ``out_dir`` in the stored
     precision, reload it with stock ``from_pretrained``, compare its logits with ``reference`` (the
-    masked original, rounded the same way) and put it in place only if they agree; then evaluate it
-    on ``workload``'s held-out items. Returns the record (``fields`` plus verification, sizes, delta)."""
+    masked original, rounded the same way, restricted to ``kept`` experts when given) and put it in
+    place only if they agree and ``size_check(folder)`` (which raises on a mismatch) passes; then,
+    with a ``workload``, evaluate it on its held-out items. Returns the record (``fields`` plus
+    verification, sizes and the held-out delta)."""
     from uspx.engine import InMemory
     from uspx.evaluate import evaluate
     from uspx.models import load_model, model_fingerprint
@@ -171,14 +174,17 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir
         with torch.no_grad():  # the stored precision, parameters only (rotary tables are not saved)
             for p in reference.parameters():
                 p.copy_(p.to(stored).to(p.dtype))
-        check = compare_logits(InMemory(reference), {}, InMemory(reloaded),
+        check = compare_logits(InMemory(reference), kept or {}, InMemory(reloaded),
                                verification_items(lm.tokenizer, None, int(lm.model.config.vocab_size)))
+        check["reloaded_with"] = "AutoModelForCausalLM.from_pretrained (stored precision)"
         if not check["max_abs_logit_diff"] <= 1e-4:
             raise UspxError(f"the export differs from the masked model by {check['max_abs_logit_diff']:.3g}; "
                             "nothing was written")
         record = dict(fields, source=str(lm.source), source_fingerprint=lm.fingerprint,
                       family=adapter_for(lm.model).family, verification=check,
                       fingerprint=model_fingerprint(tmp), status="written")
+        if size_check is not None:
+            record["size"] = size_check(tmp)
         write_json(tmp / RECORD, record)
         if out.exists():
             out.rmdir()
@@ -186,8 +192,9 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ev = evaluate(lm, out, workload, speed=False)
-    record["heldout"] = {f: v["delta"] for f, v in {**ev["families"], "all": ev["overall"]}.items()}
     record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
+    if workload is not None:
+        ev = evaluate(lm, out, workload, speed=False)
+        record["heldout"] = {f: v["delta"] for f, v in {**ev["families"], "all": ev["overall"]}.items()}
     write_json(out / RECORD, record)
     return record

@@ -70,6 +70,14 @@ def export(
     fingerprint = model_fingerprint(src)
     if ks.plan is not None and getattr(ks.plan, "model_fingerprint", None):
         check_fingerprints({"model": fingerprint}, {"model": ks.plan.model_fingerprint}, f"plan {ks.plan_path or ''}".strip())
+    if ks.plan is not None and (getattr(ks.plan, "channels", None) or getattr(ks.plan, "heads", None)):
+        if not physical or streaming:
+            raise UspxError("a plan with narrower experts or fewer heads exports physically and verifies whole models: "
+                            "drop --mask-only / --streaming")
+        from uspx.prune.shaped import export_shaped
+
+        return export_shaped(_fp32_model(model, src, trust_remote_code), ks.plan, out_dir, plan_path=ks.plan_path,
+                             plan_sha256=ks.plan_sha256, size_tolerance=size_tolerance)
     out = Path(out_dir)
     if out.resolve() == src.resolve():
         raise UspxError(f"{out}: the export must go to another folder than its source")

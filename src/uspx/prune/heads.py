@@ -15,6 +15,7 @@ columns zeroed).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,34 +75,45 @@ def _query_rows(groups: torch.Tensor, rep: int, hd: int) -> torch.Tensor:
     return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
 
 
+def group_heads(groups: torch.Tensor, rep: int) -> torch.Tensor:
+    """[layers, n * rep]: every query head of the KV groups ``groups`` [layers, n]."""
+    return (groups[..., None] * rep + torch.arange(rep)).reshape(groups.shape[0], -1)
+
+
 def masked_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` whose dropped groups write nothing (their ``o_proj`` columns zeroed)."""
+    """A copy of ``model`` whose dropped query heads write nothing (their ``o_proj`` columns zeroed);
+    ``kept`` [layers, n] holds the query heads each layer keeps."""
     out = copy.deepcopy(model)
     heads, kv, hd = _shape(out)
-    rep = heads // kv
     with torch.no_grad():
         for i, a in enumerate(_attention(out)):
-            drop = torch.tensor([g for g in range(kv) if g not in kept[i].tolist()], dtype=torch.long)
+            drop = torch.tensor([h for h in range(heads) if h not in kept[i].tolist()], dtype=torch.long)
             if len(drop):
-                a.o_proj.weight[:, _query_rows(drop, rep, hd)] = 0.0
+                a.o_proj.weight[:, _query_rows(drop, 1, hd)] = 0.0
     return out
 
 
 def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
-    """A new model of the same family keeping only the ``kept`` KV groups of every layer."""
+    """A new model of the same family keeping only the ``kept`` query heads [layers, n] of every
+    layer: the same number of heads in each of the same number of KV groups (a config holds one
+    layout), the key and value heads of groups with no kept head removed."""
     from uspx.models.loading import model_from_state
 
     adapter = adapter_for(model)
     heads, kv, hd = _shape(model)
-    rep, n = heads // kv, kept.shape[1]
+    rep = heads // kv
+    per_layer = [Counter(h // rep for h in row) for row in kept.tolist()]
+    if len({len(c) for c in per_layer}) != 1 or len({n for c in per_layer for n in c.values()}) != 1:
+        raise UspxError("kept query heads must be the same number in each of the same number of KV groups in every layer")
+    groups = [sorted(c) for c in per_layer]
     config = copy.deepcopy(model.config)
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = n * rep, n, hd
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = kept.shape[1], len(groups[0]), hd
     state = dict(model.state_dict())
     prefix = {id(a): name for name, a in model.named_modules()}
     for i, a in enumerate(_attention(model)):
         p = prefix[id(a)]
-        q_rows = _query_rows(kept[i], rep, hd)
-        kv_rows = _query_rows(kept[i], 1, hd)
+        q_rows = _query_rows(kept[i], 1, hd)
+        kv_rows = _query_rows(torch.tensor(groups[i]), 1, hd)
         for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             module = getattr(a, proj)
             state[f"{p}.{proj}.weight"] = module.weight.detach()[rows]
@@ -109,8 +121,7 @@ def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
                 state[f"{p}.{proj}.bias"] = module.bias.detach()[rows]
         state[f"{p}.o_proj.weight"] = a.o_proj.weight.detach()[:, q_rows]
         for name in adapter.per_head_params:
-            q_heads = (kept[i][:, None] * rep + torch.arange(rep)).reshape(-1)
-            state[f"{p}.{name}"] = getattr(a, name).detach()[q_heads]
+            state[f"{p}.{name}"] = getattr(a, name).detach()[kept[i]]
     return model_from_state(config, state, next(model.parameters()).dtype)
 
 
@@ -136,8 +147,9 @@ def export_heads(model, workload, out_dir: str | Path, *, groups: int | str, max
     wl = load_workload(workload)
     items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
     kept = kept_groups(group_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
-    narrow = narrowed_heads(lm.model, kept)
-    record = save_verified(lm, narrow, masked_heads(lm.model, kept), wl, out_dir, dict(
+    heads = group_heads(kept, _shape(lm.model)[0] // kv)
+    narrow = narrowed_heads(lm.model, heads)
+    record = save_verified(lm, narrow, masked_heads(lm.model, heads), wl, out_dir, dict(
         format="uspx-heads/1", kv_groups=n, original_kv_groups=kv, kept={str(i): v.tolist() for i, v in enumerate(kept)},
         kv_bytes_per_token=dict(original=kv_bytes_per_token(lm.model.config), narrowed=kv_bytes_per_token(narrow.config))))
     return record

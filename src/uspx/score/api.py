@@ -93,6 +93,8 @@ def _score(
     tool_families: Sequence[str] | None = None,
     device_map: str | Path | dict | None = None,
     max_memory: str | dict | None = None,
+    units: Sequence[str] | str = ("experts",),
+    unit_methods: Sequence[str] | None = None,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -117,7 +119,16 @@ def _score(
 
     ``device_map`` / ``max_memory`` place the whole model across devices (accelerate; see
     :func:`uspx.models.load_model`); taylor then needs every expert weight in memory (not on disk).
+
+    ``units`` adds the units inside the layers ("channels": expert intermediate channels, "heads":
+    KV groups and query heads), scored on the same prompts with ``unit_methods``
+    (:mod:`uspx.score.units`) and written to ``units.parquet`` beside the expert table.
     """
+    from uspx.score.units import DEFAULT_METHODS as UNIT_DEFAULTS, parse_units
+
+    inner_units = [u for u in parse_units(units) if u != "experts"]
+    if inner_units and (streaming or sequential is not None):
+        raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
     if methods is METHODS:
         methods = [m for m in METHODS if m not in KEEP_METHODS or keep is not None]
         methods = [m for m in methods if m != "capability" or tool_families]
@@ -295,6 +306,18 @@ def _score(
         add(method, [Factor(value[None], np.ones((1, 1, 1)))], l0_tokens, len(items), n_boot=0)
         l0_meta = {**(l0_meta or {}), method: dict(keep=l0_keep, history=history,
                                                    log_alpha=[[round(float(x), 4) for x in row] for row in log_alpha])}
+    unit_table = None
+    if inner_units and d.main:  # one pass over the prompts: not shared out, only rank 0 writes
+        from uspx.score.units import score_units
+
+        if lm.tokenizer is None:
+            raise UspxError(f"{lm.path}: no tokenizer; channel and head scores need one")
+        if not items:
+            items, pad_id = _items(tr, traced, lm.tokenizer, split, max_tokens, seed), pad_id_of(lm.tokenizer)
+        t0 = time.perf_counter()
+        unit_table = score_units(lm.source.model, items, inner_units, unit_methods or UNIT_DEFAULTS, pad_id=pad_id,
+                                 batch_size=batch_size, bootstrap=bootstrap, seed=seed, progress=progress)
+        seconds["units"] = time.perf_counter() - t0
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
     meta = dict(
@@ -313,6 +336,7 @@ def _score(
             sequential=dict(keep=n_keep, kept=sequential_kept) if n_keep is not None else None,
             l0=(l0_meta or {}).get("l0"), l0_layer=(l0_meta or {}).get("l0_layer"),
             capability=capability_meta,
+            units=["experts", *inner_units], unit_methods=unit_table.methods() if unit_table is not None else None,
             marginal=marginal, ci_level=0.95, bootstrap_unit="prompt", loss=LOSS_DEFINITION,
             taylor_fisher="per-prompt empirical Fisher (gradient of each prompt's mean target loss)",
             reconstruction_removal="interventional (banned in the router, next expert takes the slot)",
@@ -331,6 +355,9 @@ def _score(
     )
     table = ScoreTable(pa.concat_tables(rows), meta)
     if d.main:
+        if unit_table is not None:  # before scores.json, which marks a complete folder
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            unit_table.write(out_dir)
         table.write(out_dir)
     return table
 

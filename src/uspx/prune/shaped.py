@@ -1,0 +1,104 @@
+"""Export a joint plan: fewer experts, narrower experts and fewer attention heads in one checkpoint.
+
+The experts go first, sliced on disk like any plan (``prune.export``, verified on its own); the
+result is then cut to the plan's channels (``prune.channels.narrowed``) and query heads
+(``prune.heads.narrowed_heads``) and written in the stored precision. The reference it must equal
+is the original restricted to the kept experts, with the dropped channels of the kept experts and
+the dropped query heads writing nothing (their down-projection and ``o_proj`` columns zeroed): the
+masked model. The export is reloaded with stock ``from_pretrained`` and compared with it before it
+is put in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uspx.io import UspxError
+from uspx.models import LoadedModel, adapter_for
+
+
+def masked_reference(model: nn.Module, plan) -> nn.Module:
+    """A copy of ``model`` whose units the joint ``plan`` drops inside the kept experts and attention
+    write nothing (experts are restricted at comparison time)."""
+    from uspx.prune.channels import masked
+    from uspx.prune.heads import masked_heads
+
+    out = model
+    if plan.channels:
+        width = adapter_for(model).expert_width()
+        kept = {}
+        for layer in adapter_for(model).layers:
+            rows = torch.arange(plan.channels["width"]).repeat(layer.num_experts, 1)  # dropped experts: any
+            for e, channels in zip(plan.kept[layer.index], plan.channels["kept"][layer.index]):
+                rows[e] = torch.tensor(channels)
+            kept[layer.index] = rows
+        if plan.channels["original_width"] != width:
+            raise UspxError(f"the plan narrows experts of {plan.channels['original_width']} channels; this model's have {width}")
+        out = masked(out, kept)
+    if plan.heads:
+        out = masked_heads(out, _head_tensor(plan, model))
+    return out if out is not model else copy.deepcopy(model)
+
+
+def _head_tensor(plan, model: nn.Module) -> torch.Tensor:
+    layers = model.config.num_hidden_layers
+    missing = [i for i in range(layers) if i not in plan.heads["kept"]]
+    if missing:
+        raise UspxError(f"the plan keeps no heads for layers {missing}")
+    return torch.tensor([plan.heads["kept"][i] for i in range(layers)], dtype=torch.long)
+
+
+def shaped(pruned: nn.Module, plan) -> nn.Module:
+    """``pruned`` (already holding only the plan's experts, in its order) cut to the plan's channels
+    and query heads."""
+    from uspx.prune.channels import narrowed
+    from uspx.prune.heads import narrowed_heads
+
+    out = pruned
+    if plan.channels:
+        out = narrowed(out, {l: torch.tensor(v, dtype=torch.long) for l, v in plan.channels["kept"].items()})
+    if plan.heads:
+        out = narrowed_heads(out, _head_tensor(plan, pruned))
+    return out
+
+
+def export_shaped(lm: LoadedModel, plan, out_dir: str | Path, *, plan_path: str | None = None,
+                  plan_sha256: str | None = None, size_tolerance: float = 0.02) -> dict:
+    """Write ``lm`` (its fp32 copy) cut to the joint ``plan`` into ``out_dir`` (see the module doc)."""
+    from uspx.models import load_model
+    from uspx.plan.select import Plan
+    from uspx.prune.channels import save_verified
+    from uspx.prune.export import FORMAT, export
+    from uspx.prune.files import weight_files
+    from uspx.prune.verify import check_size
+
+    if not isinstance(plan, Plan) or not (plan.channels or plan.heads):
+        raise UspxError("export_shaped needs a joint plan (one with channels or heads)")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.experts-", dir=out.parent) as tmp:
+        experts_only = export(lm, plan.kept_set(), Path(tmp) / "experts")
+        pruned = load_model(Path(tmp) / "experts", dtype=torch.float32, with_tokenizer=False).model
+    narrow = shaped(pruned, plan)
+    reference = masked_reference(lm.model, plan)
+    stored = weight_files(lm.source).main_float_dtype()
+    expected = int(plan.predicted_bytes) - int(plan.sizes.get("kv_cache", 0)) - int(plan.sizes.get("reserve", 0))
+
+    def size_of(folder: Path) -> dict:
+        return check_size(weight_files(folder).tensor_bytes, expected, size_tolerance,
+                          f" (plan sized for {plan.settings.get('dtype')}, checkpoint in {str(stored).replace('torch.', '')})")
+
+    return save_verified(lm, narrow, reference, None, out, dict(
+        format=FORMAT, model_type=lm.model.config.model_type, physical=True,
+        dtype=str(stored).replace("torch.", ""),
+        kept={str(l): v for l, v in plan.kept.items()}, counts={str(l): len(v) for l, v in plan.kept.items()},
+        channels=None if not plan.channels else {"width": plan.channels["width"],
+                                                 "original_width": plan.channels["original_width"]},
+        heads=None if not plan.heads else {k: plan.heads[k] for k in plan.heads if k != "kept"},
+        plan=plan_path, plan_sha256=plan_sha256,
+        experts_verification=experts_only["verification"]), kept=plan.kept_set(), size_check=size_of)

@@ -1,0 +1,414 @@
+"""Scores of the units inside the layers: expert channels, KV groups and query heads.
+
+Every unit writes the residual stream through a block of columns of one projection: channel ``c``
+of expert ``e`` through column ``c`` of that expert's down projection (scaled by the routing weight
+``g_e``), query head ``h`` through its ``o_proj`` columns, KV group ``k`` through the ``o_proj``
+columns of the query heads that read it. Removing a unit alone changes that write by exactly its
+contribution, so on the calibration tokens (per real token, the bootstrap unit being the prompt):
+
+- ``reconstruction``: ``sum_t ||contribution_t||^2 / tokens``, the squared output change removing the
+  unit causes at its layer. Experts' ``reconstruction`` score (``uspx.score.reconstruction``) is
+  the same quantity for whole experts, so the three unit types share one currency and one knapsack
+  can weigh them (assuming the removals add: cross terms between removed units are ignored).
+- ``activation``: ``sum_t ||contribution_t|| / tokens``, the magnitude Wanda and FLAP rank by
+  (``g_e |h_c| ||d_c||`` for a channel).
+- ``attribution``: ``-dL/dm`` with the unit's block scaled by ``m``, one forward and backward per
+  prompt (first-order Taylor estimate of the loss change of removing it).
+- ``fisher``: ``(1/2) mean_i (dL_i/dm)^2`` over prompts ``i`` (``L_i`` the prompt's mean loss), the
+  empirical-Fisher estimate of the same change (Theis et al., 2018).
+- ``ablation`` (heads only, opt in: one pass over the calibration set per head): the loss change
+  when the unit's block is zeroed, measured.
+
+The loss is uspx's one definition (``uspx.score.loss``). Intervals are bootstrap percentiles over
+prompts, drawn with the same resampling as the expert scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from uspx.io import UspxError, atomic_path
+from uspx.models import adapter_for
+from uspx.progress import progress_bar
+from uspx.score.bootstrap import resample_counts
+from uspx.workload import EncodedItem
+
+UNITS = ("experts", "channels", "heads")
+KINDS = ("channel", "kv_group", "query_head")
+METHODS = ("reconstruction", "activation", "attribution", "fisher", "ablation")
+DEFAULT_METHODS = ("reconstruction", "activation", "attribution", "fisher")
+PARQUET = "units.parquet"
+
+SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # channel, kv_group or query_head
+        ("layer", pa.int16()),  # decoder layer
+        ("index", pa.int32()),  # expert (channels), KV group or query head
+        ("channel", pa.int32()),  # the channel of a channel row; -1 otherwise
+        ("method", pa.string()),
+        ("value", pa.float64()),  # higher = more important
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_prompts", pa.int32()),
+    ]
+)
+
+
+def parse_units(text: str | Sequence[str]) -> list[str]:
+    """``"experts,channels,heads"`` -> the unit types, checked."""
+    names = [u.strip() for u in (text.split(",") if isinstance(text, str) else text) if u.strip()]
+    bad = [u for u in names if u not in UNITS]
+    if bad or not names:
+        raise UspxError(f"unknown unit type {', '.join(bad) or repr(text)}; choose from {', '.join(UNITS)}")
+    return [u for u in UNITS if u in names]
+
+
+def head_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of ``model``."""
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return heads, kv, head_dim
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    adapter = adapter_for(model)
+    return [getattr(layer, adapter.attention_attr) for layer in adapter.decoder_layers(model)]
+
+
+class _Sums:
+    """Per-prompt sums of one quantity over many units, kept as their total and as bootstrap
+    replicate totals (the per-prompt values themselves would not fit for channels of a large model)."""
+
+    def __init__(self, shape: tuple[int, ...], counts: np.ndarray):
+        self.counts = torch.from_numpy(counts)  # [B, P]
+        self.total = torch.zeros(shape, dtype=torch.float64)
+        self.rep = torch.zeros((counts.shape[0], *shape), dtype=torch.float64)
+
+    def add(self, per_prompt: torch.Tensor, prompts: torch.Tensor) -> None:
+        """``per_prompt`` [n, *shape]: the sums of prompts ``prompts`` (global ids) in this batch."""
+        per_prompt = per_prompt.double()
+        self.total += per_prompt.sum(0)
+        if self.rep.shape[0]:
+            self.rep += torch.tensordot(self.counts[:, prompts], per_prompt, dims=1)
+
+    def ratio(self, den_total: float, den_rep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        value = (self.total / max(den_total, 1e-300)).numpy()
+        if not self.rep.shape[0]:
+            nan = np.full(value.shape, np.nan)
+            return value, nan, nan
+        reps = self.rep.numpy() / np.maximum(den_rep, 1e-300).reshape(-1, *([1] * value.ndim))
+        return value, np.percentile(reps, 2.5, axis=0), np.percentile(reps, 97.5, axis=0)
+
+
+@dataclass
+class UnitScores:
+    """Unit scores as one table (see :data:`SCHEMA`)."""
+
+    table: pa.Table
+
+    def methods(self) -> list[str]:
+        return sorted(set(self.table.column("method").to_pylist()))
+
+    def matrix(self, kind: str, method: str, layer: int) -> np.ndarray:
+        """One layer's values: [experts, channels] for channels, [units] for heads."""
+        t = self.table.filter(pc.and_(pc.and_(pc.equal(self.table.column("kind"), kind),
+                                              pc.equal(self.table.column("method"), method)),
+                                      pc.equal(self.table.column("layer"), layer)))
+        if not t.num_rows:
+            raise UspxError(f"no {method!r} scores for {kind} units of layer {layer} in this unit table")
+        index, channel = t.column("index").to_numpy(), t.column("channel").to_numpy()
+        value = t.column("value").to_numpy()
+        if kind != "channel":
+            out = np.zeros(int(index.max()) + 1)
+            out[index] = value
+            return out
+        out = np.zeros((int(index.max()) + 1, int(channel.max()) + 1))
+        out[index, channel] = value
+        return out
+
+    def layers(self, kind: str) -> list[int]:
+        t = self.table.filter(pc.equal(self.table.column("kind"), kind))
+        return sorted(set(t.column("layer").to_pylist()))
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / PARQUET
+        with atomic_path(path) as tmp:
+            pq.write_table(self.table, tmp)
+        return path
+
+
+def load_units(folder: str | Path) -> UnitScores:
+    """The unit table of a score folder; an error naming the file when it is missing or damaged."""
+    path = Path(folder)
+    path = path if path.name == PARQUET else path / PARQUET
+    if not path.exists():
+        raise UspxError(f"{path}: missing; score channels and heads with `uspx score ... --units experts,channels,heads`")
+    try:
+        table = pq.read_table(path).select(SCHEMA.names).cast(SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError) as exc:
+        raise UspxError(f"{path}: not a uspx unit table ({exc})") from None
+    kinds = set(table.column("kind").to_pylist()) - set(KINDS)
+    if kinds:
+        raise UspxError(f"{path}: unknown unit kinds {sorted(kinds)}")
+    return UnitScores(table)
+
+
+def _rows(kind: str, layer: int, method: str, value, low, high, n_prompts: int) -> pa.Table:
+    value, low, high = (np.asarray(a, np.float64) for a in (value, low, high))
+    if kind == "channel":
+        e, c = np.indices(value.shape)
+        index, channel = e.reshape(-1), c.reshape(-1)
+    else:
+        index, channel = np.arange(value.size), np.full(value.size, -1)
+    n = value.size
+    return pa.table(dict(kind=pa.array([kind] * n), layer=pa.array(np.full(n, layer), pa.int16()),
+                         index=pa.array(index, pa.int32()), channel=pa.array(channel, pa.int32()),
+                         method=pa.array([method] * n), value=pa.array(value.reshape(-1)),
+                         ci_low=pa.array(low.reshape(-1)), ci_high=pa.array(high.reshape(-1)),
+                         n_prompts=pa.array(np.full(n, n_prompts), pa.int32())), schema=SCHEMA)
+
+
+# ----- the forward pass: reconstruction and activation ---------------------------------------------
+def _down_norms(adapter, layer, width: int) -> torch.Tensor:
+    """[E, I]: the norm of each channel's column of the down projection."""
+    dim, _ = adapter.channel_layout(layer, width)["down_proj"]
+    down = layer.experts.down_proj.detach().double()
+    other = [d for d in range(1, down.dim()) if d != dim]
+    return down.pow(2).sum(dim=other).sqrt()
+
+
+def _head_columns(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``o_proj`` input columns of every query head [heads, hd] and every KV group [kv, rep*hd]."""
+    heads, kv, hd = head_shape(model)
+    cols = torch.arange(heads * hd).reshape(heads, hd)
+    return cols, cols.reshape(kv, (heads // kv) * hd)
+
+
+@torch.no_grad()
+def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequence[str], *, pad_id: int = 0,
+                      batch_size: int = 8, bootstrap: int = 200, seed: int = 0,
+                      progress: bool = False) -> dict[str, pa.Table]:
+    """``reconstruction`` and ``activation`` rows of every channel and head unit (module doc)."""
+    from uspx.engine import make_batches
+
+    adapter = adapter_for(model)
+    counts = resample_counts(len(items), bootstrap, seed)
+    sums: dict[tuple[str, str, int], _Sums] = {}
+    handles: list = []
+    state: dict[str, torch.Tensor] = {}
+
+    def acc(key, shape, per_prompt):
+        if key not in sums:
+            sums[key] = _Sums(shape, counts)
+        sums[key].add(per_prompt, state["prompts"])
+
+    if "channels" in units:
+        width = adapter.expert_width()
+        norms = {l.index: _down_norms(adapter, l, width) for l in adapter.layers}
+
+        def expert_hook(layer):
+            def hook(module, args):
+                hidden, index, weights = args[0], args[1], args[2]
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                keep = state["real"]
+                n = hidden.shape[0]
+                hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
+                local = state["local"]
+                nb = int(state["prompts"].numel())
+                sq = torch.zeros(nb, layer.num_experts, width, dtype=torch.float64)
+                ab = torch.zeros_like(sq)
+                for e in index.unique().tolist():
+                    rows, slot = torch.nonzero(index == e, as_tuple=True)
+                    h = adapter.expert_intermediate(layer, hidden[rows], e).double()
+                    c = weights[rows, slot].double()[:, None] * h.abs() * norms[layer.index][e]
+                    sq[:, e].index_add_(0, local[rows], c.pow(2))
+                    ab[:, e].index_add_(0, local[rows], c)
+                acc(("channel", "reconstruction", layer.index), sq.shape[1:], sq)
+                acc(("channel", "activation", layer.index), ab.shape[1:], ab)
+            return hook
+
+        handles += [l.experts.register_forward_pre_hook(expert_hook(l)) for l in adapter.layers]
+
+    if "heads" in units:
+        head_cols, group_cols = _head_columns(model)
+
+        def o_hook(i, o_proj):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
+                w = o_proj.weight.detach().double()
+                local, nb = state["local"], int(state["prompts"].numel())
+                for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
+                    sq = torch.zeros(nb, len(blocks), dtype=torch.float64)
+                    ab = torch.zeros_like(sq)
+                    for u, cols in enumerate(blocks):
+                        norm = (x[:, cols] @ w[:, cols].T).norm(dim=1)
+                        sq[:, u].index_add_(0, local, norm.pow(2))
+                        ab[:, u].index_add_(0, local, norm)
+                    acc((kind, "reconstruction", i), (len(blocks),), sq)
+                    acc((kind, "activation", i), (len(blocks),), ab)
+            return hook
+
+        handles += [a.o_proj.register_forward_pre_hook(o_hook(i, a.o_proj))
+                    for i, a in enumerate(attention_modules(model))]
+
+    tokens = np.array([len(e.input_ids) for e in items], dtype=np.float64)
+    batches = make_batches(items, batch_size, pad_id)
+    try:
+        with progress_bar("unit contributions", len(batches), "batches", progress) as bar:
+            for batch in batches:
+                real = batch.real
+                width_t = batch.input_ids.shape[1]
+                state["real"] = real
+                state["prompts"] = torch.tensor(batch.rows)
+                state["local"] = torch.arange(len(batch.rows)).repeat_interleave(width_t)[real]
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                bar.advance()
+    finally:
+        for h in handles:
+            h.remove()
+    den_rep = counts @ tokens
+    out: dict[str, pa.Table] = {}
+    for (kind, method, layer), s in sorted(sums.items()):
+        out.setdefault(method, [])
+        out[method].append(_rows(kind, layer, method, *s.ratio(tokens.sum(), den_rep), len(items)))
+    return {m: pa.concat_tables(t) for m, t in out.items()}
+
+
+# ----- gradients: attribution and fisher ----------------------------------------------------------
+def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torch.Tensor, callable]]:
+    """(kind, layer, weight, per-unit reduction of grad * weight) for every unit block."""
+    adapter = adapter_for(model)
+    out = []
+    if "channels" in units:
+        width = adapter.expert_width()
+        for l in adapter.layers:
+            dim, index = adapter.channel_layout(l, width)["down_proj"]
+
+            def per_channel(gw, dim=dim, index=index):
+                other = [d for d in range(1, gw.dim()) if d != dim]
+                return gw.sum(dim=other)[:, index[:, 0]]  # [E, I]
+            out.append(("channel", l.index, l.experts.down_proj, per_channel))
+    if "heads" in units:
+        head_cols, group_cols = _head_columns(model)
+        for i, a in enumerate(attention_modules(model)):
+            for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
+                out.append((kind, i, a.o_proj.weight,
+                            lambda gw, blocks=blocks: torch.stack([gw[:, c].sum() for c in blocks])))
+    return out
+
+
+def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[str], *, pad_id: int = 0,
+                    bootstrap: int = 200, seed: int = 0, progress: bool = False) -> dict[str, pa.Table]:
+    """``attribution`` and ``fisher`` rows, from one forward and backward per prompt (module doc)."""
+    from uspx.engine import make_batches
+    from uspx.engine.batches import n_targets
+    from uspx.score.loss import token_losses
+
+    blocks = _blocks(model, units)
+    weights = list({id(w): w for _, _, w, _ in blocks}.values())
+    targets = np.array([n_targets(e) for e in items], dtype=np.float64)
+    total = max(targets.sum(), 1.0)
+    counts = resample_counts(len(items), bootstrap, seed)
+    attr: list[_Sums | None] = [None] * len(blocks)
+    fish: list[_Sums | None] = [None] * len(blocks)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        batches = make_batches(items, 1, pad_id, by_length=False)
+        with progress_bar("unit attribution", len(batches), "prompts", progress) as bar:
+            for i, batch in enumerate(batches):
+                bar.advance()
+                if not targets[i]:
+                    continue
+                loss = token_losses(model, batch).sum()
+                grads = dict(zip(map(id, weights), torch.autograd.grad(loss, weights)))
+                prompt = torch.tensor([i])
+                for b, (kind, layer, w, reduce) in enumerate(blocks):
+                    d = reduce((grads[id(w)] * w.detach()).double())  # d(sum loss_i)/dm
+                    if attr[b] is None:
+                        attr[b], fish[b] = _Sums(tuple(d.shape), counts), _Sums(tuple(d.shape), counts)
+                    attr[b].add(-d[None], prompt)
+                    fish[b].add((d / targets[i]).pow(2)[None] / 2, prompt)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    tables: dict[str, list[pa.Table]] = {"attribution": [], "fisher": []}
+    rep_targets, rep_prompts = counts @ targets, counts.sum(1)
+    for b, (kind, layer, _, _) in enumerate(blocks):
+        if attr[b] is None:
+            continue
+        tables["attribution"].append(_rows(kind, layer, "attribution", *attr[b].ratio(total, rep_targets), len(items)))
+        tables["fisher"].append(_rows(kind, layer, "fisher", *fish[b].ratio(float(len(items)), rep_prompts), len(items)))
+    return {m: pa.concat_tables(t) for m, t in tables.items() if t}
+
+
+# ----- ablation of heads ----------------------------------------------------------------------------
+@torch.no_grad()
+def head_ablation(model: nn.Module, items: list[EncodedItem], *, pad_id: int = 0, batch_size: int = 8,
+                  bootstrap: int = 200, seed: int = 0, progress: bool = False) -> pa.Table:
+    """``ablation`` rows of every KV group and query head: the loss change with its ``o_proj``
+    columns zeroed, measured (one pass over ``items`` per unit)."""
+    from uspx.score.loss import compute_loss
+
+    head_cols, group_cols = _head_columns(model)
+    base = compute_loss(model, items, batch_size, pad_id=pad_id)
+    total = max(float(base.n_tokens.sum()), 1.0)
+    counts = resample_counts(len(items), bootstrap, seed)
+    rep_targets = counts @ base.n_tokens
+    attn = attention_modules(model)
+    work = [(i, kind, blocks) for i in range(len(attn)) for kind, blocks in (("kv_group", group_cols), ("query_head", head_cols))]
+    tables = []
+    with progress_bar("head ablation", sum(len(b) for _, _, b in work), "heads", progress) as bar:
+        for i, kind, blocks in work:
+            w = attn[i].o_proj.weight
+            per = np.zeros((len(items), len(blocks)))
+            for u, cols in enumerate(blocks):
+                saved = w[:, cols].clone()
+                w[:, cols] = 0.0
+                try:
+                    per[:, u] = compute_loss(model, items, batch_size, pad_id=pad_id).sum_loss - base.sum_loss
+                finally:
+                    w[:, cols] = saved
+                bar.advance()
+            s = _Sums((len(blocks),), counts)
+            s.add(torch.from_numpy(per), torch.arange(len(items)))
+            tables.append(_rows(kind, i, "ablation", *s.ratio(total, rep_targets), len(items)))
+    return pa.concat_tables(tables)
+
+
+def score_units(model: nn.Module, items: list[EncodedItem], units: Sequence[str],
+                methods: Sequence[str] = DEFAULT_METHODS, *, pad_id: int = 0, batch_size: int = 8,
+                bootstrap: int = 200, seed: int = 0, progress: bool = False) -> UnitScores:
+    """Every requested method's scores of the channel and head units of ``model`` on ``items``."""
+    units = [u for u in units if u in ("channels", "heads")]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UspxError(f"unknown unit score method {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if not units:
+        raise UspxError("no channel or head units to score")
+    parts: list[pa.Table] = []
+    if {"reconstruction", "activation"} & set(methods):
+        got = contribution_sums(model, items, units, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,
+                                seed=seed, progress=progress)
+        parts += [t for m, t in got.items() if m in methods]
+    if {"attribution", "fisher"} & set(methods):
+        got = gradient_scores(model, items, units, pad_id=pad_id, bootstrap=bootstrap, seed=seed, progress=progress)
+        parts += [t for m, t in got.items() if m in methods]
+    if "ablation" in methods and "heads" in units:
+        parts.append(head_ablation(model, items, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,
+                                   seed=seed, progress=progress))
+    return UnitScores(pa.concat_tables(parts))

@@ -80,9 +80,9 @@ def main() -> None:
                     plan.save(base / f"{tag}.plan.json")
                     export(lm, base / f"{tag}.plan.json", folder)
                 ev = evaluate(lm, folder, user, speed=False, progress=False)
-                shape = Shape(**plan.settings["shape"])
+                shape = Shape(**{**plan.settings["shape"], "dense": tuple(plan.settings["shape"]["dense"].items())})
                 s = mem.count_params(shaped_config(cfg, shape))
-                row.update(fits=True, predicted_bytes=plan.predicted_bytes, shape=vars(shape),
+                row.update(fits=True, predicted_bytes=plan.predicted_bytes, shape=plan.settings["shape"],
                            kv_4096=mem.kv_cache_bytes(s, 4096), kv_32768=mem.kv_cache_bytes(s, 32768),
                            kv_4096_full=mem.kv_cache_bytes(full, 4096), kv_32768_full=mem.kv_cache_bytes(full, 32768),
                            delta=ev["overall"]["delta"],

@@ -60,5 +60,6 @@ def test_group_score_is_the_output_change_of_removing_it(one_thread):
             x2 = x.clone()
             x2[:, cols] = 0  # the group's heads silenced: o_proj's output without them
             total += float((attn.o_proj(x) - attn.o_proj(x2)).double().norm(dim=1).sum())
-    assert float(scores[1, g]) == pytest.approx(total, rel=1e-5)
+    tokens = sum(len(e.input_ids) for e in items)
+    assert float(scores[1, g]) == pytest.approx(total / tokens, rel=1e-5)
     assert kept_groups(scores, 1).shape == (model.config.num_hidden_layers, 1)

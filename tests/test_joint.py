@@ -237,68 +237,97 @@ def test_joint_selection_is_the_best_shape_under_the_budget():
 
 
 # ----- joint export ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
 def test_joint_export_equals_the_masked_model(family, tmp_path, one_thread):
+    """Half the experts, half of every kept expert's channels, one query head of one KV group per
+    layer, and half of every dense MLP's channels (qwen2_moe's gated shared expert, deepseek's dense
+    layer), each as the family allows; exported, reloaded stock, compared with a masked model built here."""
     from transformers import AutoModelForCausalLM
 
     from uspx.models import load_model
+    from uspx.models.base import _submodule
     from uspx.plan.select import Plan, load_plan
     from uspx.prune import export
 
     src = save_tiny(family, tmp_path / "src")
     lm = load_model(src)
     adapter = adapter_for(lm.model)
+    cls = type(adapter)
     cfg = lm.model.config
     width, kv = adapter.expert_width(), cfg.num_key_value_heads
     rep = cfg.num_attention_heads // kv
+    narrow_experts, cut_heads = cls.expert_width_also_sizes is None, cls.heads_prunable
     g = torch.Generator().manual_seed(0)
     kept = {l.index: torch.randperm(l.num_experts, generator=g)[: l.num_experts // 2].sort().values.tolist()
             for l in adapter.layers}
     channels = {l: [torch.randperm(width, generator=g)[: width // 2].sort().values.tolist() for _ in v]
-                for l, v in kept.items()}
+                for l, v in kept.items()} if narrow_experts else {}
     heads = {}
     for i in range(cfg.num_hidden_layers):  # one group, one query head of it, per layer
         group = int(torch.randint(kv, (1,), generator=g))
         heads[i] = [group * rep + int(torch.randint(rep, (1,), generator=g))]
+    dense = []
+    for i, k, mlp, _ in adapter.dense_mlps(lm.model):
+        path, fld, _ = cls.dense_mlp_paths[k]
+        full = mlp.down_proj.weight.shape[1]
+        kind = next((d for d in dense if d["field"] == fld), None)
+        if kind is None:
+            kind = {"path": path, "field": fld, "width": full // 2, "original_width": full, "kept": {}}
+            dense.append(kind)
+        kind["kept"][i] = torch.randperm(full, generator=g)[: full // 2].sort().values.tolist()
+    assert dense or family not in ("qwen2_moe", "deepseek_v3")
     # the size a model of that shape has when transformers builds it
     shaped_cfg = copy.deepcopy(cfg)
-    setattr(shaped_cfg, type(adapter).expert_count_field, len(kept[adapter.layers[0].index]))
-    setattr(shaped_cfg, type(adapter).expert_width_field, width // 2)
-    shaped_cfg.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    shaped_cfg.num_key_value_heads, shaped_cfg.num_attention_heads = 1, 1
+    setattr(shaped_cfg, cls.expert_count_field, len(kept[adapter.layers[0].index]))
+    if narrow_experts:
+        setattr(shaped_cfg, cls.expert_width_field, width // 2)
+    for d in dense:
+        setattr(shaped_cfg, d["field"], d["width"])
+    if cut_heads:
+        shaped_cfg.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        shaped_cfg.num_key_value_heads, shaped_cfg.num_attention_heads = 1, 1
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(shaped_cfg).state_dict().values()) * 4
     plan = Plan(kept=kept, method="test", uniform=True, top_k=adapter.top_k, num_experts=adapter.num_experts,
                 predicted_bytes=expected, settings={"dtype": "fp32"},
-                channels={"width": width // 2, "original_width": width, "kept": channels},
+                channels={"width": width // 2 if narrow_experts else width, "original_width": width,
+                          "kept": channels, "dense": dense},
                 heads={"kv_groups": 1, "heads_per_group": 1, "original_kv_groups": kv,
-                       "original_heads_per_group": rep, "kept": heads})
+                       "original_heads_per_group": rep, "kept": heads} if cut_heads else None)
     plan.save(tmp_path / "plan.json")
     record = export(src, tmp_path / "plan.json", tmp_path / "out")
     assert record["size"]["actual_bytes"] == expected
     plan = load_plan(tmp_path / "plan.json")
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # stock loading
-    cfg = reloaded.config
-    assert cfg.num_key_value_heads == plan.heads["kv_groups"]
-    assert cfg.num_attention_heads == plan.heads["kv_groups"] * plan.heads["heads_per_group"]
+    rcfg = reloaded.config
+    if cut_heads:
+        assert rcfg.num_key_value_heads == 1 and rcfg.num_attention_heads == 1
     assert adapter_for(reloaded).expert_width() == plan.channels["width"]
     assert adapter_for(reloaded).num_experts == len(plan.kept[adapter.layers[0].index])
+    for d in dense:
+        assert getattr(rcfg, d["field"]) == d["width"]
 
     # the masked model, built here: dropped channels' down columns and dropped heads' o_proj columns zeroed
-    ref = tiny_model(family)
-    ref.load_state_dict(lm.model.state_dict())
+    ref = copy.deepcopy(lm.model).float()
     ra = adapter_for(ref)
-    hd = int(getattr(ref.config, "head_dim", None) or ref.config.hidden_size // ref.config.num_attention_heads)
-    width = ra.expert_width()
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     with torch.no_grad():
         for layer in ra.layers:
+            if not narrow_experts:
+                break
             dim, index = ra.channel_layout(layer, width)["down_proj"]
             for e, keep in zip(plan.kept[layer.index], plan.channels["kept"][layer.index]):
                 drop = [c for c in range(width) if c not in keep]
                 layer.experts.down_proj[e].index_fill_(dim - 1, index[drop].reshape(-1), 0.0)
+        for d in dense:
+            for i, keep in d["kept"].items():
+                down = _submodule(ra.decoder_layers(ref)[i], d["path"]).down_proj.weight
+                down[:, [c for c in range(d["original_width"]) if c not in keep]] = 0
         for i, dl in enumerate(ra.decoder_layers(ref)):
+            if not cut_heads:
+                break
             o = getattr(dl, ra.attention_attr).o_proj.weight
-            for h in range(ref.config.num_attention_heads):
+            for h in range(cfg.num_attention_heads):
                 if h not in plan.heads["kept"][i]:
                     o[:, h * hd:(h + 1) * hd] = 0
     ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -308,7 +337,6 @@ def test_joint_export_equals_the_masked_model(family, tmp_path, one_thread):
         got = reloaded(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, lm.model(ids).logits, atol=1e-3)
-    assert json.loads((tmp_path / "out" / "uspx_export.json").read_text())["heads"]["kv_groups"] == 1
 
 
 def test_plan_with_bad_channel_lists_is_refused(tmp_path):
@@ -331,3 +359,107 @@ def test_plan_with_bad_channel_lists_is_refused(tmp_path):
 def test_units_file_missing_names_the_command(tmp_path):
     with pytest.raises(UspxError, match="--units"):
         load_units(tmp_path)
+
+
+def test_dense_channel_scores_include_the_shared_experts_gate(one_thread):
+    """qwen2_moe's shared expert writes sigmoid(gate(x)) * mlp(x): a channel's reconstruction is the
+    squared change of transformers' MoE block output with its down column zeroed, and its attribution
+    the autograd derivative with that column scaled."""
+    model = tiny_model("qwen2_moe")
+    items = _items(n=3)
+    us = score_units(model, items, ["channels"], ["reconstruction", "attribution"], bootstrap=0)
+    layer = adapter_for(model).layers[0]
+    t = us.table.to_pandas()
+    kinds = set(t[t.kind == "dense_channel"]["index"])
+    assert kinds == {0}  # the shared expert (the tiny model has no dense layers)
+    down = layer.block.shared_expert.down_proj.weight
+    inputs = []
+    hook = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for e in items:
+            model(input_ids=torch.tensor([e.input_ids]))
+    hook.remove()
+    x = torch.cat(inputs)
+    t = t[(t.kind == "dense_channel") & (t.layer == layer.index)]
+    rec = t[t.method == "reconstruction"].set_index("channel").value
+    c = int(rec.idxmax())
+    with torch.no_grad():
+        base = layer.block(x[None]).reshape(len(x), -1).double()
+        saved = down[:, c].clone()
+        down[:, c] = 0
+        without = layer.block(x[None]).reshape(len(x), -1).double()
+        down[:, c] = saved
+    assert rec[c] == pytest.approx(float((base - without).norm(dim=1).pow(2).sum()) / len(x), rel=1e-4)
+    m = torch.ones((), requires_grad=True)
+    onehot = torch.zeros(down.shape[1]).index_fill(0, torch.tensor([c]), 1.0)
+    name = f"model.layers.{layer.index}.mlp.shared_expert.down_proj.weight"
+    loss = _mean_loss(model, items, {name: down.detach() * (1 + (m - 1) * onehot)})
+    (grad,) = torch.autograd.grad(loss, m)
+    assert t[t.method == "attribution"].set_index("channel").value[c] == pytest.approx(-float(grad), rel=1e-3, abs=1e-9)
+
+
+def test_latent_attention_heads_are_refused():
+    model = tiny_model("deepseek_v3")
+    with pytest.raises(UspxError, match="latent attention"):
+        score_units(model, _items(n=1), ["heads"], ["reconstruction"], bootstrap=0)
+
+
+def test_joint_selection_weighs_dense_mlp_channels(one_thread):
+    """qwen2_moe: the shared expert's width is one more free count; the choice is the brute-force best
+    over every shape, its size that of the model transformers builds with it."""
+    from transformers import AutoModelForCausalLM
+
+    from uspx.plan.joint import select_units
+
+    model = tiny_model("qwen2_moe")
+    cfg = model.config
+    us = score_units(model, _items(n=3), ["channels", "heads"], ["reconstruction"], bootstrap=0)
+    rng = np.random.default_rng(1)
+    experts = {l.index: rng.gamma(1.0, 0.05, l.num_experts) for l in adapter_for(model).layers}
+    t = us.table.to_pandas()
+    E, I, S = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    cache = {}
+
+    def size(n, w, g, r, s):
+        if (n, w, g, r, s) not in cache:
+            c = copy.deepcopy(cfg)
+            c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size = n, w, s
+            c.head_dim = cfg.hidden_size // cfg.num_attention_heads
+            c.num_key_value_heads, c.num_attention_heads = g, g * r
+            cache[n, w, g, r, s] = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters()) * 4
+        return cache[n, w, g, r, s]
+
+    def layer_values(kind, layer):
+        x = t[(t.kind == kind) & (t.layer == layer)]
+        return x
+
+    def value(n, w, g, r, s):
+        v = 0.0
+        for layer, ev in experts.items():
+            keep = np.argsort(-ev, kind="stable")[:n]
+            ch = layer_values("channel", layer)
+            v += ev[keep].sum() + sum(np.sort(ch[ch["index"] == e].value.to_numpy())[::-1][:w].sum() for e in keep)
+            dn = layer_values("dense_channel", layer)
+            v += np.sort(dn.value.to_numpy())[::-1][:s].sum()
+        for layer in range(cfg.num_hidden_layers):
+            gv = layer_values("kv_group", layer).sort_values("index").value.to_numpy()
+            hv = layer_values("query_head", layer).sort_values("index").value.to_numpy().reshape(len(gv), -1)
+            kg = np.argsort(-gv, kind="stable")[:g]
+            v += gv[kg].sum() + sum(np.sort(hv[k])[::-1][:r].sum() for k in kg)
+        return v
+
+    full, least = size(E, I, 2, 2, S), size(2, 8, 1, 1, 8)
+    shared = set()
+    for share in (0.15, 0.5):
+        budget = int(least + share * (full - least))
+        plan = select_units(experts, us, cfg, budget=budget, dtype="fp32", context=0, method="reconstruction")
+        best = max(((value(*s), s) for s in itertools.product(range(2, E + 1), (8, 16), (1, 2), (1, 2), (8, 16, 24, 32))
+                    if size(*s) <= budget), key=lambda p: p[0])
+        shape = plan.settings["shape"]
+        got = (shape["experts"], shape["width"], shape["kv_groups"], shape["heads_per_group"],
+               shape["dense"]["shared_expert_intermediate_size"])
+        assert got == best[1] and plan.value == pytest.approx(best[0])
+        assert plan.predicted_bytes == size(*got)
+        assert plan.channels["dense"][0]["path"] == "mlp.shared_expert"
+        shared.add(got[4])
+    assert min(shared) < S  # a tight budget narrows the shared expert too

@@ -82,6 +82,15 @@ class MoEAdapter:
     expert_width_field: ClassVar[str] = "intermediate_size"  # an expert's intermediate width in the config
     attention_attr: ClassVar[str] = "self_attn"  # a decoder layer's attention module
     per_head_params: ClassVar[tuple[str, ...]] = ()  # attention parameters with one entry per query head (sinks)
+    # whether query heads and KV groups are units uspx can cut (grouped-query attention with o_proj
+    # columns per head); False for latent attention, whose heads share compressed K/V
+    heads_prunable: ClassVar[bool] = True
+    # dense gate/up/down MLPs whose channels are units too: (path under a decoder layer, config field
+    # holding their width, path of a sigmoid gate scaling their output or None); a path naming the MoE
+    # block in MoE layers is skipped there (it has no down_proj)
+    dense_mlp_paths: ClassVar[tuple[tuple[str, str, str | None], ...]] = ()
+    # what else the expert width field sizes, when it does (narrower experts would resize it too)
+    expert_width_also_sizes: ClassVar[str | None] = None
     # With one expert chosen top-1 the family's routing weight is exactly 1 whatever the router's logits
     # (softmax over the chosen logits, or over all logits of a single expert): a dense student runs as
     # that family's own model class. False where routing scales the output (sigmoid scores, sampling).
@@ -350,6 +359,17 @@ class MoEAdapter:
         }
 
 
+    def dense_mlps(self, model: nn.Module) -> list[tuple[int, int, nn.Module, nn.Module | None]]:
+        """(decoder layer, kind: index into ``dense_mlp_paths``, the MLP, its output gate or None) of
+        every dense MLP whose channels are units."""
+        out = []
+        for i, layer in enumerate(self.decoder_layers(model)):
+            for k, (path, _, gate) in enumerate(self.dense_mlp_paths):
+                mlp = _submodule(layer, path)
+                if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                    out.append((i, k, mlp, _submodule(layer, gate) if gate else None))
+        return out
+
     def expert_intermediate(self, layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert ``expert``'s intermediate activations (what its down projection reads) for
         ``hidden`` [N, H] -> [N, I]; layout as :meth:`merged_experts`, activation the module's own."""
@@ -366,6 +386,14 @@ class MoEAdapter:
         """The positions, in the order a narrower expert holds them, that keep ``channels`` (sorted):
         here all kept gate rows, then all kept up rows."""
         return {n: (d, idx[channels].T.reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
 
 def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
     obj: object = router

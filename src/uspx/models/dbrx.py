@@ -17,6 +17,7 @@ class DbrxAdapter(MoEAdapter):
     model_types = ("dbrx",)
     expert_count_field = "ffn_config.moe_num_experts"
     top_k_field = "ffn_config.moe_top_k"
+    expert_width_field = "ffn_config.ffn_hidden_size"
     router_attr = "router"
     router_expert_params = ("layer.weight",)
     router_returns_tuple = False

@@ -31,6 +31,10 @@ class DeepseekV3Adapter(MoEAdapter):
     expert_count_field = "n_routed_experts"
     router_expert_params = ("weight", "e_score_correction_bias")
     attention_projections = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    expert_width_field = "moe_intermediate_size"  # intermediate_size is the dense layers' width
+    heads_prunable = False  # latent attention: every head reads the one compressed K/V
+    dense_mlp_paths = (("mlp", "intermediate_size", None),)  # the first_k_dense_replace layers
+    expert_width_also_sizes = "shared_experts"  # width moe_intermediate_size * n_shared_experts
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

@@ -17,6 +17,9 @@ class Qwen2MoeAdapter(MoEAdapter):
     expert_count_field = "num_experts"
     expert_width_field = "moe_intermediate_size"
     single_expert_weight_is_one = True
+    # the shared expert (its own width, a sigmoid gate on its output), and the MLP of dense layers
+    dense_mlp_paths = (("mlp.shared_expert", "shared_expert_intermediate_size", "mlp.shared_expert_gate"),
+                       ("mlp", "intermediate_size", None))
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

@@ -16,13 +16,14 @@ so no relaxation is needed; the plan records the value kept per unit type and th
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 
 from uspx.io import UspxError
+from uspx.models.base import _get_field
 from uspx.plan import memory as mem
 from uspx.score.units import UnitScores, parse_units
 
@@ -33,28 +34,37 @@ class Shape:
     width: int  # channels per expert
     kv_groups: int  # per decoder layer
     heads_per_group: int
+    dense: tuple[tuple[str, int], ...] = ()  # (config width field, width) of each dense MLP kind
 
 
 def shaped_config(config: Any, shape: Shape) -> Any:
-    """``config`` with ``shape``'s expert count, expert width and head counts (head_dim kept)."""
+    """``config`` with ``shape``'s expert count, expert width, dense MLP widths and head counts
+    (head_dim kept)."""
     from uspx.models import adapter_class
     from uspx.models.base import _set_field
 
     cfg = copy.deepcopy(mem.load_config(config))
     cls = adapter_class(cfg.model_type)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     _set_field(cfg, cls.expert_count_field, shape.experts)
     _set_field(cfg, cls.expert_width_field, shape.width)
-    cfg.num_key_value_heads = shape.kv_groups
-    cfg.num_attention_heads = shape.kv_groups * shape.heads_per_group
-    cfg.head_dim = head_dim
+    for field_name, width in shape.dense:
+        _set_field(cfg, field_name, width)
+    if cls.heads_prunable:
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        cfg.num_key_value_heads = shape.kv_groups
+        cfg.num_attention_heads = shape.kv_groups * shape.heads_per_group
+        cfg.head_dim = head_dim
     return cfg
+
+
+def _ranked(values: np.ndarray) -> np.ndarray:
+    """Ids by decreasing value (ties to the lower id)."""
+    return np.argsort(-np.asarray(values), kind="stable")
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:
     """Ids of the ``n`` largest values (ties to the lower id), sorted."""
-    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    return np.array(sorted(order[:n]), dtype=np.int64)
+    return np.sort(_ranked(values)[:n])
 
 
 def _kept_sum_table(values: np.ndarray) -> np.ndarray:
@@ -71,26 +81,49 @@ class _Layers:
     channels: dict[int, np.ndarray] | None  # MoE layer -> [E, I]
     groups: dict[int, np.ndarray] | None  # decoder layer -> [G]
     heads: dict[int, np.ndarray] | None  # decoder layer -> [H]
+    dense: list[dict[int, np.ndarray]]  # per dense MLP kind: decoder layer -> [I_k]
 
 
-def _kept_values(v: _Layers, s: Shape, rep: int) -> dict[str, float]:
-    """The value ``s`` keeps per unit type (each layer its best units within the shape)."""
-    out = {"experts": 0.0, "channels": 0.0, "heads": 0.0}
+@dataclass
+class _Tables:
+    """Value kept as a function of each count, summed over layers (each layer its best units)."""
+
+    experts: np.ndarray  # [E + 1]: by experts kept
+    channels: np.ndarray | None  # [E + 1, I + 1]: by experts kept and width
+    heads: np.ndarray | None  # [G + 1, r + 1]: by groups kept and heads per group
+    dense: list[np.ndarray]  # per kind [I_k + 1]: by width
+
+
+def _tables(v: _Layers, rep: int) -> _Tables:
+    n_exp = len(next(iter(v.experts.values())))
+    experts = np.zeros(n_exp + 1)
+    channels = None if v.channels is None else np.zeros((n_exp + 1, next(iter(v.channels.values())).shape[1] + 1))
     for layer, ev in v.experts.items():
-        kept = _top(ev, s.experts)
-        out["experts"] += float(ev[kept].sum())
-        if v.channels is not None:
-            out["channels"] += float(_kept_sum_table(v.channels[layer][kept])[:, s.width].sum())
+        order = _ranked(ev)
+        experts[1:] += np.cumsum(ev[order])
+        if channels is not None:  # the kept experts' best channels: experts in rank order, cumulated
+            channels[1:] += np.cumsum(_kept_sum_table(v.channels[layer][order]), axis=0)
+    heads = None
     if v.groups is not None:
+        n_groups = len(next(iter(v.groups.values())))
+        heads = np.zeros((n_groups + 1, rep + 1))
         for layer, gv in v.groups.items():
-            groups = _top(gv, s.kv_groups)
-            out["heads"] += float(gv[groups].sum())
-            hv = v.heads[layer].reshape(len(gv), rep)[groups]
-            out["heads"] += float(_kept_sum_table(hv)[:, s.heads_per_group].sum())
-    return out
+            order = _ranked(gv)
+            within = _kept_sum_table(v.heads[layer].reshape(n_groups, rep)[order])  # [G, r + 1]
+            heads[1:] += np.cumsum(gv[order])[:, None] + np.cumsum(within, axis=0)
+    dense = [sum(_kept_sum_table(x) for x in kind.values()) for kind in v.dense]
+    return _Tables(experts, channels, heads, dense)
 
 
-def _kept_layout(v: _Layers, s: Shape, rep: int) -> tuple[dict, dict | None, dict | None]:
+def _value(t: _Tables, s: Shape) -> dict[str, float]:
+    """The value ``s`` keeps per unit type."""
+    return {"experts": float(t.experts[s.experts]),
+            "channels": (float(t.channels[s.experts, s.width]) if t.channels is not None else 0.0)
+            + sum(float(d[w]) for d, (_, w) in zip(t.dense, s.dense)),
+            "heads": float(t.heads[s.kv_groups, s.heads_per_group]) if t.heads is not None else 0.0}
+
+
+def _kept_layout(v: _Layers, s: Shape, rep: int) -> tuple[dict, dict | None, dict | None, list[dict]]:
     experts = {l: _top(ev, s.experts).tolist() for l, ev in v.experts.items()}
     channels = None
     if v.channels is not None:
@@ -102,7 +135,24 @@ def _kept_layout(v: _Layers, s: Shape, rep: int) -> tuple[dict, dict | None, dic
             groups = _top(gv, s.kv_groups)
             hv = v.heads[l].reshape(len(gv), rep)
             heads[l] = [int(g) * rep + int(h) for g in groups for h in _top(hv[g], s.heads_per_group)]
-    return experts, channels, heads
+    dense = [{l: _top(x, w).tolist() for l, x in kind.items()} for kind, (_, w) in zip(v.dense, s.dense)]
+    return experts, channels, heads, dense
+
+
+def _frontier(options: list[list[tuple[float, float, int]]]) -> list[tuple[float, float, tuple[int, ...]]]:
+    """(cost, value, choice per kind) of the combinations of per-kind options (cost, value, width)
+    that no cheaper combination beats, by increasing cost."""
+    combos = [(0.0, 0.0, ())]
+    for kind in options:
+        combos = [(c + oc, v + ov, ch + (w,)) for c, v, ch in combos for oc, ov, w in kind]
+        combos.sort(key=lambda x: (x[0], -x[1]))
+        best, kept = -np.inf, []
+        for c in combos:
+            if c[1] > best:
+                kept.append(c)
+                best = c[1]
+        combos = kept
+    return combos
 
 
 def select_units(
@@ -156,11 +206,21 @@ def select_units(
             raise UspxError(f"the unit table has {kind} scores for layers {have}; the model needs {layers}")
         return {l: units_table.matrix(kind, unit_method, l) for l in layers}
 
+    if "heads" in units and not cls.heads_prunable:
+        raise UspxError(f"{cls.family}: its attention heads share one compressed key/value (latent attention); "
+                        "uspx cuts heads of grouped-query attention only: choose experts and channels")
+    routed_channels = "channels" in units and not cls.expert_width_also_sizes
+    dense_kinds = []  # (kind id, config width field, original width) of dense MLP kinds the model has
+    if "channels" in units:
+        have = set(units_table.table.filter(pc.equal(units_table.table.column("kind"), "dense_channel"))
+                   .column("index").to_pylist())
+        dense_kinds = [(k, fld, int(_get_field(cfg, fld))) for k, (_, fld, _) in enumerate(cls.dense_mlp_paths) if k in have]
     values = _Layers(
         experts={l: np.asarray(v, np.float64) for l, v in expert_values.items()},
-        channels=unit_values("channel", list(params.moe_layers)) if "channels" in units else None,
+        channels=unit_values("channel", list(params.moe_layers)) if routed_channels else None,
         groups=unit_values("kv_group", list(range(params.num_layers))) if "heads" in units else None,
         heads=unit_values("query_head", list(range(params.num_layers))) if "heads" in units else None,
+        dense=[_dense_values(units_table, unit_method, k, w) for k, _, w in dense_kinds],
     )
     if values.channels is not None:
         bad = [l for l, m in values.channels.items() if m.shape != (n_exp, width)]
@@ -173,43 +233,64 @@ def select_units(
             raise UspxError(f"head scores of layers {bad} are not {kv} KV groups / {heads} query heads: "
                             "they were made for another model")
 
-    step = channel_step or (8 if width <= 256 else 32)  # fused expert kernels (grouped_mm) need 16-byte strides
-    widths = sorted({w for w in range(step, width + 1, step)} | {width}) if "channels" in units else [width]
+    def steps(full: int) -> list[int]:
+        step = channel_step or (8 if full <= 256 else 32)  # fused expert kernels (grouped_mm) need 16-byte strides
+        return sorted(set(range(step, full + 1, step)) | {full})
+
+    widths = steps(width) if routed_channels else [width]
     counts = list(range(top_k, n_exp + 1)) if "experts" in units else [n_exp]
     layouts = ([(g, r) for g in range(1, kv + 1) for r in range(1, rep + 1)] if "heads" in units else [(kv, rep)])
+    full_dense = tuple((fld, w) for _, fld, w in dense_kinds)
     budget_bytes = mem.parse_size(budget)
 
-    sizes: dict[tuple[int, int, int], mem.MemoryEstimate] = {}
-    for w in widths:
-        for g, r in layouts:
-            shaped = mem.count_params(shaped_config(cfg, Shape(n_exp, w, g, r)))
-            sizes[w, g, r] = mem.estimate(shaped, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
-                                          experts_per_layer=0, reserve_bytes=reserve_bytes)
+    def size(s: Shape) -> mem.MemoryEstimate:
+        return mem.estimate(mem.count_params(shaped_config(cfg, s)), dtype, context=context, kv_dtype=kv_dtype,
+                            batch=batch, experts_per_layer=0, reserve_bytes=reserve_bytes)
 
-    def total(s: Shape) -> int:
-        e = sizes[s.width, s.kv_groups, s.heads_per_group]
-        return e.fixed_bytes + e.kv_bytes + reserve_bytes + s.experts * params.num_moe_layers * e.expert_bytes
+    sizes = {(w, g, r): size(Shape(n_exp, w, g, r, full_dense)) for w in widths for g, r in layouts}
+    whole = size(Shape(n_exp, width, kv, rep, full_dense))
+    tables = _tables(values, rep)
+    # a dense MLP's bytes add to the rest: each kind's saving is measured on the whole model once
+    dense_options = []
+    for i, (_, fld, full_w) in enumerate(dense_kinds):
+        options = []
+        for w in steps(full_w):
+            shaped = dict(full_dense, **{fld: w})
+            e = size(Shape(n_exp, width, kv, rep, tuple(shaped.items())))
+            options.append((float(e.fixed_bytes - whole.fixed_bytes), float(tables.dense[i][w]), w))
+        dense_options.append(options)
+    frontier = _frontier(dense_options)
+    front_cost = np.array([c for c, _, _ in frontier])
 
-    # value is monotone in every count, so only the largest fitting width per (n, g, r) can win
-    candidates: list[tuple[float, Shape, int, dict]] = []
+    def total(n: int, w: int, g: int, r: int, dense_cost: float = 0.0) -> int:
+        e = sizes[w, g, r]
+        return int(e.fixed_bytes + dense_cost + e.kv_bytes + reserve_bytes + n * params.num_moe_layers * e.expert_bytes)
+
+    candidates: list[tuple[float, Shape, int]] = []
     for n in counts:
         for g, r in layouts:
-            fit = [w for w in widths if total(Shape(n, w, g, r)) <= budget_bytes]
-            if fit:
-                s = Shape(n, fit[-1], g, r)
-                kept = _kept_values(values, s, rep)
-                candidates.append((sum(kept.values()), s, total(s), kept))
+            for w in widths:
+                room = budget_bytes - total(n, w, g, r)
+                j = int(np.searchsorted(front_cost, room, side="right")) - 1  # the best dense choice that fits
+                if j < 0:
+                    continue
+                cost, _, choice = frontier[j]
+                s = Shape(n, w, g, r, tuple((fld, cw) for (_, fld, _), cw in zip(dense_kinds, choice)))
+                candidates.append((sum(_value(tables, s).values()), s, total(n, w, g, r, cost)))
     if not candidates:
-        smallest = min(total(Shape(counts[0], widths[0], g, r)) for g, r in layouts)
+        smallest = min(total(counts[0], widths[0], g, r, front_cost[0]) for g, r in layouts)
         raise UspxError(f"a budget of {mem.format_bytes(budget_bytes)} fits no shape of {', '.join(units)}: the "
                         f"smallest ({counts[0]} experts of {widths[0]} channels, "
                         f"{layouts[0][0]} KV group(s) of {layouts[0][1]} head(s)) takes "
                         f"{mem.format_bytes(smallest)} ({smallest} bytes)")
     candidates.sort(key=lambda c: (-c[0], c[2]))
-    best_value, best, best_bytes, kept_by_type = candidates[0]
-    experts, channels, head_ids = _kept_layout(values, best, rep)
-    full = _kept_values(values, Shape(n_exp, width, kv, rep), rep)
-    est = sizes[best.width, best.kv_groups, best.heads_per_group]
+    best_value, best, best_bytes = candidates[0]
+    experts, channels, head_ids, dense_ids = _kept_layout(values, best, rep)
+    full = _value(tables, Shape(n_exp, width, kv, rep, full_dense))
+    est = size(best)
+    notes = []
+    if "channels" in units and cls.expert_width_also_sizes:
+        notes.append(f"{cls.family}: the expert width also sizes {cls.expert_width_also_sizes}; experts keep their width")
     plan = Plan(
         kept=experts, method=method, uniform=True, top_k=top_k, num_experts=n_exp,
         predicted_bytes=int(best_bytes), budget_bytes=budget_bytes, model_type=cfg.model_type,
@@ -219,15 +300,37 @@ def select_units(
                "kv_per_token_original": mem.kv_cache_bytes(params, 1, kv_dtype)},
         settings={"dtype": est.dtype, "kv_dtype": kv_dtype, "context": context, "batch": batch,
                   "cost_source": f"memory planner ({est.dtype})", "units": list(units),
-                  "unit_method": unit_method, "channel_step": step, "shape": vars(best)},
+                  "unit_method": unit_method, "channel_step": channel_step, "shape": _shape_record(best),
+                  "notes": notes},
         value=best_value, value_total=sum(full.values()),
         solver={"name": "shape enumeration", "shapes_fitting": len(candidates),
-                "value_by_unit": kept_by_type, "value_total_by_unit": full,
-                "runner_up": [dict(shape=vars(c[1]), value=c[0], bytes=c[2]) for c in candidates[1:4]]},
+                "value_by_unit": _value(tables, best), "value_total_by_unit": full,
+                "runner_up": [dict(shape=_shape_record(c[1]), value=c[0], bytes=c[2]) for c in candidates[1:4]]},
         scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
-        channels=None if channels is None else {"width": best.width, "original_width": width, "kept": channels},
+        channels=None if channels is None and not dense_ids else {
+            "width": best.width, "original_width": width, "kept": channels or {},
+            "dense": [{"path": cls.dense_mlp_paths[k][0], "field": fld, "width": w, "original_width": full_w,
+                       "kept": ids} for (k, fld, full_w), (_, w), ids in zip(dense_kinds, best.dense, dense_ids)]},
         heads=None if head_ids is None else {
             "kv_groups": best.kv_groups, "heads_per_group": best.heads_per_group,
             "original_kv_groups": kv, "original_heads_per_group": rep, "kept": head_ids},
     )
     return plan
+
+
+def _shape_record(s: Shape) -> dict:
+    return {"experts": s.experts, "width": s.width, "kv_groups": s.kv_groups, "heads_per_group": s.heads_per_group,
+            "dense": {fld: w for fld, w in s.dense}}
+
+
+def _dense_values(units_table: UnitScores, method: str, kind: int, width: int) -> dict[int, np.ndarray]:
+    """Decoder layer -> [width] channel values of the dense MLPs of ``kind``."""
+    t = units_table.table
+    t = t.filter(pc.and_(pc.and_(pc.equal(t.column("kind"), "dense_channel"), pc.equal(t.column("index"), kind)),
+                         pc.equal(t.column("method"), method)))
+    if not t.num_rows:
+        raise UspxError(f"no {method!r} scores for dense MLP channels in this unit table")
+    out: dict[int, np.ndarray] = {}
+    for layer, c, v in zip(t.column("layer").to_pylist(), t.column("channel").to_pylist(), t.column("value").to_pylist()):
+        out.setdefault(layer, np.zeros(width))[c] = v
+    return out

@@ -209,7 +209,9 @@ class Plan:
             "value": self.value, "value_total": self.value_total, "solver": self.solver,
             "scores_fingerprint": self.scores_fingerprint, "model_fingerprint": self.model_fingerprint,
             "padding": self.padding,
-            **({"channels": {**self.channels, "kept": {str(l): v for l, v in sorted(self.channels["kept"].items())}}}
+            **({"channels": {**self.channels, "kept": {str(l): v for l, v in sorted(self.channels["kept"].items())},
+                             "dense": [{**d, "kept": {str(l): v for l, v in sorted(d["kept"].items())}}
+                                       for d in self.channels.get("dense") or []]}}
                if self.channels else {}),
             **({"heads": {**self.heads, "kept": {str(l): v for l, v in sorted(self.heads["kept"].items())}}}
                if self.heads else {}),
@@ -233,6 +235,8 @@ class Plan:
         lines = [self.padding] if self.padding else []
         if self.channels:
             lines.append(f"expert width {self.channels['width']} of {self.channels['original_width']} channels")
+            for d in self.channels.get("dense") or []:
+                lines.append(f"{d['path']} width {d['width']} of {d['original_width']} channels")
         if self.heads:
             h = self.heads
             lines.append(f"attention: {h['kv_groups']} of {h['original_kv_groups']} KV groups, {h['heads_per_group']} of "
@@ -514,8 +518,24 @@ def _read_channels(raw: Any, experts: dict[int, list[int]], bad) -> dict[str, An
     if width > full:
         raise bad("channels.width", f"{width} is above original_width {full}")
     kept = raw.get("kept")
-    if not isinstance(kept, dict) or sorted(int(k) for k in kept if str(k).isdigit()) != sorted(experts):
+    whole = width == full and kept == {}  # experts keep their width (only dense MLPs narrow)
+    if not whole and (not isinstance(kept, dict) or sorted(int(k) for k in kept if str(k).isdigit()) != sorted(experts)):
         raise bad("channels.kept", f"expected one entry per layer of kept ({sorted(experts)})")
+    dense = raw.get("dense") or []
+    if not isinstance(dense, list):
+        raise bad("channels.dense", "expected a list of dense MLP kinds")
+    for i, d in enumerate(dense):
+        where = f"channels.dense.{i}"
+        if (not isinstance(d, dict) or not _count(d.get("width")) or not _count(d.get("original_width"))
+                or not isinstance(d.get("field"), str) or not isinstance(d.get("path"), str)
+                or not isinstance(d.get("kept"), dict)):
+            raise bad(where, "expected path, field, width, original_width and kept")
+        for key, ids in d["kept"].items():
+            if (not str(key).isdigit() or not isinstance(ids, list) or len(ids) != d["width"] or ids != sorted(set(ids))
+                    or not all(isinstance(c, int) and 0 <= c < d["original_width"] for c in ids)):
+                raise bad(f"{where}.kept.{key}", f"expected {d['width']} sorted, unique channel ids in "
+                                                 f"0..{d['original_width'] - 1}")
+        d["kept"] = {int(k): v for k, v in d["kept"].items()}
     out = {}
     for key, lists in kept.items():
         layer = int(key)
@@ -526,7 +546,7 @@ def _read_channels(raw: Any, experts: dict[int, list[int]], bad) -> dict[str, An
                     or not all(isinstance(c, int) and 0 <= c < full for c in ids)):
                 raise bad(f"channels.kept.{key}", f"each list must hold {width} sorted, unique channel ids in 0..{full - 1}")
         out[layer] = lists
-    return {**raw, "kept": out}
+    return {**raw, "kept": out, "dense": dense}
 
 
 def _read_heads(raw: Any, bad) -> dict[str, Any] | None:

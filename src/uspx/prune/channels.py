@@ -4,8 +4,8 @@ config holds for the whole model), each expert its own best ones.
 A channel ``c`` of expert ``e`` adds ``g_e(x) * h_c(x) * d_c`` to the MoE block's output (``h_c``
 its activation, ``d_c`` its column of the down projection, ``g_e`` the routing weight), so its
 score on the user's calibration tokens is ``sum over tokens routed to e of g_e(x) |h_c(x)|``
-times ``||d_c||`` (the activation-weighted magnitude Wanda and FLAP use, restricted to the
-tokens the expert serves). Removing a channel is exact: the export slices the gate/up rows, their
+times ``||d_c||`` per calibration token (the activation-weighted magnitude Wanda and FLAP use,
+restricted to the tokens the expert serves; ``uspx.score.units``, method ``activation``). Removing a channel is exact: the export slices the gate/up rows, their
 biases and the down columns of the dropped channels out of every expert and sets the config's
 expert width; it is reloaded with stock ``from_pretrained`` and compared with the original whose
 dropped channels are zeroed in the down projection (the masked model).
@@ -23,56 +23,17 @@ import torch
 from torch import nn
 
 from uspx.io import UspxError, write_json
-from uspx.models import MoEAdapter, adapter_for
+from uspx.models import adapter_for
 from uspx.workload import EncodedItem
 
 
 def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Per MoE layer, [E, I] channel scores on ``items`` (see the module doc)."""
-    adapter = adapter_for(model)
-    width = adapter.expert_width()
-    sums = {l.index: torch.zeros(l.num_experts, width, dtype=torch.float64) for l in adapter.layers}
-    real: list[torch.Tensor] = []
+    """Per MoE layer, [E, I] channel scores on ``items`` (see the module doc): the ``activation``
+    score of :mod:`uspx.score.units`."""
+    from uspx.score.units import score_units
 
-    def hook_for(layer):
-        def hook(module, args):
-            hidden, index, weights = args[0], args[1], args[2]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            n, keep = hidden.shape[0], real[0]  # real (not padding) tokens only
-            hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
-            for e in index.unique().tolist():
-                rows, slot = torch.nonzero(index == e, as_tuple=True)
-                h = adapter.expert_intermediate(layer, hidden[rows], e).abs().double()
-                sums[layer.index][e] += (weights[rows, slot].double()[:, None] * h).sum(0)
-        return hook
-
-    forward_items(model, items, [l.experts.register_forward_pre_hook(hook_for(l)) for l in adapter.layers], real,
-                  pad_id, batch_size)
-    return {l.index: sums[l.index] * _down_norms(adapter, l, width) for l in adapter.layers}
-
-
-def forward_items(model: nn.Module, items: list[EncodedItem], handles: list, real: list, pad_id: int = 0,
-                  batch_size: int = 8) -> None:
-    """Run ``items`` through ``model`` without gradients with the hooks ``handles`` attached (removed
-    after); ``real[0]`` holds the running batch's real-token mask [B*T] for the hooks."""
-    from uspx.engine import make_batches
-
-    try:
-        with torch.no_grad():
-            for batch in make_batches(items, batch_size, pad_id):
-                real[:] = [batch.real]
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _down_norms(adapter: MoEAdapter, layer, width: int) -> torch.Tensor:
-    """[E, I]: the norm of each channel's column of the down projection."""
-    dim, _ = adapter.channel_layout(layer, width)["down_proj"]
-    down = layer.experts.down_proj.detach().double()
-    other = [d for d in range(1, down.dim()) if d != dim]
-    return down.pow(2).sum(dim=other).sqrt()
+    us = score_units(model, items, ["channels"], ["activation"], pad_id=pad_id, batch_size=batch_size, bootstrap=0)
+    return {l: torch.from_numpy(us.matrix("channel", "activation", l)) for l in us.layers("channel")}
 
 
 def kept_channels(scores: dict[int, torch.Tensor], width: int) -> dict[int, torch.Tensor]:
@@ -121,6 +82,53 @@ def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
                 dim, positions = adapter.channel_positions(layer, width, kept[layer.index][e])[name]
                 rows.append(param[e].index_select(dim - 1, positions))
             state[f"{layer.name}.experts.{name}"] = torch.stack(rows)
+    return model_from_state(config, state, next(model.parameters()).dtype)
+
+
+def _dense_modules(model: nn.Module, kind: dict) -> dict[int, nn.Module]:
+    """Decoder layer -> the dense MLP a plan's dense kind (``path``, ``kept``) names in it."""
+    from uspx.models.base import _submodule
+
+    layers = adapter_for(model).decoder_layers(model)
+    out = {}
+    for layer in kind["kept"]:
+        mlp = _submodule(layers[layer], kind["path"])
+        if mlp is None or not hasattr(mlp, "down_proj"):
+            raise UspxError(f"the plan narrows {kind['path']} of layer {layer}, which this model does not have")
+        out[layer] = mlp
+    return out
+
+
+def masked_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
+    """A copy of ``model`` whose dense MLP channels not in ``dense[i]["kept"]`` write nothing."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for kind in dense:
+            for layer, mlp in _dense_modules(out, kind).items():
+                drop = [c for c in range(mlp.down_proj.weight.shape[1]) if c not in set(kind["kept"][layer])]
+                mlp.down_proj.weight[:, drop] = 0.0
+    return out
+
+
+def narrowed_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
+    """A new model of the same family with every dense MLP of each kind cut to its kept channels
+    (the kind's config width field set)."""
+    from uspx.models.base import _set_field
+    from uspx.models.loading import model_from_state
+
+    config = copy.deepcopy(model.config)
+    state = dict(model.state_dict())
+    prefix = {id(m): name for name, m in model.named_modules()}
+    for kind in dense:
+        _set_field(config, kind["field"], kind["width"])
+        for layer, mlp in _dense_modules(model, kind).items():
+            keep = torch.tensor(kind["kept"][layer], dtype=torch.long)
+            p = prefix[id(mlp)]
+            for proj in ("gate_proj", "up_proj"):
+                state[f"{p}.{proj}.weight"] = getattr(mlp, proj).weight.detach()[keep]
+                if getattr(mlp, proj).bias is not None:
+                    state[f"{p}.{proj}.bias"] = getattr(mlp, proj).bias.detach()[keep]
+            state[f"{p}.down_proj.weight"] = mlp.down_proj.weight.detach()[:, keep]
     return model_from_state(config, state, next(model.parameters()).dtype)
 
 

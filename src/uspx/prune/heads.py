@@ -4,8 +4,8 @@ A removed KV group shrinks the KV cache by its share for every token of context.
 
 Group ``g``'s heads write ``o_proj`` through its columns only, so their contribution to the
 attention output is ``x[:, cols_g] @ W_o[:, cols_g].T``; its score on the user's calibration
-tokens is the sum of that contribution's norm over the real tokens: exactly the output change
-removing the group causes at that layer. The export slices the query, key and value rows (and
+tokens is that contribution's norm per real token: exactly the output change removing the group
+causes at that layer (``uspx.score.units``, method ``activation``). The export slices the query, key and value rows (and
 biases) of the dropped groups, the ``o_proj`` columns, and per-head parameters such as gpt-oss's
 attention sinks, and writes the head counts and ``head_dim`` into the config; it is reloaded with
 stock ``from_pretrained`` and compared with the masked model (the dropped groups' ``o_proj``
@@ -23,44 +23,15 @@ from torch import nn
 
 from uspx.io import UspxError
 from uspx.models import adapter_for
+from uspx.score.units import attention_modules as _attention, head_shape as _shape, score_units
 from uspx.workload import EncodedItem
 
 
-def _shape(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads, KV heads, head dim) of ``model``."""
-    cfg = model.config
-    heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return heads, kv, head_dim
-
-
-def _attention(model: nn.Module) -> list[nn.Module]:
-    adapter = adapter_for(model)
-    return [getattr(layer, adapter.attention_attr) for layer in adapter.decoder_layers(model)]
-
-
 def group_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
-    """[layers, KV groups]: each group's summed contribution norm on ``items`` (see the module doc)."""
-    from uspx.prune.channels import forward_items
-
-    heads, kv, hd = _shape(model)
-    rep = heads // kv
-    attn = _attention(model)
-    sums = torch.zeros(len(attn), kv, dtype=torch.float64)
-    real: list[torch.Tensor] = []
-
-    def hook_for(i: int, o_proj: nn.Linear):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])[real[0]].double()
-            w = o_proj.weight.detach().double()
-            for g in range(kv):
-                cols = slice(g * rep * hd, (g + 1) * rep * hd)
-                sums[i, g] += (x[:, cols] @ w[:, cols].T).norm(dim=1).sum()
-        return hook
-
-    forward_items(model, items, [a.o_proj.register_forward_pre_hook(hook_for(i, a.o_proj)) for i, a in enumerate(attn)],
-                  real, pad_id, batch_size)
-    return sums
+    """[layers, KV groups]: each group's contribution norm per calibration token on ``items`` (the
+    ``activation`` score of :mod:`uspx.score.units`)."""
+    us = score_units(model, items, ["heads"], ["activation"], pad_id=pad_id, batch_size=batch_size, bootstrap=0)
+    return torch.stack([torch.from_numpy(us.matrix("kv_group", "activation", l)) for l in us.layers("kv_group")])
 
 
 def kept_groups(scores: torch.Tensor, n: int) -> torch.Tensor:

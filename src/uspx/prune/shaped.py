@@ -1,7 +1,8 @@
-"""Export a joint plan: fewer experts, narrower experts and fewer attention heads in one checkpoint.
+"""Export a joint plan: fewer experts, narrower experts and dense MLPs, and fewer attention heads in
+one checkpoint.
 
 The experts go first, sliced on disk like any plan (``prune.export``, verified on its own); the
-result is then cut to the plan's channels (``prune.channels.narrowed``) and query heads
+result is then cut to the plan's channels (``prune.channels.narrowed`` and ``narrowed_dense``) and query heads
 (``prune.heads.narrowed_heads``) and written in the stored precision. The reference it must equal
 is the original restricted to the kept experts, with the dropped channels of the kept experts and
 the dropped query heads writing nothing (their down-projection and ``o_proj`` columns zeroed): the
@@ -25,11 +26,13 @@ from uspx.models import LoadedModel, adapter_for
 def masked_reference(model: nn.Module, plan) -> nn.Module:
     """A copy of ``model`` whose units the joint ``plan`` drops inside the kept experts and attention
     write nothing (experts are restricted at comparison time)."""
-    from uspx.prune.channels import masked
+    from uspx.prune.channels import masked, masked_dense
     from uspx.prune.heads import masked_heads
 
     out = model
-    if plan.channels:
+    if plan.channels and plan.channels.get("dense"):
+        out = masked_dense(out, plan.channels["dense"])
+    if plan.channels and plan.channels["kept"]:
         width = adapter_for(model).expert_width()
         kept = {}
         for layer in adapter_for(model).layers:
@@ -56,11 +59,13 @@ def _head_tensor(plan, model: nn.Module) -> torch.Tensor:
 def shaped(pruned: nn.Module, plan) -> nn.Module:
     """``pruned`` (already holding only the plan's experts, in its order) cut to the plan's channels
     and query heads."""
-    from uspx.prune.channels import narrowed
+    from uspx.prune.channels import narrowed, narrowed_dense
     from uspx.prune.heads import narrowed_heads
 
     out = pruned
-    if plan.channels:
+    if plan.channels and plan.channels.get("dense"):
+        out = narrowed_dense(out, plan.channels["dense"])
+    if plan.channels and plan.channels["kept"]:
         out = narrowed(out, {l: torch.tensor(v, dtype=torch.long) for l, v in plan.channels["kept"].items()})
     if plan.heads:
         out = narrowed_heads(out, _head_tensor(plan, pruned))
@@ -97,8 +102,9 @@ def export_shaped(lm: LoadedModel, plan, out_dir: str | Path, *, plan_path: str 
         format=FORMAT, model_type=lm.model.config.model_type, physical=True,
         dtype=str(stored).replace("torch.", ""),
         kept={str(l): v for l, v in plan.kept.items()}, counts={str(l): len(v) for l, v in plan.kept.items()},
-        channels=None if not plan.channels else {"width": plan.channels["width"],
-                                                 "original_width": plan.channels["original_width"]},
+        channels=None if not plan.channels else {
+            "width": plan.channels["width"], "original_width": plan.channels["original_width"],
+            "dense": [{k: d[k] for k in ("path", "field", "width", "original_width")} for d in plan.channels.get("dense") or []]},
         heads=None if not plan.heads else {k: plan.heads[k] for k in plan.heads if k != "kept"},
         plan=plan_path, plan_sha256=plan_sha256,
         experts_verification=experts_only["verification"]), kept=plan.kept_set(), size_check=size_of)

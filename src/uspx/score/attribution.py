@@ -32,7 +32,7 @@ class Attribution:
 
 def _units(model: nn.Module):
     """(projection weights to differentiate, channel blocks per MoE layer, KV-group blocks per layer)."""
-    from uspx.prune.heads import _attention, _shape
+    from uspx.score.units import attention_modules as _attention, head_shape as _shape
 
     adapter = adapter_for(model)
     width = adapter.expert_width()
@@ -60,30 +60,14 @@ def mean_loss(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch
 
 
 def attribution(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> Attribution:
-    """The first-order estimate of every channel's and every KV group's removal (see the module doc)."""
-    channels, groups = _units(model)
-    wanted = [w for w, _ in channels.values()] + [w for w, _ in groups]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for w in wanted:
-            w.requires_grad_(True)
-        loss = mean_loss(model, items, pad_id, batch_size, grad=True)
-        grads = dict(zip(map(id, wanted), torch.autograd.grad(loss, wanted)))
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    out_channels = {}
-    for layer, (w, (dim, index)) in channels.items():
-        gw = (grads[id(w)] * w.detach()).double()  # [E, ...]
-        other = [d for d in range(1, gw.dim()) if d != dim]
-        per_channel = gw.sum(dim=other)  # [E, I]
-        out_channels[layer] = -per_channel[:, index[:, 0]]
-    out_groups = torch.stack([
-        torch.stack([-(grads[id(w)][:, cols] * w.detach()[:, cols]).double().sum() for cols in blocks])
-        for w, blocks in groups])
-    return Attribution(out_channels, out_groups, float(loss.detach()))
+    """The first-order estimate of every channel's and every KV group's removal (see the module doc;
+    computed per prompt by :func:`uspx.score.units.gradient_scores`)."""
+    from uspx.score.units import gradient_scores, UnitScores
+
+    us = UnitScores(gradient_scores(model, items, ["channels", "heads"], pad_id=pad_id, bootstrap=0)["attribution"])
+    channels = {l: torch.from_numpy(us.matrix("channel", "attribution", l)) for l in us.layers("channel")}
+    groups = torch.stack([torch.from_numpy(us.matrix("kv_group", "attribution", l)) for l in us.layers("kv_group")])
+    return Attribution(channels, groups, float(mean_loss(model, items, pad_id, batch_size)))
 
 
 def validate(model: nn.Module, items: list[EncodedItem], est: Attribution, *, channels: int = 64,

@@ -19,6 +19,11 @@ contribution, so on the calibration tokens (per real token, the bootstrap unit b
 - ``ablation`` (heads only, opt in: one pass over the calibration set per head): the loss change
   when the unit's block is zeroed, measured.
 
+Channels of dense MLPs (a family's shared experts and dense layers, ``dense_mlp_paths`` of its
+adapter) are units of kind ``dense_channel`` scored the same way: channel ``c`` writes ``s x_c d_c``
+(``x_c`` its activation, ``d_c`` its down-projection column, ``s`` the MLP's output gate, 1 when it
+has none); ``index`` is the MLP kind, so each kind keeps its own width.
+
 The loss is uspx's one definition (``uspx.score.loss``). Intervals are bootstrap percentiles over
 prompts, drawn with the same resampling as the expert scores.
 """
@@ -43,7 +48,7 @@ from uspx.score.bootstrap import resample_counts
 from uspx.workload import EncodedItem
 
 UNITS = ("experts", "channels", "heads")
-KINDS = ("channel", "kv_group", "query_head")
+KINDS = ("channel", "dense_channel", "kv_group", "query_head")
 METHODS = ("reconstruction", "activation", "attribution", "fisher", "ablation")
 DEFAULT_METHODS = ("reconstruction", "activation", "attribution", "fisher")
 PARQUET = "units.parquet"
@@ -52,7 +57,7 @@ SCHEMA = pa.schema(
     [
         ("kind", pa.string()),  # channel, kv_group or query_head
         ("layer", pa.int16()),  # decoder layer
-        ("index", pa.int32()),  # expert (channels), KV group or query head
+        ("index", pa.int32()),  # expert (channels), dense MLP kind (dense channels), KV group or query head
         ("channel", pa.int32()),  # the channel of a channel row; -1 otherwise
         ("method", pa.string()),
         ("value", pa.float64()),  # higher = more important
@@ -121,7 +126,8 @@ class UnitScores:
         return sorted(set(self.table.column("method").to_pylist()))
 
     def matrix(self, kind: str, method: str, layer: int) -> np.ndarray:
-        """One layer's values: [experts, channels] for channels, [units] for heads."""
+        """One layer's values: [experts, channels] for channels, [MLP kind, channels] for dense
+        channels (rows of kinds the layer lacks are 0), [units] for heads."""
         t = self.table.filter(pc.and_(pc.and_(pc.equal(self.table.column("kind"), kind),
                                               pc.equal(self.table.column("method"), method)),
                                       pc.equal(self.table.column("layer"), layer)))
@@ -129,7 +135,7 @@ class UnitScores:
             raise UspxError(f"no {method!r} scores for {kind} units of layer {layer} in this unit table")
         index, channel = t.column("index").to_numpy(), t.column("channel").to_numpy()
         value = t.column("value").to_numpy()
-        if kind != "channel":
+        if kind not in ("channel", "dense_channel"):
             out = np.zeros(int(index.max()) + 1)
             out[index] = value
             return out
@@ -164,11 +170,12 @@ def load_units(folder: str | Path) -> UnitScores:
     return UnitScores(table)
 
 
-def _rows(kind: str, layer: int, method: str, value, low, high, n_prompts: int) -> pa.Table:
+def _rows(kind: str, layer: int, method: str, value, low, high, n_prompts: int, first: int = 0) -> pa.Table:
+    """Rows of one layer's units; channel kinds are [units, channels] with unit ids from ``first``."""
     value, low, high = (np.asarray(a, np.float64) for a in (value, low, high))
-    if kind == "channel":
+    if kind in ("channel", "dense_channel"):
         e, c = np.indices(value.shape)
-        index, channel = e.reshape(-1), c.reshape(-1)
+        index, channel = e.reshape(-1) + first, c.reshape(-1)
     else:
         index, channel = np.arange(value.size), np.full(value.size, -1)
     n = value.size
@@ -188,6 +195,12 @@ def _down_norms(adapter, layer, width: int) -> torch.Tensor:
     return down.pow(2).sum(dim=other).sqrt()
 
 
+def _check_heads(adapter) -> None:
+    if not adapter.heads_prunable:
+        raise UspxError(f"{adapter.family}: its attention heads share one compressed key/value (latent "
+                        "attention); uspx scores and cuts heads of grouped-query attention only")
+
+
 def _head_columns(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``o_proj`` input columns of every query head [heads, hd] and every KV group [kv, rep*hd]."""
     heads, kv, hd = head_shape(model)
@@ -204,11 +217,12 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
     adapter = adapter_for(model)
     counts = resample_counts(len(items), bootstrap, seed)
-    sums: dict[tuple[str, str, int], _Sums] = {}
+    sums: dict[tuple[str, str, int, int], _Sums] = {}
     handles: list = []
     state: dict[str, torch.Tensor] = {}
 
     def acc(key, shape, per_prompt):
+        key = key if len(key) == 4 else (*key, 0)  # (kind, method, layer, first unit id)
         if key not in sums:
             sums[key] = _Sums(shape, counts)
         sums[key].add(per_prompt, state["prompts"])
@@ -240,7 +254,39 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
         handles += [l.experts.register_forward_pre_hook(expert_hook(l)) for l in adapter.layers]
 
+    if "channels" in units:
+        def dense_hook(i, k, mlp, gate):
+            norms = mlp.down_proj.weight.detach().double().norm(dim=0)  # [I]
+            width = norms.numel()
+
+            def down_pre(module, args):
+                state[f"dense{i}"] = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
+                if gate is None:
+                    record(torch.ones(1, dtype=torch.float64))
+
+            def record(scale):
+                c = (scale * state.pop(f"dense{i}")).abs() * norms
+                local, nb = state["local"], int(state["prompts"].numel())
+                sq = torch.zeros(nb, 1, width, dtype=torch.float64)
+                ab = torch.zeros_like(sq)
+                sq[:, 0].index_add_(0, local, c.pow(2))
+                ab[:, 0].index_add_(0, local, c)
+                acc(("dense_channel", "reconstruction", i, k), (1, width), sq)  # unit id k: this MLP kind
+                acc(("dense_channel", "activation", i, k), (1, width), ab)
+
+            def gate_hook(module, args, out):  # the gate runs on the block input: sigmoid(out) scales the MLP
+                record(torch.sigmoid(out.reshape(-1, out.shape[-1])[state["real"]].double()))
+
+            hs = [mlp.down_proj.register_forward_pre_hook(down_pre)]
+            if gate is not None:
+                hs.append(gate.register_forward_hook(gate_hook))
+            return hs
+
+        for i, k, mlp, gate in adapter.dense_mlps(model):
+            handles += dense_hook(i, k, mlp, gate)
+
     if "heads" in units:
+        _check_heads(adapter)
         head_cols, group_cols = _head_columns(model)
 
         def o_hook(i, o_proj):
@@ -279,15 +325,15 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
             h.remove()
     den_rep = counts @ tokens
     out: dict[str, pa.Table] = {}
-    for (kind, method, layer), s in sorted(sums.items()):
+    for (kind, method, layer, first), s in sorted(sums.items()):
         out.setdefault(method, [])
-        out[method].append(_rows(kind, layer, method, *s.ratio(tokens.sum(), den_rep), len(items)))
+        out[method].append(_rows(kind, layer, method, *s.ratio(tokens.sum(), den_rep), len(items), first))
     return {m: pa.concat_tables(t) for m, t in out.items()}
 
 
 # ----- gradients: attribution and fisher ----------------------------------------------------------
-def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torch.Tensor, callable]]:
-    """(kind, layer, weight, per-unit reduction of grad * weight) for every unit block."""
+def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torch.Tensor, callable, int]]:
+    """(kind, layer, weight, per-unit reduction of grad * weight, first unit id) for every unit block."""
     adapter = adapter_for(model)
     out = []
     if "channels" in units:
@@ -298,13 +344,16 @@ def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torc
             def per_channel(gw, dim=dim, index=index):
                 other = [d for d in range(1, gw.dim()) if d != dim]
                 return gw.sum(dim=other)[:, index[:, 0]]  # [E, I]
-            out.append(("channel", l.index, l.experts.down_proj, per_channel))
+            out.append(("channel", l.index, l.experts.down_proj, per_channel, 0))
+        for i, k, mlp, _ in adapter.dense_mlps(model):
+            out.append(("dense_channel", i, mlp.down_proj.weight, lambda gw: gw.sum(0)[None], k))  # [1, I]
     if "heads" in units:
+        _check_heads(adapter)
         head_cols, group_cols = _head_columns(model)
         for i, a in enumerate(attention_modules(model)):
             for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
                 out.append((kind, i, a.o_proj.weight,
-                            lambda gw, blocks=blocks: torch.stack([gw[:, c].sum() for c in blocks])))
+                            lambda gw, blocks=blocks: torch.stack([gw[:, c].sum() for c in blocks]), 0))
     return out
 
 
@@ -316,7 +365,7 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
     from uspx.score.loss import token_losses
 
     blocks = _blocks(model, units)
-    weights = list({id(w): w for _, _, w, _ in blocks}.values())
+    weights = list({id(w): w for _, _, w, _, _ in blocks}.values())
     targets = np.array([n_targets(e) for e in items], dtype=np.float64)
     total = max(targets.sum(), 1.0)
     counts = resample_counts(len(items), bootstrap, seed)
@@ -337,7 +386,7 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
                 loss = token_losses(model, batch).sum()
                 grads = dict(zip(map(id, weights), torch.autograd.grad(loss, weights)))
                 prompt = torch.tensor([i])
-                for b, (kind, layer, w, reduce) in enumerate(blocks):
+                for b, (kind, layer, w, reduce, _) in enumerate(blocks):
                     d = reduce((grads[id(w)] * w.detach()).double())  # d(sum loss_i)/dm
                     if attr[b] is None:
                         attr[b], fish[b] = _Sums(tuple(d.shape), counts), _Sums(tuple(d.shape), counts)
@@ -348,11 +397,12 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
             p.requires_grad_(flag)
     tables: dict[str, list[pa.Table]] = {"attribution": [], "fisher": []}
     rep_targets, rep_prompts = counts @ targets, counts.sum(1)
-    for b, (kind, layer, _, _) in enumerate(blocks):
+    for b, (kind, layer, _, _, first) in enumerate(blocks):
         if attr[b] is None:
             continue
-        tables["attribution"].append(_rows(kind, layer, "attribution", *attr[b].ratio(total, rep_targets), len(items)))
-        tables["fisher"].append(_rows(kind, layer, "fisher", *fish[b].ratio(float(len(items)), rep_prompts), len(items)))
+        tables["attribution"].append(_rows(kind, layer, "attribution", *attr[b].ratio(total, rep_targets), len(items), first))
+        tables["fisher"].append(_rows(kind, layer, "fisher", *fish[b].ratio(float(len(items)), rep_prompts), len(items),
+                                      first))
     return {m: pa.concat_tables(t) for m, t in tables.items() if t}
 
 

@@ -36,3 +36,28 @@ def test_plan_budget_and_errors(tmp_path, tiny_gpt_oss_dir):
     assert res.exit_code == 1 and "smallest budget" in res.output.replace("\n", " ")
     res = CliRunner().invoke(app, ["families"])
     assert res.exit_code == 0 and all(f in res.output for f in ("gpt_oss", "mixtral", "dbrx", "jamba"))
+
+
+def test_units_chain_through_score_select_and_prune(tmp_path, tiny_gpt_oss_dir):
+    """score --units, select --units under a byte budget, prune: the export has the plan's shape."""
+    from uspx.plan import memory as mem
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    run("trace", tiny_gpt_oss_dir, wl, "-o", tmp_path / "t", "--split", "calibration")
+    run("score", tiny_gpt_oss_dir, tmp_path / "t", wl, "-o", tmp_path / "s", "--methods", "reconstruction",
+        "--units", "experts,channels,heads", "--unit-methods", "reconstruction,activation", "--bootstrap", "10")
+    assert (tmp_path / "s" / "units.parquet").exists()
+    full = mem.estimate(mem.count_params(tiny_gpt_oss_dir), "fp32", context=0).weights_bytes
+    out = run("select", tmp_path / "s", "--model", tiny_gpt_oss_dir, "--units", "experts,channels,heads",
+              "--budget", str(int(full * 0.7)), "--context", "0", "--channel-step", "4", "-o", tmp_path / "plan.json")
+    assert "expert width" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["predicted_bytes"] <= int(full * 0.7) and plan["settings"]["units"] == ["experts", "channels", "heads"]
+    run("prune", tiny_gpt_oss_dir, tmp_path / "plan.json", "-o", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    shape = plan["settings"]["shape"]
+    assert (cfg["num_local_experts"], cfg["intermediate_size"], cfg["num_key_value_heads"]) == (
+        shape["experts"], shape["width"], shape["kv_groups"])
+    res = CliRunner().invoke(app, ["select", str(tmp_path / "s"), "--model", str(tiny_gpt_oss_dir), "--units",
+                                   "experts,heads", "--keep", "50%", "-o", str(tmp_path / "p2.json")])
+    assert res.exit_code != 0 and "--budget" in res.output

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -254,7 +254,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
         handles += [l.experts.register_forward_pre_hook(expert_hook(l)) for l in adapter.layers]
 
-    if "channels" in units:
+    if "channels" in units:  # the channels of dense MLPs: shared experts and dense layers
         def dense_hook(i, k, mlp, gate):
             norms = mlp.down_proj.weight.detach().double().norm(dim=0)  # [I]
             width = norms.numel()
@@ -332,7 +332,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
 
 # ----- gradients: attribution and fisher ----------------------------------------------------------
-def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torch.Tensor, callable, int]]:
+def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torch.Tensor, Callable, int]]:
     """(kind, layer, weight, per-unit reduction of grad * weight, first unit id) for every unit block."""
     adapter = adapter_for(model)
     out = []

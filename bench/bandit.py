@@ -4,7 +4,7 @@
                            [--methods guided,lucb] [--simulate]
 
 Exhaustive interventional ablation of every expert on every calibration item (one item per forward,
-items that do not route to the expert skipped; cached in ``--out``, keyed by the baseline losses),
+items that do not route to the expert skipped; cached in ``--cache``, keyed by the baseline losses),
 then each method with a budget of each fraction of the exhaustive forwards, all layers together:
 
 - ``guided`` (``uspx.score.bandit.guided_ablation``): the surrogate pass (charged
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--simulate", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_bandit")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "bench_bandit", help="where the exhaustive run is kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("default")
@@ -89,7 +90,7 @@ def main() -> None:
     items = encode(load_workload(args.user).part("calibration"), lm.tokenizer, 512)
     base = run_baseline(lm.model, adapter, items, batch_size=1, pad_id=pad_id_of(lm.tokenizer), norms=False,
                         progress=False)
-    exhaustive = _exhaustive(args.out / f"exhaustive_{args.user}.npz", lm.model, adapter, base, run_ablation)
+    exhaustive = _exhaustive(args.cache / f"exhaustive_{args.user}.npz", lm.model, adapter, base, run_ablation)
     exact = exhaustive.delta_sum.sum(0) / base.loss_tokens().sum()
     want = {l.index: sorted(np.argsort(-exact[p], kind="stable")[: args.keep].tolist()) for p, l in enumerate(adapter.layers)}
 
@@ -133,7 +134,7 @@ def main() -> None:
     (args.out / name).write_text(json.dumps(dict(
         machine=dict(platform=platform.platform(), torch=torch.__version__, threads=args.threads),
         command="python bench/bandit.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "simulate")) + (" --simulate" if args.simulate else ""),
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "cache", "simulate")) + (" --simulate" if args.simulate else ""),
         exhaustive=dict(forwards=exhaustive.forwards, skipped=exhaustive.skipped, seconds=round(exhaustive.seconds, 1)),
         surrogate=dict(forwards=surrogate.forwards, per_item=SURROGATE_FORWARDS, seconds=round(surrogate_seconds, 1),
                        plain_forward_seconds=round(plain_seconds, 1),
@@ -145,7 +146,7 @@ def main() -> None:
     print("| method | budget (share of exhaustive) | seed | forwards | fewer by | Jaccard with exhaustive | swaps | layers settled |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['fraction']:.2f} | {r['seed']} | {r['forwards']:,} | {r['ratio']:.1f}x | {r['jaccard']:.3f} | "
+        print(f"| {r['method']} | {r['fraction']:.3g} | {r['seed']} | {r['forwards']:,} | {r['ratio']:.1f}x | {r['jaccard']:.3f} | "
               f"{r['swaps']} | {r['settled_layers']} of {len(adapter.layers)} |")
 
 

@@ -165,6 +165,8 @@ def test_guided_ablation_respects_its_budget(one_thread):
     assert res.forwards == sur.forwards + 30 == sur.forwards + len(calls)
     assert len(set(calls)) == len(calls) and all(base.hit(b, p, e) for p, e, b in calls)
     assert res.pulls.sum() == 30 and all(len(v) == 4 for v in res.kept.values())
+    with pytest.raises(ValueError, match="surrogate"):
+        guided_ablation(model, adapter, base, 4, budget=sur.forwards - 1, surrogate=sur, pull=pull)
 
 
 def run_single(model, adapter, base, pos, expert):

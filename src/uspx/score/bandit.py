@@ -362,6 +362,10 @@ def guided_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
     A pull removes one expert on one batch of ``base``: ``pull(layer position, expert, batch)``
     returns the batch's summed loss change (default: a forward with the expert removed)."""
     layers = adapter.layers
+    items = sum(len(b.rows) for b in base.batches)
+    if budget < SURROGATE_FORWARDS * items:
+        raise ValueError(f"a budget of {budget} forwards does not cover the surrogate pass "
+                         f"({SURROGATE_FORWARDS} per item, {SURROGATE_FORWARDS * items})")
     sur = surrogate if surrogate is not None else removal_surrogate(model, adapter, base, kind)
     rows = [np.asarray(b.rows) for b in base.batches]
     first = np.stack([sur.first_order[r].sum(0) for r in rows])  # per batch [B, L, E]

@@ -1,6 +1,9 @@
 """Bandit ablation: with an unbounded budget and bounds that never separate early it draws every
 item of the arms it needs and finds exhaustive ablation's kept set and values; with a budget it
-stays within it."""
+stays within it. Guided ablation: its surrogate is the derivative of moving a layer's output towards
+the ablated one (finite differences) and its full step is the ablation; with an unbounded budget it
+is exhaustive ablation; its estimator is exact where its model holds, unbiased with calibrated
+errors where the model holds up to noise, and draws items in proportion to size."""
 
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ def removal_surrogate(model: torch.nn.Module, adapter: MoEAdapter, base: Baselin
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        for bi, batch in enumerate(base.batches):
+        for batch in base.batches:
             captured.clear()
             with torch.enable_grad():
                 loss = (token_losses(model, batch).double() * batch.loss_mask).sum()

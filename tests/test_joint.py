@@ -42,6 +42,17 @@ def _mean_loss(model, items, params=None):
     return total / count
 
 
+def _block_inputs(model, layer, items):
+    """The MoE block's input at every token of ``items``, one item at a time (no padding)."""
+    inputs = []
+    hook = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for e in items:
+            model(input_ids=torch.tensor([e.input_ids]))
+    hook.remove()
+    return torch.cat(inputs)
+
+
 @pytest.fixture(scope="module")
 def scored():
     torch.manual_seed(0)
@@ -58,13 +69,7 @@ def scored():
 def test_channel_reconstruction_is_the_squared_output_change(scored, one_thread):
     model, items, us = scored
     layer = adapter_for(model).layers[1]
-    inputs = []
-    hook = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for e in items:
-            model(input_ids=torch.tensor([e.input_ids]))
-    hook.remove()
-    x = torch.cat(inputs)
+    x = _block_inputs(model, layer, items)
     value = us.matrix("channel", "reconstruction", layer.index)
     act = us.matrix("channel", "activation", layer.index)
     for e, c in [np.unravel_index(value.argmax(), value.shape), (3, 5)]:
@@ -373,13 +378,7 @@ def test_dense_channel_scores_include_the_shared_experts_gate(one_thread):
     kinds = set(t[t.kind == "dense_channel"]["index"])
     assert kinds == {0}  # the shared expert (the tiny model has no dense layers)
     down = layer.block.shared_expert.down_proj.weight
-    inputs = []
-    hook = layer.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for e in items:
-            model(input_ids=torch.tensor([e.input_ids]))
-    hook.remove()
-    x = torch.cat(inputs)
+    x = _block_inputs(model, layer, items)
     t = t[(t.kind == "dense_channel") & (t.layer == layer.index)]
     rec = t[t.method == "reconstruction"].set_index("channel").value
     c = int(rec.idxmax())

@@ -2,15 +2,18 @@
 cache.
 
 Runtimes hold one expert count, one expert width and one head layout for the whole model, so an
-exportable choice is a shape: ``n`` experts per MoE layer, ``W`` channels per expert, ``G`` KV
-groups per layer and ``r`` query heads per group; within a shape every layer keeps its own best
-units. The value a shape keeps is the sum of its kept units' values, assuming removals add: a layer
-loses its dropped experts' values, the dropped channels' values of the experts it keeps, its
-dropped KV groups' values and the dropped query heads' values of the groups it keeps. Its cost is
+exportable choice is a shape: ``n`` experts per MoE layer, ``W`` channels per expert, one width per
+kind of dense MLP (shared experts, dense layers), ``G`` KV groups per layer and ``r`` query heads
+per group; within a shape every layer keeps its own best units. The value a shape keeps is the sum
+of its kept units' values, assuming removals add: a layer loses its dropped experts' values, the
+dropped channels' values of the experts it keeps and of its dense MLPs, its dropped KV groups'
+values and the dropped query heads' values of the groups it keeps. Its cost is
 the memory planner's exact size of the model with that shape (weights at the export precision plus
 the KV cache for ``context`` tokens). With the shape the only free choice, enumerating every shape
 solves the grouped knapsack exactly (at least top-k experts per layer, uniform counts per unit type),
-so no relaxation is needed; the plan records the value kept per unit type and the runner-up shapes.
+so no relaxation is needed. Dense MLP bytes add to the rest, so for every combination of the other
+counts the best dense widths that fit come off a frontier of (bytes, value) choices computed once.
+The plan records the value kept per unit type and the runner-up shapes.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ A channel ``c`` of expert ``e`` adds ``g_e(x) * h_c(x) * d_c`` to the MoE block'
 its activation, ``d_c`` its column of the down projection, ``g_e`` the routing weight), so its
 score on the user's calibration tokens is ``sum over tokens routed to e of g_e(x) |h_c(x)|``
 times ``||d_c||`` per calibration token (the activation-weighted magnitude Wanda and FLAP use,
-restricted to the tokens the expert serves; ``uspx.score.units``, method ``activation``). Removing a channel is exact: the export slices the gate/up rows, their
-biases and the down columns of the dropped channels out of every expert and sets the config's
-expert width; it is reloaded with stock ``from_pretrained`` and compared with the original whose
-dropped channels are zeroed in the down projection (the masked model).
+restricted to the tokens the expert serves; ``uspx.score.units``, method ``activation``). Removing
+a channel is exact: the export slices the gate/up rows, their biases and the down columns of the
+dropped channels out of every expert and sets the config's expert width; it is reloaded with
+stock ``from_pretrained`` and compared with the original whose dropped channels are zeroed in the
+down projection (the masked model).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def masked_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
     with torch.no_grad():
         for kind in dense:
             for layer, mlp in _dense_modules(out, kind).items():
-                drop = [c for c in range(mlp.down_proj.weight.shape[1]) if c not in set(kind["kept"][layer])]
+                keep = set(kind["kept"][layer])
+                drop = [c for c in range(mlp.down_proj.weight.shape[1]) if c not in keep]
                 mlp.down_proj.weight[:, drop] = 0.0
     return out
 

@@ -267,7 +267,7 @@ def test_learned_masks_are_refused_under_several_processes(tmp_path, monkeypatch
     from uspx.io import UspxError
 
     monkeypatch.setattr(api, "current", lambda: Dist(0, 2))  # the check precedes any collective
-    with pytest.raises(UspxError, match="l0_layer learn masks in one process.*2 processes"):
+    with pytest.raises(UspxError, match="l0_layer run as one sequence in one process.*2 processes"):
         api._score("default", tmp_path / "t", "python_dev", tmp_path / "s", ["frequency", "l0_layer"], keep="50%",
                   progress=False)
     assert not (tmp_path / "s").exists()

@@ -349,3 +349,25 @@ def test_load_scores_rejects_damaged_tables(scored, tmp_path):
     (folder / "scores.json").write_text("{}")
     with pytest.raises(UspxError, match="not a uspx score table"):
         load_scores(folder)
+
+
+def test_guided_ablation_method_with_enough_budget_is_exhaustive_ablation(scored, tmp_path):
+    """ablation_guided with a budget covering every (expert, item) pair measures every one of them:
+    its values are interventional ablation's, computed here by the exhaustive method; a small budget
+    is kept to, and is recorded with the exhaustive count."""
+    d = scored["dir"]
+    st = score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s", ("ablation_interventional", "ablation_guided"),
+               keep="50%", ablation_budget=50.0, progress=False, bootstrap=0)
+    df = st.to_pandas()
+    full = df[df.method == "ablation_interventional"].sort_values(["layer", "expert"]).value.to_numpy()
+    guided = df[df.method == "ablation_guided"].sort_values(["layer", "expert"]).value.to_numpy()
+    assert np.abs(full).max() > 1e-4
+    np.testing.assert_allclose(guided, full, rtol=1e-4, atol=1e-6)
+    small = score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s2", ("ablation_guided",), keep="50%",
+                  ablation_budget=0.1, progress=False)
+    counts = small.meta["ablation_forwards"]["ablation_guided"]
+    from uspx.score.bandit import SURROGATE_FORWARDS
+
+    assert counts["forwards"] <= max(int(0.1 * counts["exhaustive_forwards"]), SURROGATE_FORWARDS * len(scored["items"]))
+    with pytest.raises(UspxError, match="keep"):
+        score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s3", ("ablation_guided",), progress=False)

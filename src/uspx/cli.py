@@ -197,7 +197,7 @@ def score(
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
     workload: str = WORKLOAD_ARG,
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams), capability (needs --tool-families)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams), capability (needs --tool-families), ablation_guided (interventional ablation from a share of its forwards, see --ablation-budget; needs --keep)."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
     max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
@@ -210,6 +210,7 @@ def score(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk). taylor needs every expert weight off disk."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,cpu=60GiB."),
     units: str = typer.Option("experts", "--units", help="Unit types to score: experts, and channels (expert intermediate channels) and heads (KV groups and query heads), written to units.parquet."),
+    ablation_budget: float = typer.Option(0.1, "--ablation-budget", help="With ablation_guided: the share of exhaustive ablation's forward passes to spend (0.1: 10x fewer)."),
     unit_methods: Optional[str] = typer.Option(None, "--unit-methods", help="Channel and head score methods (default: reconstruction, activation, attribution, fisher): also ablation (heads only; one pass over the prompts per head)."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
@@ -225,7 +226,7 @@ def score(
                       bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
                       streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep,
                       tool_families=_csv(tool_families), device_map=device_map, max_memory=max_memory,
-                      units=units, unit_methods=_csv(unit_methods))
+                      units=units, unit_methods=_csv(unit_methods), ablation_budget=ablation_budget)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -482,7 +483,7 @@ def extract(
     budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
     keep: Optional[str] = typer.Option(None, help="Experts to keep per layer instead of a budget: a share (50%) or a count."),
     context: int = typer.Option(4096, help="Context length the budget must hold."),
-    method: Optional[str] = typer.Option(None, help="Score method: frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction (the default), l0, l0_layer; with --streaming the local ones (frequency, reap, ean, reconstruction, l0_layer)."),
+    method: Optional[str] = typer.Option(None, help="Score method: frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction (the default), l0, l0_layer, ablation_guided; with --streaming the local ones (frequency, reap, ean, reconstruction, l0_layer)."),
     non_uniform: bool = typer.Option(False, "--non-uniform"),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
     max_length: int = typer.Option(512, help="Truncate workload items to this many tokens."),

@@ -40,8 +40,10 @@ METHODS = (
     "l0",
     "l0_layer",
     "capability",
+    "ablation_guided",
 )
-KEEP_METHODS = ("l0", "l0_layer")  # need ``keep``: the default (every method) leaves them out when it is not given
+# need ``keep``: the default (every method) leaves them out when it is not given
+KEEP_METHODS = ("l0", "l0_layer", "ablation_guided")
 TRACE_METHODS = ("frequency", "reap", "ean", "capability")
 LOCAL_METHODS = ("frequency", "reap", "ean", "reconstruction", "l0_layer", "capability")  # need no whole-model forward: streamable  # computable from a trace alone (reap/ean need norms)
 NORM_METHODS = ("reap", "ean")
@@ -95,6 +97,7 @@ def _score(
     max_memory: str | dict | None = None,
     units: Sequence[str] | str = ("experts",),
     unit_methods: Sequence[str] | None = None,
+    ablation_budget: float = 0.1,
 ) -> ScoreTable:
     """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
 
@@ -120,6 +123,11 @@ def _score(
     ``device_map`` / ``max_memory`` place the whole model across devices (accelerate; see
     :func:`uspx.models.load_model`); taylor then needs every expert weight in memory (not on disk).
 
+    ``ablation_guided`` (needs ``keep``) is interventional ablation estimated with ``ablation_budget``
+    (a share) of the forward passes exhaustive ablation would take: a first-order pass over every
+    item, then ablations spent on the experts nearest each layer's keep boundary
+    (:func:`uspx.score.bandit.guided_ablation`); its interval is the estimate +- 1.96 standard errors.
+
     ``units`` adds the units inside the layers ("channels": expert intermediate channels, "heads":
     KV groups and query heads), scored on the same prompts with ``unit_methods``
     (:mod:`uspx.score.units`) and written to ``units.parquet`` beside the expert table.
@@ -137,14 +145,17 @@ def _score(
     progress = progress and d.main
     if "capability" in methods and not tool_families:
         raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
-    if keep is None and any(m in KEEP_METHODS for m in methods):
-        raise UspxError("l0 learns which experts to keep under a budget: give keep (--keep: a count or a share like 50%)")
-    learned = [m for m in methods if m in KEEP_METHODS]
-    if d.active and learned:
-        # training is one sequence of steps, not a sum over items to share out; run alone, the other
-        # processes would only wait on it (and time out on a long training)
-        raise UspxError(f"{', '.join(learned)} learn masks in one process: run `uspx score` for them without "
-                        f"torchrun (this run has {d.world} processes), or `uspx extract`, whose rank 0 scores")
+    needs_keep = [m for m in methods if m in KEEP_METHODS]
+    if keep is None and needs_keep:
+        raise UspxError(f"{', '.join(needs_keep)} decide which experts to keep under a budget: give keep "
+                        "(--keep: a count or a share like 50%)")
+    if d.active and needs_keep:
+        # one sequence of steps (training, or ablations chosen from the ones before), not a sum over
+        # items to share out; run alone, the other processes would only wait on it
+        raise UspxError(f"{', '.join(needs_keep)} run as one sequence in one process: run `uspx score` for them "
+                        f"without torchrun (this run has {d.world} processes), or `uspx extract`, whose rank 0 scores")
+    if not ablation_budget > 0:
+        raise UspxError(f"ablation_budget must be a positive share of exhaustive ablation's forwards, not {ablation_budget}")
     if streaming or sequential is not None:
         whole = [m for m in methods if m not in LOCAL_METHODS]
         if whole:
@@ -283,6 +294,22 @@ def _score(
                 sal = run_taylor(lm.source.model, adapter, items, pad_id, bar, dist=d)
             seconds["taylor"] = time.perf_counter() - t0
             add("taylor", [Factor(sal, np.ones((p, 1, 1)))], base.router.count.sum(0), p)
+        if "ablation_guided" in methods:
+            from uspx.score.bandit import SURROGATE_FORWARDS, guided_ablation
+
+            t0 = time.perf_counter()
+            # one item per pull, as exhaustive ablation's forwards are counted
+            single = base if batch_size == 1 else run_baseline(lm.source.model, adapter, items, batch_size=1,
+                                                               pad_id=pad_id, progress=progress)
+            exhaustive = int(sum(int(r.any(2).any(1).sum()) for r in single.routed))
+            budget = max(int(ablation_budget * exhaustive), SURROGATE_FORWARDS * len(items))
+            res = guided_ablation(lm.source.model, adapter, single, parse_keep(keep, adapter.num_experts),
+                                  budget=budget, seed=seed)
+            seconds["ablation_guided"] = time.perf_counter() - t0
+            counts["ablation_guided"] = dict(forwards=int(res.forwards), exhaustive_forwards=exhaustive)
+            rows.append(build_table(layers, adapter.num_experts, "ablation_guided", res.value,
+                                    np.full(res.value.shape, loss_tokens.sum()), res.value - 1.96 * res.se,
+                                    res.value + 1.96 * res.se, cost, p))
 
     for method in [m for m in ("l0", "l0_layer") if m in model_methods]:
         from uspx.recover.masks import layer_masks, learn_masks

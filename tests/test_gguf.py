@@ -125,6 +125,12 @@ def test_cli_prune_gguf_by_a_plan_file(tmp_path):
     assert res.exit_code == 0, res.output
     assert gguf.GGUFReader(str(tmp_path / "p.gguf")).fields["qwen3moe.expert_count"].contents() == 2
     assert json.loads((tmp_path / "p.gguf.uspx.json").read_text())["kept"] == {"0": [0, 2], "1": [1, 3]}
+    plan["heads"] = {"kv_groups": 1, "heads_per_group": 1, "original_kv_groups": 2, "original_heads_per_group": 1,
+                     "kept": {"0": [1], "1": [0]}}  # a joint plan: whole experts are not all it cuts
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    res = CliRunner().invoke(app, ["prune-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "plan.json"),
+                                   "-o", str(tmp_path / "q.gguf")])
+    assert res.exit_code != 0 and "uspx prune" in str(res.exception) and not (tmp_path / "q.gguf").exists()
 
 
 def test_runtime_notes_name_what_runtimes_refuse():

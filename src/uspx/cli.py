@@ -412,7 +412,7 @@ def prune_gguf_cmd(
     from uspx.prune.gguf_file import prune_gguf
     from uspx.prune.kept import resolve_kept
 
-    ks = resolve_kept(plan_file)
+    ks = resolve_kept(plan_file).experts_only("prune-gguf")
     rec = prune_gguf(gguf_file, ks.kept, out, num_experts=ks.plan.num_experts)
     write_json(out.with_name(out.name + ".uspx.json"), {**rec, "plan": str(plan_file)})
     console.print(f"written {out}: {rec['kept_count']} of {rec['experts']} experts per layer, "

@@ -24,6 +24,13 @@ class KeptSource:
     def uniform(self) -> bool:
         return len({len(v) for v in self.kept.values()}) <= 1
 
+    def experts_only(self, what: str) -> "KeptSource":
+        """This kept set, or an error naming ``what`` when its plan also narrows channels or heads."""
+        if self.plan is not None and (getattr(self.plan, "channels", None) or getattr(self.plan, "heads", None)):
+            raise UspxError(f"{self.plan_path or 'the plan'} also narrows channels or heads; {what} removes whole "
+                            "experts only: export it with `uspx prune`, then convert the export")
+        return self
+
     def predicted_weight_bytes(self) -> int | None:
         """The plan's prediction of the exported weights: its total minus KV cache and reserve.
 

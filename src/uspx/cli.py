@@ -340,9 +340,8 @@ def channels(
 
     rec = export_channels(model, workload, out, width=width)
     console.print(f"written {out}: experts {rec['original_width']} -> {rec['width']} channels; tensors "
-                  f"{rec['bytes']['original'] / 2**20:.1f} -> {rec['bytes']['narrowed'] / 2**20:.1f} MiB; max |logit diff| "
-                  f"vs the masked model {rec['verification']['max_abs_logit_diff']:.2e}; held-out delta "
-                  + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
+                  f"{rec['bytes']['original'] / 2**20:.1f} -> {rec['bytes']['narrowed'] / 2**20:.1f} MiB; "
+                  + _checked_and_evaluated(rec))
 
 
 @app.command()
@@ -361,9 +360,13 @@ def heads(
     rec = export_heads(model, workload, out, groups=groups)
     kv = rec["kv_bytes_per_token"]
     console.print(f"written {out}: KV groups {rec['original_kv_groups']} -> {rec['kv_groups']} per layer; KV cache "
-                  f"{kv['original']} -> {kv['narrowed']} bytes per token; max |logit diff| vs the masked model "
-                  f"{rec['verification']['max_abs_logit_diff']:.2e}; held-out delta "
-                  + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
+                  f"{kv['original']} -> {kv['narrowed']} bytes per token; " + _checked_and_evaluated(rec))
+
+
+def _checked_and_evaluated(rec: dict) -> str:
+    """The verification and held-out part of a narrowed export's summary line."""
+    return (f"max |logit diff| vs the masked model {rec['verification']['max_abs_logit_diff']:.2e}; held-out delta "
+            + ", ".join(f"{f} {d:+.4f}" for f, d in rec["heldout"].items() if d is not None))
 
 
 @app.command()

@@ -251,7 +251,7 @@ def select_units(
                             batch=batch, experts_per_layer=0, reserve_bytes=reserve_bytes)
 
     sizes = {(w, g, r): size(Shape(n_exp, w, g, r, full_dense)) for w in widths for g, r in layouts}
-    whole = size(Shape(n_exp, width, kv, rep, full_dense))
+    whole = sizes[width, kv, rep]  # the grids always hold the whole model's width and head layout
     tables = _tables(values, rep)
     # a dense MLP's bytes add to the rest: each kind's saving is measured on the whole model once
     dense_options = []

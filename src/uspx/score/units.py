@@ -260,12 +260,12 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
             width = norms.numel()
 
             def down_pre(module, args):
-                state[f"dense{i}"] = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
+                state[f"dense{i}.{k}"] = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
                 if gate is None:
                     record(torch.ones(1, dtype=torch.float64))
 
             def record(scale):
-                c = (scale * state.pop(f"dense{i}")).abs() * norms
+                c = (scale * state.pop(f"dense{i}.{k}")).abs() * norms
                 local, nb = state["local"], int(state["prompts"].numel())
                 sq = torch.zeros(nb, 1, width, dtype=torch.float64)
                 ab = torch.zeros_like(sq)

@@ -242,3 +242,39 @@ def test_router_bias_restriction_is_exact(teacher) -> None:
         assert torch.isfinite(out.logits).all()
     finally:
         router.bias.data.copy_(old)
+
+
+# --------------------------------------------------------------------------- teacher losses
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model predicting p = [1/4, 3/4] over a two-token vocabulary at every position."""
+
+    def forward(self, input_ids, **_):
+        logits = torch.tensor([0.0, math.log(3.0)]).expand(*input_ids.shape, 2)
+        return type("Out", (), {"logits": logits})()
+
+
+class _CharTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) - ord("a") for c in text]}
+
+
+def test_teacher_training_loss_is_mean_next_token_cross_entropy() -> None:
+    from uspx.teacher.train import lm_loss
+
+    # targets are x[:, 1:] = 1, 0: -log(3/4) and -log(1/4)
+    loss, aux = lm_loss(_FixedLogits(), torch.tensor([[1, 1, 0]]), with_router=False)
+    assert aux is None
+    assert float(loss) == pytest.approx((math.log(4 / 3) + math.log(4)) / 2, abs=1e-6)
+
+
+def test_teacher_report_scores_completion_tokens_only() -> None:
+    from uspx.teacher.report import completion_ce
+
+    # "ab" + "b": one completion target (id 1); "a" + "aa": two (id 0); prompts never count
+    items = [{"prompt": "ab", "completion": "b"}, {"prompt": "a", "completion": "aa"}]
+    got = completion_ce(_FixedLogits(), _CharTokenizer(), items)
+    assert got == pytest.approx((math.log(4 / 3) + 2 * math.log(4)) / 3, abs=1e-6)

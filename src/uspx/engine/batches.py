@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from uspx.engine.losses import next_tokens, token_nll
+from uspx.engine.losses import target_mask as loss_mask
 from uspx.workload import EncodedItem
 
 
@@ -41,17 +43,6 @@ class Batch:
     def slots(self) -> np.ndarray:
         """Its rows in a hidden-state store: ``slot .. slot + size`` (padding included)."""
         return np.arange(self.slot, self.slot + self.size)
-
-
-def loss_mask(items: Sequence[EncodedItem], width: int) -> torch.Tensor:
-    """[B, width] bool: True at predicting positions ``p`` with ``max(s, 1) <= p + 1 <= n - 1``."""
-    mask = torch.zeros((len(items), width), dtype=torch.bool)
-    for r, e in enumerate(items):
-        first = max(e.completion_start, 1) - 1
-        last = len(e.input_ids) - 2
-        if last >= first:
-            mask[r, first : last + 1] = True
-    return mask
 
 
 def n_targets(item: EncodedItem) -> int:
@@ -124,12 +115,10 @@ def share(batches: Sequence[Batch], rank: int, world: int) -> tuple[list[Batch],
 def target_losses(batch: Batch, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Next-token cross-entropy (float32) at the batch's target positions, in row-major order.
 
-    ``logits`` holds one row per True position of ``batch.loss_mask``, from the ``start``-th on. The
-    mask's last column is always False (nothing follows the last token), so the targets of the True
-    positions, in the same row-major order, are the ids one column to the right.
+    ``logits`` holds one row per True position of ``batch.loss_mask``, from the ``start``-th on (the
+    targets and the loss are those of :mod:`uspx.engine.losses`).
     """
-    targets = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]][start : start + len(logits)]
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return token_nll(logits, next_tokens(batch.input_ids, batch.loss_mask)[start : start + len(logits)])
 
 
 def pad_id_of(tokenizer) -> int:

@@ -1,7 +1,7 @@
 """Teacher vs candidate on the same tokens: loss, top-1 agreement and KL, per item, in one pass.
 
-Targets, batching and the loss are those of :mod:`uspx.score.loss` (one definition for the score and
-the evaluate stages); teacher and candidate logits at every target position are taken from the same
+Targets, batching and the loss are those of :mod:`uspx.engine.losses` (one definition for every
+stage); teacher and candidate logits at every target position are taken from the same
 batch, so agreement and KL compare like with like.
 """
 
@@ -14,8 +14,8 @@ from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from uspx.engine.losses import kl_of, log_probs, next_tokens, nll_of
 from uspx.progress import progress_bar
 from uspx.score.loss import Batch, make_batches
 from uspx.workload import EncodedItem
@@ -61,14 +61,14 @@ def compare(teacher: Runner, candidate: Runner, items: Sequence[EncodedItem], ba
         for batch in batches:
             mask = batch.loss_mask
             if mask.any():
-                targets = batch.input_ids[:, 1:][mask[:, :-1]]
-                lt = F.log_softmax(teacher.target_logits(batch), dim=-1)
-                lc = F.log_softmax(candidate.target_logits(batch), dim=-1)
+                targets = next_tokens(batch.input_ids, mask)
+                # log-probabilities once per side: loss, agreement and KL all read them
+                lt, lc = log_probs(teacher.target_logits(batch)), log_probs(candidate.target_logits(batch))
                 per_token = {
-                    "nll_teacher": -lt.gather(1, targets[:, None])[:, 0],
-                    "nll_candidate": -lc.gather(1, targets[:, None])[:, 0],
+                    "nll_teacher": nll_of(lt, targets),
+                    "nll_candidate": nll_of(lc, targets),
                     "agree": (lt.argmax(-1) == lc.argmax(-1)).float(),
-                    "kl": (lt.exp() * (lt - lc)).sum(-1),  # KL(teacher || candidate), nats
+                    "kl": kl_of(lt, lc),  # KL(teacher || candidate), nats
                 }
                 row_of = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]  # target -> batch row
                 for key, values in per_token.items():

@@ -3,8 +3,8 @@ behind learned expert masks.
 
 Token-level KD: ``tau^2 * KL(p_T || p_S)`` with ``p = softmax(logits / tau)``, averaged over the
 target tokens (completion tokens when the item has a completion, else every predicted token; the
-targets of ``engine.batches.loss_mask``). The ``tau^2`` keeps gradient sizes comparable across
-temperatures.
+targets of ``engine.losses.target_mask``): :func:`uspx.engine.losses.kd_loss`, re-exported here. The
+``tau^2`` keeps gradient sizes comparable across temperatures.
 
 Router KD: per MoE layer and token, the pruned router's distribution over its experts (softmax of its
 logits) against the original router's distribution renormalised over the kept experts (softmax of
@@ -25,26 +25,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from uspx.engine.losses import kd_loss, token_kl
+
+__all__ = ["BETA", "GAMMA", "ZETA", "deterministic_gates", "gate_open_probability", "hard_concrete", "kd_loss",
+           "lagrangian", "layer_loss", "router_kd_loss"]
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # the hard-concrete constants of Louizos et al.
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Mean over rows of ``tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))``; [n, V] logits."""
-    if student.numel() == 0:
-        return student.sum() * 0.0
-    log_s = F.log_softmax(student.float() / tau, dim=-1)
-    log_t = F.log_softmax(teacher.float() / tau, dim=-1)
-    return tau * tau * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
 def router_kd_loss(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``KL(softmax(teacher[:, kept]) || softmax(student))``, mean over tokens; student [N, n_kept],
     teacher [N, E], ``kept`` the original ids of the student's experts in its order."""
-    log_t = F.log_softmax(teacher.float()[:, kept], dim=-1)
-    log_s = F.log_softmax(student.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return token_kl(teacher.float()[:, kept], student).mean()
 
 
 def layer_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The loss every causal score and the evaluation stage measure: next-token cross-entropy on the
-tokens the user cares about.
+tokens the user cares about, as :mod:`uspx.engine.losses` computes it.
 
 Definition (one place, so score and evaluate agree): for an encoded item with tokens ``x_0..x_{n-1}``
 and ``completion_start = s``, the *target* tokens are ``x_j`` for ``max(s, 1) <= j <= n - 1``; each

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.engine.losses import token_nll
 from uspx.teacher.corpus import FAMILIES
 from uspx.teacher.train import fixed_windows, n_params, tokenize_split
 from uspx.teacher.workloads import load_workload
@@ -73,8 +74,7 @@ def window_stats(model: torch.nn.Module, windows: dict[str, torch.Tensor], bs: i
             x = w[i:i + bs]
             out = model(input_ids=x[:, :-1], output_router_logits=True, use_cache=False)
             lg = out.logits.float()
-            ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-            tot += float(ce)
+            tot += float(token_nll(lg, x[:, 1:], reduction="sum"))
             n += x[:, 1:].numel()
             for layer, rl in enumerate(out.router_logits):
                 idx = rl.topk(k, dim=-1).indices.reshape(-1)
@@ -176,8 +176,7 @@ def completion_ce(model: torch.nn.Module, tok, items: Sequence[dict], bs: int = 
     tot, n = 0.0, 0
     for x, _, tgt in _batches(_encode_items(tok, items), tok.pad_token_id, bs):
         lg = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), x[:, 1:], reduction="none")
-        tot += float(ce[tgt].sum())
+        tot += float(token_nll(lg, x[:, 1:])[tgt].sum())
         n += int(tgt.sum())
     return tot / n
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.engine.losses import token_nll
 from uspx.io import write_text
 from uspx.teacher.corpus import FAMILIES, read_split
 
@@ -166,7 +167,7 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, with_router: bool) -> tuple
     """Next-token cross-entropy on windows ``x`` [B, T+1]; optional per-layer aux loss."""
     out = model(input_ids=x[:, :-1], output_router_logits=with_router, use_cache=False)
     logits = out.logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    loss = token_nll(logits, x[:, 1:], reduction="mean")
     aux = None
     if with_router:
         cfg = model.config

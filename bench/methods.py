@@ -564,7 +564,8 @@ def main(argv=None) -> int:
     b.load(a.model)
     res = b.run()
     res.update(
-        date=time.strftime("%Y-%m-%d"), machine=machine(), model=str(b.lm.source),
+        date=time.strftime("%Y-%m-%d"), machine=machine(),
+        model=a.model if a.model == "default" else str(b.lm.source),  # no machine path for the bundled teacher
         model_shape=f"{b.lm.model.config.model_type}, {len(b.layers)} MoE layers × {b.n_exp} experts, top-{b.top_k}",
         model_fingerprint=b.lm.fingerprint,
         command=" ".join(["python", "bench/methods.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),

@@ -93,7 +93,7 @@ def test_prune_gguf_refuses_what_llama_cpp_could_not_load(tmp_path):
         assert not (tmp_path / "p.gguf").exists()
     with pytest.raises(UspxError, match="made for 8 experts"):
         prune_gguf(tmp_path / "m.gguf", {0: [0, 1], 1: [0, 1]}, tmp_path / "p.gguf", num_experts=8)
-        assert not (tmp_path / "p.gguf").exists()
+    assert not (tmp_path / "p.gguf").exists()  # a refused prune leaves no partial file
     (tmp_path / "p.gguf").write_bytes(b"x")
     with pytest.raises(UspxError, match="exists"):
         prune_gguf(tmp_path / "m.gguf", {0: [0, 1], 1: [0, 1]}, tmp_path / "p.gguf")

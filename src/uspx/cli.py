@@ -643,24 +643,36 @@ def generate(
         raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for {model} "
                                   "(`uspx probe`)")
     g = generate_with_tools(lm.model, lm.tokenizer, prompt, Probe.load(probe_dir), max_new_tokens=max_new_tokens)
-    console.print(prompt + g.text, markup=False, highlight=False)
+    console.print(prompt + g.text, markup=False, highlight=False, emoji=False)
     for c in g.calls:
-        console.print(f"[dim]tool calc: {c.expression} = {c.result if c.result is not None else 'refused: ' + str(c.refused)}")
+        console.print(f"tool calc: {c.expression} = {c.result if c.result is not None else 'refused: ' + str(c.refused)}",
+                      style="dim", markup=False, highlight=False, emoji=False)
 
 
 @app.command()
 def tool(
     name: str = typer.Argument(..., help="calc, datetime, units or python."),
-    query: str = typer.Argument(..., help="The tool's input, e.g. '2**64 / 3', 'weekday of 2026-11-29', '3 miles to km'."),
+    query: Optional[str] = typer.Argument(None, help="The tool's input, e.g. '2**64 / 3', 'weekday of 2026-11-29', '3 miles to km'."),
     allow_python: bool = typer.Option(False, "--allow-python", help="Let the python tool run the program (in its sandbox)."),
+    check: bool = typer.Option(False, "--check", help="With python: start the sandbox and print what a program inside sees."),
 ) -> None:
-    """Run one virtual-expert tool on an input: the same safe tools generation hands work to."""
+    """Run one virtual-expert tool on an input: the same safe tools generation hands work to.
+    The tool's text is printed verbatim."""
     from uspx.virtual.tools import TOOLS
 
     if name not in TOOLS:
         raise UspxError(f"unknown tool {name!r}; choose from {', '.join(TOOLS)}")
+    if check:
+        from uspx.virtual.sandbox import describe
+
+        if name != "python":
+            raise UspxError("--check tests the python tool's sandbox: `uspx tool python --check`")
+        typer.echo(describe())
+        return
+    if query is None:
+        raise UspxError(f"`uspx tool {name}` needs an input")
     result = TOOLS[name](query, enabled=allow_python) if name == "python" else TOOLS[name](query)
-    console.print(result.text, markup=False, highlight=False)
+    typer.echo(result.text)
 
 
 @app.command()

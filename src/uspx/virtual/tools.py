@@ -5,8 +5,9 @@
 - ``datetime``: today, weekdays, differences and offsets between dates, with an injectable clock.
 - ``units``: conversions by pint, the number parsed by ``calc``, the units checked before pint
   sees them.
-- ``python``: a program run in a separate interpreter with limits on CPU time, memory, processes
-  and output, in a fresh temporary folder, without network, killed on timeout; off unless enabled.
+- ``python``: a program run in a bubblewrap sandbox (:mod:`uspx.virtual.sandbox`): no file of the
+  host but the interpreter's, no network, limits on CPU, memory, processes, output and wall time,
+  nothing left running; off unless enabled.
 
 Every tool returns a :class:`ToolResult` or raises :class:`ToolRefusal` with the reason.
 """
@@ -15,17 +16,13 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
 from uspx.io import UspxError
+from uspx.virtual.sandbox import SandboxLimits, SandboxUnavailable, run_python
 
 MAX_DIGITS = 1000  # digits of any number a calculation may produce
 MAX_EXPONENT = 10_000
@@ -70,18 +67,32 @@ def _pow(a: Fraction, b: Fraction) -> Fraction:
     return a**e
 
 
-def _eval(node: ast.AST) -> Fraction:
+_DECIMAL = re.compile(r"(\d*)\.?(\d*)(?:[eE]([+-]?\d+))?")
+
+
+def _decimal(literal: str) -> Fraction:
+    """A decimal literal as an exact fraction; its exponent is bounded before any digit is made."""
+    literal = literal.replace("_", "")
+    m = _DECIMAL.fullmatch(literal)
+    if m is None:
+        raise ToolRefusal(f"calc: {literal!r} is not a decimal number")
+    if abs(int(m.group(3) or 0)) > MAX_DIGITS + len(m.group(1)) + len(m.group(2)):
+        raise ToolRefusal(f"calc: {literal} has more than {MAX_DIGITS} digits")
+    return _check_size(Fraction(literal))
+
+
+def _eval(node: ast.AST, text: str) -> Fraction:
     if isinstance(node, ast.Expression):
-        return _eval(node.body)
+        return _eval(node.body, text)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        if type(node.value) is float:
-            return Fraction(repr(node.value))  # the decimal the text wrote, exactly
+        if type(node.value) is float:  # the decimal the text wrote, exactly (a double may overflow)
+            return _decimal(ast.get_source_segment(text, node) or repr(node.value))
         return _check_size(Fraction(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _eval(node.operand)
+        v = _eval(node.operand, text)
         return -v if isinstance(node.op, ast.USub) else v
     if isinstance(node, ast.BinOp):
-        a, b = _eval(node.left), _eval(node.right)
+        a, b = _eval(node.left, text), _eval(node.right, text)
         if isinstance(node.op, ast.Pow):
             return _check_size(_pow(a, b))
         op = _BINOPS.get(type(node.op))
@@ -102,7 +113,7 @@ def calc(expression: str) -> ToolResult:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
         raise ToolRefusal(f"calc: {expression!r} is not an arithmetic expression") from None
-    value = _eval(tree)
+    value = _eval(tree, text)
     shown = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
     return ToolResult("calc", shown, value)
 
@@ -144,18 +155,52 @@ def datetime_tool(query: str, today: Callable[[], dt.date] = dt.date.today) -> T
 
 
 # ----- units --------------------------------------------------------------------------------------
-_UNIT = r"[A-Za-z_][A-Za-z_ ]*(?:(?:\*\*|\^)[1-3])?(?:\s*[*/]\s*[A-Za-z_][A-Za-z_ ]*(?:(?:\*\*|\^)[1-3])?)*"
+_UNIT_TOKEN = re.compile(r"\s*(?:(?P<word>[A-Za-z_]+)|(?P<pow>(?:\*\*|\^)[1-3](?![0-9]))|(?P<op>[*/])|(?P<other>\S))")
 _REGISTRY = None
+
+
+def _unit_tokens(text: str, offset: int) -> list[re.Match]:
+    tokens = list(_UNIT_TOKEN.finditer(text, offset))
+    if bad := [t.group() for t in tokens if t.lastgroup == "other"]:
+        raise ToolRefusal(f"units: {bad[0].strip()!r} cannot be part of a unit (names, * / and powers 1-3)")
+    return tokens
+
+
+def _split_units(tokens: list[re.Match]) -> tuple[int, int, int, int]:
+    """Token ranges (a, b) of the two units around the last ``to``/``in`` that leaves a well-formed
+    unit on each side. A unit is ``name+ [power] ((* | /) name+ [power])*``: every rule is about two
+    neighbouring tokens, so counting the bad neighbours once makes each candidate split O(1)."""
+    kinds = [t.lastgroup for t in tokens]
+    allowed = {("word", "word"), ("word", "pow"), ("word", "op"), ("pow", "op"), ("op", "word")}
+    bad_before = [0]  # bad_before[i]: bad neighbour pairs among tokens[0 .. i]
+    for i in range(1, len(kinds)):
+        bad_before.append(bad_before[-1] + ((kinds[i - 1], kinds[i]) not in allowed))
+
+    def ok(a: int, b: int) -> bool:
+        return b > a and kinds[a] == "word" and kinds[b - 1] in ("word", "pow") and bad_before[b - 1] == bad_before[a]
+
+    for i in range(len(tokens) - 1, -1, -1):
+        if kinds[i] == "word" and tokens[i].group("word") in ("to", "in") and ok(0, i) and ok(i + 1, len(tokens)):
+            return 0, i, i + 1, len(tokens)
+    raise ToolRefusal("units: expected '<number> <unit> to <unit>'")
 
 
 def units(query: str) -> ToolResult:
     """``<number> <unit> to <unit>`` (or ``in``), converted by pint; the number goes through
-    ``calc``, the units must be names with powers 1-3, so nothing else reaches pint's parser."""
+    ``calc``, the units must be names with powers 1-3, so nothing else reaches pint's parser.
+    The input is read by one pass of a tokenizer (length checked first), never by backtracking."""
     global _REGISTRY
-    m = re.fullmatch(r"\s*([-+0-9.()/* ]+?)\s+(" + _UNIT + r")\s+(?:to|in)\s+(" + _UNIT + r")\s*", query)
-    if not m or len(query) > MAX_INPUT:
+    if len(query) > MAX_INPUT:
+        raise ToolRefusal(f"units: input longer than {MAX_INPUT} characters")
+    first = next((i for i, ch in enumerate(query) if ch.isalpha() or ch == "_"), len(query))
+    number = query[:first]
+    if not number.strip() or not number[-1].isspace() or set(number) - set("-+0123456789.()/* \t"):
         raise ToolRefusal(f"units: cannot read {query!r} (expected '<number> <unit> to <unit>')")
-    amount = calc(m.group(1)).value
+    tokens = _unit_tokens(query, first)
+    a, b, c, d = _split_units(tokens)
+    source = query[tokens[a].start(): tokens[b - 1].end()].strip()
+    target = query[tokens[c].start(): tokens[d - 1].end()].strip()
+    amount = calc(number).value
     try:
         import pint
     except ImportError:
@@ -163,116 +208,41 @@ def units(query: str) -> ToolResult:
     if _REGISTRY is None:
         _REGISTRY = pint.UnitRegistry()
     try:
-        q = _REGISTRY.Quantity(float(amount), m.group(2).strip()).to(m.group(3).strip())
+        q = _REGISTRY.Quantity(float(amount), source).to(target)
     except Exception as exc:  # pint's own errors: unknown unit, incompatible dimensions
         raise ToolRefusal(f"units: {exc}") from None
     value = float(q.magnitude)
-    return ToolResult("units", f"{value:.6g} {m.group(3).strip()}", value)
+    return ToolResult("units", f"{value:.6g} {target}", value)
 
 
 # ----- python -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SandboxLimits:
-    cpu_seconds: int = 2
-    wall_seconds: float = 5.0
-    memory_bytes: int = 256 << 20
-    output_bytes: int = 64 << 10
-    processes: int = 16
-
-
-def _as_sandbox_user() -> None:
-    """Root ignores the process limit: a sandboxed program started by root runs as ``nobody``."""
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-
-
-_SANDBOX: list[str] | None = None
-
-
-def _sandbox_command() -> list[str]:
-    """``unshare -rn -- PYTHON -I -S``: a new user and network namespace (no network) around a
-    Python interpreter the sandbox user can run (this one, else the system's), checked as that user."""
-    global _SANDBOX
-    if _SANDBOX is not None:
-        return _SANDBOX
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise ToolRefusal("python: no `unshare` on this machine to run code without network; refused")
-    candidates = [os.path.realpath(sys.executable)] + [p for p in (shutil.which("python3"), "/usr/bin/python3") if p]
-    for interpreter in dict.fromkeys(candidates):
-        cmd = [unshare, "-rn", "--", interpreter, "-I", "-S"]
-        try:
-            if subprocess.run(cmd + ["-c", "pass"], capture_output=True, timeout=10, preexec_fn=_as_sandbox_user,
-                              cwd="/").returncode == 0:
-                _SANDBOX = cmd
-                return cmd
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    raise ToolRefusal("python: cannot run an interpreter in a network namespace here (unshare -rn failed, or no "
-                      "Python the sandbox user may run); refused")
+MAX_PROGRAM = 20_000  # bytes of a program (it reaches the sandbox through a pipe)
 
 
 def python_tool(code: str, *, enabled: bool = False, limits: SandboxLimits = SandboxLimits()) -> ToolResult:
-    """Run ``code`` in a separate, isolated interpreter (``python -I -S``) and return its stdout.
+    """Run ``code`` in the bubblewrap sandbox (:mod:`uspx.virtual.sandbox`) and return its stdout.
 
-    Limits: CPU seconds, address space, processes (fork bombs stop there), output bytes (a program
-    writing more is killed), wall time (the whole process group is killed); a fresh temporary
-    working folder, an empty environment, no network (its own network namespace). As root the
-    program runs as ``nobody``, so that the process limit applies. Refused unless ``enabled``.
+    Refused unless ``enabled``; refused where the sandbox cannot start (never run without it); a
+    program that fails, runs past the wall time or prints more than the output cap is refused too.
     """
     if not enabled:
         raise ToolRefusal("python: running code is off; enable it explicitly (--allow-python)")
-    if len(code) > 20_000:
-        raise ToolRefusal("python: program longer than 20000 characters")
-    command = _sandbox_command()
-    with tempfile.TemporaryDirectory(prefix="uspx-sandbox-") as work:
-        os.chmod(work, 0o777)
-        out_path = os.path.join(work, "stdout")
-        program = os.path.join(work, "program.py")
-        with open(program, "w") as fh:
-            fh.write(code)
-        os.chmod(program, 0o644)
-
-        def limit() -> None:
-            import resource
-
-            os.setsid()  # its own process group: killed whole on timeout
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            _as_sandbox_user()
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-
-        with open(out_path, "wb") as out:
-            os.chmod(out_path, 0o666)
-            proc = subprocess.Popen(command + [program], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.PIPE, cwd=work, env={}, preexec_fn=limit)
-            try:
-                _, err = proc.communicate(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                raise ToolRefusal(f"python: killed after {limits.wall_seconds:g} s of wall time") from None
-            finally:
-                _kill_group(proc)  # anything it left behind (forked children) goes too
-        with open(out_path, "rb") as fh:
-            output = fh.read(limits.output_bytes + 1)
-    if proc.returncode != 0:
-        reason = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or [f"signal {-proc.returncode}"]
-        raise ToolRefusal(f"python: the program failed ({reason[0][:200]})")
-    return ToolResult("python", output.decode(errors="replace").strip(), None)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
+    program = code.encode()
+    if len(program) > MAX_PROGRAM:
+        raise ToolRefusal(f"python: program longer than {MAX_PROGRAM} bytes")
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+        run = run_python(code, limits)
+    except SandboxUnavailable as exc:
+        raise ToolRefusal(str(exc)) from None
+    if run.timed_out:
+        raise ToolRefusal(f"python: killed after {limits.wall_seconds:g} s of wall time")
+    if run.overflowed:
+        raise ToolRefusal(f"python: killed for printing more than {limits.output_bytes} bytes")
+    if run.returncode != 0:
+        last = run.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        reason = last[0][:200] if last else f"exit status {run.returncode}"
+        raise ToolRefusal(f"python: the program failed ({reason})")
+    return ToolResult("python", run.stdout.decode(errors="replace").strip(), None)
 
 
 TOOLS = {"calc": calc, "datetime": datetime_tool, "units": units, "python": python_tool}

@@ -117,6 +117,14 @@ def test_ordinary_programs_run_and_print():
     assert refused is None and out == str(2432902008176640000)
 
 
+def test_cpu_and_wall_time_limits_stop_a_program():
+    cpu_bound = SandboxLimits(cpu_seconds=1, wall_seconds=30.0, processes=8)
+    _, refused, _ = _run("while True:\n    pass", cpu_bound)  # the CPU limit ends it, not the wall time
+    assert refused is not None and "failed" in refused
+    _, refused, _ = _run("import time\ntime.sleep(60)")
+    assert refused is not None and "wall time" in refused
+
+
 def test_output_file_replaced_by_a_symlink_shows_nothing_of_the_target(open_dir):
     secret = open_dir / "secret.txt"
     secret.write_text("TOP-SECRET-CONTENT")

@@ -22,7 +22,9 @@ WORKLOAD_ARG = typer.Argument(
     "python_dev", help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed)."
 )
 STREAMING = typer.Option(False, "--streaming", help="Run a decoder layer at a time from the safetensors files, never loading the whole model (models larger than memory; `uspx plan --streaming` predicts the peak).")
-COMPUTE_DTYPE = typer.Option("bf16", "--compute-dtype", help="With --streaming: bf16, fp16 or fp32 (fp32 doubles a layer's memory).")
+COMPUTE_DTYPE = typer.Option("auto", "--dtype", "--compute-dtype", help="Precision the model computes in, loaded whole or layer by layer (--streaming): auto (the checkpoint's stored float type: fp32 stays fp32, bf16 stays bf16, MXFP4 experts decode to the type of the rest), bf16, fp16 or fp32.")
+PLAN_COMPUTE_DTYPE = typer.Option("auto", "--compute-dtype", help="With --streaming: the precision the layers compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32).")
+DEVICE = typer.Option(None, "--device", help="Where the model computes: the whole model is loaded there, or with --streaming each decoder layer (and the hidden states it needs) is moved there for its turn and back, e.g. cuda or cuda:1 (default: the CPU).")
 REMOTE = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
 
 
@@ -86,6 +88,7 @@ def trace(
     items_per_shard: int = typer.Option(64, "--items-per-shard", help="Items per Parquet shard (the unit a killed run resumes from, and that torchrun's processes share out)."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    device: Optional[str] = DEVICE,
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk); modules on disk are read from the safetensors files at each forward."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)."),
     trust_remote_code: bool = REMOTE,
@@ -101,6 +104,7 @@ def trace(
         model, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
         norms=norms, trust_remote_code=trust_remote_code, streaming=streaming, reconstruction=reconstruction,
         dtype=compute_dtype, items_per_shard=items_per_shard, device_map=device_map, max_memory=max_memory,
+        device=device,
     )
     if not current().main:
         return
@@ -128,7 +132,7 @@ def plan(
     streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a layer-by-layer trace / score / extract instead (any family)."),
     tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
     seq_len: int = typer.Option(512, help="With --streaming: longest sequence, in tokens."),
-    compute_dtype: str = COMPUTE_DTYPE,
+    compute_dtype: str = PLAN_COMPUTE_DTYPE,
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts that fit."""
     from uspx.io import write_json
@@ -535,7 +539,7 @@ def recover(
     others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
     streaming: bool = typer.Option(False, "--streaming", help="Train the routers one decoder layer at a time from the files (with --train router; router KD and layer matching, both weighted 1 unless set) for models larger than memory."),
-    compute_dtype: str = typer.Option("bf16", "--compute-dtype", help="With --streaming: precision the layers compute in (routers always train in fp32)."),
+    compute_dtype: str = typer.Option("auto", "--dtype", "--compute-dtype", help="With --streaming: precision the layers compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32); routers always train in fp32."),
     threads: Optional[int] = THREADS,
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""

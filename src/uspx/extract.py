@@ -63,7 +63,7 @@ def extract(
     progress: bool = True,
     trust_remote_code: bool = False,
     streaming: bool = False,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     sequential: bool = False,
     recover: bool = False,
     recover_steps: int | None = None,

@@ -9,6 +9,7 @@ observers they attach.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,15 +18,14 @@ from uspx.engine.runner import RunStats, run
 from uspx.engine.source import FromCheckpoint, InMemory, WeightSource
 from uspx.io import UspxError
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                  "fp32": torch.float32, "float32": torch.float32}
+from uspx.models.loading import AUTO, DTYPES as COMPUTE_DTYPES, DtypeChoice, dtype_name, parse_dtype, resolve_dtype
 
 
-def compute_dtype(name: str) -> torch.dtype:
-    try:
-        return COMPUTE_DTYPES[name]
-    except KeyError:
-        raise UspxError(f"compute dtype must be one of bf16, fp16, fp32, not {name!r}") from None
+def compute_dtype(name: DtypeChoice, model_dir: str | Path | None = None) -> torch.dtype | None:
+    """A precision choice (auto, bf16, fp16, fp32) as a torch dtype. ``"auto"`` is the checkpoint's
+    stored float type: resolved when ``model_dir`` is given, else None (a source opened on the
+    folder resolves it)."""
+    return resolve_dtype(name, model_dir) if model_dir is not None else parse_dtype(name)
 
 
 @dataclass
@@ -42,6 +42,11 @@ class Opened:
     def streaming(self) -> bool:
         return not self.source.resident
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the model computes in."""
+        return self.source.dtype
+
     def loaded(self):
         """The in-memory model as a :class:`~uspx.models.LoadedModel` (resident sources only)."""
         from uspx.models import LoadedModel
@@ -51,14 +56,18 @@ class Opened:
         return LoadedModel(self.source.model, self.tokenizer, self.path, self.fingerprint, self.label)
 
 
-def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_remote_code: bool = False,
+def open_source(model, *, streaming: bool = False, dtype: DtypeChoice = AUTO, trust_remote_code: bool = False,
                 device: str | None = None, device_map=None, max_memory=None) -> Opened:
     """``model`` (a folder, ``"default"``, a :class:`~uspx.models.LoadedModel` or an :class:`Opened`)
     as a weight source.
 
-    ``streaming`` reads one decoder layer at a time from the files, computing in ``dtype``; otherwise
-    the model is loaded whole (fp32), on ``device`` or placed by accelerate's ``device_map`` /
-    ``max_memory`` (:func:`uspx.models.load_model`; a folder only).
+    Both paths compute in ``dtype``: ``"auto"`` (the default) is the checkpoint's stored float type
+    (fp32 stays fp32, bf16 stays bf16; MXFP4 experts decode into the type of the rest), or bf16,
+    fp16, fp32. ``streaming`` reads one decoder layer at a time from the files and runs each on
+    ``device`` (the CPU by default), moving it and the hidden states it needs there and back;
+    otherwise the model is loaded whole on ``device`` or placed by accelerate's ``device_map`` /
+    ``max_memory`` (:func:`uspx.models.load_model`; a folder only). A model already loaded keeps
+    its own precision and placement.
     """
     from uspx.models import LoadedModel, load_model, model_fingerprint
     from uspx.models.loading import resolve_model_path
@@ -73,13 +82,13 @@ def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_re
             raise UspxError("a layer-by-layer run reads the model folder; pass its path, not a loaded model")
         return Opened(InMemory(model.model), model.tokenizer, model.source, model.fingerprint, model.label)
     if not streaming:
-        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, device_map=device_map,
-                        max_memory=max_memory)
+        lm = load_model(model, dtype=parse_dtype(dtype) or AUTO, trust_remote_code=trust_remote_code,
+                        device=device, device_map=device_map, max_memory=max_memory)
         return Opened(InMemory(lm.model), lm.tokenizer, lm.source, lm.fingerprint, lm.label)
     if trust_remote_code:
         raise UspxError("layer-by-layer runs use transformers' own model classes; remote code is not supported")
     path = resolve_model_path(model)
-    source = FromCheckpoint(path, compute_dtype(dtype))
+    source = FromCheckpoint(path, parse_dtype(dtype), device=device)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
@@ -90,5 +99,5 @@ def open_source(model, *, streaming: bool = False, dtype: str = "bf16", trust_re
     return Opened(source, tokenizer, str(path), model_fingerprint(path), model_label(path))
 
 
-__all__ = ["Batch", "FromCheckpoint", "InMemory", "Opened", "RunStats", "WeightSource", "compute_dtype",
-           "make_batches", "open_source", "pad_id_of", "run"]
+__all__ = ["AUTO", "Batch", "COMPUTE_DTYPES", "FromCheckpoint", "InMemory", "Opened", "RunStats", "WeightSource",
+           "compute_dtype", "dtype_name", "make_batches", "open_source", "pad_id_of", "resolve_dtype", "run"]

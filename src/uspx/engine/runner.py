@@ -2,7 +2,9 @@
 
 A resident source (a model in memory) runs each batch through the whole model; a checkpoint source
 runs every batch through layer 0, then layer 1, and so on, keeping only one layer's weights and the
-hidden states of every token between two layers. Observers see the same calls either way.
+hidden states of every token between two layers. Observers see the same calls either way. The
+hidden states stay in CPU memory (or on disk); each batch's go to the source's device for the layer
+and come back, so a GPU holds one layer and one batch at a time.
 
 A layer-by-layer run given a ``state_dir`` resumes after a kill: after each layer it saves the
 hidden states and the number of layers done (each file atomic), and a run with the same key starts
@@ -82,7 +84,7 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
     stats = RunStats()
     handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
     model = source.model
-    device = _input_device(model)
+    device = source.device
     try:
         with progress_bar(label, total=sum(int(b.attention_mask.sum()) for b in batches), unit="tok",
                           enabled=progress) as bar:
@@ -111,13 +113,6 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
     return stats
 
 
-def _input_device(model) -> torch.device:
-    """Where a batch goes into a whole model: its embedding's device (a model placed by a device map
-    moves activations between its devices itself; one whose embedding sits on disk takes CPU input)."""
-    weight = model.get_input_embeddings().weight
-    return weight.device if weight.device.type != "meta" else torch.device("cpu")
-
-
 def _run_layers(source, batches, observers, head: bool, last_layer: int | None, state_dir, state_key,
                 spill_dir, decide: Decide | None, progress: bool, label: str) -> RunStats:
     n_layers = source.n_layers
@@ -143,7 +138,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
         if start == 0:
             with source.embedding():
                 for batch in batches:
-                    store.write(batch.slots, source.embed(batch.input_ids, batch.attention_mask))
+                    store.write(batch.slots, source.embed(batch.input_ids, batch.attention_mask).cpu())
         else:
             store.load(state_dir / "hidden.bin")
         with progress_bar(label, total=last + 1, unit="layers", enabled=progress) as bar:
@@ -179,7 +174,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                         o.begin(batch)
                     h = store.read(batch.slots)[batch.loss_mask.reshape(-1)]
                     for start in range(0, h.shape[0], HEAD_ROWS):  # logits are vocabulary-wide
-                        logits = source.logits(h[start : start + HEAD_ROWS])
+                        logits = source.logits(h[start : start + HEAD_ROWS]).cpu()
                         for o in observers:
                             if o.wants_logits:
                                 o.logits(batch, logits, start)
@@ -197,9 +192,9 @@ def _layer_pass(source, layer, index: int, batches, observers, store: HiddenStor
             o.begin(batch)
         args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
         b, t = batch.input_ids.shape
-        out = layer(store.read(batch.slots).reshape(b, t, hidden), *args, **kwargs)
-        if write:
-            store.write(batch.slots, out[0] if isinstance(out, tuple) else out)
+        out = layer(store.read(batch.slots).reshape(b, t, hidden).to(source.device), *args, **kwargs)
+        if write:  # the store stays in CPU memory whatever device the layer ran on
+            store.write(batch.slots, (out[0] if isinstance(out, tuple) else out).cpu())
 
 
 def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> int:

@@ -12,6 +12,11 @@ materialises one module at a time from the safetensors files through transformer
 conversion (per-expert tensors on disk become the fused expert parameters of the loaded class),
 and puts it back on the meta device when done. Quantized expert tensors are decoded by the
 family's adapter, for the experts that will run only.
+
+A checkpoint source given a ``device`` (``"cuda"``) computes there the way llm-compressor's
+sequential pipeline onloads layers: each module is read on the CPU, moved to the device for its
+block and released from there; the engine moves the hidden states a layer needs to the device and
+its outputs back into the store, which stays in CPU memory.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 from uspx.engine.checkpoint import Checkpoint
 from uspx.io import UspxError
 from uspx.models import MoEAdapter, adapter_class, adapter_for
+from uspx.models.loading import DtypeChoice, resolve_dtype
 
 
 class _Stop(Exception):
@@ -53,6 +59,12 @@ class WeightSource:
     adapter: MoEAdapter
     model: nn.Module
     resident: bool  # every weight is in memory: the engine may run a batch through all layers at once
+    dtype: torch.dtype  # what the layers compute in (and the hidden states between them are kept in)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layers compute: inputs go there, outputs come back to the CPU."""
+        return torch.device("cpu")
 
     @property
     def config(self):
@@ -79,19 +91,20 @@ class WeightSource:
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Input of decoder layer 0: the family's embedding and any scale applied to it (inside
         ``with source.embedding()``)."""
-        return self._capture(attention_mask, 0, input_ids=input_ids)[0][0]
+        device = self.device
+        return self._capture(attention_mask.to(device), 0, input_ids=input_ids.to(device))[0][0]
 
     def layer_call(self, attention_mask: torch.Tensor, index: int, dtype: torch.dtype) -> tuple[tuple, dict]:
         """(extra positional args, keyword args) the model's forward passes to decoder layer ``index``."""
         b, t = attention_mask.shape
         hidden = int(self.config.hidden_size)
-        embeds = torch.zeros(b, t, hidden, dtype=dtype)
-        _, args, kwargs = self._capture(attention_mask, index, inputs_embeds=embeds)[index]
+        embeds = torch.zeros(b, t, hidden, dtype=dtype, device=self.device)
+        _, args, kwargs = self._capture(attention_mask.to(self.device), index, inputs_embeds=embeds)[index]
         return args, kwargs
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM logits of final hidden states (inside ``with source.head()``)."""
-        return self.adapter.head_logits(self.model, hidden)
+        return self.adapter.head_logits(self.model, hidden.to(self.device))
 
     def _capture(self, attention_mask: torch.Tensor, stop_at: int, **inputs) -> dict:
         layers = self.decoder_layers
@@ -127,25 +140,36 @@ class InMemory(WeightSource):
     def dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
+    @property
+    def device(self) -> torch.device:
+        """The embedding's device (a model placed by a device map moves activations between its
+        devices itself; one whose embedding sits on disk takes CPU input)."""
+        weight = self.model.get_input_embeddings().weight
+        return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
 
 class FromCheckpoint(WeightSource):
-    """A model folder read one module at a time, computing in ``dtype``.
+    """A model folder read one module at a time, computing in ``dtype`` on ``device``.
 
-    ``experts``: per MoE layer, the experts a run can route to (a restricted run); quantized
-    experts outside it are never decoded, so they cost no memory.
+    ``dtype``: a torch dtype or its name; None or ``"auto"`` is the checkpoint's stored float type
+    (:func:`uspx.models.loading.stored_dtype`). ``device``: where each module computes while it is
+    loaded (the CPU when None). ``experts``: per MoE layer, the experts a run can route to (a
+    restricted run); quantized experts outside it are never decoded, so they cost no memory.
     """
 
     resident = False
 
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.bfloat16,
-                 experts: Mapping[int, Sequence[int]] | None = None):
+    def __init__(self, path: str | Path, dtype: DtypeChoice = None,
+                 experts: Mapping[int, Sequence[int]] | None = None, device: str | torch.device | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt = Checkpoint(path)
         self.path = self.ckpt.path
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype, self.path)
+        self._device = _check_device(device)
         self.experts = experts
+        dtype = self.dtype
         cls = adapter_class(str(self.ckpt.config.get("model_type")))
         config = AutoConfig.from_pretrained(self.path)
         if hasattr(config, "quantization_config"):
@@ -156,6 +180,28 @@ class FromCheckpoint(WeightSource):
         self.model.eval()
         self.adapter = cls(self.model)
         self._targets = self._target_names()
+        self._place_buffers()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _place_buffers(self) -> None:
+        """Computed buffers outside the decoder layers (rotary tables) live on the device for good:
+        the argument capture runs there. Layers' buffers travel with their layer."""
+        if self._device.type == "cpu":
+            return
+        inside = {id(m) for layer in self.decoder_layers for m in layer.modules()}
+        for module in self.model.modules():
+            if id(module) in inside:
+                continue
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(self._device)
+
+    def _onload(self, module: nn.Module) -> None:
+        if self._device.type != "cpu":
+            module.to(self._device)
 
     def _target_names(self) -> dict[str, str]:
         """Checkpoint tensor name -> the model parameter it becomes (transformers' own renaming)."""
@@ -229,6 +275,7 @@ class FromCheckpoint(WeightSource):
         module = self.decoder_layers[index]
         experts = None if self.experts is None else self.experts.get(index)
         self._materialise(self._module_prefix(module), experts)
+        self._onload(module)
         try:
             yield module
         finally:
@@ -238,6 +285,7 @@ class FromCheckpoint(WeightSource):
     def embedding(self) -> Iterator[None]:
         module = self.model.get_input_embeddings()
         self._materialise(self._module_prefix(module))
+        self._onload(module)
         try:
             yield
         finally:
@@ -254,13 +302,29 @@ class FromCheckpoint(WeightSource):
         else:  # tied embeddings: the head is the embedding table
             embedding = self.model.get_input_embeddings()
             self._materialise(self._module_prefix(embedding))
+            self._onload(embedding)
             lm_head.weight = embedding.weight
+        self._onload(norm)
+        self._onload(lm_head)
         try:
             yield
         finally:
             self._release(norm)
             self._release(lm_head)
             self._release(self.model.get_input_embeddings())
+
+
+def _check_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device, refused early when this machine cannot compute there."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise UspxError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UspxError(f"--device {device}: torch sees no CUDA GPU on this machine")
+    if dev.type == "meta":
+        raise UspxError("--device meta: layers must compute somewhere real")
+    return dev
 
 
 _M_MMAP_THRESHOLD = -3

@@ -50,7 +50,7 @@ def evaluate(
     progress: bool = False,
     trust_remote_code: bool = False,
     streaming: bool = False,
-    dtype: str = "bf16",
+    dtype: str = "auto",
 ) -> dict:
     """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split``; returns (and writes to
     ``out``, a folder or a .json path) the evaluation.
@@ -133,7 +133,7 @@ def evaluate(
 
 # ----- inputs ------------------------------------------------------------------------------------
 def _load(model: str | Path | LoadedModel, trust_remote_code: bool, streaming: bool = False,
-          dtype: str = "bf16") -> LoadedModel:
+          dtype: str = "auto") -> LoadedModel:
     """fp32 for both sides: loss deltas of a bf16 export then measure pruning, not rounding.
     ``streaming``: the model's skeleton only (no weights); the engine reads them a layer at a time."""
     if isinstance(model, LoadedModel):

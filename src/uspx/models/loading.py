@@ -79,10 +79,82 @@ def parse_max_memory(value: str | dict | None) -> dict[int | str, str] | None:
     return out
 
 
+AUTO = "auto"
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TAGS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors float tags uspx computes in
+_MAX_HEADER = 100 << 20
+DtypeChoice = str | torch.dtype | None
+
+
+def parse_dtype(choice: DtypeChoice) -> torch.dtype | None:
+    """A precision choice as a torch dtype; None for ``"auto"`` (or None): the checkpoint's own."""
+    if choice is None or isinstance(choice, torch.dtype) and choice in _SHORT:
+        return choice
+    if isinstance(choice, str):
+        if choice.lower() == AUTO:
+            return None
+        if choice.lower() in DTYPES:
+            return DTYPES[choice.lower()]
+    raise UspxError(f"dtype must be one of auto, bf16, fp16, fp32, not {choice!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: how outputs and manifests name a precision."""
+    return _SHORT.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The float type a checkpoint stores its weights in: the one holding the most bytes across the
+    safetensors headers (fp32 stays fp32, bf16 stays bf16). MXFP4 expert blocks are not floats and
+    do not count: they decode exactly into the type of the rest (every MXFP4 value is a bf16 value).
+    A folder holding only a config says it in ``dtype`` / ``torch_dtype``; one that says nothing,
+    or is quantized, computes in bf16."""
+    path = Path(path)
+    by_dtype: dict[torch.dtype, int] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        for dtype, n in _float_bytes(file).items():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    if by_dtype:
+        return max(by_dtype, key=by_dtype.__getitem__)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    declared = str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.").lower()
+    return DTYPES.get(declared, torch.bfloat16) if not config.get("quantization_config") else torch.bfloat16
+
+
+def _float_bytes(file: Path) -> dict[torch.dtype, int]:
+    """Bytes per float type in one safetensors file, from its header alone."""
+    import struct
+
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= _MAX_HEADER:
+            raise UspxError(f"{file}: corrupt or truncated safetensors file (no readable header)")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UspxError(f"{file}: corrupt safetensors header (not JSON)") from None
+    out: dict[torch.dtype, int] = {}
+    for name, info in header.items():
+        if name != "__metadata__" and isinstance(info, dict) and info.get("dtype") in _TAGS:
+            start, stop = info.get("data_offsets", (0, 0))
+            out[_TAGS[info["dtype"]]] = out.get(_TAGS[info["dtype"]], 0) + int(stop) - int(start)
+    return out
+
+
+def resolve_dtype(choice: DtypeChoice, path: str | Path) -> torch.dtype:
+    """The precision a run of the model in ``path`` computes in: ``choice``, or for ``"auto"`` the
+    checkpoint's stored float type (:func:`stored_dtype`)."""
+    dtype = parse_dtype(choice)
+    return dtype if dtype is not None else stored_dtype(path)
+
+
 def load_model(
     name: str | Path = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: DtypeChoice = torch.float32,
     trust_remote_code: bool = False,
     device: str | None = None,
     with_tokenizer: bool = True,
@@ -90,6 +162,10 @@ def load_model(
     max_memory: str | dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM from a local folder; ``"default"`` is the bundled uspx teacher.
+
+    ``dtype``: bf16, fp16, fp32 (a torch dtype or its name), or ``"auto"`` for the checkpoint's
+    stored float type (:func:`stored_dtype`), what the engine's :func:`~uspx.engine.open_source`
+    uses by default. The default stays fp32 here: training callers keep fp32 master weights.
 
     Weights load from safetensors only (``use_safetensors=True`` refuses pickle files), and a model
     that needs its own Python code loads only with ``trust_remote_code=True``.
@@ -103,6 +179,7 @@ def load_model(
     path = resolve_model_path(name)
     if not any(path.glob("*.safetensors")):
         raise UspxError(f"{path}: no *.safetensors weights (uspx never loads pickle checkpoints)")
+    dtype = resolve_dtype(dtype, path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:

@@ -30,7 +30,7 @@ def streaming_plan(path: str | Path, tokens: int, *, seq_len: int = 512, dtype: 
 
     if tokens < 1 or seq_len < 1:
         raise UspxError("--tokens and --seq-len must be at least 1")
-    torch_dtype = compute_dtype(dtype)
+    torch_dtype = compute_dtype(dtype, path)
     config = read_json(Path(path) / "config.json")  # the config alone: no weights need be present
     parts = predict_peak_memory(config, tokens, dtype=torch_dtype, batch_tokens=batch_tokens,
                                 max_seq_len=min(seq_len, tokens), head_tokens=256)

@@ -33,7 +33,7 @@ REPORT = "recover.json"
 
 def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = None, out_dir: str | Path | None = None,
             others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH, epsilon: float = 0.05,
-            streaming: bool = False, dtype: str = "bf16", progress: bool = True) -> dict:
+            streaming: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 
     ``workload`` defaults to the run's own (its fingerprint must match the run's). ``others`` is a
@@ -70,7 +70,7 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     if existing is None:
         trainer = _train_layers if streaming else _train_whole
         history, write, verify = trainer(source, pruned, teacher, kept, wl, settings, out / "work", key, max_length,
-                                         mxfp4, compute_dtype(dtype), progress)
+                                         mxfp4, compute_dtype(dtype, source), progress)
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
         try:

@@ -89,7 +89,7 @@ def _score(
     marginal: str = "interventional",
     trust_remote_code: bool = False,
     streaming: bool = False,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     sequential: str | int | None = None,
     keep: str | int | None = None,
     tool_families: Sequence[str] | None = None,

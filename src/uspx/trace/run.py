@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from uspx.engine import Opened, make_batches, open_source, pad_id_of, run
+from uspx.engine import AUTO, Opened, dtype_name, make_batches, open_source, pad_id_of, run
 from uspx.engine.batches import share
 from uspx.engine.observers import Reconstruction, Routing
 from uspx.io import UspxError, atomic_path, read_json
@@ -57,26 +57,30 @@ def trace(
     progress: bool = True,
     trust_remote_code: bool = False,
     streaming: bool = False,
-    dtype: str = "bf16",
+    dtype: str = AUTO,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     device_map: str | Path | dict | None = None,
     max_memory: str | dict | None = None,
+    device: str | None = None,
 ) -> dict:
     """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
 
-    ``streaming`` runs the model a decoder layer at a time from its safetensors files, computing in
-    ``dtype`` with batches of at most ``batch_size`` items and ``batch_tokens`` padded positions
-    (models larger than memory); the folder is the same either way. ``device_map`` / ``max_memory``
-    place a model loaded whole across devices (accelerate; see :func:`uspx.models.load_model`).
-    Under torchrun with GPUs, each process loads the whole model onto its own GPU.
+    Either way the model computes in ``dtype``: ``"auto"`` (the checkpoint's stored float type),
+    bf16, fp16 or fp32. ``streaming`` runs the model a decoder layer at a time from its safetensors
+    files with batches of at most ``batch_size`` items and ``batch_tokens`` padded positions (models
+    larger than memory); the folder is the same either way. ``device`` is where the model computes:
+    the whole model is loaded there, or each streamed layer is moved there for its turn (the CPU by
+    default). ``device_map`` / ``max_memory`` place a model loaded whole across devices (accelerate;
+    see :func:`uspx.models.load_model`). Under torchrun with GPUs, each process computes on its own GPU.
     """
     d = current()
     if d.active and (device_map is not None or max_memory is not None):
         raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
                         "processes, each with its own copy: start it without torchrun")
-    gpu = d.device if d.device != "cpu" and not streaming else None  # layer-by-layer runs compute on the CPU
+    if device is None and d.device != "cpu":
+        device = d.device
     opened = model if isinstance(model, Opened) else open_source(
-        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code, device=gpu,
+        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
         device_map=device_map, max_memory=max_memory)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     wl = wl.part(split)
@@ -95,7 +99,7 @@ def trace(
     if reconstruction:
         options["reconstruction"] = True
     if opened.streaming:
-        options.update(streaming=True, dtype=dtype, batch_tokens=batch_tokens)
+        options.update(streaming=True, dtype=dtype_name(opened.dtype), batch_tokens=batch_tokens)
     if d.main:
         manifest = open_manifest(out, model_info(opened), workload_info(wl), options)
         merge_rank_shards(out, manifest)  # shards a killed multi-process run wrote

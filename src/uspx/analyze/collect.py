@@ -50,16 +50,8 @@ def heldout_losses(model: nn.Module, items: list[EncodedItem], pad_id: int, batc
 
 
 def attention_module(adapter: MoEAdapter, layer: MoELayer) -> nn.Module | None:
-    """The self-attention module of the decoder layer holding this MoE block (None if not found)."""
-    parent_name = layer.name.rsplit(".", 1)[0]
-    parent = adapter.model.get_submodule(parent_name)
-    for attr in ("self_attn", "attn", "attention", "norm_attn_norm.attn"):
-        obj: object = parent
-        for part in attr.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.Module):
-            return obj
-    return None
+    """The self-attention module of the decoder layer holding this MoE block (None if it has none)."""
+    return adapter.attention(adapter.model.get_submodule(layer.name.rsplit(".", 1)[0]))
 
 
 @dataclass

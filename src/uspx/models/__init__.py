@@ -59,6 +59,12 @@ def adapter_for(model) -> MoEAdapter:
     return adapter_class(getattr(model.config, "model_type", type(model).__name__))(model)
 
 
+def is_mxfp4_tensor(name: str, dtype_tag: str) -> bool:
+    """Whether a stored tensor (its name and safetensors dtype tag) holds MXFP4 blocks in the layout
+    of some family's checkpoints; a folder is read without knowing its family."""
+    return any(cls.mxfp4_scales_name(name, dtype_tag) is not None for cls in ADAPTERS.values())
+
+
 __all__ = [
     "ADAPTERS",
     "DEFAULT_MODEL",
@@ -69,6 +75,7 @@ __all__ = [
     "Restriction",
     "adapter_class",
     "adapter_for",
+    "is_mxfp4_tensor",
     "load_model",
     "model_fingerprint",
     "supported_families",

@@ -91,6 +91,25 @@ class MoEAdapter:
     dense_mlp_paths: ClassVar[tuple[tuple[str, str, str | None], ...]] = ()
     # what else the expert width field sizes, when it does (narrower experts would resize it too)
     expert_width_also_sizes: ClassVar[str | None] = None
+    # grouped-query attention, as attributes of the attention module: the query, key and value
+    # projections (rows per head) and the output projection (columns per head)
+    query_proj: ClassVar[str] = "q_proj"
+    key_value_projs: ClassVar[tuple[str, str]] = ("k_proj", "v_proj")
+    output_proj: ClassVar[str] = "o_proj"
+    # config fields of the head layout: query heads, KV heads (absent: one per query head) and head
+    # width (absent: hidden size / query heads)
+    query_heads_field: ClassVar[str] = "num_attention_heads"
+    kv_heads_field: ClassVar[str] = "num_key_value_heads"
+    head_dim_field: ClassVar[str] = "head_dim"
+    # a dense MLP's gate, up and down projections (attributes of the MLP module)
+    dense_mlp_projs: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    # the fused expert parameter holding the down projection (a key of :meth:`channel_layout`)
+    expert_down_param: ClassVar[str] = "down_proj"
+    # the attention module's parameter of per-head sink logits, None where the family has none
+    sinks_param: ClassVar[str | None] = None
+    # stored MXFP4 expert tensors: (name suffix of the uint8 blocks, of their uint8 scales); None
+    # where the family's checkpoints are never MXFP4
+    mxfp4_suffixes: ClassVar[tuple[str, str] | None] = None
     # With one expert chosen top-1 the family's routing weight is exactly 1 whatever the router's logits
     # (softmax over the chosen logits, or over all logits of a single expert): a dense student runs as
     # that family's own model class. False where routing scales the output (sigmoid scores, sampling).
@@ -366,9 +385,78 @@ class MoEAdapter:
         for i, layer in enumerate(self.decoder_layers(model)):
             for k, (path, _, gate) in enumerate(self.dense_mlp_paths):
                 mlp = _submodule(layer, path)
-                if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                if mlp is not None and all(hasattr(mlp, n) for n in self.dense_mlp_projs):
                     out.append((i, k, mlp, _submodule(layer, gate) if gate else None))
         return out
+
+    def dense_down(self, mlp: nn.Module) -> nn.Linear | None:
+        """A dense MLP's down projection (its input columns are the MLP's channels); None if it has none."""
+        return getattr(mlp, self.dense_mlp_projs[2], None)
+
+    def dense_in_projs(self, mlp: nn.Module) -> dict[str, nn.Linear]:
+        """A dense MLP's gate and up projections by attribute name (their output rows are its channels)."""
+        return {n: getattr(mlp, n) for n in self.dense_mlp_projs[:2]}
+
+    def expert_down(self, layer: MoELayer) -> torch.Tensor:
+        """The fused down projection of a MoE layer's experts (expert id on dim 0)."""
+        return getattr(layer.experts, self.expert_down_param)
+
+    def expert_down_layout(self, layer: MoELayer, width: int) -> tuple[int, torch.Tensor]:
+        """(dim, [width, 1] positions) of each channel in :meth:`expert_down` (see :meth:`channel_layout`)."""
+        return self.channel_layout(layer, width)[self.expert_down_param]
+
+    # ----- attention -----------------------------------------------------------------------------
+    @classmethod
+    def config_head_shape(cls, cfg: object) -> tuple[int, int, int]:
+        """(query heads, KV heads, head width) as the config says."""
+        heads = int(_get_field(cfg, cls.query_heads_field))
+        kv = int(_field_or_none(cfg, cls.kv_heads_field) or heads)
+        head_dim = int(_field_or_none(cfg, cls.head_dim_field) or _get_field(cfg, "hidden_size") // heads)
+        return heads, kv, head_dim
+
+    def head_shape(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, head width) of this model."""
+        return self.config_head_shape(self.config)
+
+    @classmethod
+    def set_head_shape(cls, cfg: object, heads: int, kv_heads: int, head_dim: int) -> None:
+        """Write a head layout into ``cfg`` in place (a model with fewer heads keeps its head width)."""
+        _set_field(cfg, cls.query_heads_field, int(heads))
+        _set_field(cfg, cls.kv_heads_field, int(kv_heads))
+        _set_field(cfg, cls.head_dim_field, int(head_dim))
+
+    def attention(self, decoder_layer: nn.Module) -> nn.Module | None:
+        """A decoder layer's attention module; None in a layer without one (jamba's mamba layers)."""
+        return _submodule(decoder_layer, self.attention_attr)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every decoder layer's attention module of ``model`` (this family), in layer order."""
+        out = []
+        for i, layer in enumerate(self.decoder_layers(model)):
+            attn = self.attention(layer)
+            if attn is None:
+                raise UspxError(f"{self.family}: decoder layer {i} has no attention module {self.attention_attr!r}")
+            out.append(attn)
+        return out
+
+    def attention_out(self, attn: nn.Module) -> nn.Linear:
+        """An attention module's output projection: query head ``h`` reads its columns ``h*hd:(h+1)*hd``."""
+        return getattr(attn, self.output_proj)
+
+    def has_attention_sinks(self) -> bool:
+        """Whether the model's attention carries per-head sink logits."""
+        return self.sinks_param is not None and any(
+            n.endswith(self.sinks_param) for n, _ in self.model.named_parameters())
+
+    # ----- stored tensors --------------------------------------------------------------------------
+    @classmethod
+    def mxfp4_scales_name(cls, name: str, dtype_tag: str) -> str | None:
+        """The scales tensor of stored tensor ``name`` (safetensors dtype tag ``dtype_tag``) when it
+        holds MXFP4 blocks; None for any other tensor."""
+        if cls.mxfp4_suffixes is None or dtype_tag != "U8":
+            return None
+        blocks, scales = cls.mxfp4_suffixes
+        return name[: -len(blocks)] + scales if name.endswith(blocks) else None
 
     def expert_intermediate(self, layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert ``expert``'s intermediate activations (what its down projection reads) for
@@ -409,6 +497,14 @@ def _get_field(config: object, dotted: str) -> object:
     for part in dotted.split("."):
         obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
     return obj
+
+
+def _field_or_none(config: object, dotted: str) -> object:
+    """A config field, None where the config lacks it (optional fields default from others)."""
+    try:
+        return _get_field(config, dotted)
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def _set_field(config: object, dotted: str, value: object) -> None:

@@ -44,6 +44,7 @@ class DbrxAdapter(MoEAdapter):
     decoder_layers_attr = "blocks"
     final_norm_attr = "norm_f"
     attention_projections = ("Wqkv", "out_proj")
+    attention_attr = "norm_attn_norm.attn"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(logits, dim=1, dtype=logits.dtype)

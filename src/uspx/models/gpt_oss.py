@@ -22,6 +22,8 @@ class GptOssAdapter(MoEAdapter):
     pad_mechanism = "router bias set to -inf"
     single_expert_weight_is_one = True  # softmax over the top-k logits: one logit gives 1
     per_head_params = ("sinks",)  # one attention sink logit per query head
+    sinks_param = "sinks"
+    mxfp4_suffixes = _MXFP4_SUFFIXES
 
     @classmethod
     def count_params(cls, cfg):

@@ -53,10 +53,8 @@ def shaped_config(config: Any, shape: Shape) -> Any:
     for field_name, width in shape.dense:
         _set_field(cfg, field_name, width)
     if cls.heads_prunable:
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        cfg.num_key_value_heads = shape.kv_groups
-        cfg.num_attention_heads = shape.kv_groups * shape.heads_per_group
-        cfg.head_dim = head_dim
+        _, _, head_dim = cls.config_head_shape(cfg)
+        cls.set_head_shape(cfg, shape.kv_groups * shape.heads_per_group, shape.kv_groups, head_dim)
     return cfg
 
 
@@ -193,8 +191,7 @@ def select_units(
     params = mem.count_params(cfg)
     n_exp, top_k = params.num_experts, params.top_k
     width = cls.config_expert_width(cfg)
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    heads, kv, _ = cls.config_head_shape(cfg)
     rep = heads // kv
     if sorted(expert_values) != sorted(params.moe_layers):
         raise UspxError(f"expert scores cover layers {sorted(expert_values)}, the model's MoE layers are "

@@ -55,8 +55,8 @@ def masked(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
     width = adapter.expert_width()
     with torch.no_grad():
         for layer in adapter.layers:
-            dim, index = adapter.channel_layout(layer, width)["down_proj"]
-            down = layer.experts.down_proj
+            dim, index = adapter.expert_down_layout(layer, width)
+            down = adapter.expert_down(layer)
             for e in range(layer.num_experts):
                 drop = torch.ones(width, dtype=torch.bool)
                 drop[kept[layer.index][e]] = False
@@ -90,11 +90,12 @@ def _dense_modules(model: nn.Module, kind: dict) -> dict[int, nn.Module]:
     """Decoder layer -> the dense MLP a plan's dense kind (``path``, ``kept``) names in it."""
     from uspx.models.base import _submodule
 
-    layers = adapter_for(model).decoder_layers(model)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
     out = {}
     for layer in kind["kept"]:
         mlp = _submodule(layers[layer], kind["path"])
-        if mlp is None or not hasattr(mlp, "down_proj"):
+        if mlp is None or adapter.dense_down(mlp) is None:
             raise UspxError(f"the plan narrows {kind['path']} of layer {layer}, which this model does not have")
         out[layer] = mlp
     return out
@@ -103,12 +104,14 @@ def _dense_modules(model: nn.Module, kind: dict) -> dict[int, nn.Module]:
 def masked_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
     """A copy of ``model`` whose dense MLP channels not in ``dense[i]["kept"]`` write nothing."""
     out = copy.deepcopy(model)
+    adapter = adapter_for(out)
     with torch.no_grad():
         for kind in dense:
             for layer, mlp in _dense_modules(out, kind).items():
                 keep = set(kind["kept"][layer])
-                drop = [c for c in range(mlp.down_proj.weight.shape[1]) if c not in keep]
-                mlp.down_proj.weight[:, drop] = 0.0
+                down = adapter.dense_down(mlp).weight
+                drop = [c for c in range(down.shape[1]) if c not in keep]
+                down[:, drop] = 0.0
     return out
 
 
@@ -118,6 +121,7 @@ def narrowed_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
     from uspx.models.base import _set_field
     from uspx.models.loading import model_from_state
 
+    adapter = adapter_for(model)
     config = copy.deepcopy(model.config)
     state = dict(model.state_dict())
     prefix = {id(m): name for name, m in model.named_modules()}
@@ -125,13 +129,18 @@ def narrowed_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
         _set_field(config, kind["field"], kind["width"])
         for layer, mlp in _dense_modules(model, kind).items():
             keep = torch.tensor(kind["kept"][layer], dtype=torch.long)
-            p = prefix[id(mlp)]
-            for proj in ("gate_proj", "up_proj"):
-                state[f"{p}.{proj}.weight"] = getattr(mlp, proj).weight.detach()[keep]
-                if getattr(mlp, proj).bias is not None:
-                    state[f"{p}.{proj}.bias"] = getattr(mlp, proj).bias.detach()[keep]
-            state[f"{p}.down_proj.weight"] = mlp.down_proj.weight.detach()[:, keep]
+            for proj in (*adapter.dense_in_projs(mlp).values(), adapter.dense_down(mlp)):
+                _narrow_linear(state, prefix[id(proj)], proj, keep, proj is adapter.dense_down(mlp))
     return model_from_state(config, state, next(model.parameters()).dtype)
+
+
+def _narrow_linear(state: dict, name: str, linear: nn.Linear, keep: torch.Tensor, by_columns: bool) -> None:
+    """``state``'s entries of ``linear`` (module path ``name``) cut to channels ``keep``: its output
+    rows and bias, or (``by_columns``) its input columns, which leaves its bias whole."""
+    w = linear.weight.detach()
+    state[f"{name}.weight"] = w[:, keep] if by_columns else w[keep]
+    if linear.bias is not None and not by_columns:
+        state[f"{name}.bias"] = linear.bias.detach()[keep]
 
 
 def export_channels(model, workload, out_dir: str | Path, *, width: int | str, max_length: int | None = None,

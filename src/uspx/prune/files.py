@@ -16,6 +16,7 @@ import torch
 
 from uspx.engine.checkpoint import DTYPES, INDEX_NAME
 from uspx.io import UspxError, read_json
+from uspx.models import is_mxfp4_tensor
 
 _MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
 TOKENIZER_FILES = (
@@ -54,7 +55,8 @@ class WeightFiles:
         return DTYPES[max(by_tag, key=by_tag.__getitem__)]
 
     def is_mxfp4(self) -> bool:
-        return any(name.endswith("_blocks") and tag == "U8" for name, (tag, _, _) in self.tensors.items())
+        """Whether any stored tensor holds MXFP4 blocks (the families' layouts say which do)."""
+        return any(is_mxfp4_tensor(name, tag) for name, (tag, _, _) in self.tensors.items())
 
 
 def read_header(path: Path) -> tuple[dict, int]:

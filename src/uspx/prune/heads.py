@@ -23,7 +23,7 @@ from torch import nn
 
 from uspx.io import UspxError
 from uspx.models import adapter_for
-from uspx.score.units import attention_modules as _attention, head_shape as _shape, score_units
+from uspx.score.units import score_units
 from uspx.workload import EncodedItem
 
 
@@ -55,12 +55,13 @@ def masked_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A copy of ``model`` whose dropped query heads write nothing (their ``o_proj`` columns zeroed);
     ``kept`` [layers, n] holds the query heads each layer keeps."""
     out = copy.deepcopy(model)
-    heads, kv, hd = _shape(out)
+    adapter = adapter_for(out)
+    heads, kv, hd = adapter.head_shape()
     with torch.no_grad():
-        for i, a in enumerate(_attention(out)):
+        for i, a in enumerate(adapter.attention_modules(out)):
             drop = torch.tensor([h for h in range(heads) if h not in kept[i].tolist()], dtype=torch.long)
             if len(drop):
-                a.o_proj.weight[:, _query_rows(drop, 1, hd)] = 0.0
+                adapter.attention_out(a).weight[:, _query_rows(drop, 1, hd)] = 0.0
     return out
 
 
@@ -71,26 +72,27 @@ def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     from uspx.models.loading import model_from_state
 
     adapter = adapter_for(model)
-    heads, kv, hd = _shape(model)
+    heads, kv, hd = adapter.head_shape()
     rep = heads // kv
     per_layer = [Counter(h // rep for h in row) for row in kept.tolist()]
     if len({len(c) for c in per_layer}) != 1 or len({n for c in per_layer for n in c.values()}) != 1:
         raise UspxError("kept query heads must be the same number in each of the same number of KV groups in every layer")
     groups = [sorted(c) for c in per_layer]
     config = copy.deepcopy(model.config)
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = kept.shape[1], len(groups[0]), hd
+    adapter.set_head_shape(config, kept.shape[1], len(groups[0]), hd)
     state = dict(model.state_dict())
     prefix = {id(a): name for name, a in model.named_modules()}
-    for i, a in enumerate(_attention(model)):
+    for i, a in enumerate(adapter.attention_modules(model)):
         p = prefix[id(a)]
         q_rows = _query_rows(kept[i], 1, hd)
         kv_rows = _query_rows(torch.tensor(groups[i]), 1, hd)
-        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        by_rows = [(adapter.query_proj, q_rows)] + [(proj, kv_rows) for proj in adapter.key_value_projs]
+        for proj, rows in by_rows:
             module = getattr(a, proj)
             state[f"{p}.{proj}.weight"] = module.weight.detach()[rows]
             if module.bias is not None:
                 state[f"{p}.{proj}.bias"] = module.bias.detach()[rows]
-        state[f"{p}.o_proj.weight"] = a.o_proj.weight.detach()[:, q_rows]
+        state[f"{p}.{adapter.output_proj}.weight"] = adapter.attention_out(a).weight.detach()[:, q_rows]
         for name in adapter.per_head_params:
             state[f"{p}.{name}"] = getattr(a, name).detach()[kept[i]]
     return model_from_state(config, state, next(model.parameters()).dtype)
@@ -113,12 +115,12 @@ def export_heads(model, workload, out_dir: str | Path, *, groups: int | str, max
     from uspx.workload import default_max_length, encode, load_workload
 
     lm = load_model(model)
-    _, kv, _ = _shape(lm.model)
+    n_heads, kv, _ = adapter_for(lm.model).head_shape()
     n = parse_keep(groups, kv)
     wl = load_workload(workload)
     items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
     kept = kept_groups(group_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
-    heads = group_heads(kept, _shape(lm.model)[0] // kv)
+    heads = group_heads(kept, n_heads // kv)
     narrow = narrowed_heads(lm.model, heads)
     record = save_verified(lm, narrow, masked_heads(lm.model, heads), wl, out_dir, dict(
         format="uspx-heads/1", kv_groups=n, original_kv_groups=kv, kept={str(i): v.tolist() for i, v in enumerate(kept)},

@@ -32,14 +32,13 @@ class Attribution:
 
 def _units(model: nn.Module):
     """(projection weights to differentiate, channel blocks per MoE layer, KV-group blocks per layer)."""
-    from uspx.score.units import attention_modules as _attention, head_shape as _shape
-
     adapter = adapter_for(model)
     width = adapter.expert_width()
-    heads, kv, hd = _shape(model)
+    heads, kv, hd = adapter.head_shape()
     rep = heads // kv
-    channels = {l.index: (l.experts.down_proj, adapter.channel_layout(l, width)["down_proj"]) for l in adapter.layers}
-    groups = [(a.o_proj.weight, [slice(g * rep * hd, (g + 1) * rep * hd) for g in range(kv)]) for a in _attention(model)]
+    channels = {l.index: (adapter.expert_down(l), adapter.expert_down_layout(l, width)) for l in adapter.layers}
+    groups = [(adapter.attention_out(a).weight, [slice(g * rep * hd, (g + 1) * rep * hd) for g in range(kv)])
+              for a in adapter.attention_modules(model)]
     return channels, groups
 
 

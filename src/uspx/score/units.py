@@ -77,20 +77,6 @@ def parse_units(text: str | Sequence[str]) -> list[str]:
     return [u for u in UNITS if u in names]
 
 
-def head_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads, KV heads, head dim) of ``model``."""
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return heads, kv, head_dim
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    adapter = adapter_for(model)
-    return [getattr(layer, adapter.attention_attr) for layer in adapter.decoder_layers(model)]
-
-
 class _Sums:
     """Per-prompt sums of one quantity over many units, kept as their total and as bootstrap
     replicate totals (the per-prompt values themselves would not fit for channels of a large model)."""
@@ -189,8 +175,8 @@ def _rows(kind: str, layer: int, method: str, value, low, high, n_prompts: int, 
 # ----- the forward pass: reconstruction and activation ---------------------------------------------
 def _down_norms(adapter, layer, width: int) -> torch.Tensor:
     """[E, I]: the norm of each channel's column of the down projection."""
-    dim, _ = adapter.channel_layout(layer, width)["down_proj"]
-    down = layer.experts.down_proj.detach().double()
+    dim, _ = adapter.expert_down_layout(layer, width)
+    down = adapter.expert_down(layer).detach().double()
     other = [d for d in range(1, down.dim()) if d != dim]
     return down.pow(2).sum(dim=other).sqrt()
 
@@ -201,9 +187,9 @@ def _check_heads(adapter) -> None:
                         "attention); uspx scores and cuts heads of grouped-query attention only")
 
 
-def _head_columns(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``o_proj`` input columns of every query head [heads, hd] and every KV group [kv, rep*hd]."""
-    heads, kv, hd = head_shape(model)
+def _head_columns(adapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Output-projection input columns of every query head [heads, hd] and every KV group [kv, rep*hd]."""
+    heads, kv, hd = adapter.head_shape()
     cols = torch.arange(heads * hd).reshape(heads, hd)
     return cols, cols.reshape(kv, (heads // kv) * hd)
 
@@ -256,7 +242,8 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
     if "channels" in units:  # the channels of dense MLPs: shared experts and dense layers
         def dense_hook(i, k, mlp, gate):
-            norms = mlp.down_proj.weight.detach().double().norm(dim=0)  # [I]
+            down = adapter.dense_down(mlp)
+            norms = down.weight.detach().double().norm(dim=0)  # [I]
             width = norms.numel()
 
             def down_pre(module, args):
@@ -277,7 +264,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
             def gate_hook(module, args, out):  # the gate runs on the block input: sigmoid(out) scales the MLP
                 record(torch.sigmoid(out.reshape(-1, out.shape[-1])[state["real"]].double()))
 
-            hs = [mlp.down_proj.register_forward_pre_hook(down_pre)]
+            hs = [down.register_forward_pre_hook(down_pre)]
             if gate is not None:
                 hs.append(gate.register_forward_hook(gate_hook))
             return hs
@@ -287,7 +274,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
 
     if "heads" in units:
         _check_heads(adapter)
-        head_cols, group_cols = _head_columns(model)
+        head_cols, group_cols = _head_columns(adapter)
 
         def o_hook(i, o_proj):
             def hook(module, args):
@@ -305,8 +292,8 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
                     acc((kind, "activation", i), (len(blocks),), ab)
             return hook
 
-        handles += [a.o_proj.register_forward_pre_hook(o_hook(i, a.o_proj))
-                    for i, a in enumerate(attention_modules(model))]
+        outs = [adapter.attention_out(a) for a in adapter.attention_modules(model)]
+        handles += [o.register_forward_pre_hook(o_hook(i, o)) for i, o in enumerate(outs)]
 
     tokens = np.array([len(e.input_ids) for e in items], dtype=np.float64)
     batches = make_batches(items, batch_size, pad_id)
@@ -339,20 +326,20 @@ def _blocks(model: nn.Module, units: Sequence[str]) -> list[tuple[str, int, torc
     if "channels" in units:
         width = adapter.expert_width()
         for l in adapter.layers:
-            dim, index = adapter.channel_layout(l, width)["down_proj"]
+            dim, index = adapter.expert_down_layout(l, width)
 
             def per_channel(gw, dim=dim, index=index):
                 other = [d for d in range(1, gw.dim()) if d != dim]
                 return gw.sum(dim=other)[:, index[:, 0]]  # [E, I]
-            out.append(("channel", l.index, l.experts.down_proj, per_channel, 0))
+            out.append(("channel", l.index, adapter.expert_down(l), per_channel, 0))
         for i, k, mlp, _ in adapter.dense_mlps(model):
-            out.append(("dense_channel", i, mlp.down_proj.weight, lambda gw: gw.sum(0)[None], k))  # [1, I]
+            out.append(("dense_channel", i, adapter.dense_down(mlp).weight, lambda gw: gw.sum(0)[None], k))  # [1, I]
     if "heads" in units:
         _check_heads(adapter)
-        head_cols, group_cols = _head_columns(model)
-        for i, a in enumerate(attention_modules(model)):
+        head_cols, group_cols = _head_columns(adapter)
+        for i, a in enumerate(adapter.attention_modules(model)):
             for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
-                out.append((kind, i, a.o_proj.weight,
+                out.append((kind, i, adapter.attention_out(a).weight,
                             lambda gw, blocks=blocks: torch.stack([gw[:, c].sum() for c in blocks]), 0))
     return out
 
@@ -410,21 +397,22 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
 @torch.no_grad()
 def head_ablation(model: nn.Module, items: list[EncodedItem], *, pad_id: int = 0, batch_size: int = 8,
                   bootstrap: int = 200, seed: int = 0, progress: bool = False) -> pa.Table:
-    """``ablation`` rows of every KV group and query head: the loss change with its ``o_proj``
+    """``ablation`` rows of every KV group and query head: the loss change with its output-projection
     columns zeroed, measured (one pass over ``items`` per unit)."""
     from uspx.score.loss import compute_loss
 
-    head_cols, group_cols = _head_columns(model)
+    adapter = adapter_for(model)
+    head_cols, group_cols = _head_columns(adapter)
     base = compute_loss(model, items, batch_size, pad_id=pad_id)
     total = max(float(base.n_tokens.sum()), 1.0)
     counts = resample_counts(len(items), bootstrap, seed)
     rep_targets = counts @ base.n_tokens
-    attn = attention_modules(model)
+    attn = adapter.attention_modules(model)
     work = [(i, kind, blocks) for i in range(len(attn)) for kind, blocks in (("kv_group", group_cols), ("query_head", head_cols))]
     tables = []
     with progress_bar("head ablation", sum(len(b) for _, _, b in work), "heads", progress) as bar:
         for i, kind, blocks in work:
-            w = attn[i].o_proj.weight
+            w = adapter.attention_out(attn[i]).weight
             per = np.zeros((len(items), len(blocks)))
             for u, cols in enumerate(blocks):
                 saved = w[:, cols].clone()

@@ -244,7 +244,7 @@ def detect(
             model_type=net.config.model_type, moe_layers=[l.index for l in adapter.layers],
             num_experts=adapter.num_experts, top_k=adapter.top_k, hidden_size=int(net.config.hidden_size),
             intermediate_size=dp.intermediate_size(adapter, adapter.layers[0]),
-            attention_sinks=any(n.endswith("sinks") for n, _ in net.named_parameters()),
+            attention_sinks=adapter.has_attention_sinks(),
         ),
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, calibration_tokens=C.n_tokens,
                       diagnostic_tokens=D.n_tokens, proxy_tokens=P.n_tokens, heldout_tokens=H.n_tokens, stability_groups=group_note),

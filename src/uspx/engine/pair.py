@@ -1,0 +1,211 @@
+"""Two models in lockstep on the same batches: a teacher (the original) and a candidate.
+
+Two things need both models at once: comparing their predictions at the same target positions
+(KL, top-1 agreement), and fitting the candidate to the teacher layer by layer. When both models
+are in memory and nothing is fitted, every batch runs through each whole model in turn. Otherwise
+two hidden-state streams advance side by side one decoder layer at a time: the teacher's layer
+over every batch, then the candidate's layer over the candidate's own stream (its inputs differ
+from the teacher's once an earlier layer was cut), and at the end both heads over both streams, a
+chunk of target positions at a time, so no vocabulary-wide table of a whole workload is ever held.
+Memory: two layers' weights, two hidden streams, two heads.
+
+``fit(step)`` is called at each decoder layer after the teacher's pass and before the candidate's:
+``step`` gives the candidate's layer, the teacher's outputs on the teacher stream (the targets) and
+the candidate's inputs, so a trainer can fit the candidate layer to reproduce the original layer's
+output on the user's hidden states; the candidate's pass then runs the fitted layer.
+
+A run given ``state_dir`` resumes after a kill: after each layer both streams and the number of
+layers done are saved (the state file last); ``fit``'s own results must be saved by the trainer
+before it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from uspx.engine.batches import Batch
+from uspx.engine.source import WeightSource, freed_memory_returned
+from uspx.engine.store import HiddenStore
+from uspx.io import UspxError, read_json, write_json
+from uspx.progress import progress_bar
+
+HEAD_ROWS = 256  # target positions sent through both heads at once
+
+
+class PairObserver:
+    """Sees both models' logits at the same target positions of a batch."""
+
+    def pair_logits(self, batch: Batch, teacher: torch.Tensor, candidate: torch.Tensor, start: int = 0) -> None:
+        """Logits [n, V] of the True positions ``start .. start + n`` of ``batch.loss_mask``, row-major,
+        from the teacher and from the candidate."""
+
+
+@dataclass
+class LayerStep:
+    """What a fit sees at decoder layer ``index`` of a layer-by-layer pair run."""
+
+    index: int
+    layer: nn.Module  # the candidate's decoder layer, its weights in memory
+    source: WeightSource  # the candidate's source
+    batches: Sequence[Batch]
+    _inputs: HiddenStore
+    _targets: HiddenStore
+    dtype: torch.dtype
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        """[B, T, H] the candidate's hidden states entering this layer, on the source's device."""
+        return self._inputs.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(self.source.device)
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """[B, T, H] the teacher's layer output on the teacher's stream (same positions)."""
+        return self._targets.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(self.source.device)
+
+    def call(self, batch: Batch) -> tuple[tuple, dict]:
+        """The extra arguments the candidate's forward passes this layer (masks, rotary tables)."""
+        return self.source.layer_call(batch.attention_mask, self.index, self.dtype)
+
+    def run(self, batch: Batch, layer: nn.Module | None = None) -> torch.Tensor:
+        """[B, T, H] the layer's output on the candidate's inputs."""
+        args, kwargs = self.call(batch)
+        out = (layer or self.layer)(self.inputs(batch), *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+Fit = Callable[[LayerStep], None]
+Context = Callable[[], ContextManager]
+
+
+def run_pair(teacher: WeightSource, candidate: WeightSource, batches: Sequence[Batch],
+             observers: Sequence[PairObserver] = (), *, fit: Fit | None = None,
+             candidate_context: Context = contextlib.nullcontext, state_dir: str | Path | None = None,
+             state_key: object = None, progress: bool = True, label: str = "teacher and candidate") -> int:
+    """Run ``batches`` through both models (see the module doc); returns the decoder layers run
+    layer by layer (0 for a whole-model run). ``candidate_context`` wraps every candidate forward
+    (a restriction of the experts it may route to, for a candidate that is a masked original)."""
+    if not batches:
+        raise UspxError("nothing to run: no batches")
+    if teacher.n_layers != candidate.n_layers:
+        raise UspxError(f"the candidate has {candidate.n_layers} decoder layers, the original {teacher.n_layers}")
+    if fit is None and teacher.resident and candidate.resident:
+        with torch.no_grad():
+            _whole(teacher, candidate, batches, observers, candidate_context, progress, label)
+        return 0
+    with freed_memory_returned():
+        return _layers(teacher, candidate, batches, observers, fit, candidate_context, state_dir, state_key,
+                       progress, label)
+
+
+def _target_logits(source: WeightSource, batch: Batch) -> torch.Tensor:
+    device = source.device
+    mask = batch.loss_mask.to(device)
+    logits = source.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                          logits_to_keep=mask, use_cache=False).logits
+    if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
+        logits = logits[mask]
+    return logits.float().cpu()
+
+
+def _whole(teacher, candidate, batches, observers, candidate_context, progress: bool, label: str) -> None:
+    with progress_bar(label, total=len(batches), unit="batches", enabled=progress) as bar:
+        for batch in batches:
+            if batch.loss_mask.any():
+                t = _target_logits(teacher, batch)
+                with candidate_context():
+                    c = _target_logits(candidate, batch)
+                for o in observers:
+                    o.pair_logits(batch, t, c, 0)
+            bar.advance()
+
+
+def _pass(source: WeightSource, layer: nn.Module, index: int, batches, store: HiddenStore, dtype) -> None:
+    for batch in batches:
+        args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
+        h = store.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(source.device)
+        out = layer(h, *args, **kwargs)
+        store.write(batch.slots, (out[0] if isinstance(out, tuple) else out).cpu())
+
+
+@contextlib.contextmanager
+def _streams(teacher: WeightSource, candidate: WeightSource, batches) -> Iterator[tuple[HiddenStore, HiddenStore]]:
+    n_rows = batches[-1].slot + batches[-1].size
+    if any(b.slot + b.size > n_rows for b in batches):
+        raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
+    hidden = int(candidate.config.hidden_size)
+    t_store = HiddenStore(n_rows, hidden, teacher.dtype, None)
+    c_store = HiddenStore(n_rows, hidden, candidate.dtype, None)
+    try:
+        yield t_store, c_store
+    finally:
+        t_store.close()
+        c_store.close()
+
+
+def _layers(teacher, candidate, batches, observers, fit, candidate_context, state_dir, state_key,
+            progress: bool, label: str) -> int:
+    n_layers = teacher.n_layers
+    state_dir = Path(state_dir) if state_dir is not None else None
+    key = dict(key=state_key, rows=batches[-1].slot + batches[-1].size, batches=len(batches),
+               dtype=[str(teacher.dtype), str(candidate.dtype)])
+    with _streams(teacher, candidate, batches) as (t_store, c_store):
+        start = _resume(state_dir, key, t_store, c_store)
+        if start == 0:
+            with torch.no_grad():
+                for source, store in ((teacher, t_store), (candidate, c_store)):
+                    with source.embedding():
+                        for b in batches:
+                            store.write(b.slots, source.embed(b.input_ids, b.attention_mask).cpu())
+        with progress_bar(label, total=n_layers, unit="layers", enabled=progress) as bar:
+            bar.advance(start)
+            for index in range(start, n_layers):
+                with torch.no_grad(), teacher.layer(index) as layer:
+                    _pass(teacher, layer, index, batches, t_store, teacher.dtype)
+                with candidate.layer(index) as layer, candidate_context():
+                    if fit is not None:
+                        fit(LayerStep(index, layer, candidate, batches, c_store, t_store, candidate.dtype))
+                    with torch.no_grad():
+                        _pass(candidate, layer, index, batches, c_store, candidate.dtype)
+                if state_dir is not None:
+                    _save(state_dir, key, index + 1, t_store, c_store)
+                bar.advance()
+        if observers:
+            with torch.no_grad():
+                _heads(teacher, candidate, batches, observers, t_store, c_store)
+    return n_layers - start
+
+
+def _heads(teacher, candidate, batches, observers, t_store: HiddenStore, c_store: HiddenStore) -> None:
+    with teacher.head(), candidate.head():
+        for batch in batches:
+            if not batch.loss_mask.any():
+                continue
+            where = batch.loss_mask.reshape(-1)
+            th, ch = t_store.read(batch.slots)[where], c_store.read(batch.slots)[where]
+            for a in range(0, th.shape[0], HEAD_ROWS):  # logits are vocabulary-wide
+                t = teacher.logits(th[a : a + HEAD_ROWS]).float().cpu()
+                c = candidate.logits(ch[a : a + HEAD_ROWS]).float().cpu()
+                for o in observers:
+                    o.pair_logits(batch, t, c, a)
+
+
+def _resume(state_dir: Path | None, key: dict, t_store: HiddenStore, c_store: HiddenStore) -> int:
+    if state_dir is None or not (state_dir / "pair.json").exists():
+        return 0
+    state = read_json(state_dir / "pair.json")
+    if state.get("key") != key:
+        return 0
+    t_store.load(state_dir / "teacher.bin")
+    c_store.load(state_dir / "candidate.bin")
+    return int(state["layers_done"])
+
+
+def _save(state_dir: Path, key: dict, done: int, t_store: HiddenStore, c_store: HiddenStore) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    t_store.save(state_dir / "teacher.bin")
+    c_store.save(state_dir / "candidate.bin")
+    write_json(state_dir / "pair.json", dict(key=key, layers_done=done))  # last: names a complete state

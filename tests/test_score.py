@@ -371,3 +371,73 @@ def test_guided_ablation_method_with_enough_budget_is_exhaustive_ablation(scored
     assert counts["forwards"] <= max(int(0.1 * counts["exhaustive_forwards"]), SURROGATE_FORWARDS * len(scored["items"]))
     with pytest.raises(UspxError, match="keep"):
         score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s3", ("ablation_guided",), progress=False)
+
+
+# ----- the method table ----------------------------------------------------------------------------
+def test_a_method_added_to_the_table_is_scored(tmp_path, tiny_gpt_oss_dir, monkeypatch):
+    """A method is one object in the table: declaring the trace's routing sums as its need is enough
+    for score() to gather them and write its column."""
+    from dataclasses import dataclass
+
+    from uspx.score.methods import REGISTRY, Method, Needs
+
+    @dataclass(frozen=True)
+    class RoutedPerPrompt(Method):
+        def source(self, run):
+            return "trace"
+
+        def needs(self, run):
+            return Needs(trace_stats=True)
+
+        def compute(self, run):
+            count = run.stats.count.astype(float)
+            run.add(self.name, [Factor(count, np.ones((len(count), 1, 1)))], count.sum(0), len(count))
+
+    monkeypatch.setitem(REGISTRY, "routed_per_prompt", RoutedPerPrompt("routed_per_prompt", streams=True))
+    wl = write_jsonl(tmp_path / "w.jsonl", [{"prompt": c, "id": c} for c in "abcd"])
+    write_hand_trace(tmp_path / "t", tiny_gpt_oss_dir, wl, HAND_ROWS)
+    st = score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "s", ("routed_per_prompt", "frequency"), progress=False)
+    df = st.to_pandas()
+    # routed calibration tokens in HAND_ROWS (samples 0-2) over the 3 calibration prompts
+    for (layer, expert), routed in {(0, 0): 3, (0, 1): 2, (0, 3): 1, (0, 6): 0, (1, 5): 3, (1, 4): 2}.items():
+        assert value_of(df, "routed_per_prompt", layer, expert) == pytest.approx(routed / 3)
+        assert value_of(df, "routed_per_prompt", layer, expert, "tokens") == routed
+    assert list(df.method.unique()) == ["routed_per_prompt", "frequency"]
+    assert st.meta["method_source"] == {"routed_per_prompt": "trace", "frequency": "trace"}
+
+
+def test_passes_shared_by_methods_run_once(scored, tmp_path, monkeypatch):
+    """One baseline pass for every method built on it, one ablation pass per removal kind."""
+    import uspx.score.methods as sm
+
+    calls = []
+    real_baseline, real_ablation = sm.run_baseline, sm.run_ablation
+    monkeypatch.setattr(sm, "run_baseline", lambda *a, **k: calls.append("baseline") or real_baseline(*a, **k))
+    monkeypatch.setattr(sm, "run_ablation", lambda *a, **k: calls.append(a[3]) or real_ablation(*a, **k))
+    d = scored["dir"]
+    score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "a", ("ablation_interventional", "usage_x_marginal",
+          "taylor"), bootstrap=0, progress=False)
+    assert calls == ["baseline", "interventional"]
+    calls.clear()
+    score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "b", ("ablation_interventional", "usage_x_marginal"),
+          marginal="natural", bootstrap=0, progress=False)
+    assert sorted(calls) == ["baseline", "interventional", "natural"]
+
+
+def test_sequential_refuses_methods_it_cannot_score(tmp_path):
+    # refused before the trace or the model is read
+    with pytest.raises(UspxError, match="l0_layer are not scored sequentially.*frequency, reap, ean, reconstruction"):
+        score("default", tmp_path / "t", "python_dev", tmp_path / "s", ["frequency", "l0_layer"], keep=2,
+              sequential=2, progress=False)
+    with pytest.raises(UspxError, match="capability are not scored sequentially"):
+        score("default", tmp_path / "t", "python_dev", tmp_path / "s", ["capability"], tool_families=["arith"],
+              sequential=2, progress=False)
+
+
+def test_sequential_scores_record_their_prompts(scored, tmp_path):
+    d = scored["dir"]
+    st = score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s", ("frequency",), sequential=8, bootstrap=0,
+               progress=False)
+    assert st.meta["prompts"]["model"] == len(ROWS)  # every row is a calibration item
+    assert st.meta["prompts"]["model_tokens"] == sum(len(e.input_ids) for e in scored["items"])
+    assert st.meta["method_source"] == {"frequency": "model"}

@@ -22,6 +22,7 @@ class DbrxAdapter(MoEAdapter):
     router_expert_params = ("layer.weight",)
     router_returns_tuple = False
     layer_pattern = r"blocks\.(\d+)\."
+    expert_call_module = "mlp"  # DbrxExperts loops over its experts calling mlp(x, w1, v1, w2) for each
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

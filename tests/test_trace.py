@@ -26,9 +26,12 @@ def reference_routing(model, adapter, ids: torch.Tensor) -> dict[int, tuple]:
     The logits come from ``output_router_logits=True``; weights and ids from calling the family's
     own router (dbrx: its block's ``route_tokens_to_experts``) on the router's input.
     """
-    inputs = {}
+    inputs, expert_in = {}, {}
     handles = [
         l.router.register_forward_pre_hook(lambda m, a, i=l.index: inputs.__setitem__(i, a[0].detach()))
+        for l in adapter.layers
+    ] + [
+        l.experts.register_forward_pre_hook(lambda m, a, i=l.index: expert_in.__setitem__(i, a[0].detach()))
         for l in adapter.layers
     ]
     with torch.no_grad():
@@ -44,8 +47,29 @@ def reference_routing(model, adapter, ids: torch.Tensor) -> dict[int, tuple]:
                 w, idx = l.block.route_tokens_to_experts(routed)
             else:
                 _, w, idx = routed
-            ref[l.index] = (logits_by_layer[l.index].reshape(-1, adapter.num_experts), w, idx)
+            x = expert_in[l.index].reshape(-1, expert_in[l.index].shape[-1])
+            ref[l.index] = (logits_by_layer[l.index].reshape(-1, adapter.num_experts), w, idx,
+                            reference_norms(l.experts, x, idx.reshape(len(x), -1)))
     return ref
+
+
+def reference_norms(experts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """||f_e(x)|| per (token, slot) from transformers' own eager expert loop (not the grouped kernel
+    the model runs by default), called once per slot with that slot's expert alone at weight 1."""
+    cfg = getattr(experts, "config", None)
+    old = getattr(cfg, "_experts_implementation", None)
+    if cfg is not None:
+        cfg._experts_implementation = "eager"
+    out = torch.zeros(idx.shape)
+    try:
+        with torch.no_grad():
+            for j in range(idx.shape[1]):
+                y = experts(x, idx[:, j : j + 1], torch.ones(len(x), 1, dtype=x.dtype))
+                out[:, j] = y.reshape(len(x), -1).float().norm(dim=-1)
+    finally:
+        if cfg is not None:
+            cfg._experts_implementation = old
+    return out
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -69,7 +93,7 @@ def test_trace_equals_transformers_routing(family, tmp_path):
         src = next(r for r in ROWS if (r.get("prompt") or r.get("text")) in tok.decode(ids.tolist()))
         assert item["family"] == src["family"]
         ref = reference_routing(lm.model, adapter, ids)
-        for layer, (logits, w, idx) in ref.items():
+        for layer, (logits, w, idx, norms) in ref.items():
             got = rows[rows["layer"] == layer].sort_values("position")
             got_ids = np.stack(got["expert_ids"].to_numpy())
             got_w = np.stack(got["expert_weights"].to_numpy())
@@ -82,7 +106,9 @@ def test_trace_equals_transformers_routing(family, tmp_path):
                 np.take_along_axis(got_w, order_got, 1), np.take_along_axis(w.float().numpy(), order_ref, 1), atol=1e-5
             )
             np.testing.assert_allclose(np.stack(got["router_logits"].to_numpy()), logits.float().numpy(), rtol=1e-5, atol=1e-5)
-            assert np.all(np.stack(got["expert_norms"].to_numpy()) > 0)
+            got_norms = np.stack(got["expert_norms"].to_numpy())
+            np.testing.assert_allclose(np.take_along_axis(got_norms, order_got, 1),
+                                       np.take_along_axis(norms.numpy(), order_ref, 1), rtol=1e-5, atol=1e-5)
         comp = rows[rows["layer"] == adapter.layers[0].index]
         assert comp["is_completion"].sum() == (
             len(ids) - item["completion_start"] if "completion" in src else len(ids)
@@ -203,3 +229,64 @@ def test_cli_trace_prints_summary(tmp_path, tiny_gpt_oss_dir):
     assert res.exit_code == 0, res.output
     assert "skipped_empty: 1" in res.output
     assert "truncated: " in res.output and "truncated: 0" not in res.output
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "dbrx"])
+def test_norm_capture_leaves_the_forward_unchanged(family):
+    """With norms captured inside the forward the model computes the same logits to the bit, other
+    hooks that re-run the experts directly do not disturb the capture, and leaving restores the module."""
+    from uspx.testing import tiny_model
+    from uspx.trace import RoutingRecorder
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    ids = torch.randint(2, int(model.config.vocab_size), (2, 9), generator=torch.Generator().manual_seed(1))
+    layer = adapter.layers[0]
+    before = dict(layer.experts.__dict__)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        def run_again(module, args):  # as score and superweights hooks do
+            x = args[0].reshape(-1, args[0].shape[-1])
+            adapter.expert_outputs(layer, x, args[1].reshape(len(x), -1))
+
+        rerun = layer.experts.register_forward_pre_hook(run_again)
+        with RoutingRecorder(adapter, norms=True) as rec:
+            got = model(input_ids=ids).logits
+        rerun.remove()
+    assert torch.equal(got, want)
+    assert layer.experts.__dict__.keys() == before.keys() and not layer.experts._forward_hooks
+    for l in adapter.layers:
+        r = rec.layers[l.index]
+        x = hidden_of(model, l, ids)
+        torch.testing.assert_close(r.norms, reference_norms(l.experts, x, r.index), rtol=1e-5, atol=1e-5)
+
+
+def hidden_of(model, layer, ids) -> torch.Tensor:
+    """The experts module's input [N, H] on ``ids``, from a plain forward."""
+    got = {}
+    h = layer.experts.register_forward_pre_hook(lambda m, a: got.update(x=a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return got["x"].reshape(-1, got["x"].shape[-1])
+
+
+def test_norms_without_a_capture_point_are_computed_again():
+    """transformers' eager expert loop has no point to read the norms from: the routed experts run
+    again and give the same norms as the grouped kernel's capture."""
+    from uspx.testing import tiny_model
+    from uspx.trace import RoutingRecorder
+
+    model = tiny_model("qwen3_moe")
+    adapter = adapter_for(model)
+    ids = torch.randint(2, int(model.config.vocab_size), (2, 7), generator=torch.Generator().manual_seed(2))
+    norms = {}
+    for kernel in ("grouped_mm", "eager"):
+        model.config._experts_implementation = kernel
+        with torch.no_grad(), RoutingRecorder(adapter, norms=True) as rec:
+            model(input_ids=ids)
+        norms[kernel] = {i: r.norms for i, r in rec.layers.items()}
+    for i, n in norms["eager"].items():
+        torch.testing.assert_close(n, norms["grouped_mm"][i], rtol=1e-5, atol=1e-5)
+        x = hidden_of(model, adapter.layer(i), ids)
+        torch.testing.assert_close(n, reference_norms(adapter.layer(i).experts, x, rec.layers[i].index), rtol=1e-5, atol=1e-5)

@@ -69,6 +69,11 @@ class Handles:
             self._handles.append(register(_as_hook(h, pre)))
         return self
 
+    def extend(self, handles: Iterable) -> "Handles":
+        """Take over handles attached elsewhere (anything with ``remove()``)."""
+        self._handles.extend(handles)
+        return self
+
     def remove(self) -> None:
         # detach in reverse order, and all of them even if one fails
         handles, self._handles = self._handles, []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from uspx.engine.batches import Batch, target_losses
+from uspx.engine.hooks import forward_hook, pre_hook, register
 from uspx.models.base import MoEAdapter, MoELayer
 
 LayerArrays = dict[str, np.ndarray]
@@ -59,6 +60,40 @@ def _real(batch: Batch) -> tuple[np.ndarray, torch.Tensor]:
     return rows[rows >= 0], torch.from_numpy(rows >= 0)
 
 
+OnRoute = Callable[[torch.Tensor, torch.Tensor], None]
+OnTensor = Callable[[torch.Tensor], None]
+
+
+def routing_hooks(adapter: MoEAdapter, layer: MoELayer, on_route: OnRoute, *, on_logits: OnTensor | None = None,
+                  on_norms: OnTensor | None = None) -> list:
+    """The hooks that see one MoE layer's routing as the model used it; returns their handles.
+
+    ``on_route(index [N, k], weights [N, k])`` gets the ids and weights the experts module is called
+    with (after any restriction: restriction hooks are prepended on the router), in the router's
+    order; ``on_logits(logits [N, E])`` the raw router logits; ``on_norms(norms [N, k])`` each
+    routed expert's unweighted output norm ``||f_e(x)||_2``, read inside the forward by the family's
+    adapter. Tensors are detached, on the device that ran the layer; N counts padding too. Nothing
+    is reported while an observer re-runs a block (:func:`rerunning`).
+    """
+
+    def experts_hook(module, args):
+        if not _rerun[0]:
+            n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            on_route(args[1].detach().reshape(n, -1), args[2].detach().reshape(n, -1))
+
+    handles = [register(pre_hook(layer.experts, experts_hook))]
+    if on_logits is not None:
+        def router_hook(module, args, output):
+            if not _rerun[0]:
+                logits = adapter.router_logits(output).detach()
+                on_logits(logits.reshape(-1, logits.shape[-1]))
+
+        handles.append(register(forward_hook(layer.router, router_hook)))
+    if on_norms is not None:
+        handles.append(adapter.capture_expert_norms(layer, lambda norms: None if _rerun[0] else on_norms(norms)))
+    return handles
+
+
 class Routing(Observer):
     """Per token and MoE layer: expert ids and gate weights, highest weight first; optionally the
     raw router logits and each routed expert's unweighted output norm ``||f_e(x)||_2``.
@@ -71,6 +106,7 @@ class Routing(Observer):
         super().__init__()
         self.n, self.want_logits, self.want_norms, self.on_layer = n_tokens, logits, norms, on_layer
         self.layers: dict[int, LayerArrays] = {}
+        self._order: dict[int, torch.Tensor] = {}  # rank order of the last call's slots, per layer
 
     def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
         k, e = layer.top_k, layer.num_experts
@@ -80,43 +116,28 @@ class Routing(Observer):
         if self.want_norms:
             arrays["expert_norms"] = np.zeros((self.n, k), np.float32)
         self.layers.setdefault(layer.index, arrays)
-        handles = [layer.experts.register_forward_pre_hook(self._experts_hook(adapter, layer))]
-        if self.want_logits:
-            handles.append(layer.router.register_forward_hook(self._router_hook(adapter, layer)))
-        return handles
+        i = layer.index
+        return routing_hooks(adapter, layer, lambda index, weights: self._route(i, index, weights),
+                             on_logits=(lambda x: self._logits(i, x)) if self.want_logits else None,
+                             on_norms=(lambda x: self._norms(i, x)) if self.want_norms else None)
 
-    def _experts_hook(self, adapter: MoEAdapter, layer: MoELayer):
-        def hook(module, args):
-            if _rerun[0]:
-                return
-            hidden, index, weights = args[0], args[1], args[2]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            rows, real = _real(self.batch)
-            index = index.reshape(hidden.shape[0], -1).cpu()[real]
-            weights = weights.reshape(hidden.shape[0], -1).cpu()[real].float()
-            # rank order, highest weight first (some routers return their top-k unsorted)
-            order = torch.argsort(weights, dim=1, descending=True, stable=True)
-            index, weights = index.gather(1, order), weights.gather(1, order)
-            out = self.layers[layer.index]
-            out["expert_ids"][rows] = index.numpy()
-            out["expert_weights"][rows] = weights.numpy()
-            if self.want_norms:
-                with torch.no_grad():
-                    f = adapter.expert_outputs(layer, hidden[real.to(hidden.device)].detach(), index.to(hidden.device))
-                out["expert_norms"][rows] = f.float().norm(dim=-1).cpu().numpy()
+    def _route(self, layer: int, index: torch.Tensor, weights: torch.Tensor) -> None:
+        rows, real = _real(self.batch)
+        index, weights = index.cpu()[real], weights.cpu()[real].float()
+        # rank order, highest weight first (some routers return their top-k unsorted)
+        order = torch.argsort(weights, dim=1, descending=True, stable=True)
+        self._order[layer] = order
+        out = self.layers[layer]
+        out["expert_ids"][rows] = index.gather(1, order).numpy()
+        out["expert_weights"][rows] = weights.gather(1, order).numpy()
 
-        return hook
+    def _logits(self, layer: int, logits: torch.Tensor) -> None:
+        rows, real = _real(self.batch)
+        self.layers[layer]["router_logits"][rows] = logits.cpu()[real].float().numpy()
 
-    def _router_hook(self, adapter: MoEAdapter, layer: MoELayer):
-        def hook(module, args, output):
-            if _rerun[0]:
-                return
-            logits = adapter.router_logits(output).detach()
-            logits = logits.reshape(-1, logits.shape[-1]).cpu()
-            rows, real = _real(self.batch)
-            self.layers[layer.index]["router_logits"][rows] = logits[real].float().numpy()
-
-        return hook
+    def _norms(self, layer: int, norms: torch.Tensor) -> None:
+        rows, real = _real(self.batch)
+        self.layers[layer]["expert_norms"][rows] = norms.cpu()[real].gather(1, self._order.pop(layer)).numpy()
 
     def layer_done(self, index: int) -> None:
         if self.on_layer is not None and index in self.layers:
@@ -152,8 +173,8 @@ class Reconstruction(Observer):
             if not _rerun[0]:
                 self._index[layer.index] = args[1].reshape(-1, args[1].shape[-1])
 
-        return [layer.experts.register_forward_pre_hook(keep_index),
-                layer.block.register_forward_hook(self._block_hook(adapter, layer), with_kwargs=True)]
+        return [register(pre_hook(layer.experts, keep_index)),
+                register(forward_hook(layer.block, self._block_hook(adapter, layer), with_kwargs=True))]
 
     def _block_hook(self, adapter: MoEAdapter, layer: MoELayer):
         def hook(module, args, kwargs, output):
@@ -170,7 +191,7 @@ class Reconstruction(Observer):
             out = self.layers[layer.index]
             items = self.item_of_token[rows]
             banned = torch.zeros(len(rows), e, dtype=torch.bool)
-            handle = layer.router.register_forward_hook(adapter.reroute_hook(layer, lambda: banned), prepend=True)
+            handle = register(forward_hook(layer.router, adapter.reroute_hook(layer, lambda: banned), prepend=True))
             try:
                 with rerunning(), torch.no_grad():
                     for slot in range(index.shape[1]):

@@ -114,6 +114,9 @@ class MoEAdapter:
     # (softmax over the chosen logits, or over all logits of a single expert): a dense student runs as
     # that family's own model class. False where routing scales the output (sigmoid scores, sampling).
     single_expert_weight_is_one: ClassVar[bool] = False
+    # a submodule of the experts module that their forward calls once per expert with tokens, giving
+    # that expert's unweighted outputs (where expert output norms are read); None: transformers' kernels
+    expert_call_module: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -288,6 +291,13 @@ class MoEAdapter:
     def expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         """Views of the fused expert tensors, expert id on dim 0 (read-only use)."""
         return self._expert_tensors(layer)
+
+    def capture_expert_norms(self, layer: MoELayer, sink: Callable[[torch.Tensor], None]):
+        """Hand ``sink`` each routed expert's output norm [N, k] at every call of ``layer``'s experts,
+        read inside the forward (:mod:`uspx.models.expert_norms`); ``.remove()`` detaches it."""
+        from uspx.models.expert_norms import capture
+
+        return capture(self, layer, sink)
 
     def expert_outputs(self, layer: MoELayer, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs f_e(x) for every (token, slot): hidden [N, H], index [N, k] -> [N, k, H].

@@ -1,8 +1,8 @@
-"""Hooks that record what every MoE router decided during a forward pass.
+"""What every MoE router decided during a forward pass of a model in memory, as tensors.
 
-Hook points (the same in every family, see ``uspx.models.base``): a forward pre-hook on each
-``experts`` module sees exactly the ids and weights the model used (after any restriction, since
-restriction hooks are prepended on the router); a forward hook on the router gives the raw logits.
+The hooks are the engine's (:func:`uspx.engine.observers.routing_hooks`): the ids and weights the
+experts module was called with (after any restriction), the raw router logits, and the routed
+experts' output norms read inside the forward.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from uspx.engine.hooks import Handles
+from uspx.engine.observers import routing_hooks
 from uspx.models.base import MoEAdapter, MoELayer
 
 
@@ -27,8 +29,10 @@ class LayerRouting:
 class RoutingRecorder:
     """Context manager: ``with RoutingRecorder(adapter) as rec: model(...)``; then ``rec.layers``.
 
-    ``logits`` and ``norms`` cost extra (norms run every routed expert a second time), so both are
-    off by default.
+    The engine's routing hooks (:func:`uspx.engine.observers.routing_hooks`, the ones the
+    ``Routing`` observer uses) on every MoE layer, keeping the last forward's routing per layer as
+    tensors on the CPU, where every reader of the records works, whatever device ran the layer.
+    ``logits`` and ``norms`` (read inside the forward) are off by default.
     """
 
     def __init__(self, adapter: MoEAdapter, *, logits: bool = False, norms: bool = False):
@@ -36,50 +40,32 @@ class RoutingRecorder:
         self.want_logits = logits
         self.want_norms = norms
         self.layers: dict[int, LayerRouting] = {}
-        self._handles: list = []
+        self._logits: dict[int, torch.Tensor] = {}  # the router runs before the experts: parked here
+        self._handles = Handles()
 
     def __enter__(self) -> "RoutingRecorder":
         for layer in self.adapter.layers:
-            self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer)))
-            if self.want_logits:
-                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
+            self._handles.extend(self._hooks(layer))
         return self
 
+    def _hooks(self, layer: MoELayer) -> list:
+        i = layer.index
+
+        def on_route(index: torch.Tensor, weights: torch.Tensor) -> None:
+            self.layers[i] = LayerRouting(index.cpu(), weights.cpu(), self._logits.get(i))
+
+        def on_logits(logits: torch.Tensor) -> None:
+            self._logits[i] = logits.cpu()
+
+        def on_norms(norms: torch.Tensor) -> None:
+            self.layers[i].norms = norms.cpu()
+
+        return routing_hooks(self.adapter, layer, on_route, on_logits=on_logits if self.want_logits else None,
+                             on_norms=on_norms if self.want_norms else None)
+
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._handles.remove()
 
     def clear(self) -> None:
         self.layers = {}
-
-    def _experts_hook(self, layer: MoELayer):
-        def hook(module, args):
-            hidden, index, weights = args[0], args[1], args[2]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            index = index.detach().reshape(hidden.shape[0], -1)
-            # kept on the CPU, where every reader of the records works, whatever device ran the layer
-            rec = LayerRouting(index.cpu(), weights.detach().reshape(hidden.shape[0], -1).cpu())
-            if self.want_norms:
-                with torch.no_grad():
-                    out = self.adapter.expert_outputs(layer, hidden.detach(), index)
-                rec.norms = out.float().norm(dim=-1).cpu()
-            old = self.layers.get(layer.index)
-            if old is not None and old.logits is not None:
-                rec.logits = old.logits
-            self.layers[layer.index] = rec
-
-        return hook
-
-    def _router_hook(self, layer: MoELayer):
-        def hook(module, args, output):
-            logits = self.adapter.router_logits(output).detach()
-            logits = logits.reshape(-1, logits.shape[-1]).cpu()
-            rec = self.layers.get(layer.index)
-            if rec is None:
-                # the router runs before the experts: park the logits until the experts hook fires
-                self.layers[layer.index] = LayerRouting(torch.empty(0), torch.empty(0), logits)
-            else:
-                rec.logits = logits
-
-        return hook
+        self._logits = {}

@@ -12,6 +12,7 @@ from torch import nn
 from uspx.models.base import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
 from uspx.engine.batches import pad_id_of, padded
+from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, encode, load_workload
 
 
@@ -76,30 +77,26 @@ def capture(lm, adapter: MoEAdapter, items: list[EncodedItem], batch_size: int =
     layers = adapter.layers
     attn_mods = {l.index: attention_module(adapter, l) for l in layers} if attention else {}
     store: dict[str, dict[int, torch.Tensor]] = {"in": {}, "attn": {}}
-    handles = []
+    hooks = []
     for l in layers:
-        handles.append(l.experts.register_forward_pre_hook(_keep(store["in"], l.index)))
+        hooks.append(pre_hook(l.experts, _keep(store["in"], l.index)))
         if attn_mods.get(l.index) is not None:
-            handles.append(attn_mods[l.index].register_forward_hook(_keep_out(store["attn"], l.index)))
+            hooks.append(forward_hook(attn_mods[l.index], _keep_out(store["attn"], l.index)))
     rows: dict[str, list] = {k: [] for k in ("sample", "split", "token", "in", "attn", "ids", "w")}
-    try:
-        with RoutingRecorder(adapter) as rec:
-            for group, ids, mask in padded(items, batch_size, pad_id_of(lm.tokenizer)):
-                rec.clear()
-                lm.model(input_ids=ids, attention_mask=mask)
-                real = mask.reshape(-1).bool()
-                b, t = ids.shape
-                rows["sample"].append(np.repeat([e.index for e in group], t)[real.numpy()])
-                rows["split"].append(np.repeat([e.split for e in group], t)[real.numpy()])
-                rows["token"].append(ids.reshape(-1)[real].numpy())
-                rows["in"].append(torch.stack([store["in"][l.index].reshape(b * t, -1)[real] for l in layers], 1))
-                if len(store["attn"]) == len(layers):
-                    rows["attn"].append(torch.stack([store["attn"][l.index].reshape(b * t, -1)[real] for l in layers], 1))
-                rows["ids"].append(torch.stack([rec.layers[l.index].index[real] for l in layers], 1))
-                rows["w"].append(torch.stack([rec.layers[l.index].weights[real].float() for l in layers], 1))
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(hooks), RoutingRecorder(adapter) as rec:
+        for group, ids, mask in padded(items, batch_size, pad_id_of(lm.tokenizer)):
+            rec.clear()
+            lm.model(input_ids=ids, attention_mask=mask)
+            real = mask.reshape(-1).bool()
+            b, t = ids.shape
+            rows["sample"].append(np.repeat([e.index for e in group], t)[real.numpy()])
+            rows["split"].append(np.repeat([e.split for e in group], t)[real.numpy()])
+            rows["token"].append(ids.reshape(-1)[real].numpy())
+            rows["in"].append(torch.stack([store["in"][l.index].reshape(b * t, -1)[real] for l in layers], 1))
+            if len(store["attn"]) == len(layers):
+                rows["attn"].append(torch.stack([store["attn"][l.index].reshape(b * t, -1)[real] for l in layers], 1))
+            rows["ids"].append(torch.stack([rec.layers[l.index].index[real] for l in layers], 1))
+            rows["w"].append(torch.stack([rec.layers[l.index].weights[real].float() for l in layers], 1))
     return Capture(
         np.concatenate(rows["sample"]), np.concatenate(rows["split"]), np.concatenate(rows["token"]),
         torch.cat(rows["in"]).float(), torch.cat(rows["attn"]).float() if rows["attn"] else None,

@@ -194,127 +194,145 @@ def _head_columns(adapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return cols, cols.reshape(kv, (heads // kv) * hd)
 
 
+class _Contributions:
+    """Per-prompt sums of every unit's contribution, filled by forward hooks during one pass over
+    the batches; ``state`` holds the current batch's real-token mask and prompt ids."""
+
+    def __init__(self, counts: np.ndarray):
+        self.counts = counts
+        self.sums: dict[tuple[str, str, int, int], _Sums] = {}
+        self.state: dict[str, torch.Tensor] = {}
+
+    def batch(self, batch) -> None:
+        real = batch.real
+        self.state["real"] = real
+        self.state["prompts"] = torch.tensor(batch.rows)
+        self.state["local"] = torch.arange(len(batch.rows)).repeat_interleave(batch.input_ids.shape[1])[real]
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., D] flattened to its real tokens' rows, in float64."""
+        return x.reshape(-1, x.shape[-1])[self.state["real"]].double()
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(int(self.state["prompts"].numel()), *shape, dtype=torch.float64)
+
+    def add(self, kind: str, layer: int, first: int, sq: torch.Tensor, ab: torch.Tensor) -> None:
+        """Per-prompt squared norms ``sq`` and norms ``ab`` [prompts, *units] of units from id ``first``."""
+        for method, per_prompt in (("reconstruction", sq), ("activation", ab)):
+            key = (kind, method, layer, first)
+            if key not in self.sums:
+                self.sums[key] = _Sums(tuple(per_prompt.shape[1:]), self.counts)
+            self.sums[key].add(per_prompt, self.state["prompts"])
+
+
+def _expert_channel_hooks(adapter, col: _Contributions) -> list:
+    """Forward-pre hooks on every MoE layer's experts: ``g_e |h_c| ||d_c||`` per routed token."""
+    from uspx.engine.hooks import pre_hook
+
+    width = adapter.expert_width()
+
+    def hook_for(layer):
+        norms = _down_norms(adapter, layer, width)
+
+        def hook(module, args):
+            hidden, index, weights = args[0], args[1], args[2]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            keep, n = col.state["real"], hidden.shape[0]
+            hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
+            local = col.state["local"]
+            sq, ab = col.zeros(layer.num_experts, width), col.zeros(layer.num_experts, width)
+            for e in index.unique().tolist():
+                rows, slot = torch.nonzero(index == e, as_tuple=True)
+                h = adapter.expert_intermediate(layer, hidden[rows], e).double()
+                c = weights[rows, slot].double()[:, None] * h.abs() * norms[e]
+                sq[:, e].index_add_(0, local[rows], c.pow(2))
+                ab[:, e].index_add_(0, local[rows], c)
+            col.add("channel", layer.index, 0, sq, ab)
+        return hook
+
+    return [pre_hook(l.experts, hook_for(l)) for l in adapter.layers]
+
+
+def _dense_channel_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
+    """Hooks on every dense MLP (shared experts, dense layers): ``s |x_c| ||d_c||`` per token, the
+    down projection's input ``x`` staged until the output gate ``s`` (when there is one) has run."""
+    from uspx.engine.hooks import forward_hook, pre_hook
+
+    def hooks_for(i, k, mlp, gate):
+        down = adapter.dense_down(mlp)
+        norms = down.weight.detach().double().norm(dim=0)  # [I]
+        key = f"dense{i}.{k}"
+
+        def down_pre(module, args):
+            col.state[key] = col.real_rows(args[0])
+            if gate is None:
+                record(torch.ones(1, dtype=torch.float64))
+
+        def record(scale):
+            c = (scale * col.state.pop(key)).abs() * norms
+            sq, ab = col.zeros(1, norms.numel()), col.zeros(1, norms.numel())
+            sq[:, 0].index_add_(0, col.state["local"], c.pow(2))
+            ab[:, 0].index_add_(0, col.state["local"], c)
+            col.add("dense_channel", i, k, sq, ab)  # unit id k: this MLP kind
+
+        def gate_hook(module, args, out):  # the gate runs on the block input: sigmoid(out) scales the MLP
+            record(torch.sigmoid(col.real_rows(out)))
+
+        return [pre_hook(down, down_pre)] + ([forward_hook(gate, gate_hook)] if gate is not None else [])
+
+    return [h for i, k, mlp, gate in adapter.dense_mlps(model) for h in hooks_for(i, k, mlp, gate)]
+
+
+def _head_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
+    """Forward-pre hooks on every attention output projection: each head's and KV group's write."""
+    from uspx.engine.hooks import pre_hook
+
+    _check_heads(adapter)
+    head_cols, group_cols = _head_columns(adapter)
+
+    def hook_for(i, o_proj):
+        def hook(module, args):
+            x, w = col.real_rows(args[0]), o_proj.weight.detach().double()
+            for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
+                sq, ab = col.zeros(len(blocks)), col.zeros(len(blocks))
+                for u, cols in enumerate(blocks):
+                    norm = (x[:, cols] @ w[:, cols].T).norm(dim=1)
+                    sq[:, u].index_add_(0, col.state["local"], norm.pow(2))
+                    ab[:, u].index_add_(0, col.state["local"], norm)
+                col.add(kind, i, 0, sq, ab)
+        return hook
+
+    outs = [adapter.attention_out(a) for a in adapter.attention_modules(model)]
+    return [pre_hook(o, hook_for(i, o)) for i, o in enumerate(outs)]
+
+
 @torch.no_grad()
 def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequence[str], *, pad_id: int = 0,
                       batch_size: int = 8, bootstrap: int = 200, seed: int = 0,
                       progress: bool = False) -> dict[str, pa.Table]:
     """``reconstruction`` and ``activation`` rows of every channel and head unit (module doc)."""
     from uspx.engine import make_batches
+    from uspx.engine.hooks import hooked
 
     adapter = adapter_for(model)
     counts = resample_counts(len(items), bootstrap, seed)
-    sums: dict[tuple[str, str, int, int], _Sums] = {}
-    handles: list = []
-    state: dict[str, torch.Tensor] = {}
-
-    def acc(key, shape, per_prompt):
-        key = key if len(key) == 4 else (*key, 0)  # (kind, method, layer, first unit id)
-        if key not in sums:
-            sums[key] = _Sums(shape, counts)
-        sums[key].add(per_prompt, state["prompts"])
-
+    col = _Contributions(counts)
+    hooks = []
     if "channels" in units:
-        width = adapter.expert_width()
-        norms = {l.index: _down_norms(adapter, l, width) for l in adapter.layers}
-
-        def expert_hook(layer):
-            def hook(module, args):
-                hidden, index, weights = args[0], args[1], args[2]
-                hidden = hidden.reshape(-1, hidden.shape[-1])
-                keep = state["real"]
-                n = hidden.shape[0]
-                hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
-                local = state["local"]
-                nb = int(state["prompts"].numel())
-                sq = torch.zeros(nb, layer.num_experts, width, dtype=torch.float64)
-                ab = torch.zeros_like(sq)
-                for e in index.unique().tolist():
-                    rows, slot = torch.nonzero(index == e, as_tuple=True)
-                    h = adapter.expert_intermediate(layer, hidden[rows], e).double()
-                    c = weights[rows, slot].double()[:, None] * h.abs() * norms[layer.index][e]
-                    sq[:, e].index_add_(0, local[rows], c.pow(2))
-                    ab[:, e].index_add_(0, local[rows], c)
-                acc(("channel", "reconstruction", layer.index), sq.shape[1:], sq)
-                acc(("channel", "activation", layer.index), ab.shape[1:], ab)
-            return hook
-
-        handles += [l.experts.register_forward_pre_hook(expert_hook(l)) for l in adapter.layers]
-
-    if "channels" in units:  # the channels of dense MLPs: shared experts and dense layers
-        def dense_hook(i, k, mlp, gate):
-            down = adapter.dense_down(mlp)
-            norms = down.weight.detach().double().norm(dim=0)  # [I]
-            width = norms.numel()
-
-            def down_pre(module, args):
-                state[f"dense{i}.{k}"] = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
-                if gate is None:
-                    record(torch.ones(1, dtype=torch.float64))
-
-            def record(scale):
-                c = (scale * state.pop(f"dense{i}.{k}")).abs() * norms
-                local, nb = state["local"], int(state["prompts"].numel())
-                sq = torch.zeros(nb, 1, width, dtype=torch.float64)
-                ab = torch.zeros_like(sq)
-                sq[:, 0].index_add_(0, local, c.pow(2))
-                ab[:, 0].index_add_(0, local, c)
-                acc(("dense_channel", "reconstruction", i, k), (1, width), sq)  # unit id k: this MLP kind
-                acc(("dense_channel", "activation", i, k), (1, width), ab)
-
-            def gate_hook(module, args, out):  # the gate runs on the block input: sigmoid(out) scales the MLP
-                record(torch.sigmoid(out.reshape(-1, out.shape[-1])[state["real"]].double()))
-
-            hs = [down.register_forward_pre_hook(down_pre)]
-            if gate is not None:
-                hs.append(gate.register_forward_hook(gate_hook))
-            return hs
-
-        for i, k, mlp, gate in adapter.dense_mlps(model):
-            handles += dense_hook(i, k, mlp, gate)
-
+        hooks += _expert_channel_hooks(adapter, col) + _dense_channel_hooks(adapter, model, col)
     if "heads" in units:
-        _check_heads(adapter)
-        head_cols, group_cols = _head_columns(adapter)
-
-        def o_hook(i, o_proj):
-            def hook(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1])[state["real"]].double()
-                w = o_proj.weight.detach().double()
-                local, nb = state["local"], int(state["prompts"].numel())
-                for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
-                    sq = torch.zeros(nb, len(blocks), dtype=torch.float64)
-                    ab = torch.zeros_like(sq)
-                    for u, cols in enumerate(blocks):
-                        norm = (x[:, cols] @ w[:, cols].T).norm(dim=1)
-                        sq[:, u].index_add_(0, local, norm.pow(2))
-                        ab[:, u].index_add_(0, local, norm)
-                    acc((kind, "reconstruction", i), (len(blocks),), sq)
-                    acc((kind, "activation", i), (len(blocks),), ab)
-            return hook
-
-        outs = [adapter.attention_out(a) for a in adapter.attention_modules(model)]
-        handles += [o.register_forward_pre_hook(o_hook(i, o)) for i, o in enumerate(outs)]
-
+        hooks += _head_hooks(adapter, model, col)
     tokens = np.array([len(e.input_ids) for e in items], dtype=np.float64)
     batches = make_batches(items, batch_size, pad_id)
-    try:
-        with progress_bar("unit contributions", len(batches), "batches", progress) as bar:
-            for batch in batches:
-                real = batch.real
-                width_t = batch.input_ids.shape[1]
-                state["real"] = real
-                state["prompts"] = torch.tensor(batch.rows)
-                state["local"] = torch.arange(len(batch.rows)).repeat_interleave(width_t)[real]
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                bar.advance()
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(hooks), progress_bar("unit contributions", len(batches), "batches", progress) as bar:
+        for batch in batches:
+            col.batch(batch)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            bar.advance()
     den_rep = counts @ tokens
-    out: dict[str, pa.Table] = {}
-    for (kind, method, layer, first), s in sorted(sums.items()):
-        out.setdefault(method, [])
-        out[method].append(_rows(kind, layer, method, *s.ratio(tokens.sum(), den_rep), len(items), first))
+    out: dict[str, list[pa.Table]] = {}
+    for (kind, method, layer, first), s in sorted(col.sums.items()):
+        out.setdefault(method, []).append(_rows(kind, layer, method, *s.ratio(tokens.sum(), den_rep), len(items), first))
     return {m: pa.concat_tables(t) for m, t in out.items()}
 
 

@@ -39,6 +39,7 @@ from uspx.superweights.report import checklist, render_report, verdict
 from uspx.superweights.routing import layer_routing, per_prompt_p_active
 from uspx.superweights.stopwords import stopword_ids
 from uspx.engine.batches import pad_id_of
+from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
 FORMAT = "uspx-superweights/1"
@@ -310,7 +311,7 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
     out_stats: dict[tuple[int, int], dict] = {}
     massive: dict[int, dict] = {}
     state: dict = {}
-    handles = []
+    hooks = []
 
     for layer in adapter.layers:
         def experts_hook(module, args, layer=layer):
@@ -340,19 +341,14 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
                 st.update(max_abs=float(h[tok, ch]), channel=ch, position=int(C.position[state["offset"] + tok]),
                           token_id=int(state["ids"][tok]))
 
-        handles.append(layer.experts.register_forward_pre_hook(experts_hook))
-        handles.append(decoder_layer(net, layer).register_forward_hook(block_hook))
-    try:
-        with torch.no_grad():
-            offset = 0
-            for _, ids, mask in C.batches:
-                real = mask.reshape(-1).bool()
-                state.update(real=real, offset=offset, ids=ids.reshape(-1)[real])
-                net(input_ids=ids, attention_mask=mask, use_cache=False)
-                offset += int(real.sum())
-    finally:
-        for h in handles:
-            h.remove()
+        hooks += [pre_hook(layer.experts, experts_hook), forward_hook(decoder_layer(net, layer), block_hook)]
+    with hooked(hooks), torch.no_grad():
+        offset = 0
+        for _, ids, mask in C.batches:
+            real = mask.reshape(-1).bool()
+            state.update(real=real, offset=offset, ids=ids.reshape(-1)[real])
+            net(input_ids=ids, attention_mask=mask, use_cache=False)
+            offset += int(real.sum())
     rows = []
     for l in adapter.layers:
         st = massive[l.index]

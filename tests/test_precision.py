@@ -170,6 +170,9 @@ def test_device_without_cuda_is_refused_before_any_work(tmp_path, workload):
     with pytest.raises(UspxError, match="cuda"):
         trace(src, workload, tmp_path / "t", streaming=True, device="cuda", progress=False)
     assert not (tmp_path / "t").exists()
+    with pytest.raises(UspxError, match="cuda"):
+        trace(src, workload, tmp_path / "t", device="cuda:0", progress=False)
+    assert not (tmp_path / "t").exists()
     with pytest.raises(UspxError, match="not a device"):
         FromCheckpoint(src, device="gpu7")
 

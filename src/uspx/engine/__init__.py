@@ -15,7 +15,7 @@ import torch
 
 from uspx.engine.batches import Batch, make_batches, pad_id_of
 from uspx.engine.runner import RunStats, run
-from uspx.engine.source import FromCheckpoint, InMemory, WeightSource
+from uspx.engine.source import FromCheckpoint, InMemory, WeightSource, check_device
 from uspx.io import UspxError
 
 from uspx.models.loading import AUTO, DTYPES as COMPUTE_DTYPES, DtypeChoice, dtype_name, parse_dtype, resolve_dtype
@@ -72,6 +72,9 @@ def open_source(model, *, streaming: bool = False, dtype: DtypeChoice = AUTO, tr
     from uspx.models import LoadedModel, load_model, model_fingerprint
     from uspx.models.loading import resolve_model_path
 
+    chosen = parse_dtype(dtype)  # a bad name or an absent GPU fails before anything loads
+    if device is not None:
+        check_device(device)
     if isinstance(model, Opened):  # already opened: its source decides
         return model
     if (device_map is not None or max_memory is not None) and (streaming or isinstance(model, LoadedModel)):
@@ -82,13 +85,13 @@ def open_source(model, *, streaming: bool = False, dtype: DtypeChoice = AUTO, tr
             raise UspxError("a layer-by-layer run reads the model folder; pass its path, not a loaded model")
         return Opened(InMemory(model.model), model.tokenizer, model.source, model.fingerprint, model.label)
     if not streaming:
-        lm = load_model(model, dtype=parse_dtype(dtype) or AUTO, trust_remote_code=trust_remote_code,
+        lm = load_model(model, dtype=chosen or AUTO, trust_remote_code=trust_remote_code,
                         device=device, device_map=device_map, max_memory=max_memory)
         return Opened(InMemory(lm.model), lm.tokenizer, lm.source, lm.fingerprint, lm.label)
     if trust_remote_code:
         raise UspxError("layer-by-layer runs use transformers' own model classes; remote code is not supported")
     path = resolve_model_path(model)
-    source = FromCheckpoint(path, parse_dtype(dtype), device=device)
+    source = FromCheckpoint(path, chosen, device=device)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer

@@ -167,7 +167,7 @@ class FromCheckpoint(WeightSource):
         self.ckpt = Checkpoint(path)
         self.path = self.ckpt.path
         self.dtype = resolve_dtype(dtype, self.path)
-        self._device = _check_device(device)
+        self._device = check_device(device)
         self.experts = experts
         dtype = self.dtype
         cls = adapter_class(str(self.ckpt.config.get("model_type")))
@@ -314,7 +314,7 @@ class FromCheckpoint(WeightSource):
             self._release(self.model.get_input_embeddings())
 
 
-def _check_device(device: str | torch.device | None) -> torch.device:
+def check_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch device, refused early when this machine cannot compute there."""
     try:
         dev = torch.device(device if device is not None else "cpu")

@@ -1,6 +1,7 @@
 """Every stage run a decoder layer at a time (``--streaming``) gives what the whole-model run gives,
-for every family: trace folders, local scores, exports sliced on disk (MXFP4 stays MXFP4) and their
-enforced verification, evaluation; a killed layer-by-layer trace resumes to the same result."""
+for every family and with the default precision on both sides: trace folders, local scores, exports
+sliced on disk (MXFP4 stays MXFP4) and their enforced verification, evaluation; a killed
+layer-by-layer trace resumes to the same result."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def traces(tiny_gpt_oss_dir, workload, tmp_path_factory):
     root = tmp_path_factory.mktemp("traces")
     whole = trace(tiny_gpt_oss_dir, workload, root / "whole", logits=True, norms=True, progress=False)
     res = CliRunner().invoke(app, ["trace", str(tiny_gpt_oss_dir), str(workload), "-o", str(root / "stream"),
-                                   "--logits", "--norms", "--streaming", "--reconstruction", "--compute-dtype", "fp32"])
+                                   "--logits", "--norms", "--streaming", "--reconstruction"])  # default precision: the checkpoint's fp32
     assert res.exit_code == 0, res.output
     return root / "whole", root / "stream", whole
 
@@ -81,7 +82,7 @@ def test_streaming_local_scores_equal_whole_model(traces, tiny_gpt_oss_dir, work
     whole, stream, _ = traces
     want = score(tiny_gpt_oss_dir, whole, workload, tmp_path / "a", methods=LOCAL, bootstrap=50, progress=False)
     got = score(tiny_gpt_oss_dir, stream, workload, tmp_path / "b", methods=LOCAL, bootstrap=50, progress=False,
-                streaming=True, dtype="fp32")
+                streaming=True)
     a, b = want.to_pandas(), got.to_pandas()
     assert list(a.method) == list(b.method) and list(a.tokens) == list(b.tokens)
     for col in ("value", "ci_low", "ci_high"):
@@ -102,7 +103,7 @@ def test_every_family_traces_scores_and_exports_layer_by_layer(family, workload,
     src = save_tiny(family, tmp_path / "src")
     kw = dict(split="calibration", norms=True, reconstruction=True, progress=False)
     trace(src, workload, tmp_path / "whole", **kw)
-    trace(src, workload, tmp_path / "stream", streaming=True, dtype="fp32", **kw)
+    trace(src, workload, tmp_path / "stream", streaming=True, **kw)  # default precision on both sides
     _assert_same_trace(tmp_path / "whole", tmp_path / "stream")
     a = np.load(tmp_path / "whole" / RECONSTRUCTION)
     b = np.load(tmp_path / "stream" / RECONSTRUCTION)

@@ -17,6 +17,7 @@ import torch
 
 from uspx.analyze.collect import Losses, heldout_losses
 from uspx.analyze.stats import bootstrap_ratio, wilson
+from uspx.engine.hooks import forward_hook, register
 from uspx.io import UspxError
 from uspx.models.base import MoEAdapter, MoELayer, Restriction
 
@@ -29,7 +30,7 @@ def reduce_top_k(adapter: MoEAdapter, k: int) -> Restriction:
     handles = []
     for layer in adapter.layers:
         small = dataclasses.replace(layer, top_k=k)
-        handles.append(layer.router.register_forward_hook(_hook(adapter, small), prepend=True))
+        handles.append(register(forward_hook(layer.router, _hook(adapter, small), prepend=True)))
     return Restriction(handles)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from uspx.engine.batches import Batch, make_batches
+from uspx.engine.hooks import forward_hook, forward_hooks, hooked, pre_hook
 from uspx.engine.observers import _first
 from uspx.engine.source import FromCheckpoint, freed_memory_returned
 from uspx.engine.store import HiddenStore
@@ -146,7 +147,7 @@ def _teacher_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
                   kept: list[int] | None, dtype: torch.dtype) -> _Targets | None:
     """Run the original's layer ``index`` over every batch (advancing its stream); for a MoE layer,
     collect its router logits over ``kept`` and its block outputs on the real tokens."""
-    logits, blocks, handles = [], [], []
+    logits, blocks, hooks = [], [], []
     with torch.no_grad(), source.layer(index) as layer:
         if moe_layer is not None:
             if kept is None:
@@ -160,9 +161,8 @@ def _teacher_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
             def keep_block(module, args, out):
                 blocks.append(_first(out).reshape(-1, _first(out).shape[-1]))
 
-            handles += [moe_layer.router.register_forward_hook(keep_logits),
-                        moe_layer.block.register_forward_hook(keep_block)]
-        try:
+            hooks = [forward_hook(moe_layer.router, keep_logits), forward_hook(moe_layer.block, keep_block)]
+        with hooked(hooks):
             for b in batches:
                 args, kwargs = source.layer_call(b.attention_mask, index, dtype)
                 out = layer(store.read(b.slots).reshape(*b.input_ids.shape, -1), *args, **kwargs)
@@ -170,9 +170,6 @@ def _teacher_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
                 if moe_layer is not None:
                     real = b.real
                     logits[-1], blocks[-1] = logits[-1][real], blocks[-1][real]
-        finally:
-            for h in handles:
-                h.remove()
     if moe_layer is None:
         return None
     return _Targets(torch.cat(logits), torch.cat(blocks))
@@ -183,11 +180,11 @@ def _student_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
     """Run the pruned model's layer ``index`` over every batch; with ``inputs``, collect its MoE
     block's inputs on the real tokens instead of advancing the stream."""
     def go(layer):
-        handle = None
-        if inputs is not None:
-            handle = moe_layer.block.register_forward_pre_hook(
-                lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
-        try:
+        def keep_input(module, args):
+            inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+
+        keep = [] if inputs is None else [pre_hook(moe_layer.block, keep_input)]
+        with hooked(keep):
             for b in batches:
                 args, kwargs = source.layer_call(b.attention_mask, index, dtype)
                 out = layer(store.read(b.slots).reshape(*b.input_ids.shape, -1), *args, **kwargs)
@@ -195,9 +192,6 @@ def _student_pass(source: FromCheckpoint, moe_layer, index: int, batches: list[B
                     inputs[-1] = inputs[-1][b.real]
                 else:
                     store.write(b.slots, _first(out))
-        finally:
-            if handle is not None:
-                handle.remove()
 
     with torch.no_grad():
         if layer is not None:
@@ -225,11 +219,8 @@ def _train_layer(source: FromCheckpoint, moe_layer, index: int, batches: list[Ba
 
         def loss_of(rows: torch.Tensor) -> torch.Tensor:
             seen: list[torch.Tensor] = []
-            hook = router.register_forward_hook(lambda m, a, out: seen.append(source.adapter.router_logits(out)))
-            try:
+            with forward_hooks([(router, lambda m, a, out: seen.append(source.adapter.router_logits(out)))]):
                 out = _first(block(x[rows].float().unsqueeze(0)))
-            finally:
-                hook.remove()
             loss = out.sum() * 0.0
             if rk:
                 loss = loss + rk * router_kd_loss(seen[0].reshape(len(rows), -1), targets.logits[rows],

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from uspx.engine.hooks import forward_hook, pre_hook, register
 from uspx.engine.observers import Observer, _first
 from uspx.io import UspxError
 from uspx.models import adapter_for
@@ -74,8 +75,8 @@ def gate(model: nn.Module, gates: dict[int, Callable[[], torch.Tensor | None]]) 
     handles = []
     for layer in adapter.layers:
         if layer.index in gates:
-            handles.append(layer.router.register_forward_hook(gate_hook(adapter, layer, gates[layer.index]),
-                                                              prepend=True))
+            handles.append(register(forward_hook(layer.router, gate_hook(adapter, layer, gates[layer.index]),
+                                                 prepend=True)))
     return Restriction(handles)
 
 
@@ -249,7 +250,7 @@ class LayerMasks(Observer):
                 x = x.reshape(-1, x.shape[-1])[self.batch.real]
                 store.append(x[: self.max_rows - have].detach().clone())
 
-        return [layer.block.register_forward_pre_hook(keep_input, with_kwargs=True)]
+        return [register(pre_hook(layer.block, keep_input, with_kwargs=True))]
 
     def layer_done(self, index: int) -> None:
         from uspx.recover.objectives import layer_loss
@@ -259,7 +260,7 @@ class LayerMasks(Observer):
         block = layer.block
         flags = [(p, p.requires_grad) for p in block.parameters()]
         current: dict[str, torch.Tensor | None] = {"z": None}
-        hook = layer.router.register_forward_hook(gate_hook(adapter, layer, lambda: current["z"]), prepend=True)
+        hook = register(forward_hook(layer.router, gate_hook(adapter, layer, lambda: current["z"]), prepend=True))
         gen = torch.Generator().manual_seed(self.seed * 100_003 + index)
         log_alpha = torch.full((adapter.num_experts,), float(self.init), requires_grad=True)
         lambdas = torch.zeros(2, requires_grad=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from uspx.engine.batches import Batch, make_batches, target_losses
+from uspx.engine.hooks import Handles, forward_hook
 from uspx.io import UspxError, atomic_path, read_json, write_json
 from uspx.models import MoEAdapter, adapter_for
 from uspx.progress import progress_bar
@@ -92,12 +93,11 @@ class _Signals:
         self.adapter = adapter
         self.router: dict[int, torch.Tensor] = {}
         self.blocks: dict[int, torch.Tensor] = {}
-        self._handles = []
-        for layer in adapter.layers:
-            if router:
-                self._handles.append(layer.router.register_forward_hook(self._keep(self.router, layer.index, True)))
-            if blocks:
-                self._handles.append(layer.block.register_forward_hook(self._keep(self.blocks, layer.index, False)))
+        hooks = [forward_hook(layer.router, self._keep(self.router, layer.index, True)) for layer in adapter.layers
+                 if router]
+        hooks += [forward_hook(layer.block, self._keep(self.blocks, layer.index, False)) for layer in adapter.layers
+                  if blocks]
+        self._handles = Handles().add(hooks)
 
     def _keep(self, into: dict, index: int, router: bool):
         def hook(module, args, out):
@@ -107,8 +107,7 @@ class _Signals:
         return hook
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._handles.remove()
 
 
 def split_items(items: list[EncodedItem], fraction: float, seed: int) -> tuple[list[EncodedItem], list[EncodedItem]]:

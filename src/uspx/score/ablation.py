@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from uspx.dist import Dist
+from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.io import UspxError
 from uspx.models import MoEAdapter, MoELayer
 from uspx.score.baseline import Baseline
@@ -50,18 +51,15 @@ class AblationResult:
 def ablate(adapter: MoEAdapter, layer: MoELayer, expert: int, kind: str) -> Iterator[None]:
     """Inside the block, ``layer``'s expert ``expert`` is removed in the given way."""
     if kind == "natural":
-        def pre_hook(module, args):
+        def zero_weight(module, args):
             if len(args) < 3:
                 raise UspxError(f"{layer.name}.experts was called without (hidden, index, weights)")
             hidden, index, weights = args[0], args[1], args[2]
             weights = weights.masked_fill(index == expert, 0)
             return (hidden, index, weights, *args[3:])
 
-        handle = layer.experts.register_forward_pre_hook(pre_hook)
-        try:
+        with hooked([pre_hook(layer.experts, zero_weight)]):
             yield
-        finally:
-            handle.remove()
     elif kind == "interventional":
         kept = [e for e in range(layer.num_experts) if e != expert]
         with adapter.restrict({layer.index: kept}):
@@ -118,13 +116,11 @@ def _capture_prefix(model: nn.Module, stack: nn.ModuleList, pos: int, batch) -> 
         box.append(output)
         raise _Stop
 
-    handle = stack[pos - 1].register_forward_hook(hook)
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    with hooked([forward_hook(stack[pos - 1], hook)]):
+        try:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except _Stop:
+            pass
     if not box:
         raise UspxError("could not capture the decoder layer output for prefix replay")
     return box[0]

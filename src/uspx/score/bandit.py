@@ -50,6 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from uspx.engine.hooks import forward_hook, hooked
 from uspx.models import MoEAdapter
 from uspx.score.ablation import ablate
 from uspx.score.baseline import Baseline
@@ -181,44 +182,46 @@ def removal_surrogate(model: torch.nn.Module, adapter: MoEAdapter, base: Baselin
             return output + c["probe"]
         return hook
 
-    handles = []
-    for pos, layer in enumerate(layers):
-        handles.append(layer.router.register_forward_hook(router_hook(pos)))
-        handles.append(layer.experts.register_forward_hook(experts_hook(pos)))
+    hooks = [h for pos, layer in enumerate(layers)
+             for h in (forward_hook(layer.router, router_hook(pos)), forward_hook(layer.experts, experts_hook(pos)))]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        for batch in base.batches:
-            captured.clear()
-            with torch.enable_grad():
-                loss = (token_losses(model, batch).double() * batch.loss_mask).sum()
-                grads = torch.autograd.grad(loss, [captured[p]["probe"] for p in range(len(layers))], allow_unused=True)
-            real = batch.real
-            item = torch.as_tensor(np.repeat(np.asarray(batch.rows), batch.input_ids.shape[1]))[real].numpy()
-            predicting = batch.loss_mask.reshape(-1)[real].double()
-            with torch.no_grad():
-                for pos, layer in enumerate(layers):
-                    c = captured[pos]
-                    g = grads[pos]
-                    if g is None:
-                        continue
-                    g = g.reshape(-1, g.shape[-1])[real].double()
-                    dh_of = _output_changes(adapter, layer, c["hidden"][real], c["index"][real], c["weights"][real],
-                                            c["logits"][real] if "logits" in c else None, kind)
-                    index = c["index"][real].numpy()
-                    for slot, dh in enumerate(dh_of):
-                        flat = item * e_count + index[:, slot]
-                        cells = base.n_prompts * e_count
-                        first[:, pos] += np.bincount(flat, (g * dh).sum(1).numpy(), cells).reshape(-1, e_count)
-                        size[:, pos] += np.bincount(flat, ((dh * dh).sum(1) * predicting).numpy(), cells).reshape(-1, e_count)
+        with hooked(hooks):
+            for batch in base.batches:
+                captured.clear()
+                with torch.enable_grad():
+                    loss = (token_losses(model, batch).double() * batch.loss_mask).sum()
+                    grads = torch.autograd.grad(loss, [captured[p]["probe"] for p in range(len(layers))], allow_unused=True)
+                real = batch.real
+                item = torch.as_tensor(np.repeat(np.asarray(batch.rows), batch.input_ids.shape[1]))[real].numpy()
+                predicting = batch.loss_mask.reshape(-1)[real].double()
+                with torch.no_grad():
+                    for pos, layer in enumerate(layers):
+                        if grads[pos] is not None:
+                            _accumulate(adapter, layer, captured[pos], grads[pos], real, item, predicting, kind,
+                                        first[:, pos], size[:, pos])
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     items = sum(len(b.rows) for b in base.batches)
     return Surrogate(first, size, SURROGATE_FORWARDS * items)
+
+
+def _accumulate(adapter: MoEAdapter, layer, c: dict, g: torch.Tensor, real: torch.Tensor, item: np.ndarray,
+                predicting: torch.Tensor, kind: str, first: np.ndarray, size: np.ndarray) -> None:
+    """Add one batch of one layer to ``first`` and ``size`` [P, E] (views of the layer's slices)."""
+    e_count = first.shape[1]
+    g = g.reshape(-1, g.shape[-1])[real].double()
+    dh_of = _output_changes(adapter, layer, c["hidden"][real], c["index"][real], c["weights"][real],
+                            c["logits"][real] if "logits" in c else None, kind)
+    index = c["index"][real].numpy()
+    cells = first.size
+    for slot, dh in enumerate(dh_of):
+        flat = item * e_count + index[:, slot]
+        first += np.bincount(flat, (g * dh).sum(1).numpy(), cells).reshape(-1, e_count)
+        size += np.bincount(flat, ((dh * dh).sum(1) * predicting).numpy(), cells).reshape(-1, e_count)
 
 
 def _output_changes(adapter: MoEAdapter, layer, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,

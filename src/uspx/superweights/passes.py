@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from uspx.engine.batches import padded
+from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.models import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
-from uspx.engine.batches import padded
 from uspx.workload import EncodedItem
 
 
@@ -98,7 +99,7 @@ def run_pass(
     hidden: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
     routes: dict[int, list[torch.Tensor]] = {l.index: [] for l in adapter.layers} if routing else {}
     state: dict[str, torch.Tensor] = {}
-    handles = []
+    hooks = []
     for idx in capture:
         mod = decoder_layer(model, adapter.layer(idx))
 
@@ -106,40 +107,37 @@ def run_pass(
             h = output[0] if isinstance(output, tuple) else output
             hidden[idx].append(h.detach().reshape(-1, h.shape[-1])[state["real"]].float())
 
-        handles.append(mod.register_forward_hook(hook))
+        hooks.append(forward_hook(mod, hook))
     ins: dict[int, list[tuple]] = {l.index: [] for l in adapter.layers} if inputs else {}
     for layer in adapter.layers if inputs else []:
 
-        def pre_hook(module, args, idx=layer.index):
+        def keep_inputs(module, args, idx=layer.index):
             flat = args[0].reshape(-1, args[0].shape[-1])
             real = state["real"]
             ins[idx].append((flat.detach()[real].float().clone(), args[1].reshape(flat.shape[0], -1)[real].clone(),
                              args[2].reshape(flat.shape[0], -1)[real].float().clone()))
 
-        handles.append(layer.experts.register_forward_pre_hook(pre_hook))
+        hooks.append(pre_hook(layer.experts, keep_inputs))
     rows = {id(it): i for i, it in enumerate(sl.items)}
-    try:
-        with torch.no_grad(), RoutingRecorder(adapter) as rec:
-            for group, ids, mask in sl.batches:
-                real = mask.reshape(-1).bool()
-                state["real"] = real
-                rec.clear()
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                logp = torch.log_softmax(logits, dim=-1)
-                # next-token loss where both the position and its target are real tokens
-                valid = (mask[:, 1:] * mask[:, :-1]).bool()
-                nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
-                for r, it in enumerate(group):
-                    seq_loss[rows[id(it)]] += float(nll[r].sum())
-                    seq_count[rows[id(it)]] += float(valid[r].sum())
-                if stop_ids is not None:
-                    stop_parts.append(logp[..., stop_ids].exp().sum(-1).reshape(-1)[real])
-                for layer_idx in routes:
-                    routes[layer_idx].append(rec.layers[layer_idx].index[real].clone())
-                del logits, logp
-    finally:
-        for h in handles:
-            h.remove()
+    # the hooks are attached before the recorder's, so they see the batch first, as always
+    with torch.no_grad(), hooked(hooks), RoutingRecorder(adapter) as rec:
+        for group, ids, mask in sl.batches:
+            real = mask.reshape(-1).bool()
+            state["real"] = real
+            rec.clear()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            # next-token loss where both the position and its target are real tokens
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()
+            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
+            for r, it in enumerate(group):
+                seq_loss[rows[id(it)]] += float(nll[r].sum())
+                seq_count[rows[id(it)]] += float(valid[r].sum())
+            if stop_ids is not None:
+                stop_parts.append(logp[..., stop_ids].exp().sum(-1).reshape(-1)[real])
+            for layer_idx in routes:
+                routes[layer_idx].append(rec.layers[layer_idx].index[real].clone())
+            del logits, logp
     return PassResult(
         seq_loss,
         seq_count,
@@ -165,17 +163,13 @@ def layer_inputs(model: nn.Module, adapter: MoEAdapter, sl: Slice, layer: MoELay
         ix.append(args[1].reshape(h.shape[0], -1)[state["real"]].clone())
         raise _Stop
 
-    handle = layer.experts.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for _, ids, mask in sl.batches:
-                state["real"] = mask.reshape(-1).bool()
-                try:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    with torch.no_grad(), hooked([pre_hook(layer.experts, hook)]):
+        for _, ids, mask in sl.batches:
+            state["real"] = mask.reshape(-1).bool()
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
     return torch.cat(hs), torch.cat(ix)
 
 

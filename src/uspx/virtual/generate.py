@@ -39,13 +39,13 @@ class _ProbeStop:
     """Stopping criterion: the probe fired on the last input position of the latest forward."""
 
     def __init__(self, model, probe: Probe, skip_positions: set[int]):
+        from uspx.engine.hooks import decoder_layer, forward_hook, register
         from uspx.models import adapter_for
 
         self.probe, self.skip = probe, skip_positions
         self.hidden: torch.Tensor | None = None
         self.fired_at: int | None = None
-        layer = adapter_for(model).decoder_layers(model)[probe.layer]
-        self.handle = layer.register_forward_hook(self._keep)
+        self.handle = register(forward_hook(decoder_layer(adapter_for(model), probe.layer), self._keep))
 
     def _keep(self, module, args, out):
         h = out[0] if isinstance(out, tuple) else out

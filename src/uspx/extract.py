@@ -22,7 +22,6 @@ from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload
 
-NORM_METHODS = ("reap", "ean")
 QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta": "delta",
                    "top1_agreement": "top-1 agree", "kl": "KL"}
 
@@ -83,16 +82,74 @@ def extract(
     then distills the pruned model from the original (``uspx.recover``), and the verdict is the
     recovered model's.
     """
-    from uspx.engine import compute_dtype, open_source
-    from uspx.evaluate import evaluate
-    from uspx.plan import parse_size, select_experts
-    from uspx.plan.select import parse_keep
-    from uspx.prune import export
-    from uspx.score import DEFAULT_METHOD, load_scores, score
-    from uspx.score.api import KEEP_METHODS, LOCAL_METHODS, METHODS
+    from uspx.engine import open_source
+    from uspx.score.api import REGISTRY
     from uspx.trace import trace
 
     # every argument is checked before any work: a typo must not cost a trace
+    method = _check_arguments(model, budget=budget, keep=keep, method=method, tool_families=tool_families,
+                              layer_by_layer=streaming or sequential, sequential=sequential, dtype=dtype)
+    wl, eval_wl, eval_split = _workloads(workload, eval_workload)
+    opened = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
+    out = Path(out_dir)
+    clock = _Clock()
+    console.rule(f"uspx extract{' (layer by layer)' if streaming else ''}: {opened.label} for {wl.source}")
+    # the reconstruction sums come out of the tracing pass itself: no second pass over the model
+    trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
+          norms=REGISTRY[method].norms, reconstruction=method == "reconstruction" and not sequential,
+          progress=progress)
+    clock.done("trace")
+    d = current()
+    if d.active and not d.main:  # the trace was split across the processes; the rest is rank 0's
+        d.barrier()
+        return read_json(out / "report.json")
+    try:
+        with solo():
+            table = _scores(opened, wl, out, method, budget=budget, keep=keep, context=context, kv_dtype=kv_dtype,
+                            sequential=sequential, max_tokens=max_tokens, batch_size=batch_size, progress=progress,
+                            tool_families=tool_families)
+            clock.done("score")
+            plan = _select(opened, table, out, method, budget=budget, keep=keep, context=context, kv_dtype=kv_dtype,
+                           uniform=uniform, solver=solver)
+            clock.done("select")
+            record, evaluation = _export_and_evaluate(
+                opened, out, eval_wl, eval_split, clock, budget=budget, context=context, kv_dtype=kv_dtype,
+                epsilon=epsilon, batch_size=batch_size, max_length=max_length, speed=speed, progress=progress,
+                trust_remote_code=trust_remote_code, streaming=streaming, dtype=dtype)
+            report = _report(opened, wl, eval_wl, eval_split, out, plan, record, evaluation, clock.seconds,
+                             method=method, budget=budget, keep=keep, context=context, streaming=streaming)
+            write_json(out / "report.json", report)
+            print_report(report)
+            if recover:
+                _recover(report, out, wl, steps=recover_steps, max_length=max_length, epsilon=epsilon,
+                         streaming=streaming, dtype=dtype, progress=progress)
+            return report
+    finally:
+        d.barrier()
+
+
+class _Clock:
+    """Seconds per stage, each stage timed from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self.started - sum(self.seconds.values()), 2)
+        console.print(f"[green]done[/] {name} ({self.seconds[name]:.1f} s)")
+
+
+def _check_arguments(model: str | Path | LoadedModel, *, budget: str | int | None, keep: str | int | float | None,
+                     method: str | None, tool_families: list[str] | None, layer_by_layer: bool, sequential: bool,
+                     dtype: str) -> str:
+    """The score method to use, once every argument that needs no model pass is checked."""
+    from uspx.engine import compute_dtype
+    from uspx.plan import parse_size
+    from uspx.plan.select import parse_keep
+    from uspx.score import DEFAULT_METHOD
+    from uspx.score.api import LOCAL_METHODS, METHODS, SEQUENTIAL_METHODS
+
     if (budget is None) == (keep is None):
         raise UspxError("give exactly one of --budget (e.g. 8GiB) or --keep (e.g. 50%)")
     method = method or DEFAULT_METHOD
@@ -100,12 +157,28 @@ def extract(
         raise UspxError(f"unknown score method {method!r}; choose from {', '.join(METHODS)}")
     if method == "capability" and not tool_families:
         raise UspxError("--method capability needs the families handed to tools (--tool-families, e.g. arith)")
-    if (streaming or sequential) and method not in LOCAL_METHODS:
+    if layer_by_layer and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
+    if sequential and method not in SEQUENTIAL_METHODS:
+        raise UspxError(f"method {method!r} is not scored sequentially; --sequential scores with "
+                        f"{', '.join(SEQUENTIAL_METHODS)}")
     if budget is not None:
         parse_size(budget)
     compute_dtype(dtype)
+    if keep is not None:
+        from uspx.models import adapter_class
+        from uspx.models.loading import resolve_model_path
+        from uspx.plan.memory import load_config
+
+        cfg = load_config(Path(model.source if isinstance(model, LoadedModel) else resolve_model_path(model)))
+        parse_keep(keep, adapter_class(cfg.model_type).config_num_experts(cfg))
+    return method
+
+
+def _workloads(workload: str | Path | Workload,
+               eval_workload: str | Path | Workload | None) -> tuple[Workload, Workload, str]:
+    """The calibration workload, the one to evaluate on, and the split of it that is evaluated."""
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     if eval_workload is None:
         eval_wl, eval_split = wl, "heldout"
@@ -114,114 +187,111 @@ def extract(
         eval_split = "all"
     if not wl.part("calibration").items or not wl.part("heldout").items:
         raise UspxError(f"{wl.source}: needs both calibration and held-out items (split {wl.summary.splits})")
-    if keep is not None:
-        from uspx.models import adapter_class
-        from uspx.models.loading import resolve_model_path
-        from uspx.plan.memory import load_config
+    return wl, eval_wl, eval_split
 
-        cfg = load_config(Path(model.source if isinstance(model, LoadedModel) else resolve_model_path(model)))
-        parse_keep(keep, adapter_class(cfg.model_type).config_num_experts(cfg))
-    opened = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
-    out = Path(out_dir)
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
 
-    def stage(name: str) -> None:
-        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
-        console.print(f"[green]done[/] {name} ({seconds[name]:.1f} s)")
+def _scores(opened, wl: Workload, out: Path, method: str, *, budget: str | int | None,
+            keep: str | int | float | None, context: int, kv_dtype: str, sequential: bool, max_tokens: int | None,
+            batch_size: int, progress: bool, tool_families: list[str] | None):
+    """The score table in ``out/scores``: reused when it was scored the same way, else scored."""
+    from uspx.plan.select import parse_keep
+    from uspx.score import load_scores, score
+    from uspx.score.api import KEEP_METHODS
 
-    console.rule(f"uspx extract{' (layer by layer)' if streaming else ''}: {opened.label} for {wl.source}")
-    # the reconstruction sums come out of the tracing pass itself: no second pass over the model
-    trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
-          norms=method in NORM_METHODS, reconstruction=method == "reconstruction" and not sequential,
-          progress=progress)
-    stage("trace")
-    d = current()
-    if d.active and not d.main:  # the trace was split across the processes; the rest is rank 0's
-        d.barrier()
-        return read_json(out / "report.json")
+    scores_dir = out / "scores"
+    table = None
+    if (scores_dir / "scores.json").exists():
+        table = load_scores(scores_dir)
+        table.check(model=opened.fingerprint, workload=wl.fingerprint)
+        if method not in table.methods:
+            table = None
+    n_keep = None
+    if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
+        from uspx.plan import fit_experts
 
-    def after_trace() -> dict:
-        scores_dir = out / "scores"
-        table = None
-        if (scores_dir / "scores.json").exists():
-            table = load_scores(scores_dir)
-            table.check(model=opened.fingerprint, workload=wl.fingerprint)
-            if method not in table.methods:
-                table = None
-        n_keep = None
-        if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
-            from uspx.plan import fit_experts
+        n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
+            Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
+        ).require().experts_per_layer)
+    if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
+        table = None  # scored the other way (one pass vs sequential, or another count)
+    if table is None:
+        table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
+                      batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
+                      keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
+    return table
 
-            n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
-                Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
-            ).require().experts_per_layer)
-        if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
-            table = None  # scored the other way (one pass vs sequential, or another count)
-        if table is None:
-            table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
-                          batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
-                          keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
-        stage("score")
 
-        plan = select_experts(
-            table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
-            context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
-            scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
-        )
-        plan.save(out / "plan.json")
-        console.print(plan)
-        stage("select")
+def _select(opened, table, out: Path, method: str, *, budget: str | int | None, keep: str | int | float | None,
+            context: int, kv_dtype: str, uniform: bool, solver: str):
+    """The kept set under the budget, saved to ``out/plan.json``."""
+    from uspx.plan import select_experts
 
-        record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
-                        streaming=streaming, trust_remote_code=trust_remote_code)
-        stage("prune + verify + export")
+    plan = select_experts(
+        table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
+        context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
+        scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
+    )
+    plan.save(out / "plan.json")
+    console.print(plan)
+    return plan
 
-        teacher = opened.loaded() if not streaming else opened.path
-        evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
-                              epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
-                              speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
-                              streaming=streaming, dtype=dtype)
-        stage("evaluate")
 
-        report = dict(
-            model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
-            workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
-            evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
-            method=method, budget=budget, keep=keep, context=context, streaming=streaming,
-            kept={str(k): v for k, v in plan.kept.items()},
-            counts={str(k): len(v) for k, v in plan.kept.items()},
-            size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
-            verification=record["verification"],
-            quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
-            acceptance=evaluation["acceptance"],
-            speed=evaluation.get("speed"),
-            seconds=seconds,
-            artifacts=dict(trace=str(out / "trace"), scores=str(scores_dir), plan=str(out / "plan.json"),
-                           model=str(out / "model"), evaluation=str(out / "evaluation.json")),
-        )
-        write_json(out / "report.json", report)
-        print_report(report)
-        if recover:
-            from uspx.recover import Settings
-            from uspx.recover import recover as run_recover
+def _export_and_evaluate(opened, out: Path, eval_wl: Workload, eval_split: str, clock: _Clock, *,
+                         budget: str | int | None, context: int, kv_dtype: str, epsilon: float, batch_size: int,
+                         max_length: int, speed: bool, progress: bool, trust_remote_code: bool, streaming: bool,
+                         dtype: str) -> tuple[dict, dict]:
+    """The pruned checkpoint in ``out/model`` (verified) and its evaluation against the original."""
+    from uspx.evaluate import evaluate
+    from uspx.prune import export
 
-            # layer by layer only the routers can train (the objectives that need no logits)
-            settings = Settings(train="router" if streaming else "full", **({} if recover_steps is None else {"steps": recover_steps}))
-            res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
-                              streaming=streaming, dtype=dtype, progress=progress)
-            report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
-                                       history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
-            report["acceptance"] = res["acceptance"]
-            report["seconds"]["recover"] = res["seconds"]
-            write_json(out / "report.json", report)
-        return report
+    record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
+                    streaming=streaming, trust_remote_code=trust_remote_code)
+    clock.done("prune + verify + export")
+    teacher = opened.loaded() if not streaming else opened.path
+    evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
+                          epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
+                          speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
+                          streaming=streaming, dtype=dtype)
+    clock.done("evaluate")
+    return record, evaluation
 
-    try:
-        with solo():
-            return after_trace()
-    finally:
-        d.barrier()
+
+def _report(opened, wl: Workload, eval_wl: Workload, eval_split: str, out: Path, plan, record: dict, evaluation: dict,
+            seconds: dict[str, float], *, method: str, budget: str | int | None, keep: str | int | float | None,
+            context: int, streaming: bool) -> dict:
+    return dict(
+        model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
+        workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
+        evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
+        method=method, budget=budget, keep=keep, context=context, streaming=streaming,
+        kept={str(k): v for k, v in plan.kept.items()},
+        counts={str(k): len(v) for k, v in plan.kept.items()},
+        size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
+        verification=record["verification"],
+        quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
+        acceptance=evaluation["acceptance"],
+        speed=evaluation.get("speed"),
+        seconds=seconds,
+        artifacts=dict(trace=str(out / "trace"), scores=str(out / "scores"), plan=str(out / "plan.json"),
+                       model=str(out / "model"), evaluation=str(out / "evaluation.json")),
+    )
+
+
+def _recover(report: dict, out: Path, wl: Workload, *, steps: int | None, max_length: int, epsilon: float,
+             streaming: bool, dtype: str, progress: bool) -> None:
+    """Distil the pruned model from the original; the report then holds the recovered model's verdict."""
+    from uspx.recover import Settings
+    from uspx.recover import recover as run_recover
+
+    # layer by layer only the routers can train (the objectives that need no logits)
+    settings = Settings(train="router" if streaming else "full", **({} if steps is None else {"steps": steps}))
+    res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
+                      streaming=streaming, dtype=dtype, progress=progress)
+    report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
+                               history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
+    report["acceptance"] = res["acceptance"]
+    report["seconds"]["recover"] = res["seconds"]
+    write_json(out / "report.json", report)
 
 
 def print_report(report: dict) -> None:

@@ -38,11 +38,45 @@ LOSS_DEFINITION = (
 
 
 def score(*args, **kwargs) -> ScoreTable:
-    """Score every (layer, expert); see :func:`_score` for the arguments. Under torchrun every
-    process runs it: the ablations' (layer, expert) units, taylor's prompts and, when the trace
-    holds no reconstruction sums, reconstruction's batches are shared out and their sums added
-    across processes; the learned masks (l0, l0_layer) are refused. Rank 0 writes the table: every
-    process returns the single-process one."""
+    """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
+
+    The trace must come from this model and workload (FingerprintMismatch otherwise). Trace-only
+    methods use every trace row of ``split``; model-based methods (ablations, usage x marginal,
+    taylor, reconstruction, and reap / ean when the trace has no norms) run on the same split's
+    prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
+    ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
+    "natural". ``streaming`` reads the model a decoder layer at a time (computing in ``dtype``),
+    which allows the local methods only (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
+    layer: a count or a share) scores each layer on the model with its earlier layers pruned by the
+    same method to that many experts (``uspx.score.sequential``; :data:`SEQUENTIAL_METHODS`, one pass
+    per method). ``keep`` (experts per layer: a count or a share) is the budget "l0" learns its masks under
+    (``uspx.recover.masks``; required by it). Its value is the learned P(gate open) of each expert:
+    one estimate from the whole calibration set, so the table has no CI for it (NaN).
+
+    ``capability`` (needs ``tool_families``, the families whose work goes to tools) is each
+    expert's routing frequency on the other families' tokens: experts that serve only the tool
+    families score 0 and go first, experts that serve both keep what they do for the rest. The
+    share of each expert's routed tokens in the tool families, with its interval, is recorded in
+    the table's options.
+
+    ``device_map`` / ``max_memory`` place the whole model across devices (accelerate; see
+    :func:`uspx.models.load_model`); taylor then needs every expert weight in memory (not on disk).
+
+    ``ablation_guided`` (needs ``keep``) is interventional ablation estimated with ``ablation_budget``
+    (a share) of the forward passes exhaustive ablation would take: a first-order pass over every
+    item, then ablations spent on the experts nearest each layer's keep boundary
+    (:func:`uspx.score.bandit.guided_ablation`); its interval is the estimate +- 1.96 standard errors.
+
+    ``units`` adds the units inside the layers ("channels": expert intermediate channels, "heads":
+    KV groups and query heads), scored on the same prompts with ``unit_methods``
+    (:mod:`uspx.score.units`) and written to ``units.parquet`` beside the expert table.
+
+    The arguments are :func:`_score`'s. Under torchrun every process runs it: the ablations'
+    (layer, expert) units, taylor's prompts and, when the trace holds no reconstruction sums,
+    reconstruction's batches are shared out and their sums added across processes; the learned
+    masks (l0, l0_layer) are refused. Rank 0 writes the table: every process returns the
+    single-process one.
+    """
     d = current()
     try:
         return _score(*args, **kwargs)
@@ -76,39 +110,7 @@ def _score(
     unit_methods: Sequence[str] | None = None,
     ablation_budget: float = 0.1,
 ) -> ScoreTable:
-    """Score every (layer, expert) of ``model`` with ``methods`` and write ``out_dir/scores.*``.
-
-    The trace must come from this model and workload (FingerprintMismatch otherwise). Trace-only
-    methods use every trace row of ``split``; model-based methods (ablations, usage x marginal,
-    taylor, reconstruction, and reap / ean when the trace has no norms) run on the same split's
-    prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
-    ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
-    "natural". ``streaming`` reads the model a decoder layer at a time (computing in ``dtype``),
-    which allows the local methods only (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
-    layer: a count or a share) scores each layer on the model with its earlier layers pruned by the
-    same method to that many experts (``uspx.score.sequential``; local methods, one pass per method).
-    ``keep`` (experts per layer: a count or a share) is the budget "l0" learns its masks under
-    (``uspx.recover.masks``; required by it). Its value is the learned P(gate open) of each expert:
-    one estimate from the whole calibration set, so the table has no CI for it (NaN).
-
-    ``capability`` (needs ``tool_families``, the families whose work goes to tools) is each
-    expert's routing frequency on the other families' tokens: experts that serve only the tool
-    families score 0 and go first, experts that serve both keep what they do for the rest. The
-    share of each expert's routed tokens in the tool families, with its interval, is recorded in
-    the table's options.
-
-    ``device_map`` / ``max_memory`` place the whole model across devices (accelerate; see
-    :func:`uspx.models.load_model`); taylor then needs every expert weight in memory (not on disk).
-
-    ``ablation_guided`` (needs ``keep``) is interventional ablation estimated with ``ablation_budget``
-    (a share) of the forward passes exhaustive ablation would take: a first-order pass over every
-    item, then ablations spent on the experts nearest each layer's keep boundary
-    (:func:`uspx.score.bandit.guided_ablation`); its interval is the estimate +- 1.96 standard errors.
-
-    ``units`` adds the units inside the layers ("channels": expert intermediate channels, "heads":
-    KV groups and query heads), scored on the same prompts with ``unit_methods``
-    (:mod:`uspx.score.units`) and written to ``units.parquet`` beside the expert table.
-    """
+    """One process's share of :func:`score`, whose arguments these are."""
     from uspx.score.units import parse_units
 
     inner_units = [u for u in parse_units(units) if u != "experts"]
@@ -131,16 +133,9 @@ def _score(
     has_norms = "expert_norms" in _trace_columns(tr)
     if streaming and not has_norms and any(m.norms for m in chosen):
         raise UspxError(f"{tr.path}: reap / ean need expert norms in the trace for a layer-by-layer run; trace with --norms")
-    if d.active and (device_map is not None or max_memory is not None):
-        raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
-                        "processes, each with its own copy: start it without torchrun")
-    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
+    lm = _open_model(model, tr, traced, d, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
                      device_map=device_map, max_memory=max_memory)
-    tr.check(model=lm.fingerprint, workload=traced.fingerprint)
-    adapter = lm.source.adapter
-    n_keep = parse_keep(sequential, adapter.num_experts) if sequential is not None else None
-    if list(tr.moe_layers) != [l.index for l in adapter.layers] or tr.num_experts != adapter.num_experts:
-        raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
+    n_keep = parse_keep(sequential, lm.source.adapter.num_experts) if sequential is not None else None
     run = Inputs(lm, tr, traced, split, d, has_norms, n_keep=n_keep, max_tokens=max_tokens, bootstrap=bootstrap,
                  seed=seed, batch_size=batch_size, progress=progress and d.main, marginal=marginal, keep=keep,
                  tool_families=tool_families, ablation_budget=ablation_budget)
@@ -158,6 +153,21 @@ def _score(
             unit_table.write(out_dir)
         table.write(out_dir)
     return table
+
+
+def _open_model(model: str | Path | LoadedModel, tr: Trace, traced: Workload, d: Dist, *, streaming: bool, dtype: str,
+                trust_remote_code: bool, device_map: str | Path | dict | None, max_memory: str | dict | None):
+    """The model (whole or layer by layer), checked to be the one the trace was made from."""
+    if d.active and (device_map is not None or max_memory is not None):
+        raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
+                        "processes, each with its own copy: start it without torchrun")
+    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
+                     device_map=device_map, max_memory=max_memory)
+    tr.check(model=lm.fingerprint, workload=traced.fingerprint)
+    adapter = lm.source.adapter
+    if list(tr.moe_layers) != [l.index for l in adapter.layers] or tr.num_experts != adapter.num_experts:
+        raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
+    return lm
 
 
 def _check_options(chosen: list[Method], d: Dist, *, keep: str | int | None, tool_families: Sequence[str] | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -86,12 +87,13 @@ class Inputs:
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, dict] = field(default_factory=dict)
     options: dict[str, object] = field(default_factory=dict)  # per method, for the table's options
+    cost: list[int] = field(init=False)  # bytes of one expert, per layer
 
     @property
     def adapter(self):
         return self.lm.source.adapter
 
-    @property
+    @cached_property
     def layers(self) -> list[int]:
         return [l.index for l in self.adapter.layers]
 
@@ -99,10 +101,9 @@ class Inputs:
     def sequential(self) -> bool:
         return self.n_keep is not None
 
-    @property
-    def cost(self) -> list[int]:
+    def __post_init__(self) -> None:  # the cost column, read before any pass touches the model
         source = self.lm.source
-        return [self.adapter.bytes_per_expert(l) for l in self.adapter.layers] if source.resident \
+        self.cost = [self.adapter.bytes_per_expert(l) for l in self.adapter.layers] if source.resident \
             else source.stored_expert_bytes()
 
     @contextmanager

@@ -167,7 +167,7 @@ class Method:
     sequential: bool = False  # can score a model whose earlier layers are pruned as it goes
 
     def source(self, run: Inputs) -> str:
-        """"trace" or "model": where this run's values come from."""
+        """Where this run's values come from: "trace" or "model"."""
         return "model"
 
     def needs(self, run: Inputs) -> Needs:

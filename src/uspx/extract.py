@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uspx.dist import current, solo
 from uspx.io import UspxError, read_json, sha256_json, write_json
 from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload
+
+if TYPE_CHECKING:  # imported when run: torch stays unloaded until a stage needs it
+    from uspx.engine import Opened
+    from uspx.plan.select import Plan
+    from uspx.score import ScoreTable
 
 QUALITY_COLUMNS = {"loss_teacher": "teacher", "loss_candidate": "pruned", "delta": "delta",
                    "top1_agreement": "top-1 agree", "kl": "KL"}
@@ -115,14 +121,14 @@ def extract(
             record, evaluation = _export_and_evaluate(
                 opened, out, eval_wl, eval_split, clock, budget=budget, context=context, kv_dtype=kv_dtype,
                 epsilon=epsilon, batch_size=batch_size, max_length=max_length, speed=speed, progress=progress,
-                trust_remote_code=trust_remote_code, streaming=streaming, dtype=dtype)
+                trust_remote_code=trust_remote_code, dtype=dtype)
             report = _report(opened, wl, eval_wl, eval_split, out, plan, record, evaluation, clock.seconds,
-                             method=method, budget=budget, keep=keep, context=context, streaming=streaming)
+                             method=method, budget=budget, keep=keep, context=context)
             write_json(out / "report.json", report)
             print_report(report)
             if recover:
-                _recover(report, out, wl, steps=recover_steps, max_length=max_length, epsilon=epsilon,
-                         streaming=streaming, dtype=dtype, progress=progress)
+                _recover(report, out, wl, opened, steps=recover_steps, max_length=max_length, epsilon=epsilon,
+                         dtype=dtype, progress=progress)
             return report
     finally:
         d.barrier()
@@ -190,9 +196,9 @@ def _workloads(workload: str | Path | Workload,
     return wl, eval_wl, eval_split
 
 
-def _scores(opened, wl: Workload, out: Path, method: str, *, budget: str | int | None,
+def _scores(opened: Opened, wl: Workload, out: Path, method: str, *, budget: str | int | None,
             keep: str | int | float | None, context: int, kv_dtype: str, sequential: bool, max_tokens: int | None,
-            batch_size: int, progress: bool, tool_families: list[str] | None):
+            batch_size: int, progress: bool, tool_families: list[str] | None) -> ScoreTable:
     """The score table in ``out/scores``: reused when it was scored the same way, else scored."""
     from uspx.plan.select import parse_keep
     from uspx.score import load_scores, score
@@ -221,8 +227,8 @@ def _scores(opened, wl: Workload, out: Path, method: str, *, budget: str | int |
     return table
 
 
-def _select(opened, table, out: Path, method: str, *, budget: str | int | None, keep: str | int | float | None,
-            context: int, kv_dtype: str, uniform: bool, solver: str):
+def _select(opened: Opened, table: ScoreTable, out: Path, method: str, *, budget: str | int | None,
+            keep: str | int | float | None, context: int, kv_dtype: str, uniform: bool, solver: str) -> Plan:
     """The kept set under the budget, saved to ``out/plan.json``."""
     from uspx.plan import select_experts
 
@@ -236,13 +242,15 @@ def _select(opened, table, out: Path, method: str, *, budget: str | int | None, 
     return plan
 
 
-def _export_and_evaluate(opened, out: Path, eval_wl: Workload, eval_split: str, clock: _Clock, *,
+def _export_and_evaluate(opened: Opened, out: Path, eval_wl: Workload, eval_split: str, clock: _Clock, *,
                          budget: str | int | None, context: int, kv_dtype: str, epsilon: float, batch_size: int,
-                         max_length: int, speed: bool, progress: bool, trust_remote_code: bool, streaming: bool,
+                         max_length: int, speed: bool, progress: bool, trust_remote_code: bool,
                          dtype: str) -> tuple[dict, dict]:
     """The pruned checkpoint in ``out/model`` (verified) and its evaluation against the original."""
     from uspx.evaluate import evaluate
     from uspx.prune import export
+
+    streaming = opened.streaming
 
     record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
                     streaming=streaming, trust_remote_code=trust_remote_code)
@@ -256,14 +264,14 @@ def _export_and_evaluate(opened, out: Path, eval_wl: Workload, eval_split: str, 
     return record, evaluation
 
 
-def _report(opened, wl: Workload, eval_wl: Workload, eval_split: str, out: Path, plan, record: dict, evaluation: dict,
-            seconds: dict[str, float], *, method: str, budget: str | int | None, keep: str | int | float | None,
-            context: int, streaming: bool) -> dict:
+def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, out: Path, plan: Plan, record: dict,
+            evaluation: dict, seconds: dict[str, float], *, method: str, budget: str | int | None,
+            keep: str | int | float | None, context: int) -> dict:
     return dict(
         model=dict(source=opened.path, label=opened.label, fingerprint=opened.fingerprint),
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
         evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
-        method=method, budget=budget, keep=keep, context=context, streaming=streaming,
+        method=method, budget=budget, keep=keep, context=context, streaming=opened.streaming,
         kept={str(k): v for k, v in plan.kept.items()},
         counts={str(k): len(v) for k, v in plan.kept.items()},
         size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
@@ -277,11 +285,13 @@ def _report(opened, wl: Workload, eval_wl: Workload, eval_split: str, out: Path,
     )
 
 
-def _recover(report: dict, out: Path, wl: Workload, *, steps: int | None, max_length: int, epsilon: float,
-             streaming: bool, dtype: str, progress: bool) -> None:
+def _recover(report: dict, out: Path, wl: Workload, opened: Opened, *, steps: int | None, max_length: int,
+             epsilon: float, dtype: str, progress: bool) -> None:
     """Distil the pruned model from the original; the report then holds the recovered model's verdict."""
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
+
+    streaming = opened.streaming
 
     # layer by layer only the routers can train (the objectives that need no logits)
     settings = Settings(train="router" if streaming else "full", **({} if steps is None else {"steps": steps}))

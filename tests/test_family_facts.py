@@ -123,3 +123,43 @@ def test_tiny_configs_cover_every_family():
     assert tiny.TINY_CONFIGS["dbrx"]["ffn_config"]["moe_top_k"] == 2
     with pytest.raises(UspxError, match="no tiny config for family 'llama'"):
         tiny_config("llama")
+
+
+# Tensor and config names of particular families (and the suffixes of stored MXFP4 tensors): code
+# outside uspx.models asks an adapter instead.
+FAMILY_NAMES = {"down_proj", "o_proj", "q_proj", "k_proj", "v_proj", "gate_up_proj", "up_proj", "gate_proj",
+                "num_key_value_heads", "head_dim", "sinks", "w1", "w2", "w3", "block_sparse_moe"}
+# uspx.teacher builds and describes one gpt_oss model (the bundled teacher): its config fields are its own
+FAMILY_OWNERS = ("models", "teacher")
+
+
+def _family_names_in(path, rel: str) -> list[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in FAMILY_NAMES:
+            found.append(f"{rel}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            parts = node.value.replace("{}", "").split(".")
+            if len(node.value) < 80 and (FAMILY_NAMES & set(parts) or node.value in ("_blocks", "_scales")):
+                found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_family_names_outside_the_adapters():
+    from pathlib import Path
+
+    import uspx
+
+    root = Path(uspx.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if rel.split("/")[0] not in FAMILY_OWNERS and rel != "testing.py":
+            found += _family_names_in(path, rel)
+    assert found == []

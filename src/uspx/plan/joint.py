@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
@@ -181,18 +181,55 @@ def select_units(
     stay whole. ``channel_step`` is the width granularity (default 8 up to 256 channels, else 32: fused expert
     kernels need rows of a multiple of 16 bytes).
     """
-    from uspx.models import adapter_class
-    from uspx.plan.select import Plan
-
     units = parse_units(units)
     unit_method = unit_method or method
-    cfg = mem.load_config(config)
-    cls = adapter_class(cfg.model_type)
-    params = mem.count_params(cfg)
-    n_exp, top_k = params.num_experts, params.top_k
-    width = cls.config_expert_width(cfg)
-    heads, kv, _ = cls.config_head_shape(cfg)
-    rep = heads // kv
+    geo = _Geometry.of(config)
+    values, dense_kinds = _unit_values(expert_values, units_table, units, unit_method, geo)
+
+    def size(s: Shape) -> mem.MemoryEstimate:
+        return mem.estimate(mem.count_params(shaped_config(geo.cfg, s)), dtype, context=context, kv_dtype=kv_dtype,
+                            batch=batch, experts_per_layer=0, reserve_bytes=reserve_bytes)
+
+    budget_bytes = mem.parse_size(budget)
+    tables = _tables(values, geo.rep)
+    candidates = _fitting_shapes(geo, units, tables, dense_kinds, size, budget_bytes, reserve_bytes, channel_step)
+    settings = {"kv_dtype": kv_dtype, "context": context, "batch": batch, "units": list(units),
+                "unit_method": unit_method, "channel_step": channel_step}
+    return _joint_plan(geo, values, tables, dense_kinds, candidates, size(candidates[0][1]), settings,
+                       method=method, budget_bytes=budget_bytes, reserve_bytes=reserve_bytes,
+                       scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint)
+
+
+@dataclass
+class _Geometry:
+    """The whole model's shape, as its config says: what a joint plan cuts down from."""
+
+    cfg: Any
+    cls: Any  # the family's adapter class
+    params: Any  # uspx.models.params.ModelParams
+    width: int  # channels per expert
+    heads: int  # query heads per layer
+    kv: int  # KV groups per layer
+
+    @classmethod
+    def of(cls, config: Any) -> "_Geometry":
+        from uspx.models import adapter_class
+
+        cfg = mem.load_config(config)
+        family = adapter_class(cfg.model_type)
+        heads, kv, _ = family.config_head_shape(cfg)
+        return cls(cfg, family, mem.count_params(cfg), family.config_expert_width(cfg), heads, kv)
+
+    @property
+    def rep(self) -> int:
+        return self.heads // self.kv
+
+
+def _unit_values(expert_values: dict[int, np.ndarray], units_table: UnitScores | None, units: list[str],
+                 unit_method: str, geo: _Geometry) -> tuple[_Layers, list[tuple[int, str, int]]]:
+    """The per-layer values of every unit type chosen, checked against the model, and the dense MLP
+    kinds it has: (kind id, config width field, original width)."""
+    params, cls = geo.params, geo.cls
     if sorted(expert_values) != sorted(params.moe_layers):
         raise UspxError(f"expert scores cover layers {sorted(expert_values)}, the model's MoE layers are "
                         f"{sorted(params.moe_layers)}")
@@ -210,11 +247,12 @@ def select_units(
         raise UspxError(f"{cls.family}: its attention heads share one compressed key/value (latent attention); "
                         "uspx cuts heads of grouped-query attention only: choose experts and channels")
     routed_channels = "channels" in units and not cls.expert_width_also_sizes
-    dense_kinds = []  # (kind id, config width field, original width) of dense MLP kinds the model has
+    dense_kinds = []
     if "channels" in units:
         have = set(units_table.table.filter(pc.equal(units_table.table.column("kind"), "dense_channel"))
                    .column("index").to_pylist())
-        dense_kinds = [(k, fld, int(_get_field(cfg, fld))) for k, (_, fld, _) in enumerate(cls.dense_mlp_paths) if k in have]
+        dense_kinds = [(k, fld, int(_get_field(geo.cfg, fld))) for k, (_, fld, _) in enumerate(cls.dense_mlp_paths)
+                       if k in have]
     values = _Layers(
         experts={l: np.asarray(v, np.float64) for l, v in expert_values.items()},
         channels=unit_values("channel", list(params.moe_layers)) if routed_channels else None,
@@ -223,33 +261,35 @@ def select_units(
         dense=[_dense_values(units_table, unit_method, k, w) for k, _, w in dense_kinds],
     )
     if values.channels is not None:
-        bad = [l for l, m in values.channels.items() if m.shape != (n_exp, width)]
+        bad = [l for l, m in values.channels.items() if m.shape != (params.num_experts, geo.width)]
         if bad:
-            raise UspxError(f"channel scores of layers {bad} are not {n_exp} experts x {width} channels: "
-                            "they were made for another model")
+            raise UspxError(f"channel scores of layers {bad} are not {params.num_experts} experts x {geo.width} "
+                            "channels: they were made for another model")
     if values.groups is not None:
-        bad = [l for l in values.groups if values.groups[l].shape != (kv,) or values.heads[l].shape != (heads,)]
+        bad = [l for l in values.groups if values.groups[l].shape != (geo.kv,) or values.heads[l].shape != (geo.heads,)]
         if bad:
-            raise UspxError(f"head scores of layers {bad} are not {kv} KV groups / {heads} query heads: "
+            raise UspxError(f"head scores of layers {bad} are not {geo.kv} KV groups / {geo.heads} query heads: "
                             "they were made for another model")
+    return values, dense_kinds
+
+
+def _fitting_shapes(geo: _Geometry, units: list[str], tables: _Tables, dense_kinds: list[tuple[int, str, int]],
+                    size: Callable[[Shape], Any], budget_bytes: int, reserve_bytes: int,
+                    channel_step: int | None) -> list[tuple[float, Shape, int]]:
+    """(value, shape, bytes) of every shape that fits ``budget_bytes``, each with the best dense MLP
+    widths that fit beside it; best first (ties: the smaller)."""
+    n_exp, width, kv, rep = geo.params.num_experts, geo.width, geo.kv, geo.rep
 
     def steps(full: int) -> list[int]:
         step = channel_step or (8 if full <= 256 else 32)  # fused expert kernels (grouped_mm) need 16-byte strides
         return sorted(set(range(step, full + 1, step)) | {full})
 
-    widths = steps(width) if routed_channels else [width]
-    counts = list(range(top_k, n_exp + 1)) if "experts" in units else [n_exp]
+    widths = steps(width) if "channels" in units and not geo.cls.expert_width_also_sizes else [width]
+    counts = list(range(geo.params.top_k, n_exp + 1)) if "experts" in units else [n_exp]
     layouts = ([(g, r) for g in range(1, kv + 1) for r in range(1, rep + 1)] if "heads" in units else [(kv, rep)])
     full_dense = tuple((fld, w) for _, fld, w in dense_kinds)
-    budget_bytes = mem.parse_size(budget)
-
-    def size(s: Shape) -> mem.MemoryEstimate:
-        return mem.estimate(mem.count_params(shaped_config(cfg, s)), dtype, context=context, kv_dtype=kv_dtype,
-                            batch=batch, experts_per_layer=0, reserve_bytes=reserve_bytes)
-
     sizes = {(w, g, r): size(Shape(n_exp, w, g, r, full_dense)) for w in widths for g, r in layouts}
     whole = sizes[width, kv, rep]  # the grids always hold the whole model's width and head layout
-    tables = _tables(values, rep)
     # a dense MLP's bytes add to the rest: each kind's saving is measured on the whole model once
     dense_options = []
     for i, (_, fld, full_w) in enumerate(dense_kinds):
@@ -264,7 +304,7 @@ def select_units(
 
     def total(n: int, w: int, g: int, r: int, dense_cost: float = 0.0) -> int:
         e = sizes[w, g, r]
-        return int(e.fixed_bytes + dense_cost + e.kv_bytes + reserve_bytes + n * params.num_moe_layers * e.expert_bytes)
+        return int(e.fixed_bytes + dense_cost + e.kv_bytes + reserve_bytes + n * geo.params.num_moe_layers * e.expert_bytes)
 
     candidates: list[tuple[float, Shape, int]] = []
     for n in counts:
@@ -284,38 +324,49 @@ def select_units(
                         f"{layouts[0][0]} KV group(s) of {layouts[0][1]} head(s)) takes "
                         f"{mem.format_bytes(smallest)} ({smallest} bytes)")
     candidates.sort(key=lambda c: (-c[0], c[2]))
+    return candidates
+
+
+def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: list[tuple[int, str, int]],
+                candidates: list[tuple[float, Shape, int]], est: Any, settings: dict, *, method: str,
+                budget_bytes: int, reserve_bytes: int, scores_fingerprint: str | None,
+                model_fingerprint: str | None):
+    """The plan of the best shape (``candidates[0]``, whose memory estimate is ``est``)."""
+    from uspx.plan.select import Plan
+
+    cfg, cls, params, kv, rep = geo.cfg, geo.cls, geo.params, geo.kv, geo.rep
     best_value, best, best_bytes = candidates[0]
     experts, channels, head_ids, dense_ids = _kept_layout(values, best, rep)
-    full = _value(tables, Shape(n_exp, width, kv, rep, full_dense))
-    est = size(best)
+    full_dense = tuple((fld, w) for _, fld, w in dense_kinds)
+    full = _value(tables, Shape(params.num_experts, geo.width, kv, rep, full_dense))
     notes = []
-    if "channels" in units and cls.expert_width_also_sizes:
+    if "channels" in settings["units"] and cls.expert_width_also_sizes:
         notes.append(f"{cls.family}: the expert width also sizes {cls.expert_width_also_sizes}; experts keep their width")
-    plan = Plan(
-        kept=experts, method=method, uniform=True, top_k=top_k, num_experts=n_exp,
+    kv_dtype = settings["kv_dtype"]
+    return Plan(
+        kept=experts, method=method, uniform=True, top_k=params.top_k, num_experts=params.num_experts,
         predicted_bytes=int(best_bytes), budget_bytes=budget_bytes, model_type=cfg.model_type,
         sizes={"fixed_weights": est.fixed_bytes, "kv_cache": est.kv_bytes, "reserve": reserve_bytes,
                "kept_experts": best.experts * params.num_moe_layers * est.expert_bytes,
                "kv_per_token": mem.kv_cache_bytes(mem.count_params(shaped_config(cfg, best)), 1, kv_dtype),
                "kv_per_token_original": mem.kv_cache_bytes(params, 1, kv_dtype)},
-        settings={"dtype": est.dtype, "kv_dtype": kv_dtype, "context": context, "batch": batch,
-                  "cost_source": f"memory planner ({est.dtype})", "units": list(units),
-                  "unit_method": unit_method, "channel_step": channel_step, "shape": _shape_record(best),
-                  "notes": notes},
+        settings={"dtype": est.dtype, "kv_dtype": kv_dtype, "context": settings["context"], "batch": settings["batch"],
+                  "cost_source": f"memory planner ({est.dtype})", "units": settings["units"],
+                  "unit_method": settings["unit_method"], "channel_step": settings["channel_step"],
+                  "shape": _shape_record(best), "notes": notes},
         value=best_value, value_total=sum(full.values()),
         solver={"name": "shape enumeration", "shapes_fitting": len(candidates),
                 "value_by_unit": _value(tables, best), "value_total_by_unit": full,
                 "runner_up": [dict(shape=_shape_record(c[1]), value=c[0], bytes=c[2]) for c in candidates[1:4]]},
         scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
         channels=None if channels is None and not dense_ids else {
-            "width": best.width, "original_width": width, "kept": channels or {},
+            "width": best.width, "original_width": geo.width, "kept": channels or {},
             "dense": [{"path": cls.dense_mlp_paths[k][0], "field": fld, "width": w, "original_width": full_w,
                        "kept": ids} for (k, fld, full_w), (_, w), ids in zip(dense_kinds, best.dense, dense_ids)]},
         heads=None if head_ids is None else {
             "kv_groups": best.kv_groups, "heads_per_group": best.heads_per_group,
             "original_kv_groups": kv, "original_heads_per_group": rep, "kept": head_ids},
     )
-    return plan
 
 
 def _shape_record(s: Shape) -> dict:

@@ -211,7 +211,8 @@ class Bench:
     def paired(self, user: str, wl, kept_a: dict, kept_b: dict) -> dict:
         """Loss of candidate B minus candidate A on the same held-out items, with a paired 95% interval
         (items as the unit): ``compare`` run with A in the teacher's seat."""
-        from uspx.evaluate.metrics import Runner, compare, summarise
+        from uspx.engine import InMemory
+        from uspx.evaluate.metrics import compare, summarise
         from uspx.models import adapter_for
         from uspx.engine.batches import pad_id_of
         from uspx.workload import encode
@@ -226,8 +227,9 @@ class Bench:
         kb = {int(l): list(v) for l, v in kept_b.items()}
         max_length = min(int(getattr(self.lm.model.config, "max_position_embeddings", 2048)), 2048)
         items = encode(wl.part("heldout"), self.lm.tokenizer, max_length)
-        st = compare(Runner(self.lm.model, lambda: ad.restrict(ka)), Runner(self.lm.model, lambda: ad.restrict(kb)),
-                     items, self.a.batch_size, pad_id_of(self.lm.tokenizer))
+        model = InMemory(self.lm.model)
+        st = compare(model, model, items, self.a.batch_size, pad_id_of(self.lm.tokenizer),
+                     teacher_context=lambda: ad.restrict(ka), candidate_context=lambda: ad.restrict(kb))
         s = summarise(st, np.arange(len(items)))
         r = dict(fingerprint=self.lm.fingerprint, diff=s["delta"], diff_ci95=s["delta_ci95"], tokens=s["tokens"])
         path.parent.mkdir(parents=True, exist_ok=True)

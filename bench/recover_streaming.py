@@ -5,7 +5,7 @@
 
 Needs a finished layer-by-layer extraction (``python bench/stream_20b.py`` makes one: the 12.8 GiB
 MXFP4 stand-in pruned to 16 of 32 experts per layer). Runs the training part of
-``uspx recover RUN --train router --streaming`` (``uspx.recover.layers.train_routers``: both hidden
+``uspx recover RUN --train router|full --streaming`` (``uspx.recover.layers.train_layers``: both hidden
 streams, each MoE layer's router trained on router KD plus layer matching, in float32) on the run's
 calibration items, while a thread samples this process's RSS every 0.2 s; then writes the
 recovered checkpoint with its MXFP4 experts copied byte for byte. The held-out evaluation is left
@@ -38,12 +38,14 @@ def main() -> None:
     from uspx.io import read_json, write_json
     from uspx.prune.files import weight_files
     from uspx.recover import Settings
-    from uspx.recover.layers import train_routers
+    from uspx.engine import FromCheckpoint
+    from uspx.recover.layers import train_layers
     from uspx.workload import encode, load_workload
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "stream_20b" / "extract")
-    ap.add_argument("--steps", type=int, default=10, help="training steps per router at most")
+    ap.add_argument("--steps", type=int, default=10, help="training steps per layer at most")
+    ap.add_argument("--train", default="router", choices=["router", "full"], help="what trains in each layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "recover_streaming")
@@ -57,7 +59,7 @@ def main() -> None:
     kept = {int(l): v for l, v in record["kept"].items()}
     tokenizer = AutoTokenizer.from_pretrained(source)
     items = encode(load_workload(report["workload"]["source"]).part("calibration"), tokenizer, 4096)
-    settings = Settings(train="router", steps=args.steps, eval_every=5, patience=2, batch_size=4)
+    settings = Settings(train=args.train, steps=args.steps, eval_every=5, patience=2, batch_size=4)
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
@@ -75,8 +77,10 @@ def main() -> None:
     rss0 = psutil.Process().memory_info().rss
     sampler.start()
     t0 = time.perf_counter()
-    trained, history = train_routers(source, pruned, kept, items, settings, args.out / "work", {"bench": 1},
-                                     dtype=compute_dtype(args.dtype), pad_id=pad_id_of(tokenizer), progress=False)
+    original = FromCheckpoint(source, compute_dtype(args.dtype))
+    trained, history = train_layers(original, pruned, kept, items, settings, args.out / "work", {"bench": 1},
+                                    dtype=compute_dtype(args.dtype), pad_id=pad_id_of(tokenizer),
+                                    frozen_experts=weight_files(pruned).is_mxfp4(), progress=False)
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     written = write_replacing(pruned, args.out / "model", trained, skip_files=("uspx_export.json",))
@@ -88,7 +92,8 @@ def main() -> None:
         machine=dict(platform=platform.platform(), torch=torch.__version__, threads=args.threads,
                      memory_bytes=psutil.virtual_memory().total, cpus=psutil.cpu_count()),
         source=str(source), source_bytes=weight_files(source).file_bytes, pruned_bytes=weight_files(pruned).file_bytes,
-        calibration_tokens=sum(len(e.input_ids) for e in items), settings=dict(steps=args.steps, dtype=args.dtype),
+        calibration_tokens=sum(len(e.input_ids) for e in items),
+        settings=dict(steps=args.steps, dtype=args.dtype, train=args.train),
         train_seconds=round(train_seconds, 1), write_seconds=round(write_seconds, 1), written_bytes=written,
         rss_after_imports_bytes=rss0, sampled_peak_rss_bytes=max(samples),
         ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

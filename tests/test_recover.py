@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+from uspx.engine import open_source
 from uspx.io import UspxError
 from uspx.recover import Settings, recover
+from uspx.recover.run import run_source
 from uspx.recover.objectives import (gate_open_probability, hard_concrete, kd_loss, lagrangian, layer_loss,
                                      router_kd_loss)
 
@@ -225,7 +227,8 @@ def test_layer_by_layer_router_recovery_trains_only_routers_and_resumes(run_dir,
 
     wl = run_dir / ".." / "w.jsonl"
     settings = Settings(train="router", steps=12, eval_every=3, patience=10, batch_size=4)
-    ref = recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "a", others=wl,
+    layered = lambda: open_source(run_source(run_dir), streaming=True, dtype="fp32")  # noqa: E731
+    ref = recover(run_dir, original=layered(), settings=settings, dtype="fp32", out_dir=tmp_path / "a", others=wl,
                   progress=False)
     assert ref["streaming"] and len(ref["history"]["layers"]) == 2 and ref["history"]["peak_rss_bytes"] > 0
     pruned = AutoModelForCausalLM.from_pretrained(run_dir / "model")
@@ -248,16 +251,55 @@ def test_layer_by_layer_router_recovery_trains_only_routers_and_resumes(run_dir,
 
     monkeypatch.setattr(layers_mod, "_save", killed_after_layer_2)
     with pytest.raises(KeyboardInterrupt):
-        recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "b", progress=False)
+        recover(run_dir, original=layered(), settings=settings, dtype="fp32", out_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(layers_mod, "_save", real)
-    again = recover(run_dir, settings=settings, streaming=True, dtype="fp32", out_dir=tmp_path / "b", others=wl,
+    again = recover(run_dir, original=layered(), settings=settings, dtype="fp32", out_dir=tmp_path / "b", others=wl,
                     progress=False)
     assert [r["val_after"] for r in again["history"]["layers"]] == [r["val_after"] for r in ref["history"]["layers"]]
     a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    with pytest.raises(UspxError, match="routers only"):
-        recover(run_dir, settings=Settings(train="full"), streaming=True, out_dir=tmp_path / "c", progress=False)
+    with pytest.raises(UspxError, match="LoRA needs the whole model"):
+        recover(run_dir, original=layered(), settings=Settings(train="lora"), out_dir=tmp_path / "c", progress=False)
+
+
+def test_layer_by_layer_full_recovery_trains_every_kept_weight_towards_the_original(run_dir, tmp_path):
+    """Each pruned layer learns the original layer's output on its own stream: after training, the
+    pruned model's hidden states after every layer are closer to the original's (transformers'
+    own forwards of the exported checkpoints, measured independently of the trainer)."""
+    from transformers import AutoModelForCausalLM
+
+    from uspx.models import load_model
+    from uspx.workload import encode, load_workload
+
+    wl = run_dir / ".." / "w.jsonl"
+    settings = Settings(train="full", steps=30, eval_every=5, patience=10, batch_size=4, lr=1e-3, generated=0)
+    res = recover(run_dir, original=open_source(run_source(run_dir), streaming=True, dtype="fp32"),
+                  settings=settings, dtype="fp32", out_dir=tmp_path / "f", others=wl, progress=False)
+    assert res["streaming"] and res["settings"]["train"] == "full"
+    pruned = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "f" / "model")  # stock loading
+    changed = {n for n, p in recovered.named_parameters() if not torch.equal(p, pruned.get_parameter(n))}
+    assert any(".self_attn." in n for n in changed) and any(".experts." in n for n in changed)
+
+    record = json.loads((run_dir / "model" / "uspx_export.json").read_text())
+    teacher = load_model(record["source"])
+    items = encode(load_workload(wl).part("calibration"), teacher.tokenizer, 64)
+
+    def distance(model) -> list[float]:
+        """Per decoder layer: relative squared distance of its output from the original's."""
+        sums = None
+        with torch.no_grad():
+            for e in items:
+                ids = torch.tensor([e.input_ids])
+                want = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states[1:-1]
+                got = model(input_ids=ids, output_hidden_states=True).hidden_states[1:-1]
+                d = [float((g - w).pow(2).sum() / w.pow(2).sum()) for g, w in zip(got, want)]
+                sums = d if sums is None else [a + b for a, b in zip(sums, d)]
+        return sums
+
+    before, after = distance(pruned), distance(recovered)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
 
 
 def test_mxfp4_recovery_keeps_the_expert_blocks_byte_for_byte(tmp_path, one_thread):

@@ -276,3 +276,26 @@ def test_sequential_calibration_scores_each_layer_after_pruning_the_ones_before(
         err, _ = reconstruction_sums(InMemory(lm.model), items, pad_id=0, progress=False)
     tokens = sum(len(e.input_ids) for e in items)
     np.testing.assert_allclose(got[got.layer == 1].value, err[:, 1].sum(0) / tokens, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_layer_by_layer_eval_reports_what_the_whole_model_eval_does(family, workload, tmp_path, one_thread):
+    """Loss, agreement and KL of a restricted candidate and of an exported one, whole and layer by
+    layer (default precision on both sides): equal to 1e-4, KL included."""
+    from uspx.engine import open_source
+    from uspx.evaluate import evaluate
+
+    folder = save_tiny(family, tmp_path / family)
+    adapter = adapter_for(load_model(folder).model)
+    kept = {l.index: list(range(0, l.num_experts, 2)) for l in adapter.layers}
+    export(folder, kept, tmp_path / "pruned")
+    for candidate, restrict in ((None, kept), (tmp_path / "pruned", None)):
+        whole = evaluate(folder, candidate, workload, kept=restrict, speed=False, split="calibration")
+        layered = evaluate(open_source(folder, streaming=True), candidate, workload, kept=restrict, speed=False,
+                           split="calibration")
+        assert layered["settings"]["streaming"] and not whole["settings"]["streaming"]
+        for fam, row in whole["families"].items():
+            other = layered["families"][fam]
+            assert row["kl"] is not None and row["kl"] > 0  # the restriction changes the predictions
+            for key in ("loss_teacher", "loss_candidate", "delta", "top1_agreement", "kl"):
+                assert other[key] == pytest.approx(row[key], abs=1e-4), (fam, key)

@@ -463,18 +463,22 @@ def eval_cmd(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill/decode speed measurement."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    device: Optional[str] = DEVICE,
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
     _set_threads(threads)
+    from uspx.engine import open_source
     from uspx.evaluate import evaluate
     from uspx.extract import QUALITY_COLUMNS
 
-    res = evaluate(teacher, None if plan_file else candidate, workload, split=split, kept=plan_file,
+    opened = open_source(teacher, streaming=streaming, dtype=compute_dtype, device=device,
+                         trust_remote_code=trust_remote_code)
+    res = evaluate(opened, None if plan_file else candidate, workload, split=split, kept=plan_file,
                    max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
                    context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
-                   streaming=streaming, dtype=compute_dtype)
+                   dtype=compute_dtype)
     for fam, row in res["families"].items():
         console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
     console.print(f"verdict: [bold]{res['acceptance']['verdict']}[/]")
@@ -538,18 +542,22 @@ def recover(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/recover)."),
     others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),
     epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
-    streaming: bool = typer.Option(False, "--streaming", help="Train the routers one decoder layer at a time from the files (with --train router; router KD and layer matching, both weighted 1 unless set) for models larger than memory."),
-    compute_dtype: str = typer.Option("auto", "--dtype", "--compute-dtype", help="With --streaming: precision the layers compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32); routers always train in fp32."),
+    streaming: bool = typer.Option(False, "--streaming", help="Train one decoder layer at a time from the files, for models larger than memory: each pruned layer learns the original layer's output and routing on the user's hidden states (--train router or full; --steps per layer; router KD and layer matching, both weighted 1 unless set)."),
+    compute_dtype: str = typer.Option("auto", "--dtype", "--compute-dtype", help="Precision the models compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32); what trains always trains in fp32."),
+    device: Optional[str] = DEVICE,
     threads: Optional[int] = THREADS,
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
     _set_threads(threads)
+    from uspx.engine import open_source
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
+    from uspx.recover.run import run_source
 
     settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=ce, router_kd=router_kd, layer=layer,
                         tau=tau, lr=lr, batch_size=batch_size, lora_rank=lora_rank, generated=generated, seed=seed)
-    res = run_recover(run_dir, settings=settings, out_dir=out, others=others, epsilon=epsilon, streaming=streaming,
+    original = open_source(run_source(run_dir), streaming=streaming, dtype=compute_dtype, device=device)
+    res = run_recover(run_dir, original=original, settings=settings, out_dir=out, others=others, epsilon=epsilon,
                       dtype=compute_dtype)
     console.print(f"recovered checkpoint: {res['model']}; report: {Path(res['model']).parent / 'recover.json'}")
 

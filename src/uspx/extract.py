@@ -255,11 +255,9 @@ def _export_and_evaluate(opened: Opened, out: Path, eval_wl: Workload, eval_spli
     record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
                     streaming=streaming, trust_remote_code=trust_remote_code)
     clock.done("prune + verify + export")
-    teacher = opened.loaded() if not streaming else opened.path
-    evaluation = evaluate(teacher, out / "model", eval_wl, split=eval_split, max_length=max_length, batch_size=batch_size,
-                          epsilon=epsilon, memory_budget=budget, context=context, kv_dtype=kv_dtype,
-                          speed=speed and not streaming, out=out / "evaluation.json", progress=progress,
-                          streaming=streaming, dtype=dtype)
+    evaluation = evaluate(opened, out / "model", eval_wl, split=eval_split, max_length=max_length,
+                          batch_size=batch_size, epsilon=epsilon, memory_budget=budget, context=context,
+                          kv_dtype=kv_dtype, speed=speed, out=out / "evaluation.json", progress=progress, dtype=dtype)
     clock.done("evaluate")
     return record, evaluation
 
@@ -291,12 +289,10 @@ def _recover(report: dict, out: Path, wl: Workload, opened: Opened, *, steps: in
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
 
-    streaming = opened.streaming
-
-    # layer by layer only the routers can train (the objectives that need no logits)
-    settings = Settings(train="router" if streaming else "full", **({} if steps is None else {"steps": steps}))
-    res = run_recover(out, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
-                      streaming=streaming, dtype=dtype, progress=progress)
+    # layer by layer the routers train (the objectives that need no logits)
+    settings = Settings(train="router" if opened.streaming else "full", **({} if steps is None else {"steps": steps}))
+    res = run_recover(out, original=opened, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
+                      dtype=dtype, progress=progress)
     report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
                                history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
     report["acceptance"] = res["acceptance"]

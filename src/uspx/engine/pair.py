@@ -12,7 +12,9 @@ Memory: two layers' weights, two hidden streams, two heads.
 ``fit(step)`` is called at each decoder layer after the teacher's pass and before the candidate's:
 ``step`` gives the candidate's layer, the teacher's outputs on the teacher stream (the targets) and
 the candidate's inputs, so a trainer can fit the candidate layer to reproduce the original layer's
-output on the user's hidden states; the candidate's pass then runs the fitted layer.
+output on the user's hidden states; the candidate's pass then runs the fitted layer. A
+``probe_teacher`` context around the teacher's pass of a layer collects more targets (its hooks see
+the teacher's modules, e.g. router logits) and hands them to the fit as ``step.seen``.
 
 A run given ``state_dir`` resumes after a kill: after each layer both streams and the number of
 layers done are saved (the state file last); ``fit``'s own results must be saved by the trainer
@@ -57,6 +59,7 @@ class LayerStep:
     _inputs: HiddenStore
     _targets: HiddenStore
     dtype: torch.dtype
+    seen: object = None  # what ``probe_teacher`` collected during the teacher's pass of this layer
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         """[B, T, H] the candidate's hidden states entering this layer, on the source's device."""
@@ -79,26 +82,31 @@ class LayerStep:
 
 Fit = Callable[[LayerStep], None]
 Context = Callable[[], ContextManager]
+# (layer index, teacher source) -> a context entered around the teacher's pass of that layer; what
+# it yields (typically a list its hooks fill) reaches the fit as ``step.seen``
+Probe = Callable[[int, WeightSource], ContextManager]
 
 
 def run_pair(teacher: WeightSource, candidate: WeightSource, batches: Sequence[Batch],
-             observers: Sequence[PairObserver] = (), *, fit: Fit | None = None,
-             candidate_context: Context = contextlib.nullcontext, state_dir: str | Path | None = None,
+             observers: Sequence[PairObserver] = (), *, fit: Fit | None = None, probe_teacher: Probe | None = None,
+             candidate_context: Context = contextlib.nullcontext, teacher_context: Context = contextlib.nullcontext,
+             state_dir: str | Path | None = None,
              state_key: object = None, progress: bool = True, label: str = "teacher and candidate") -> int:
     """Run ``batches`` through both models (see the module doc); returns the decoder layers run
-    layer by layer (0 for a whole-model run). ``candidate_context`` wraps every candidate forward
-    (a restriction of the experts it may route to, for a candidate that is a masked original)."""
+    layer by layer (0 for a whole-model run). ``candidate_context`` (``teacher_context``) wraps every
+    candidate (teacher) forward: a restriction of the experts it may route to, for a model that is a
+    masked original."""
     if not batches:
         raise UspxError("nothing to run: no batches")
     if teacher.n_layers != candidate.n_layers:
         raise UspxError(f"the candidate has {candidate.n_layers} decoder layers, the original {teacher.n_layers}")
     if fit is None and teacher.resident and candidate.resident:
         with torch.no_grad():
-            _whole(teacher, candidate, batches, observers, candidate_context, progress, label)
+            _whole(teacher, candidate, batches, observers, candidate_context, teacher_context, progress, label)
         return 0
     with freed_memory_returned():
-        return _layers(teacher, candidate, batches, observers, fit, candidate_context, state_dir, state_key,
-                       progress, label)
+        return _layers(teacher, candidate, batches, observers, fit, probe_teacher, candidate_context,
+                       teacher_context, state_dir, state_key, progress, label)
 
 
 def _target_logits(source: WeightSource, batch: Batch) -> torch.Tensor:
@@ -111,11 +119,13 @@ def _target_logits(source: WeightSource, batch: Batch) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def _whole(teacher, candidate, batches, observers, candidate_context, progress: bool, label: str) -> None:
+def _whole(teacher, candidate, batches, observers, candidate_context, teacher_context, progress: bool,
+           label: str) -> None:
     with progress_bar(label, total=len(batches), unit="batches", enabled=progress) as bar:
         for batch in batches:
             if batch.loss_mask.any():
-                t = _target_logits(teacher, batch)
+                with teacher_context():
+                    t = _target_logits(teacher, batch)
                 with candidate_context():
                     c = _target_logits(candidate, batch)
                 for o in observers:
@@ -146,8 +156,8 @@ def _streams(teacher: WeightSource, candidate: WeightSource, batches) -> Iterato
         c_store.close()
 
 
-def _layers(teacher, candidate, batches, observers, fit, candidate_context, state_dir, state_key,
-            progress: bool, label: str) -> int:
+def _layers(teacher, candidate, batches, observers, fit, probe_teacher, candidate_context, teacher_context,
+            state_dir, state_key, progress: bool, label: str) -> int:
     n_layers = teacher.n_layers
     state_dir = Path(state_dir) if state_dir is not None else None
     key = dict(key=state_key, rows=batches[-1].slot + batches[-1].size, batches=len(batches),
@@ -163,11 +173,12 @@ def _layers(teacher, candidate, batches, observers, fit, candidate_context, stat
         with progress_bar(label, total=n_layers, unit="layers", enabled=progress) as bar:
             bar.advance(start)
             for index in range(start, n_layers):
-                with torch.no_grad(), teacher.layer(index) as layer:
+                probe = probe_teacher(index, teacher) if probe_teacher is not None else contextlib.nullcontext()
+                with torch.no_grad(), teacher.layer(index) as layer, teacher_context(), probe as seen:
                     _pass(teacher, layer, index, batches, t_store, teacher.dtype)
                 with candidate.layer(index) as layer, candidate_context():
                     if fit is not None:
-                        fit(LayerStep(index, layer, candidate, batches, c_store, t_store, candidate.dtype))
+                        fit(LayerStep(index, layer, candidate, batches, c_store, t_store, candidate.dtype, seen))
                     with torch.no_grad():
                         _pass(candidate, layer, index, batches, c_store, candidate.dtype)
                 if state_dir is not None:

@@ -1,8 +1,8 @@
 """Teacher vs candidate on the same tokens: loss, top-1 agreement and KL, per item, in one pass.
 
 Targets, batching and the loss are those of :mod:`uspx.engine.losses` (one definition for every
-stage); teacher and candidate logits at every target position are taken from the same
-batch, so agreement and KL compare like with like.
+stage); teacher and candidate logits at every target position come from the engine's paired run
+on the same batch, so agreement and KL compare like with like, whole or layer by layer.
 """
 
 from __future__ import annotations
@@ -15,30 +15,19 @@ from typing import Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
+from uspx.engine.batches import Batch, make_batches
 from uspx.engine.losses import kl_of, log_probs, next_tokens, nll_of
-from uspx.progress import progress_bar
-from uspx.score.loss import Batch, make_batches
+from uspx.engine.pair import PairObserver, run_pair
+from uspx.engine.source import WeightSource
 from uspx.workload import EncodedItem
 
 
 @dataclass
 class Runner:
-    """A model to run, and what to wrap each forward in (a restriction for a mask-only candidate)."""
+    """A model to time, and what to wrap each forward in (a restriction for a mask-only candidate)."""
 
     model: torch.nn.Module
     context: Callable[[], ContextManager] = contextlib.nullcontext
-
-    @torch.no_grad()
-    def target_logits(self, batch: Batch) -> torch.Tensor:
-        """[N_targets, V] float32 logits at the batch's predicting positions, row-major order."""
-        mask = batch.loss_mask
-        with self.context():
-            logits = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=mask, use_cache=False
-            ).logits
-        if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
-            logits = logits[mask]
-        return logits.float()
 
 
 @dataclass
@@ -52,49 +41,45 @@ class ItemStats:
     tokens: np.ndarray
 
 
-def compare(teacher: Runner, candidate: Runner, items: Sequence[EncodedItem], batch_size: int,
-            pad_id: int = 0, progress: bool = False) -> ItemStats:
-    n = len(items)
-    stats = ItemStats(*(np.zeros(n) for _ in range(4)), np.zeros(n, dtype=np.int64))
-    batches = make_batches(items, batch_size, pad_id)
-    with progress_bar("evaluating", total=len(batches), unit="batches", enabled=progress) as bar:
-        for batch in batches:
-            mask = batch.loss_mask
-            if mask.any():
-                targets = next_tokens(batch.input_ids, mask)
-                # log-probabilities once per side: loss, agreement and KL all read them
-                lt, lc = log_probs(teacher.target_logits(batch)), log_probs(candidate.target_logits(batch))
-                per_token = {
-                    "nll_teacher": nll_of(lt, targets),
-                    "nll_candidate": nll_of(lc, targets),
-                    "agree": (lt.argmax(-1) == lc.argmax(-1)).float(),
-                    "kl": kl_of(lt, lc),  # KL(teacher || candidate), nats
-                }
-                row_of = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]  # target -> batch row
-                for key, values in per_token.items():
-                    sums = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(0, row_of, values.double())
-                    getattr(stats, key)[batch.rows] = sums.numpy()
-                stats.tokens[batch.rows] = mask.sum(1).numpy()
-            bar.advance()
-    return stats
+class _Compare(PairObserver):
+    """Loss of both models, top-1 agreement and KL(teacher || candidate) at each target position,
+    summed per item."""
+
+    def __init__(self, n_items: int):
+        self.stats = ItemStats(*(np.zeros(n_items) for _ in range(4)), np.zeros(n_items, dtype=np.int64))
+
+    def pair_logits(self, batch: Batch, teacher: torch.Tensor, candidate: torch.Tensor, start: int = 0) -> None:
+        mask = batch.loss_mask
+        n = len(teacher)
+        targets = next_tokens(batch.input_ids, mask)[start : start + n]
+        # log-probabilities once per side: loss, agreement and KL all read them
+        lt, lc = log_probs(teacher), log_probs(candidate)
+        per_token = {
+            "nll_teacher": nll_of(lt, targets),
+            "nll_candidate": nll_of(lc, targets),
+            "agree": (lt.argmax(-1) == lc.argmax(-1)).float(),
+            "kl": kl_of(lt, lc),  # KL(teacher || candidate), nats
+        }
+        owner = torch.nonzero(mask)[start : start + n, 0]  # target -> batch row
+        rows = np.asarray(batch.rows)[owner.numpy()]
+        for key, values in per_token.items():
+            np.add.at(getattr(self.stats, key), rows, values.double().numpy())
+        np.add.at(self.stats.tokens, rows, 1)
 
 
-def compare_layerwise(teacher, candidate, items: Sequence[EncodedItem], pad_id: int = 0,
-                      progress: bool = False, candidate_kept: dict | None = None) -> ItemStats:
-    """``compare`` for models run a layer at a time (engine weight sources): each model runs once over
-    the items; losses and top-1 agreement as ``compare`` gives them. KL would need both models' full
-    distributions at once, which a layer-at-a-time run does not hold: it is left out (NaN)."""
-    from uspx.engine import run
-    from uspx.engine.observers import TokenLoss
-
-    n = len(items)
-    batches = make_batches(items, 8, pad_id, max_tokens=2048)
-    t, c = TokenLoss(n, argmax=True), TokenLoss(n, argmax=True)
-    run(teacher, batches, [t], progress=progress, label="teacher loss")
-    with (candidate.adapter.restrict(candidate_kept) if candidate_kept else contextlib.nullcontext()):
-        run(candidate, batches, [c], progress=progress, label="candidate loss")
-    agree = np.array([0.0 if a is None else float((a == b).sum()) for a, b in zip(t.argmax, c.argmax)])
-    return ItemStats(t.sum_loss, c.sum_loss, agree, np.full(n, np.nan), t.n_tokens)
+def compare(teacher: WeightSource, candidate: WeightSource, items: Sequence[EncodedItem], batch_size: int,
+            pad_id: int = 0, progress: bool = False,
+            candidate_context: Callable[[], ContextManager] = contextlib.nullcontext,
+            teacher_context: Callable[[], ContextManager] = contextlib.nullcontext) -> ItemStats:
+    """Both models on the same batches (:func:`uspx.engine.pair.run_pair`): whole models batch by
+    batch, or a decoder layer at a time when either is read from its files; the numbers agree."""
+    streamed = not (teacher.resident and candidate.resident)
+    # a layer at a time holds every token's hidden state: batches of bounded padded size
+    batches = make_batches(items, batch_size, pad_id, max_tokens=2048 if streamed else None)
+    observer = _Compare(len(items))
+    run_pair(teacher, candidate, batches, [observer], candidate_context=candidate_context,
+             teacher_context=teacher_context, progress=progress, label="evaluating")
+    return observer.stats
 
 
 def summarise(stats: ItemStats, index: np.ndarray) -> dict:

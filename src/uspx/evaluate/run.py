@@ -18,9 +18,11 @@ import torch
 
 import uspx
 from uspx.evaluate import speed as speed_mod
-from uspx.evaluate.metrics import Runner, compare, compare_layerwise, summarise
+from uspx.engine import FromCheckpoint, Opened, WeightSource, dtype_name, open_source
+from uspx.evaluate.metrics import Runner, compare, summarise
 from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
-from uspx.models import LoadedModel, adapter_for, load_model
+from uspx.models import LoadedModel
+from uspx.models.loading import resolve_model_path
 from uspx.prune.export import RECORD
 from uspx.prune.files import check_config, weight_files
 from uspx.prune.kept import KeptLike, resolve_kept
@@ -32,8 +34,8 @@ FILENAME = "evaluation.json"
 
 
 def evaluate(
-    teacher: str | Path | LoadedModel,
-    candidate: str | Path | LoadedModel | None,
+    teacher: str | Path | LoadedModel | Opened,
+    candidate: str | Path | LoadedModel | Opened | None,
     workload: str | Path | Workload,
     *,
     split: str = "heldout",
@@ -49,54 +51,50 @@ def evaluate(
     out: str | Path | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
-    streaming: bool = False,
     dtype: str = "auto",
 ) -> dict:
     """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split``; returns (and writes to
     ``out``, a folder or a .json path) the evaluation.
 
-    ``candidate`` is an exported folder or a loaded model; with ``kept`` (a kept set, plan or plan
-    file) it is restricted to those experts first, and ``candidate=None`` means the teacher itself.
-    ``epsilon`` is the largest acceptable loss delta (nats per token), one for every family or one per
-    family (key ``"*"`` for the rest). ``memory_budget`` adds the memory-fit rule: candidate weights
-    plus the KV cache for ``context`` tokens must fit. ``streaming`` runs both models a decoder layer
-    at a time from their files (computing in ``dtype``; no KL and no speed then).
+    ``teacher`` is a model folder, a loaded model or an opened source (:func:`uspx.engine.open_source`:
+    opened layer by layer, both models run a decoder layer at a time with the same numbers); a
+    candidate given as a folder is opened the way the teacher was. ``candidate`` is an exported folder
+    or a loaded model; with ``kept`` (a kept set, plan or plan file) it is restricted to those experts
+    first, and ``candidate=None`` means the teacher itself. ``epsilon`` is the largest acceptable loss
+    delta (nats per token), one for every family or one per family (key ``"*"`` for the rest).
+    ``memory_budget`` adds the memory-fit rule: candidate weights plus the KV cache for ``context``
+    tokens must fit. Both models compute in ``dtype`` (``auto``: the teacher checkpoint's stored type).
     """
-    t = _load(teacher, trust_remote_code, streaming, dtype)
-    c = t if candidate is None else _load(candidate, trust_remote_code, streaming, dtype)
+    t = _open(teacher, None, dtype, trust_remote_code)
+    c = t if candidate is None else _open(candidate, t, dtype, trust_remote_code)
     if t.tokenizer is None:
-        raise UspxError(f"{t.source}: no tokenizer files; uspx needs one to read a text workload")
+        raise UspxError(f"{t.path}: no tokenizer files; uspx needs one to read a text workload")
     _check_same_vocabulary(t, c)
     export_record = _check_lineage(t, c)
     ks = resolve_kept(kept) if kept is not None else None
     if ks is not None:
-        adapter_for(c.model).validate_kept(ks.kept, allow_missing=True)  # fewer than top-k: refused
+        c.source.adapter.validate_kept(ks.kept, allow_missing=True)  # fewer than top-k: refused
 
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     part = wl.part(split)
     if not part.items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
-    max_length = max_length or default_max_length(t.model.config)
+    max_length = max_length or default_max_length(t.source.config)
     items = encode(part, t.tokenizer, max_length)
     eps = _epsilons(epsilon, part.families)
 
-    t_run = Runner(t.model)
-    c_run = Runner(c.model, (lambda: adapter_for(c.model).restrict(ks.kept)) if ks else contextlib.nullcontext)
-    if streaming:
-        speed = False  # a layer-at-a-time run says nothing about how fast the model generates
-        stats = compare_layerwise(_layer_source(t, dtype), _layer_source(c, dtype, ks), items, pad_id_of(t.tokenizer),
-                                  progress, ks.kept if ks else None)
-    else:
-        stats = compare(t_run, c_run, items, batch_size, pad_id_of(t.tokenizer), progress)
+    c_source = _restricted_source(c, ks)
+    restrict = (lambda: c_source.adapter.restrict(ks.kept)) if ks else contextlib.nullcontext
+    stats = compare(t.source, c_source, items, batch_size, pad_id_of(t.tokenizer), progress, restrict)
     fam = np.array([e.family for e in items])
     families = {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families}
 
     result = {
         "format": FORMAT,
         "uspx_version": uspx.__version__,
-        "teacher": {"source": t.source, "fingerprint": t.fingerprint, "label": t.label},
+        "teacher": {"source": t.path, "fingerprint": t.fingerprint, "label": t.label},
         "candidate": {
-            "source": c.source, "fingerprint": c.fingerprint, "label": c.label,
+            "source": c.path, "fingerprint": c.fingerprint, "label": c.label,
             "kind": "restricted" if ks else ("export" if export_record else "model"),
             "kept": {str(l): v for l, v in ks.kept.items()} if ks else None,
             "plan": ks.plan_path if ks else None,
@@ -105,11 +103,11 @@ def evaluate(
         },
         "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
                      "families": part.families, "truncated": part.summary.truncated},
-        "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": dtype if streaming else "float32",
-                     "streaming": streaming,
+        "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": dtype_name(t.source.dtype),
+                     "streaming": t.streaming or c.streaming,
                      "epsilon": eps, "context": context, "kv_dtype": kv_dtype,
                      "loss": "token-weighted mean next-token cross-entropy on completion tokens (nats), "
-                             "as uspx.score.loss defines it"},
+                             "as uspx.engine.losses defines it"},
         "families": families,
         "overall": summarise(stats, np.arange(len(items))),
         # per item, in the workload's order: paired comparisons between candidates need these
@@ -121,8 +119,7 @@ def evaluate(
     }
     result["memory"] = _memory(c, result["size"]["candidate"], memory_budget, context, kv_dtype)
     if speed:
-        result["speed"] = speed_mod.measure({"teacher": t_run, "candidate": c_run}, [e.input_ids for e in items],
-                                            new_tokens=decode_tokens)
+        result["speed"] = _speed(t, c, restrict, items, decode_tokens, dtype)
         _speedups(result["speed"], restricted=ks is not None)
     result["acceptance"] = _acceptance(families, eps, result["memory"])
     if out is not None:
@@ -132,58 +129,52 @@ def evaluate(
 
 
 # ----- inputs ------------------------------------------------------------------------------------
-def _load(model: str | Path | LoadedModel, trust_remote_code: bool, streaming: bool = False,
-          dtype: str = "auto") -> LoadedModel:
-    """fp32 for both sides: loss deltas of a bf16 export then measure pruning, not rounding.
-    ``streaming``: the model's skeleton only (no weights); the engine reads them a layer at a time."""
-    if isinstance(model, LoadedModel):
-        if streaming:
-            raise UspxError("a layer-by-layer evaluation reads the model folder; pass its path, not a loaded model")
-        return model
-    from uspx.models.loading import resolve_model_path
-
+def _open(model: str | Path | LoadedModel | Opened, like: Opened | None, dtype: str,
+          trust_remote_code: bool) -> Opened:
+    """``model`` as an opened source; a folder is checked first (a truncated or corrupt weight file
+    fails here, named) and opened as ``like`` was (layer by layer, device)."""
+    if isinstance(model, (Opened, LoadedModel)):
+        return open_source(model)
     path = resolve_model_path(model)
     check_config(path)
-    weight_files(path)  # truncated / corrupt weight files fail here, named
-    if streaming:
-        from uspx.engine import open_source
-
-        opened = open_source(path, streaming=True, dtype=dtype)
-        return LoadedModel(opened.source.model, opened.tokenizer, opened.path, opened.fingerprint, opened.label)
+    weight_files(path)
+    streaming = like is not None and like.streaming
     try:
-        return load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return open_source(path, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
+                           device=str(like.source.device) if streaming else None)
     except UspxError:
         raise
     except Exception as exc:
         raise UspxError(f"{path}: cannot load the model: {exc}") from None
 
 
-def _layer_source(lm: LoadedModel, dtype: str, ks=None):
-    """A layer-by-layer source over ``lm``'s folder (only the kept experts decoded when restricted)."""
-    from uspx.engine import FromCheckpoint, compute_dtype
+def _restricted_source(c: Opened, ks) -> WeightSource:
+    """A candidate read layer by layer and restricted to a kept set decodes only the kept experts
+    (quantized experts outside it cost no memory)."""
+    if ks is None or c.source.resident:
+        return c.source
+    return FromCheckpoint(c.path, c.source.dtype, experts=ks.kept, device=c.source.device)
 
-    return FromCheckpoint(lm.source, compute_dtype(dtype), experts=ks.kept if ks else None)
 
-
-def _check_same_vocabulary(t: LoadedModel, c: LoadedModel) -> None:
+def _check_same_vocabulary(t: Opened, c: Opened) -> None:
     """Token ids are compared position by position: both models must share one tokenizer."""
-    tv, cv = int(t.model.config.vocab_size), int(c.model.config.vocab_size)
+    tv, cv = int(t.source.config.vocab_size), int(c.source.config.vocab_size)
     if tv != cv:
-        raise UspxError(f"teacher ({t.source}) and candidate ({c.source}) have different vocabularies ({tv} vs {cv})")
+        raise UspxError(f"teacher ({t.path}) and candidate ({c.path}) have different vocabularies ({tv} vs {cv})")
     if c.tokenizer is not None and c.tokenizer is not t.tokenizer and c.tokenizer.get_vocab() != t.tokenizer.get_vocab():
-        raise UspxError(f"teacher ({t.source}) and candidate ({c.source}) use different tokenizers")
+        raise UspxError(f"teacher ({t.path}) and candidate ({c.path}) use different tokenizers")
 
 
-def _check_lineage(t: LoadedModel, c: LoadedModel) -> dict | None:
+def _check_lineage(t: Opened, c: Opened) -> dict | None:
     """An export records its source; evaluating it against another teacher is a mistake."""
-    rec_path = Path(c.source) / RECORD
+    rec_path = Path(c.path) / RECORD
     if c is t or not rec_path.exists():
         return None
     rec = read_json(rec_path)
     if isinstance(rec, dict) and rec.get("source_fingerprint") not in (None, t.fingerprint):
         raise FingerprintMismatch(
-            f"{c.source} was exported from another model (fingerprint {str(rec['source_fingerprint'])[:12]}), "
-            f"not from the teacher {t.source} ({t.fingerprint[:12]})"
+            f"{c.path} was exported from another model (fingerprint {str(rec['source_fingerprint'])[:12]}), "
+            f"not from the teacher {t.path} ({t.fingerprint[:12]})"
         )
     return rec if isinstance(rec, dict) else None
 
@@ -198,21 +189,21 @@ def _epsilons(epsilon: float | Mapping[str, float], families: list[str]) -> dict
 
 
 # ----- size, memory, speed -------------------------------------------------------------------------
-def _disk(lm: LoadedModel) -> dict:
-    wf = weight_files(lm.source)
+def _disk(opened: Opened) -> dict:
+    wf = weight_files(opened.path)
     return {"parameter_bytes": wf.tensor_bytes, "file_bytes": wf.file_bytes, "dtype": str(wf.main_float_dtype())[6:]}
 
 
-def _sizes(t: LoadedModel, c: LoadedModel, ks) -> dict:
+def _sizes(t: Opened, c: Opened, ks) -> dict:
     teacher = _disk(t)
     if ks is None:
         cand = _disk(c)
     else:
         # Mask-only: nothing on disk yet; the size a physical export would take, in the checkpoint's
         # precision (non-uniform sets export padded to the largest count).
-        adapter = adapter_for(c.model)
+        adapter = c.source.adapter
         base = _disk(c)
-        in_memory = next(c.model.parameters()).element_size()
+        in_memory = torch.empty((), dtype=c.source.dtype).element_size()
         scale = torch.empty((), dtype=getattr(torch, base["dtype"])).element_size() / in_memory
         width = max(len(v) for v in ks.kept.values())
         dropped = sum(
@@ -230,20 +221,45 @@ def _sizes(t: LoadedModel, c: LoadedModel, ks) -> dict:
             "ratio": cand["parameter_bytes"] / teacher["parameter_bytes"]}
 
 
-def _memory(c: LoadedModel, size: dict, budget: int | str | None, context: int, kv_dtype: str) -> dict | None:
+def _memory(c: Opened, size: dict, budget: int | str | None, context: int, kv_dtype: str) -> dict | None:
     if budget is None:
         return None
     from uspx.plan import memory as mem
 
     budget_bytes = mem.parse_size(budget)
     weights = int(size.get("padded_parameter_bytes") or size["parameter_bytes"])
-    kv = mem.kv_cache_bytes(mem.count_params(c.model.config), context, kv_dtype)
+    kv = mem.kv_cache_bytes(mem.count_params(c.source.config), context, kv_dtype)
     return {"budget_bytes": budget_bytes, "weights_bytes": weights, "kv_bytes": kv, "context": context,
             "kv_dtype": kv_dtype, "total_bytes": weights + kv, "fits": weights + kv <= budget_bytes}
 
 
+def _speed(t: Opened, c: Opened, restrict, items, decode_tokens: int, dtype: str) -> dict:
+    """Prefill and decode speed of both models, loaded whole: a model read a layer at a time is
+    loaded whole for this only when its weights fit in the memory available now."""
+    runners, skipped = {}, {}
+    for name, side in (("teacher", t), ("candidate", c)):
+        if side.source.resident:
+            model = side.source.model
+        else:
+            need, free = weight_files(side.path).tensor_bytes, _available_memory()
+            if need > 0.8 * free:
+                skipped[name] = (f"not measured: {side.path} is read a layer at a time and its weights "
+                                 f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
+                continue
+            model = open_source(side.path, dtype=dtype).source.model
+        runners[name] = Runner(model, restrict if name == "candidate" else contextlib.nullcontext)
+    result = speed_mod.measure(runners, [e.input_ids for e in items], new_tokens=decode_tokens) if runners else {}
+    return {**result, **({"skipped": skipped} if skipped else {})}
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def _speedups(sp: dict, restricted: bool) -> None:
-    if "teacher" not in sp:
+    if "teacher" not in sp or "candidate" not in sp:
         return
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         sp[key.replace("tokens_per_s", "speedup")] = sp["candidate"][key] / sp["teacher"][key]

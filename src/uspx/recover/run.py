@@ -31,46 +31,47 @@ from uspx.workload import DEFAULT_MAX_LENGTH
 REPORT = "recover.json"
 
 
-def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = None, out_dir: str | Path | None = None,
-            others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH, epsilon: float = 0.05,
-            streaming: bool = False, dtype: str = "auto", progress: bool = True) -> dict:
+def recover(run_dir: str | Path, *, original=None, workload=None, settings: Settings | None = None,
+            out_dir: str | Path | None = None, others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+            epsilon: float = 0.05, dtype: str = "auto", progress: bool = True) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 
-    ``workload`` defaults to the run's own (its fingerprint must match the run's). ``others`` is a
-    workload whose held-out items measure what the specialisation costs elsewhere (default: the
-    bundled ``mixed`` workload when the model is the bundled teacher). ``streaming`` trains the
-    routers one decoder layer at a time from the files (router KD and layer matching, computing in
-    ``dtype``), for models larger than memory. An MXFP4 checkpoint keeps its expert blocks as they
-    are: the rest of the model trains, and only those tensors are rewritten.
+    ``original`` is the run's original model, opened (:func:`uspx.engine.open_source`; default: its
+    folder loaded whole). Opened layer by layer, recovery trains one decoder layer at a time
+    (:mod:`uspx.recover.layers`: layer output and router matching, ``--train router`` or ``full``),
+    for models larger than memory; loaded whole, it distils the whole pruned model. ``workload``
+    defaults to the run's own (its fingerprint must match the run's). ``others`` is a workload whose
+    held-out items measure what the specialisation costs elsewhere (default: the bundled ``mixed``
+    workload when the model is the bundled teacher). An MXFP4 checkpoint keeps its expert blocks
+    as they are: the rest of the model trains, and only those tensors are rewritten.
     """
-    from uspx.engine import compute_dtype
+    from uspx.engine import dtype_name, open_source
     from uspx.models import model_fingerprint
     from uspx.prune.export import RECORD
     from uspx.prune.files import weight_files
-    from uspx.workload import load_workload
 
     settings = settings or Settings()
     run, record, report, source, plan_sha, wl = finished_run(run_dir, workload)
+    original = open_source(original if original is not None else source, dtype=dtype)
+    if original.fingerprint != record["source_fingerprint"]:
+        raise UspxError(f"{original.path} is not the model {run} was extracted from")
+    layered = original.streaming
     pruned = run / "model"
-    if streaming and settings.train != "router":
-        raise UspxError("--streaming trains the routers only (--train router); full and LoRA training need the "
-                        "whole model in memory")
     mxfp4 = weight_files(pruned).is_mxfp4()
     out = Path(out_dir) if out_dir is not None else run / "recover"
     kept = {int(l): sorted(v + record.get("padding", {}).get(l, [])) for l, v in record["kept"].items()}
     key = dict(source=record["source_fingerprint"], pruned=record["fingerprint"], plan=plan_sha,
                workload=wl.fingerprint, max_length=max_length, settings=asdict(settings),
-               **({"streaming": dtype} if streaming else {}))
+               **({"streaming": dtype_name(original.source.dtype)} if layered else {}))
 
-    how = f"{settings.train}, {settings.steps} steps at most" + (", layer by layer" if streaming else "")
+    how = f"{settings.train}, {settings.steps} steps at most" + (" per layer, layer by layer" if layered else "")
     console.rule(f"uspx recover: {pruned} ({how})")
     started = time.perf_counter()
     existing = _finished(out / "model", key)
-    teacher = source if streaming else _load(source)
     if existing is None:
-        trainer = _train_layers if streaming else _train_whole
-        history, write, verify = trainer(source, pruned, teacher, kept, wl, settings, out / "work", key, max_length,
-                                         mxfp4, compute_dtype(dtype, source), progress)
+        trainer = _train_layers if layered else _train_whole
+        history, write, verify = trainer(original, pruned, kept, wl, settings, out / "work", key, max_length, mxfp4,
+                                         progress)
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
         try:
@@ -88,38 +89,55 @@ def recover(run_dir: str | Path, *, workload=None, settings: Settings | None = N
     else:
         history = existing["recovered"]["history"]
     train_seconds = round(time.perf_counter() - started, 1)
+    result = dict(
+        format="uspx-recover/1", uspx_version=uspx.__version__, run=str(run), pruned=str(pruned),
+        model=str(out / "model"), source=str(source), settings=asdict(settings), streaming=layered,
+        experts=("kept in MXFP4 as exported (frozen)" if mxfp4 else "trained" if settings.train != "router"
+                 else "frozen"),
+        history=history, train_seconds=history.get("seconds"), seconds=train_seconds,
+        **_quality(original, pruned, out / "model", wl, source, others, max_length, epsilon, dtype),
+    )
+    write_json(out / REPORT, result)
+    _print(result)
+    return result
 
+
+def _quality(original, pruned: Path, recovered: Path, wl, source: Path, others, max_length: int, epsilon: float,
+             dtype: str) -> dict:
+    """Held-out and calibration deltas before and after, and the cost elsewhere."""
     from uspx.evaluate import evaluate
+    from uspx.workload import load_workload
 
     def quality(candidate, part, split):
-        return evaluate(teacher, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False,
-                        streaming=streaming, dtype=dtype)
+        return evaluate(original, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False,
+                        dtype=dtype)
 
-    before = quality(pruned, wl, "heldout")
-    after = quality(out / "model", wl, "heldout")
-    cal_before, cal_after = quality(pruned, wl, "calibration"), quality(out / "model", wl, "calibration")
+    before, after = quality(pruned, wl, "heldout"), quality(recovered, wl, "heldout")
+    cal_before, cal_after = quality(pruned, wl, "calibration"), quality(recovered, wl, "calibration")
     others_wl = default_others(source, others)
     elsewhere = None
     if others_wl is not None:
         o = load_workload(others_wl)
         elsewhere = dict(workload=o.source, before=_families(quality(pruned, o, "heldout")),
-                         after=_families(quality(out / "model", o, "heldout")))
+                         after=_families(quality(recovered, o, "heldout")))
     gap_before, gap_after = before["overall"]["delta"], after["overall"]["delta"]
-    result = dict(
-        format="uspx-recover/1", uspx_version=uspx.__version__, run=str(run), pruned=str(pruned),
-        model=str(out / "model"), source=str(source), settings=asdict(settings), streaming=streaming,
-        experts=("kept in MXFP4 as exported (frozen)" if mxfp4 else "trained" if settings.train != "router"
-                 else "frozen"),
-        history=history, train_seconds=history.get("seconds"), seconds=train_seconds,
+    return dict(
         heldout=dict(before=_families(before), after=_families(after)),
         recovered_share=(1 - gap_after / gap_before) if gap_before and gap_before > 0 else None,
         calibration=dict(before=_families(cal_before), after=_families(cal_after)),
         overfitting_gap=dict(before=_gap(cal_before, before), after=_gap(cal_after, after)),
         elsewhere=elsewhere, acceptance=after["acceptance"],
     )
-    write_json(out / REPORT, result)
-    _print(result)
-    return result
+
+
+def run_source(run_dir: str | Path) -> Path:
+    """The original model folder a finished ``uspx extract`` run was made from."""
+    from uspx.prune.export import RECORD
+
+    path = Path(run_dir) / "model" / RECORD
+    if not path.exists():
+        raise UspxError(f"{run_dir}: not a finished `uspx extract` run ({path.name} is missing)")
+    return Path(read_json(path)["source"])
 
 
 def finished_run(run_dir: str | Path, workload=None):
@@ -158,13 +176,7 @@ def default_others(source: Path, others):
     return others if others is not None else ("mixed" if source == BUNDLED_TEACHER else None)
 
 
-def _load(path: Path):
-    from uspx.models import load_model
-
-    return load_model(path)
-
-
-def _train_whole(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):
+def _train_whole(original, pruned, kept, wl, settings, work, key, max_length, mxfp4, progress):
     """Train the pruned model in memory; returns (history, write(folder), verify(folder))."""
     from uspx.engine.batches import pad_id_of
     from uspx.engine.checkpoint import write_replacing
@@ -174,6 +186,7 @@ def _train_whole(source, pruned, teacher, kept, wl, settings, work, key, max_len
     from uspx.recover.train import expert_parameter_names
     from uspx.workload import encode
 
+    teacher = original.loaded()
     student = load_model(pruned, with_tokenizer=False).model
     items = encode(wl.part("calibration"), teacher.tokenizer, max_length)
     student, history = train(teacher.model, student, kept, items, settings, work, key,
@@ -221,27 +234,28 @@ def verify_reload(model: torch.nn.Module, folder: Path, tokenizer) -> dict:
             "against": "the trained model in memory"}
 
 
-def _train_layers(source, pruned, teacher, kept, wl, settings, work, key, max_length, mxfp4, dtype, progress):
-    """Train the routers layer by layer from the files; returns (history, write(folder), verify(folder))."""
-    from transformers import AutoTokenizer
-
+def _train_layers(original, pruned, kept, wl, settings, work, key, max_length, mxfp4, progress):
+    """Train the pruned model layer by layer from the files; returns (history, write(folder), verify(folder))."""
     from uspx.engine.batches import pad_id_of
     from uspx.engine.checkpoint import Checkpoint, write_replacing
     from uspx.prune.export import RECORD
-    from uspx.recover.layers import train_routers
+    from uspx.recover.layers import train_layers
     from uspx.workload import encode
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    items = encode(wl.part("calibration"), tokenizer, max_length)
-    trained, history = train_routers(source, pruned, kept, items, settings, work, key, dtype=dtype,
-                                     pad_id=pad_id_of(tokenizer), progress=progress)
+    if original.tokenizer is None:
+        raise UspxError(f"{original.path}: no tokenizer files; recovery needs one to read the workload")
+    items = encode(wl.part("calibration"), original.tokenizer, max_length)
+    source = original.source
+    trained, history = train_layers(source, pruned, kept, items, settings, work, key, dtype=source.dtype,
+                                    device=source.device, pad_id=pad_id_of(original.tokenizer),
+                                    frozen_experts=mxfp4, progress=progress)
 
     def write(tmp: Path) -> None:
         write_replacing(pruned, tmp, trained, skip_files=(RECORD,))
 
     def verify(tmp: Path) -> dict:
-        """Read every tensor back: the trained routers as trained (in the stored precision), every
-        other tensor byte for byte the pruned checkpoint's."""
+        """Read every tensor back: the trained ones as trained (in the stored precision), every other
+        tensor byte for byte the pruned checkpoint's."""
         old, new = Checkpoint(pruned), Checkpoint(tmp)
         if set(old.weight_map) != set(new.weight_map):
             raise UspxError(f"the recovered checkpoint's tensors differ from {pruned}'s; nothing was written")
@@ -254,7 +268,7 @@ def _train_layers(source, pruned, teacher, kept, wl, settings, work, key, max_le
             if name in trained:
                 worst = max(worst, float((a.float() - trained[name].float()).abs().max()))
         return dict(reloaded_with="every tensor read back from the safetensors files",
-                    against="the trained routers and the pruned checkpoint", tensors=len(old.weight_map),
+                    against="the trained tensors and the pruned checkpoint", tensors=len(old.weight_map),
                     replaced=sorted(trained), max_abs_rounding=worst)
 
     return asdict(history), write, verify
@@ -301,7 +315,8 @@ def _print(r: dict) -> None:
     h = r["history"]
     if r["streaming"]:
         worst = max(h["layers"], key=lambda x: x["val_before"], default=None)
-        console.print(f"trained the routers of {len(h['layers'])} MoE layers one at a time ({h['seconds']:.0f} s, "
+        what = "the routers of" if r["settings"]["train"] == "router" else "every kept weight of"
+        console.print(f"trained {what} {len(h['layers'])} layers one at a time ({h['seconds']:.0f} s, "
                       f"peak memory {h['peak_rss_bytes'] / 2**30:.2f} GiB)" +
                       (f"; hardest layer {worst['layer']}: validation loss {worst['val_before']:.4f} -> "
                        f"{worst['val_after']:.4f}" if worst else ""))

@@ -169,14 +169,13 @@ class FromCheckpoint(WeightSource):
         self.dtype = resolve_dtype(dtype, self.path)
         self._device = check_device(device)
         self.experts = experts
-        dtype = self.dtype
         cls = adapter_class(str(self.ckpt.config.get("model_type")))
         config = AutoConfig.from_pretrained(self.path)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # decoded per layer by the adapter, not by transformers
         # parameters on the meta device, buffers (rotary tables) computed for real
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
         self.adapter = cls(self.model)
         self._targets = self._target_names()

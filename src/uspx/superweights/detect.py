@@ -22,8 +22,11 @@ I_nat / I_int means the scalar's removal hurts.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -105,11 +108,81 @@ def detect(
     adapter = adapter_for(net)
     for layer in adapter.layers:
         dp.intermediate_size(adapter, layer)  # raises for layouts the detector does not know
-    tok = lm.tokenizer
-    pad = pad_id_of(tok)
+    tok, pad = lm.tokenizer, pad_id_of(lm.tokenizer)
     max_length = min(max_length, int(getattr(net.config, "max_position_embeddings", max_length) or max_length))
+    sl = _slices(wl, tok, max_length, batch_size, pad, calib_items, diag_items, proxy_items, heldout_items)
+    stop_ids = stopword_ids(tok, int(net.config.vocab_size))
+    timings["setup"] = time.perf_counter() - started
 
-    # ----- slices: calibration (statistics, co-spike), diagnostic (proxies, I_nat, I_int), held-out
+    with _timed(timings, "calibration_pass"):
+        cal = _calibration_pass(net, adapter, sl.C)
+        routing, group_note = _routing(adapter, sl, cal, p_active_floor, routing_entropy_thr)
+    with _timed(timings, "discovery"):
+        d_base0, candidates, examined, budget_hit = _discovery(
+            net, adapter, sl, routing, stop_ids, co_spike_tau, proxies, energy_drop_min, stop_min,
+            max_iters_per_expert, min_routed_tokens, max_candidates, seed, progress)
+    with _timed(timings, "causal_scores"):
+        supers = _causal_scores(net, adapter, candidates, sl.D, d_base0, score_modes, router_bias, effect_threshold,
+                                confirm_top, progress)
+    with _timed(timings, "heldout"):
+        heldout = _heldout(net, adapter, sl, candidates, supers, confirm_top)
+    with _timed(timings, "super_experts"):
+        prompts = [e.input_ids[: min(32, len(e.input_ids))] for e in sl.diag[:gen_prompts]]
+        base_rep = repetition_rate(net, prompts, gen_tokens, pad) if prompts else 0.0
+        n_sx = min(super_expert_candidates, len(cal["out_stats"]))
+        with progress_bar("super experts", total=2 * n_sx + 2, unit="ablations", enabled=progress) as bar:
+            sx = super_experts(
+                net, adapter, sl.D, d_base0.loss, base_rep, cal["out_stats"], n_candidates=n_sx, gen_prompts=prompts,
+                gen_tokens=gen_tokens, pad_id=pad, break_loss=super_expert_break_loss,
+                break_rep=super_expert_break_rep, control_factor=super_expert_control_factor, seed=seed, bar=bar,
+            )
+
+    settings = dict(
+        p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr, co_spike_tau=co_spike_tau,
+        router_bias=router_bias, proxies=list(proxies), score_modes=list(score_modes), max_candidates=max_candidates,
+        effect_threshold=effect_threshold, energy_drop_min=energy_drop_min, stop_min=stop_min,
+        max_iters_per_expert=max_iters_per_expert, min_routed_tokens=min_routed_tokens, calib_items=len(sl.calib),
+        diag_items=len(sl.diag), proxy_items=len(sl.prox), heldout_items=len(sl.held), max_length=max_length,
+        batch_size=batch_size, confirm_top=confirm_top, seed=seed,
+    )
+    cat = _catalogue(lm, adapter, wl, sl, settings, group_note, stop_ids, routing, cal, supers, candidates, examined,
+                     budget_hit, heldout, sx)
+    timings["total"] = time.perf_counter() - started
+    cat["runtime_s"] = {k: round(v, 2) for k, v in timings.items()}
+    out = Path(out_dir)
+    write_json(out / "superweights.json", cat)
+    write_text(out / "report.md", render_report(cat))
+    if progress:
+        _print_summary(cat)
+    return cat
+
+
+# ----- the steps -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the seconds the block takes under ``step`` (when it completes)."""
+    t = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t
+
+
+@dataclass
+class _Slices:
+    """The workload items each step reads, and their batches."""
+
+    calib: list[EncodedItem]  # statistics and co-spike
+    diag: list[EncodedItem]  # causal scores, super experts
+    prox: list[EncodedItem]  # proxies
+    held: list[EncodedItem]  # held-out confirmation
+    held_note: str  # where the held-out items came from
+    C: Slice
+    D: Slice
+    P: Slice
+    H: Slice
+
+
+def _slices(wl: Workload, tok, max_length: int, batch_size: int, pad: int, calib_items: int, diag_items: int,
+            proxy_items: int, heldout_items: int) -> _Slices:
     calib_all = [e for e in encode(wl.part("calibration"), tok, max_length) if len(e.input_ids) >= 2]
     held_all = [e for e in encode(wl.part("heldout"), tok, max_length) if len(e.input_ids) >= 2] if any(
         i.split == "heldout" for i in wl.items) else []
@@ -124,33 +197,34 @@ def detect(
         rest = [e for e in calib_all if e not in calib]
         held = _spread(rest, heldout_items) if rest else diag
         held_note = "no held-out items: unused calibration items" if rest else "no held-out items: diagnostic slice reused"
-    C = make_slice("calibration", calib, batch_size, pad)
-    D = make_slice("diagnostic", diag, batch_size, pad)
-    P = make_slice("proxy", prox, batch_size, pad)
-    H = make_slice("heldout", held, batch_size, pad)
-    stop_ids = stopword_ids(tok, int(net.config.vocab_size))
-    timings["setup"] = time.perf_counter() - started
+    return _Slices(calib, diag, prox, held, held_note, make_slice("calibration", calib, batch_size, pad),
+                   make_slice("diagnostic", diag, batch_size, pad), make_slice("proxy", prox, batch_size, pad),
+                   make_slice("heldout", held, batch_size, pad))
 
-    # ----- 1. calibration pass ------------------------------------------------------------------
-    t = time.perf_counter()
-    cal = _calibration_pass(net, adapter, C)
-    families = sorted({e.family for e in calib})
+
+def _routing(adapter, sl: _Slices, cal: dict, p_active_floor: float, entropy_thr) -> tuple[dict, str]:
+    """Routing statistics per MoE layer, with stability groups: task families, else even / odd prompts."""
+    families = sorted({e.family for e in sl.calib})
     if len(families) >= 2:
-        fam_id = torch.tensor([families.index(e.family) for e in calib])
-        group, group_note = fam_id[C.sample], "task families"
+        fam_id = torch.tensor([families.index(e.family) for e in sl.calib])
+        group, group_note = fam_id[sl.C.sample], "task families"
     else:
-        group, group_note = C.sample % 2, "even / odd prompts (one task family)"
+        group, group_note = sl.C.sample % 2, "even / odd prompts (one task family)"
     routing = {
-        l.index: layer_routing(l.index, cal["routing"][l.index], C.position, group, l.num_experts, p_active_floor, routing_entropy_thr)
+        l.index: layer_routing(l.index, cal["routing"][l.index], sl.C.position, group, l.num_experts, p_active_floor,
+                               entropy_thr)
         for l in adapter.layers
     }
-    timings["calibration_pass"] = time.perf_counter() - t
+    return routing, group_note
 
-    # ----- 3. discovery with iterative suppression -----------------------------------------------
-    t = time.perf_counter()
+
+def _discovery(net, adapter, sl: _Slices, routing: dict, stop_ids, tau, proxies, energy_drop_min: float,
+               stop_min: float, max_iters: int, min_tokens: int, max_candidates: int, seed: int, progress: bool):
+    """Step 3, discovery with iterative suppression: (diagnostic baseline pass, candidates, experts
+    examined, whether the candidate budget ran out). The model is restored afterwards."""
     capture = tuple(l.index for l in adapter.layers)
-    d_base0 = run_pass(net, adapter, D, routing=True)
-    p_base = run_pass(net, adapter, P, stop_ids=stop_ids, capture=capture, routing=True, inputs=True)
+    d_base0 = run_pass(net, adapter, sl.D, routing=True)
+    p_base = run_pass(net, adapter, sl.P, stop_ids=stop_ids, capture=capture, routing=True, inputs=True)
     candidates: list[dict] = []
     examined: list[dict] = []
     zeroed: list[tuple] = []  # (layer, expert, row, col, old) kept zeroed during discovery
@@ -161,7 +235,7 @@ def detect(
             for layer in adapter.layers:
                 if budget_hit:
                     break
-                hidden, index = layer_inputs(net, adapter, C, layer)
+                hidden, index = layer_inputs(net, adapter, sl.C, layer)
                 rs = routing[layer.index]
                 for e in sorted(rs.active, key=lambda x: -float(rs.p_active[x])):
                     bar.advance(1)
@@ -169,8 +243,8 @@ def detect(
                         budget_hit = True
                         break
                     rec = _discover_expert(
-                        net, adapter, layer, e, hidden, index, P, p_base, stop_ids, rs, co_spike_tau, proxies,
-                        energy_drop_min, stop_min, max_iters_per_expert, min_routed_tokens, max_candidates - len(candidates),
+                        net, adapter, layer, e, hidden, index, sl.P, p_base, stop_ids, rs, tau, proxies,
+                        energy_drop_min, stop_min, max_iters, min_tokens, max_candidates - len(candidates),
                         capture, seed, zeroed, candidates,
                     )
                     p_base = rec.pop("_p_base")
@@ -178,10 +252,12 @@ def detect(
     finally:
         for l_idx, e, row, col, old in reversed(zeroed):
             dp.set_down_weight(adapter, adapter.layer(l_idx), e, row, col, old)
-    timings["discovery"] = time.perf_counter() - t
+    return d_base0, candidates, examined, budget_hit
 
-    # ----- 4. natural and interventional importance, model intact --------------------------------
-    t = time.perf_counter()
+
+def _causal_scores(net, adapter, candidates: list[dict], D: Slice, d_base0, score_modes, router_bias: float,
+                   effect_threshold: float, confirm_top: int, progress: bool) -> list[dict]:
+    """Step 4, natural and interventional importance with the model intact; the super weights, ranked."""
     gated = [c for c in candidates if c["proxy_pass"]]
     others = sorted((c for c in candidates if not c["proxy_pass"]), key=lambda c: -c["peak_contribution"])
     to_score = gated + others[: max(0, confirm_top)]  # the largest scalars too: evidence for a negative
@@ -197,14 +273,17 @@ def detect(
     supers = sorted((c for c in candidates if c["is_super_weight"]), key=lambda c: -_strength(c))
     for rank, c in enumerate(supers, 1):
         c["rank"] = rank
-    timings["causal_scores"] = time.perf_counter() - t
+    return supers
 
-    # ----- 5. held-out confirmation ---------------------------------------------------------------
-    t = time.perf_counter()
+
+def _heldout(net, adapter, sl: _Slices, candidates: list[dict], supers: list[dict], confirm_top: int) -> dict:
+    """Step 5, held-out confirmation of the top candidates (and of every super weight together)."""
     scored = [c for c in candidates if c["I_nat"] is not None or c["I_int"] is not None]
     top = supers[:confirm_top] if supers else sorted(scored, key=lambda c: -_strength(c))[:confirm_top]
+    H = sl.H
     h_base = run_pass(net, adapter, H)
-    heldout = dict(items=len(held), tokens=H.n_tokens, source=held_note, baseline_loss=round(h_base.loss, 6), candidates=[])
+    heldout = dict(items=len(sl.held), tokens=H.n_tokens, source=sl.held_note, baseline_loss=round(h_base.loss, 6),
+                   candidates=[])
     for c in top:
         with dp.down_weight_zeroed(adapter, adapter.layer(c["layer"]), c["expert"], c["col_model"], c["row_ff"]):
             dl = run_pass(net, adapter, H).loss - h_base.loss
@@ -213,30 +292,14 @@ def detect(
     if len(supers) > 1:
         with _all_zeroed(adapter, supers):
             heldout["all_super_weights_delta_loss"] = round(run_pass(net, adapter, H).loss - h_base.loss, 6)
-    timings["heldout"] = time.perf_counter() - t
+    return heldout
 
-    # ----- super experts ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    prompts = [e.input_ids[: min(32, len(e.input_ids))] for e in diag[:gen_prompts]]
-    base_rep = repetition_rate(net, prompts, gen_tokens, pad) if prompts else 0.0
-    n_sx = min(super_expert_candidates, len(cal["out_stats"]))
-    with progress_bar("super experts", total=2 * n_sx + 2, unit="ablations", enabled=progress) as bar:
-        sx = super_experts(
-            net, adapter, D, d_base0.loss, base_rep, cal["out_stats"], n_candidates=n_sx, gen_prompts=prompts,
-            gen_tokens=gen_tokens, pad_id=pad, break_loss=super_expert_break_loss, break_rep=super_expert_break_rep,
-            control_factor=super_expert_control_factor, seed=seed, bar=bar,
-        )
-    timings["super_experts"] = time.perf_counter() - t
 
-    # ----- catalogue ------------------------------------------------------------------------------
-    settings = dict(
-        p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr, co_spike_tau=co_spike_tau,
-        router_bias=router_bias, proxies=list(proxies), score_modes=list(score_modes), max_candidates=max_candidates,
-        effect_threshold=effect_threshold, energy_drop_min=energy_drop_min, stop_min=stop_min,
-        max_iters_per_expert=max_iters_per_expert, min_routed_tokens=min_routed_tokens, calib_items=len(calib),
-        diag_items=len(diag), proxy_items=len(prox), heldout_items=len(held), max_length=max_length, batch_size=batch_size,
-        confirm_top=confirm_top, seed=seed,
-    )
+def _catalogue(lm, adapter, wl, sl: _Slices, settings: dict, group_note: str, stop_ids, routing: dict, cal: dict,
+               supers: list[dict], candidates: list[dict], examined: list[dict], budget_hit: bool, heldout: dict,
+               sx) -> dict:
+    """The catalogue written as superweights.json (its checklist and verdict included)."""
+    net = lm.model
     cat = dict(
         format=FORMAT,
         uspx_version=uspx.__version__,
@@ -247,8 +310,9 @@ def detect(
             intermediate_size=dp.intermediate_size(adapter, adapter.layers[0]),
             attention_sinks=adapter.has_attention_sinks(),
         ),
-        workload=dict(source=wl.source, fingerprint=wl.fingerprint, calibration_tokens=C.n_tokens,
-                      diagnostic_tokens=D.n_tokens, proxy_tokens=P.n_tokens, heldout_tokens=H.n_tokens, stability_groups=group_note),
+        workload=dict(source=wl.source, fingerprint=wl.fingerprint, calibration_tokens=sl.C.n_tokens,
+                      diagnostic_tokens=sl.D.n_tokens, proxy_tokens=sl.P.n_tokens, heldout_tokens=sl.H.n_tokens,
+                      stability_groups=group_note),
         settings=settings,
         index_convention=INDEX_CONVENTION,
         metric="next-token loss, nats/token; deltas are ablated - baseline (positive = removal hurts)",
@@ -265,13 +329,6 @@ def detect(
     )
     cat["checklist"] = checklist(cat)
     cat["verdict"] = verdict(cat)
-    timings["total"] = time.perf_counter() - started
-    cat["runtime_s"] = {k: round(v, 2) for k, v in timings.items()}
-    out = Path(out_dir)
-    write_json(out / "superweights.json", cat)
-    write_text(out / "report.md", render_report(cat))
-    if progress:
-        _print_summary(cat)
     return cat
 
 

@@ -6,6 +6,8 @@ router module returns ``(logits, topk_weights, topk_index)`` (dbrx: logits only)
 ``*.experts`` module is called as ``experts(hidden [N, H], topk_index [N, k], topk_weights [N, k])``.
 The base class builds on those facts; a family module overrides only what differs: how the router
 turns logits into weights, which tensors hold the experts, and the config field with the expert count.
+The rest of uspx asks the adapter, never the model, for every other name a family chooses: attention
+and dense-MLP projections, head counts and width, attention sinks, stored MXFP4 tensors.
 """
 
 from __future__ import annotations

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from uspx.engine.losses import token_nll
+from uspx.models import adapter_class
 from uspx.teacher.corpus import FAMILIES
 from uspx.teacher.train import fixed_windows, n_params, tokenize_split
 from uspx.teacher.workloads import load_workload
 
 USER_WORKLOADS: tuple[str, ...] = ("python_dev", "shell_user", "docs_writer", "arith")
+TEACHER_FAMILY = "gpt_oss"  # the bundled teacher's model_type (a report read back from JSON has no model)
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,10 +231,11 @@ def compute(corpus: Path, teacher: Path, workloads: Path, work: Path, n_windows:
     t0 = time.time()
     model, tok = load_teacher(teacher)
     cfg = model.config
+    family = adapter_class(cfg.model_type)  # names the head-layout fields; recorded under the config's names
     res: dict = {"params": n_params(model), "config": {k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts",
-        "num_experts_per_tok", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
-        "layer_types", "max_position_embeddings", "router_aux_loss_coef", "rope_parameters")}}
+        "num_experts_per_tok", family.query_heads_field, family.kv_heads_field, family.head_dim_field,
+        "sliding_window", "layer_types", "max_position_embeddings", "router_aux_loss_coef", "rope_parameters")}}
     res["weights_mb"] = (teacher / "model.safetensors").stat().st_size / 1e6
     cache = work / "tokens"
     train = tokenize_split(corpus, teacher, "train", cache)
@@ -316,7 +319,18 @@ def _fmt(x: float, nd: int = 3) -> str:
 
 
 def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Path) -> None:
-    c = res["config"]
+    """Write ``docs/teacher.md`` from the figures ``res`` (see :func:`compute`), the training summary and
+    the validation history (either may be missing)."""
+    lines = (_md_intro(res) + _md_corpus(res) + _md_model(res) + _md_training(res, summary, history)
+             + _md_losses(res) + _md_routing(res) + _md_selection(res) + _md_footer(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def _md_intro(res: dict) -> list[str]:
+    """What the teacher is, how to rebuild it, and the digests to compare a rebuild with."""
     lines: list[str] = []
     add = lines.append
     add("# The bundled teacher\n")
@@ -363,6 +377,13 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
         for k, v in fp.items():
             add(f"| {k} | `{v}` |")
         add("")
+    return lines
+
+
+def _md_corpus(res: dict) -> list[str]:
+    """Where each family's text comes from and how it is split."""
+    lines: list[str] = []
+    add = lines.append
     add("## Corpus\n")
     add("| family | what | \n|---|---|")
     add("| python | the running interpreter's stdlib `.py` sources (no `test` packages, no site-packages) |")
@@ -377,12 +398,21 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
             for f, v in fams.items():
                 add(f"| {s} | {f} | {v['docs']} | {v['bytes'] / 1e6:.2f} |")
         add("")
+    return lines
+
+
+def _md_model(res: dict) -> list[str]:
+    """The architecture and its parameter counts."""
+    lines: list[str] = []
+    add = lines.append
+    c = res["config"]
+    heads, kv_heads, head_dim = adapter_class(TEACHER_FAMILY).config_head_shape(c)
     add("## Model\n")
     add(f"- {res['params']:,} parameters; `model.safetensors` {res['weights_mb']:.1f} MB in bfloat16 "
         "(fp32 would exceed the 25 MB budget; gpt-oss itself ships bf16).")
     add(f"- hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_local_experts']} experts per layer, "
         f"top-{c['num_experts_per_tok']}, expert intermediate {c['intermediate_size']}, "
-        f"{c['num_attention_heads']} query heads / {c['num_key_value_heads']} KV heads of dim {c['head_dim']}, "
+        f"{heads} query heads / {kv_heads} KV heads of dim {head_dim}, "
         f"sliding window {c['sliding_window']} on even layers (full attention on odd layers), vocab {c['vocab_size']} "
         f"(byte-level BPE trained on the train split), max positions {c['max_position_embeddings']}, "
         f"RoPE {c['rope_parameters']}, attention sinks, clamped SwiGLU experts, router bias: all stock gpt_oss.")
@@ -394,6 +424,14 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
     add(f"- experts: {experts:,} parameters ({experts / res['params']:.0%}), {per_expert:,} per expert; "
         f"active per token (top-{k}): {active:,}.")
     add(f"- router_aux_loss_coef {c['router_aux_loss_coef']}.\n")
+    return lines
+
+
+def _md_training(res: dict, summary: dict | None, history: list[dict]) -> list[str]:
+    """The training run, its validation history and the recipe."""
+    lines: list[str] = []
+    add = lines.append
+    c = res["config"]
     add("## Training\n")
     if RUN_NOTES:
         add(RUN_NOTES)
@@ -418,6 +456,14 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
             add(f"| {h['step']} | " + " | ".join(_fmt(h['valid'][f]) for f in FAMILIES) + " |")
     add("\nRecipe:\n")
     add(RECIPE_NOTES.format(aux=c["router_aux_loss_coef"]))
+    return lines
+
+
+def _md_losses(res: dict) -> list[str]:
+    """Test loss per family against the unigram baseline."""
+    lines: list[str] = []
+    add = lines.append
+    c = res["config"]
     add("## Figures (test split)\n")
     add(f"Test windows: {n_windows_note(res)}.\n")
     add("### Loss per family vs unigram\n")
@@ -426,6 +472,14 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
         t, u = res["test_loss"][f], res["unigram_loss"][f]
         add(f"| {f} | {t:.3f} | {u:.3f} | {t / u:.2f} |")
     add(f"\nln(vocab) = {math.log(c['vocab_size']):.3f}. The unigram model is fitted (add-one) on all train tokens.\n")
+    return lines
+
+
+def _md_routing(res: dict) -> list[str]:
+    """Expert load and family specificity per layer."""
+    lines: list[str] = []
+    add = lines.append
+    c = res["config"]
     r = res["routing"]
     add("### Expert load and family specificity per layer\n")
     add("Share = fraction of routed slots (token x top-k) that go to an expert, all test families pooled")
@@ -447,6 +501,13 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
     add("| layer | " + " | ".join(FAMILIES) + " |\n|---:|" + "---|" * len(FAMILIES))
     for layer, t in enumerate(r["top4"]):
         add(f"| {layer} | " + " | ".join(",".join(map(str, t[f])) for f in FAMILIES) + " |")
+    return lines
+
+
+def _md_selection(res: dict) -> list[str]:
+    """The first user-specific result: keep 8 of 16 experts per layer."""
+    lines: list[str] = []
+    add = lines.append
     s = res["selection"]
     add("\n## First user-specific result: keep 8 of 16 experts per layer\n")
     add("Frequency scores (share of prompt+completion tokens that route to each expert) on one workload's")
@@ -478,14 +539,19 @@ def write_markdown(res: dict, summary: dict | None, history: list[dict], out: Pa
         add(f"- {h} held-out: own selection {own:.3f}, {verdict}; margin to the best other ({best}) "
             f"{others[best] - own:+.3f} nats/token.")
     add("")
+    return lines
+
+
+def _md_footer(res: dict) -> list[str]:
+    """The hand-written reading and where the raw numbers are."""
+    lines: list[str] = []
+    add = lines.append
     if FINDINGS:
         add(FINDINGS)
     add(f"_Generated by `python -m uspx.teacher.report` in {res['report_seconds']:.0f} s; raw numbers in "
         "`src/uspx/data/teacher/teacher_report.json`._\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    return lines
+
 
 
 def fingerprints(corpus: Path, teacher: Path, summary: dict | None) -> dict[str, str]:

@@ -7,8 +7,8 @@ jobs on a shared machine disturb it far less than wall time) and wall time of ea
 interleaved repeats, and their ratios to the plain forward:
 a plain forward without the LM head (the decoder stack only, which is what ``uspx trace`` runs),
 hooks only (ids + weights), + router logits, + expert output norms, and the whole ``uspx trace``
-(rows built and Parquet shards written) against a plain forward loop over the same batches. The
-last line gives the whole trace against the headless forward too.
+(rows built and Parquet shards written), without and with expert output norms, against a plain
+forward loop over the same batches. The last lines give both traces against the headless forward.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from uspx.models import adapter_for, load_model
 from uspx.trace import RoutingRecorder, trace
 from uspx.engine.batches import pad_id_of, padded
 from uspx.workload import encode, load_workload
+
+
+TRACE = "uspx trace (ids + weights, Parquet written)"
+TRACE_NORMS = "uspx trace + expert norms (Parquet written)"
 
 
 def main() -> None:
@@ -67,10 +71,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
 
-    def full_trace() -> None:
-        out = tmp / "t"
-        shutil.rmtree(out, ignore_errors=True)
-        trace(lm, wl, out, batch_size=args.batch_size, max_length=args.max_length, progress=False)
+    def full_trace(**kw):
+        def run() -> None:
+            out = tmp / "t"
+            shutil.rmtree(out, ignore_errors=True)
+            trace(lm, wl, out, batch_size=args.batch_size, max_length=args.max_length, progress=False, **kw)
+        return run
 
     variants = {
         "plain forward": plain,
@@ -78,7 +84,8 @@ def main() -> None:
         "hooks: ids + weights": hooked(),
         "hooks: + router logits": hooked(logits=True),
         "hooks: + expert norms": hooked(norms=True),
-        "uspx trace (ids + weights, Parquet written)": full_trace,
+        TRACE: full_trace(),
+        TRACE_NORMS: full_trace(norms=True),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
@@ -102,10 +109,10 @@ def main() -> None:
         c, w = statistics.median(cpu[name]), statistics.median(times[name])
         print(f"{name:48s} {c:8.3f} {c / cpu_base:6.3f} {w:8.3f} {w / base:6.3f} {n_tokens / w:7.0f}")
     # the trace runs the decoder stack only (no LM head), so its fair baseline is the headless forward
-    name = "uspx trace (ids + weights, Parquet written)"
     c0, w0 = statistics.median(cpu["plain forward, no LM head"]), statistics.median(times["plain forward, no LM head"])
-    print(f"uspx trace / plain forward without the LM head: cpu {statistics.median(cpu[name]) / c0:.3f}, "
-          f"wall {statistics.median(times[name]) / w0:.3f}")
+    for name in (TRACE, TRACE_NORMS):
+        print(f"{name} / plain forward without the LM head: cpu {statistics.median(cpu[name]) / c0:.3f}, "
+              f"wall {statistics.median(times[name]) / w0:.3f}")
 
 
 if __name__ == "__main__":

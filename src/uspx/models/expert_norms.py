@@ -38,7 +38,7 @@ FUSED_KERNELS = ("grouped_mm", "batched_mm")
 class _Frame:
     """One running experts forward: its routing and the norms found so far."""
 
-    def __init__(self, index: torch.Tensor):
+    def __init__(self, index: torch.Tensor | None):
         self.index = index
         self.norms: torch.Tensor | None = None
         self.hit: list[int] | None = None  # per-expert loops: experts with tokens, ascending
@@ -68,7 +68,7 @@ class NormCapture:
 
     def _wrap(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
-            frame = _Frame(args[1] if len(args) > 1 else next(iter(kwargs.values()), None))
+            frame = _Frame(args[1] if len(args) > 1 else None)  # every family passes the routing positionally
             self._stack.append(frame)
             try:
                 return inner(*args, **kwargs)
@@ -100,7 +100,7 @@ class NormCapture:
         frame.norms = norms.reshape(index.shape[0], -1)
 
     def _per_expert(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if not self._stack:
+        if not self._stack or self._stack[-1].index is None:
             return
         frame = self._stack[-1]
         index = frame.index.reshape(-1, frame.index.shape[-1])
@@ -124,7 +124,7 @@ class NormCapture:
             with torch.no_grad():
                 out = self.adapter.expert_outputs(self.layer, hidden, index.reshape(hidden.shape[0], -1))
             norms = out.float().norm(dim=-1)
-            self._done.clear()
+            self._done.clear()  # the re-run's own frame
         self.sink(norms)
 
     def remove(self) -> None:

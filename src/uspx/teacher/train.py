@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +308,20 @@ def _truncate_log(log: Path, step: int) -> None:
     write_text(log, "".join(line + "\n" for line in keep))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@dataclass
+class _Run:
+    """What one invocation of the trainer works on (resumed from the work folder when it holds a run)."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    train: dict[str, np.ndarray]
+    valid: dict[str, torch.Tensor]
+    recipe: dict
+    state: dict
+    log_path: Path
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the uspx gpt_oss teacher.")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer"))
@@ -330,11 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="pause (checkpoint, no export) after this step; rerun without it to resume")
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps, then exit")
     ap.add_argument("--no-export", action="store_true")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(a.threads)
+
+def _start(a: argparse.Namespace) -> _Run:
+    """Data, model and optimiser, resumed from ``a.work`` when it holds a run of the same recipe."""
     from transformers import AutoTokenizer
-    from tqdm import tqdm
 
     tok = AutoTokenizer.from_pretrained(str(a.tokenizer))
     cache = a.work / "tokens"
@@ -362,66 +377,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resumed at step {state['step']} ({state['elapsed_s'] / 60:.1f} min spent)", flush=True)
     log_path = a.work / "train_log.jsonl"
     _truncate_log(log_path, state["step"])
-    t_prev = t_start = time.time()
-    model.train()
-    bar = tqdm(total=a.steps, initial=state["step"], desc="teacher", mininterval=5, file=sys.stdout)
-    step = state["step"]
-    ema = state.get("train_loss_ema")
-    while step < a.steps:
-        # Per-step generator: the batch at step s is the same whether or not we resumed.
-        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        x, _ = sample_batch(train, a.batch, a.seq_len, gen)
-        lr = lr_at(step, a.steps, a.lr, a.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, aux = lm_loss(model, x, True)
-        total = loss + a.aux_coef * aux
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        opt.step()
-        step += 1
-        now = time.time()
-        state["elapsed_s"] += now - t_prev
-        t_prev = now
-        loss_f, aux_f = float(loss.detach()), float(aux.detach())
-        ema = loss_f if ema is None else 0.98 * ema + 0.02 * loss_f
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux_f:.3f}", lr=f"{lr:.1e}")
-        if a.bench and step - state.get("bench_from", 0) >= a.bench:
-            print(f"bench: {state['elapsed_s'] / step:.3f} s/step (batch {a.batch} x {a.seq_len})")
-            return 0
-        rec = {"step": step, "loss": loss_f, "aux": aux_f, "lr": lr, "gnorm": gnorm, "elapsed_s": state["elapsed_s"]}
-        if step % a.eval_every == 0 or step == a.steps:
-            rec["valid"] = evaluate(model, valid)
-            print(f"\nstep {step} valid {json.dumps({k: round(v, 3) for k, v in rec['valid'].items()})}", flush=True)
-        if step % 10 == 0 or "valid" in rec:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-        if "valid" in rec:
-            state["history"].append({"step": step, "valid": rec["valid"], "train_ema": ema})
-        out_of_time = bool(a.max_minutes) and time.time() - t_start > a.max_minutes * 60
-        out_of_time = out_of_time or step == a.pause_at
-        if step % a.save_every == 0 or step == a.steps or out_of_time:
-            state["step"] = step
-            state["args"] = {k: str(v) for k, v in vars(a).items()}
-            state["train_loss_ema"] = ema
-            save_checkpoint(a.work, step, model, opt, state)
-        if out_of_time:
-            bar.close()
-            print(f"\npaused at step {step}: rerun the same command to resume", flush=True)
-            return 3
-    bar.close()
+    return _Run(model, opt, train, valid, recipe, state, log_path)
+
+
+def _step(run: _Run, a: argparse.Namespace, step: int) -> tuple[float, float, float, float]:
+    """One optimiser step (the ``step``-th, from 0): (loss, aux loss, learning rate, gradient norm)."""
+    # Per-step generator: the batch at step s is the same whether or not we resumed.
+    gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+    x, _ = sample_batch(run.train, a.batch, a.seq_len, gen)
+    lr = lr_at(step, a.steps, a.lr, a.warmup)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    loss, aux = lm_loss(run.model, x, True)
+    total = loss + a.aux_coef * aux
+    run.opt.zero_grad(set_to_none=True)
+    total.backward()
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0))
+    run.opt.step()
+    return float(loss.detach()), float(aux.detach()), lr, gnorm
+
+
+def _record(run: _Run, a: argparse.Namespace, rec: dict, ema: float) -> None:
+    """Validate when due, append ``rec`` to the training log every 10 steps (and at validations)."""
+    step = rec["step"]
+    if step % a.eval_every == 0 or step == a.steps:
+        rec["valid"] = evaluate(run.model, run.valid)
+        print(f"\nstep {step} valid {json.dumps({k: round(v, 3) for k, v in rec['valid'].items()})}", flush=True)
+    if step % 10 == 0 or "valid" in rec:
+        with open(run.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+    if "valid" in rec:
+        run.state["history"].append({"step": step, "valid": rec["valid"], "train_ema": ema})
+
+
+def _finish(run: _Run, a: argparse.Namespace, step: int, ema: float) -> None:
+    """Final validation, ``summary.json`` in the work folder, and the export unless ``--no-export``."""
+    state, model = run.state, run.model
     state["step"] = step
     if "valid" not in (state["history"][-1] if state["history"] else {}) or state["history"][-1]["step"] != step:
-        v = evaluate(model, valid)
+        v = evaluate(model, run.valid)
         state["history"].append({"step": step, "valid": v, "train_ema": ema})
     summary = {
         "steps": step, "batch": a.batch, "seq_len": a.seq_len, "tokens_seen": step * a.batch * a.seq_len,
         "wall_minutes": state["elapsed_s"] / 60, "params": n_params(model), "final_valid": state["history"][-1]["valid"],
         "final_train_loss_ema": ema, "aux_coef": a.aux_coef, "lr": a.lr, "seed": a.seed,
-        "threads": a.threads, "warmup": a.warmup, "corpus_sha256": recipe["corpus_sha256"],
-        "tokenizer_sha256": recipe["tokenizer_sha256"], "weights_fp32_sha256": _weights_sha(model), "history": state["history"],
+        "threads": a.threads, "warmup": a.warmup, "corpus_sha256": run.recipe["corpus_sha256"],
+        "tokenizer_sha256": run.recipe["tokenizer_sha256"], "weights_fp32_sha256": _weights_sha(model),
+        "history": state["history"],
     }
     tmp = a.work / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
@@ -433,6 +435,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
         os.replace(tmp, a.out / "training_summary.json")
         print(f"exported to {a.out} ({size / 1e6:.1f} MB)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or resume) the teacher; 0 when done, 3 when paused by ``--max-minutes`` or ``--pause-at``."""
+    a = _arguments(argv)
+    torch.set_num_threads(a.threads)
+    from tqdm import tqdm
+
+    run = _start(a)
+    state = run.state
+    t_prev = t_start = time.time()
+    run.model.train()
+    bar = tqdm(total=a.steps, initial=state["step"], desc="teacher", mininterval=5, file=sys.stdout)
+    step = state["step"]
+    ema = state.get("train_loss_ema")
+    while step < a.steps:
+        loss_f, aux_f, lr, gnorm = _step(run, a, step)
+        step += 1
+        now = time.time()
+        state["elapsed_s"] += now - t_prev
+        t_prev = now
+        ema = loss_f if ema is None else 0.98 * ema + 0.02 * loss_f
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux_f:.3f}", lr=f"{lr:.1e}")
+        if a.bench and step - state.get("bench_from", 0) >= a.bench:
+            print(f"bench: {state['elapsed_s'] / step:.3f} s/step (batch {a.batch} x {a.seq_len})")
+            return 0
+        _record(run, a, {"step": step, "loss": loss_f, "aux": aux_f, "lr": lr, "gnorm": gnorm,
+                         "elapsed_s": state["elapsed_s"]}, ema)
+        out_of_time = bool(a.max_minutes) and time.time() - t_start > a.max_minutes * 60
+        out_of_time = out_of_time or step == a.pause_at
+        if step % a.save_every == 0 or step == a.steps or out_of_time:
+            state["step"] = step
+            state["args"] = {k: str(v) for k, v in vars(a).items()}
+            state["train_loss_ema"] = ema
+            save_checkpoint(a.work, step, run.model, run.opt, state)
+        if out_of_time:
+            bar.close()
+            print(f"\npaused at step {step}: rerun the same command to resume", flush=True)
+            return 3
+    bar.close()
+    _finish(run, a, step, ema)
     return 0
 
 

@@ -43,27 +43,14 @@ def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "ro
             epsilon: float = 0.05, speed: bool = True, progress: bool = True) -> dict:
     """Build, distill, export and evaluate the dense student of ``run_dir``; returns (and writes) its report."""
     from uspx.engine.batches import pad_id_of
-    from uspx.evaluate import evaluate
-    from uspx.models import adapter_for, load_model, model_fingerprint
-    from uspx.prune.export import RECORD
+    from uspx.models import adapter_for, load_model
     from uspx.prune.files import weight_files
-    from uspx.recover.run import (_families, _finished, _gap, default_others, finished_run, save_model,
-                                  verify_reload)
-    from uspx.recover.train import train
+    from uspx.recover.run import _families, _finished, _gap, finished_run
     from uspx.score.table import load_scores
-    from uspx.student.build import (WEIGHTINGS, build_student, channel_groups, choose_experts, group_lasso_step,
-                                    group_norms, routing_stats)
-    from uspx.workload import encode, load_workload
+    from uspx.student.build import build_student, choose_experts, routing_stats
+    from uspx.workload import encode
 
-    settings = settings or Settings(train="full")
-    if settings.train != "full":
-        raise UspxError("a student trains every weight (--train full); its one expert per layer has no router to train")
-    if settings.router_kd:
-        raise UspxError("router KD has nothing to match in a student (one expert per layer); leave it 0")
-    if weighting not in WEIGHTINGS:
-        raise UspxError(f"--weights must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
-    if group_lasso < 0:
-        raise UspxError("--group-lasso must be >= 0")
+    settings = _checked(settings, weighting, group_lasso)
     run, record, report, source, plan_sha, wl = finished_run(run_dir, workload)
     out = Path(out_dir) if out_dir is not None else run / f"student-{experts_per_layer}"
     scores_dir = run / "scores"
@@ -92,43 +79,104 @@ def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "ro
     files = weight_files(source)
     stored = torch.bfloat16 if files.is_mxfp4() else files.main_float_dtype()  # merged experts cannot stay MXFP4
     existing = _finished(out / "model", key)
-    zeros = None
     if existing is None:
-        model = copy.deepcopy(built)  # the built student stays as it is, for its own evaluation
-        groups = channel_groups(model, experts_per_layer) if group_lasso else None
-        after_step = (lambda lr: group_lasso_step(groups, lr * group_lasso)) if groups else None
-        kept = {l.index: choice.experts[l.index] for l in adapter.layers}  # the layers layer matching compares
-        model, history = train(teacher.model, model, kept, items, settings, out / "work", key, pad_id=pad,
-                               progress=progress, after_step=after_step)
-        with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
-            for p in model.parameters():
-                p.copy_(p.to(stored).to(p.dtype))
-        if groups:
-            norms = group_norms(channel_groups(model, experts_per_layer))
-            zeros = dict(groups=len(norms), zero=int((norms == 0).sum()),
-                         channels_per_group=adapter_for(model).expert_width() // experts_per_layer)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
-        try:
-            save_model(model, tmp, stored, source)
-            check = verify_reload(model, tmp, teacher.tokenizer)
-            new_record = dict(format="uspx-student/1", uspx_version=uspx.__version__, source=str(source),
-                              source_fingerprint=record["source_fingerprint"], family=adapter.family, run=str(run),
-                              experts={str(l): v for l, v in choice.experts.items()},
-                              weights={str(l): v for l, v in choice.weights.items()}, weighting=weighting,
-                              verification=check, group_lasso_zeros=zeros,
-                              recovered=dict(key=key, history=asdict(history)),
-                              fingerprint=model_fingerprint(tmp), status="written")
-            write_json(tmp / RECORD, new_record)
-            os.replace(tmp, out / "model")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(out / "work")
-        history = asdict(history)
+        history, zeros = _distill(
+            teacher, built, choice, items, pad, settings, out, key, stored=stored, source=source, record=record,
+            run=run, weighting=weighting, group_lasso=group_lasso, experts_per_layer=experts_per_layer,
+            progress=progress)
     else:
         history, zeros = existing["recovered"]["history"], existing.get("group_lasso_zeros")
     seconds = round(time.perf_counter() - started, 1)
+    rows, cal, elsewhere = _measure(teacher, built, wl, run, out, source, others, stored,
+                                    max_length=max_length, epsilon=epsilon, speed=speed)
+    result = dict(
+        format="uspx-student/1", uspx_version=uspx.__version__, run=str(run), source=str(source),
+        model=str(out / "model"), experts_per_layer=experts_per_layer, weighting=weighting, method=method,
+        experts={str(l): v for l, v in choice.experts.items()}, weights={str(l): v for l, v in choice.weights.items()},
+        settings=asdict(settings), group_lasso=group_lasso, group_lasso_zeros=zeros, history=history, seconds=seconds,
+        heldout={name: _families(ev) for name, ev in rows.items()},
+        sizes={name: ev["size"]["candidate"] for name, ev in rows.items()},
+        speed={name: ev.get("speed") for name, ev in rows.items() if ev.get("speed")},
+        overfitting_gap=_gap(cal, rows["student"]), elsewhere=elsewhere, acceptance=rows["student"]["acceptance"],
+        stats_tokens=stats.tokens,
+    )
+    write_json(out / REPORT, result)
+    _print(result)
+    return result
+
+
+def _checked(settings: Settings | None, weighting: str, group_lasso: float) -> Settings:
+    """The training settings (every weight trained by default), refusing what a student cannot do."""
+    from uspx.student.build import WEIGHTINGS
+
+    settings = settings or Settings(train="full")
+    if settings.train != "full":
+        raise UspxError("a student trains every weight (--train full); its one expert per layer has no router to train")
+    if settings.router_kd:
+        raise UspxError("router KD has nothing to match in a student (one expert per layer); leave it 0")
+    if weighting not in WEIGHTINGS:
+        raise UspxError(f"--weights must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if group_lasso < 0:
+        raise UspxError("--group-lasso must be >= 0")
+    return settings
+
+
+def _distill(teacher, built, choice, items, pad: int, settings: Settings, out: Path, key: dict, *,
+             stored: torch.dtype, source, record: dict, run: Path, weighting: str, group_lasso: float,
+             experts_per_layer: int, progress: bool) -> tuple[dict, dict | None]:
+    """Train a copy of the built student against the teacher, round it to the stored dtype, write it
+    to ``out/model`` with its record (atomically) and drop the training checkpoints; returns
+    (training history, group-lasso zero count or None)."""
+    from uspx.models import adapter_for, model_fingerprint
+    from uspx.prune.export import RECORD
+    from uspx.recover.run import save_model, verify_reload
+    from uspx.recover.train import train
+    from uspx.student.build import channel_groups, group_lasso_step, group_norms
+
+    adapter = adapter_for(teacher.model)
+    zeros = None
+    model = copy.deepcopy(built)  # the built student stays as it is, for its own evaluation
+    groups = channel_groups(model, experts_per_layer) if group_lasso else None
+    after_step = (lambda lr: group_lasso_step(groups, lr * group_lasso)) if groups else None
+    kept = {l.index: choice.experts[l.index] for l in adapter.layers}  # the layers layer matching compares
+    model, history = train(teacher.model, model, kept, items, settings, out / "work", key, pad_id=pad,
+                           progress=progress, after_step=after_step)
+    with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
+        for p in model.parameters():
+            p.copy_(p.to(stored).to(p.dtype))
+    if groups:
+        norms = group_norms(channel_groups(model, experts_per_layer))
+        zeros = dict(groups=len(norms), zero=int((norms == 0).sum()),
+                     channels_per_group=adapter_for(model).expert_width() // experts_per_layer)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
+    try:
+        save_model(model, tmp, stored, source)
+        check = verify_reload(model, tmp, teacher.tokenizer)
+        new_record = dict(format="uspx-student/1", uspx_version=uspx.__version__, source=str(source),
+                          source_fingerprint=record["source_fingerprint"], family=adapter.family, run=str(run),
+                          experts={str(l): v for l, v in choice.experts.items()},
+                          weights={str(l): v for l, v in choice.weights.items()}, weighting=weighting,
+                          verification=check, group_lasso_zeros=zeros,
+                          recovered=dict(key=key, history=asdict(history)),
+                          fingerprint=model_fingerprint(tmp), status="written")
+        write_json(tmp / RECORD, new_record)
+        os.replace(tmp, out / "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out / "work")
+    return asdict(history), zeros
+
+
+def _measure(teacher, built, wl, run: Path, out: Path, source, others, stored: torch.dtype, *, max_length: int,
+             epsilon: float, speed: bool) -> tuple[dict[str, dict], dict, dict | None]:
+    """Held-out evaluations of the built and trained students and of the run's pruned (and recovered)
+    MoE, the student's calibration evaluation, and both models on the other users' workload."""
+    from uspx.evaluate import evaluate
+    from uspx.prune.export import RECORD
+    from uspx.recover.run import _families, default_others, save_model
+    from uspx.workload import load_workload
 
     def quality(candidate, part, split, measure=False):
         return evaluate(teacher, candidate, part, split=split, max_length=max_length, epsilon=epsilon,
@@ -148,20 +196,7 @@ def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "ro
         o = load_workload(others_wl)
         elsewhere = dict(workload=o.source, student=_families(quality(out / "model", o, "heldout")),
                          pruned=_families(quality(run / "model", o, "heldout")))
-    result = dict(
-        format="uspx-student/1", uspx_version=uspx.__version__, run=str(run), source=str(source),
-        model=str(out / "model"), experts_per_layer=experts_per_layer, weighting=weighting, method=method,
-        experts={str(l): v for l, v in choice.experts.items()}, weights={str(l): v for l, v in choice.weights.items()},
-        settings=asdict(settings), group_lasso=group_lasso, group_lasso_zeros=zeros, history=history, seconds=seconds,
-        heldout={name: _families(ev) for name, ev in rows.items()},
-        sizes={name: ev["size"]["candidate"] for name, ev in rows.items()},
-        speed={name: ev.get("speed") for name, ev in rows.items() if ev.get("speed")},
-        overfitting_gap=_gap(cal, rows["student"]), elsewhere=elsewhere, acceptance=rows["student"]["acceptance"],
-        stats_tokens=stats.tokens,
-    )
-    write_json(out / REPORT, result)
-    _print(result)
-    return result
+    return rows, cal, elsewhere
 
 
 def _print(r: dict) -> None:

@@ -11,7 +11,9 @@ from torch import nn
 
 from uspx.models.base import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
-from uspx.engine.batches import pad_id_of, padded
+from uspx.engine.forward import forward, logits as target_logits
+from uspx.engine.batches import make_batches, pad_id_of, padded
+from uspx.engine.losses import next_tokens, token_nll
 from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, encode, load_workload
 
@@ -32,21 +34,17 @@ class Losses:
     argmax: list[torch.Tensor]  # per item, predictions at its scored positions
 
 
-@torch.no_grad()
 def heldout_losses(model: nn.Module, items: list[EncodedItem], pad_id: int, batch_size: int = 8) -> Losses:
     """Next-token loss on each item's completion tokens (all tokens for items without a completion)."""
     nll, count, preds = [], [], []
-    for group, ids, mask in padded(items, batch_size, pad_id):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:]
-        tok_nll = -logp.gather(-1, target[..., None])[..., 0]
-        for r, e in enumerate(group):
-            first = max(e.completion_start, 1) - 1  # logits at t-1 predict token t
-            last = len(e.input_ids) - 1
-            nll.append(float(tok_nll[r, first:last].double().sum()))
-            count.append(last - first)
-            preds.append(logits[r, first:last].argmax(-1))
+    for batch in make_batches(items, batch_size, pad_id, by_length=False):
+        logits = target_logits(model, batch)  # [N, V] at the target positions, row after row
+        tok_nll = token_nll(logits, next_tokens(batch.input_ids, batch.loss_mask))
+        per_row = batch.loss_mask.sum(1).tolist()
+        for row_nll, row_logits in zip(tok_nll.split(per_row), logits.split(per_row)):
+            nll.append(float(row_nll.double().sum()))
+            count.append(len(row_nll))
+            preds.append(row_logits.argmax(-1))
     return Losses(np.array(nll), np.array(count), preds)
 
 
@@ -86,7 +84,7 @@ def capture(lm, adapter: MoEAdapter, items: list[EncodedItem], batch_size: int =
     with hooked(hooks), RoutingRecorder(adapter) as rec:
         for group, ids, mask in padded(items, batch_size, pad_id_of(lm.tokenizer)):
             rec.clear()
-            lm.model(input_ids=ids, attention_mask=mask)
+            forward(lm, ids, mask, head=False)  # the hooks keep what is needed: no LM head
             real = mask.reshape(-1).bool()
             b, t = ids.shape
             rows["sample"].append(np.repeat([e.index for e in group], t)[real.numpy()])

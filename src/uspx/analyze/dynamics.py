@@ -1,9 +1,9 @@
 """Section 3, generation dynamics: greedy decoding with the routing of every step recorded.
 
-A manual loop with the model's KV cache: step 0 runs the prompt, every later step feeds the token
-just generated, and the RoutingRecorder keeps the routing of the single new position. Consistency
-between consecutive steps is the Jaccard overlap of their top-k sets; a handoff is a change of the
-highest-WEIGHT expert; a layer's stability is the share of steps without a handoff. Chance levels
+Step by step with the KV cache (the engine's prefill and decode steps): step 0 runs the prompt,
+every later step feeds the token just generated, and the RoutingRecorder keeps the routing of the
+single new position. Consistency between consecutive steps is the Jaccard overlap of their top-k
+sets; a handoff is a change of the highest-WEIGHT expert; a layer's stability is the share of steps without a handoff. Chance levels
 (two independent draws from the layer's own usage) are reported beside them, since a layer that
 always uses the same few experts is "stable" without any memory.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from uspx.analyze.stats import bootstrap_ratio
+from uspx.engine.forward import decode_step, prefill
 from uspx.models.base import MoEAdapter
 from uspx.trace.capture import RoutingRecorder
 
@@ -27,20 +28,17 @@ def generate_routing(lm, adapter: MoEAdapter, prompt_ids: list[int], new_tokens:
     ids_steps, w_steps, out = [], [], []
     eos = getattr(lm.model.config, "eos_token_id", None)
     eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    inp = torch.tensor([prompt_ids])
-    past = None
+    step = None
     with RoutingRecorder(adapter) as rec:
         for _ in range(new_tokens):
             rec.clear()
-            res = lm.model(input_ids=inp, cache=past, use_cache=True)
-            past = res.cache
+            step = prefill(lm, torch.tensor([prompt_ids])) if step is None else decode_step(lm, step)
             ids_steps.append(np.stack([rec.layers[l].index[-1].numpy() for l in layers]))
             w_steps.append(np.stack([rec.layers[l].weights[-1].float().numpy() for l in layers]))
-            nxt = int(res.logits[0, -1].argmax())
+            nxt = int(step.next_ids[0, 0])
             out.append(nxt)
             if nxt in eos:
                 break
-            inp = torch.tensor([[nxt]])
     return np.stack(ids_steps), np.stack(w_steps), out
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from uspx.engine.forward import decode_steps, device_of, prefill
 from uspx.evaluate.metrics import Runner
 
 PREFILL_PROMPTS = 4
@@ -19,26 +20,31 @@ PREFILL_TOKENS = 128
 DECODE_PROMPT_TOKENS = 32
 
 
-@torch.no_grad()
 def prefill_seconds(runner: Runner, prompts: Sequence[torch.Tensor]) -> float:
     start = time.perf_counter()
     with runner.context():
         for ids in prompts:
-            runner.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            prefill(runner.model, ids, cache=False)
+        _sync(runner.model)
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def decode_seconds(runner: Runner, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds for ``new_tokens`` greedy steps with the KV cache (the prefill is not counted)."""
     with runner.context():
-        out = runner.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        past, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        step = prefill(runner.model, prompt)
+        _sync(runner.model)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = runner.model(input_ids=nxt, cache=past, use_cache=True)
-            past, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        decode_steps(runner.model, step, new_tokens)
+        _sync(runner.model)
         return time.perf_counter() - start
+
+
+def _sync(model: torch.nn.Module) -> None:
+    """Wait for a GPU's queued kernels, so the clock reads when the work is done, not queued."""
+    device = device_of(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(runners: dict[str, Runner], token_lists: Sequence[Sequence[int]], *, new_tokens: int = 32,

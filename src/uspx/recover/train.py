@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from uspx.engine.batches import Batch, make_batches, target_losses
+from uspx.engine.forward import Sampling, generate, logits
 from uspx.engine.hooks import Handles, forward_hook
 from uspx.io import UspxError, atomic_path, read_json, write_json
 from uspx.models import MoEAdapter, adapter_for
@@ -138,22 +139,20 @@ def generated_items(teacher: torch.nn.Module, items: list[EncodedItem], settings
     torch.manual_seed(settings.seed)  # generate() samples from the global generator
     prompts = [(item, r, item.input_ids[: item.completion_start or max(1, len(item.input_ids) // 2)])
                for item in items for r in range(settings.generated)]
-    with torch.no_grad():
-        for a in range(0, len(prompts), GENERATE_BATCH):  # left-padded batches: one cache per batch
-            group = prompts[a : a + GENERATE_BATCH]
-            width = max(len(p) for _, _, p in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for i, (_, _, p) in enumerate(group):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            new = teacher.generate(ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                   max_new_tokens=settings.generated_tokens, eos_token_id=eos,
-                                   pad_token_id=pad)[:, width:]
-            for (item, r, p), row in zip(group, new.tolist()):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos) + 1]
-                out.append(EncodedItem(item.index, f"{item.id}#gen{r}", item.family, "generated", p + row, len(p)))
+    for a in range(0, len(prompts), GENERATE_BATCH):  # left-padded batches: one cache per batch
+        group = prompts[a : a + GENERATE_BATCH]
+        width = max(len(p) for _, _, p in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, (_, _, p) in enumerate(group):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        new = generate(teacher, ids, mask, max_new_tokens=settings.generated_tokens, sampling=Sampling(),
+                       eos_token_id=eos, pad_token_id=pad)[:, width:]
+        for (item, r, p), row in zip(group, new.tolist()):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            out.append(EncodedItem(item.index, f"{item.id}#gen{r}", item.family, "generated", p + row, len(p)))
     write_json(cache, [asdict(e) for e in out])
     return out
 
@@ -287,11 +286,8 @@ def _batch_of_step(items: list[EncodedItem], step: int, settings: Settings, pad_
 
 def _loss(teacher, student, batch: Batch, settings: Settings, t_sig: _Signals, s_sig: _Signals,
           kept: dict[int, torch.Tensor]) -> torch.Tensor:
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.loss_mask,
-              use_cache=False)
-    with torch.no_grad():
-        t_logits = _target_logits(teacher(**kw).logits, batch)
-    s_logits = _target_logits(student(**kw).logits, batch)
+    t_logits = logits(teacher, batch)
+    s_logits = logits(student, batch, grad=True)
     real = batch.real
     loss = s_logits.sum() * 0.0
     if settings.kd:
@@ -307,10 +303,6 @@ def _loss(teacher, student, batch: Batch, settings: Settings, t_sig: _Signals, s
     return loss
 
 
-def _target_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return logits[batch.loss_mask] if logits.dim() == 3 else logits
-
-
 @torch.no_grad()
 def _validation_loss(student, batches: list[Batch]) -> float:
     """The student's mean target loss on the validation items (what the held-out delta measures)."""
@@ -318,9 +310,7 @@ def _validation_loss(student, batches: list[Batch]) -> float:
     for batch in batches:
         if not batch.loss_mask.any():
             continue
-        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         logits_to_keep=batch.loss_mask, use_cache=False).logits
-        losses = target_losses(batch, _target_logits(logits, batch))
+        losses = target_losses(batch, logits(student, batch))
         total += float(losses.double().sum())
         count += losses.numel()
     return total / count if count else math.inf

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from uspx.dist import Dist
+from uspx.engine.forward import forward
 from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.io import UspxError
 from uspx.models import MoEAdapter, MoELayer
@@ -118,7 +119,7 @@ def _capture_prefix(model: nn.Module, stack: nn.ModuleList, pos: int, batch) -> 
 
     with hooked([forward_hook(stack[pos - 1], hook)]):
         try:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            forward(model, batch.input_ids, batch.attention_mask, head=False)
         except _Stop:
             pass
     if not box:

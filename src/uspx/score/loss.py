@@ -22,28 +22,23 @@ import numpy as np
 import torch
 
 from uspx.engine.batches import Batch, loss_mask, make_batches, n_targets, target_losses
+from uspx.engine.forward import logits
 from uspx.workload import EncodedItem
 
 __all__ = ["Batch", "ItemLosses", "compute_loss", "loss_mask", "make_batches", "n_targets", "token_losses"]
 
 
 def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """[B, T] float32 next-token cross-entropy at every predicting position (0 where not a target).
+    """[B, T] float32 next-token cross-entropy at every predicting position (0 where not a target),
+    on the CPU; differentiable when called with gradients enabled.
 
-    Only the target positions go through the LM head (``logits_to_keep`` with a boolean mask, which
-    every transformers MoE family supports): the head over a large vocabulary is a big share of a
-    small model's forward, and a prompt's positions are never scored.
+    Only the target positions go through the LM head (:func:`uspx.engine.forward.logits`).
     """
     mask = batch.loss_mask
     out = torch.zeros(mask.shape, dtype=torch.float32)
     if not mask.any():
         return out
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=mask, use_cache=False
-    ).logits
-    if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
-        logits = logits[mask]
-    out[mask] = target_losses(batch, logits)
+    out[mask] = target_losses(batch, logits(model, batch, grad=torch.is_grad_enabled()))
     return out
 
 

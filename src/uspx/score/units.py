@@ -312,6 +312,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
                       progress: bool = False) -> dict[str, pa.Table]:
     """``reconstruction`` and ``activation`` rows of every channel and head unit (module doc)."""
     from uspx.engine import make_batches
+    from uspx.engine.forward import forward
     from uspx.engine.hooks import hooked
 
     adapter = adapter_for(model)
@@ -327,7 +328,7 @@ def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequenc
     with hooked(hooks), progress_bar("unit contributions", len(batches), "batches", progress) as bar:
         for batch in batches:
             col.batch(batch)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            forward(model, batch.input_ids, batch.attention_mask, head=False)  # hooks collect; no logits needed
             bar.advance()
     den_rep = counts @ tokens
     out: dict[str, list[pa.Table]] = {}

@@ -49,14 +49,14 @@ class _ProbeStop:
 
     def _keep(self, module, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        self.hidden = h[0, -1].detach()
+        self.hidden = h[0, -1].detach().cpu()  # the probe's weights live on the CPU
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         position = input_ids.shape[1] - 2  # the position whose hidden state produced the newest token
         fire = self.hidden is not None and position not in self.skip and bool(self.probe.fires(self.hidden[None])[0])
         if fire:
             self.fired_at = position
-        return torch.tensor([fire], dtype=torch.bool)
+        return torch.tensor([fire], dtype=torch.bool, device=input_ids.device)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -66,7 +66,7 @@ def generate_with_tools(model, tokenizer, prompt: str, probe: Probe, *, max_new_
                         max_calls: int = 32) -> Generated:
     """Greedy continuation of ``prompt`` (``max_new_tokens`` model tokens at most), with the
     calculator called wherever ``probe`` fires."""
-    from transformers import StoppingCriteriaList
+    from uspx.engine.forward import generate
 
     if probe.tool != "calc":
         raise UspxError(f"no generation hook for tool {probe.tool!r}; the calculator is the one wired to a probe")
@@ -78,8 +78,8 @@ def generate_with_tools(model, tokenizer, prompt: str, probe: Probe, *, max_new_
     while budget > 0:
         stop = _ProbeStop(model, probe, skip)
         try:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
-                                 stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=eos if isinstance(eos, int) else 0)
+            out = generate(model, ids, torch.ones_like(ids), max_new_tokens=budget, stopping_criteria=[stop],
+                           pad_token_id=eos if isinstance(eos, int) else 0)
         finally:
             stop.remove()
         budget -= out.shape[1] - ids.shape[1]

@@ -109,6 +109,8 @@ def token_labels(text: str, offsets: list[tuple[int, int]], positive_family: boo
 
 
 def _hidden_and_labels(model, tokenizer, items, layer: int, family: str, max_length: int):
+    from uspx.engine.forward import forward
+
     feats, labels, regex = [], [], []
     for it in items:
         text = it.prompt + (it.completion or "")
@@ -116,9 +118,8 @@ def _hidden_and_labels(model, tokenizer, items, layer: int, family: str, max_len
                         max_length=max_length)
         if not enc["input_ids"]:
             continue
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([enc["input_ids"]]), output_hidden_states=True)
-        feats.append(out.hidden_states[layer + 1][0].float())  # [0] is the embedding output
+        out = forward(model, torch.tensor([enc["input_ids"]]), output_hidden_states=True)
+        feats.append(out.hidden_states[layer + 1][0].float().cpu())  # [0] is the embedding output
         lab, reg = token_labels(text, enc["offset_mapping"], it.family == family)
         labels.append(lab)
         regex.append(reg)

@@ -42,6 +42,7 @@ from uspx.superweights.report import checklist, render_report, verdict
 from uspx.superweights.routing import layer_routing, per_prompt_p_active
 from uspx.superweights.stopwords import stopword_ids
 from uspx.engine.batches import pad_id_of
+from uspx.engine.forward import forward
 from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
@@ -404,7 +405,7 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
         for _, ids, mask in C.batches:
             real = mask.reshape(-1).bool()
             state.update(real=real, offset=offset, ids=ids.reshape(-1)[real])
-            net(input_ids=ids, attention_mask=mask, use_cache=False)
+            forward(net, ids, mask, head=False)  # the hooks measure everything: no LM head
             offset += int(real.sum())
     rows = []
     for l in adapter.layers:

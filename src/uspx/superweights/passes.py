@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from uspx.engine.batches import padded
+from uspx.engine.forward import forward, generate
+from uspx.engine.losses import log_probs, masked_token_nll, real_pair_mask
 from uspx.engine.hooks import forward_hook, hooked, pre_hook
 from uspx.models import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
@@ -125,19 +127,18 @@ def run_pass(
             real = mask.reshape(-1).bool()
             state["real"] = real
             rec.clear()
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logits = forward(model, ids, mask).logits
             # next-token loss where both the position and its target are real tokens
-            valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
+            valid = real_pair_mask(mask)
+            nll = masked_token_nll(logits, ids, valid)
             for r, it in enumerate(group):
                 seq_loss[rows[id(it)]] += float(nll[r].sum())
                 seq_count[rows[id(it)]] += float(valid[r].sum())
             if stop_ids is not None:
-                stop_parts.append(logp[..., stop_ids].exp().sum(-1).reshape(-1)[real])
+                stop_parts.append(log_probs(logits)[..., stop_ids].exp().sum(-1).reshape(-1)[real])
             for layer_idx in routes:
                 routes[layer_idx].append(rec.layers[layer_idx].index[real].clone())
-            del logits, logp
+            del logits
     return PassResult(
         seq_loss,
         seq_count,
@@ -167,7 +168,7 @@ def layer_inputs(model: nn.Module, adapter: MoEAdapter, sl: Slice, layer: MoELay
         for _, ids, mask in sl.batches:
             state["real"] = mask.reshape(-1).bool()
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                forward(model, ids, mask, head=False)
             except _Stop:
                 pass
     return torch.cat(hs), torch.cat(ix)
@@ -179,18 +180,14 @@ def repetition_rate(model: nn.Module, prompts: list[list[int]], new_tokens: int,
     A broken model loops; a healthy one rarely repeats a 3-gram within a few dozen tokens.
     """
     repeats, total = 0, 0
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=pad_id,
-            )
-            gen = out[0, len(p):].tolist()
-            seen: set[tuple[int, ...]] = set()
-            for i in range(n - 1, len(gen)):
-                gram = tuple(gen[i - n + 1 : i + 1])
-                repeats += gram in seen
-                total += 1
-                seen.add(gram)
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = generate(model, ids, torch.ones_like(ids), max_new_tokens=new_tokens, pad_token_id=pad_id)
+        gen = out[0, len(p):].tolist()
+        seen: set[tuple[int, ...]] = set()
+        for i in range(n - 1, len(gen)):
+            gram = tuple(gen[i - n + 1 : i + 1])
+            repeats += gram in seen
+            total += 1
+            seen.add(gram)
     return repeats / max(total, 1)

@@ -18,7 +18,7 @@ Figures:
    an exact restriction for gpt_oss: top-k on logits then softmax over the k);
    every restricted model is measured on every user's held-out completions.
 
-Routing is read from ``model(..., output_router_logits=True)``: gpt_oss
+Routing is read from the forward's ``output_router_logits``: gpt_oss
 returns router *logits*, and the routed set is their top-k.
 """
 
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.engine.forward import forward
 from uspx.engine.losses import token_nll
 from uspx.models import adapter_class
 from uspx.teacher.corpus import FAMILIES
@@ -74,7 +75,7 @@ def window_stats(model: torch.nn.Module, windows: dict[str, torch.Tensor], bs: i
         c = np.zeros((L, E), dtype=np.int64)
         for i in range(0, len(w), bs):
             x = w[i:i + bs]
-            out = model(input_ids=x[:, :-1], output_router_logits=True, use_cache=False)
+            out = forward(model, x[:, :-1], output_router_logits=True)
             lg = out.logits.float()
             tot += float(token_nll(lg, x[:, 1:], reduction="sum"))
             n += x[:, 1:].numel()
@@ -177,7 +178,7 @@ def completion_ce(model: torch.nn.Module, tok, items: Sequence[dict], bs: int = 
     """Token-weighted mean cross-entropy on completion tokens only."""
     tot, n = 0.0, 0
     for x, _, tgt in _batches(_encode_items(tok, items), tok.pad_token_id, bs):
-        lg = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        lg = forward(model, x).logits[:, :-1].float()
         tot += float(token_nll(lg, x[:, 1:])[tgt].sum())
         n += int(tgt.sum())
     return tot / n
@@ -191,7 +192,7 @@ def frequency_scores(model: torch.nn.Module, tok, items: Sequence[dict], bs: int
     c = np.zeros((L, E))
     n = 0
     for x, real, _ in _batches(_encode_items(tok, items), tok.pad_token_id, bs):
-        out = model(input_ids=x, output_router_logits=True, use_cache=False)
+        out = forward(model, x, output_router_logits=True)
         m = real.reshape(-1)
         for layer, rl in enumerate(out.router_logits):
             idx = rl.topk(k, dim=-1).indices[m].reshape(-1)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.engine.forward import forward
 from uspx.engine.losses import token_nll
 from uspx.io import write_text
 from uspx.teacher.corpus import FAMILIES, read_split
@@ -166,7 +167,8 @@ def per_layer_aux(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, with_router: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token cross-entropy on windows ``x`` [B, T+1]; optional per-layer aux loss."""
-    out = model(input_ids=x[:, :-1], output_router_logits=with_router, use_cache=False)
+    # gradients as the caller's mode: a training step wants them, the validation pass does not
+    out = forward(model, x[:, :-1], grad=torch.is_grad_enabled(), output_router_logits=with_router)
     logits = out.logits.float()
     loss = token_nll(logits, x[:, 1:], reduction="mean")
     aux = None

@@ -8,7 +8,7 @@ PIP_FLAGS := -q
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $@
 
-.PHONY: setup demo test teacher
+.PHONY: setup demo lint test teacher
 setup: .venv/installed
 
 # The demo's recovery is shortened to 100 steps (uspx recover's default is 300) to finish in about
@@ -16,7 +16,11 @@ setup: .venv/installed
 demo: setup
 	.venv/bin/uspx extract default python_dev --keep 50% -o runs/quickstart --recover --recover-steps 100
 
-test: setup
+# The package layers and the no-cycle rule (contracts in pyproject.toml), checked before the tests.
+lint: setup
+	.venv/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 # Rebuild the bundled teacher from scratch (about an hour on 2 CPU cores). The shell

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     from uspx.extract import extract
-    from uspx.prune.channels import export_channels
+    from uspx.narrow import export_channels
     from uspx.prune.files import weight_files
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

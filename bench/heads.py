@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    from uspx.prune.heads import export_heads
+    from uspx.narrow import export_heads
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", default="python_dev,shell_user,docs_writer")

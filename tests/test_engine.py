@@ -339,3 +339,18 @@ def test_lm_head_in_chunks_gives_the_same_losses_and_logits(tmp_path, monkeypatc
     np.testing.assert_allclose(loss.sum_loss, whole_loss.sum_loss, rtol=1e-6)
     for a, b, c, d in zip(logits.per_item, whole_logits.per_item, loss.argmax, whole_loss.argmax):
         assert torch.allclose(a, b, atol=1e-6) and torch.equal(c, d) and len(c) == len(a)
+
+
+def test_batch_of_step_reshuffles_each_epoch_from_the_seed_alone():
+    """Step s of a run over n items in batches of b: epoch s // ceil(n / b) permutes the items with
+    numpy's generator seeded [seed, epoch], and the step takes its slice of that order."""
+    from uspx.engine.batches import batch_of_step
+
+    items = _items(100, lengths=(4, 6, 5, 9, 3))
+    for step in range(7):
+        epoch, pos = divmod(step, 3)  # ceil(5 / 2) = 3 steps per epoch
+        order = np.random.default_rng([11, epoch]).permutation(5)
+        want = sorted(order[2 * pos : 2 * pos + 2].tolist())
+        got = batch_of_step(items, step, 2, 11, pad_id=0)
+        assert sorted(e.index for e in got.items) == want
+        assert got.input_ids.shape == (len(want), max(len(items[i].input_ids) for i in want))

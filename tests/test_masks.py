@@ -1,4 +1,4 @@
-"""Learned expert masks (``uspx.recover.masks``) and the "l0" score method."""
+"""Learned expert masks (``uspx.score.masks``) and the "l0" score method."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from conftest import save_tiny, write_jsonl
 from uspx.io import UspxError
 from uspx.models import adapter_for
 from uspx.plan import select_experts
-from uspx.recover.masks import gate, kept_from_log_alpha, learn_masks
-from uspx.recover.objectives import gate_open_probability
+from uspx.score.masks import gate, gate_open_probability, kept_from_log_alpha, learn_masks
 from uspx.score import load_scores, score
 from uspx.testing import tiny_model
 from uspx.trace import trace

@@ -16,8 +16,8 @@ from uspx.engine import open_source
 from uspx.io import UspxError
 from uspx.recover import Settings, recover
 from uspx.recover.run import run_source
-from uspx.recover.objectives import (gate_open_probability, hard_concrete, kd_loss, lagrangian, layer_loss,
-                                     router_kd_loss)
+from uspx.recover.objectives import kd_loss, layer_loss, router_kd_loss
+from uspx.score.masks import gate_open_probability, hard_concrete, lagrangian
 
 
 def _softmax(x):

@@ -340,7 +340,7 @@ def channels(
     """Narrow every expert to its best channels on the user's calibration items (the same width in
     every expert, as configs require); export, verify against the masked model, evaluate."""
     _set_threads(threads)
-    from uspx.prune.channels import export_channels
+    from uspx.narrow import export_channels
 
     rec = export_channels(model, workload, out, width=width)
     console.print(f"written {out}: experts {rec['original_width']} -> {rec['width']} channels; tensors "
@@ -359,7 +359,7 @@ def heads(
     """Keep every layer's best KV groups on the user's calibration items (the same count in every
     layer), shrinking the KV cache; export, verify against the masked model, evaluate."""
     _set_threads(threads)
-    from uspx.prune.heads import export_heads
+    from uspx.narrow import export_heads
 
     rec = export_heads(model, workload, out, groups=groups)
     kv = rec["kv_bytes_per_token"]

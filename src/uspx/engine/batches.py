@@ -89,6 +89,16 @@ def make_batches(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0,
     return out
 
 
+def batch_of_step(items: Sequence[EncodedItem], step: int, batch_size: int, seed: int, pad_id: int = 0) -> Batch:
+    """The batch of training step ``step``: the item order is reshuffled each epoch from ``seed``
+    alone, so a resumed or repeated run sees the same batches whatever ran before."""
+    per_epoch = max(1, -(-len(items) // batch_size))
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(items))
+    chosen = [items[i] for i in sorted(order[pos * batch_size : (pos + 1) * batch_size].tolist())]
+    return make_batches(chosen, len(chosen), pad_id)[0]
+
+
 def share(batches: Sequence[Batch], rank: int, world: int) -> tuple[list[Batch], np.ndarray]:
     """Process ``rank``'s share of a run's ``batches`` (batch ``i`` goes to rank ``i % world``) as a
     run of its own: slots packed from 0 and token rows renumbered ``0..n`` over its real tokens in

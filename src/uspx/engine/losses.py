@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from uspx.workload import EncodedItem
 
-__all__ = ["kd_loss", "kl_of", "log_probs", "masked_token_nll", "next_tokens", "nll_of", "real_pair_mask",
-           "target_mask", "token_kl", "token_nll"]
+__all__ = ["kd_loss", "kl_of", "layer_loss", "log_probs", "masked_token_nll", "next_tokens", "nll_of",
+           "real_pair_mask", "target_mask", "token_kl", "token_nll"]
 
 
 # ----- token masks ----------------------------------------------------------------------------------
@@ -107,3 +107,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -> t
     if student.numel() == 0:
         return student.sum() * 0.0
     return tau * tau * token_kl(teacher, student, tau).mean()
+
+
+def layer_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a block's outputs, relative to the original's mean square (scale-free)."""
+    teacher = teacher.float()
+    return (student.float() - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from uspx.models.params import count_params, load_config
+
 RUNTIME_BYTES = 640 * 2**20  # python, torch, transformers, accelerate and pyarrow themselves
 
 
@@ -24,8 +26,6 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
     ``config`` is a transformers config, a config.json dict or a model folder. ``decoded_experts``
     counts only for quantized (MXFP4) experts: dense ones are read whole even when restricted.
     """
-    from uspx.plan.memory import count_params, load_config
-
     cfg = load_config(config)
     p = count_params(cfg)
     item = torch.empty((), dtype=dtype).element_size()

@@ -11,12 +11,23 @@ way (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_d
 ``num_hidden_layers``, ``intermediate_size``, ``num_experts_per_tok``, ``vocab_size``,
 ``tie_word_embeddings``, ``sliding_window``, ``layer_types``); anything a family names its own way is
 an argument.
+
+:func:`count_params` and :func:`load_config` take a config object, a ``config.json`` dict or a path;
+they are the size facts the memory planner and the layer-by-layer peak prediction both read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
+
+from uspx.io import UspxError, read_json
+
+# A config's ``dtype`` (``torch_dtype`` before transformers 5) in the planner's names.
+_TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class ModelParams:
     notes: tuple[str, ...] = ()
     # How the checkpoint the config describes stores its weights, in the planner's dtype names
     # ("mxfp4", "bf16", ...), or a quantization method the planner cannot size; None when the
-    # config does not say. Filled by ``uspx.plan.count_params``, not by the family formulas.
+    # config does not say. Filled by :func:`count_params`, not by the family formulas.
     stored_dtype: str | None = None
 
     @property
@@ -173,4 +184,69 @@ def decoder_params(
     )
 
 
-__all__ = ["ModelParams", "Part", "decoder_params", "glu_mlp", "head_dim", "linear", "lm_head", "windows"]
+# ----- configs and counts --------------------------------------------------------------------------
+def _adapter_class(model_type: str) -> Any:
+    from uspx.models import adapter_class  # here: uspx.models imports the adapters, which import this module
+
+    return adapter_class(model_type)  # a UspxError naming the type and the supported families
+
+
+def load_config(config: Any) -> Any:
+    """A config object with the family's defaults filled in.
+
+    A raw ``config.json`` lacks fields its family defaults (gpt_oss ``layer_types``), so dicts and
+    paths go through ``AutoConfig.for_model``; that builds only the config class, no weights.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        config = read_json(path / "config.json" if path.is_dir() else path)
+    if not isinstance(config, Mapping):
+        return config
+    data = dict(config)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise UspxError("config has no model_type; cannot tell the model family")
+    _adapter_class(model_type)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError) as exc:
+        raise UspxError(f"config for {model_type!r} is not valid: {exc}") from None
+
+
+def count_params(config: Any) -> ModelParams:
+    """Parameter counts of the model a config describes (config only, no weights), from its family's
+    adapter, with the precision the config declares for the checkpoint (``stored_dtype``)."""
+    cfg = load_config(config)
+    model_type = getattr(cfg, "model_type", None) or type(cfg).__name__
+    cls = _adapter_class(model_type)
+    try:
+        params = cls.count_params(cfg)
+    except AttributeError as exc:
+        raise UspxError(f"{model_type} config lacks a field the planner needs: {exc}") from None
+    return dataclasses.replace(params, stored_dtype=declared_dtype(cfg))
+
+
+def declared_dtype(config: Any) -> str | None:
+    """How the config says its checkpoint stores the weights, in the planner's names.
+
+    A ``quantization_config`` wins (``quant_method`` "mxfp4" is the gpt-oss layout; any other method
+    is returned as it is named, which :func:`estimate` then refuses to guess at); else the config's
+    ``dtype`` / ``torch_dtype``; None when the config says neither.
+    """
+    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
+    quant = get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else getattr(quant, "quant_method", None)
+        method = str(getattr(method, "value", method) or "unknown").lower()
+        return "mxfp4" if method == "mxfp4" else method
+    stored = get("dtype") or get("torch_dtype")
+    if stored is None:
+        return None
+    name = str(stored).removeprefix("torch.").lower()
+    return _TORCH_DTYPES.get(name, name)
+
+
+__all__ = ["ModelParams", "Part", "count_params", "declared_dtype", "decoder_params", "glu_mlp", "head_dim",
+           "linear", "lm_head", "load_config", "windows"]

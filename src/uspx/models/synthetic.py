@@ -27,7 +27,7 @@ import torch
 
 from uspx.io import UspxError, write_json
 from uspx.models.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, FP4_VALUES, SCALE_BIAS
-from uspx.engine.checkpoint import TensorSpec, make_readable, write_sharded
+from uspx.models.tensorfiles import TensorSpec, make_readable, write_sharded
 
 # config.json of openai/gpt-oss-20b as published (transformers 4.55 format; transformers 5 turns
 # rope_scaling + rope_theta into rope_parameters on load).

@@ -9,16 +9,15 @@ see ``uspx.models.params``); this module turns their counts into bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from uspx.io import UspxError, read_json
-from uspx.models.params import ModelParams, Part
+from uspx.io import UspxError
+from uspx.models import adapter_class
+# count_params, declared_dtype and load_config are the planner's API too (uspx.plan.count_params)
+from uspx.models.params import ModelParams, Part, count_params, declared_dtype, load_config  # noqa: F401
 
 # Bytes per KV-cache element: an fp8/int8 cache holds one byte per element, half a 16-bit one; an
 # int4 cache half a byte.
@@ -26,72 +25,6 @@ KV_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8":
 DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "mxfp4")
 MXFP4_BITS = 4.25  # 32 FP4 values (16 bytes) share one 8-bit scale: 17 bytes per 32 weights
 GIB = 1 << 30
-# A config's ``dtype`` (``torch_dtype`` before transformers 5) in the planner's names.
-_TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-
-
-# ----- parameter counts ---------------------------------------------------------------------------
-def _adapter_class(model_type: str) -> Any:
-    from uspx.models import adapter_class
-
-    return adapter_class(model_type)  # a UspxError naming the type and the supported families
-
-
-def load_config(config: Any) -> Any:
-    """A config object with the family's defaults filled in.
-
-    A raw ``config.json`` lacks fields its family defaults (gpt_oss ``layer_types``), so dicts and
-    paths go through ``AutoConfig.for_model``; that builds only the config class, no weights.
-    """
-    if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        config = read_json(path / "config.json" if path.is_dir() else path)
-    if not isinstance(config, Mapping):
-        return config
-    data = dict(config)
-    model_type = data.pop("model_type", None)
-    if not model_type:
-        raise UspxError("config has no model_type; cannot tell the model family")
-    _adapter_class(model_type)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError) as exc:
-        raise UspxError(f"config for {model_type!r} is not valid: {exc}") from None
-
-
-def count_params(config: Any) -> ModelParams:
-    """Parameter counts of the model a config describes (config only, no weights), from its family's
-    adapter, with the precision the config declares for the checkpoint (``stored_dtype``)."""
-    cfg = load_config(config)
-    model_type = getattr(cfg, "model_type", None) or type(cfg).__name__
-    cls = _adapter_class(model_type)
-    try:
-        params = cls.count_params(cfg)
-    except AttributeError as exc:
-        raise UspxError(f"{model_type} config lacks a field the planner needs: {exc}") from None
-    return dataclasses.replace(params, stored_dtype=declared_dtype(cfg))
-
-
-def declared_dtype(config: Any) -> str | None:
-    """How the config says its checkpoint stores the weights, in the planner's names.
-
-    A ``quantization_config`` wins (``quant_method`` "mxfp4" is the gpt-oss layout; any other method
-    is returned as it is named, which :func:`estimate` then refuses to guess at); else the config's
-    ``dtype`` / ``torch_dtype``; None when the config says neither.
-    """
-    get = (lambda k: config.get(k)) if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
-    quant = get("quantization_config")
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, Mapping) else getattr(quant, "quant_method", None)
-        method = str(getattr(method, "value", method) or "unknown").lower()
-        return "mxfp4" if method == "mxfp4" else method
-    stored = get("dtype") or get("torch_dtype")
-    if stored is None:
-        return None
-    name = str(stored).removeprefix("torch.").lower()
-    return _TORCH_DTYPES.get(name, name)
 
 
 def _resolve_dtype(params: ModelParams, dtype: str | None) -> str:
@@ -287,7 +220,7 @@ def student_estimate(config: Any, experts_per_layer: int, dtype: str | None = No
     """
     cfg = load_config(config)
     moe = estimate(cfg, dtype, context=context, kv_dtype=kv_dtype, batch=batch, experts_per_layer=experts_per_layer)
-    family = _adapter_class(str(cfg.model_type))
+    family = adapter_class(str(cfg.model_type))
     m = int(experts_per_layer)
     # the student's own config (one expert of M experts' width, top-1), sized by the family's formula
     dense = estimate(family.student_config(cfg, m * family.config_expert_width(cfg)), moe.dtype, context=context,

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from uspx.models import ADAPTERS
 from uspx.io import UspxError, read_json, write_json
 from uspx.plan import memory as mem
+from uspx.score.keep import parse_keep  # noqa: F401 (uspx.plan.parse_keep too)
 
 FORMAT, VERSION = "uspx-plan", 1
 METHODS = ("greedy", "lagrangian")
@@ -248,26 +249,6 @@ class Plan:
         from rich.text import Text
 
         return Group(table, *map(Text, lines))  # a caption would wrap to the table's width
-
-
-def parse_keep(keep: int | float | str, num_experts: int) -> int:
-    """Experts per layer from ``"50%"``, a fraction like 0.5, or a count like 16 / ``"16"``."""
-    text = str(keep).strip()
-    try:
-        if text.endswith("%"):
-            n = math.floor(float(text[:-1]) / 100 * num_experts + 1e-9)
-        elif isinstance(keep, float) or "." in text:
-            frac = float(text)
-            if not 0 < frac <= 1:
-                raise ValueError
-            n = math.floor(frac * num_experts + 1e-9)
-        else:
-            n = int(text)
-    except ValueError:
-        raise UspxError(f"keep must be a percentage (50%), a fraction (0.5) or a count (16); got {keep!r}") from None
-    if not 0 < n <= num_experts:
-        raise UspxError(f"keep={keep!r} gives {n} experts per layer; it must be in 1..{num_experts}")
-    return n
 
 
 def select_experts(

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -143,36 +144,17 @@ def _narrow_linear(state: dict, name: str, linear: nn.Linear, keep: torch.Tensor
         state[f"{name}.bias"] = linear.bias.detach()[keep]
 
 
-def export_channels(model, workload, out_dir: str | Path, *, width: int | str, max_length: int | None = None,
-                    progress: bool = True) -> dict:
-    """Score the channels on ``workload``'s calibration items, keep ``width`` per expert (a count or
-    a share like ``75%``), export, verify against the masked model and evaluate on held-out items."""
-    from uspx.engine.batches import pad_id_of
-    from uspx.models import load_model
-    from uspx.plan import parse_keep
-    from uspx.workload import default_max_length, encode, load_workload
-
-    lm = load_model(model)
-    adapter = adapter_for(lm.model)
-    full = adapter.expert_width()
-    n = parse_keep(width, full)
-    wl = load_workload(workload)
-    items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
-    kept = kept_channels(channel_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
-    return save_verified(lm, narrowed(lm.model, kept), masked(lm.model, kept), wl, out_dir, dict(
-        format="uspx-channels/1", width=n, original_width=full, kept={str(l): v.tolist() for l, v in kept.items()}))
-
-
-def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir: str | Path, fields: dict, *,
-                  kept: dict[int, list[int]] | None = None, size_check=None) -> dict:
+def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable[[Path], dict] | None,
+                  out_dir: str | Path, fields: dict, *, kept: dict[int, list[int]] | None = None,
+                  size_check=None) -> dict:
     """Write ``narrow`` (a structurally smaller copy of ``lm``'s model) to ``out_dir`` in the stored
     precision, reload it with stock ``from_pretrained``, compare its logits with ``reference`` (the
     masked original, rounded the same way, restricted to ``kept`` experts when given) and put it in
-    place only if they agree and ``size_check(folder)`` (which raises on a mismatch) passes; then,
-    with a ``workload``, evaluate it on its held-out items. Returns the record (``fields`` plus
+    place only if they agree and ``size_check(folder)`` (which raises on a mismatch) passes; then
+    record ``heldout(folder)`` as its held-out delta when given (evaluation sits above pruning, so
+    the caller brings it: ``uspx.narrow.heldout_deltas``). Returns the record (``fields`` plus
     verification, sizes and the held-out delta)."""
     from uspx.engine import InMemory
-    from uspx.evaluate import evaluate
     from uspx.models import load_model, model_fingerprint
     from uspx.prune.export import RECORD
     from uspx.prune.files import copy_tokenizer, weight_files
@@ -212,8 +194,7 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, workload, out_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
-    if workload is not None:
-        ev = evaluate(lm, out, workload, speed=False)
-        record["heldout"] = {f: v["delta"] for f, v in {**ev["families"], "all": ev["overall"]}.items()}
+    if heldout is not None:
+        record["heldout"] = heldout(out)
     write_json(out / RECORD, record)
     return record

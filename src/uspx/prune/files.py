@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from uspx.engine.checkpoint import DTYPES, INDEX_NAME
+from uspx.models.tensorfiles import DTYPES, INDEX_NAME
 from uspx.io import UspxError, read_json
 from uspx.models import is_mxfp4_tensor
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,26 +102,3 @@ def kv_bytes_per_token(config, kv_dtype: str = "bf16") -> int:
     from uspx.plan.memory import count_params, kv_cache_bytes
 
     return kv_cache_bytes(count_params(config), 1, kv_dtype)
-
-
-def export_heads(model, workload, out_dir: str | Path, *, groups: int | str, max_length: int | None = None) -> dict:
-    """Score KV groups on ``workload``'s calibration items, keep ``groups`` per layer (a count or
-    a share), export, verify against the masked model and evaluate on held-out items."""
-    from uspx.engine.batches import pad_id_of
-    from uspx.models import load_model
-    from uspx.plan import parse_keep
-    from uspx.prune.channels import save_verified
-    from uspx.workload import default_max_length, encode, load_workload
-
-    lm = load_model(model)
-    n_heads, kv, _ = adapter_for(lm.model).head_shape()
-    n = parse_keep(groups, kv)
-    wl = load_workload(workload)
-    items = encode(wl.part("calibration"), lm.tokenizer, max_length or default_max_length(lm.model.config))
-    kept = kept_groups(group_scores(lm.model, items, pad_id_of(lm.tokenizer)), n)
-    heads = group_heads(kept, n_heads // kv)
-    narrow = narrowed_heads(lm.model, heads)
-    record = save_verified(lm, narrow, masked_heads(lm.model, heads), wl, out_dir, dict(
-        format="uspx-heads/1", kv_groups=n, original_kv_groups=kv, kept={str(i): v.tolist() for i, v in enumerate(kept)},
-        kv_bytes_per_token=dict(original=kv_bytes_per_token(lm.model.config), narrowed=kv_bytes_per_token(narrow.config))))
-    return record

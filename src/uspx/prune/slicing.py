@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from uspx.engine.checkpoint import INDEX_NAME, TensorSpec, make_readable, write_safetensors
+from uspx.models.tensorfiles import INDEX_NAME, TensorSpec, make_readable, write_safetensors
 from uspx.engine.source import FromCheckpoint
 from uspx.io import UspxError, read_json, write_json
 

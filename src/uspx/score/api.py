@@ -12,7 +12,7 @@ from uspx.dist import Dist, current
 from uspx.engine import open_source
 from uspx.io import UspxError
 from uspx.models import LoadedModel
-from uspx.plan.select import parse_keep
+from uspx.score.keep import parse_keep
 from uspx.score.methods import REGISTRY, Inputs, Method, Needs, score_sequential, split_items
 from uspx.score.table import FORMAT, ScoreTable
 from uspx.trace import Trace

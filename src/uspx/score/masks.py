@@ -1,12 +1,12 @@
 """Learned expert masks: which experts to keep under a per-layer budget, learned jointly.
 
-Every MoE layer gets a vector ``log_alpha`` [E] of hard-concrete gate parameters
-(``uspx.recover.objectives``). A router forward hook adds ``log(z)`` to the router's logits, ``z``
-the layer's gates (``-inf`` where a gate is exactly 0, so a closed expert is never chosen), and
-routes again with the family's own rule (:meth:`MoEAdapter.route`). With a softmax router this
-scales each expert's routing probability by its gate and renormalises, so a gate in (0, 1) turns
-an expert down smoothly and a gate of 0 removes it as pruning does; with other routers (sigmoid
-scores, sparsemixer) it is a monotone turn-down of the same kind.
+Every MoE layer gets a vector ``log_alpha`` [E] of hard-concrete gate parameters (defined below). A
+router forward hook adds ``log(z)`` to the router's logits, ``z`` the layer's gates (``-inf`` where
+a gate is exactly 0, so a closed expert is never chosen), and routes again with the family's own
+rule (:meth:`MoEAdapter.route`). With a softmax router this scales each expert's routing
+probability by its gate and renormalises, so a gate in (0, 1) turns an expert down smoothly and a
+gate of 0 removes it as pruning does; with other routers (sigmoid scores, sparsemixer) it is a
+monotone turn-down of the same kind.
 
 The model stays frozen (no weight gradients). Each step: the ungated model's logits at the target
 positions (the teacher, no gradients), then the gated model with one hard-concrete sample of the
@@ -17,9 +17,15 @@ while the gates that matter least to the output close first. The kept set of a l
 ``keep`` largest ``log_alpha`` (ties: lower expert id); ``P(gate open)`` is the score uspx's
 selection ranks.
 
-Batches follow ``uspx.recover.train``: the batch of a step is a function of the step and the seed
-alone, the gate noise comes from a generator seeded with ``seed``; with one thread a run is
-deterministic.
+Batches follow recovery's (``uspx.engine.batches.batch_of_step``): the batch of a step is a function
+of the step and the seed alone, the gate noise comes from a generator seeded with ``seed``; with one
+thread a run is deterministic.
+
+Hard-concrete gates (Louizos et al., 2018): ``u ~ U(0, 1)``,
+``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``, stretched to ``(gamma, zeta)`` and clamped
+to [0, 1]; ``P(gate != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``. The Lagrangian term
+``lambda_1 * (E[n] - n_target) + lambda_2 * (E[n] - n_target)^2`` drives the expected number of open
+gates to the target; the lambdas are maximised (gradient ascent) while the gates minimise.
 """
 
 from __future__ import annotations
@@ -31,18 +37,44 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from uspx.engine.batches import batch_of_step
+from uspx.engine.forward import logits as target_logits
 from uspx.engine.hooks import forward_hook, pre_hook, register
+from uspx.engine.losses import kd_loss, layer_loss
 from uspx.engine.observers import Observer, _first
 from uspx.io import UspxError
 from uspx.models import adapter_for
 from uspx.models.base import MoEAdapter, MoELayer, Restriction
 from uspx.progress import progress_bar
-from uspx.recover.objectives import gate_open_probability, hard_concrete, kd_loss, lagrangian
-from uspx.recover.train import Settings, _batch_of_step, _target_logits
 from uspx.workload import EncodedItem
 
 INIT_LOG_ALPHA = 3.0  # P(gate open) ~ 0.99 at the start: every expert starts (almost surely) in
 HISTORY_POINTS = 50  # at most this many entries per curve in the returned history
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # the hard-concrete constants of Louizos et al.
+
+
+def hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample of the gates (differentiable in ``log_alpha``)."""
+    u = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def gate_open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """``P(gate != 0)``: the expected number of open gates is its sum."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The gates at test time: the stretched sigmoid of ``log_alpha`` without noise, clamped."""
+    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def lagrangian(expected: torch.Tensor, target: float, lambda_1: torch.Tensor, lambda_2: torch.Tensor) -> torch.Tensor:
+    """``lambda_1 * (E[n] - target) + lambda_2 * (E[n] - target)^2``: minimised in the gates,
+    maximised in the lambdas (their gradients are ascended)."""
+    gap = expected - target
+    return lambda_1 * gap + lambda_2 * gap * gap
 
 
 def gate_hook(adapter: MoEAdapter, layer: MoELayer, gates: Callable[[], torch.Tensor | None]) -> Callable:
@@ -142,7 +174,6 @@ def learn_masks(
     items = list(items)
     if not items:
         raise UspxError("learned masks need at least one calibration item")
-    order = Settings(batch_size=batch_size, seed=seed)  # only what _batch_of_step reads
 
     log_alpha = torch.full((n_layers, n_exp), float(init_log_alpha), requires_grad=True)
     lambdas = torch.zeros((2, n_layers), requires_grad=True)  # lambda_1, lambda_2 per layer
@@ -168,14 +199,11 @@ def learn_masks(
     try:
         with progress_bar("learning masks", total=steps, unit="steps", enabled=progress) as bar:
             for step in range(steps):
-                batch = _batch_of_step(items, step, order, pad_id)
-                kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          logits_to_keep=batch.loss_mask, use_cache=False)
+                batch = batch_of_step(items, step, batch_size, seed, pad_id)
                 current["z"] = None
-                with torch.no_grad():
-                    teacher = _target_logits(model(**kw).logits, batch)
+                teacher = target_logits(model, batch)
                 current["z"] = sample_gates(log_alpha, top_k, generator)
-                student = _target_logits(model(**kw).logits, batch)
+                student = target_logits(model, batch, grad=True)
                 current["z"] = None
                 kd = kd_loss(student, teacher.to(student.device), tau).cpu()
                 expected = gate_open_probability(log_alpha).sum(-1)  # [L]
@@ -253,8 +281,6 @@ class LayerMasks(Observer):
         return [register(pre_hook(layer.block, keep_input, with_kwargs=True))]
 
     def layer_done(self, index: int) -> None:
-        from uspx.recover.objectives import layer_loss
-
         adapter, layer = self._layers[index]
         x = torch.cat(self._inputs.pop(index))
         block = layer.block

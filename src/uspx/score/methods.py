@@ -22,7 +22,7 @@ from uspx.dist import Dist
 from uspx.engine.batches import pad_id_of
 from uspx.io import UspxError
 from uspx.models import LoadedModel
-from uspx.plan.select import parse_keep
+from uspx.score.keep import parse_keep
 from uspx.progress import progress_bar
 from uspx.score.ablation import AblationResult, run_ablation
 from uspx.score.baseline import Baseline, run_baseline
@@ -328,8 +328,7 @@ class LearnedMasks(Method):
     model's output (l0) or to each layer's block output alone (l0_layer, which streams)."""
 
     def compute(self, run: Inputs) -> None:
-        from uspx.recover.masks import layer_masks, learn_masks
-        from uspx.recover.objectives import gate_open_probability
+        from uspx.score.masks import gate_open_probability, layer_masks, learn_masks
 
         keep = parse_keep(run.keep, run.adapter.num_experts)
         with run.timed(self.name):

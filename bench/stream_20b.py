@@ -14,7 +14,7 @@ of ``--cal-len`` characters (one token each), ``--heldout-items`` held-out items
 ``--heldout-len``.
 
 Then, in this process: the peak memory ``predict_peak_memory`` gives for each stage;
-``uspx.extract.extract(..., streaming=True, method=--method, keep=--keep)`` (trace with the
+``uspx.extract.extract(open_source(model, streaming=True), method=--method, keep=--keep)`` (trace with the
 reconstruction sums, score, select, prune on disk, verification layer by layer in float32, held-out
 evaluation layer by layer) while a thread samples this process's RSS every 0.2 s with the stage,
 the model (original / restricted original / export) and the decoder layer running; ru_maxrss
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from uspx.engine import open_source
     from uspx.extract import extract
     from uspx.io import read_json, write_json
     from uspx.prune.verify import DEFAULT_PROMPTS, MAX_PROMPT_TOKENS
@@ -370,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     error = None
     try:
         with where.in_stage("extract"):
-            report = extract(args.model, args.out / "workload.jsonl", args.out / "extract", keep=args.keep,
-                             method=args.method, streaming=True, dtype="bf16", speed=False, progress=args.progress)
+            report = extract(open_source(args.model, streaming=True, dtype="bf16"), args.out / "workload.jsonl",
+                             args.out / "extract", keep=args.keep, method=args.method, dtype="bf16", speed=False,
+                             progress=args.progress)
     except BaseException as exc:  # keep what was measured; the traceback goes to the log
         import traceback
 

@@ -90,9 +90,9 @@ def test_device_map_errors_name_the_value(tiny_gpt_oss_dir, plain, tmp_path):
     with pytest.raises(UspxError, match="module name -> device"):
         load_model(tiny_gpt_oss_dir, device_map=bad)
     with pytest.raises(UspxError, match="layer-by-layer"):
-        from uspx.trace import trace
+        from uspx.engine import open_source
 
-        trace(tiny_gpt_oss_dir, wl, tmp_path / "t", streaming=True, device_map=ON_DISK, progress=False)
+        open_source(tiny_gpt_oss_dir, streaming=True, device_map=ON_DISK)
     # an offloaded expert weight would never receive its gradient: taylor refuses instead of scoring 0
     with pytest.raises(UspxError, match="taylor needs every expert weight in memory.*layers.1"):
         score(tiny_gpt_oss_dir, root / "plain", wl, tmp_path / "s", ["taylor"], device_map=ON_DISK, progress=False)

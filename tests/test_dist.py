@@ -36,6 +36,17 @@ def _join(rank: int, world: int, port: int, seconds: int):
     return td
 
 
+def _model(model, kw: dict):
+    """``model`` as the stages take it, and the other arguments: ``layered`` (not a stage argument)
+    opens it layer by layer in ``dtype``."""
+    kw = dict(kw)
+    if kw.pop("layered", False):
+        from uspx.engine import open_source
+
+        return open_source(model, streaming=True, dtype=kw.pop("dtype")), kw
+    return model, kw
+
+
 def _worker(rank: int, world: int, port: int, model: str, workload: str, out: str, crash: str | None,
             kw: dict, log: str | None) -> None:
     td = _join(rank, world, port, 30)
@@ -67,7 +78,8 @@ def _worker(rank: int, world: int, port: int, model: str, workload: str, out: st
             runner._save_state = save_then_die_or_log
         from uspx.trace import trace
 
-        trace(model, workload, out, progress=False, **kw)
+        opened, rest = _model(model, kw)
+        trace(opened, workload, out, progress=False, **rest)
     finally:
         if td.is_initialized():
             td.destroy_process_group()
@@ -162,7 +174,8 @@ def _score_worker(rank: int, world: int, port: int, model: str, workload: str, t
             tay.token_losses = logged("backward", tay.token_losses)
             rec.run = logged("batches", rec.run)
         for i, (methods, kw) in enumerate(runs or [(["ablation_natural", "frequency"], dict(bootstrap=20))]):
-            score(model, trace_dir, workload, f"{out}{i or ''}", methods, progress=False, **kw)
+            opened, rest = _model(model, kw)
+            score(opened, trace_dir, workload, f"{out}{i or ''}", methods, progress=False, **rest)
     finally:
         td.destroy_process_group()
 
@@ -185,7 +198,7 @@ def test_ablations_shared_out_give_the_single_process_scores(tiny_gpt_oss_dir, t
 
 # batch_size 2: seven batches, so each process runs several, of different lengths; two items per
 # shard, so most shards hold tokens of both processes' batches
-STREAMED = dict(streaming=True, dtype="fp32", batch_size=2, items_per_shard=2, reconstruction=True, norms=True,
+STREAMED = dict(layered=True, dtype="fp32", batch_size=2, items_per_shard=2, reconstruction=True, norms=True,
                 logits=True)
 
 
@@ -195,7 +208,8 @@ def test_layer_by_layer_under_two_processes_writes_the_trace_of_one(tiny_gpt_oss
     from uspx.trace import trace
 
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
-    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", progress=False, **STREAMED)
+    opened, kw = _model(tiny_gpt_oss_dir, STREAMED)
+    trace(opened, wl, tmp_path / "one", progress=False, **kw)
     _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", kw=STREAMED)
     _same_folders(tmp_path / "two", tmp_path / "one")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
@@ -216,7 +230,8 @@ def test_a_killed_rank_resumes_layer_by_layer(tiny_gpt_oss_dir, tmp_path, one_th
     from uspx.trace import trace
 
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
-    trace(tiny_gpt_oss_dir, wl, tmp_path / "one", progress=False, **STREAMED)
+    opened, kw = _model(tiny_gpt_oss_dir, STREAMED)
+    trace(opened, wl, tmp_path / "one", progress=False, **kw)
     with pytest.raises(Exception):
         _spawn(tiny_gpt_oss_dir, wl, tmp_path / "two", crash="layer", kw=STREAMED)
     stage = tmp_path / "two" / ".streaming" / "rank-00001-of-00002"
@@ -242,9 +257,11 @@ def test_taylor_and_reconstruction_shared_out_give_the_single_process_scores(tin
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
     trace(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)  # no reconstruction sums: score runs the model
     runs = [(["taylor", "reconstruction"], dict(bootstrap=20, batch_size=2)),
-            (["reconstruction"], dict(bootstrap=20, batch_size=2, streaming=True, dtype="fp32"))]
-    one = [score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / f"s1-{i}", m, progress=False, **kw)
-           for i, (m, kw) in enumerate(runs)]
+            (["reconstruction"], dict(bootstrap=20, batch_size=2, layered=True, dtype="fp32"))]
+    one = []
+    for i, (m, kw) in enumerate(runs):
+        opened, rest = _model(tiny_gpt_oss_dir, kw)
+        one.append(score(opened, tmp_path / "t", wl, tmp_path / f"s1-{i}", m, progress=False, **rest))
     mp.start_processes(_score_worker, args=(2, _free_port(), str(tiny_gpt_oss_dir), str(wl), str(tmp_path / "t"),
                                             str(tmp_path / "s2-"), runs, str(tmp_path / "ran")),
                        nprocs=2, start_method="spawn", join=True)

@@ -157,6 +157,7 @@ def test_layer_masks_close_the_experts_the_router_never_chooses(tmp_path, one_th
     removing them changes no block output, while removing any other does. Layer-local masks under
     keep 4 of 8 must close exactly those four, learned whole or layer by layer from the files."""
     from conftest import make_tokenizer
+    from uspx.engine import open_source
 
     model = tiny_model("gpt_oss")
     never = [1, 3, 4, 6]
@@ -171,8 +172,8 @@ def test_layer_masks_close_the_experts_the_router_never_chooses(tmp_path, one_th
     kept = {}
     for streaming in (False, True):
         out = tmp_path / f"s{int(streaming)}"
-        score(tmp_path / "m", tmp_path / "t", wl, out, ["l0_layer"], keep="50%", progress=False, batch_size=4,
-              streaming=streaming, dtype="fp32")
+        model = open_source(tmp_path / "m", streaming=True, dtype="fp32") if streaming else tmp_path / "m"
+        score(model, tmp_path / "t", wl, out, ["l0_layer"], keep="50%", progress=False, batch_size=4, dtype="fp32")
         meta = load_scores(out).meta["options"]["l0_layer"]
         kept[streaming] = {int(l): v for l, v in meta["history"]["kept"].items()}
         assert kept[streaming] == want

@@ -80,7 +80,7 @@ def test_default_streamed_trace_equals_whole_model_trace(family, workload, tmp_p
     src = save_tiny(family, tmp_path / "src")
     kw = dict(logits=True, norms=True, progress=False)
     trace(src, workload, tmp_path / "whole", **kw)
-    manifest = trace(src, workload, tmp_path / "stream", streaming=True, **kw)
+    manifest = trace(open_source(src, streaming=True), workload, tmp_path / "stream", **kw)
     assert manifest["options"]["dtype"] == "fp32"
     whole, stream = _rows(tmp_path / "whole"), _rows(tmp_path / "stream")
     assert whole[["sample", "layer", "position", "token_id"]].equals(stream[["sample", "layer", "position", "token_id"]])
@@ -109,7 +109,7 @@ def test_bf16_checkpoint_is_traced_in_bf16_by_both_paths(family, workload, tmp_p
     assert open_source(src, streaming=True).dtype == torch.bfloat16
     kw = dict(logits=True, norms=True, progress=False)
     trace(src, workload, tmp_path / "whole", **kw)
-    assert trace(src, workload, tmp_path / "stream", streaming=True, **kw)["options"]["dtype"] == "bf16"
+    assert trace(open_source(src, streaming=True), workload, tmp_path / "stream", **kw)["options"]["dtype"] == "bf16"
     trace(src, workload, tmp_path / "fp32", dtype="fp32", **kw)
     whole, stream, fp32 = (_rows(tmp_path / d) for d in ("whole", "stream", "fp32"))
     np.testing.assert_array_equal(_column(stream, "expert_ids"), _column(whole, "expert_ids"))
@@ -168,7 +168,7 @@ def test_cli_dtype_spellings(tmp_path, workload):
 def test_device_without_cuda_is_refused_before_any_work(tmp_path, workload):
     src = save_tiny("mixtral", tmp_path / "src")
     with pytest.raises(UspxError, match="cuda"):
-        trace(src, workload, tmp_path / "t", streaming=True, device="cuda", progress=False)
+        trace(open_source(src, streaming=True, device="cuda"), workload, tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
     with pytest.raises(UspxError, match="cuda"):
         trace(src, workload, tmp_path / "t", device="cuda:0", progress=False)
@@ -181,9 +181,9 @@ def test_device_without_cuda_is_refused_before_any_work(tmp_path, workload):
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "deepseek_v3", "jamba"])
 def test_streamed_layers_on_cuda_equal_cpu(family, workload, tmp_path):
     src = save_tiny(family, tmp_path / "src")
-    kw = dict(logits=True, norms=True, reconstruction=True, progress=False, streaming=True)
-    trace(src, workload, tmp_path / "cpu", **kw)
-    trace(src, workload, tmp_path / "gpu", device="cuda", **kw)
+    kw = dict(logits=True, norms=True, reconstruction=True, progress=False)
+    trace(open_source(src, streaming=True), workload, tmp_path / "cpu", **kw)
+    trace(open_source(src, streaming=True, device="cuda"), workload, tmp_path / "gpu", **kw)
     cpu, gpu = _rows(tmp_path / "cpu"), _rows(tmp_path / "gpu")
     np.testing.assert_array_equal(_column(gpu, "expert_ids"), _column(cpu, "expert_ids"))
     for name in FLOATS:
@@ -196,7 +196,7 @@ def test_whole_model_on_cuda_equals_streamed_on_cuda(workload, tmp_path):
     src = save_tiny("mixtral", tmp_path / "src")
     kw = dict(logits=True, norms=True, progress=False, device="cuda")
     trace(src, workload, tmp_path / "whole", **kw)
-    trace(src, workload, tmp_path / "stream", streaming=True, **kw)
+    trace(open_source(src, streaming=True, device="cuda"), workload, tmp_path / "stream", **kw)
     whole, stream = _rows(tmp_path / "whole"), _rows(tmp_path / "stream")
     np.testing.assert_array_equal(_column(stream, "expert_ids"), _column(whole, "expert_ids"))
     np.testing.assert_allclose(_column(stream, "router_logits"), _column(whole, "router_logits"), rtol=1e-3, atol=1e-3)

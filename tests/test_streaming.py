@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tokenizer, save_tiny, write_jsonl
 from uspx.cli import app
+from uspx.engine import open_source
 from uspx.io import UspxError
 from uspx.models import adapter_for, load_model
 from uspx.models.synthetic import write_gpt_oss
@@ -81,8 +82,8 @@ def test_streaming_trace_folder_equals_whole_model(traces):
 def test_streaming_local_scores_equal_whole_model(traces, tiny_gpt_oss_dir, workload, tmp_path):
     whole, stream, _ = traces
     want = score(tiny_gpt_oss_dir, whole, workload, tmp_path / "a", methods=LOCAL, bootstrap=50, progress=False)
-    got = score(tiny_gpt_oss_dir, stream, workload, tmp_path / "b", methods=LOCAL, bootstrap=50, progress=False,
-                streaming=True)
+    got = score(open_source(tiny_gpt_oss_dir, streaming=True), stream, workload, tmp_path / "b", methods=LOCAL,
+                bootstrap=50, progress=False)
     a, b = want.to_pandas(), got.to_pandas()
     assert list(a.method) == list(b.method) and list(a.tokens) == list(b.tokens)
     for col in ("value", "ci_low", "ci_high"):
@@ -93,8 +94,8 @@ def test_streaming_local_scores_equal_whole_model(traces, tiny_gpt_oss_dir, work
 
 def test_streaming_score_refuses_whole_model_methods_before_any_work(traces, tiny_gpt_oss_dir, workload, tmp_path):
     with pytest.raises(UspxError, match="whole model"):
-        score(tiny_gpt_oss_dir, traces[1], workload, tmp_path / "s", ["frequency", "taylor"], progress=False,
-              streaming=True)
+        score(open_source(tiny_gpt_oss_dir, streaming=True), traces[1], workload, tmp_path / "s",
+              ["frequency", "taylor"], progress=False)
     assert not (tmp_path / "s").exists()
 
 
@@ -103,7 +104,7 @@ def test_every_family_traces_scores_and_exports_layer_by_layer(family, workload,
     src = save_tiny(family, tmp_path / "src")
     kw = dict(split="calibration", norms=True, reconstruction=True, progress=False)
     trace(src, workload, tmp_path / "whole", **kw)
-    trace(src, workload, tmp_path / "stream", streaming=True, **kw)  # default precision on both sides
+    trace(open_source(src, streaming=True), workload, tmp_path / "stream", **kw)  # default precision on both sides
     _assert_same_trace(tmp_path / "whole", tmp_path / "stream")
     a = np.load(tmp_path / "whole" / RECONSTRUCTION)
     b = np.load(tmp_path / "stream" / RECONSTRUCTION)
@@ -113,7 +114,7 @@ def test_every_family_traces_scores_and_exports_layer_by_layer(family, workload,
     # an export sliced on disk, verified layer by layer, equals the original restricted to the kept set
     layers = adapter_for(load_model(src, with_tokenizer=False).model).layers
     kept = {l.index: [0, 1, 4, 5] for l in layers}  # two per group of four: deepseek's groups stay equal
-    record = export(src, kept, tmp_path / "out", streaming=True)
+    record = export(open_source(src, streaming=True), kept, tmp_path / "out")
     assert record["verification"]["max_abs_logit_diff"] <= 1e-4
     assert "layer by layer" in record["verification"]["reloaded_with"]
     original = load_model(src, with_tokenizer=False).model
@@ -130,9 +131,9 @@ def test_every_family_traces_scores_and_exports_layer_by_layer(family, workload,
 def test_killed_streaming_trace_resumes_to_same_result(mxfp4_dir, workload, tmp_path, monkeypatch):
     import uspx.engine.runner as runner
 
-    kw = dict(norms=True, reconstruction=True, dtype="fp32", split="calibration", progress=False, streaming=True,
-              items_per_shard=4)  # several shards
-    trace(mxfp4_dir, workload, tmp_path / "ref", **kw)
+    kw = dict(split="calibration", norms=True, reconstruction=True, progress=False, items_per_shard=4)  # several shards
+    layered = lambda: open_source(mxfp4_dir, streaming=True, dtype="fp32")  # noqa: E731
+    trace(layered(), workload, tmp_path / "ref", **kw)
     real = runner._save_state
 
     def killed_after_layer_1(state_dir, key, done, store, save_hidden):
@@ -142,10 +143,10 @@ def test_killed_streaming_trace_resumes_to_same_result(mxfp4_dir, workload, tmp_
 
     monkeypatch.setattr(runner, "_save_state", killed_after_layer_1)
     with pytest.raises(KeyboardInterrupt):
-        trace(mxfp4_dir, workload, tmp_path / "run", **kw)
+        trace(layered(), workload, tmp_path / "run", **kw)
     assert json.loads((tmp_path / "run" / STAGING / "state.json").read_text())["layers_done"] == 2
     monkeypatch.setattr(runner, "_save_state", real)
-    manifest = trace(mxfp4_dir, workload, tmp_path / "run", **kw)
+    manifest = trace(layered(), workload, tmp_path / "run", **kw)
     assert manifest["streaming"]["first_layer"] == 2  # layers 0 and 1 were not run again
     _assert_same_trace(tmp_path / "ref", tmp_path / "run")
     a, b = (np.load(tmp_path / d / RECONSTRUCTION) for d in ("ref", "run"))
@@ -157,8 +158,8 @@ def test_extract_streaming_mxfp4(mxfp4_dir, workload, tmp_path):
     from uspx.extract import extract
 
     out = tmp_path / "run"
-    report = extract(mxfp4_dir, workload, out, keep="50%", method="reconstruction", streaming=True, dtype="fp32",
-                     progress=False)
+    report = extract(open_source(mxfp4_dir, streaming=True, dtype="fp32"), workload, out, keep="50%",
+                     method="reconstruction", dtype="fp32", progress=False)
     kept = {int(k): v for k, v in report["kept"].items()}
     assert set(report["counts"].values()) == {4} and report["streaming"]
     cfg = json.loads((out / "model" / "config.json").read_text())
@@ -194,19 +195,22 @@ def test_extract_streaming_fails_on_a_corrupted_expert_byte(mxfp4_dir, workload,
 
     monkeypatch.setattr(slicing, "write_safetensors", corrupting)
     with pytest.raises(UspxError, match="verification failed"):
-        extract(mxfp4_dir, workload, tmp_path / "run", keep="50%", method="frequency", streaming=True, dtype="fp32",
-                progress=False)
+        extract(open_source(mxfp4_dir, streaming=True, dtype="fp32"), workload, tmp_path / "run", keep="50%",
+                method="frequency", dtype="fp32", progress=False)
     assert not (tmp_path / "run" / "model").exists()
 
 
 def test_extract_validates_arguments_before_any_work(tiny_gpt_oss_dir, workload, tmp_path):
     from uspx.extract import extract
 
-    for kw, match in ((dict(keep="half"), "keep must be"), (dict(budget="8 parsecs"), "size"),
-                      (dict(keep="50%", method="magic"), "unknown score method"),
-                      (dict(keep="50%", method="taylor", streaming=True), "whole model")):
+    layered = open_source(tiny_gpt_oss_dir, streaming=True)
+    for model, kw, match in ((tiny_gpt_oss_dir, dict(keep="half"), "keep must be"),
+                             (tiny_gpt_oss_dir, dict(budget="8 parsecs"), "size"),
+                             (tiny_gpt_oss_dir, dict(keep="50%", method="magic"), "unknown score method"),
+                             (layered, dict(keep="half"), "keep must be"),
+                             (layered, dict(keep="50%", method="taylor"), "whole model")):
         with pytest.raises(UspxError, match=match):
-            extract(tiny_gpt_oss_dir, workload, tmp_path / "run", progress=False, **kw)
+            extract(model, workload, tmp_path / "run", progress=False, **kw)
         assert not (tmp_path / "run").exists()
 
 

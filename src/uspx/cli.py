@@ -41,6 +41,24 @@ def _set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads)
 
 
+def _open(model: str, *, streaming: bool, dtype: str, device: Optional[str] = None, device_map: Optional[str] = None,
+          max_memory: Optional[str] = None, trust_remote_code: bool = False, own_gpu: bool = False):
+    """The model opened once for every stage of a command: whole, or a decoder layer at a time
+    (--streaming). Under torchrun a device map (one process's placement) is refused, and with
+    ``own_gpu`` each process computes on its own GPU."""
+    from uspx.dist import current
+    from uspx.engine import open_source
+
+    d = current()
+    if d.active and (device_map is not None or max_memory is not None):
+        raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
+                        "processes, each with its own copy: start it without torchrun")
+    if own_gpu and device is None and d.device != "cpu":
+        device = d.device
+    return open_source(model, streaming=streaming, dtype=dtype, device=device, device_map=device_map,
+                       max_memory=max_memory, trust_remote_code=trust_remote_code)
+
+
 @app.command()
 def families() -> None:
     """List the supported model families."""
@@ -100,11 +118,11 @@ def trace(
     from uspx.dist import current
     from uspx.trace import trace as run_trace
 
+    opened = _open(model, streaming=streaming, dtype=compute_dtype, device=device, device_map=device_map,
+                   max_memory=max_memory, trust_remote_code=trust_remote_code, own_gpu=True)
     manifest = run_trace(
-        model, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
-        norms=norms, trust_remote_code=trust_remote_code, streaming=streaming, reconstruction=reconstruction,
-        dtype=compute_dtype, items_per_shard=items_per_shard, device_map=device_map, max_memory=max_memory,
-        device=device,
+        opened, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
+        norms=norms, reconstruction=reconstruction, items_per_shard=items_per_shard,
     )
     if not current().main:
         return
@@ -226,11 +244,12 @@ def score(
     from uspx.score.api import default_methods
 
     chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
-    table = run_score(model, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
-                      bootstrap=bootstrap, batch_size=batch_size, trust_remote_code=trust_remote_code,
-                      streaming=streaming, dtype=compute_dtype, sequential=sequential, keep=keep,
-                      tool_families=_csv(tool_families), device_map=device_map, max_memory=max_memory,
-                      units=units, unit_methods=_csv(unit_methods), ablation_budget=ablation_budget)
+    opened = _open(model, streaming=streaming, dtype=compute_dtype, device_map=device_map, max_memory=max_memory,
+                   trust_remote_code=trust_remote_code)
+    table = run_score(opened, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
+                      bootstrap=bootstrap, batch_size=batch_size, sequential=sequential, keep=keep,
+                      tool_families=_csv(tool_families), units=units, unit_methods=_csv(unit_methods),
+                      ablation_budget=ablation_budget)
     console.print(f"{len(table.methods)} methods scored ({', '.join(table.methods)}); written to {out}")
 
 
@@ -322,7 +341,9 @@ def prune(
     _set_threads(threads)
     from uspx.prune import export
 
-    rec = export(model, plan_file, out, physical=not mask_only, streaming=streaming, trust_remote_code=trust_remote_code)
+    # the verification compares logits in float32: the original is opened in it, whole or layer by layer
+    opened = _open(model, streaming=streaming, dtype="fp32", trust_remote_code=trust_remote_code)
+    rec = export(opened, plan_file, out, physical=not mask_only, trust_remote_code=trust_remote_code)
     size = rec["size"]
     console.print(f"{rec['status']}: {out} ({rec['dtype']}); max |logit diff| after reload "
                   f"{rec['verification']['max_abs_logit_diff']:.2e} ({rec['verification']['reloaded_with']}); "
@@ -515,10 +536,11 @@ def extract(
     _set_threads(threads)
     from uspx.extract import extract as run_extract
 
-    run_extract(model, workload, out, budget=budget, keep=keep, context=context, method=method,
+    opened = _open(model, streaming=streaming, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    run_extract(opened, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
-                streaming=streaming, dtype=compute_dtype, sequential=sequential, recover=recover,
+                dtype=compute_dtype, sequential=sequential, recover=recover,
                 recover_steps=recover_steps, eval_workload=eval_workload, tool_families=_csv(tool_families))
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 

@@ -49,7 +49,7 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
 
 
 def extract(
-    model: str | Path | LoadedModel = "default",
+    model: str | Path | LoadedModel | Opened = "default",
     workload: str | Path | Workload = "python_dev",
     out_dir: str | Path = "runs/extract",
     *,
@@ -67,7 +67,6 @@ def extract(
     speed: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
-    streaming: bool = False,
     dtype: str = "auto",
     sequential: bool = False,
     recover: bool = False,
@@ -81,9 +80,12 @@ def extract(
     of ``workload`` (calibrate on one set of prompts, judge on another). ``tool_families``: for
     ``method="capability"``, the families whose work goes to tools (virtual experts).
 
-    ``streaming`` never loads the whole model: every stage runs a decoder layer at a time from the
-    safetensors files, computing in ``dtype``, with the local score methods; the export slices the
-    files in their stored precision either way (MXFP4 stays MXFP4). ``sequential`` scores each
+    ``model`` is opened once (:func:`uspx.engine.open_source`; a folder or a loaded model is
+    opened whole, computing in ``dtype``) and that source goes through every stage. A source opened
+    layer by layer never loads the whole model: every stage runs a decoder layer at a time from the
+    safetensors files, with the local score methods; the export slices the files in their stored
+    precision either way (MXFP4 stays MXFP4). ``dtype`` is also the precision the pruned model is
+    evaluated in. ``sequential`` scores each
     layer with the layers before it already pruned to the kept count (local methods). ``recover``
     then distills the pruned model from the original (``uspx.recover``), and the verdict is the
     recovered model's.
@@ -94,12 +96,12 @@ def extract(
 
     # every argument is checked before any work: a typo must not cost a trace
     method = _check_arguments(model, budget=budget, keep=keep, method=method, tool_families=tool_families,
-                              layer_by_layer=streaming or sequential, sequential=sequential, dtype=dtype)
+                              sequential=sequential, dtype=dtype)
     wl, eval_wl, eval_split = _workloads(workload, eval_workload)
-    opened = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code)
+    opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out_dir)
     clock = _Clock()
-    console.rule(f"uspx extract{' (layer by layer)' if streaming else ''}: {opened.label} for {wl.source}")
+    console.rule(f"uspx extract{' (layer by layer)' if opened.streaming else ''}: {opened.label} for {wl.source}")
     # the reconstruction sums come out of the tracing pass itself: no second pass over the model
     trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
           norms=REGISTRY[method].norms, reconstruction=method == "reconstruction" and not sequential,
@@ -146,10 +148,11 @@ class _Clock:
         console.print(f"[green]done[/] {name} ({self.seconds[name]:.1f} s)")
 
 
-def _check_arguments(model: str | Path | LoadedModel, *, budget: str | int | None, keep: str | int | float | None,
-                     method: str | None, tool_families: list[str] | None, layer_by_layer: bool, sequential: bool,
-                     dtype: str) -> str:
+def _check_arguments(model: str | Path | LoadedModel | Opened, *, budget: str | int | None,
+                     keep: str | int | float | None, method: str | None, tool_families: list[str] | None,
+                     sequential: bool, dtype: str) -> str:
     """The score method to use, once every argument that needs no model pass is checked."""
+    from uspx.engine import Opened
     from uspx.engine import compute_dtype
     from uspx.plan import parse_size
     from uspx.plan.select import parse_keep
@@ -163,7 +166,7 @@ def _check_arguments(model: str | Path | LoadedModel, *, budget: str | int | Non
         raise UspxError(f"unknown score method {method!r}; choose from {', '.join(METHODS)}")
     if method == "capability" and not tool_families:
         raise UspxError("--method capability needs the families handed to tools (--tool-families, e.g. arith)")
-    if layer_by_layer and method not in LOCAL_METHODS:
+    if (sequential or isinstance(model, Opened) and model.streaming) and method not in LOCAL_METHODS:
         raise UspxError(f"method {method!r} needs the whole model; a layer-by-layer run scores with "
                         f"{', '.join(LOCAL_METHODS)}")
     if sequential and method not in SEQUENTIAL_METHODS:
@@ -177,7 +180,8 @@ def _check_arguments(model: str | Path | LoadedModel, *, budget: str | int | Non
         from uspx.models.loading import resolve_model_path
         from uspx.plan.memory import load_config
 
-        cfg = load_config(Path(model.source if isinstance(model, LoadedModel) else resolve_model_path(model)))
+        folder = model.path if isinstance(model, Opened) else model.source if isinstance(model, LoadedModel) else None
+        cfg = load_config(Path(folder) if folder is not None else resolve_model_path(model))
         parse_keep(keep, adapter_class(cfg.model_type).config_num_experts(cfg))
     return method
 
@@ -250,10 +254,7 @@ def _export_and_evaluate(opened: Opened, out: Path, eval_wl: Workload, eval_spli
     from uspx.evaluate import evaluate
     from uspx.prune import export
 
-    streaming = opened.streaming
-
-    record = export(opened.loaded() if not streaming else opened.path, out / "plan.json", out / "model",
-                    streaming=streaming, trust_remote_code=trust_remote_code)
+    record = export(opened, out / "plan.json", out / "model", trust_remote_code=trust_remote_code)
     clock.done("prune + verify + export")
     evaluation = evaluate(opened, out / "model", eval_wl, split=eval_split, max_length=max_length,
                           batch_size=batch_size, epsilon=epsilon, memory_budget=budget, context=context,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import uspx
-from uspx.engine import FromCheckpoint, InMemory
+from uspx.engine import FromCheckpoint, InMemory, Opened
 from uspx.engine.source import freed_memory_returned
 from uspx.io import UspxError, check_fingerprints, read_json, write_json
 from uspx.models import LoadedModel, Restriction, adapter_for, load_model, model_fingerprint
@@ -42,7 +42,7 @@ def restrict_model(model: nn.Module | LoadedModel, kept: KeptLike) -> Restrictio
 
 
 def export(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadedModel | Opened,
     kept: KeptLike,
     out_dir: str | Path,
     *,
@@ -51,7 +51,6 @@ def export(
     predicted_bytes: int | None = None,
     logit_tolerance: float = 1e-4,
     size_tolerance: float = 0.02,
-    streaming: bool = False,
     trust_remote_code: bool = False,
 ) -> dict:
     """Write the model restricted to ``kept`` into ``out_dir``; returns the export record.
@@ -59,11 +58,16 @@ def export(
     ``kept`` is a mapping layer -> expert ids, a :class:`~uspx.plan.Plan` or a plan file. With
     ``physical`` the dropped experts are removed (same count per layer; non-uniform sets are padded
     with never-routed experts where the family allows it); without it the model keeps its shapes and
-    banned experts are disabled in the checkpoint itself. ``streaming`` verifies layer by layer
-    instead of loading the original and the export whole. ``predicted_bytes`` (or the plan's
+    banned experts are disabled in the checkpoint itself. ``model`` is a folder, a loaded model or an
+    opened source (:func:`uspx.engine.open_source`); one opened layer by layer is verified layer by
+    layer instead of loading the original and the export whole. ``predicted_bytes`` (or the plan's
     prediction) is compared with the exported tensor bytes.
     """
-    src = Path(model.source) if isinstance(model, LoadedModel) else resolve_model_path(model)
+    layered = isinstance(model, Opened) and model.streaming
+    if isinstance(model, Opened) and not layered:
+        model = model.loaded()
+    src = Path(model.path if isinstance(model, Opened) else model.source if isinstance(model, LoadedModel)
+               else resolve_model_path(model))
     check_config(src)
     files = weight_files(src)  # a truncated or corrupt weight file fails here, named
     ks = resolve_kept(kept)
@@ -71,7 +75,7 @@ def export(
     if ks.plan is not None and getattr(ks.plan, "model_fingerprint", None):
         check_fingerprints({"model": fingerprint}, {"model": ks.plan.model_fingerprint}, f"plan {ks.plan_path or ''}".strip())
     if ks.plan is not None and (getattr(ks.plan, "channels", None) or getattr(ks.plan, "heads", None)):
-        if not physical or streaming:
+        if not physical or layered:
             raise UspxError("a plan with narrower experts or fewer heads exports physically and verifies whole models: "
                             "drop --mask-only / --streaming")
         from uspx.prune.shaped import export_shaped
@@ -99,7 +103,7 @@ def export(
         with freed_memory_returned():  # tensors of every size pass through: hand each back when written
             written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
-        verification = _verify(model, src, tmp, full, verify_prompts, streaming, trust_remote_code)
+        verification = _verify(model, src, tmp, full, verify_prompts, trust_remote_code)
         verification["tolerance"] = logit_tolerance
         if not verification["max_abs_logit_diff"] <= logit_tolerance:  # `not <=` also catches NaN
             raise UspxError(
@@ -136,13 +140,15 @@ def export(
     return record
 
 
-def _verify(model, src: Path, exported: Path, kept: dict[int, list[int]], prompts, streaming: bool,
+def _verify(model: str | Path | LoadedModel | Opened, src: Path, exported: Path, kept: dict[int, list[int]], prompts,
             trust_remote_code: bool) -> dict:
     """Reload the export and compare its logits with the original restricted to ``kept`` (float32):
-    with stock ``from_pretrained`` both whole, or both layer by layer from their files."""
-    if streaming:
+    with stock ``from_pretrained`` both whole, or both layer by layer from their files when the
+    original was opened layer by layer."""
+    if isinstance(model, Opened):  # only a layer-by-layer source is left opened (see export)
+        # the reference reads only the kept experts, in float32 whatever precision the run computes in
         reference, candidate = FromCheckpoint(src, torch.float32, experts=kept), FromCheckpoint(exported, torch.float32)
-        tokenizer, how = _tokenizer(src), "layer by layer from the safetensors files (float32)"
+        tokenizer, how = model.tokenizer, "layer by layer from the safetensors files (float32)"
     else:
         lm = _fp32_model(model, src, trust_remote_code)
         reloaded = load_model(exported, dtype=torch.float32, with_tokenizer=False)
@@ -150,14 +156,6 @@ def _verify(model, src: Path, exported: Path, kept: dict[int, list[int]], prompt
         how = "AutoModelForCausalLM.from_pretrained (fp32)"
     items = verification_items(tokenizer, prompts, int(reference.config.vocab_size))
     return {**compare_logits(reference, kept, candidate, items), "reloaded_with": how}
-
-
-def _tokenizer(path: Path):
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], physical: bool) -> dict | None:

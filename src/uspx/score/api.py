@@ -9,7 +9,7 @@ import pyarrow as pa
 
 import uspx
 from uspx.dist import Dist, current
-from uspx.engine import open_source
+from uspx.engine import Opened, dtype_name, open_source
 from uspx.io import UspxError
 from uspx.models import LoadedModel
 from uspx.score.keep import parse_keep
@@ -45,8 +45,9 @@ def score(*args, **kwargs) -> ScoreTable:
     taylor, reconstruction, and reap / ean when the trace has no norms) run on the same split's
     prompts, subsampled to about ``max_tokens`` tokens (whole prompts, seeded) when given.
     ``marginal`` picks the removal behind usage x marginal: "interventional" (as pruning does) or
-    "natural". ``streaming`` reads the model a decoder layer at a time (computing in ``dtype``),
-    which allows the local methods only (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
+    "natural". ``model`` is an opened source (:func:`uspx.engine.open_source`), a loaded model or a
+    folder (loaded whole in ``dtype``); a source opened layer by layer allows the local methods only
+    (:data:`LOCAL_METHODS`). ``sequential`` (experts kept per
     layer: a count or a share) scores each layer on the model with its earlier layers pruned by the
     same method to that many experts (``uspx.score.sequential``; :data:`SEQUENTIAL_METHODS`, one pass
     per method). ``keep`` (experts per layer: a count or a share) is the budget "l0" learns its masks under
@@ -85,7 +86,7 @@ def score(*args, **kwargs) -> ScoreTable:
 
 
 def _score(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadedModel | Opened,
     trace_dir: str | Path,
     workload: str | Path | Workload,
     out_dir: str | Path,
@@ -99,7 +100,6 @@ def _score(
     batch_size: int = 8,
     marginal: str = "interventional",
     trust_remote_code: bool = False,
-    streaming: bool = False,
     dtype: str = "auto",
     sequential: str | int | None = None,
     keep: str | int | None = None,
@@ -114,7 +114,8 @@ def _score(
     from uspx.score.units import parse_units
 
     inner_units = [u for u in parse_units(units) if u != "experts"]
-    if inner_units and (streaming or sequential is not None):
+    layered = isinstance(model, Opened) and model.streaming  # a folder or a loaded model runs whole
+    if inner_units and (layered or sequential is not None):
         raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
     if methods is METHODS:
         methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
@@ -122,7 +123,7 @@ def _score(
     chosen = [REGISTRY[m] for m in _check_methods(methods)]
     d = current()
     _check_options(chosen, d, keep=keep, tool_families=tool_families, ablation_budget=ablation_budget,
-                   layer_by_layer=streaming or sequential is not None, sequential=sequential is not None,
+                   layer_by_layer=layered or sequential is not None, sequential=sequential is not None,
                    bootstrap=bootstrap, max_tokens=max_tokens, marginal=marginal)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     tr = Trace(trace_dir)
@@ -131,9 +132,9 @@ def _score(
         raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
     traced = wl.part(trace_split)
     has_norms = "expert_norms" in _trace_columns(tr)
-    if streaming and not has_norms and any(m.norms for m in chosen):
+    if layered and not has_norms and any(m.norms for m in chosen):
         raise UspxError(f"{tr.path}: reap / ean need expert norms in the trace for a layer-by-layer run; trace with --norms")
-    lm = _open_model(model, tr, traced, d, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
+    lm = _open_model(model, tr, traced, d, dtype=dtype, trust_remote_code=trust_remote_code,
                      device_map=device_map, max_memory=max_memory)
     n_keep = parse_keep(sequential, lm.source.adapter.num_experts) if sequential is not None else None
     run = Inputs(lm, tr, traced, split, d, has_norms, n_keep=n_keep, max_tokens=max_tokens, bootstrap=bootstrap,
@@ -145,7 +146,7 @@ def _score(
         unit_table = _score_units(run, inner_units, unit_methods)
     order = {m.name: i for i, m in enumerate(chosen)}
     run.rows.sort(key=lambda t: order[t.column("method")[0].as_py()])
-    meta = _meta(run, chosen, wl, trace_dir, trace_split, unit_table, inner_units, streaming=streaming, dtype=dtype)
+    meta = _meta(run, chosen, wl, trace_dir, trace_split, unit_table, inner_units)
     table = ScoreTable(pa.concat_tables(run.rows), meta)
     if d.main:
         if unit_table is not None:  # before scores.json, which marks a complete folder
@@ -155,14 +156,14 @@ def _score(
     return table
 
 
-def _open_model(model: str | Path | LoadedModel, tr: Trace, traced: Workload, d: Dist, *, streaming: bool, dtype: str,
-                trust_remote_code: bool, device_map: str | Path | dict | None, max_memory: str | dict | None):
-    """The model (whole or layer by layer), checked to be the one the trace was made from."""
+def _open_model(model: str | Path | LoadedModel | Opened, tr: Trace, traced: Workload, d: Dist, *, dtype: str,
+                trust_remote_code: bool, device_map: str | Path | dict | None, max_memory: str | dict | None) -> Opened:
+    """The model as opened (a folder or a loaded model: whole), checked to be the one the trace was made from."""
     if d.active and (device_map is not None or max_memory is not None):
         raise UspxError(f"--device-map places one process's model across devices; this run has {d.world} "
                         "processes, each with its own copy: start it without torchrun")
-    lm = open_source(model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code,
-                     device_map=device_map, max_memory=max_memory)
+    lm = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+                     max_memory=max_memory)
     tr.check(model=lm.fingerprint, workload=traced.fingerprint)
     adapter = lm.source.adapter
     if list(tr.moe_layers) != [l.index for l in adapter.layers] or tr.num_experts != adapter.num_experts:
@@ -235,7 +236,7 @@ def _score_units(run: Inputs, inner_units: list[str], unit_methods: Sequence[str
 
 
 def _meta(run: Inputs, chosen: list[Method], wl: Workload, trace_dir: str | Path, trace_split: str, unit_table,
-          inner_units: list[str], *, streaming: bool, dtype: str) -> dict:
+          inner_units: list[str]) -> dict:
     """The table's scores.json: where the scores come from and how they were computed."""
     lm, adapter, base = run.lm, run.adapter, run.baseline
     from_model = any(m.source(run) == "model" for m in chosen)
@@ -252,7 +253,7 @@ def _meta(run: Inputs, chosen: list[Method], wl: Workload, trace_dir: str | Path
         methods=[m.name for m in chosen],
         options=dict(
             split=run.split, max_tokens=run.max_tokens, bootstrap=run.bootstrap, seed=run.seed,
-            batch_size=run.batch_size, streaming=streaming, dtype=dtype if streaming else None,
+            batch_size=run.batch_size, streaming=lm.streaming, dtype=dtype_name(lm.dtype) if lm.streaming else None,
             sequential=dict(keep=run.n_keep, kept=run.options.get("sequential_kept", {})) if run.sequential else None,
             l0=run.options.get("l0"), l0_layer=run.options.get("l0_layer"),
             capability=run.options.get("capability"),

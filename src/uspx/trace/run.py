@@ -2,7 +2,8 @@
 
 A model loaded in memory is traced a shard of items at a time: each shard is run through the whole
 model and written, so a killed run resumes at the first shard the manifest does not list. A model
-traced layer by layer (``streaming``) runs every item through one layer before the next; each
+opened layer by layer (``open_source(..., streaming=True)``) runs every item through one layer
+before the next; each
 finished layer's routing is staged in ``.streaming/`` and the engine saves the hidden states after
 it, so a killed run resumes at the first layer not done. The shards are assembled once every layer
 is done. Either way the folder format (``uspx.trace.format``) is the same.
@@ -31,6 +32,7 @@ from uspx.engine import AUTO, Opened, dtype_name, make_batches, open_source, pad
 from uspx.engine.batches import share
 from uspx.engine.observers import Reconstruction, Routing
 from uspx.io import UspxError, atomic_path, read_json
+from uspx.models import LoadedModel
 from uspx.progress import progress_bar
 from uspx.dist import Dist, current
 from uspx.trace.format import (COLUMNS, finish_manifest, merge_rank_shards, open_manifest, record_rank_shard, rows_table,
@@ -43,7 +45,7 @@ DEFAULT_BATCH_TOKENS = 2048  # padded positions per batch of a layer-by-layer ru
 
 
 def trace(
-    model,
+    model: str | Path | LoadedModel | Opened,
     workload: str | Path | Workload,
     out_dir: str | Path,
     *,
@@ -56,7 +58,6 @@ def trace(
     items_per_shard: int = 64,
     progress: bool = True,
     trust_remote_code: bool = False,
-    streaming: bool = False,
     dtype: str = AUTO,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     device_map: str | Path | dict | None = None,
@@ -65,13 +66,13 @@ def trace(
 ) -> dict:
     """Trace routing of ``model`` on ``workload`` into ``out_dir``; returns the manifest.
 
-    Either way the model computes in ``dtype``: ``"auto"`` (the checkpoint's stored float type),
-    bf16, fp16 or fp32. ``streaming`` runs the model a decoder layer at a time from its safetensors
-    files with batches of at most ``batch_size`` items and ``batch_tokens`` padded positions (models
-    larger than memory); the folder is the same either way. ``device`` is where the model computes:
-    the whole model is loaded there, or each streamed layer is moved there for its turn (the CPU by
-    default). ``device_map`` / ``max_memory`` place a model loaded whole across devices (accelerate;
-    see :func:`uspx.models.load_model`). Under torchrun with GPUs, each process computes on its own GPU.
+    ``model`` is an opened source (:func:`uspx.engine.open_source`), a loaded model, or a folder,
+    which is loaded whole in ``dtype`` (``"auto"``: the checkpoint's stored float type; bf16, fp16,
+    fp32) on ``device``, or placed across devices by ``device_map`` / ``max_memory`` (accelerate; see
+    :func:`uspx.models.load_model`); under torchrun with GPUs, each process computes on its own GPU.
+    A source opened layer by layer runs a decoder layer at a time from its safetensors files with
+    batches of at most ``batch_size`` items and ``batch_tokens`` padded positions (models larger than
+    memory); the folder is the same either way.
     """
     d = current()
     if d.active and (device_map is not None or max_memory is not None):
@@ -79,11 +80,9 @@ def trace(
                         "processes, each with its own copy: start it without torchrun")
     if device is None and d.device != "cpu":
         device = d.device
-    opened = model if isinstance(model, Opened) else open_source(
-        model, streaming=streaming, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
-        device_map=device_map, max_memory=max_memory)
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
-    wl = wl.part(split)
+    opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                         device_map=device_map, max_memory=max_memory)
+    wl = (workload if isinstance(workload, Workload) else load_workload(workload)).part(split)
     if opened.tokenizer is None:
         raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
     source = opened.source

@@ -96,3 +96,42 @@ def test_select_random_baseline_and_plans_name_their_score_method(tiny_gpt_oss_d
     assert plans["r1"]["method"] == "random" and plans["r1"]["kept"] == plans["r1b"]["kept"]
     assert plans["r1"]["kept"] != plans["r2"]["kept"]
     assert all(len(v) == 4 for v in plans["r1"]["kept"].values())
+
+
+def test_cli_loads_the_model_once_per_run_and_checks_arguments_first(tiny_gpt_oss_dir, tmp_path, monkeypatch,
+                                                                      one_thread):
+    """`uspx extract` loads the original once and hands it to every stage (trace, score, export and
+    its verification, evaluation); a typo in the arguments fails before any load."""
+    import sys
+    from pathlib import Path
+
+    import uspx.models as models
+    import uspx.prune  # noqa: F401
+    from uspx.models.loading import resolve_model_path
+
+    export_mod = sys.modules["uspx.prune.export"]  # the package's name `export` is the function
+
+    src = Path(tiny_gpt_oss_dir).resolve()
+    loads = []
+
+    def counting(real):
+        def load(model, *a, **k):
+            if not isinstance(model, models.LoadedModel) and resolve_model_path(model).resolve() == src:
+                loads.append(model)
+            return real(model, *a, **k)
+        return load
+
+    monkeypatch.setattr(models, "load_model", counting(models.load_model))
+    monkeypatch.setattr(export_mod, "load_model", counting(export_mod.load_model))
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    res = invoke("extract", tiny_gpt_oss_dir, wl, "-o", tmp_path / "bad", "--keep", "50%", "--method", "magic")
+    assert "unknown score method 'magic'" in str(res.exception) and not loads
+    res = invoke("score", tiny_gpt_oss_dir, tmp_path / "no-trace", wl, "-o", tmp_path / "s", "--methods", "magic")
+    assert "unknown score method 'magic'" in str(res.exception) and not loads
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "s").exists()
+    res = invoke("extract", tiny_gpt_oss_dir, wl, "-o", tmp_path / "run", "--keep", "50%", "--method", "frequency",
+                 "--no-speed")
+    assert res.exit_code == 0, res.output
+    assert len(loads) == 1
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["verification"]["max_abs_logit_diff"] <= 1e-4 and not report["streaming"]

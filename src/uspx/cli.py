@@ -241,9 +241,12 @@ def score(
     _set_threads(threads)
     from uspx.score import METHODS
     from uspx.score import score as run_score
-    from uspx.score.api import default_methods
+    from uspx.score.api import check_arguments, default_methods
 
     chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
+    # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)
+    check_arguments(model, chosen, keep=keep, tool_families=_csv(tool_families), ablation_budget=ablation_budget,
+                    sequential=sequential, bootstrap=bootstrap, max_tokens=max_tokens, units=units)
     opened = _open(model, streaming=streaming, dtype=compute_dtype, device_map=device_map, max_memory=max_memory,
                    trust_remote_code=trust_remote_code)
     table = run_score(opened, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
@@ -534,8 +537,11 @@ def extract(
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
     _set_threads(threads)
-    from uspx.extract import extract as run_extract
+    from uspx.extract import check_arguments, extract as run_extract
 
+    # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)
+    check_arguments(model, budget=budget, keep=keep, method=method, tool_families=_csv(tool_families),
+                    sequential=sequential, dtype=compute_dtype)
     opened = _open(model, streaming=streaming, dtype=compute_dtype, trust_remote_code=trust_remote_code)
     run_extract(opened, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,

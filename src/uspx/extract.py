@@ -95,8 +95,8 @@ def extract(
     from uspx.trace import trace
 
     # every argument is checked before any work: a typo must not cost a trace
-    method = _check_arguments(model, budget=budget, keep=keep, method=method, tool_families=tool_families,
-                              sequential=sequential, dtype=dtype)
+    method = check_arguments(model, budget=budget, keep=keep, method=method, tool_families=tool_families,
+                             sequential=sequential, dtype=dtype)
     wl, eval_wl, eval_split = _workloads(workload, eval_workload)
     opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out_dir)
@@ -148,10 +148,12 @@ class _Clock:
         console.print(f"[green]done[/] {name} ({self.seconds[name]:.1f} s)")
 
 
-def _check_arguments(model: str | Path | LoadedModel | Opened, *, budget: str | int | None,
-                     keep: str | int | float | None, method: str | None, tool_families: list[str] | None,
-                     sequential: bool, dtype: str) -> str:
-    """The score method to use, once every argument that needs no model pass is checked."""
+def check_arguments(model: str | Path | LoadedModel | Opened, *, budget: str | int | None,
+                    keep: str | int | float | None, method: str | None, tool_families: list[str] | None,
+                    sequential: bool, dtype: str) -> str:
+    """The score method :func:`extract` will use, once every argument that needs no model pass is
+    checked (a folder or a loaded model runs whole; a source opened layer by layer allows the local
+    methods only)."""
     from uspx.engine import Opened
     from uspx.engine import compute_dtype
     from uspx.plan import parse_size

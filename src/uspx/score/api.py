@@ -111,20 +111,11 @@ def _score(
     ablation_budget: float = 0.1,
 ) -> ScoreTable:
     """One process's share of :func:`score`, whose arguments these are."""
-    from uspx.score.units import parse_units
-
-    inner_units = [u for u in parse_units(units) if u != "experts"]
-    layered = isinstance(model, Opened) and model.streaming  # a folder or a loaded model runs whole
-    if inner_units and (layered or sequential is not None):
-        raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
-    if methods is METHODS:
-        methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
-        methods = [m for m in methods if m != "capability" or tool_families]
-    chosen = [REGISTRY[m] for m in _check_methods(methods)]
+    chosen, inner_units = check_arguments(model, methods, keep=keep, tool_families=tool_families,
+                                          ablation_budget=ablation_budget, sequential=sequential, bootstrap=bootstrap,
+                                          max_tokens=max_tokens, marginal=marginal, units=units)
+    layered = isinstance(model, Opened) and model.streaming
     d = current()
-    _check_options(chosen, d, keep=keep, tool_families=tool_families, ablation_budget=ablation_budget,
-                   layer_by_layer=layered or sequential is not None, sequential=sequential is not None,
-                   bootstrap=bootstrap, max_tokens=max_tokens, marginal=marginal)
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     tr = Trace(trace_dir)
     trace_split = tr.manifest.get("options", {}).get("split", "all")
@@ -154,6 +145,30 @@ def _score(
             unit_table.write(out_dir)
         table.write(out_dir)
     return table
+
+
+def check_arguments(model: str | Path | LoadedModel | Opened, methods: Sequence[str] = METHODS, *,
+                    keep: str | int | None = None, tool_families: Sequence[str] | None = None,
+                    ablation_budget: float = 0.1, sequential: str | int | None = None, bootstrap: int = 200,
+                    max_tokens: int | None = None, marginal: str = "interventional",
+                    units: Sequence[str] | str = ("experts",)) -> tuple[list[Method], list[str]]:
+    """The methods :func:`score` will run and the unit types inside the layers it scores, once every
+    argument that needs neither the trace nor the weights is checked (a folder or a loaded model
+    runs whole; a source opened layer by layer allows the local methods only)."""
+    from uspx.score.units import parse_units
+
+    inner_units = [u for u in parse_units(units) if u != "experts"]
+    layered = isinstance(model, Opened) and model.streaming
+    if inner_units and (layered or sequential is not None):
+        raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
+    if methods is METHODS:
+        methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
+        methods = [m for m in methods if m != "capability" or tool_families]
+    chosen = [REGISTRY[m] for m in _check_methods(methods)]
+    _check_options(chosen, current(), keep=keep, tool_families=tool_families, ablation_budget=ablation_budget,
+                   layer_by_layer=layered or sequential is not None, sequential=sequential is not None,
+                   bootstrap=bootstrap, max_tokens=max_tokens, marginal=marginal)
+    return chosen, inner_units
 
 
 def _open_model(model: str | Path | LoadedModel | Opened, tr: Trace, traced: Workload, d: Dist, *, dtype: str,

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Variant:
     settings: object  # uspx.recover.Settings
     method: str | None = None  # selection of the pruned checkpoint (None: extract's default)
-    streaming: bool = False  # router recovery one decoder layer at a time from the files
+    streaming: bool = False  # recovery one decoder layer at a time from the files
 
 
 def variants() -> dict[str, Variant]:
@@ -41,13 +41,16 @@ def variants() -> dict[str, Variant]:
         "full KD, no generated text": Variant(Settings(train="full", kd=1.0, generated=0)),
         "L0 masks + full KD": Variant(Settings(train="full", kd=1.0), method="l0"),
         "router layer-by-layer": Variant(Settings(train="router", router_kd=1.0, layer=1.0), streaming=True),
+        "full layer-by-layer": Variant(Settings(train="full", router_kd=1.0, layer=1.0), streaming=True),
     }
 
 
 def main() -> None:
+    from uspx.engine import open_source
     from uspx.extract import extract
     from uspx.io import write_json
     from uspx.recover import recover
+    from uspx.recover.run import run_source
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", default="python_dev,shell_user,docs_writer")
@@ -73,8 +76,9 @@ def main() -> None:
                 if args.steps is not None:
                     settings.steps = args.steps
                 t0 = time.perf_counter()
-                r = recover(run, settings=settings, out_dir=run / f"recover-{name.replace(' ', '_').replace('+', 'and').replace(',', '')}",
-                            streaming=v.streaming, dtype="fp32", progress=False)
+                original = open_source(run_source(run), streaming=v.streaming, dtype="fp32")
+                r = recover(run, original=original, settings=settings, dtype="fp32", progress=False,
+                            out_dir=run / f"recover-{name.replace(' ', '_').replace('+', 'and').replace(',', '')}")
                 h = r["history"]
                 # the one-shot delta is the default selection's (the L0 variant's own pruned model is one-shot too)
                 before, after = r["heldout"]["before"]["all"]["delta"], r["heldout"]["after"]["all"]["delta"]

@@ -292,8 +292,8 @@ def _recover(report: dict, out: Path, wl: Workload, opened: Opened, *, steps: in
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
 
-    # layer by layer the routers train (the objectives that need no logits)
-    settings = Settings(train="router" if opened.streaming else "full", **({} if steps is None else {"steps": steps}))
+    # every kept weight trains, whole or (opened layer by layer) one decoder layer at a time
+    settings = Settings(train="full", **({} if steps is None else {"steps": steps}))
     res = run_recover(out, original=opened, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
                       dtype=dtype, progress=progress)
     report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],

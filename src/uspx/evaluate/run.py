@@ -241,7 +241,9 @@ def _speed(t: Opened, c: Opened, restrict, items, decode_tokens: int, dtype: str
         if side.source.resident:
             model = side.source.model
         else:
-            need, free = weight_files(side.path).tensor_bytes, _available_memory()
+            # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
+            item = torch.empty((), dtype=side.source.dtype).element_size()
+            need, free = sum(p.numel() for p in side.source.model.parameters()) * item, _available_memory()
             if need > 0.8 * free:
                 skipped[name] = (f"not measured: {side.path} is read a layer at a time and its weights "
                                  f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")

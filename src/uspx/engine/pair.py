@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from uspx.engine.batches import Batch
+from uspx.engine.forward import logits
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
@@ -109,25 +110,15 @@ def run_pair(teacher: WeightSource, candidate: WeightSource, batches: Sequence[B
                        teacher_context, state_dir, state_key, progress, label)
 
 
-def _target_logits(source: WeightSource, batch: Batch) -> torch.Tensor:
-    device = source.device
-    mask = batch.loss_mask.to(device)
-    logits = source.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                          logits_to_keep=mask, use_cache=False).logits
-    if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
-        logits = logits[mask]
-    return logits.float().cpu()
-
-
 def _whole(teacher, candidate, batches, observers, candidate_context, teacher_context, progress: bool,
            label: str) -> None:
     with progress_bar(label, total=len(batches), unit="batches", enabled=progress) as bar:
         for batch in batches:
             if batch.loss_mask.any():
                 with teacher_context():
-                    t = _target_logits(teacher, batch)
+                    t = logits(teacher, batch).float()
                 with candidate_context():
-                    c = _target_logits(candidate, batch)
+                    c = logits(candidate, batch).float()
                 for o in observers:
                     o.pair_logits(batch, t, c, 0)
             bar.advance()

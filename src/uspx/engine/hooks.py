@@ -136,11 +136,9 @@ def decoder_layer(adapter: MoEAdapter, layer: MoELayer | int) -> nn.Module:
 
 
 def attention(adapter: MoEAdapter, layer: MoELayer | int) -> nn.Module:
-    """The attention module of a decoder layer (the adapter's ``attention_attr``, a dotted path)."""
-    obj: object = decoder_layer(adapter, layer)
-    for part in adapter.attention_attr.split("."):
-        obj = getattr(obj, part, None)
-    if not isinstance(obj, nn.Module):
+    """The attention module of a decoder layer (asked of the adapter)."""
+    obj = adapter.attention(decoder_layer(adapter, layer))
+    if obj is None:
         index = layer.index if isinstance(layer, MoELayer) else layer
         raise UspxError(f"{adapter.family}: decoder layer {index} has no attention module {adapter.attention_attr!r}")
     return obj

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from uspx.engine.batches import Batch
+from uspx.engine.forward import forward, logits
 from uspx.engine.observers import Observer
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
@@ -84,24 +85,19 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
     stats = RunStats()
     handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
     model = source.model
-    device = source.device
     try:
         with progress_bar(label, total=sum(int(b.attention_mask.sum()) for b in batches), unit="tok",
                           enabled=progress) as bar:
             for batch in batches:
                 for o in observers:
                     o.begin(batch)
-                ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
                 if head and batch.loss_mask.any():
-                    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=batch.loss_mask.to(device),
-                                   use_cache=False).logits
-                    if logits.dim() == 3:  # a model that ignored logits_to_keep returns every position
-                        logits = logits[batch.loss_mask.to(logits.device)]
+                    out = logits(model, batch)
                     for o in observers:
                         if o.wants_logits:
-                            o.logits(batch, logits.cpu())
+                            o.logits(batch, out)
                 else:
-                    model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    forward(model, batch.input_ids, batch.attention_mask, head=False)
                 bar.advance(int(batch.attention_mask.sum()))
     finally:
         for h in handles:

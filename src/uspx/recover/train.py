@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from uspx.engine.batches import Batch, make_batches, target_losses
+from uspx.engine.batches import Batch, batch_of_step, make_batches, target_losses
 from uspx.engine.forward import Sampling, generate, logits
 from uspx.engine.hooks import Handles, forward_hook
 from uspx.io import UspxError, atomic_path, read_json, write_json
@@ -226,7 +226,7 @@ def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, li
         with progress_bar("recovering", total=settings.steps, unit="steps", enabled=progress) as bar:
             bar.advance(history.step)
             while history.step < settings.steps and not history.stopped:
-                batch = _batch_of_step(train_items, history.step, settings, pad_id)
+                batch = batch_of_step(train_items, history.step, settings.batch_size, settings.seed, pad_id)
                 lr = settings.learning_rate * min(1.0, (history.step + 1) / max(1, settings.warmup))
                 lr *= 0.5 * (1 + math.cos(math.pi * history.step / settings.steps))
                 for g in optimizer.param_groups:
@@ -273,15 +273,6 @@ def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, li
     for p in student.parameters():
         p.requires_grad_(False)
     return student, history
-
-
-def _batch_of_step(items: list[EncodedItem], step: int, settings: Settings, pad_id: int) -> Batch:
-    """The batch of training step ``step``: item order reshuffled each epoch from the seed alone."""
-    per_epoch = max(1, math.ceil(len(items) / settings.batch_size))
-    epoch, pos = divmod(step, per_epoch)
-    order = np.random.default_rng([settings.seed, epoch]).permutation(len(items))
-    chosen = [items[i] for i in sorted(order[pos * settings.batch_size : (pos + 1) * settings.batch_size].tolist())]
-    return make_batches(chosen, len(chosen), pad_id)[0]
 
 
 def _loss(teacher, student, batch: Batch, settings: Settings, t_sig: _Signals, s_sig: _Signals,

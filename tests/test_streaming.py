@@ -214,6 +214,39 @@ def test_extract_validates_arguments_before_any_work(tiny_gpt_oss_dir, workload,
         assert not (tmp_path / "run").exists()
 
 
+def test_cli_score_select_prune_layer_by_layer(traces, tiny_gpt_oss_dir, workload, tmp_path):
+    """`uspx score --streaming` scores the layer-by-layer trace like the library does whole, and
+    `uspx prune --streaming` verifies its export layer by layer; the export equals the original
+    restricted to the plan's experts (transformers' own forwards)."""
+    whole, stream, _ = traces
+
+    def run(*args):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+
+    run("score", tiny_gpt_oss_dir, stream, workload, "-o", tmp_path / "s", "--streaming", "--bootstrap", 20,
+        "--methods", "frequency,reap")
+    want = score(tiny_gpt_oss_dir, whole, workload, tmp_path / "w", methods=["frequency", "reap"], bootstrap=20,
+                 progress=False).to_pandas()
+    got = json.loads((tmp_path / "s" / "scores.json").read_text())
+    assert got["options"]["streaming"] and got["options"]["dtype"] == "fp32"
+    np.testing.assert_allclose(pq.read_table(tmp_path / "s" / "scores.parquet").to_pandas().value, want.value,
+                               rtol=1e-4, atol=1e-9)
+    run("select", tmp_path / "s", "--model", tiny_gpt_oss_dir, "--method", "reap", "--keep", "50%",
+        "-o", tmp_path / "plan.json")
+    run("prune", tiny_gpt_oss_dir, tmp_path / "plan.json", "-o", tmp_path / "m", "--streaming")
+    record = json.loads((tmp_path / "m" / "uspx_export.json").read_text())
+    assert "layer by layer" in record["verification"]["reloaded_with"]
+    kept = {int(l): v for l, v in json.loads((tmp_path / "plan.json").read_text())["kept"].items()}
+    original = load_model(tiny_gpt_oss_dir, with_tokenizer=False).model
+    pruned = load_model(tmp_path / "m", with_tokenizer=False).model
+    ids = torch.tensor([[5, 17, 40, 3, 99, 21, 8, 64]])
+    with torch.no_grad(), adapter_for(original).restrict(kept):
+        expected = original(ids, use_cache=False).logits
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("config", ["gpt_oss_20b", "qwen3_30b"])
 def test_plan_streaming_cli(config, tmp_path):
     from uspx.models.synthetic import gpt_oss_config

@@ -63,11 +63,11 @@ def export(
     layer instead of loading the original and the export whole. ``predicted_bytes`` (or the plan's
     prediction) is compared with the exported tensor bytes.
     """
-    layered = isinstance(model, Opened) and model.streaming
-    if isinstance(model, Opened) and not layered:
-        model = model.loaded()
-    src = Path(model.path if isinstance(model, Opened) else model.source if isinstance(model, LoadedModel)
-               else resolve_model_path(model))
+    if isinstance(model, Opened) and model.source.resident:
+        model = model.loaded()  # verified whole, as a loaded model is
+    layered = isinstance(model, Opened)  # only a source opened layer by layer is left opened
+    src = (Path(model.path) if layered else Path(model.source) if isinstance(model, LoadedModel)
+           else resolve_model_path(model))
     check_config(src)
     files = weight_files(src)  # a truncated or corrupt weight file fails here, named
     ks = resolve_kept(kept)

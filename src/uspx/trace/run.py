@@ -3,10 +3,9 @@
 A model loaded in memory is traced a shard of items at a time: each shard is run through the whole
 model and written, so a killed run resumes at the first shard the manifest does not list. A model
 opened layer by layer (``open_source(..., streaming=True)``) runs every item through one layer
-before the next; each
-finished layer's routing is staged in ``.streaming/`` and the engine saves the hidden states after
-it, so a killed run resumes at the first layer not done. The shards are assembled once every layer
-is done. Either way the folder format (``uspx.trace.format``) is the same.
+before the next; each finished layer's routing is staged in ``.streaming/`` and the engine saves
+the hidden states after it, so a killed run resumes at the first layer not done. The shards are
+assembled once every layer is done. Either way the folder format (``uspx.trace.format``) is the same.
 
 Under torchrun (``uspx.dist``) the whole-model tracer shares out shards; the layer-by-layer one
 shares out the batches a single process would run (batch ``i`` to rank ``i % N``, each process

@@ -493,12 +493,11 @@ def eval_cmd(
 ) -> None:
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
     _set_threads(threads)
-    from uspx.engine import open_source
     from uspx.evaluate import evaluate
     from uspx.extract import QUALITY_COLUMNS
 
-    opened = open_source(teacher, streaming=streaming, dtype=compute_dtype, device=device,
-                         trust_remote_code=trust_remote_code)
+    opened = _open(teacher, streaming=streaming, dtype=compute_dtype, device=device,
+                   trust_remote_code=trust_remote_code)
     res = evaluate(opened, None if plan_file else candidate, workload, split=split, kept=plan_file,
                    max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
                    context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
@@ -577,14 +576,13 @@ def recover(
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
     _set_threads(threads)
-    from uspx.engine import open_source
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
     from uspx.recover.run import run_source
 
     settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=ce, router_kd=router_kd, layer=layer,
                         tau=tau, lr=lr, batch_size=batch_size, lora_rank=lora_rank, generated=generated, seed=seed)
-    original = open_source(run_source(run_dir), streaming=streaming, dtype=compute_dtype, device=device)
+    original = _open(str(run_source(run_dir)), streaming=streaming, dtype=compute_dtype, device=device)
     res = run_recover(run_dir, original=original, settings=settings, out_dir=out, others=others, epsilon=epsilon,
                       dtype=compute_dtype)
     console.print(f"recovered checkpoint: {res['model']}; report: {Path(res['model']).parent / 'recover.json'}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import uspx
-from uspx.io import UspxError, read_json, write_json
+from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
 from uspx.progress import console
 from uspx.prune.export import FORMAT
 from uspx.recover.train import Settings, train
@@ -54,7 +54,7 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
     run, record, report, source, plan_sha, wl = finished_run(run_dir, workload)
     original = open_source(original if original is not None else source, dtype=dtype)
     if original.fingerprint != record["source_fingerprint"]:
-        raise UspxError(f"{original.path} is not the model {run} was extracted from")
+        raise FingerprintMismatch(f"{original.path} is not the model {run} was extracted from")
     layered = original.streaming
     pruned = run / "model"
     mxfp4 = weight_files(pruned).is_mxfp4()

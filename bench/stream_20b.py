@@ -287,9 +287,10 @@ def predictions(model: Path, args, workload: dict, verify_tokens: int) -> dict:
         # verification: the restricted original and the export, both float32, kept experts decoded only
         verify=predict_peak_memory(config, verify_tokens, dtype=torch.float32, max_seq_len=verify_tokens,
                                    record_logits=False, head_tokens=verify_tokens, decoded_experts=args.keep),
-        # evaluation: teacher (every expert) then export, bf16, the LM head on every target position
+        # evaluation: teacher (every expert) and export side by side, bf16, two hidden streams, both
+        # LM heads on every target position
         evaluate=predict_peak_memory(config, held, max_seq_len=args.heldout_len, record_logits=False,
-                                     head_tokens=held),
+                                     head_tokens=held, paired=True),
         # what `uspx plan MODEL --streaming --tokens N --seq-len T` prints
         plan_cli=streaming_plan(model, cal, seq_len=args.cal_len),
     )

@@ -320,6 +320,13 @@ def test_predict_peak_memory_20b_and_30b_shapes():
                 head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
     q = predict_peak_memory(qwen, 2048)
     assert 1.2e9 < q["layer_weights"] < 1.3e9  # 128 * 4.72M expert params + attention, bf16
+    # two models side by side (evaluation, layer-by-layer recovery): two hidden streams, both heads
+    # and both logit chunks at once, but their layers take turns
+    single = predict_peak_memory(gpt_oss_config("20b"), 4096, head_tokens=256)
+    pair = predict_peak_memory(gpt_oss_config("20b"), 4096, head_tokens=256, paired=True)
+    assert pair["hidden_states"] == 2 * 4096 * 2880 * 2
+    assert pair["head_phase"] == 2 * (201_088 * 2880 * 2 * 2 + 256 * 201_088 * (2 + 12))
+    assert pair["layer_weights"] == single["layer_weights"]
 
 
 def test_lm_head_in_chunks_gives_the_same_losses_and_logits(tmp_path, monkeypatch, one_thread):

@@ -20,11 +20,14 @@ RUNTIME_BYTES = 640 * 2**20  # python, torch, transformers, accelerate and pyarr
 
 def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfloat16, batch_tokens: int = 2048,
                         max_seq_len: int | None = None, record_logits: bool = True, head_tokens: int = 0,
-                        decoded_experts: int | None = None) -> dict[str, int]:
+                        decoded_experts: int | None = None, paired: bool = False) -> dict[str, int]:
     """Bytes by part (an estimate); ``total`` keeps hidden states in RAM, ``total_spilled`` on disk.
 
     ``config`` is a transformers config, a config.json dict or a model folder. ``decoded_experts``
     counts only for quantized (MXFP4) experts: dense ones are read whole even when restricted.
+    ``paired``: two models side by side (:mod:`uspx.engine.pair`: evaluation, layer-by-layer
+    recovery), which hold two hidden streams and, at the end, both heads and both chunks of logits;
+    their layers take turns, so one layer's weights count once.
     """
     cfg = load_config(config)
     p = count_params(cfg)
@@ -51,9 +54,10 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
         + b_tokens * heads * (t + 1) * 4 * 4  # scores, softmax, mask
     )
     records = n_tokens * (k * 12 + (e * 4 if record_logits else 0))
-    hidden = n_tokens * h * item
+    streams = 2 if paired else 1
+    hidden = streams * n_tokens * h * item
     embed_phase = v * h * item + min(n_tokens, 1 << 15) * h * item * 2
-    head_phase = (v * h * item * 2 + head_tokens * v * (item + 4 * 3)) if head_tokens else 0
+    head_phase = streams * (v * h * item * 2 + head_tokens * v * (item + 4 * 3)) if head_tokens else 0
     steady = layer + load_tmp + activations + records
     total_spilled = RUNTIME_BYTES + max(steady, embed_phase, head_phase)
     return dict(layer_weights=layer, load_temporaries=load_tmp, activations=activations, routing_records=records,

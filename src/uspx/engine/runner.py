@@ -33,8 +33,8 @@ from uspx.io import UspxError, read_json, write_json
 from uspx.progress import progress_bar
 
 Decide = Callable[[int], Sequence[int] | None]
-SPILL_SHARE = 0.5
-HEAD_ROWS = 256  # target positions sent through the LM head at once  # hidden states go to disk when they would take more than this share of free RAM
+SPILL_SHARE = 0.5  # hidden states go to disk when they would take more than this share of free RAM
+HEAD_ROWS = 256  # target positions sent through the LM head at once
 
 
 @dataclass

@@ -70,16 +70,6 @@ class LayerStep:
         """[B, T, H] the teacher's layer output on the teacher's stream (same positions)."""
         return self._targets.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(self.source.device)
 
-    def call(self, batch: Batch) -> tuple[tuple, dict]:
-        """The extra arguments the candidate's forward passes this layer (masks, rotary tables)."""
-        return self.source.layer_call(batch.attention_mask, self.index, self.dtype)
-
-    def run(self, batch: Batch, layer: nn.Module | None = None) -> torch.Tensor:
-        """[B, T, H] the layer's output on the candidate's inputs."""
-        args, kwargs = self.call(batch)
-        out = (layer or self.layer)(self.inputs(batch), *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
 
 Fit = Callable[[LayerStep], None]
 Context = Callable[[], ContextManager]

@@ -108,6 +108,11 @@ class _LayerTrainer:
         self.val_masks = [_positions(b, lambda row: row >= n_train) for b in batches]
         if not any(m.any() for m in self.train_masks) or not any(m.any() for m in self.val_masks):
             raise UspxError("layer-by-layer recovery needs tokens to train on and to validate on")
+        # model parameter -> the stored tensors it is read from, and their dtype (what is written back)
+        self.stored_of: dict[str, list[str]] = {}
+        for name in candidate.ckpt.weight_map:
+            self.stored_of.setdefault(candidate.target_of(name), []).append(name)
+        self.stored_dtype = {param: candidate.ckpt.spec(names[0]).dtype for param, names in self.stored_of.items()}
         self.history, self.trained = _resume(work, key)
         self.history.objectives = dict(router_kd=self.rk, layer=self.ly, train=settings.train)
         self.started = time.perf_counter() - self.history.seconds
@@ -219,12 +224,11 @@ class _LayerTrainer:
                         since += 1
                         if since >= s.patience:
                             break
-        stored = self._stored_dtypes()
         with torch.no_grad():
             for n, p in params.items():
                 p.requires_grad_(False)
                 # what the written file will hold: the stored precision, then the compute precision
-                best[n] = best[n].to(stored.get(n, best[n].dtype)).float()
+                best[n] = best[n].to(self.stored_dtype.get(n, best[n].dtype)).float()
                 p.copy_(best[n])
         layer.to(step.dtype)
         train_rows = sum(int(m.sum()) for m in self.train_masks)
@@ -233,24 +237,14 @@ class _LayerTrainer:
                              val_rows, 0.0, trained=sum(p.numel() for p in params.values()))
         return record, best
 
-    def _stored_dtypes(self) -> dict[str, torch.dtype]:
-        """Model parameter -> the dtype its stored tensor(s) hold."""
-        out: dict[str, torch.dtype] = {}
-        for name in self.candidate.ckpt.weight_map:
-            out.setdefault(self.candidate.target_of(name), self.candidate.ckpt.spec(name).dtype)
-        return out
-
     def _stored(self, step: LayerStep, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained model parameters as the stored tensors they are written to: one-to-one ones by
         name, fused or renamed ones through transformers' own reverse conversion."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        stored_of: dict[str, list[str]] = {}
-        for name in self.candidate.ckpt.weight_map:
-            stored_of.setdefault(self.candidate.target_of(name), []).append(name)
         out, converted = {}, {}
         for param, value in best.items():
-            names = stored_of.get(param, [])
+            names = self.stored_of.get(param, [])
             if len(names) == 1 and self.candidate.ckpt.spec(names[0]).shape == tuple(value.shape):
                 out[names[0]] = value
             else:

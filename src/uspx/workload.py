@@ -1,7 +1,8 @@
 """The user's workload: what they ask the model, normalised into prompt / completion items.
 
 Input is JSONL (one object a line with ``prompt``, chat ``messages`` or ``text``; optional
-``completion``, ``family``, ``id``, ``split``) or a folder of text files (family = sub-folder name).
+``completion``, ``family``, ``id``, ``split``, and the success checks ``answer``, ``regex``, ``json``,
+``tests`` with ``max_new_tokens`` and ``stop``) or a folder of text files (family = sub-folder name).
 Every item lands in the calibration or the held-out part by a hash of its content, so appending lines
 never moves an existing item from one part to the other.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -21,6 +23,34 @@ SPLITS = ("calibration", "heldout")
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".sh", ".rst", ".text", ""}
 
 
+MAX_NEW_TOKENS_LIMIT = 8192
+CHECK_KEYS = ("answer", "regex", "json", "tests", "max_new_tokens", "stop")
+
+
+@dataclass(frozen=True)
+class Checks:
+    """How to judge a generated continuation of an item (:mod:`uspx.evaluate.checks` applies them).
+
+    ``answer``: the first non-empty line must equal it after normalisation, or as a number;
+    ``regex``: the text must match it in full; ``json``: the text must parse as JSON (True), or also
+    validate against this JSON Schema (a dict); ``tests``: Python test code run in the sandbox after
+    the prompt and the generation. ``stop`` cuts the generation at the first of these strings;
+    ``max_new_tokens`` bounds it (None: the evaluation's default)."""
+
+    answer: str | None = None
+    regex: str | None = None
+    json: bool | dict = False
+    tests: str | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def kinds(self) -> list[str]:
+        """The checks this item carries, in a fixed order."""
+        return [k for k, v in (("answer", self.answer), ("regex", self.regex), ("json", self.json),
+                               ("tests", self.tests)) if v not in (None, False)]
+
+
 @dataclass
 class WorkloadItem:
     id: str
@@ -29,6 +59,7 @@ class WorkloadItem:
     prompt: str
     completion: str | None = None
     messages: list[dict] | None = None  # kept so the chat template can render it
+    checks: Checks | None = None  # a success test for a generated continuation
 
 
 @dataclass
@@ -41,6 +72,7 @@ class WorkloadSummary:
     truncated_tokens: int = 0
     families: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, int] = field(default_factory=dict)  # items carrying each kind of check
 
     def lines_of_text(self) -> list[str]:
         out = [
@@ -50,6 +82,8 @@ class WorkloadSummary:
             "families: " + ", ".join(f"{k}={v}" for k, v in sorted(self.families.items())),
             "splits: " + ", ".join(f"{k}={v}" for k, v in sorted(self.splits.items())),
         ]
+        if self.checks:
+            out.append("checks: " + ", ".join(f"{k}={v}" for k, v in sorted(self.checks.items())))
         return out
 
 
@@ -62,7 +96,9 @@ class Workload:
 
     @property
     def fingerprint(self) -> str:
-        return sha256_json([asdict(i) for i in self.items])
+        # an item without checks hashes as before checks existed: earlier runs keep their fingerprints
+        return sha256_json([{k: v for k, v in asdict(i).items() if k != "checks" or v is not None}
+                            for i in self.items])
 
     def part(self, split: str) -> "Workload":
         if split not in SPLITS and split != "all":
@@ -122,6 +158,8 @@ def load_workload(
     for it in items:
         summary.families[it.family] = summary.families.get(it.family, 0) + 1
         summary.splits[it.split] = summary.splits.get(it.split, 0) + 1
+        for kind in it.checks.kinds if it.checks else ():
+            summary.checks[kind] = summary.checks.get(kind, 0) + 1
     return Workload(str(path), items, summary, heldout_fraction)
 
 
@@ -207,7 +245,68 @@ def _normalise(obj: dict, where: str, heldout_fraction: float, default_family: s
         split = split_of(key, heldout_fraction)
     elif split not in SPLITS:
         raise UspxError(f"{where}: 'split' must be one of {SPLITS}, got {split!r}")
-    return WorkloadItem(str(item_id), family, split, prompt, completion or None, messages)
+    return WorkloadItem(str(item_id), family, split, prompt, completion or None, messages, _checks(obj, where))
+
+
+def _checks(obj: dict, where: str) -> Checks | None:
+    """The item's success checks, each validated here so that a bad one is named by file and line."""
+    if not any(k in obj for k in CHECK_KEYS):
+        return None
+    answer = obj.get("answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise UspxError(f"{where}: 'answer' must be a string or a number")
+        answer = answer if isinstance(answer, str) else json.dumps(answer)
+        if not answer.strip():
+            raise UspxError(f"{where}: 'answer' is empty")
+    regex = obj.get("regex")
+    if regex is not None:
+        if not isinstance(regex, str):
+            raise UspxError(f"{where}: 'regex' must be a string (a Python regular expression)")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise UspxError(f"{where}: 'regex' does not compile: {exc}") from None
+    schema = obj.get("json", False)
+    if not isinstance(schema, (bool, dict)):
+        raise UspxError(f"{where}: 'json' must be true (the text must parse) or a JSON Schema object")
+    if isinstance(schema, dict):
+        _check_schema(schema, where)
+    tests = obj.get("tests")
+    if tests is not None:
+        if not isinstance(tests, str) or not tests.strip():
+            raise UspxError(f"{where}: 'tests' must be non-empty Python code (a string)")
+        try:
+            compile(tests, f"{where}:tests", "exec")  # compiled, never run, here
+        except SyntaxError as exc:
+            raise UspxError(f"{where}: 'tests' is not valid Python ({exc.msg}, line {exc.lineno})") from None
+    limit = obj.get("max_new_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or not 1 <= limit <= MAX_NEW_TOKENS_LIMIT):
+        raise UspxError(f"{where}: 'max_new_tokens' must be a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}")
+    stop = obj.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise UspxError(f"{where}: 'stop' must be a non-empty string or a list of them")
+    checks = Checks(answer, regex, schema, tests, limit, tuple(stop))
+    if not checks.kinds:
+        raise UspxError(f"{where}: 'max_new_tokens' or 'stop' without a check to apply "
+                        "(add 'answer', 'regex', 'json' or 'tests')")
+    return checks
+
+
+def _check_schema(schema: dict, where: str) -> None:
+    """A JSON Schema needs the maintained validator (an optional extra); the schema itself is
+    checked against its meta-schema now."""
+    try:
+        import jsonschema
+    except ImportError:
+        raise UspxError(f"{where}: a 'json' schema needs the jsonschema package: pip install 'uspx[checks]' "
+                        "(or use \"json\": true to check only that the text parses)") from None
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise UspxError(f"{where}: 'json' is not a valid JSON Schema: {exc.message}") from None
 
 
 # ----- tokenisation ------------------------------------------------------------------------------
@@ -256,10 +355,17 @@ def encode(workload: Workload, tokenizer, max_length: int) -> list[EncodedItem]:
     return out
 
 
-def _render_prompt(item: WorkloadItem, tokenizer) -> list[int]:
+def generation_prompt(item: WorkloadItem, tokenizer, max_length: int) -> list[int]:
+    """The token ids a model continues to answer ``item`` (a chat item ends with the assistant's
+    turn opened), cut from the start to ``max_length`` tokens as :func:`encode` cuts prompts."""
+    ids = _render_prompt(item, tokenizer, generation=True)
+    return ids[max(0, len(ids) - max_length):]
+
+
+def _render_prompt(item: WorkloadItem, tokenizer, generation: bool = False) -> list[int]:
     if item.messages is not None and getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
-            item.messages, tokenize=True, add_generation_prompt=item.completion is not None
+            item.messages, tokenize=True, add_generation_prompt=generation or item.completion is not None
         )
         if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
             rendered = rendered["input_ids"]

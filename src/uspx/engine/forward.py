@@ -114,14 +114,16 @@ class Sampling:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
              sampling: Sampling | None = None, stopping_criteria: Sequence | None = None,
              eos_token_id: int | list[int] | None | Literal["config"] = "config",
-             pad_token_id: int | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, stop_strings: Sequence[str] = (), tokenizer=None) -> torch.Tensor:
     """[B, T + new] ``input_ids`` followed by up to ``max_new_tokens`` generated tokens (transformers'
     ``generate`` with a KV cache), on ``input_ids``' device.
 
     Greedy unless ``sampling`` is given (sampling draws from torch's global generator: seed it for a
     repeatable run). ``eos_token_id`` stops a row at that token: ``"config"`` (the default) uses the
     model's generation config, None never stops early. Left-pad batches of different lengths and
-    give their ``attention_mask``. ``stopping_criteria`` are transformers ``StoppingCriteria``.
+    give their ``attention_mask``. ``stopping_criteria`` are transformers ``StoppingCriteria``;
+    ``stop_strings`` stop a row once its text contains one of them (decoded by ``tokenizer``, which
+    they need). A finished row is filled with ``pad_token_id``.
     """
     from transformers import StoppingCriteriaList
 
@@ -139,6 +141,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         kw["eos_token_id"] = eos_token_id
     if pad_token_id is not None:
         kw["pad_token_id"] = pad_token_id
+    if stop_strings:
+        if tokenizer is None:
+            raise UspxError("stop strings need the tokenizer that decodes the generated tokens")
+        kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with torch.no_grad():
         return module.generate(ids, **kw).to(input_ids.device)
 

@@ -2,8 +2,10 @@
 
 Per task family on held-out items: loss on completion tokens and its delta to the teacher, perplexity
 ratio, top-1 agreement, KL(teacher || candidate); size; prefill and decode speed of both models in
-one run; and the acceptance verdict: delta loss <= epsilon_t for every family, and the memory fit
-when a budget is given.
+one run; on items that carry a check (:mod:`uspx.evaluate.tasks`), task success of both models
+from their generations, compared item by item; and the acceptance verdict: delta loss <= epsilon_t
+for every family, pass@1 drop <= the largest allowed per checked family when one is given, and the
+memory fit when a budget is given.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +21,10 @@ import torch
 import uspx
 from uspx.evaluate import speed as speed_mod
 from uspx.engine import FromCheckpoint, Opened, WeightSource, dtype_name, open_source
+from uspx.evaluate.checks import LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_SPAN, ProgramRunner
 from uspx.evaluate.metrics import Runner, compare, summarise
+from uspx.evaluate.tasks import (DEFAULT_MAX_NEW_TOKENS, TaskSettings, ToolGeneration, checked, family_report,
+                                 generate_answers, generate_with_tools, item_rows, write_items)
 from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
 from uspx.models import LoadedModel
 from uspx.models.loading import resolve_model_path
@@ -31,6 +36,7 @@ from uspx.workload import Workload, default_max_length, encode, load_workload
 
 FORMAT = "uspx-eval/1"
 FILENAME = "evaluation.json"
+ITEMS_SUFFIX = ".items.jsonl"  # per checked item, beside the evaluation: evaluation.items.jsonl
 
 
 def evaluate(
@@ -52,6 +58,14 @@ def evaluate(
     progress: bool = False,
     trust_remote_code: bool = False,
     dtype: str = "auto",
+    samples: int = 1,
+    temperature: float = 0.0,
+    pass_k: Sequence[int] | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int = 0,
+    max_pass_drop: float | Mapping[str, float] | None = None,
+    sandbox: ProgramRunner | None = None,
+    virtual_experts: ToolGeneration | None = None,
 ) -> dict:
     """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split``; returns (and writes to
     ``out``, a folder or a .json path) the evaluation.
@@ -64,6 +78,16 @@ def evaluate(
     delta (nats per token), one for every family or one per family (key ``"*"`` for the rest).
     ``memory_budget`` adds the memory-fit rule: candidate weights plus the KV cache for ``context``
     tokens must fit. Both models compute in ``dtype`` (``auto``: the teacher checkpoint's stored type).
+
+    Items with checks are also answered by both models: greedily, or ``samples`` draws at
+    ``temperature`` (seeded by ``seed``) for pass@k at each k of ``pass_k`` (default 1 and
+    ``samples``), ``max_new_tokens`` at most unless the item sets its own. ``max_pass_drop`` adds
+    the rule "pass@1 drop against the teacher at most this much" per checked family (one value, or
+    per family with ``"*"`` for the rest). ``tests`` checks run only through ``sandbox``
+    (:func:`uspx.virtual.sandbox.run_python`), which evaluation cannot import itself;
+    ``virtual_experts`` (``(model, tokenizer, prompt, max_new_tokens) -> .text, .calls``, e.g.
+    :func:`uspx.virtual.generate.generate_with_tools` with a probe) answers the checked items once
+    more with the tools. Per-item answers go to ``evaluation.items.jsonl`` beside the evaluation.
     """
     t = _open(teacher, None, dtype, trust_remote_code)
     c = t if candidate is None else _open(candidate, t, dtype, trust_remote_code)
@@ -82,6 +106,13 @@ def evaluate(
     max_length = max_length or default_max_length(t.source.config)
     items = encode(part, t.tokenizer, max_length)
     eps = _epsilons(epsilon, part.families)
+    tasks = checked(part.items)
+    settings = TaskSettings(samples, float(temperature), tuple(pass_k or sorted({1, samples})), max_new_tokens,
+                            seed, batch_size)
+    if any(i.checks.tests for i in tasks) and sandbox is None:
+        raise UspxError(f"{wl.source}: 'tests' checks run only in uspx's sandbox; pass "
+                        "sandbox=uspx.virtual.sandbox.run_python (`uspx eval` does)")
+    drops = _pass_drops(max_pass_drop, sorted({i.family for i in tasks}))
 
     c_source = _restricted_source(c, ks)
     restrict = (lambda: c_source.adapter.restrict(ks.kept)) if ks else contextlib.nullcontext
@@ -118,13 +149,20 @@ def evaluate(
         "size": _sizes(t, c, ks),
     }
     result["memory"] = _memory(c, result["size"]["candidate"], memory_budget, context, kv_dtype)
+    rows: list[dict] = []
+    if tasks:
+        result["tasks"], rows = _tasks(t, c, ks, tasks, settings, max_length, dtype, sandbox, virtual_experts,
+                                       sorted({i.family for i in tasks}))
     if speed:
         result["speed"] = _speed(t, c, restrict, items, decode_tokens, dtype)
         _speedups(result["speed"], restricted=ks is not None)
-    result["acceptance"] = _acceptance(families, eps, result["memory"])
+    result["acceptance"] = _acceptance(families, eps, result["memory"], result.get("tasks"), drops)
     if out is not None:
         path = Path(out)
-        write_json(path if path.suffix == ".json" else path / FILENAME, result)  # atomic
+        path = path if path.suffix == ".json" else path / FILENAME
+        if rows:
+            write_items(path.with_name(path.stem + ITEMS_SUFFIX), rows)
+        write_json(path, result)  # atomic
     return result
 
 
@@ -188,6 +226,73 @@ def _epsilons(epsilon: float | Mapping[str, float], families: list[str]) -> dict
     return {f: float(epsilon.get(f, epsilon.get("*"))) for f in families}
 
 
+def _pass_drops(drop: float | Mapping[str, float] | None, families: list[str]) -> dict[str, float] | None:
+    if drop is None:
+        return None
+    if not families:
+        raise UspxError("a largest pass-rate drop needs items with checks ('answer', 'regex', 'json' or 'tests') "
+                        "in the evaluated split; this one has none")
+    if not isinstance(drop, Mapping):
+        return {f: float(drop) for f in families}
+    missing = [f for f in families if f not in drop and "*" not in drop]
+    if missing:
+        raise UspxError(f"max pass drop has no threshold for checked families {missing} (add them, or a '*' default)")
+    return {f: float(drop.get(f, drop.get("*"))) for f in families}
+
+
+# ----- task success ------------------------------------------------------------------------------
+LOOP_RULE = (f"a generation loops when its last tokens repeat one cycle of 1 to {LOOP_MAX_PERIOD} tokens at least "
+             f"{LOOP_MIN_REPEATS} times over a stretch of at least {LOOP_MIN_SPAN} tokens")
+
+
+def _tasks(t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_length: int, dtype: str,
+           runner: ProgramRunner | None, tools: ToolGeneration | None, families: list[str]) -> tuple[dict, list[dict]]:
+    """Both models answer the checked items (whole models: generation needs one); the summary per
+    family and the per-item records."""
+    from uspx.models import adapter_for
+
+    models, skipped = {}, {}
+    for name, side in (("teacher", t), ("candidate", c)):
+        models[name], why = _whole(side, dtype)
+        if why:
+            skipped[name] = why.replace("not measured", "not generated")
+    head = {"settings": {**{k: getattr(settings, k) for k in ("samples", "temperature", "max_new_tokens", "seed")},
+                         "pass_k": list(settings.pass_k),
+                         "decoding": "greedy" if settings.temperature == 0 else f"sampled at temperature "
+                                                                               f"{settings.temperature:g}",
+                         "virtual_experts": tools is not None},
+            "loop_rule": LOOP_RULE, "items": len(items)}
+    if skipped:
+        return {**head, "skipped": skipped}, []
+    plain = contextlib.nullcontext
+    restrict = (lambda: adapter_for(models["candidate"]).restrict(ks.kept)) if ks else plain
+    answers = {"teacher": generate_answers(models["teacher"], t.tokenizer, items, settings, max_length, runner)}
+    same = c is t and ks is None
+    answers["candidate"] = answers["teacher"] if same else generate_answers(
+        models["candidate"], t.tokenizer, items, settings, max_length, runner, restrict)
+    if tools is not None:
+        answers["teacher_tools"] = generate_with_tools(tools, models["teacher"], t.tokenizer, items, settings, runner)
+        answers["candidate_tools"] = answers["teacher_tools"] if same else generate_with_tools(
+            tools, models["candidate"], t.tokenizer, items, settings, runner, restrict)
+    report = family_report(items, answers, settings.pass_k, families, settings.seed)
+    return {**head, "families": {f: r for f, r in report.items() if f != "all"}, "overall": report["all"]}, \
+        item_rows(items, answers)
+
+
+def _whole(side: Opened, dtype: str) -> tuple[torch.nn.Module | None, str | None]:
+    """The model loaded whole: itself when resident, else from its folder when its weights fit in
+    the memory available now; otherwise the reason it is not."""
+    if side.source.resident:
+        return side.source.model, None
+    # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
+    item = torch.empty((), dtype=side.source.dtype).element_size()
+    need, free = sum(p.numel() for p in side.source.model.parameters()) * item, _available_memory()
+    if need > 0.8 * free:
+        return None, (f"not measured: {side.path} is read a layer at a time and its weights "
+                      f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
+    return open_source(side.path, dtype=dtype).source.model, None
+
+
 # ----- size, memory, speed -------------------------------------------------------------------------
 def _disk(opened: Opened) -> dict:
     wf = weight_files(opened.path)
@@ -238,17 +343,10 @@ def _speed(t: Opened, c: Opened, restrict, items, decode_tokens: int, dtype: str
     loaded whole for this only when its weights fit in the memory available now."""
     runners, skipped = {}, {}
     for name, side in (("teacher", t), ("candidate", c)):
-        if side.source.resident:
-            model = side.source.model
-        else:
-            # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
-            item = torch.empty((), dtype=side.source.dtype).element_size()
-            need, free = sum(p.numel() for p in side.source.model.parameters()) * item, _available_memory()
-            if need > 0.8 * free:
-                skipped[name] = (f"not measured: {side.path} is read a layer at a time and its weights "
-                                 f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
-                continue
-            model = open_source(side.path, dtype=dtype).source.model
+        model, why = _whole(side, dtype)
+        if why:
+            skipped[name] = why
+            continue
         runners[name] = Runner(model, restrict if name == "candidate" else contextlib.nullcontext)
     result = speed_mod.measure(runners, [e.input_ids for e in items], new_tokens=decode_tokens) if runners else {}
     return {**result, **({"skipped": skipped} if skipped else {})}
@@ -271,7 +369,9 @@ def _speedups(sp: dict, restricted: bool) -> None:
 
 
 # ----- verdict -----------------------------------------------------------------------------------
-def _acceptance(families: dict, eps: dict[str, float], memory: dict | None) -> dict:
+def _acceptance(families: dict, eps: dict[str, float], memory: dict | None, tasks: dict | None = None,
+                drops: dict[str, float] | None = None) -> dict:
+    """The one verdict: every rule's check, the reasons in words, and the rules that failed."""
     reasons, checks = [], []
     for f, row in families.items():
         d = row["delta"]
@@ -282,11 +382,25 @@ def _acceptance(families: dict, eps: dict[str, float], memory: dict | None) -> d
         else:
             reasons.append(f"{f}: delta loss {d:+.4f} nats/token {'<=' if ok else '>'} epsilon {eps[f]:g}"
                            f" ({row['tokens']} tokens, {row['items']} items)")
+    for f, limit in (drops or {}).items():
+        row = ((tasks or {}).get("families") or {}).get(f)
+        if row is None:  # generation was skipped (a model too large to load whole)
+            checks.append({"rule": "pass_drop", "family": f, "value": None, "threshold": limit, "ok": False})
+            reasons.append(f"{f}: pass@1 not measured ({'; '.join((tasks or {}).get('skipped', {}).values())})")
+            continue
+        before, after = row["teacher"]["pass@1"], row["candidate"]["pass@1"]
+        drop = before - after
+        ok = drop <= limit + 1e-12  # pass rates are ratios of item counts: equal drops must pass
+        checks.append({"rule": "pass_drop", "family": f, "value": drop, "threshold": limit, "ok": ok})
+        reasons.append(f"{f}: pass@1 {before:.3f} -> {after:.3f}, drop {drop:+.3f} {'<=' if ok else '>'} "
+                       f"max drop {limit:g} ({row['items']} checked items)")
     if memory is not None:
         ok = memory["fits"]
         checks.append({"rule": "memory_fit", "value": memory["total_bytes"], "threshold": memory["budget_bytes"], "ok": ok})
         reasons.append(f"memory: weights {memory['weights_bytes']} + KV {memory['kv_bytes']} = {memory['total_bytes']} "
                        f"bytes {'<=' if ok else '>'} budget {memory['budget_bytes']}")
-    verdict = "pass" if all(c["ok"] for c in checks) else "fail"
-    return {"verdict": verdict, "rule": "acceptance: delta loss per family <= epsilon_t, and memory "
-            "fit when a budget is given", "reasons": reasons, "checks": checks}
+    failed = list(dict.fromkeys(c["rule"] for c in checks if not c["ok"]))
+    rule = "acceptance: delta loss per family <= epsilon_t"
+    rule += ", pass@1 drop per checked family <= its largest allowed drop" if drops else ""
+    return {"verdict": "fail" if failed else "pass", "failed_rules": failed,
+            "rule": rule + ", and memory fit when a budget is given", "reasons": reasons, "checks": checks}

@@ -121,9 +121,13 @@ def _quality(original, pruned: Path, recovered: Path, wl, source: Path, others, 
         elsewhere = dict(workload=o.source, before=_families(quality(pruned, o, "heldout")),
                          after=_families(quality(recovered, o, "heldout")))
     gap_before, gap_after = before["overall"]["delta"], after["overall"]["delta"]
+    gap_ci = _gap_interval(before)
     return dict(
         heldout=dict(before=_families(before), after=_families(after)),
-        recovered_share=(1 - gap_after / gap_before) if gap_before and gap_before > 0 else None,
+        # a share of a gap means something only where the gap is surely there (its interval above zero)
+        recovered_share=(1 - gap_after / gap_before) if gap_ci and gap_ci[0] > 0 else None,
+        gap=dict(before=gap_before, before_ci95=list(gap_ci) if gap_ci else None, after=gap_after,
+                 interval="95% paired bootstrap over held-out items of the one-shot loss delta (token-weighted)"),
         calibration=dict(before=_families(cal_before), after=_families(cal_after)),
         overfitting_gap=dict(before=_gap(cal_before, before), after=_gap(cal_after, after)),
         elsewhere=elsewhere, acceptance=after["acceptance"],
@@ -298,6 +302,14 @@ def _finished(model_dir: Path, key: dict) -> dict | None:
     return rec
 
 
+def _gap_interval(ev: dict) -> tuple[float, float] | None:
+    """95% interval of the one-shot loss delta, items resampled with their token weights."""
+    from uspx.evaluate.stats import paired_bootstrap
+
+    rows = [r for r in ev["items"] if r["tokens"]]
+    return paired_bootstrap([r["loss_candidate"] - r["loss_teacher"] for r in rows], [r["tokens"] for r in rows])
+
+
 def _families(ev: dict) -> dict:
     return {f: dict(delta=row["delta"], top1_agreement=row["top1_agreement"], kl=row["kl"], tokens=row["tokens"])
             for f, row in {**ev["families"], "all": ev["overall"]}.items()}
@@ -330,10 +342,18 @@ def _print(r: dict) -> None:
         a = r["heldout"]["after"][fam]
         t.add_row(fam, f"{b['delta']:+.4f}", f"{a['delta']:+.4f}", f"{a['top1_agreement']:.3f}")
     console.print(t)
+    gap = r.get("gap") or {}
+    ci = gap.get("before_ci95")
+    shown = f" (one-shot delta {gap['before']:+.4f}, 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}])" if ci else ""
     if r["recovered_share"] is not None:
-        console.print(f"recovered {100 * r['recovered_share']:.0f}% of the loss pruning cost on held-out items; "
+        console.print(f"recovered {100 * r['recovered_share']:.0f}% of the loss pruning cost on held-out items{shown}; "
                       f"held-out minus calibration delta {r['overfitting_gap']['after']:+.4f} "
                       f"(before {r['overfitting_gap']['before']:+.4f})")
+    elif gap.get("before") is not None:
+        what = ("pruning lowered the held-out loss, so there is no cost to share out" if ci and ci[1] < 0 else
+                "the pruning cost is too small to tell from zero, so no share of it is given")
+        console.print(f"{what}{shown or ' (one-shot delta %+.4f)' % gap['before']}; "
+                      f"held-out delta after recovery {gap['after']:+.4f}")
     if r["elsewhere"]:
         cost = {f: v["delta"] for f, v in r["elsewhere"]["after"].items()}
         console.print(f"on {r['elsewhere']['workload']} (other families): " +

@@ -24,10 +24,10 @@ test: lint
 	$(PY) -m pytest -q
 
 # Rebuild the bundled teacher from scratch (about an hour on 2 CPU cores). The shell
-# family needs fixed Debian packages: `$(PY) -m uspx.teacher.corpus --print-deps` lists them.
+# family needs fixed Debian packages: `$(PY) -m teacher.corpus --print-deps` lists them.
 teacher: setup
-	$(PY) -m uspx.teacher.corpus --out data/corpus
-	$(PY) -m uspx.teacher.tokenizer --corpus data/corpus --out data/tokenizer --vocab 4096
-	$(PY) -m uspx.teacher.train --corpus data/corpus --tokenizer data/tokenizer --work runs/teacher --out src/uspx/data/teacher
-	$(PY) -m uspx.teacher.workloads --corpus data/corpus --tokenizer data/tokenizer --out src/uspx/data/workloads
-	$(PY) -m uspx.teacher.report --corpus data/corpus --teacher src/uspx/data/teacher --workloads src/uspx/data/workloads --out docs/teacher.md
+	$(PY) -m teacher.corpus --out data/corpus
+	$(PY) -m teacher.tokenizer --corpus data/corpus --out data/tokenizer --vocab 4096
+	$(PY) -m teacher.train --corpus data/corpus --tokenizer data/tokenizer --work runs/teacher --out src/uspx/data/teacher
+	$(PY) -m teacher.workloads --corpus data/corpus --tokenizer data/tokenizer --out src/uspx/data/workloads
+	$(PY) -m teacher.report --corpus data/corpus --teacher src/uspx/data/teacher --workloads src/uspx/data/workloads --out docs/teacher.md

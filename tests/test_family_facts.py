@@ -129,8 +129,7 @@ def test_tiny_configs_cover_every_family():
 # outside uspx.models asks an adapter instead.
 FAMILY_NAMES = {"down_proj", "o_proj", "q_proj", "k_proj", "v_proj", "gate_up_proj", "up_proj", "gate_proj",
                 "num_key_value_heads", "head_dim", "sinks", "w1", "w2", "w3", "block_sparse_moe"}
-# uspx.teacher builds and describes one gpt_oss model (the bundled teacher): its config fields are its own
-FAMILY_OWNERS = ("models", "teacher")
+FAMILY_OWNERS = ("models",)
 
 
 def _family_names_in(path, rel: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests of the bundled teacher, its workloads, and the corpus builder (fast, CPU)."""
+"""Tests of the bundled teacher, its workloads, and its build code in teacher/ (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import random
 import pytest
 import torch
 
-from uspx.teacher import TEACHER_DIR, WORKLOADS_DIR
-from uspx.teacher.corpus import (
+from teacher.corpus import (
     SPLITS,
     Doc,
     arith_document,
@@ -21,7 +20,9 @@ from uspx.teacher.corpus import (
     split_of,
     write,
 )
-from uspx.teacher.workloads import REQUIRED_FIELDS, SPLIT_VALUES, WORKLOADS
+from teacher.workloads import REQUIRED_FIELDS, SPLIT_VALUES, WORKLOADS
+from uspx.models.loading import BUNDLED_TEACHER as TEACHER_DIR
+from uspx.workload import BUNDLED_WORKLOADS as WORKLOADS_DIR
 
 FAMILIES = {"python", "shell", "prose", "arith"}
 
@@ -87,7 +88,7 @@ def test_shell_scripts_come_only_from_listed_package_files(tmp_path) -> None:
 
 def test_training_resumes_bit_identically(tmp_path) -> None:
     """A run paused and resumed from its checkpoint ends with the same weights as one that never stopped."""
-    from uspx.teacher import train
+    from teacher import train
 
     rng = random.Random(0)
     docs = {
@@ -263,7 +264,7 @@ class _CharTokenizer:
 
 
 def test_teacher_training_loss_is_mean_next_token_cross_entropy() -> None:
-    from uspx.teacher.train import lm_loss
+    from teacher.train import lm_loss
 
     # targets are x[:, 1:] = 1, 0: -log(3/4) and -log(1/4)
     loss, aux = lm_loss(_FixedLogits(), torch.tensor([[1, 1, 0]]), with_router=False)
@@ -272,7 +273,7 @@ def test_teacher_training_loss_is_mean_next_token_cross_entropy() -> None:
 
 
 def test_teacher_report_scores_completion_tokens_only() -> None:
-    from uspx.teacher.report import completion_ce
+    from teacher.report import completion_ce
 
     # "ab" + "b": one completion target (id 1); "a" + "aa": two (id 0); prompts never count
     items = [{"prompt": "ab", "completion": "b"}, {"prompt": "a", "completion": "aa"}]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m uspx.teacher.tokenizer --corpus data/corpus --out data/tokenizer --vocab 4096
+    python -m teacher.tokenizer --corpus data/corpus --out data/tokenizer --vocab 4096
 
 The folder it writes (``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json``) loads offline with
@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from uspx.teacher.corpus import read_split
+from teacher.corpus import read_split
 
 EOS = "<|endoftext|>"
 #: Chat markers are reserved now so that a later chat fine-tune needs no resize.

@@ -2,7 +2,7 @@
 
 Usage (after building the corpus and the tokenizer)::
 
-    python -m uspx.teacher.train --corpus data/corpus --tokenizer data/tokenizer \\
+    python -m teacher.train --corpus data/corpus --tokenizer data/tokenizer \\
         --work runs/teacher --out src/uspx/data/teacher --steps 3000
 
 The model is a stock ``transformers.GptOssForCausalLM`` built from a
@@ -42,7 +42,7 @@ import torch
 from uspx.engine.forward import forward
 from uspx.engine.losses import token_nll
 from uspx.io import write_text
-from uspx.teacher.corpus import FAMILIES, read_split
+from teacher.corpus import FAMILIES, read_split
 
 SEQ_LEN = 256
 

@@ -39,7 +39,7 @@ on the machine.
 
 Usage::
 
-    python -m uspx.teacher.corpus --out data/corpus
+    python -m teacher.corpus --out data/corpus
 
 writes ``data/corpus/{train,validation,test}.jsonl`` (one JSON object per line:
 ``{"family", "source", "text"}``), ``stats.json`` and ``manifest.json``.
@@ -537,7 +537,7 @@ def read_split(corpus_dir: Path, split: str) -> list[dict[str, str]]:
     """Read one split's JSONL."""
     path = Path(corpus_dir) / f"{split}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: run `python -m uspx.teacher.corpus --out {corpus_dir}` first")
+        raise FileNotFoundError(f"{path} missing: run `python -m teacher.corpus --out {corpus_dir}` first")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

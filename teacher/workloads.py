@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m uspx.teacher.workloads --corpus data/corpus --tokenizer data/tokenizer \\
+    python -m teacher.workloads --corpus data/corpus --tokenizer data/tokenizer \\
         --out src/uspx/data/workloads
 
 Each workload is JSONL, one item per line::
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from uspx.teacher.corpus import FAMILIES, read_split
+from teacher.corpus import FAMILIES, read_split
 
 #: Token lengths (min, max) of prompt and of completion. The prose test split
 #: is the smallest (docstrings and pydoc topics are short), so docs_writer

@@ -15,9 +15,11 @@ The text judged is the generation cut at the item's first ``stop`` string (all o
 An item passes when every check it carries passes; it is format-valid when its ``regex`` and
 ``json`` checks pass (None without either).
 
-A generation *loops* when its last tokens repeat one cycle of 1 to :data:`LOOP_MAX_PERIOD` tokens
-at least :data:`LOOP_MIN_REPEATS` times over a stretch of at least :data:`LOOP_MIN_SPAN` tokens
-(the last cycle may be cut short by the token limit).
+A generation *loops* when it ends, but for at most :data:`LOOP_TAIL` final tokens, in one cycle of
+1 to :data:`LOOP_MAX_PERIOD` tokens repeated at least :data:`LOOP_MIN_REPEATS` times over a stretch
+of at least :data:`LOOP_MIN_SPAN` tokens (the last cycle may be cut short by the token limit, and
+a model that breaks off a long repetition with a token or two, ``name, name, ..., name)``, still
+counts as looping).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from uspx.workload import Checks, WorkloadItem
 LOOP_MAX_PERIOD = 32
 LOOP_MIN_REPEATS = 3
 LOOP_MIN_SPAN = 16
+LOOP_TAIL = 4
 
 
 class ProgramRun(Protocol):
@@ -130,6 +133,8 @@ def _tests_problem(item: WorkloadItem, text: str, runner: ProgramRunner | None) 
     run = runner(tests_program(item, text))
     if run.timed_out:
         return "tests: stopped at the sandbox's time limit"
+    if run.returncode is not None and (run.returncode < 0 or run.returncode in (128 + 9, 128 + 24)):
+        return f"tests: killed at the sandbox's CPU or memory limit (exit status {run.returncode})"
     if run.returncode != 0:
         last = run.stderr.decode(errors="replace").strip().splitlines()[-1:]
         return f"tests: failed ({last[0][:200] if last else f'exit status {run.returncode}'})"
@@ -160,20 +165,20 @@ def judge(item: WorkloadItem, generation: str, runner: ProgramRunner | None = No
 
 
 def loop_period(tokens: Sequence, max_period: int = LOOP_MAX_PERIOD, min_repeats: int = LOOP_MIN_REPEATS,
-                min_span: int = LOOP_MIN_SPAN) -> int | None:
+                min_span: int = LOOP_MIN_SPAN, tail: int = LOOP_TAIL) -> int | None:
     """The shortest cycle the end of ``tokens`` repeats (the rule in the module docstring), or
     None when it does not loop. Works on any sequence: token ids, or characters for a test."""
-    n = len(tokens)
-    for p in range(1, min(max_period, n // min_repeats) + 1):
-        run = 0  # positions from the end that equal the one a period earlier
-        while run < n - p and tokens[n - 1 - run] == tokens[n - 1 - run - p]:
-            run += 1
-        span = run + p
-        if span >= min_repeats * p and span >= min_span:
-            return p
+    for cut in range(min(tail, max(len(tokens) - 1, 0)) + 1):
+        n = len(tokens) - cut
+        for p in range(1, min(max_period, n // min_repeats) + 1):
+            run = 0  # positions from the end that equal the one a period earlier
+            while run < n - p and tokens[n - 1 - run] == tokens[n - 1 - run - p]:
+                run += 1
+            if run + p >= min_repeats * p and run + p >= min_span:
+                return p
     return None
 
 
-__all__ = ["LOOP_MAX_PERIOD", "LOOP_MIN_REPEATS", "LOOP_MIN_SPAN", "Outcome", "ProgramRun", "ProgramRunner",
+__all__ = ["LOOP_MAX_PERIOD", "LOOP_MIN_REPEATS", "LOOP_MIN_SPAN", "LOOP_TAIL", "Outcome", "ProgramRun", "ProgramRunner",
            "answer_matches", "cut_at_stop", "judge", "loop_period", "normalise", "parse_number",
            "tests_program"]

@@ -21,7 +21,7 @@ import torch
 import uspx
 from uspx.evaluate import speed as speed_mod
 from uspx.engine import FromCheckpoint, Opened, WeightSource, dtype_name, open_source
-from uspx.evaluate.checks import LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_SPAN, ProgramRunner
+from uspx.evaluate.checks import LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_SPAN, LOOP_TAIL, ProgramRunner
 from uspx.evaluate.metrics import Runner, compare, summarise
 from uspx.evaluate.tasks import (DEFAULT_MAX_NEW_TOKENS, TaskSettings, ToolGeneration, checked, family_report,
                                  generate_answers, generate_with_tools, item_rows, write_items)
@@ -241,8 +241,9 @@ def _pass_drops(drop: float | Mapping[str, float] | None, families: list[str]) -
 
 
 # ----- task success ------------------------------------------------------------------------------
-LOOP_RULE = (f"a generation loops when its last tokens repeat one cycle of 1 to {LOOP_MAX_PERIOD} tokens at least "
-             f"{LOOP_MIN_REPEATS} times over a stretch of at least {LOOP_MIN_SPAN} tokens")
+LOOP_RULE = (f"a generation loops when it ends, but for at most {LOOP_TAIL} final tokens, in one cycle of 1 to "
+             f"{LOOP_MAX_PERIOD} tokens repeated at least {LOOP_MIN_REPEATS} times over a stretch of at least "
+             f"{LOOP_MIN_SPAN} tokens")
 
 
 def _tasks(t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_length: int, dtype: str,

@@ -247,6 +247,33 @@ def write_items(path: Path, rows: list[dict]) -> None:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def task_lines(tasks: dict) -> list[str]:
+    """Task success per checked family, teacher -> candidate (and with the tools), in words."""
+    if "skipped" in tasks:
+        return [f"checked items not generated: {why}" for why in tasks["skipped"].values()]
+
+    def ci(iv) -> str:
+        return f"[{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "[n/a]"
+
+    lines = [f"task success on {tasks['items']} checked items ({tasks['settings']['decoding']}; teacher -> candidate):"]
+    for fam, row in {**tasks["families"], "all": tasks["overall"]}.items():
+        t, c, d = row["teacher"], row["candidate"], row["difference"]
+        ks = [k for k in t if k.startswith("pass@") and not k.endswith("_ci95")]
+        parts = [f"{k} {t[k]:.3f} {ci(t[k + '_ci95'])} -> {c[k]:.3f} {ci(c[k + '_ci95'])}" for k in ks]
+        mc = f", McNemar p {d['mcnemar_p']:.3g}" if d["mcnemar_p"] is not None else ""
+        parts.append(f"diff {d['pass@1']:+.3f} {ci(d['pass@1_ci95'])} (lost {d['lost']}, gained {d['gained']}{mc})")
+        parts.append(f"loops {t['loop_rate']:.2f} -> {c['loop_rate']:.2f}; tokens {t['mean_tokens']:.1f} -> {c['mean_tokens']:.1f}")
+        if t["format_valid"] is not None:
+            parts.append(f"format valid {t['format_valid']:.2f} -> {c['format_valid']:.2f}")
+        for name in ("teacher", "candidate"):
+            if f"{name}_tools" in row:
+                tl, dt = row[f"{name}_tools"], row[f"difference_{name}_tools"]
+                parts.append(f"{name} with calc {tl['pass@1']:.3f} {ci(tl['pass@1_ci95'])} "
+                             f"(diff {dt['pass@1']:+.3f} {ci(dt['pass@1_ci95'])})")
+        lines.append(f"  {fam} ({row['items']} items): " + "; ".join(parts))
+    return lines
+
+
 __all__ = ["Answers", "DEFAULT_MAX_NEW_TOKENS", "Generation", "TaskSettings", "ToolGeneration", "checked",
            "family_report", "generate_answers", "generate_with_tools", "item_rows", "model_summary", "paired",
-           "write_items"]
+           "task_lines", "write_items"]

@@ -120,14 +120,10 @@ def _quality(original, pruned: Path, recovered: Path, wl, source: Path, others, 
         o = load_workload(others_wl)
         elsewhere = dict(workload=o.source, before=_families(quality(pruned, o, "heldout")),
                          after=_families(quality(recovered, o, "heldout")))
-    gap_before, gap_after = before["overall"]["delta"], after["overall"]["delta"]
-    gap_ci = _gap_interval(before)
+    share, gap = _recovered_share(before, after)
     return dict(
         heldout=dict(before=_families(before), after=_families(after)),
-        # a share of a gap means something only where the gap is surely there (its interval above zero)
-        recovered_share=(1 - gap_after / gap_before) if gap_ci and gap_ci[0] > 0 else None,
-        gap=dict(before=gap_before, before_ci95=list(gap_ci) if gap_ci else None, after=gap_after,
-                 interval="95% paired bootstrap over held-out items of the one-shot loss delta (token-weighted)"),
+        recovered_share=share, gap=gap,
         calibration=dict(before=_families(cal_before), after=_families(cal_after)),
         overfitting_gap=dict(before=_gap(cal_before, before), after=_gap(cal_after, after)),
         elsewhere=elsewhere, acceptance=after["acceptance"],
@@ -302,12 +298,21 @@ def _finished(model_dir: Path, key: dict) -> dict | None:
     return rec
 
 
-def _gap_interval(ev: dict) -> tuple[float, float] | None:
-    """95% interval of the one-shot loss delta, items resampled with their token weights."""
+def _recovered_share(before: dict, after: dict) -> tuple[float | None, dict]:
+    """The share of the one-shot loss gap that recovery closed, and the gap with its interval.
+
+    A share of a gap means something only where the gap is surely there: its 95% interval (a
+    paired bootstrap over held-out items, token-weighted) must lie above zero; otherwise None.
+    """
     from uspx.evaluate.stats import paired_bootstrap
 
-    rows = [r for r in ev["items"] if r["tokens"]]
-    return paired_bootstrap([r["loss_candidate"] - r["loss_teacher"] for r in rows], [r["tokens"] for r in rows])
+    rows = [r for r in before["items"] if r["tokens"]]
+    ci = paired_bootstrap([r["loss_candidate"] - r["loss_teacher"] for r in rows], [r["tokens"] for r in rows])
+    gap_before, gap_after = before["overall"]["delta"], after["overall"]["delta"]
+    share = (1 - gap_after / gap_before) if ci and ci[0] > 0 and gap_after is not None else None
+    return share, dict(before=gap_before, before_ci95=list(ci) if ci else None, after=gap_after,
+                       interval="95% paired bootstrap over held-out items of the one-shot loss delta "
+                                "(token-weighted)")
 
 
 def _families(ev: dict) -> dict:

@@ -353,13 +353,13 @@ def test_load_scores_rejects_damaged_tables(scored, tmp_path):
 
 def test_guided_ablation_method_with_enough_budget_is_exhaustive_ablation(scored, tmp_path):
     """ablation_guided with a budget covering every (expert, item) pair measures every one of them:
-    its values are interventional ablation's, computed here by the exhaustive method; a small budget
-    is kept to, and is recorded with the exhaustive count."""
-    d = scored["dir"]
-    st = score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s", ("ablation_interventional", "ablation_guided"),
+    its values are interventional ablation's, computed by the exhaustive method in the fixture; a
+    small budget is kept to, and is recorded with the exhaustive count."""
+    d, ref = scored["dir"], scored["df"]
+    st = score(scored["model_dir"], d / "t", scored["wl"], tmp_path / "s", ("ablation_guided",),
                keep="50%", ablation_budget=50.0, progress=False, bootstrap=0)
     df = st.to_pandas()
-    full = df[df.method == "ablation_interventional"].sort_values(["layer", "expert"]).value.to_numpy()
+    full = ref[ref.method == "ablation_interventional"].sort_values(["layer", "expert"]).value.to_numpy()
     guided = df[df.method == "ablation_guided"].sort_values(["layer", "expert"]).value.to_numpy()
     assert np.abs(full).max() > 1e-4
     np.testing.assert_allclose(guided, full, rtol=1e-4, atol=1e-6)

@@ -118,7 +118,7 @@ def _hidden_and_labels(model, tokenizer, items, layer: int, family: str, max_len
                         max_length=max_length)
         if not enc["input_ids"]:
             continue
-        out = forward(model, torch.tensor([enc["input_ids"]]), output_hidden_states=True)
+        out = forward(model, torch.tensor([enc["input_ids"]]), head=False, output_hidden_states=True)  # no logits needed
         feats.append(out.hidden_states[layer + 1][0].float().cpu())  # [0] is the embedding output
         lab, reg = token_labels(text, enc["offset_mapping"], it.family == family)
         labels.append(lab)

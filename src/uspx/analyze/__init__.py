@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from uspx.analyze.attention import Contexts, attention_probe, split_masks
@@ -85,7 +84,6 @@ def _analyze(trace_dir, out_dir, model, workload, only, progress, cold_threshold
     sections = resolve_sections(only)
     trace = Trace(trace_dir)
     say = console.print if progress else (lambda *a, **k: None)
-    layers, E, k = trace.moe_layers, trace.num_experts, trace.top_k
     report: dict = dict(
         trace=str(trace.path), model=trace.manifest["model"], workload=trace.manifest["workload"],
         sections=sections, skipped={}, timings={}, settings=dict(cold_threshold=cold_threshold, max_items=max_items,

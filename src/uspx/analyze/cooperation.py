@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
 
 from uspx.analyze.collect import Losses, heldout_losses
 from uspx.analyze.stats import bootstrap_ratio, wilson

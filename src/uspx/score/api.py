@@ -13,7 +13,7 @@ from uspx.engine import Opened, dtype_name, open_source
 from uspx.io import UspxError
 from uspx.models import LoadedModel
 from uspx.score.keep import parse_keep
-from uspx.score.methods import REGISTRY, Inputs, Method, Needs, score_sequential, split_items
+from uspx.score.methods import REGISTRY, Inputs, Method, Needs, score_sequential
 from uspx.score.table import FORMAT, ScoreTable
 from uspx.trace import Trace
 from uspx.workload import Workload, load_workload
@@ -23,7 +23,6 @@ METHODS = tuple(REGISTRY)
 KEEP_METHODS = tuple(m for m in METHODS if REGISTRY[m].needs_keep)
 TRACE_METHODS = tuple(m for m in METHODS if REGISTRY[m].reads_trace)  # computable from a trace alone (reap/ean need norms)
 LOCAL_METHODS = tuple(m for m in METHODS if REGISTRY[m].streams)  # need no whole-model forward: streamable
-NORM_METHODS = tuple(m for m in METHODS if REGISTRY[m].norms)
 SEQUENTIAL_METHODS = tuple(m for m in METHODS if REGISTRY[m].sequential)
 # Chosen by the method benchmark (bench/methods.py, docs/benchmarks.md): on the teacher with the user's own
 # calibration, reconstruction has the lowest mean held-out loss delta (tied with the ablations, which cost
@@ -159,8 +158,8 @@ def check_arguments(model: str | Path | LoadedModel | Opened, methods: Sequence[
 
     inner_units = [u for u in parse_units(units) if u != "experts"]
     layered = isinstance(model, Opened) and model.streaming
-    if inner_units and (layered or sequential is not None):
-        raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
+    if inner_units and sequential is not None:
+        raise UspxError(f"{', '.join(inner_units)} are scored on the original model, not sequentially")
     if methods is METHODS:
         methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
         methods = [m for m in methods if m != "capability" or tool_families]
@@ -245,7 +244,10 @@ def _score_units(run: Inputs, inner_units: list[str], unit_methods: Sequence[str
 
     run.load_prompts("channel and head scores")
     with run.timed("units"):
-        return score_units(run.lm.source.model, run.items, inner_units, unit_methods or UNIT_DEFAULTS,
+        from uspx.score.units import LOCAL_METHODS as UNIT_LOCAL
+
+        defaults = UNIT_DEFAULTS if run.lm.source.resident else UNIT_LOCAL  # layer by layer: what runs there
+        return score_units(run.lm.source, run.items, inner_units, unit_methods or defaults,
                            pad_id=run.pad_id, batch_size=run.batch_size, bootstrap=run.bootstrap, seed=run.seed,
                            progress=run.progress)
 

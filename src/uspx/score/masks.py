@@ -65,11 +65,6 @@ def gate_open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
 
 
-def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
-    """The gates at test time: the stretched sigmoid of ``log_alpha`` without noise, clamped."""
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-
-
 def lagrangian(expected: torch.Tensor, target: float, lambda_1: torch.Tensor, lambda_2: torch.Tensor) -> torch.Tensor:
     """``lambda_1 * (E[n] - target) + lambda_2 * (E[n] - target)^2``: minimised in the gates,
     maximised in the lambdas (their gradients are ascended)."""

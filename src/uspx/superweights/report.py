@@ -43,7 +43,7 @@ def checklist(cat: dict) -> list[dict]:
         counts = [c["n_dominant_pairs"] for c in held]
         ok = all(n <= 3 for n in counts)
         out.append(_item("per expert: very few dominant (r, c) pairs", "pass" if ok else "fail",
-                         f"super-weight experts: " + ", ".join(f"L{c['layer']} E{c['expert']}: {c['n_dominant_pairs']}" for c in held)
+                         "super-weight experts: " + ", ".join(f"L{c['layer']} E{c['expert']}: {c['n_dominant_pairs']}" for c in held)
                          + f" {rule} (pass: <= 3 each)"))
     elif firsts:
         counts = [c["n_dominant_pairs"] for c in firsts]

@@ -12,7 +12,6 @@ precision and recall with 95% Wilson intervals, against the regular expression
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uspx.evaluate.stats import wilson
 from uspx.io import UspxError, read_json, write_json
 
 TRIGGER = re.compile(r"(?:^|\n)[ \t]*(-?\d[\d \t+\-*/().]*?)[ \t]*=[ \t]*$")  # "<arithmetic> =" ending a line so far
@@ -80,17 +80,6 @@ class Detection:
     precision_ci: tuple[float, float] | None
     recall: float | None
     recall_ci: tuple[float, float] | None
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    if n == 0:
-        return None
-    p = successes / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    # at p = 0 or 1 the bound is exactly 0 or 1 (rounding would put it just inside)
-    return (0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half))
 
 
 def detection(predicted: np.ndarray, labels: np.ndarray) -> Detection:

@@ -84,7 +84,7 @@ class Circuits:
                                                   if (self.pairs[l] >= min_support).any() else None for l in range(self.L)]),
         )
         out["transitions"] = self._transitions(layers, top, min_support)
-        out["paths"] = self._paths(layers, top)
+        out["paths"] = self._paths(top)
         return out
 
     def _transitions(self, layers: list[int], top: int, min_support: int) -> dict:
@@ -114,7 +114,7 @@ class Circuits:
                     top1_predictability=predict,
                     top1_marginal_baseline=[float(self.top1[l + 1].max() / max(self.tokens, 1)) for l in range(self.L - 1)])
 
-    def _paths(self, layers: list[int], top: int) -> dict:
+    def _paths(self, top: int) -> dict:
         n = self.tokens
         counts = np.array([v[0] for v in self.paths.values()], dtype=np.int64)
         prompts = np.array([v[1] for v in self.paths.values()], dtype=np.int64)

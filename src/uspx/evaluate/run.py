@@ -79,15 +79,11 @@ def evaluate(
     ``memory_budget`` adds the memory-fit rule: candidate weights plus the KV cache for ``context``
     tokens must fit. Both models compute in ``dtype`` (``auto``: the teacher checkpoint's stored type).
 
-    Items with checks are also answered by both models: greedily, or ``samples`` draws at
-    ``temperature`` (seeded by ``seed``) for pass@k at each k of ``pass_k`` (default 1 and
-    ``samples``), ``max_new_tokens`` at most unless the item sets its own. ``max_pass_drop`` adds
-    the rule "pass@1 drop against the teacher at most this much" per checked family (one value, or
-    per family with ``"*"`` for the rest). ``tests`` checks run only through ``sandbox``
-    (:func:`uspx.virtual.sandbox.run_python`), which evaluation cannot import itself;
-    ``virtual_experts`` (``(model, tokenizer, prompt, max_new_tokens) -> .text, .calls``, e.g.
-    :func:`uspx.virtual.generate.generate_with_tools` with a probe) answers the checked items once
-    more with the tools. Per-item answers go to ``evaluation.items.jsonl`` beside the evaluation.
+    Checked items are answered by both models, greedily or ``samples`` draws at ``temperature``
+    (``seed``) for pass@k, k in ``pass_k`` (default 1 and ``samples``); ``max_pass_drop`` (one value,
+    or per family with ``"*"``) adds the pass@1-drop rule. ``tests`` run only through ``sandbox``
+    (:func:`uspx.virtual.sandbox.run_python`); ``virtual_experts`` (``(model, tokenizer, prompt,
+    max_new_tokens) -> .text, .calls``) answers them once more with tools (docs/tasks.md).
     """
     t = _open(teacher, None, dtype, trust_remote_code)
     c = t if candidate is None else _open(candidate, t, dtype, trust_remote_code)
@@ -100,8 +96,7 @@ def evaluate(
         c.source.adapter.validate_kept(ks.kept, allow_missing=True)  # fewer than top-k: refused
 
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
-    part = wl.part(split)
-    if not part.items:
+    if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     max_length = max_length or default_max_length(t.source.config)
     items = encode(part, t.tokenizer, max_length)
@@ -109,10 +104,7 @@ def evaluate(
     tasks = checked(part.items)
     settings = TaskSettings(samples, float(temperature), tuple(pass_k or sorted({1, samples})), max_new_tokens,
                             seed, batch_size)
-    if any(i.checks.tests for i in tasks) and sandbox is None:
-        raise UspxError(f"{wl.source}: 'tests' checks run only in uspx's sandbox; pass "
-                        "sandbox=uspx.virtual.sandbox.run_python (`uspx eval` does)")
-    drops = _pass_drops(max_pass_drop, sorted({i.family for i in tasks}))
+    drops = _check_tasks(tasks, wl.source, sandbox, max_pass_drop)
 
     c_source = _restricted_source(c, ks)
     restrict = (lambda: c_source.adapter.restrict(ks.kept)) if ks else contextlib.nullcontext
@@ -124,14 +116,7 @@ def evaluate(
         "format": FORMAT,
         "uspx_version": uspx.__version__,
         "teacher": {"source": t.path, "fingerprint": t.fingerprint, "label": t.label},
-        "candidate": {
-            "source": c.path, "fingerprint": c.fingerprint, "label": c.label,
-            "kind": "restricted" if ks else ("export" if export_record else "model"),
-            "kept": {str(l): v for l, v in ks.kept.items()} if ks else None,
-            "plan": ks.plan_path if ks else None,
-            "export": {k: export_record.get(k) for k in ("source", "kept", "physical", "dtype", "plan")}
-            if export_record else None,
-        },
+        "candidate": _candidate_record(c, ks, export_record),
         "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
                      "families": part.families, "truncated": part.summary.truncated},
         "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": dtype_name(t.source.dtype),
@@ -142,28 +127,54 @@ def evaluate(
         "families": families,
         "overall": summarise(stats, np.arange(len(items))),
         # per item, in the workload's order: paired comparisons between candidates need these
-        "items": [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
-                       loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
-                       loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
-                  for i, e in enumerate(items)],
+        "items": _item_losses(items, stats),
         "size": _sizes(t, c, ks),
     }
     result["memory"] = _memory(c, result["size"]["candidate"], memory_budget, context, kv_dtype)
-    rows: list[dict] = []
-    if tasks:
-        result["tasks"], rows = _tasks(t, c, ks, tasks, settings, max_length, dtype, sandbox, virtual_experts,
-                                       sorted({i.family for i in tasks}))
+    rows = _tasks(result, t, c, ks, tasks, settings, max_length, dtype, sandbox, virtual_experts) if tasks else []
     if speed:
         result["speed"] = _speed(t, c, restrict, items, decode_tokens, dtype)
         _speedups(result["speed"], restricted=ks is not None)
     result["acceptance"] = _acceptance(families, eps, result["memory"], result.get("tasks"), drops)
     if out is not None:
-        path = Path(out)
-        path = path if path.suffix == ".json" else path / FILENAME
-        if rows:
-            write_items(path.with_name(path.stem + ITEMS_SUFFIX), rows)
-        write_json(path, result)  # atomic
+        _write(Path(out), result, rows)
     return result
+
+
+def _item_losses(items: list, stats) -> list[dict]:
+    return [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
+                 loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
+                 loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
+            for i, e in enumerate(items)]
+
+
+def _check_tasks(tasks: list, source: str, sandbox: ProgramRunner | None,
+                 max_pass_drop: float | Mapping[str, float] | None) -> dict[str, float] | None:
+    """Refuse what cannot run before any generation: tests without the sandbox, a pass-drop rule
+    without checked items; the largest allowed drop per checked family."""
+    if any(i.checks.tests for i in tasks) and sandbox is None:
+        raise UspxError(f"{source}: 'tests' checks run only in uspx's sandbox; pass "
+                        "sandbox=uspx.virtual.sandbox.run_python (`uspx eval` does)")
+    return _pass_drops(max_pass_drop, sorted({i.family for i in tasks}))
+
+
+def _candidate_record(c: Opened, ks, export_record: dict | None) -> dict:
+    return {
+        "source": c.path, "fingerprint": c.fingerprint, "label": c.label,
+        "kind": "restricted" if ks else ("export" if export_record else "model"),
+        "kept": {str(l): v for l, v in ks.kept.items()} if ks else None,
+        "plan": ks.plan_path if ks else None,
+        "export": {k: export_record.get(k) for k in ("source", "kept", "physical", "dtype", "plan")}
+        if export_record else None,
+    }
+
+
+def _write(out: Path, result: dict, rows: list[dict]) -> None:
+    """evaluation.json (or the .json path given) and, for checked items, NAME.items.jsonl beside it."""
+    path = out if out.suffix == ".json" else out / FILENAME
+    if rows:
+        write_items(path.with_name(path.stem + ITEMS_SUFFIX), rows)
+    write_json(path, result)  # atomic
 
 
 # ----- inputs ------------------------------------------------------------------------------------
@@ -246,10 +257,10 @@ LOOP_RULE = (f"a generation loops when it ends, but for at most {LOOP_TAIL} fina
              f"{LOOP_MIN_SPAN} tokens")
 
 
-def _tasks(t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_length: int, dtype: str,
-           runner: ProgramRunner | None, tools: ToolGeneration | None, families: list[str]) -> tuple[dict, list[dict]]:
+def _tasks(result: dict, t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_length: int,
+           dtype: str, runner: ProgramRunner | None, tools: ToolGeneration | None) -> list[dict]:
     """Both models answer the checked items (whole models: generation needs one); the summary per
-    family and the per-item records."""
+    family goes to ``result["tasks"]``, the per-item records are returned."""
     from uspx.models import adapter_for
 
     models, skipped = {}, {}
@@ -264,7 +275,8 @@ def _tasks(t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_le
                          "virtual_experts": tools is not None},
             "loop_rule": LOOP_RULE, "items": len(items)}
     if skipped:
-        return {**head, "skipped": skipped}, []
+        result["tasks"] = {**head, "skipped": skipped}
+        return []
     plain = contextlib.nullcontext
     restrict = (lambda: adapter_for(models["candidate"]).restrict(ks.kept)) if ks else plain
     answers = {"teacher": generate_answers(models["teacher"], t.tokenizer, items, settings, max_length, runner)}
@@ -275,9 +287,9 @@ def _tasks(t: Opened, c: Opened, ks, items: list, settings: TaskSettings, max_le
         answers["teacher_tools"] = generate_with_tools(tools, models["teacher"], t.tokenizer, items, settings, runner)
         answers["candidate_tools"] = answers["teacher_tools"] if same else generate_with_tools(
             tools, models["candidate"], t.tokenizer, items, settings, runner, restrict)
-    report = family_report(items, answers, settings.pass_k, families, settings.seed)
-    return {**head, "families": {f: r for f, r in report.items() if f != "all"}, "overall": report["all"]}, \
-        item_rows(items, answers)
+    report = family_report(items, answers, settings.pass_k, sorted({i.family for i in items}), settings.seed)
+    result["tasks"] = {**head, "families": {f: r for f, r in report.items() if f != "all"}, "overall": report["all"]}
+    return item_rows(items, answers)
 
 
 def _whole(side: Opened, dtype: str) -> tuple[torch.nn.Module | None, str | None]:

@@ -16,28 +16,13 @@ from uspx.models.olmoe import OlmoeAdapter
 from uspx.models.phimoe import PhimoeAdapter
 from uspx.models.qwen2_moe import Qwen2MoeAdapter
 from uspx.models.qwen3_moe import Qwen3MoeAdapter
-from uspx.models.loading import (
-    DEFAULT_MODEL,
-    LoadedModel,
-    load_model,
-    model_fingerprint,
-)
+from uspx.models.loading import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from uspx.io import UspxError
 
 ADAPTERS: dict[str, type[MoEAdapter]] = {
     cls.family: cls
-    for cls in (
-        GptOssAdapter,
-        MixtralAdapter,
-        Qwen2MoeAdapter,
-        Qwen3MoeAdapter,
-        OlmoeAdapter,
-        DeepseekV3Adapter,
-        GraniteMoeAdapter,
-        PhimoeAdapter,
-        DbrxAdapter,
-        JambaAdapter,
-    )
+    for cls in (GptOssAdapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
+                GraniteMoeAdapter, PhimoeAdapter, DbrxAdapter, JambaAdapter)
 }
 
 
@@ -65,18 +50,5 @@ def is_mxfp4_tensor(name: str, dtype_tag: str) -> bool:
     return any(cls.mxfp4_scales_name(name, dtype_tag) is not None for cls in ADAPTERS.values())
 
 
-__all__ = [
-    "ADAPTERS",
-    "DEFAULT_MODEL",
-    "KeptSet",
-    "LoadedModel",
-    "MoEAdapter",
-    "MoELayer",
-    "Restriction",
-    "adapter_class",
-    "adapter_for",
-    "is_mxfp4_tensor",
-    "load_model",
-    "model_fingerprint",
-    "supported_families",
-]
+__all__ = ["ADAPTERS", "DEFAULT_MODEL", "KeptSet", "LoadedModel", "MoEAdapter", "MoELayer", "Restriction",
+           "adapter_class", "adapter_for", "is_mxfp4_tensor", "load_model", "model_fingerprint", "supported_families"]

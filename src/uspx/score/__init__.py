@@ -5,14 +5,5 @@ from uspx.score.api import DEFAULT_METHOD, METHODS, TRACE_METHODS, score
 from uspx.score.loss import ItemLosses, compute_loss, token_losses
 from uspx.score.table import ScoreTable, load_scores
 
-__all__ = [
-    "DEFAULT_METHOD",
-    "METHODS",
-    "TRACE_METHODS",
-    "ItemLosses",
-    "ScoreTable",
-    "compute_loss",
-    "load_scores",
-    "score",
-    "token_losses",
-]
+__all__ = ["DEFAULT_METHOD", "METHODS", "TRACE_METHODS", "ItemLosses", "ScoreTable", "compute_loss", "load_scores",
+           "score", "token_losses"]

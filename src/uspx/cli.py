@@ -277,47 +277,29 @@ def select_cmd(
     """Choose the kept experts (and, with --units, expert channels and attention heads) under a
     memory budget (or a keep share) from a score table."""
     from uspx.extract import checkpoint_dtype
-    from uspx.io import sha256_json
     from uspx.models import model_fingerprint
     from uspx.models.loading import resolve_model_path
-    from uspx.plan import select_experts
+    from uspx.plan.joint import select_plan
     from uspx.score import DEFAULT_METHOD, load_scores
 
     table = load_scores(scores_dir)
     path = resolve_model_path(model)
     fingerprint = model_fingerprint(path)  # from the files: no need to load a model that may not fit
     table.check(model=fingerprint)
-    method = method or DEFAULT_METHOD
-    from uspx.score.units import parse_units
-
-    unit_types = parse_units(units)
-    if unit_types != ["experts"]:  # channels or heads: one shape for the whole model, under a byte budget
-        from uspx.plan.joint import select_units
-        from uspx.score.units import load_units
-
-        if budget is None or keep is not None or non_uniform or method == "random":
-            raise typer.BadParameter("--units chooses uniform shapes under a --budget (no --keep, --non-uniform or random)")
-        layers, matrix = table.matrix(method)
-        plan_obj = select_units(
-            dict(zip(layers, matrix)), load_units(scores_dir), path, units=unit_types, budget=budget, method=method, unit_method=unit_method,
-            dtype=dtype or checkpoint_dtype(path), context=context, kv_dtype=kv_dtype, channel_step=channel_step,
-            scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint)
-        plan_obj.save(out)
-        console.print(plan_obj)
-        console.print(f"plan written to {out}")
-        return
-    plan_obj = select_experts(
-        table.random(seed) if method == "random" else table.method(method), budget=budget, keep=keep, config=path, dtype=dtype or checkpoint_dtype(path),
-        context=context if budget else 0, kv_dtype=kv_dtype, uniform=not non_uniform, method=solver,
-        scores_fingerprint=sha256_json(table.meta), model_fingerprint=fingerprint,
-    )
+    plan_obj = select_plan(
+        table, scores_dir, path, units=units, method=method or DEFAULT_METHOD, budget=budget, keep=keep,
+        dtype=dtype or checkpoint_dtype(path), context=context, kv_dtype=kv_dtype, uniform=not non_uniform,
+        solver=solver, unit_method=unit_method, channel_step=channel_step, seed=seed, model_fingerprint=fingerprint)
     plan_obj.save(out)
     console.print(plan_obj)
     if plan_obj.padding:
         console.print(f"[yellow]{plan_obj.padding}")
     from uspx.plan.select import runtime_notes
 
-    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism_of(plan_obj))):
+    ch = plan_obj.channels or {}
+    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism_of(plan_obj)),
+                              width=ch.get("width"), original_width=ch.get("original_width"),
+                              dtype=plan_obj.settings.get("dtype")):
         console.print(f"[yellow]runtime: {note}")
     console.print(f"plan written to {out}")
 
@@ -527,6 +509,8 @@ def extract(
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
+    units: Optional[str] = typer.Option(None, "--units", help="What to cut: experts (whole experts only) or any of experts,channels,heads. Default with --budget: the joint cut (fewer and narrower experts, fewer KV groups where they pay) when the model is in memory; otherwise whole experts."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="With a joint cut: also export and evaluate the whole-experts cut at the same budget and report its cost beside it."),
     recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
@@ -546,7 +530,8 @@ def extract(
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
                 dtype=compute_dtype, sequential=sequential, recover=recover,
-                recover_steps=recover_steps, eval_workload=eval_workload, tool_families=_csv(tool_families))
+                recover_steps=recover_steps, eval_workload=eval_workload, tool_families=_csv(tool_families),
+                units=units, compare=compare)
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 

@@ -5,7 +5,16 @@
     out_dir/plan.json         kept set under the budget                (uspx select)
     out_dir/model/            pruned checkpoint, verified             (uspx prune)
     out_dir/evaluation.json   quality on the held-out prompts         (uspx eval)
+    out_dir/whole_experts/    the cut of whole experts only at the same budget, exported and
+                              evaluated beside the joint cut (plan, model, evaluation)
     out_dir/report.json       the summary printed at the end
+
+Under a byte budget the cut is joint by default: the shape (experts per layer, channels per expert,
+KV groups and query heads) that keeps the most of the user's reconstruction value
+(``uspx.plan.joint``), which at equal bytes costs far less than dropping whole experts. It needs
+channel and head scores, which the engine measures whole or layer by layer; ``--keep``, a
+non-uniform plan, a score method without unit scores, or a family whose narrower experts are cut
+from a model in memory (all but gpt-oss) opened layer by layer, cuts whole experts, and says so.
 
 Re-running with the same arguments resumes: a finished trace, scores and export are reused (their
 fingerprints are checked), an interrupted trace continues where it stopped.
@@ -73,12 +82,17 @@ def extract(
     recover_steps: int | None = None,
     eval_workload: str | Path | Workload | None = None,
     tool_families: list[str] | None = None,
+    units: str | list[str] | None = None,
+    compare: bool = True,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
     ``eval_workload``: evaluate on every item of this other workload instead of the held-out split
     of ``workload`` (calibrate on one set of prompts, judge on another). ``tool_families``: for
     ``method="capability"``, the families whose work goes to tools (virtual experts).
+    ``units``: the unit types cut (``"experts"``, or any of ``experts,channels,heads``); None is the
+    joint cut where it can be made (see the module doc). ``compare``: with a joint cut, also export
+    and evaluate the whole-experts cut at the same budget, and report its cost beside it.
 
     ``model`` is opened once (:func:`uspx.engine.open_source`; a folder or a loaded model is
     opened whole, computing in ``dtype``) and that source goes through every stage. A source opened
@@ -99,6 +113,7 @@ def extract(
                              sequential=sequential, dtype=dtype)
     wl, eval_wl, eval_split = _workloads(workload, eval_workload)
     opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    units = cut_units(opened, units, budget=budget, method=method, uniform=uniform, sequential=sequential)
     out = Path(out_dir)
     clock = _Clock()
     console.rule(f"uspx extract{' (layer by layer)' if opened.streaming else ''}: {opened.label} for {wl.source}")
@@ -113,19 +128,23 @@ def extract(
         return read_json(out / "report.json")
     try:
         with solo():
-            table = _scores(opened, wl, out, method, budget=budget, keep=keep, context=context, kv_dtype=kv_dtype,
-                            sequential=sequential, max_tokens=max_tokens, batch_size=batch_size, progress=progress,
-                            tool_families=tool_families)
+            table = _scores(opened, wl, out, method, units, budget=budget, keep=keep, context=context,
+                            kv_dtype=kv_dtype, sequential=sequential, max_tokens=max_tokens, batch_size=batch_size,
+                            progress=progress, tool_families=tool_families)
             clock.done("score")
-            plan = _select(opened, table, out, method, budget=budget, keep=keep, context=context, kv_dtype=kv_dtype,
-                           uniform=uniform, solver=solver)
+            plan = _select(opened, table, out / "plan.json", method, units, budget=budget, keep=keep, context=context,
+                           kv_dtype=kv_dtype, uniform=uniform, solver=solver)
             clock.done("select")
-            record, evaluation = _export_and_evaluate(
-                opened, out, eval_wl, eval_split, clock, budget=budget, context=context, kv_dtype=kv_dtype,
-                epsilon=epsilon, batch_size=batch_size, max_length=max_length, speed=speed, progress=progress,
-                trust_remote_code=trust_remote_code, dtype=dtype)
+            ev = dict(eval_wl=eval_wl, eval_split=eval_split, budget=budget, context=context, kv_dtype=kv_dtype,
+                      epsilon=epsilon, batch_size=batch_size, max_length=max_length, progress=progress,
+                      trust_remote_code=trust_remote_code, dtype=dtype)
+            record, evaluation = _export_and_evaluate(opened, out, speed=speed, **ev)
+            clock.done("prune + verify + export + evaluate")
             report = _report(opened, wl, eval_wl, eval_split, out, plan, record, evaluation, clock.seconds,
                              method=method, budget=budget, keep=keep, context=context)
+            if compare and units != ["experts"]:
+                report["whole_experts"] = _whole_experts(opened, table, out / "whole_experts", method, solver=solver, **ev)
+                clock.done("whole-experts cut at the same budget")
             write_json(out / "report.json", report)
             print_report(report)
             if recover:
@@ -202,10 +221,38 @@ def _workloads(workload: str | Path | Workload,
     return wl, eval_wl, eval_split
 
 
-def _scores(opened: Opened, wl: Workload, out: Path, method: str, *, budget: str | int | None,
+def cut_units(opened: Opened, units: str | list[str] | None, *, budget: str | int | None, method: str,
+              uniform: bool, sequential: bool) -> list[str]:
+    """The unit types :func:`extract` cuts. Given ones are checked; by default experts, channels
+    and heads (heads where the family's attention allows it), unless the run cannot make that cut,
+    which is then said."""
+    from uspx.score.units import METHODS as UNIT_METHODS, parse_units
+
+    why = [text for bad, text in (
+        (budget is None, "--keep counts whole experts"),
+        (not uniform, "a non-uniform plan counts whole experts"),
+        (sequential, "sequential scores rank whole experts"),
+        (opened.streaming and not opened.source.adapter.cuts_on_disk,
+         f"{opened.source.adapter.family}: narrower experts are cut from the model in memory, not layer by layer"),
+        (method not in UNIT_METHODS, f"method {method!r} has no channel or head scores "
+                                     f"(they have {', '.join(UNIT_METHODS)})"),
+    ) if bad]
+    if units is not None:
+        chosen = parse_units(units)
+        if chosen != ["experts"] and why:
+            raise UspxError(f"cannot cut {', '.join(chosen)}: {'; '.join(why)}")
+        return chosen
+    if why:
+        console.print(f"cutting whole experts only: {'; '.join(why)}")
+        return ["experts"]
+    return ["experts", "channels"] + (["heads"] if opened.source.adapter.heads_prunable else [])
+
+
+def _scores(opened: Opened, wl: Workload, out: Path, method: str, units: list[str], *, budget: str | int | None,
             keep: str | int | float | None, context: int, kv_dtype: str, sequential: bool, max_tokens: int | None,
             batch_size: int, progress: bool, tool_families: list[str] | None) -> ScoreTable:
-    """The score table in ``out/scores``: reused when it was scored the same way, else scored."""
+    """The score table in ``out/scores`` (and the unit table beside it when ``units`` go inside the
+    layers): reused when it was scored the same way, else scored."""
     from uspx.plan.select import parse_keep
     from uspx.score import load_scores, score
     from uspx.score.api import KEEP_METHODS
@@ -215,7 +262,7 @@ def _scores(opened: Opened, wl: Workload, out: Path, method: str, *, budget: str
     if (scores_dir / "scores.json").exists():
         table = load_scores(scores_dir)
         table.check(model=opened.fingerprint, workload=wl.fingerprint)
-        if method not in table.methods:
+        if method not in table.methods or not _has_units(scores_dir, units, method):
             table = None
     n_keep = None
     if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
@@ -229,40 +276,78 @@ def _scores(opened: Opened, wl: Workload, out: Path, method: str, *, budget: str
     if table is None:
         table = score(opened, out / "trace", wl, scores_dir, methods=[method], max_tokens=max_tokens,
                       batch_size=batch_size, progress=progress, sequential=n_keep if sequential else None,
-                      keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families)
+                      keep=n_keep if method in KEEP_METHODS else None, tool_families=tool_families,
+                      units=units, unit_methods=[method] if units != ["experts"] else None)
     return table
 
 
-def _select(opened: Opened, table: ScoreTable, out: Path, method: str, *, budget: str | int | None,
-            keep: str | int | float | None, context: int, kv_dtype: str, uniform: bool, solver: str) -> Plan:
-    """The kept set under the budget, saved to ``out/plan.json``."""
-    from uspx.plan import select_experts
+def _has_units(scores_dir: Path, units: list[str], method: str) -> bool:
+    """Whether ``scores_dir`` holds ``method``'s scores of every unit type in ``units``."""
+    from uspx.score.units import PARQUET, load_units
 
-    plan = select_experts(
-        table.method(method), budget=budget, keep=keep, config=Path(opened.path), dtype=checkpoint_dtype(opened.path),
-        context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform, method=solver,
-        scores_fingerprint=sha256_json(table.meta), model_fingerprint=opened.fingerprint,
-    )
-    plan.save(out / "plan.json")
+    if units == ["experts"]:
+        return True
+    if not (scores_dir / PARQUET).exists():
+        return False
+    table = load_units(scores_dir)
+    kinds = {"channels": "channel", "heads": "kv_group"}
+    return method in table.methods() and all(table.layers(kinds[u]) for u in units if u in kinds)
+
+
+def _select(opened: Opened, table: ScoreTable, path: Path, method: str, units: list[str], *,
+            budget: str | int | None, keep: str | int | float | None, context: int, kv_dtype: str, uniform: bool,
+            solver: str) -> Plan:
+    """The kept set (and, with units inside the layers, the shape) under the budget, saved to ``path``."""
+    from uspx.plan.joint import select_plan
+
+    plan = select_plan(table, path.parent / "scores" if units != ["experts"] else None, Path(opened.path),
+                       units=units, method=method, budget=budget, keep=keep, dtype=checkpoint_dtype(opened.path),
+                       context=context if budget is not None else 0, kv_dtype=kv_dtype, uniform=uniform,
+                       solver=solver, model_fingerprint=opened.fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
     console.print(plan)
     return plan
 
 
-def _export_and_evaluate(opened: Opened, out: Path, eval_wl: Workload, eval_split: str, clock: _Clock, *,
-                         budget: str | int | None, context: int, kv_dtype: str, epsilon: float, batch_size: int,
-                         max_length: int, speed: bool, progress: bool, trust_remote_code: bool,
-                         dtype: str) -> tuple[dict, dict]:
+def _export_and_evaluate(opened: Opened, out: Path, *, eval_wl: Workload, eval_split: str, budget: str | int | None,
+                         context: int, kv_dtype: str, epsilon: float, batch_size: int, max_length: int, speed: bool,
+                         progress: bool, trust_remote_code: bool, dtype: str) -> tuple[dict, dict]:
     """The pruned checkpoint in ``out/model`` (verified) and its evaluation against the original."""
     from uspx.evaluate import evaluate
     from uspx.prune import export
 
     record = export(opened, out / "plan.json", out / "model", trust_remote_code=trust_remote_code)
-    clock.done("prune + verify + export")
     evaluation = evaluate(opened, out / "model", eval_wl, split=eval_split, max_length=max_length,
                           batch_size=batch_size, epsilon=epsilon, memory_budget=budget, context=context,
                           kv_dtype=kv_dtype, speed=speed, out=out / "evaluation.json", progress=progress, dtype=dtype)
-    clock.done("evaluate")
     return record, evaluation
+
+
+def _whole_experts(opened: Opened, table: ScoreTable, out: Path, method: str, *, solver: str, **ev) -> dict:
+    """The cut of whole experts only under the same budget, exported and evaluated like the joint
+    one (in ``out``): what the joint cut is measured against."""
+    try:
+        plan = _select(opened, table, out / "plan.json", method, ["experts"], budget=ev["budget"], keep=None,
+                       context=ev["context"], kv_dtype=ev["kv_dtype"], uniform=True, solver=solver)
+    except UspxError as exc:  # whole experts cannot get down to the budget: that is the comparison
+        return dict(fits=False, reason=str(exc))
+    record, evaluation = _export_and_evaluate(opened, out, speed=False, **ev)
+    return dict(fits=True, shape=_shape(plan, record), plan_bytes=plan.predicted_bytes,
+                written_bytes=record["size"]["actual_bytes"], overall_delta=evaluation["overall"]["delta"],
+                quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
+                verdict=evaluation["acceptance"]["verdict"], model=str(out / "model"))
+
+
+def _shape(plan: Plan, record: dict) -> dict:
+    """Experts per layer, channels per expert and the head layout of the export."""
+    counts = sorted(set(plan.counts.values()))
+    ch, heads = record.get("channels") or {}, record.get("heads") or {}
+    return dict(experts=counts[0] if len(counts) == 1 else counts, num_experts=plan.num_experts,
+                width=ch.get("width"), original_width=ch.get("original_width"),
+                kv_groups=heads.get("kv_groups"), heads_per_group=heads.get("heads_per_group"),
+                original_kv_groups=heads.get("original_kv_groups"),
+                original_heads_per_group=heads.get("original_heads_per_group"))
 
 
 def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, out: Path, plan: Plan, record: dict,
@@ -273,11 +358,13 @@ def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, ou
         workload=dict(source=wl.source, fingerprint=wl.fingerprint, summary=wl.summary.__dict__),
         evaluated_on=dict(source=eval_wl.source, fingerprint=eval_wl.fingerprint, split=eval_split),
         method=method, budget=budget, keep=keep, context=context, streaming=opened.streaming,
+        units=plan.settings.get("units", ["experts"]), shape=_shape(plan, record),
         kept={str(k): v for k, v in plan.kept.items()},
         counts={str(k): len(v) for k, v in plan.kept.items()},
         size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
         verification=record["verification"],
         quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
+        overall_delta=evaluation["overall"]["delta"],
         acceptance=evaluation["acceptance"],
         speed=evaluation.get("speed"),
         seconds=seconds,
@@ -308,9 +395,8 @@ def print_report(report: dict) -> None:
 
     from uspx.plan import format_bytes
 
-    counts = sorted(set(report["counts"].values()))
     console.rule("what was kept")
-    console.print(f"method {report['method']}; experts kept per layer: {counts if len(counts) > 1 else counts[0]}")
+    console.print(f"method {report['method']}; {describe_shape(report['shape'])}")
     size = report["size"]
     console.print(
         f"size: predicted {format_bytes(size.get('predicted_bytes') or 0)}, written "
@@ -325,7 +411,26 @@ def print_report(report: dict) -> None:
     for fam, q in report["quality"].items():
         t.add_row(fam, *(f"{q[k]:.4f}" if q.get(k) is not None else "-" for k in QUALITY_COLUMNS))
     console.print(t)
+    alt = report.get("whole_experts")
+    if alt and not alt["fits"]:
+        console.print(f"whole experts only cannot reach this budget: {alt['reason']}")
+    elif alt:
+        console.print(f"whole experts only at the same budget: {describe_shape(alt['shape'])}, "
+                      f"{format_bytes(alt['written_bytes'])}; held-out delta {alt['overall_delta']:+.4f} against "
+                      f"{report['overall_delta']:+.4f} for this cut ({alt['verdict']})")
     acc = report["acceptance"]
     console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']})")
     for reason in acc["reasons"]:
         console.print(f"  {reason}")
+
+
+def describe_shape(shape: dict) -> str:
+    """The shape in words: experts per layer, channels per expert and the head layout kept."""
+    experts = shape["experts"]
+    out = f"{experts} of {shape['num_experts']} experts per layer"
+    if shape.get("width") is not None:
+        out += f", {shape['width']} of {shape['original_width']} channels each"
+    if shape.get("kv_groups") is not None:
+        out += (f", {shape['kv_groups']} of {shape['original_kv_groups']} KV groups x {shape['heads_per_group']} "
+                f"of {shape['original_heads_per_group']} query heads")
+    return out

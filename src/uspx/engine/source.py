@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -155,12 +155,15 @@ class FromCheckpoint(WeightSource):
     (:func:`uspx.models.loading.stored_dtype`). ``device``: where each module computes while it is
     loaded (the CPU when None). ``experts``: per MoE layer, the experts a run can route to (a
     restricted run); quantized experts outside it are never decoded, so they cost no memory.
+    ``edit(index, layer)`` changes decoder layer ``index`` once it is read, before it runs (a
+    reference with some units zeroed, built one layer at a time).
     """
 
     resident = False
 
     def __init__(self, path: str | Path, dtype: DtypeChoice = None,
-                 experts: Mapping[int, Sequence[int]] | None = None, device: str | torch.device | None = None):
+                 experts: Mapping[int, Sequence[int]] | None = None, device: str | torch.device | None = None,
+                 edit: Callable[[int, nn.Module], None] | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,6 +172,7 @@ class FromCheckpoint(WeightSource):
         self.dtype = resolve_dtype(dtype, self.path)
         self._device = check_device(device)
         self.experts = experts
+        self.edit = edit
         cls = adapter_class(str(self.ckpt.config.get("model_type")))
         config = AutoConfig.from_pretrained(self.path)
         if hasattr(config, "quantization_config"):
@@ -274,6 +278,8 @@ class FromCheckpoint(WeightSource):
         module = self.decoder_layers[index]
         experts = None if self.experts is None else self.experts.get(index)
         self._materialise(self._module_prefix(module), experts)
+        if self.edit is not None:
+            self.edit(index, module)
         self._onload(module)
         try:
             yield module

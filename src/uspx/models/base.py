@@ -461,6 +461,48 @@ class MoEAdapter:
             n.endswith(self.sinks_param) for n, _ in self.model.named_parameters())
 
     # ----- stored tensors --------------------------------------------------------------------------
+    # whether :meth:`stored_channel_index` knows every stored expert tensor of the family's
+    # checkpoints: a narrower-experts plan is then cut file by file in the stored precision
+    # (MXFP4 included) instead of through a model loaded whole
+    cuts_on_disk: ClassVar[bool] = False
+
+    @classmethod
+    def channel_group(cls, mxfp4: bool) -> int:
+        """Intermediate channels an export keeps or drops together: 1, or in an MXFP4 checkpoint
+        the channels one block of the down projection packs (its input dim is the channels)."""
+        from uspx.models.mxfp4 import BLOCK_SIZE
+
+        return BLOCK_SIZE if mxfp4 and cls.mxfp4_suffixes is not None else 1
+
+    @classmethod
+    def stored_channel_index(cls, name: str, channels: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(dim, positions along it) of stored expert tensor ``name`` ([experts, ...]) that keep one
+        expert's sorted ``channels``; None for a stored tensor without a channel dim."""
+        raise UspxError(f"{cls.family}: narrower experts are cut from a model in memory, not from the files")
+
+    @classmethod
+    def stored_head_index(cls, target: str, heads: torch.Tensor, groups: torch.Tensor,
+                          head_dim: int) -> tuple[int, torch.Tensor] | None:
+        """(dim, positions) of the stored attention tensor that becomes parameter ``target`` keeping
+        query heads ``heads`` and KV groups ``groups`` of its layer (sorted); None for a tensor
+        without a head dim. Stored as the parameter is (no conversion), as attention weights are."""
+        def rows(units: torch.Tensor) -> torch.Tensor:
+            return (units[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+        module, _, param = target.rpartition(".")
+        if module.endswith("." + cls.attention_attr) and param in cls.per_head_params:
+            return 0, heads
+        attn, _, proj = module.rpartition(".")
+        if not attn.endswith("." + cls.attention_attr):
+            return None
+        if proj == cls.query_proj:
+            return 0, rows(heads)
+        if proj in cls.key_value_projs:
+            return 0, rows(groups)
+        if proj == cls.output_proj and param == "weight":
+            return 1, rows(heads)
+        return None
+
     @classmethod
     def mxfp4_scales_name(cls, name: str, dtype_tag: str) -> str | None:
         """The scales tensor of stored tensor ``name`` (safetensors dtype tag ``dtype_tag``) when it

@@ -24,6 +24,7 @@ class GptOssAdapter(MoEAdapter):
     per_head_params = ("sinks",)  # one attention sink logit per query head
     sinks_param = "sinks"
     mxfp4_suffixes = _MXFP4_SUFFIXES
+    cuts_on_disk = True
 
     @classmethod
     def count_params(cls, cfg):
@@ -109,3 +110,27 @@ class GptOssAdapter(MoEAdapter):
     def channel_positions(self, layer: MoELayer, width: int, channels: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
         # gate and up of a channel stay side by side
         return {n: (d, idx[channels].reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}
+
+    @classmethod
+    def stored_channel_index(cls, name: str, channels: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """Stored as the parameters (``gate_up_proj`` [E, H, 2I], its bias [E, 2I], ``down_proj``
+        [E, I, H]) or as MXFP4 blocks of rows (``gate_up_proj_blocks`` [E, 2I, H/32, 16], one run of
+        blocks per gate or up row; ``down_proj_blocks`` [E, H, I/32, 16], the channels packed 32 to
+        a block along dim 2), scales alike without the last dim. Gate and up of channel ``c`` are
+        rows ``2c`` and ``2c + 1``; a block of the down projection is kept whole or not at all."""
+        pairs = torch.stack([2 * channels, 2 * channels + 1], 1).reshape(-1)
+        base = cls.decoded_name(name)
+        quantized = base != name
+        if base.endswith("gate_up_proj"):
+            return (1 if quantized else 2), pairs
+        if base.endswith("gate_up_proj_bias"):
+            return 1, pairs
+        if base.endswith("down_proj"):
+            if not quantized:
+                return 1, channels
+            blocks = channels.div(mxfp4.BLOCK_SIZE, rounding_mode="floor").unique_consecutive()
+            if len(blocks) * mxfp4.BLOCK_SIZE != len(channels):
+                raise UspxError(f"{name}: MXFP4 keeps whole blocks of {mxfp4.BLOCK_SIZE} channels; "
+                                f"{len(channels)} channels do not fill {len(blocks)} blocks")
+            return 2, blocks
+        return None

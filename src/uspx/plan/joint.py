@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -83,6 +84,7 @@ class _Layers:
     groups: dict[int, np.ndarray] | None  # decoder layer -> [G]
     heads: dict[int, np.ndarray] | None  # decoder layer -> [H]
     dense: list[dict[int, np.ndarray]]  # per dense MLP kind: decoder layer -> [I_k]
+    group: int = 1  # channels kept or dropped together: ``channels`` holds [E, I / group] group sums
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Tables:
     channels: np.ndarray | None  # [E + 1, I + 1]: by experts kept and width
     heads: np.ndarray | None  # [G + 1, r + 1]: by groups kept and heads per group
     dense: list[np.ndarray]  # per kind [I_k + 1]: by width
+    group: int = 1  # ``channels`` is indexed by width in groups of this many channels
 
 
 def _tables(v: _Layers, rep: int) -> _Tables:
@@ -113,13 +116,13 @@ def _tables(v: _Layers, rep: int) -> _Tables:
             within = _kept_sum_table(v.heads[layer].reshape(n_groups, rep)[order])  # [G, r + 1]
             heads[1:] += np.cumsum(gv[order])[:, None] + np.cumsum(within, axis=0)
     dense = [sum(_kept_sum_table(x) for x in kind.values()) for kind in v.dense]
-    return _Tables(experts, channels, heads, dense)
+    return _Tables(experts, channels, heads, dense, v.group)
 
 
 def _value(t: _Tables, s: Shape) -> dict[str, float]:
     """The value ``s`` keeps per unit type."""
     return {"experts": float(t.experts[s.experts]),
-            "channels": (float(t.channels[s.experts, s.width]) if t.channels is not None else 0.0)
+            "channels": (float(t.channels[s.experts, s.width // t.group]) if t.channels is not None else 0.0)
             + sum(float(d[w]) for d, (_, w) in zip(t.dense, s.dense)),
             "heads": float(t.heads[s.kv_groups, s.heads_per_group]) if t.heads is not None else 0.0}
 
@@ -128,7 +131,9 @@ def _kept_layout(v: _Layers, s: Shape, rep: int) -> tuple[dict, dict | None, dic
     experts = {l: _top(ev, s.experts).tolist() for l, ev in v.experts.items()}
     channels = None
     if v.channels is not None:
-        channels = {l: [_top(v.channels[l][e], s.width).tolist() for e in experts[l]] for l in experts}
+        g = v.group
+        channels = {l: [(_top(v.channels[l][e], s.width // g)[:, None] * g + np.arange(g)).reshape(-1).tolist()
+                        for e in experts[l]] for l in experts}
     heads = None
     if v.groups is not None:
         heads = {}
@@ -179,12 +184,20 @@ def select_units(
     ``expert_values`` are the expert scores of ``method`` per MoE layer; ``units_table`` holds the
     channel and head scores (``unit_method``, default the same name). Unit types not in ``units``
     stay whole. ``channel_step`` is the width granularity (default 8 up to 256 channels, else 32: fused expert
-    kernels need rows of a multiple of 16 bytes).
+    kernels need rows of a multiple of 16 bytes). With ``dtype="mxfp4"`` the unit is a block of 32
+    channels (scored as the sum of its channels; see ``channel_group`` of the family's adapter): the
+    MXFP4 down projection packs them into one block, so only whole blocks are cut exactly.
     """
     units = parse_units(units)
     unit_method = unit_method or method
     geo = _Geometry.of(config)
     values, dense_kinds = _unit_values(expert_values, units_table, units, unit_method, geo)
+    group = geo.cls.channel_group(dtype == "mxfp4")
+    if group > 1 and values.channels is not None:
+        if geo.width % group:
+            raise UspxError(f"experts of {geo.width} channels do not split into blocks of {group}")
+        values.channels = {l: m.reshape(m.shape[0], -1, group).sum(-1) for l, m in values.channels.items()}
+        values.group = channel_step = group
 
     def size(s: Shape) -> mem.MemoryEstimate:
         return mem.estimate(mem.count_params(shaped_config(geo.cfg, s)), dtype, context=context, kv_dtype=kv_dtype,
@@ -194,7 +207,7 @@ def select_units(
     tables = _tables(values, geo.rep)
     candidates = _fitting_shapes(geo, units, tables, dense_kinds, size, budget_bytes, reserve_bytes, channel_step)
     settings = {"kv_dtype": kv_dtype, "context": context, "batch": batch, "units": list(units),
-                "unit_method": unit_method, "channel_step": channel_step}
+                "unit_method": unit_method, "channel_step": channel_step, "channel_group": group}
     return _joint_plan(geo, values, tables, dense_kinds, candidates, size(candidates[0][1]), settings,
                        method=method, budget_bytes=budget_bytes, reserve_bytes=reserve_bytes,
                        scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint)
@@ -360,7 +373,7 @@ def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: l
                 "runner_up": [dict(shape=_shape_record(c[1]), value=c[0], bytes=c[2]) for c in candidates[1:4]]},
         scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
         channels=None if channels is None and not dense_ids else {
-            "width": best.width, "original_width": geo.width, "kept": channels or {},
+            "width": best.width, "original_width": geo.width, "kept": channels or {}, "group": values.group,
             "dense": [{"path": cls.dense_mlp_paths[k][0], "field": fld, "width": w, "original_width": full_w,
                        "kept": ids} for (k, fld, full_w), (_, w), ids in zip(dense_kinds, best.dense, dense_ids)]},
         heads=None if head_ids is None else {
@@ -385,3 +398,34 @@ def _dense_values(units_table: UnitScores, method: str, kind: int, width: int) -
     for layer, c, v in zip(t.column("layer").to_pylist(), t.column("channel").to_pylist(), t.column("value").to_pylist()):
         out.setdefault(layer, np.zeros(width))[c] = v
     return out
+
+
+def select_plan(table, units_dir: str | Path | None, config: Any, *, units: Sequence[str] | str = ("experts",),
+                method: str, budget: int | str | None = None, keep: str | int | float | None = None,
+                dtype: str = "bf16", context: int = 4096, kv_dtype: str = "bf16", uniform: bool = True,
+                solver: str = "lagrangian", unit_method: str | None = None, channel_step: int | None = None,
+                seed: int = 0, model_fingerprint: str | None = None):
+    """The plan ``uspx select`` and ``uspx extract`` write: whole experts from the score ``table``
+    (:func:`uspx.plan.select_experts`), or with channels or heads in ``units`` the best shape under
+    the ``budget`` from the table and the unit scores in ``units_dir`` (:func:`select_units`).
+    ``method="random"`` ranks experts by a seeded random draw (the baseline)."""
+    from uspx.io import sha256_json
+    from uspx.plan.select import select_experts
+    from uspx.score.units import load_units
+
+    units = parse_units(units)
+    fingerprint = sha256_json(table.meta)
+    if units == ["experts"]:
+        return select_experts(
+            table.random(seed) if method == "random" else table.method(method), budget=budget, keep=keep,
+            config=config, dtype=dtype, context=context if budget is not None else 0, kv_dtype=kv_dtype,
+            uniform=uniform, method=solver, scores_fingerprint=fingerprint, model_fingerprint=model_fingerprint)
+    if budget is None or keep is not None or not uniform or method == "random":
+        raise UspxError(f"cutting {', '.join(units)} chooses one shape under a byte budget: give --budget "
+                        "(not --keep, a non-uniform plan or random scores)")
+    if units_dir is None:
+        raise UspxError(f"choosing {', '.join(units)} needs their scores: run `uspx score ... --units {','.join(units)}`")
+    layers, matrix = table.matrix(method)
+    return select_units(dict(zip(layers, matrix)), load_units(units_dir), config, units=units, budget=budget,
+                        method=method, unit_method=unit_method, dtype=dtype, context=context, kv_dtype=kv_dtype,
+                        channel_step=channel_step, scores_fingerprint=fingerprint, model_fingerprint=model_fingerprint)

@@ -397,11 +397,13 @@ def _padding_note(plan: Plan, groups: Groups, base: int) -> str | None:
             "export a uniform plan or ship the ranking instead.")
 
 
-def runtime_notes(counts: Mapping[int, int] | Sequence[int], top_k: int, padded: bool = False) -> list[str]:
-    """What keeps a plan with these expert counts per layer from loading, or running fast, in the
-    runtimes users run (llama.cpp, vLLM, transformers). Empty when nothing does."""
+def runtime_notes(counts: Mapping[int, int] | Sequence[int], top_k: int, padded: bool = False,
+                  width: int | None = None, original_width: int | None = None, dtype: str | None = None) -> list[str]:
+    """What keeps a plan with these expert counts per layer (and, narrowed, ``width`` channels per
+    expert stored in ``dtype``) from loading, or running fast, in the runtimes users run (llama.cpp,
+    vLLM, transformers). Empty when nothing does."""
     values = sorted(set(counts.values() if isinstance(counts, Mapping) else counts))
-    notes = []
+    notes = _width_notes(width, dtype) if width is not None and width != original_width else []
     if values and values[0] < top_k:
         notes.append(f"{values[0]} experts in a layer is fewer than top-k = {top_k}: llama.cpp, vLLM and "
                      "transformers refuse a top-k above the expert count")
@@ -414,6 +416,23 @@ def runtime_notes(counts: Mapping[int, int] | Sequence[int], top_k: int, padded:
         notes.append(f"{uniform} experts per layer is not a power of two: llama.cpp's fused CUDA top-k routing "
                      "kernel covers power-of-two counts only, so routing falls back to its slower general path "
                      f"(nearest: {1 << (uniform.bit_length() - 1)} or {1 << uniform.bit_length()})")
+    return notes
+
+
+def _width_notes(width: int, dtype: str | None) -> list[str]:
+    """Narrower experts load wherever the config's expert width is read (transformers, llama.cpp's
+    converter); what a width costs in each runtime's storage formats."""
+    notes = [f"experts of {width} channels load in transformers and convert to GGUF for llama.cpp (the width is "
+             "read from the config)"]
+    if dtype == "mxfp4" and width % 32:
+        notes.append(f"{width} channels is not whole MXFP4 blocks of 32: the experts cannot stay MXFP4")
+    if width % 256:
+        notes.append(f"{width} channels is not a multiple of 256: llama.cpp's K-quants (Q4_K_M, Q5_K_M, Q6_K) "
+                     "quantize rows of 256, so llama-quantize stores the down projections in a fallback type "
+                     + ("(Q4_0/Q5_0/Q8_0, rows of 32)" if width % 32 == 0 else "(F16: not even a multiple of 32)"))
+    if width % 8:
+        notes.append(f"{width} channels is not a multiple of 8: transformers' grouped expert kernels want rows "
+                     "of a multiple of 16 bytes")
     return notes
 
 

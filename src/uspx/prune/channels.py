@@ -49,19 +49,24 @@ def kept_channels(scores: dict[int, torch.Tensor], width: int) -> dict[int, torc
     return out
 
 
+def mask_expert_channels(adapter, layer, width: int, kept: dict[int, torch.Tensor | list[int]]) -> None:
+    """Zero, in place, the down-projection columns of the channels each expert ``e`` of ``kept``
+    drops (it keeps ``kept[e]``): those channels then write nothing."""
+    dim, index = adapter.expert_down_layout(layer, width)
+    down = adapter.expert_down(layer)
+    with torch.no_grad():
+        for e, channels in kept.items():
+            drop = torch.ones(width, dtype=torch.bool)
+            drop[torch.as_tensor(channels, dtype=torch.long)] = False
+            down[e].index_fill_(dim - 1, index[drop].reshape(-1), 0.0)
+
+
 def masked(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
     """A copy of ``model`` whose dropped channels write nothing (their down columns zeroed)."""
     out = copy.deepcopy(model)
     adapter = adapter_for(out)
-    width = adapter.expert_width()
-    with torch.no_grad():
-        for layer in adapter.layers:
-            dim, index = adapter.expert_down_layout(layer, width)
-            down = adapter.expert_down(layer)
-            for e in range(layer.num_experts):
-                drop = torch.ones(width, dtype=torch.bool)
-                drop[kept[layer.index][e]] = False
-                down[e].index_fill_(dim - 1, index[drop].reshape(-1), 0.0)
+    for layer in adapter.layers:
+        mask_expert_channels(adapter, layer, adapter.expert_width(), dict(enumerate(kept[layer.index])))
     return out
 
 
@@ -164,7 +169,8 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
     if out.exists() and any(out.iterdir()):
         raise UspxError(f"{out} exists and is not empty; refusing to overwrite it")
     if weight_files(lm.source).is_mxfp4():
-        raise UspxError(f"{lm.source}: MXFP4 weights; cutting them would requantize, which uspx does not do")
+        raise UspxError(f"{lm.source}: MXFP4 weights are cut from the files, in whole blocks of 32 channels: "
+                        "choose the cut with `uspx select --units` or `uspx extract`")
     stored = weight_files(lm.source).main_float_dtype()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

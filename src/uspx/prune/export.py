@@ -74,10 +74,15 @@ def export(
     fingerprint = model_fingerprint(src)
     if ks.plan is not None and getattr(ks.plan, "model_fingerprint", None):
         check_fingerprints({"model": fingerprint}, {"model": ks.plan.model_fingerprint}, f"plan {ks.plan_path or ''}".strip())
-    if ks.plan is not None and (getattr(ks.plan, "channels", None) or getattr(ks.plan, "heads", None)):
-        if not physical or layered:
-            raise UspxError("a plan with narrower experts or fewer heads exports physically and verifies whole models: "
-                            "drop --mask-only / --streaming")
+    joint = ks.plan is not None and bool(getattr(ks.plan, "channels", None) or getattr(ks.plan, "heads", None))
+    if joint and not physical:
+        raise UspxError("a plan with narrower experts or fewer heads exports physically: drop --mask-only")
+    layout_source = FromCheckpoint(src, torch.float32)  # the skeleton only: no weights are read here
+    adapter = layout_source.adapter
+    if joint and not adapter.cuts_on_disk:
+        if layered:
+            raise UspxError(f"{adapter.family}: narrower experts or fewer heads are cut from the model loaded "
+                            "whole; open it whole (drop --streaming) or cut whole experts only")
         from uspx.prune.shaped import export_shaped
 
         return export_shaped(_fp32_model(model, src, trust_remote_code), ks.plan, out_dir, plan_path=ks.plan_path,
@@ -85,16 +90,16 @@ def export(
     out = Path(out_dir)
     if out.resolve() == src.resolve():
         raise UspxError(f"{out}: the export must go to another folder than its source")
-    existing = _existing_export(out, fingerprint, ks.kept, physical)
+    existing = _existing_export(out, fingerprint, ks.kept, physical, ks.plan if joint else None)
     if existing is not None:
         return {**existing, "status": "up-to-date"}
 
-    layout_source = FromCheckpoint(src, torch.float32)  # the skeleton only: no weights are read here
-    adapter = layout_source.adapter
     adapter.validate_kept(ks.kept, allow_missing=not physical)
     full = _full_kept(adapter, ks.kept)
     width = adapter.num_experts if not physical else max(len(v) for v in full.values())
-    layout = plan_layout(layout_source, full, width)
+    from uspx.prune.shaped import plan_cut
+
+    layout = plan_layout(layout_source, full, width, plan_cut(adapter, ks.plan) if joint else None)
     expected = predicted_bytes if predicted_bytes is not None else ks.predicted_weight_bytes()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +108,7 @@ def export(
         with freed_memory_returned():  # tensors of every size pass through: hand each back when written
             written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
-        verification = _verify(model, src, tmp, full, verify_prompts, trust_remote_code)
+        verification = _verify(model, src, tmp, full, verify_prompts, trust_remote_code, ks.plan if joint else None)
         verification["tolerance"] = logit_tolerance
         if not verification["max_abs_logit_diff"] <= logit_tolerance:  # `not <=` also catches NaN
             raise UspxError(
@@ -111,16 +116,11 @@ def export(
                 f"to the kept experts by {verification['max_abs_logit_diff']:.3g} (tolerance {logit_tolerance:g}); "
                 "nothing was written"
             )
-        new_files = weight_files(tmp)
         plan_dtype = (getattr(ks.plan, "settings", None) or {}).get("dtype") if predicted_bytes is None else None
-        precision = "mxfp4" if new_files.is_mxfp4() else str(new_files.main_float_dtype()).replace("torch.", "")
-        size = check_size(new_files.tensor_bytes, expected, size_tolerance,
-                          f" (plan sized for {plan_dtype}, checkpoint in {precision})" if plan_dtype else "")
-        size.update(file_bytes=new_files.file_bytes, header_bytes=sum(new_files.headers.values()),
-                    source_file_bytes=files.file_bytes, source_tensor_bytes=files.tensor_bytes,
-                    written_tensor_bytes=written)
+        precision, size = _size(files, weight_files(tmp), expected, size_tolerance, plan_dtype, written)
         removed = sum(adapter.num_experts - len(v) for v in full.values())
-        size["saved_per_expert_bytes"] = (files.tensor_bytes - new_files.tensor_bytes) / removed if removed else 0
+        if not joint:
+            size["saved_per_expert_bytes"] = (size["source_tensor_bytes"] - size["actual_bytes"]) / removed if removed else 0
         record = dict(
             format=FORMAT, uspx_version=uspx.__version__, source=str(src), source_fingerprint=fingerprint,
             family=adapter.family, model_type=layout_source.config.model_type, physical=physical,
@@ -130,6 +130,8 @@ def export(
             plan=ks.plan_path, plan_sha256=ks.plan_sha256,
             verification=verification, size=size, fingerprint=model_fingerprint(tmp), status="written",
         )
+        if joint:
+            record.update(_joint_record(ks.plan))
         write_json(tmp / RECORD, record)
         if out.exists():
             out.rmdir()  # only an empty folder reaches this point (see _existing_export)
@@ -140,25 +142,42 @@ def export(
     return record
 
 
+def _size(files, new_files, expected: int | None, tolerance: float, plan_dtype: str | None,
+          written: int) -> tuple[str, dict]:
+    """The export's precision and its sizes, checked against ``expected`` tensor bytes."""
+    precision = "mxfp4" if new_files.is_mxfp4() else str(new_files.main_float_dtype()).replace("torch.", "")
+    size = check_size(new_files.tensor_bytes, expected, tolerance,
+                      f" (plan sized for {plan_dtype}, checkpoint in {precision})" if plan_dtype else "")
+    size.update(file_bytes=new_files.file_bytes, header_bytes=sum(new_files.headers.values()),
+                source_file_bytes=files.file_bytes, source_tensor_bytes=files.tensor_bytes, written_tensor_bytes=written)
+    return precision, size
+
+
 def _verify(model: str | Path | LoadedModel | Opened, src: Path, exported: Path, kept: dict[int, list[int]], prompts,
-            trust_remote_code: bool) -> dict:
+            trust_remote_code: bool, joint=None) -> dict:
     """Reload the export and compare its logits with the original restricted to ``kept`` (float32):
     with stock ``from_pretrained`` both whole, or both layer by layer from their files when the
-    original was opened layer by layer."""
+    original was opened layer by layer. With a ``joint`` plan the original is masked: what the plan
+    drops inside the kept experts and the attention writes nothing."""
+    from uspx.prune.shaped import layer_masker, masked_reference
+
     if isinstance(model, Opened):  # only a layer-by-layer source is left opened (see export)
         # the reference reads only the kept experts, in float32 whatever precision the run computes in
         reference, candidate = FromCheckpoint(src, torch.float32, experts=kept), FromCheckpoint(exported, torch.float32)
+        if joint is not None:
+            reference.edit = layer_masker(reference.adapter, joint)
         tokenizer, how = model.tokenizer, "layer by layer from the safetensors files (float32)"
     else:
         lm = _fp32_model(model, src, trust_remote_code)
         reloaded = load_model(exported, dtype=torch.float32, with_tokenizer=False)
-        reference, candidate, tokenizer = InMemory(lm.model), InMemory(reloaded.model), lm.tokenizer
+        net = lm.model if joint is None else masked_reference(lm.model, joint)
+        reference, candidate, tokenizer = InMemory(net), InMemory(reloaded.model), lm.tokenizer
         how = "AutoModelForCausalLM.from_pretrained (fp32)"
     items = verification_items(tokenizer, prompts, int(reference.config.vocab_size))
     return {**compare_logits(reference, kept, candidate, items), "reloaded_with": how}
 
 
-def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], physical: bool) -> dict | None:
+def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], physical: bool, joint=None) -> dict | None:
     """The record when ``out`` already holds this very export; None when ``out`` is free; else an error."""
     if not out.exists():
         return None
@@ -175,6 +194,7 @@ def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], ph
         and old.get("source_fingerprint") == fingerprint
         and old.get("kept") == {str(l): v for l, v in kept.items()}
         and old.get("physical") == physical
+        and (joint is None or all(old.get(k) == v for k, v in _joint_record(joint).items()))
     )
     if not same:
         raise UspxError(
@@ -207,3 +227,11 @@ def _fp32_model(model: str | Path | LoadedModel, src: Path, trust_remote_code: b
 def _full_kept(adapter, kept: dict[int, list[int]]) -> dict[int, list[int]]:
     """Layers the kept set leaves out keep every expert."""
     return {l.index: kept.get(l.index, list(range(l.num_experts))) for l in adapter.layers}
+
+
+def _joint_record(plan) -> dict:
+    from uspx.io import sha256_json
+    from uspx.prune.shaped import joint_fields
+
+    # the kept channels and heads themselves are in the plan: the record holds their hash
+    return {**joint_fields(plan), "cut_sha256": sha256_json({"channels": plan.channels, "heads": plan.heads})}

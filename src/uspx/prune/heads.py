@@ -55,13 +55,18 @@ def masked_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     ``kept`` [layers, n] holds the query heads each layer keeps."""
     out = copy.deepcopy(model)
     adapter = adapter_for(out)
-    heads, kv, hd = adapter.head_shape()
-    with torch.no_grad():
-        for i, a in enumerate(adapter.attention_modules(out)):
-            drop = torch.tensor([h for h in range(heads) if h not in kept[i].tolist()], dtype=torch.long)
-            if len(drop):
-                adapter.attention_out(a).weight[:, _query_rows(drop, 1, hd)] = 0.0
+    for i, a in enumerate(adapter.attention_modules(out)):
+        mask_query_heads(adapter, a, kept[i].tolist())
     return out
+
+
+def mask_query_heads(adapter, attn: nn.Module, kept: list[int]) -> None:
+    """Zero, in place, the ``o_proj`` columns of the query heads of ``attn`` not in ``kept``."""
+    heads, _, hd = adapter.head_shape()
+    drop = torch.tensor([h for h in range(heads) if h not in set(kept)], dtype=torch.long)
+    if len(drop):
+        with torch.no_grad():
+            adapter.attention_out(attn).weight[:, _query_rows(drop, 1, hd)] = 0.0
 
 
 def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -46,6 +47,60 @@ def masked_reference(model: nn.Module, plan) -> nn.Module:
     if plan.heads:
         out = masked_heads(out, _head_tensor(plan, model))
     return out if out is not model else copy.deepcopy(model)
+
+
+def plan_cut(adapter, plan):
+    """The :class:`~uspx.prune.slicing.Cut` of a joint plan's channels and heads (experts in the
+    plan's order), cut from the stored tensors."""
+    from uspx.prune.slicing import Cut
+
+    ch = plan.channels or {}
+    if ch.get("dense"):
+        raise UspxError(f"{adapter.family}: narrower dense MLPs are cut from a model in memory, not from the files")
+    if ch and ch["original_width"] != adapter.expert_width():
+        raise UspxError(f"the plan narrows experts of {ch['original_width']} channels; "
+                        f"this model's have {adapter.expert_width()}")
+    channels = {l: {e: torch.tensor(c, dtype=torch.long) for e, c in zip(plan.kept[l], lists)}
+                for l, lists in (ch.get("kept") or {}).items()}
+    heads, shape = {}, None
+    if plan.heads:
+        heads = {l: torch.tensor(v, dtype=torch.long) for l, v in plan.heads["kept"].items()}
+        missing = [i for i in range(adapter.config.num_hidden_layers) if i not in heads]
+        if missing:
+            raise UspxError(f"the plan keeps no heads for layers {missing}")
+        g, r = plan.heads["kv_groups"], plan.heads["heads_per_group"]
+        shape = (g * r, g, adapter.head_shape()[2])
+    return Cut(channels, ch.get("width") or adapter.expert_width(), heads, shape)
+
+
+def layer_masker(adapter, plan) -> Callable[[int, nn.Module], None]:
+    """``edit(index, decoder_layer)`` (see :class:`uspx.engine.FromCheckpoint`): what the joint
+    ``plan`` drops inside the kept experts and the attention of that layer writes nothing."""
+    from uspx.prune.channels import mask_expert_channels
+    from uspx.prune.heads import mask_query_heads
+
+    moe = {l.index: l for l in adapter.layers}
+    width = adapter.expert_width()
+    channels = (plan.channels or {}).get("kept") or {}
+
+    def edit(index: int, module: nn.Module) -> None:
+        with torch.no_grad():
+            if index in moe and index in channels:
+                mask_expert_channels(adapter, moe[index], width, dict(zip(plan.kept[index], channels[index])))
+            if plan.heads:
+                mask_query_heads(adapter, adapter.attention(module), plan.heads["kept"][index])
+
+    return edit
+
+
+def joint_fields(plan) -> dict:
+    """What an export record says of a joint plan's channels and heads (the kept ids stay in the plan)."""
+    return dict(
+        channels=None if not plan.channels else {
+            "width": plan.channels["width"], "original_width": plan.channels["original_width"],
+            "group": plan.channels.get("group", 1),
+            "dense": [{k: d[k] for k in ("path", "field", "width", "original_width")} for d in plan.channels.get("dense") or []]},
+        heads=None if not plan.heads else {k: plan.heads[k] for k in plan.heads if k != "kept"})
 
 
 def _head_tensor(plan, model: nn.Module) -> torch.Tensor:
@@ -102,9 +157,5 @@ def export_shaped(lm: LoadedModel, plan, out_dir: str | Path, *, plan_path: str 
         format=FORMAT, model_type=lm.model.config.model_type, physical=True,
         dtype=str(stored).replace("torch.", ""),
         kept={str(l): v for l, v in plan.kept.items()}, counts={str(l): len(v) for l, v in plan.kept.items()},
-        channels=None if not plan.channels else {
-            "width": plan.channels["width"], "original_width": plan.channels["original_width"],
-            "dense": [{k: d[k] for k in ("path", "field", "width", "original_width")} for d in plan.channels.get("dense") or []]},
-        heads=None if not plan.heads else {k: plan.heads[k] for k in plan.heads if k != "kept"},
-        plan=plan_path, plan_sha256=plan_sha256,
+        **joint_fields(plan), plan=plan_path, plan_sha256=plan_sha256,
         experts_verification=experts_only["verification"]), kept=plan.kept_set(), size_check=size_of)

@@ -11,6 +11,11 @@ file is the original minus the dropped experts.
 Kept experts keep their order: new expert ``j`` is the ``j``-th smallest kept id. Where the plan
 keeps fewer experts in some layers than the file holds per layer, filler experts pad the layer;
 the family's adapter gives their values (so that the router can never pick them) or refuses.
+
+A :class:`Cut` also narrows the kept experts to their channels and the attention to its kept heads:
+the family's adapter names, per stored tensor, the dim and positions to keep, and those slices are
+copied as stored (MXFP4 blocks and their scales byte for byte; an MXFP4 down projection only in
+whole blocks of 32 channels).
 """
 
 from __future__ import annotations
@@ -29,6 +34,19 @@ from uspx.io import UspxError, read_json, write_json
 
 
 @dataclass
+class Cut:
+    """Narrower experts and fewer attention heads, taken from the stored tensors (a joint plan)."""
+
+    channels: dict[int, dict[int, torch.Tensor]]  # MoE layer -> original expert id -> its kept channels, sorted
+    width: int  # channels per expert after the cut (the original width: experts stay whole)
+    heads: dict[int, torch.Tensor]  # decoder layer -> kept query heads, sorted (empty: heads stay)
+    head_shape: tuple[int, int, int] | None  # (query heads, KV groups, head dim) after the cut
+
+
+Index = tuple[int, torch.Tensor]  # (dim, positions kept along it)
+
+
+@dataclass
 class _Slice:
     name: str  # new name
     spec: TensorSpec
@@ -38,6 +56,8 @@ class _Slice:
     fill: float | None = None  # per-expert tensor of a filler expert: every value this
     fillers: set[int] = field(default_factory=set)  # fused: original ids whose slots are fillers
     filler_value: float = 0.0
+    index: Index | None = None  # copied as stored: only these positions
+    expert_index: dict[int, Index] | None = None  # fused: per original expert id, the positions its slot keeps
 
 
 @dataclass
@@ -52,8 +72,28 @@ class Layout:
         return sum(s.spec.nbytes for slices in self.files.values() for s in slices)
 
 
-def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) -> Layout:
-    """The layout of ``source`` cut to ``kept`` (every MoE layer named), ``width`` experts per layer."""
+def _narrowed(spec: TensorSpec, index: Index, name: str | None = None) -> TensorSpec:
+    dim, positions = index
+    shape = list(spec.shape)
+    shape[dim] = len(positions)
+    return TensorSpec(name or spec.name, tuple(shape), spec.dtype)
+
+
+def _head_index(adapter, target: str, cut: Cut | None) -> Index | None:
+    if cut is None or not cut.heads:
+        return None
+    found = re.search(adapter.layer_pattern, target)
+    if found is None:
+        return None
+    heads = cut.heads[int(found.group(1))]
+    n_heads, kv, hd = adapter.head_shape()
+    groups = heads.div(n_heads // kv, rounding_mode="floor").unique_consecutive()
+    return adapter.stored_head_index(target, heads, groups, hd)
+
+
+def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int, cut: Cut | None = None) -> Layout:
+    """The layout of ``source`` cut to ``kept`` (every MoE layer named), ``width`` experts per layer,
+    narrowed by ``cut`` when given."""
     adapter, ckpt = source.adapter, source.ckpt
     slots: dict[str, list[int]] = {}  # MoE layer module name -> original ids, in new order
     fillers: dict[int, list[int]] = {}
@@ -69,7 +109,9 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
             )
         fillers[layer.index] = spare
         slots[layer.name] = sorted(ids + spare)
-    config = pruned_config_json(adapter, ckpt.config, width)
+    if cut is not None and any(fillers.values()):
+        raise UspxError("narrower experts need the same expert count in every layer")
+    config = pruned_config_json(adapter, ckpt.config, width, cut)
 
     files: dict[str, list[_Slice]] = {}
     for name, file in sorted(ckpt.weight_map.items()):
@@ -78,11 +120,15 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
         layer = adapter.pruned_with_expert(target)
         out = files.setdefault(file, [])
         if layer is None:
-            out.append(_Slice(name, spec, name))
+            index = _head_index(adapter, target, cut)
+            out.append(_Slice(name, spec if index is None else _narrowed(spec, index), name, index=index))
             continue
         order, dead = slots[layer.name], set(fillers[layer.index])
         fill = adapter.filler_value(target)
         per = per_expert.search(name)
+        channels = None if cut is None else cut.channels.get(layer.index)
+        if channels and (per is not None or not adapter.cuts_on_disk):
+            raise UspxError(f"{adapter.family}: narrower experts are cut from a model in memory, not from the files")
         if per is not None:
             e = int(per.group(1))
             if e in order:
@@ -95,18 +141,31 @@ def plan_layout(source: FromCheckpoint, kept: dict[int, list[int]], width: int) 
                             f"not a multiple of the {n} experts")
         rows = spec.shape[0] // n
         new_spec = TensorSpec(name, (width * rows, *spec.shape[1:]), spec.dtype)
+        expert_index = None
+        if channels and adapter.stored_channel_index(name, channels[order[0]]) is not None:
+            if rows != 1:
+                raise UspxError(f"{ckpt.path}: {name} holds {rows} rows per expert; uspx narrows [experts, ...] tensors")
+            expert_index = {e: adapter.stored_channel_index(name, channels[e]) for e in order}
+            new_spec = _narrowed(new_spec, expert_index[order[0]])
         out.append(_Slice(name, new_spec, name, slots=order, rows_per_expert=rows, fillers=dead,
-                          filler_value=fill if dead else 0.0))
+                          filler_value=fill if dead else 0.0, expert_index=expert_index))
     return Layout(config, files, fillers)
 
 
-def pruned_config_json(adapter, stored: dict, width: int) -> dict:
+def pruned_config_json(adapter, stored: dict, width: int, cut: Cut | None = None) -> dict:
     """The stored config.json with only what pruning changes: the expert count, under every name the
     config class accepts for it (qwen3_moe reads ``num_experts`` as ``num_local_experts``), and
     whatever else the family's own ``pruned_config`` changes (it also checks the count: deepseek's
     groups). Everything else, the declared dtype and the quantization config included, stays as it
     was written, so the export loads like its source."""
-    before, after = adapter.config.to_dict(), adapter.pruned_config(width).to_dict()
+    from uspx.models.base import _set_field
+
+    after = adapter.pruned_config(width)
+    if cut is not None:
+        _set_field(after, adapter.expert_width_field, cut.width)
+        if cut.head_shape is not None:
+            adapter.set_head_shape(after, *cut.head_shape)
+    before, after = adapter.config.to_dict(), after.to_dict()
     changed = {k: v for k, v in after.items() if before.get(k) != v}
     config = copy.deepcopy(stored)
     config.update(changed)
@@ -127,12 +186,16 @@ def write_layout(source: FromCheckpoint, layout: Layout, out: Path) -> int:
         if s.fill is not None:
             yield torch.full(s.spec.shape, s.fill, dtype=s.spec.dtype)
         elif s.slots is None:
-            yield ckpt.get(s.source)
+            t = ckpt.get(s.source)
+            yield t if s.index is None else t.index_select(s.index[0], s.index[1])
         else:  # one expert at a time: bounded memory whatever the tensor's size
             r = s.rows_per_expert
             for e in s.slots:
                 if e in s.fillers:
                     yield torch.full((r, *s.spec.shape[1:]), s.filler_value, dtype=s.spec.dtype)
+                elif s.expert_index is not None:
+                    dim, positions = s.expert_index[e]
+                    yield ckpt.rows(s.source, e * r, (e + 1) * r).index_select(dim, positions)
                 else:
                     yield ckpt.rows(s.source, e * r, (e + 1) * r)
 

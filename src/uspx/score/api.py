@@ -158,8 +158,8 @@ def check_arguments(model: str | Path | LoadedModel | Opened, methods: Sequence[
 
     inner_units = [u for u in parse_units(units) if u != "experts"]
     layered = isinstance(model, Opened) and model.streaming
-    if inner_units and (layered or sequential is not None):
-        raise UspxError(f"{', '.join(inner_units)} are scored on the whole model in memory, not layer by layer")
+    if inner_units and sequential is not None:
+        raise UspxError(f"{', '.join(inner_units)} are scored on the original model, not sequentially")
     if methods is METHODS:
         methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
         methods = [m for m in methods if m != "capability" or tool_families]
@@ -244,7 +244,10 @@ def _score_units(run: Inputs, inner_units: list[str], unit_methods: Sequence[str
 
     run.load_prompts("channel and head scores")
     with run.timed("units"):
-        return score_units(run.lm.source.model, run.items, inner_units, unit_methods or UNIT_DEFAULTS,
+        from uspx.score.units import LOCAL_METHODS as UNIT_LOCAL
+
+        defaults = UNIT_DEFAULTS if run.lm.source.resident else UNIT_LOCAL  # layer by layer: what runs there
+        return score_units(run.lm.source, run.items, inner_units, unit_methods or defaults,
                            pad_id=run.pad_id, batch_size=run.batch_size, bootstrap=run.bootstrap, seed=run.seed,
                            progress=run.progress)
 

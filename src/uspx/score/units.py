@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from uspx.engine import WeightSource
+from uspx.engine.observers import Observer
 from uspx.io import UspxError, atomic_path
 from uspx.models import adapter_for
 from uspx.progress import progress_bar
@@ -50,6 +52,7 @@ from uspx.workload import EncodedItem
 UNITS = ("experts", "channels", "heads")
 KINDS = ("channel", "dense_channel", "kv_group", "query_head")
 METHODS = ("reconstruction", "activation", "attribution", "fisher", "ablation")
+LOCAL_METHODS = ("reconstruction", "activation")  # measured inside each layer: they run layer by layer
 DEFAULT_METHODS = ("reconstruction", "activation", "attribution", "fisher")
 PARQUET = "units.parquet"
 
@@ -176,9 +179,10 @@ def _rows(kind: str, layer: int, method: str, value, low, high, n_prompts: int, 
 def _down_norms(adapter, layer, width: int) -> torch.Tensor:
     """[E, I]: the norm of each channel's column of the down projection."""
     dim, _ = adapter.expert_down_layout(layer, width)
-    down = adapter.expert_down(layer).detach().double()
-    other = [d for d in range(1, down.dim()) if d != dim]
-    return down.pow(2).sum(dim=other).sqrt()
+    down = adapter.expert_down(layer).detach()
+    other = [d - 1 for d in range(1, down.dim()) if d != dim]
+    # one expert at a time: a float64 copy of a large layer's experts would not fit beside it
+    return torch.stack([down[e].double().pow(2).sum(dim=other).sqrt() for e in range(down.shape[0])])
 
 
 def _check_heads(adapter) -> None:
@@ -196,7 +200,9 @@ def _head_columns(adapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 class _Contributions:
     """Per-prompt sums of every unit's contribution, filled by forward hooks during one pass over
-    the batches; ``state`` holds the current batch's real-token mask and prompt ids."""
+    the batches; ``state`` holds the current batch's real-token mask and prompt ids. The hooks sit
+    on the source's modules, so they see a model run whole or a decoder layer at a time, and read
+    weights only when they run (a layer read from the files exists only for its turn)."""
 
     def __init__(self, counts: np.ndarray):
         self.counts = counts
@@ -210,8 +216,8 @@ class _Contributions:
         self.state["local"] = torch.arange(len(batch.rows)).repeat_interleave(batch.input_ids.shape[1])[real]
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [..., D] flattened to its real tokens' rows, in float64."""
-        return x.reshape(-1, x.shape[-1])[self.state["real"]].double()
+        """``x`` [..., D] flattened to its real tokens' rows, in float64, on the CPU."""
+        return x.reshape(-1, x.shape[-1]).cpu()[self.state["real"]].double()
 
     def zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(int(self.state["prompts"].numel()), *shape, dtype=torch.float64)
@@ -230,23 +236,25 @@ def _expert_channel_hooks(adapter, col: _Contributions) -> list:
     from uspx.engine.hooks import pre_hook
 
     width = adapter.expert_width()
+    norms: dict[int, torch.Tensor] = {}  # per layer, read once (a layer's weights do not change in a run)
 
     def hook_for(layer):
-        norms = _down_norms(adapter, layer, width)
-
         def hook(module, args):
+            if layer.index not in norms:
+                norms[layer.index] = _down_norms(adapter, layer, width).to(args[0].device)
             hidden, index, weights = args[0], args[1], args[2]
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            keep, n = col.state["real"], hidden.shape[0]
+            n = hidden.shape[0]
+            keep = col.state["real"].to(hidden.device)
             hidden, index, weights = hidden[keep], index.reshape(n, -1)[keep], weights.reshape(n, -1)[keep]
             local = col.state["local"]
             sq, ab = col.zeros(layer.num_experts, width), col.zeros(layer.num_experts, width)
             for e in index.unique().tolist():
                 rows, slot = torch.nonzero(index == e, as_tuple=True)
                 h = adapter.expert_intermediate(layer, hidden[rows], e).double()
-                c = weights[rows, slot].double()[:, None] * h.abs() * norms[e]
-                sq[:, e].index_add_(0, local[rows], c.pow(2))
-                ab[:, e].index_add_(0, local[rows], c)
+                c = (weights[rows, slot].double()[:, None] * h.abs() * norms[layer.index][e]).cpu()
+                sq[:, e].index_add_(0, local[rows.cpu()], c.pow(2))
+                ab[:, e].index_add_(0, local[rows.cpu()], c)
             col.add("channel", layer.index, 0, sq, ab)
         return hook
 
@@ -260,7 +268,6 @@ def _dense_channel_hooks(adapter, model: nn.Module, col: _Contributions) -> list
 
     def hooks_for(i, k, mlp, gate):
         down = adapter.dense_down(mlp)
-        norms = down.weight.detach().double().norm(dim=0)  # [I]
         key = f"dense{i}.{k}"
 
         def down_pre(module, args):
@@ -269,6 +276,7 @@ def _dense_channel_hooks(adapter, model: nn.Module, col: _Contributions) -> list
                 record(torch.ones(1, dtype=torch.float64))
 
         def record(scale):
+            norms = down.weight.detach().double().norm(dim=0).cpu()  # [I], read while the layer is in memory
             c = (scale * col.state.pop(key)).abs() * norms
             sq, ab = col.zeros(1, norms.numel()), col.zeros(1, norms.numel())
             sq[:, 0].index_add_(0, col.state["local"], c.pow(2))
@@ -292,7 +300,7 @@ def _head_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
 
     def hook_for(i, o_proj):
         def hook(module, args):
-            x, w = col.real_rows(args[0]), o_proj.weight.detach().double()
+            x, w = col.real_rows(args[0]), o_proj.weight.detach().double().cpu()
             for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
                 sq, ab = col.zeros(len(blocks)), col.zeros(len(blocks))
                 for u, cols in enumerate(blocks):
@@ -306,30 +314,46 @@ def _head_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
     return [pre_hook(o, hook_for(i, o)) for i, o in enumerate(outs)]
 
 
+class _BatchObserver(Observer):
+    """Tells the contribution hooks which batch is running."""
+
+    def __init__(self, col: _Contributions):
+        super().__init__()
+        self.col = col
+
+    def begin(self, batch) -> None:
+        super().begin(batch)
+        self.col.batch(batch)
+
+
+def _source(model: nn.Module | WeightSource) -> WeightSource:
+    from uspx.engine import InMemory
+
+    return model if isinstance(model, WeightSource) else InMemory(model)
+
+
 @torch.no_grad()
-def contribution_sums(model: nn.Module, items: list[EncodedItem], units: Sequence[str], *, pad_id: int = 0,
-                      batch_size: int = 8, bootstrap: int = 200, seed: int = 0,
+def contribution_sums(model: nn.Module | WeightSource, items: list[EncodedItem], units: Sequence[str], *,
+                      pad_id: int = 0, batch_size: int = 8, bootstrap: int = 200, seed: int = 0,
                       progress: bool = False) -> dict[str, pa.Table]:
-    """``reconstruction`` and ``activation`` rows of every channel and head unit (module doc)."""
-    from uspx.engine import make_batches
-    from uspx.engine.forward import forward
+    """``reconstruction`` and ``activation`` rows of every channel and head unit (module doc), from
+    one pass of the engine: ``model`` in memory, or a source read a decoder layer at a time."""
+    from uspx.engine import make_batches, run
     from uspx.engine.hooks import hooked
 
-    adapter = adapter_for(model)
+    source = _source(model)
+    adapter, net = source.adapter, source.model
     counts = resample_counts(len(items), bootstrap, seed)
     col = _Contributions(counts)
     hooks = []
     if "channels" in units:
-        hooks += _expert_channel_hooks(adapter, col) + _dense_channel_hooks(adapter, model, col)
+        hooks += _expert_channel_hooks(adapter, col) + _dense_channel_hooks(adapter, net, col)
     if "heads" in units:
-        hooks += _head_hooks(adapter, model, col)
+        hooks += _head_hooks(adapter, net, col)
     tokens = np.array([len(e.input_ids) for e in items], dtype=np.float64)
     batches = make_batches(items, batch_size, pad_id)
-    with hooked(hooks), progress_bar("unit contributions", len(batches), "batches", progress) as bar:
-        for batch in batches:
-            col.batch(batch)
-            forward(model, batch.input_ids, batch.attention_mask, head=False)  # hooks collect; no logits needed
-            bar.advance()
+    with hooked(hooks):  # no logits needed: the hooks collect inside the layers
+        run(source, batches, [_BatchObserver(col)], progress=progress, label="unit contributions")
     den_rep = counts @ tokens
     out: dict[str, list[pa.Table]] = {}
     for (kind, method, layer, first), s in sorted(col.sums.items()):
@@ -447,16 +471,24 @@ def head_ablation(model: nn.Module, items: list[EncodedItem], *, pad_id: int = 0
     return pa.concat_tables(tables)
 
 
-def score_units(model: nn.Module, items: list[EncodedItem], units: Sequence[str],
+def score_units(model: nn.Module | WeightSource, items: list[EncodedItem], units: Sequence[str],
                 methods: Sequence[str] = DEFAULT_METHODS, *, pad_id: int = 0, batch_size: int = 8,
                 bootstrap: int = 200, seed: int = 0, progress: bool = False) -> UnitScores:
-    """Every requested method's scores of the channel and head units of ``model`` on ``items``."""
+    """Every requested method's scores of the channel and head units of ``model`` on ``items``.
+    ``reconstruction`` and ``activation`` run on a source read layer by layer too; the gradient
+    methods and ablation need the model in memory."""
     units = [u for u in units if u in ("channels", "heads")]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UspxError(f"unknown unit score method {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if not units:
         raise UspxError("no channel or head units to score")
+    whole_only = sorted(set(methods) - set(LOCAL_METHODS))
+    if whole_only and not _source(model).resident:
+        raise UspxError(f"unit scores {', '.join(whole_only)} need the model in memory; layer by layer uspx scores "
+                        f"units with {', '.join(LOCAL_METHODS)}")
+    if whole_only:
+        model = _source(model).model
     parts: list[pa.Table] = []
     if {"reconstruction", "activation"} & set(methods):
         got = contribution_sums(model, items, units, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,

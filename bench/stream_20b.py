@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=int, help="experts kept per layer (default: half: 16 of 32, 64 of 128)")
+    ap.add_argument("--budget", help="a byte budget instead of --keep (e.g. 8GiB): extract's default joint cut "
+                                     "(fewer and narrower experts, fewer heads), with the whole-experts cut beside it")
+    ap.add_argument("--context", type=int, default=4096, help="with --budget: the context the budget holds")
     ap.add_argument("--method", default="reconstruction")
     ap.add_argument("--as-limit-gib", type=float, default=22.0, help="address-space limit of the standard-load child")
     ap.add_argument("--skip-standard", action="store_true")
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         args.model = fam["model"] if not tiny else Path(f"/tmp/uspx-bench-{args.family}-tiny")
     args.out = args.out or (fam["out"] if not tiny else Path(f"/tmp/uspx-bench-{args.family}-tiny-run"))
-    if args.keep is None:
+    if args.keep is None and args.budget is None:
         args.keep = fam["keep"] if not tiny else 4
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                      transformers=__import__("transformers").__version__, load_average_at_start=os.getloadavg()),
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # glibc allocator tuning
-        family=args.family, model=str(args.model), keep=args.keep, method=args.method,
+        family=args.family, model=str(args.model), keep=args.keep, budget=args.budget, method=args.method,
     )
     res["checkpoint"] = ensure_checkpoint(args.family, args.model, "tiny" if tiny else "20b", args.layers)
     res["checkpoint"].update(
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with where.in_stage("extract"):
             report = extract(open_source(args.model, streaming=True, dtype="bf16"), args.out / "workload.jsonl",
-                             args.out / "extract", keep=args.keep, method=args.method, dtype="bf16", speed=False,
-                             progress=args.progress)
+                             args.out / "extract", keep=args.keep, budget=args.budget, context=args.context,
+                             method=args.method, dtype="bf16", speed=False, progress=args.progress)
     except BaseException as exc:  # keep what was measured; the traceback goes to the log
         import traceback
 
@@ -402,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         n=len(spl), first_layer=streaming.get("first_layer"))
     if report is not None:
         res["report"] = dict(seconds=report["seconds"], size=report["size"], verification=report["verification"],
-                             quality=report["quality"], acceptance=report["acceptance"], counts=report["counts"])
+                             quality=report["quality"], acceptance=report["acceptance"], counts=report["counts"],
+                             shape=report["shape"], units=report["units"], whole_experts=report.get("whole_experts"))
         pruned = args.out / "extract" / "model"
         res["pruned_config"] = {k: v for k, v in read_json(pruned / "config.json").items()
-                                if k in ("num_local_experts", "num_experts", "quantization_config")}
+                                if k in ("num_local_experts", "num_experts", "quantization_config", "intermediate_size",
+                                         "num_attention_heads", "num_key_value_heads")}
     measured_by_stage = {}
     for stage, pred in (("trace", "trace"), ("verify", "verify"), ("evaluate", "evaluate")):
         rows = [r for r in res["rss"]["layers"] if r["stage"] == stage]

@@ -290,3 +290,24 @@ def test_extract_layer_by_layer_cuts_mxfp4_blocks(mxfp4_src, tmp_path, one_threa
     assert report["size"]["actual_bytes"] == report["size"]["plan_bytes"]
     assert report["verification"]["reloaded_with"].startswith("layer by layer")
     assert report["verification"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_recovery_after_a_joint_cut_keeps_the_narrowed_shape(tiny_gpt_oss_dir, tmp_path, one_thread):
+    """extract --recover distils the narrowed model: the recovered checkpoint has the joint shape,
+    loads stock, and its held-out loss is measured against the original."""
+    from transformers import AutoModelForCausalLM
+
+    from uspx.extract import extract
+    from uspx.prune.files import weight_files
+
+    rows = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i} * x", "family": "code"} for i in range(16)]
+    wl = write_jsonl(tmp_path / "w.jsonl", rows)
+    budget = int(weight_files(tiny_gpt_oss_dir).tensor_bytes * 0.6)
+    report = extract(tiny_gpt_oss_dir, wl, tmp_path / "run", budget=budget, context=16, speed=False, progress=False,
+                     compare=False, recover=True, recover_steps=2)
+    shape = report["shape"]
+    assert shape["width"] < shape["original_width"] or shape["experts"] < shape["num_experts"]
+    model = AutoModelForCausalLM.from_pretrained(report["recovered"]["model"])
+    assert model.config.intermediate_size == shape["width"] and model.config.num_local_experts == shape["experts"]
+    assert model.config.num_key_value_heads == shape["kv_groups"]
+    assert report["recovered"]["heldout"]["all"]["tokens"] > 0

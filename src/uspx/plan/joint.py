@@ -176,6 +176,7 @@ def select_units(
     batch: int = 1,
     reserve_bytes: int = 0,
     channel_step: int | None = None,
+    channel_group: int | None = None,
     scores_fingerprint: str | None = None,
     model_fingerprint: str | None = None,
 ):
@@ -187,12 +188,13 @@ def select_units(
     kernels need rows of a multiple of 16 bytes). With ``dtype="mxfp4"`` the unit is a block of 32
     channels (scored as the sum of its channels; see ``channel_group`` of the family's adapter): the
     MXFP4 down projection packs them into one block, so only whole blocks are cut exactly.
+    ``channel_group`` sets that unit for any precision (what the block constraint costs).
     """
     units = parse_units(units)
     unit_method = unit_method or method
     geo = _Geometry.of(config)
     values, dense_kinds = _unit_values(expert_values, units_table, units, unit_method, geo)
-    group = geo.cls.channel_group(dtype == "mxfp4")
+    group = channel_group or geo.cls.channel_group(dtype == "mxfp4")
     if group > 1 and values.channels is not None:
         if geo.width % group:
             raise UspxError(f"experts of {geo.width} channels do not split into blocks of {group}")

@@ -175,6 +175,9 @@ def plan(
         console.print(("[green]" if fit.fits else "[red]") + fit.message())
         for note in runtime_notes([fit.experts_per_layer], fit.estimate.params.top_k) if fit.fits else []:
             console.print(f"[yellow]runtime: {note}")
+        console.print("whole experts only; fewer and narrower experts together (what `uspx extract --budget` cuts "
+                      "by default) usually keep more: `uspx select --units experts,channels,heads` names that shape "
+                      "and the runtimes that load it")
         result = dict(fit.estimate.breakdown(), budget_bytes=fit.budget_bytes, fits=fit.fits,
                       experts_per_layer_fit=fit.experts_per_layer, min_budget_bytes=fit.min_budget_bytes)
     else:

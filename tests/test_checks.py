@@ -242,3 +242,29 @@ def test_recovered_share_is_given_only_for_a_gap_that_is_surely_there(deltas, sh
     assert ("% of the loss pruning cost" in text) is shared
     if not shared:
         assert "no share" in text or "no cost to share out" in text
+
+
+def test_a_restricted_candidate_answers_under_its_restriction(tiny_gpt_oss_dir, tmp_path, one_thread):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tokenizer
+    from uspx.evaluate import evaluate
+    from uspx.models import adapter_for
+
+    prompts = [f"{i} * {i} =" for i in range(3)]
+    rows = [{"id": f"r{i}", "family": "f", "split": "heldout", "prompt": p, "regex": "(?s).*", "max_new_tokens": 8}
+            for i, p in enumerate(prompts)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt_oss_dir)
+    kept = {layer.index: [0, 1] for layer in adapter_for(model).layers}
+    res = evaluate(tiny_gpt_oss_dir, None, write_jsonl(tmp_path / "w.jsonl", rows), kept=kept, speed=False,
+                   out=tmp_path)
+    got = [json.loads(x) for x in (tmp_path / "evaluation.items.jsonl").read_text().splitlines()]
+    tok = make_tokenizer()
+    for prompt, row in zip(prompts, got):
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad(), adapter_for(model).restrict(kept):  # the candidate, computed directly
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        assert row["candidate"]["first"]["text"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert res["candidate"]["kind"] == "restricted"

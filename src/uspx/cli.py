@@ -475,22 +475,63 @@ def eval_cmd(
     device: Optional[str] = DEVICE,
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
+    samples: int = typer.Option(1, "--samples", help="Answers per checked item (pass@k); more than 1 needs --temperature."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature for checked items (0: greedy)."),
+    pass_k: Optional[str] = typer.Option(None, "--pass-k", help="Comma-separated k for pass@k (default: 1 and --samples)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers."),
+    max_pass_drop: Optional[float] = typer.Option(None, "--max-pass-drop", help="Largest acceptable pass@1 drop against the teacher per checked family (e.g. 0.05); adds a rule to the verdict."),
+    virtual_experts: Optional[str] = typer.Option(None, "--virtual-experts", help="calc: answer the checked items once more with the calculator (needs --probe), to see what the tool buys."),
+    probe_dir: Optional[Path] = typer.Option(None, "--probe", help="With --virtual-experts calc: a probe made by `uspx probe` for the teacher or the candidate."),
 ) -> None:
-    """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict."""
+    """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict;
+    items with checks (answer, regex, json, tests) are answered by both models and judged."""
     _set_threads(threads)
     from uspx.evaluate import evaluate
+    from uspx.evaluate.tasks import task_lines
     from uspx.extract import QUALITY_COLUMNS
+    from uspx.virtual.sandbox import run_python
 
+    ks = _csv(pass_k) or []
+    if bad := [k for k in ks if not k.isdigit()]:
+        raise UspxError(f"--pass-k takes whole numbers separated by commas (e.g. 1,5), not {bad[0]!r}")
     opened = _open(teacher, streaming=streaming, dtype=compute_dtype, device=device,
                    trust_remote_code=trust_remote_code)
+    tools = None
+    if virtual_experts is not None:
+        from uspx.io import FingerprintMismatch, read_json
+        from uspx.models.loading import resolve_model_path
+        from uspx.models import model_fingerprint
+        from uspx.virtual.generate import generate_with_tools
+        from uspx.virtual.probe import Probe
+
+        if _csv(virtual_experts) != ["calc"]:
+            raise UspxError("--virtual-experts: only calc has a detector (a probe) that decides when to call it")
+        if probe_dir is None:
+            raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
+        trained_on = read_json(probe_dir / "probe.json").get("model") if (probe_dir / "probe.json").exists() else None
+        models = {opened.fingerprint} | ({model_fingerprint(resolve_model_path(candidate))} if not plan_file else set())
+        if trained_on not in (None, *models):
+            raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for the "
+                                      "teacher or the candidate (`uspx probe`)")
+        probe = Probe.load(probe_dir)
+
+        def tools(model, tokenizer, prompt, n):
+            return generate_with_tools(model, tokenizer, prompt, probe, max_new_tokens=n)
     res = evaluate(opened, None if plan_file else candidate, workload, split=split, kept=plan_file,
                    max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
                    context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
-                   dtype=compute_dtype)
+                   dtype=compute_dtype, samples=samples, temperature=temperature,
+                   pass_k=[int(k) for k in ks] or None, max_new_tokens=max_new_tokens,
+                   seed=seed, max_pass_drop=max_pass_drop, sandbox=run_python, virtual_experts=tools)
     for fam, row in res["families"].items():
         console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
-    console.print(f"verdict: [bold]{res['acceptance']['verdict']}[/]")
-    for reason in res["acceptance"]["reasons"]:
+    for line in task_lines(res["tasks"]) if res.get("tasks") else []:
+        console.print(line, markup=False, highlight=False)
+    acc = res["acceptance"]
+    failed = f" (failed: {', '.join(acc['failed_rules'])})" if acc.get("failed_rules") else ""
+    console.print(f"verdict: [bold]{acc['verdict']}[/]{failed}")
+    for reason in acc["reasons"]:
         console.print(f"  {reason}")
 
 

@@ -120,7 +120,9 @@ def generate_answers(module: torch.nn.Module, tokenizer, items: Sequence[Workloa
     # batches of one limit and one stop list, longest prompts together (less padding)
     jobs.sort(key=lambda j: (_limit(items[j[0]], settings), items[j[0]].checks.stop, -len(prompts[j[0]]), j))
     rows: dict[tuple[int, int], list[int]] = {}
-    with torch.random.fork_rng(devices=[]), context():
+    device = next(module.parameters()).device
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), context():  # seeded draws, the caller's generators untouched
         torch.manual_seed(settings.seed)
         start = 0
         while start < len(jobs):

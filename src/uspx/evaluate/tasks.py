@@ -90,12 +90,16 @@ def _judged(item: WorkloadItem, text: str, tokens: Sequence[int], runner: Progra
                       o.failed, calls)
 
 
-def _ended(row: list[int], eos: set[int]) -> list[int]:
-    """The generated tokens up to (not including) the first end-of-sequence token."""
+def _ended(row: list[int], eos: set[int], pad: int) -> list[int]:
+    """The generated tokens up to (not including) the first end-of-sequence token; for a model
+    without one, without the padding that fills a row stopped early by a stop string."""
     for i, t in enumerate(row):
         if t in eos:
             return row[:i]
-    return row
+    end = len(row)
+    while not eos and end and row[end - 1] == pad:
+        end -= 1
+    return row[:end]
 
 
 def _eos_ids(module: torch.nn.Module, tokenizer) -> set[int]:
@@ -138,7 +142,7 @@ def generate_answers(module: torch.nn.Module, tokenizer, items: Sequence[Workloa
             out = generate(module, ids, mask, max_new_tokens=key[0], sampling=sampling, pad_token_id=pad,
                            stop_strings=key[1], tokenizer=tokenizer if key[1] else None)
             for r, job in enumerate(batch):
-                rows[job] = _ended(out[r, width:].tolist(), eos)
+                rows[job] = _ended(out[r, width:].tolist(), eos, pad)
             start += len(batch)
     answers = Answers()
     for n, item in enumerate(items):

@@ -268,3 +268,11 @@ def test_a_restricted_candidate_answers_under_its_restriction(tiny_gpt_oss_dir, 
                                  eos_token_id=None, pad_token_id=0)
         assert row["candidate"]["first"]["text"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert res["candidate"]["kind"] == "restricted"
+
+
+def test_a_generation_ends_at_the_end_token_or_before_the_padding():
+    from uspx.evaluate.tasks import _ended
+
+    assert _ended([5, 6, 2, 7, 2], {2}, 2) == [5, 6]  # the first end-of-sequence token ends it
+    assert _ended([5, 0, 6, 0, 0], set(), 0) == [5, 0, 6]  # no end token: only the trailing padding goes
+    assert loop_period(_ended([9] * 4 + [0] * 20, set(), 0)) is None  # padding after a stop is no loop

@@ -17,6 +17,8 @@ from uspx.models import ADAPTERS, adapter_for
 from uspx.prune import export
 from uspx.testing import TINY_CONFIGS, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 FAMILIES = sorted(ADAPTERS)
 
 # Decoder layers that hold a MoE block in each tiny config (written out, not derived).

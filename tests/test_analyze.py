@@ -20,6 +20,8 @@ from uspx.analyze.utilisation import Utilisation
 from uspx.io import UspxError, write_json
 from uspx.trace import Trace
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 # token: (sample, position, token_id, family, [(ids, weights) for layer 0, layer 1])
 # The first slot is NOT always the highest weight (t0, t3, t4 at layer 0; t1, t3 at layer 1).
 TOKENS = [

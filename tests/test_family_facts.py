@@ -11,6 +11,8 @@ from uspx.io import UspxError
 from uspx.models import ADAPTERS, adapter_class, adapter_for, is_mxfp4_tensor
 from uspx.testing import TINY_CONFIGS, tiny_config, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 GQA = ["gpt_oss", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
 
 

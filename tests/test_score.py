@@ -19,6 +19,8 @@ from uspx.score.bootstrap import Factor, estimate
 from uspx.trace import trace
 from uspx.workload import EncodedItem, encode, load_workload
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 ROWS = [
     {"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i * i}", "family": "code", "split": "calibration"}
     for i in range(4)

@@ -24,6 +24,8 @@ from teacher.workloads import REQUIRED_FIELDS, SPLIT_VALUES, WORKLOADS
 from uspx.models.loading import BUNDLED_TEACHER as TEACHER_DIR
 from uspx.workload import BUNDLED_WORKLOADS as WORKLOADS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 FAMILIES = {"python", "shell", "prose", "arith"}
 
 

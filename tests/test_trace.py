@@ -15,6 +15,8 @@ from uspx.models import adapter_for, load_model
 from uspx.testing import TINY_CONFIGS
 from uspx.trace import Trace, trace
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 ROWS = [
     {"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i * i}", "family": "code"} for i in range(5)
 ] + [{"text": f"the {i} quick brown foxes jump over lazy dogs " * (1 + i % 3), "family": "prose"} for i in range(4)]
@@ -145,7 +147,7 @@ def test_resume_after_sigkill_gives_identical_trace(tmp_path, tiny_gpt_oss_dir):
     trace(tiny_gpt_oss_dir, wl, tmp_path / "full", items_per_shard=4, logits=True, progress=False)
 
     code = (
-        "import sys; from uspx.trace import trace; "
+        "import torch; torch.set_num_threads(1); from uspx.trace import trace; "  # one thread, as here
         f"trace({str(tiny_gpt_oss_dir)!r}, {str(wl)!r}, {str(tmp_path / 'killed')!r}, items_per_shard=4, logits=True, progress=False)"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))

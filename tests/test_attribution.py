@@ -10,6 +10,8 @@ from uspx.score.attribution import attribution, mean_loss, spearman, validate
 from uspx.testing import tiny_model
 from uspx.workload import EncodedItem
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 ITEMS = [EncodedItem(i, str(i), "f", "calibration", list(range(3 + 2 * i, 15 + 2 * i)), 4) for i in range(4)]
 
 

@@ -17,6 +17,8 @@ from uspx.score.baseline import run_baseline
 from uspx.testing import tiny_model
 from uspx.workload import EncodedItem
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 
 class _Bar:
     def advance(self, n=1):

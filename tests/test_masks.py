@@ -17,6 +17,8 @@ from uspx.workload import EncodedItem
 
 from test_score import ROWS  # the same small workload
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 
 def random_items(n: int, length: int, seed: int = 1) -> list[EncodedItem]:
     g = torch.Generator().manual_seed(seed)

@@ -17,6 +17,8 @@ from uspx.student.build import (ExpertChoice, RoutingStats, build_student, chann
                                 group_lasso_step, group_norms)
 from uspx.testing import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 FAMILIES = ["gpt_oss", "qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
 
 

@@ -36,12 +36,11 @@ def test_detection_and_wilson_intervals():
 
 
 @pytest.fixture(scope="module")
-def teacher_probe():
+def teacher_probe(one_thread):
     from uspx.models import load_model
     from uspx.virtual.probe import train_probe
     from uspx.workload import load_workload
 
-    torch.set_num_threads(1)
     lm = load_model("default")
     probe, report = train_probe(lm.model, lm.tokenizer, load_workload("mixed"), steps=150)
     return lm, probe, report

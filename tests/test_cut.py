@@ -311,3 +311,23 @@ def test_recovery_after_a_joint_cut_keeps_the_narrowed_shape(tiny_gpt_oss_dir, t
     assert model.config.intermediate_size == shape["width"] and model.config.num_local_experts == shape["experts"]
     assert model.config.num_key_value_heads == shape["kv_groups"]
     assert report["recovered"]["heldout"]["all"]["tokens"] > 0
+
+
+def test_unit_bootstrap_replicates_are_bounded_per_layer():
+    """A layer of many units keeps only the bootstrap replicates that fit its memory bound; its
+    interval comes from those, each the resampled total over its own resampled token count."""
+    from uspx.score.units import REPLICATE_BYTES, _Sums
+
+    counts = np.random.default_rng(0).integers(1, 4, size=(200, 3)).astype(np.float64)
+    assert _Sums((8, 16), counts).rep.shape[0] == 200
+    big = _Sums((32, 2880), counts)  # gpt-oss-20b's channels of one layer
+    assert big.rep.shape[0] == REPLICATE_BYTES // (8 * 32 * 2880) == 22
+    assert _Sums((400_000,), counts).rep.shape[0] == 0  # fewer than 20 fit: no interval
+    per_prompt = torch.rand(3, 32, 2880, dtype=torch.float64)
+    big.add(per_prompt, torch.arange(3))
+    tokens = np.array([5.0, 7.0, 11.0])
+    value, low, high = big.ratio(tokens.sum(), counts @ tokens)
+    reps = np.einsum("bp,pij->bij", counts[:22], per_prompt.numpy()) / (counts[:22] @ tokens)[:, None, None]
+    np.testing.assert_allclose(value, per_prompt.sum(0).numpy() / tokens.sum())
+    np.testing.assert_allclose(low, np.percentile(reps, 2.5, axis=0))
+    np.testing.assert_allclose(high, np.percentile(reps, 97.5, axis=0))

@@ -418,6 +418,9 @@ def print_report(report: dict) -> None:
         console.print(f"whole experts only at the same budget: {describe_shape(alt['shape'])}, "
                       f"{format_bytes(alt['written_bytes'])}; held-out delta {alt['overall_delta']:+.4f} against "
                       f"{report['overall_delta']:+.4f} for this cut ({alt['verdict']})")
+        if alt["overall_delta"] < report["overall_delta"]:  # the value estimate assumes removals add
+            console.print(f"[yellow]whole experts cost less here: their model is {alt['model']} "
+                          "(or run again with --units experts)")
     acc = report["acceptance"]
     console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']})")
     for reason in acc["reasons"]:

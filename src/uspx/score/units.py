@@ -80,11 +80,20 @@ def parse_units(text: str | Sequence[str]) -> list[str]:
     return [u for u in UNITS if u in names]
 
 
+REPLICATE_BYTES = 16 << 20  # bootstrap replicates kept per layer, method and unit kind, at most
+
+
 class _Sums:
     """Per-prompt sums of one quantity over many units, kept as their total and as bootstrap
-    replicate totals (the per-prompt values themselves would not fit for channels of a large model)."""
+    replicate totals (the per-prompt values themselves would not fit for channels of a large model).
+
+    The replicates of one layer take at most :data:`REPLICATE_BYTES`: a layer with many units keeps
+    the first replicates that fit (gpt-oss-20b's 92,160 channels a layer: 22 of 200), and none when
+    fewer than 20 fit (its intervals are then NaN), so memory stays bounded on any model."""
 
     def __init__(self, shape: tuple[int, ...], counts: np.ndarray):
+        fit = REPLICATE_BYTES // (8 * int(np.prod(shape)))
+        counts = counts[: fit if fit >= 20 else 0]
         self.counts = torch.from_numpy(counts)  # [B, P]
         self.total = torch.zeros(shape, dtype=torch.float64)
         self.rep = torch.zeros((counts.shape[0], *shape), dtype=torch.float64)
@@ -101,6 +110,7 @@ class _Sums:
         if not self.rep.shape[0]:
             nan = np.full(value.shape, np.nan)
             return value, nan, nan
+        den_rep = den_rep[: self.rep.shape[0]]  # the replicates this layer kept
         reps = self.rep.numpy() / np.maximum(den_rep, 1e-300).reshape(-1, *([1] * value.ndim))
         return value, np.percentile(reps, 2.5, axis=0), np.percentile(reps, 97.5, axis=0)
 

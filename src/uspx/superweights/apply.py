@@ -16,6 +16,7 @@ import torch
 from uspx.io import UspxError, read_json, write_json
 from uspx.models import adapter_for, load_model
 from uspx.models import down_proj as dp
+from uspx.models.loading import resolve_model_path, stored_dtype
 
 MODES = ("zero", "restore")
 
@@ -25,9 +26,7 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("quantization_config"):
         raise UspxError(f"{model_dir}: quantized checkpoint; dequantize it first (uspx writes plain safetensors)")
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return stored_dtype(model_dir)
 
 
 def select_entries(cat: dict, entries: str | list) -> list[dict]:
@@ -68,8 +67,6 @@ def apply(
         raise UspxError("the output folder must differ from the model folder (uspx never edits a model in place)")
     cat = read_json(catalogue) if not isinstance(catalogue, dict) else catalogue
     chosen = select_entries(cat, entries)
-    from uspx.models.loading import resolve_model_path
-
     model_dir = resolve_model_path(model_dir)
     lm = load_model(model_dir, dtype=_checkpoint_dtype(model_dir), trust_remote_code=trust_remote_code)
     adapter = adapter_for(lm.model)

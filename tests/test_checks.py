@@ -276,3 +276,18 @@ def test_a_generation_ends_at_the_end_token_or_before_the_padding():
     assert _ended([5, 6, 2, 7, 2], {2}, 2) == [5, 6]  # the first end-of-sequence token ends it
     assert _ended([5, 0, 6, 0, 0], set(), 0) == [5, 0, 6]  # no end token: only the trailing padding goes
     assert loop_period(_ended([9] * 4 + [0] * 20, set(), 0)) is None  # padding after a stop is no loop
+
+
+def test_a_model_read_layer_by_layer_is_loaded_whole_to_answer(tiny_gpt_oss_dir, tmp_path, one_thread):
+    from uspx.engine import open_source
+    from uspx.evaluate import evaluate
+
+    rows = [{"id": f"q{i}", "family": "f", "split": "heldout", "prompt": f"{i} - 1 =", "regex": r"\S*",
+             "max_new_tokens": 5} for i in range(3)]
+    wl = write_jsonl(tmp_path / "w.jsonl", rows)
+    whole = evaluate(tiny_gpt_oss_dir, None, wl, speed=False, out=tmp_path / "a")
+    layered = evaluate(open_source(tiny_gpt_oss_dir, streaming=True, dtype="fp32"), None, wl, speed=False,
+                       out=tmp_path / "b")
+    assert "skipped" not in layered["tasks"]
+    assert (tmp_path / "a" / "evaluation.items.jsonl").read_text() == (tmp_path / "b" / "evaluation.items.jsonl").read_text()
+    assert layered["tasks"]["families"] == whole["tasks"]["families"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uspx.dist import current, solo
-from uspx.io import UspxError, read_json, sha256_json, write_json
+from uspx.io import UspxError, read_json, write_json
 from uspx.models import LoadedModel
 from uspx.progress import console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload

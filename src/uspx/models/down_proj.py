@@ -47,14 +47,6 @@ def _layout(adapter: MoEAdapter) -> str:
     )
 
 
-def supports(adapter: MoEAdapter) -> bool:
-    try:
-        _layout(adapter)
-    except UspxError:
-        return False
-    return True
-
-
 def intermediate_size(adapter: MoEAdapter, layer: MoELayer) -> int:
     """Width I of one expert's intermediate (d_ff)."""
     w = layer.experts.down_proj

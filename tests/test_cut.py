@@ -331,3 +331,21 @@ def test_unit_bootstrap_replicates_are_bounded_per_layer():
     np.testing.assert_allclose(value, per_prompt.sum(0).numpy() / tokens.sum())
     np.testing.assert_allclose(low, np.percentile(reps, 2.5, axis=0))
     np.testing.assert_allclose(high, np.percentile(reps, 97.5, axis=0))
+
+
+def test_extract_judges_checked_items_with_the_pass_drop_rule(tiny_gpt_oss_dir, tmp_path, one_thread):
+    """Checked held-out items are answered by the original and the cut model inside extract; a
+    pass-drop allowance that cannot be met fails by name, and the report carries the task figures."""
+    from uspx.extract import extract
+
+    rows = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i} * x", "family": "code", "split": "calibration"}
+            for i in range(12)]
+    rows += [{"id": f"q{i}", "family": "code", "split": "heldout", "prompt": f"{i} + {i} =", "regex": "(?s).*",
+              "max_new_tokens": 4} for i in range(4)]
+    wl = write_jsonl(tmp_path / "w.jsonl", rows)
+    report = extract(tiny_gpt_oss_dir, wl, tmp_path / "run", keep="50%", method="frequency", speed=False,
+                     progress=False, tasks=dict(max_pass_drop=-0.5))  # a negative allowance cannot be met
+    fam = report["tasks"]["families"]["code"]
+    assert fam["items"] == 4 and fam["teacher"]["pass@1"] == 1.0  # "(?s).*" matches every answer
+    assert report["acceptance"]["verdict"] == "fail" and "pass_drop" in report["acceptance"]["failed_rules"]
+    assert (tmp_path / "run" / "evaluation.items.jsonl").exists()

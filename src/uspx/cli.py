@@ -555,6 +555,10 @@ def extract(
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
     units: Optional[str] = typer.Option(None, "--units", help="What to cut: experts (whole experts only) or any of experts,channels,heads. Default with --budget: the joint cut (fewer and narrower experts, fewer KV groups where they pay) when the model is in memory; otherwise whole experts."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="With a joint cut: also export and evaluate the whole-experts cut at the same budget and report its cost beside it."),
+    max_pass_drop: Optional[float] = typer.Option(None, "--max-pass-drop", help="Largest acceptable pass@1 drop against the original per checked family (items with answer, regex, json or tests checks); adds a rule to the verdict."),
+    samples: int = typer.Option(1, "--samples", help="Answers per checked item (pass@k); more than 1 needs --temperature."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature for checked items (0: greedy)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens."),
     recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
@@ -575,7 +579,8 @@ def extract(
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,
                 dtype=compute_dtype, sequential=sequential, recover=recover,
                 recover_steps=recover_steps, eval_workload=eval_workload, tool_families=_csv(tool_families),
-                units=units, compare=compare)
+                units=units, compare=compare, tasks=dict(max_pass_drop=max_pass_drop, samples=samples,
+                                                         temperature=temperature, max_new_tokens=max_new_tokens))
     console.print(f"report: {out / 'report.json'}; model: {out / 'model'}")
 
 

@@ -84,6 +84,7 @@ def extract(
     tool_families: list[str] | None = None,
     units: str | list[str] | None = None,
     compare: bool = True,
+    tasks: dict | None = None,
 ) -> dict:
     """Trace, score, select, prune, verify, export and evaluate, for one user's workload.
 
@@ -93,6 +94,9 @@ def extract(
     ``units``: the unit types cut (``"experts"``, or any of ``experts,channels,heads``); None is the
     joint cut where it can be made (see the module doc). ``compare``: with a joint cut, also export
     and evaluate the whole-experts cut at the same budget, and report its cost beside it.
+    ``tasks``: options of the task checks of evaluated items (:func:`uspx.evaluate.evaluate`'s
+    ``samples``, ``temperature``, ``pass_k``, ``max_new_tokens``, ``seed``, ``max_pass_drop``);
+    their ``tests`` run in the sandbox (:func:`uspx.virtual.sandbox.run_python`).
 
     ``model`` is opened once (:func:`uspx.engine.open_source`; a folder or a loaded model is
     opened whole, computing in ``dtype``) and that source goes through every stage. A source opened
@@ -137,7 +141,7 @@ def extract(
             clock.done("select")
             ev = dict(eval_wl=eval_wl, eval_split=eval_split, budget=budget, context=context, kv_dtype=kv_dtype,
                       epsilon=epsilon, batch_size=batch_size, max_length=max_length, progress=progress,
-                      trust_remote_code=trust_remote_code, dtype=dtype)
+                      trust_remote_code=trust_remote_code, dtype=dtype, tasks=tasks or {})
             record, evaluation = _export_and_evaluate(opened, out, speed=speed, **ev)
             clock.done("prune + verify + export + evaluate")
             report = _report(opened, wl, eval_wl, eval_split, out, plan, record, evaluation, clock.seconds,
@@ -312,15 +316,18 @@ def _select(opened: Opened, table: ScoreTable, path: Path, method: str, units: l
 
 def _export_and_evaluate(opened: Opened, out: Path, *, eval_wl: Workload, eval_split: str, budget: str | int | None,
                          context: int, kv_dtype: str, epsilon: float, batch_size: int, max_length: int, speed: bool,
-                         progress: bool, trust_remote_code: bool, dtype: str) -> tuple[dict, dict]:
-    """The pruned checkpoint in ``out/model`` (verified) and its evaluation against the original."""
+                         progress: bool, trust_remote_code: bool, dtype: str, tasks: dict) -> tuple[dict, dict]:
+    """The pruned checkpoint in ``out/model`` (verified) and its evaluation against the original
+    (with the task checks of the evaluated items, their tests in the sandbox)."""
     from uspx.evaluate import evaluate
     from uspx.prune import export
+    from uspx.virtual.sandbox import run_python
 
     record = export(opened, out / "plan.json", out / "model", trust_remote_code=trust_remote_code)
     evaluation = evaluate(opened, out / "model", eval_wl, split=eval_split, max_length=max_length,
                           batch_size=batch_size, epsilon=epsilon, memory_budget=budget, context=context,
-                          kv_dtype=kv_dtype, speed=speed, out=out / "evaluation.json", progress=progress, dtype=dtype)
+                          kv_dtype=kv_dtype, speed=speed, out=out / "evaluation.json", progress=progress, dtype=dtype,
+                          sandbox=run_python, **tasks)
     return record, evaluation
 
 
@@ -364,7 +371,7 @@ def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, ou
         size=dict(record["size"], plan_bytes=plan.predicted_bytes, precision=record["dtype"]),
         verification=record["verification"],
         quality={f: {k: v.get(k) for k in QUALITY_COLUMNS} for f, v in evaluation["families"].items()},
-        overall_delta=evaluation["overall"]["delta"],
+        overall_delta=evaluation["overall"]["delta"], tasks=evaluation.get("tasks"),
         acceptance=evaluation["acceptance"],
         speed=evaluation.get("speed"),
         seconds=seconds,
@@ -381,8 +388,10 @@ def _recover(report: dict, out: Path, wl: Workload, opened: Opened, *, steps: in
 
     # every kept weight trains, whole or (opened layer by layer) one decoder layer at a time
     settings = Settings(train="full", **({} if steps is None else {"steps": steps}))
+    from uspx.virtual.sandbox import run_python
+
     res = run_recover(out, original=opened, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
-                      dtype=dtype, progress=progress)
+                      dtype=dtype, progress=progress, sandbox=run_python)
     report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
                                history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
     report["acceptance"] = res["acceptance"]
@@ -421,8 +430,14 @@ def print_report(report: dict) -> None:
         if alt["overall_delta"] < report["overall_delta"]:  # the value estimate assumes removals add
             console.print(f"[yellow]whole experts cost less here: their model is {alt['model']} "
                           "(or run again with --units experts)")
+    if report.get("tasks"):
+        from uspx.evaluate.tasks import task_lines
+
+        for line in task_lines(report["tasks"]):
+            console.print(line, markup=False, highlight=False)
     acc = report["acceptance"]
-    console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']})")
+    failed = f"; failed: {', '.join(acc['failed_rules'])}" if acc.get("failed_rules") else ""
+    console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']}{failed})")
     for reason in acc["reasons"]:
         console.print(f"  {reason}")
 

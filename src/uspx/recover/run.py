@@ -33,7 +33,7 @@ REPORT = "recover.json"
 
 def recover(run_dir: str | Path, *, original=None, workload=None, settings: Settings | None = None,
             out_dir: str | Path | None = None, others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-            epsilon: float = 0.05, dtype: str = "auto", progress: bool = True) -> dict:
+            epsilon: float = 0.05, dtype: str = "auto", progress: bool = True, sandbox=None) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 
     ``original`` is the run's original model, opened (:func:`uspx.engine.open_source`; default: its
@@ -43,7 +43,8 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
     defaults to the run's own (its fingerprint must match the run's). ``others`` is a workload whose
     held-out items measure what the specialisation costs elsewhere (default: the bundled ``mixed``
     workload when the model is the bundled teacher). An MXFP4 checkpoint keeps its expert blocks
-    as they are: the rest of the model trains, and only those tensors are rewritten.
+    as they are: the rest of the model trains, and only those tensors are rewritten. ``sandbox``
+    runs the ``tests`` checks of held-out items (:func:`uspx.evaluate.evaluate`).
     """
     from uspx.engine import dtype_name, open_source
     from uspx.models import model_fingerprint
@@ -95,7 +96,7 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
         experts=("kept in MXFP4 as exported (frozen)" if mxfp4 else "trained" if settings.train != "router"
                  else "frozen"),
         history=history, train_seconds=history.get("seconds"), seconds=train_seconds,
-        **_quality(original, pruned, out / "model", wl, source, others, max_length, epsilon, dtype),
+        **_quality(original, pruned, out / "model", wl, source, others, max_length, epsilon, dtype, sandbox),
     )
     write_json(out / REPORT, result)
     _print(result)
@@ -103,14 +104,14 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
 
 
 def _quality(original, pruned: Path, recovered: Path, wl, source: Path, others, max_length: int, epsilon: float,
-             dtype: str) -> dict:
+             dtype: str, sandbox=None) -> dict:
     """Held-out and calibration deltas before and after, and the cost elsewhere."""
     from uspx.evaluate import evaluate
     from uspx.workload import load_workload
 
     def quality(candidate, part, split):
         return evaluate(original, candidate, part, split=split, max_length=max_length, epsilon=epsilon, speed=False,
-                        dtype=dtype)
+                        dtype=dtype, sandbox=sandbox)
 
     before, after = quality(pruned, wl, "heldout"), quality(recovered, wl, "heldout")
     cal_before, cal_after = quality(pruned, wl, "calibration"), quality(recovered, wl, "calibration")

@@ -19,7 +19,7 @@ app = typer.Typer(
 
 MODEL_ARG = typer.Argument("default", help="Local model folder, or 'default' for the bundled uspx teacher.")
 WORKLOAD_ARG = typer.Argument(
-    "python_dev", help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed)."
+    "python_dev", help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed, checked)."
 )
 STREAMING = typer.Option(False, "--streaming", help="Run a decoder layer at a time from the safetensors files, never loading the whole model (models larger than memory; `uspx plan --streaming` predicts the peak).")
 COMPUTE_DTYPE = typer.Option("auto", "--dtype", "--compute-dtype", help="Precision the model computes in, loaded whole or layer by layer (--streaming): auto (the checkpoint's stored float type: fp32 stays fp32, bf16 stays bf16, MXFP4 experts decode to the type of the rest), bf16, fp16 or fp32.")

@@ -585,6 +585,30 @@ def extract(
 
 
 @app.command()
+def drift(
+    run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run."),
+    new: str = typer.Argument(..., help="The new traffic: a workload (JSONL file, text folder or bundled name), or a trace folder of it made on the run's original model."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder: trace/ of the new traffic, evaluation.json, drift.json (default RUN_DIR/drift/NAME)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The run's original model, when it moved since the run (its fingerprint must be the run's)."),
+    pruned: Optional[Path] = typer.Option(None, "--pruned", help="The pruned model whose loss is measured (default: the recovered one when the run recovered, else RUN_DIR/model)."),
+    epsilon: Optional[float] = typer.Option(None, help="Margin of the loss bound, nats per token (default: the run's acceptance epsilon)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap draws per interval (prompts are the resampling unit)."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(8),
+    compute_dtype: str = COMPUTE_DTYPE,
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Does new traffic still fit a pruned model? Shares of routing mass and score on the dropped experts against the calibration's spread, loss delta on the new items, and a verdict: covered, drifting or re-extract."""
+    _set_threads(threads)
+    from uspx.drift import drift as run_drift, print_drift
+
+    result = run_drift(run_dir, new, out, model=model, judged=pruned, epsilon=epsilon, bootstrap=bootstrap, seed=seed,
+                       batch_size=batch_size, dtype=compute_dtype)
+    print_drift(result)
+    console.print(f"report: {Path(result['out']) / 'drift.json'}")
+
+
+@app.command()
 def recover(
     run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its model/ is the pruned checkpoint)."),
     train: str = typer.Option("full", help="What trains: router (routers only), lora (routers + LoRA on attention and experts), full (every kept weight)."),

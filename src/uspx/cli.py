@@ -649,12 +649,16 @@ def recover(
 @app.command()
 def student(
     run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its scores choose the experts)."),
-    experts_per_layer: int = typer.Option(..., "--experts-per-layer", "-m", help="Experts merged into each layer's dense MLP (its width is this many experts')."),
+    experts_per_layer: Optional[int] = typer.Option(None, "--experts-per-layer", "-m", help="Experts merged into each layer's dense MLP (its width is this many experts')."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Instead of -m: a local Hugging Face causal LM folder (any family, any tokenizer) to distil the original into (RUN_DIR/dense-NAME)."),
+    train: str = typer.Option("lora", help="With --base: lora (adapters on every linear layer, merged into the export) or full (every weight)."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="With --base --train lora: the adapters' rank."),
+    four_bit: bool = typer.Option(False, "--4bit", help="With --base: load the base in 4 bits (bitsandbytes NF4, QLoRA); needs a CUDA GPU."),
     weights: str = typer.Option("routed", help="Fixed weight of each merged expert: routed (its mean routing weight on the user's tokens) or router (the router's mean softmax)."),
     steps: int = typer.Option(300, help="Distillation steps at most (early stopping on a validation slice may end sooner)."),
     minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
     kd: float = typer.Option(1.0, help="Weight of token-level distillation from the original."),
-    ce: float = typer.Option(0.0, help="Weight of cross-entropy on the calibration targets."),
+    ce: Optional[float] = typer.Option(None, help="Weight of cross-entropy on the calibration targets (default 0; 1 with --base)."),
     layer: float = typer.Option(0.0, help="Weight of matching each MoE layer's output to the original's."),
     tau: float = typer.Option(1.0, help="Distillation temperature."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 5e-4)."),
@@ -667,13 +671,24 @@ def student(
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure prefill and decode speed of the student and the pruned MoE."),
     threads: Optional[int] = THREADS,
 ) -> None:
-    """Build a dense model from the user's top experts of every layer, distill it from the original, export and compare it with the pruned MoE."""
+    """Build a dense model from the user's top experts of every layer (-m), or distil the original into a dense base model of any family and tokenizer (--base); export it and compare it with the run's other candidates."""
     _set_threads(threads)
     from uspx.recover import Settings
     from uspx.student import student as run_student
 
-    settings = Settings(train="full", steps=steps, max_minutes=minutes, kd=kd, ce=ce, layer=layer, tau=tau, lr=lr,
-                        generated=generated, seed=seed)
+    if (experts_per_layer is None) == (base is None):
+        raise UspxError("give exactly one of --experts-per-layer (a student built from the experts) and --base "
+                        "(a dense model of your own to distil into)")
+    if base is not None:
+        from uspx.student.dense import dense_student
+
+        settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=1.0 if ce is None else ce,
+                            layer=layer, tau=tau, lr=lr, lora_rank=lora_rank, generated=generated, seed=seed)
+        res = dense_student(run_dir, base, settings=settings, four_bit=four_bit, out_dir=out, speed=speed)
+        console.print(f"dense student: {res['model']}; report: {Path(res['model']).parent / 'dense.json'}")
+        return
+    settings = Settings(train="full", steps=steps, max_minutes=minutes, kd=kd, ce=ce or 0.0, layer=layer, tau=tau,
+                        lr=lr, generated=generated, seed=seed)
     res = run_student(run_dir, experts_per_layer=experts_per_layer, weighting=weights, settings=settings,
                       group_lasso=group_lasso, out_dir=out, others=others, epsilon=epsilon, speed=speed)
     console.print(f"student: {res['model']}; report: {Path(res['model']).parent / 'student.json'}")

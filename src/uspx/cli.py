@@ -608,6 +608,28 @@ def drift(
     console.print(f"report: {Path(result['out']) / 'drift.json'}")
 
 
+@app.command("import-routing")
+def import_routing_cmd(
+    files: list[Path] = typer.Argument(..., help="vLLM: one JSONL of completions with routed_experts; SGLang: the expert-distribution dump files (.pt) of one recorder mode."),
+    fmt: str = typer.Option(..., "--format", help="vllm or sglang."),
+    model: str = typer.Option(..., "--model", help="The model that served the traffic (local folder, or 'default')."),
+    out: Path = typer.Option(..., "-o", "--out", help="New output folder: a trace (expert ids per token) or a score table (SGLang counts)."),
+    family: str = typer.Option("serving", help="Family of the imported items."),
+    dedupe: str = typer.Option("id", help="Duplicated requests: id (a request id seen before), tokens (also identical token ids), none."),
+    keep_modes: str = typer.Option("1,2,3", "--keep-modes", help="SGLang per_token dumps: forward modes kept (ForwardMode: 1 EXTEND, 2 DECODE, 3 MIXED; verify passes of speculative decoding carry rejected drafts)."),
+    bootstrap: int = typer.Option(200, help="SGLang count dumps: bootstrap resamples of forward passes for the intervals."),
+) -> None:
+    """Import the routing a vLLM or SGLang server recorded, as a uspx trace or a frequency score table."""
+    from uspx.serving import import_routing, print_imported
+
+    try:
+        modes = tuple(int(m) for m in keep_modes.split(",") if m.strip())
+    except ValueError:
+        raise UspxError(f"--keep-modes takes comma-separated integers, not {keep_modes!r}") from None
+    print_imported(import_routing(files, fmt, model, out, family=family, dedupe=dedupe, keep_modes=modes,
+                                  bootstrap=bootstrap))
+
+
 @app.command()
 def recover(
     run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its model/ is the pruned checkpoint)."),

@@ -148,8 +148,10 @@ def score_method(run: RunInfo, calibration: Trace) -> tuple[str, str | None]:
     return method, None
 
 
-def prompt_sums(trace: Trace, method: str) -> PromptSums:
-    """Per-prompt routing mass and ``method``'s per-prompt score sums, over every row of ``trace``."""
+def prompt_sums(trace: Trace, method: str, weighted: bool = True) -> PromptSums:
+    """Per-prompt routing mass and ``method``'s per-prompt score sums, over every row of ``trace``.
+    Not ``weighted`` (or a trace without routing weights, as engines record them): each routed slot
+    carries 1/k, so the mass is the share of routed slots."""
     import pyarrow as pa
 
     items = trace.items()
@@ -161,13 +163,15 @@ def prompt_sums(trace: Trace, method: str) -> PromptSums:
     pos_of_sample[samples] = np.arange(len(samples))
     pos_of_layer = {layer: i for i, layer in enumerate(layers)}
     mass = np.zeros((len(samples), len(layers), n_exp))
+    weighted = weighted and trace.manifest["options"].get("weights", True)
     for batch in trace.iter_batches(["sample", "layer", "expert_ids", "expert_weights"]):
         sample = batch.column("sample").to_numpy().astype(np.int64)
         layer = batch.column("layer").to_numpy().astype(np.int64)
         if sample.max() >= len(pos_of_sample) or (pos_of_sample[sample] < 0).any() or \
                 not set(np.unique(layer).tolist()) <= set(pos_of_layer):
             raise UspxError(f"{trace.path}: rows name samples or layers that items.parquet and the manifest do not list")
-        ids, weights = _fixed(batch.column("expert_ids")), _fixed(batch.column("expert_weights"))
+        ids = _fixed(batch.column("expert_ids"))
+        weights = _fixed(batch.column("expert_weights")) if weighted else np.full(ids.shape, 1.0 / ids.shape[1])
         if ids.size and (ids.min() < 0 or ids.max() >= n_exp):
             raise UspxError(f"{trace.path}: rows name expert ids outside 0..{n_exp - 1}")
         row = pos_of_sample[sample] * len(layers) + np.array([pos_of_layer[l] for l in layer.tolist()], np.int64)
@@ -383,7 +387,9 @@ def drift(run_dir: str | Path, new: str | Path | Workload, out_dir: str | Path |
                                 dtype=dtype)
     if list(tr.moe_layers) != run.layers or tr.num_experts != run.num_experts:
         raise UspxError(f"{tr.path}: MoE layers / expert count differ from the run's")
-    calibration, new_sums = prompt_sums(calibration_trace, method), prompt_sums(tr, method)
+    # both sides counted alike: routing weights when both traces hold them, else routed slots
+    weighted = all(t.manifest["options"].get("weights", True) for t in (tr, calibration_trace))
+    calibration, new_sums = prompt_sums(calibration_trace, method, weighted), prompt_sums(tr, method, weighted)
     if new_sums.score is None and why is None:
         why = f"{tr.path} lacks what {method} needs (norms or reconstruction sums); only routing mass compared"
     loss = None
@@ -409,13 +415,21 @@ def drift(run_dir: str | Path, new: str | Path | Workload, out_dir: str | Path |
         new=dict(trace=str(tr.path), workload=tr.manifest.get("workload"), prompts=int(len(new_sums.samples))),
         calibration=dict(trace=str(calibration_trace.path), prompts=int(len(calibration.samples))),
         layers=run.layers, dropped={str(l): np.flatnonzero(dropped[i]).tolist() for i, l in enumerate(run.layers)},
-        score_method=method, score_note=why, judged=str(run.judged), loss_note=no_loss if loss is None else None,
+        score_method=method, score_note=why, mass=_mass_kind(tr, calibration_trace), judged=str(run.judged), loss_note=no_loss if loss is None else None,
         epsilon=run.epsilon, run_delta=run.run_delta, loss_bound=bound, bootstrap=dict(draws=bootstrap, seed=seed,
                                                                                      level=LEVEL, unit="prompt"),
         rule=RULE, overall=overall, families=families, verdict=worst,
     )
     write_json(out / FILENAME, result)
     return result
+
+
+def _mass_kind(new: Trace, calibration: Trace) -> str:
+    weighted = [t.manifest["options"].get("weights", True) for t in (new, calibration)]
+    if all(weighted):
+        return "routing weights"
+    return "routed slots (1/k each), on both sides: " + ", ".join(
+        f"{t.path} records no routing weights" for t, w in zip((new, calibration), weighted) if not w)
 
 
 def _name(new: str | Path | Workload) -> str:

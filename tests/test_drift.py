@@ -81,14 +81,22 @@ def test_calibration_interval_and_verdict(tmp_path):
     assert cmp["mass"]["calibration"]["ci"] == [[1.0, 1.0], [1.0, 1.0]]
     assert cmp["mass"]["share"] == pytest.approx([1.75 / 3, 1.625 / 3])
     assert resample(5, 2, 7, 0).sum(1).tolist() == [2.0] * 7
+    assert cmp["mass"]["total"] == pytest.approx((1.75 + 1.625) / 6)
     # nothing above the calibration's upper bound: covered unless the loss says otherwise
     assert judge(cmp, [0, 2], None, 0.1)["verdict"] == "covered"
     assert judge(cmp, [0, 2], dict(delta=0.2), 0.1)["verdict"] == "re-extract"
-    low = dict(cmp, mass=dict(cmp["mass"], calibration=dict(cmp["mass"]["calibration"], ci=[[0, 0], [0.5, 0.9]])))
-    v = judge(low, [0, 2], None, 0.1)  # layer 0 (0.583 > 0.5) above, layer 2 (0.542 < 0.9) not: 1 of 2 layers
-    assert v["layers_above"]["mass"] == [0] and v["verdict"] == "drifting"
-    assert judge(low, [0, 2], dict(delta=0.05), 0.1)["verdict"] == "drifting"
 
+    def with_calibration(ci, total_ci):
+        return dict(cmp, mass=dict(cmp["mass"], calibration=dict(cmp["mass"]["calibration"], ci=ci, total_ci=total_ci)))
+
+    # all layers together above (0.5625 > 0.55); layer 0 (0.583 > 0.5) above its own, layer 2 (0.542 < 0.9) not
+    v = judge(with_calibration([[0, 0], [0.5, 0.9]], [0, 0.55]), [0, 2], None, 0.1)
+    assert v["total_above"] == ["mass"] and v["layers_above"]["mass"] == [0] and v["verdict"] == "drifting"
+    # both layers above their own interval too: more than half, and no loss to say otherwise
+    assert judge(with_calibration([[0, 0], [0.5, 0.5]], [0, 0.55]), [0, 2], None, 0.1)["verdict"] == "re-extract"
+    assert judge(with_calibration([[0, 0], [0.5, 0.5]], [0, 0.55]), [0, 2], dict(delta=0.05), 0.1)["verdict"] == "drifting"
+    # a layer above its own interval while the whole is within: chance among many layers, covered
+    assert judge(with_calibration([[0, 0], [0.5, 0.9]], [0, 0.6]), [0, 2], None, 0.1)["verdict"] == "covered"
 
 CAL = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i} * x", "family": "code"} for i in range(16)]
 NEW = ([{"prompt": f"ls -la /tmp/{i} | grep", "completion": f" foo{i} && echo done", "family": "shell"} for i in range(6)]
@@ -124,8 +132,9 @@ def test_drift_end_to_end(tmp_path, run_dir, one_thread):
     ev = json.loads((tmp_path / "d" / "evaluation.json").read_text())
     for fam, f in res["families"].items():
         assert f["loss"]["delta"] == pytest.approx(ev["families"][fam]["delta"])
-        above = sorted(set().union(*f["layers_above"].values()))
-        expected = "re-extract" if f["loss"]["delta"] > res["loss_bound"] else "drifting" if above else "covered"
+        for kind in ("mass", "score"):
+            assert (f[kind]["total"] > f[kind]["calibration"]["total_ci"][1]) == (kind in f["total_above"])
+        expected = "re-extract" if f["loss"]["delta"] > res["loss_bound"] else "drifting" if f["total_above"] else "covered"
         assert f["verdict"] == expected
     assert res["loss_bound"] == pytest.approx(max(res["run_delta"], 0) + 0.05)
 

@@ -15,11 +15,12 @@ The verdict per family, and for the whole workload the worst of them:
 
 * ``re-extract``: the loss delta exceeds the run's own held-out delta by more than epsilon
   (the pruned model does clearly worse on the new work than on the work it was cut for), or, with
-  no loss measured, more than half of the MoE layers put more mass or score on the dropped experts
-  than the calibration interval's upper bound;
-* ``drifting``: at least one layer is above the calibration interval, but the loss (if measured)
-  is within that bound;
-* ``covered``: no layer above the interval and the loss (if measured) within the bound.
+  no loss measured, the set is drifting and more than half of the MoE layers are above their own
+  calibration interval;
+* ``drifting``: the share of routing mass or of score over all MoE layers is above the upper
+  bound of the calibration's interval, but the loss (if measured) is within that bound;
+* ``covered``: neither share above the calibration's interval and the loss (if measured) within
+  the bound.
 
 The folder written (default ``RUN_DIR/drift/NAME``) holds ``trace/`` (the new traffic's routing),
 ``evaluation.json`` (when the loss was measured) and ``drift.json``.
@@ -51,9 +52,9 @@ DEFAULT_EPSILON = 0.05  # uspx extract's default, used when the run's report nam
 LEVEL = 0.95
 VERDICTS = ("covered", "drifting", "re-extract")
 RULE = ("re-extract: loss delta on the new items > max(run's held-out delta, 0) + epsilon, or (no loss "
-        "measured) more than half of the MoE layers above the calibration interval; drifting: a layer above "
-        "the calibration interval (share of routing mass or of score on the dropped experts above the upper "
-        "bound of the 95% bootstrap interval of calibration resamples of the same number of prompts); "
+        "measured) drifting with more than half of the MoE layers above their own calibration interval; "
+        "drifting: the share of routing mass or of score that all MoE layers put on the dropped experts above "
+        "the upper bound of the 95% bootstrap interval of calibration resamples of the same number of prompts; "
         "covered: otherwise")
 
 
@@ -340,25 +341,34 @@ def measure_loss(run: RunInfo, wl: Workload, original: Opened, out: Path, *, bat
 
 # ----- the verdict ------------------------------------------------------------------------------
 def judge(cmp: dict, layers: list[int], loss: dict | None, bound: float) -> dict:
-    """One set's verdict under :data:`RULE`, with the numbers behind it."""
+    """One set's verdict under :data:`RULE`, with the numbers behind it. The share over every MoE
+    layer decides (one comparison per kind: testing each layer alone would flag traffic of the
+    calibration's own kind in one layer or another by chance); the layers above their own
+    interval are the detail, and decide only when no loss was measured."""
     above: dict[str, list[int]] = {}
+    total_above = []
     for kind in ("mass", "score"):
         if kind in cmp:
-            hi = cmp[kind]["calibration"]["ci"][1]
-            above[kind] = [l for l, s, h in zip(layers, cmp[kind]["share"], hi) if s is not None and h is not None and s > h]
+            c = cmp[kind]
+            hi = c["calibration"]["ci"][1]
+            above[kind] = [l for l, s, h in zip(layers, c["share"], hi) if s is not None and h is not None and s > h]
+            top = c["calibration"]["total_ci"][1]
+            if c["total"] is not None and top is not None and c["total"] > top:
+                total_above.append(kind)
     outside = sorted(set().union(*above.values()))
-    reasons = [f"{kind}: {len(ls)} of {len(layers)} layers above the calibration interval" + (f" ({ls})" if ls else "")
-               for kind, ls in above.items()]
+    reasons = [f"{kind} on dropped experts over all layers {100 * cmp[kind]['total']:.1f}% against the calibration's "
+               f"{100 * cmp[kind]['calibration']['total_ci'][0]:.1f}-{100 * cmp[kind]['calibration']['total_ci'][1]:.1f}%"
+               f"{' (above)' if kind in total_above else ''}; {len(ls)} of {len(layers)} layers above their own interval"
+               f"{f' ({ls})' if ls else ''}" for kind, ls in above.items() if cmp[kind]["total"] is not None]
+    drifting = bool(total_above)
     if loss is not None:
         reasons.append(f"loss delta {loss['delta']:+.4f} nats/token against the bound {bound:+.4f}")
-        if loss["delta"] > bound:
-            verdict = "re-extract"
-        else:
-            verdict = "drifting" if outside else "covered"
+        verdict = "re-extract" if loss["delta"] > bound else "drifting" if drifting else "covered"
     else:
         reasons.append("loss not measured")
-        verdict = "re-extract" if len(outside) > len(layers) / 2 else "drifting" if outside else "covered"
-    return dict(verdict=verdict, layers_above=above, reasons=reasons)
+        verdict = ("re-extract" if drifting and len(outside) > len(layers) / 2 else
+                   "drifting" if drifting else "covered")
+    return dict(verdict=verdict, total_above=total_above, layers_above=above, reasons=reasons)
 
 
 # ----- the command ------------------------------------------------------------------------------
@@ -457,12 +467,14 @@ def print_drift(result: dict) -> None:
         for kind in ("mass", "score"):
             s = f.get(kind)
             lo, hi = s["calibration"]["total_ci"] if s else (None, None)
-            cells += [_pct(s["total"]), f"{_pct(lo)}-{_pct(hi)}"] if s else ["-", "-"]  # percent
+            star = "*" if kind in f["total_above"] else ""
+            cells += [_pct(s["total"]) + star, f"{_pct(lo)}-{_pct(hi)}"] if s else ["-", "-"]  # percent
         above = sorted(set().union(*f["layers_above"].values()))
         cells += [f"{len(above)}/{len(result['layers'])}",
                   f"{f['loss']['delta']:+.4f}" if f.get("loss") else "-", f["verdict"]]
         t.add_row(*cells)
     console.print(t)
+    console.print("* above the calibration's interval; above: layers above their own interval")
     for note in (result["score_note"], result["loss_note"]):
         if note:
             console.print(f"note: {note}")

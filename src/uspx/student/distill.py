@@ -47,7 +47,7 @@ class Pair:
     aligned: list[tuple[int, int]]  # (student target k, teacher target j), see objectives.aligned_targets
 
 
-def same_tokenizer(teacher_tok, student_tok, teacher_config, student_config) -> bool:
+def same_tokenizer(teacher_tok: object, student_tok: object, teacher_config: object, student_config: object) -> bool:
     """One vocabulary and one logit width: token-level KD compares the logits id by id."""
     return (int(teacher_config.vocab_size) == int(student_config.vocab_size)
             and teacher_tok.get_vocab() == student_tok.get_vocab())
@@ -71,7 +71,7 @@ def check_settings(settings: Settings, four_bit: bool) -> None:
             raise UspxError("a 4-bit base needs bitsandbytes: pip install bitsandbytes")
 
 
-def load_base(path: str | Path, *, four_bit: bool = False):
+def load_base(path: str | Path, *, four_bit: bool = False) -> tuple[torch.nn.Module, object]:
     """(model in fp32 and eval mode, or NF4 on the GPU; tokenizer) of a local causal LM folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +97,8 @@ def load_base(path: str | Path, *, four_bit: bool = False):
     return model.eval(), tokenizer
 
 
-def make_pairs(workload: Workload, teacher_tok, student_tok, max_length: int, same: bool) -> list[Pair]:
+def make_pairs(workload: Workload, teacher_tok: object, student_tok: object, max_length: int,
+               same: bool) -> list[Pair]:
     """Every item of ``workload`` tokenised by both models, with the aligned targets (all of them
     when the tokenizers are the same)."""
     from uspx.student.objectives import aligned_targets
@@ -117,7 +118,8 @@ def make_pairs(workload: Workload, teacher_tok, student_tok, max_length: int, sa
     return out
 
 
-def generated_workload(teacher, teacher_tok, items: list[EncodedItem], settings: Settings, cache: Path) -> Workload:
+def generated_workload(teacher: torch.nn.Module, teacher_tok: object, items: list[EncodedItem], settings: Settings,
+                       cache: Path) -> Workload:
     """The original's continuations of the training prompts (recovery's generated items) as text, so
     the student reads them with its own tokenizer: the teacher writes the references."""
     from uspx.recover.train import generated_items
@@ -153,9 +155,11 @@ def trainable(model: torch.nn.Module, settings: Settings) -> tuple[torch.nn.Modu
     return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def step_loss(teacher, student, pairs: list[Pair], student_items: list[EncodedItem], settings: Settings,
-              same: bool, teacher_pad: int, student_pad: int, step: int) -> torch.Tensor:
-    """The loss of training step ``step``: KD (or ULD) from the original plus cross-entropy."""
+def step_loss(teacher: torch.nn.Module, student: torch.nn.Module, pairs: list[Pair], student_items: list[EncodedItem],
+              settings: Settings, same: bool, teacher_pad: int, student_pad: int,
+              step: int) -> tuple[torch.Tensor, int]:
+    """The loss of training step ``step`` (KD or ULD from the original plus cross-entropy) and the
+    student tokens it read."""
     from uspx.engine.batches import batch_of_step, make_batches, n_targets, target_losses
     from uspx.engine.forward import logits
     from uspx.student.objectives import kd_loss, uld_loss
@@ -178,10 +182,10 @@ def step_loss(teacher, student, pairs: list[Pair], student_items: list[EncodedIt
                 t_rows += [t_at + j for _, j in p.aligned]
                 s_at, t_at = s_at + n_targets(p.student.item), t_at + n_targets(p.teacher.item)
             loss = loss + settings.kd * uld_loss(s_logits[s_rows], t_logits[t_rows], settings.tau)
-    return loss
+    return loss, int(batch.attention_mask.sum())
 
 
-def distill(teacher, student: torch.nn.Module, pairs: list[Pair], val: list[EncodedItem], settings: Settings,
+def distill(teacher: torch.nn.Module, student: torch.nn.Module, pairs: list[Pair], val: list[EncodedItem], settings: Settings,
             work: Path, key: dict, *, same: bool, teacher_pad: int, student_pad: int,
             progress: bool = True) -> tuple[torch.nn.Module, History]:
     """Train ``student`` on ``pairs`` with recovery's loop (schedule, early stopping on ``val``,
@@ -205,12 +209,14 @@ def distill(teacher, student: torch.nn.Module, pairs: list[Pair], val: list[Enco
             lr = settings.learning_rate * min(1.0, (history.step + 1) / max(1, settings.warmup))
             for g in optimizer.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * history.step / settings.steps))
-            loss = step_loss(teacher, student, pairs, items, settings, same, teacher_pad, student_pad, history.step)
+            loss, tokens = step_loss(teacher, student, pairs, items, settings, same, teacher_pad, student_pad,
+                                     history.step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             optimizer.step()
             history.step += 1
+            history.tokens_seen += tokens
             history.train_loss.append([history.step, round(float(loss.detach()), 6)])
             history.seconds = time.perf_counter() - started
             bar.advance()

@@ -158,3 +158,33 @@ def test_drift_refuses_a_trace_of_another_model(tmp_path, run_dir, one_thread):
     trace(other, new, tmp_path / "t", progress=False)
     with pytest.raises(FingerprintMismatch, match=str(tmp_path / "t")):
         drift(run_dir, tmp_path / "t", tmp_path / "d", progress=False)
+
+
+def test_drift_of_routing_a_server_recorded(tmp_path, run_dir, one_thread):
+    """vLLM routing (ids only) of the new traffic: drift counts routed slots, on both sides."""
+    from uspx.serving import import_routing
+    from uspx.trace import trace
+
+    new = write_jsonl(tmp_path / "new.jsonl", NEW)
+    source = json.loads((run_dir / "report.json").read_text())["model"]["source"]
+    tr = Trace(trace(source, new, tmp_path / "t", progress=False) and tmp_path / "t")
+    rows = tr.table().to_pandas().sort_values(["sample", "position", "layer"])
+    lines = []
+    for sample, start in zip(tr.items()["sample"].to_pylist(), tr.items()["completion_start"].to_pylist()):
+        r = rows[rows["sample"] == sample]
+        tokens = r[r["layer"] == 0]["token_id"].tolist()
+        ids = np.stack(r["expert_ids"].to_numpy()).reshape(len(tokens), 2, 2).tolist()
+        lines.append(dict(request_id=str(sample), prompt_token_ids=tokens[:start],
+                          output_token_ids=tokens[start:] + [0], routed_experts=ids))
+    import_routing([write_jsonl(tmp_path / "vllm.jsonl", lines)], "vllm", source, tmp_path / "served")
+    res = drift(run_dir, tmp_path / "served", tmp_path / "d", bootstrap=100, progress=False)
+    assert res["mass"].startswith("routed slots")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    on = np.zeros(2)
+    for layer, ids in zip(rows["layer"], rows["expert_ids"]):
+        on[layer] += sum(int(e) not in plan["kept"][str(layer)] for e in ids)
+    slots = len(rows) / 2 * 2  # tokens per layer x top-2
+    assert res["overall"]["mass"]["share"] == pytest.approx(list(on / slots), abs=1e-6)  # drift.json rounds to 6 places
+    # the run scored on frequency: its score share is the same share of routed slots
+    assert res["overall"]["score"]["share"] == pytest.approx(list(on / slots), abs=1e-6)
+    assert res["families"]["serving"]["loss"] is not None  # the imported items' text is at hand

@@ -97,6 +97,10 @@ def test_scored_characters_are_counted_by_hand(tmp_path):
         assert [s.chars for s in scored] == [9, 4] and scored[0].starts[0] == 0
     chars = encode_scored(wl, make_tokenizer(), 64)
     assert chars[0].starts == list(range(9))  # one character a token
+    # "héllo" in bytes: h, é's two bytes, l, l, o; counted from the end of h, the targets start at 0 (é),
+    # inside é (no offset), 1, 2, 3
+    starts = encode_scored(wl, bpe, 64)[1].starts
+    assert starts[0] == 0 and starts[1] < 0 and starts[2:] == [1, 2, 3]
     # 6 tokens at most: 1 of the prompt's, 5 of the completion's, whose characters are the 5 scored
     assert encode_scored(wl, make_tokenizer(), 6)[0].chars == 5
 

@@ -40,7 +40,7 @@ class Scored:
 
     item: EncodedItem
     chars: int  # characters of the scored text
-    starts: list[int] | None = None  # character offset of each target token in the scored text
+    starts: list[int] | None = None  # character offset where each target token starts in the scored text
 
 
 @dataclass
@@ -61,6 +61,20 @@ def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | 
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+def _starts(offsets: list[tuple[int, int]], first: int, begin: int) -> list[int]:
+    """Where each token from ``first`` on starts, counted from ``begin``: the end of the token before
+    it (0 for the text's first token). A token whose span equals the one before it continues a
+    character split into byte tokens; it starts inside that character, at no character offset
+    (a negative number, unique, which nothing aligns with)."""
+    out = []
+    for k in range(first, len(offsets)):
+        if k and offsets[k] == offsets[k - 1]:
+            out.append(-1 - k)
+        else:
+            out.append(offsets[k - 1][1] - begin if k else 0)
+    return out
+
+
 def _scored(item, e: EncodedItem, tokenizer) -> Scored:
     """Characters and target-token offsets of ``e`` (``item``'s encoding by ``tokenizer``)."""
     first = max(e.completion_start, 1)
@@ -69,15 +83,17 @@ def _scored(item, e: EncodedItem, tokenizer) -> Scored:
     found = _offsets(tokenizer, text) if item.completion or item.messages is None else None
     if found is not None:
         ids, offsets = found
+        # A token starts where the one before it ends: end offsets are never trimmed, where some
+        # tokenizers' start offsets skip a token's leading space.
         if item.completion and ids[: len(targets)] == targets:
-            starts = [o[0] for o in offsets[: len(targets)]]
+            starts = _starts(offsets[: len(targets)], 0, 0)
             # the whole completion, or (cut at max_length) up to the end of its last kept token
             end = 0 if not targets else len(text) if len(targets) == len(ids) else offsets[len(targets) - 1][1]
             return Scored(e, end, starts)
         if not item.completion and len(ids) >= len(e.input_ids) and ids[len(ids) - len(e.input_ids):] == e.input_ids:
-            kept = offsets[len(ids) - len(e.input_ids):][1:]  # the text's tail (truncation cuts its start)
-            begin = kept[0][0] if kept else len(text)
-            return Scored(e, len(text) - begin, [o[0] - begin for o in kept])
+            tail = offsets[len(ids) - len(e.input_ids):]  # the text's tail (truncation cuts its start)
+            begin = tail[0][1] if tail else len(text)  # the end of the first token, which nothing predicts
+            return Scored(e, len(text) - begin, _starts(tail, 1, begin))
     # no offsets (a slow tokenizer, a chat-rendered text): the decoded targets' characters
     return Scored(e, len(tokenizer.decode(targets, skip_special_tokens=True)), None)
 

@@ -630,6 +630,37 @@ def import_routing_cmd(
                                   bootstrap=bootstrap))
 
 
+@app.command("trace-stable")
+def trace_stable_cmd(
+    model: str = MODEL_ARG,
+    workload: str = WORKLOAD_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: blocks/ (a trace per block, resumable), scores/, stable.json."),
+    keep: Optional[str] = typer.Option(None, help="Experts kept per layer: a share (50%) or a count."),
+    budget: Optional[str] = typer.Option(None, help="Or a memory budget for weights + KV cache, e.g. 8GiB."),
+    context: int = typer.Option(4096, help="With --budget: the context the KV cache must hold."),
+    method: str = typer.Option("frequency", help="Score from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing)."),
+    block: int = typer.Option(16, help="Items traced between two looks at the kept set."),
+    tolerance: float = typer.Option(0.05, help="Largest change counted as none: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
+    patience: int = typer.Option(2, help="Blocks in a row within the tolerance before stopping."),
+    bootstrap: int = typer.Option(200, help="Resamples of the prompts for the kept set's stability and the scores' intervals."),
+    seed: int = typer.Option(0, help="Seed of the items' order and of the resamples."),
+    batch_size: int = typer.Option(8),
+    max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default as every command)."),
+    compute_dtype: str = COMPUTE_DTYPE,
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Trace the calibration items a block at a time and stop once the kept set under --keep / --budget has settled; scores of what was traced in OUT/scores."""
+    _set_threads(threads)
+    from uspx.stable import trace_until_stable
+
+    res = trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
+                             tolerance=tolerance, patience=patience, bootstrap=bootstrap, seed=seed,
+                             batch_size=batch_size, max_length=max_length, context=context, dtype=compute_dtype)
+    state = "stable" if res["stable"] else "not stable before the calibration items ran out"
+    console.print(f"{state}: {res['items']} of {res['calibration_items']} calibration items, {res['tokens']} tokens; "
+                  f"scores in {res['scores']}, history in {out / 'stable.json'}")
+
+
 @app.command()
 def recover(
     run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its model/ is the pruned checkpoint)."),

@@ -150,3 +150,24 @@ def test_sglang_stat_dumps_give_the_trace_frequency(tmp_path, tiny_gpt_oss_dir, 
     low, high = table.matrix("frequency", "ci_low")[1], table.matrix("frequency", "ci_high")[1]
     value = table.matrix("frequency")[1]
     assert ((low <= value + 1e-12) & (value <= high + 1e-12)).all()
+
+
+def test_sglang_per_pass_dump_maps_replicas(tmp_path, tiny_gpt_oss_dir, traced):
+    """per_pass: per-pass physical counts; a replica's count goes to its logical expert."""
+    _, _, per_item = traced
+    counts = np.zeros((len(per_item), 2, 8), np.int64)
+    for i, (_, _, ids) in enumerate(per_item):
+        for layer in range(2):
+            np.add.at(counts[i, layer], ids[:, layer].reshape(-1), 1)
+    physical = np.concatenate([counts, np.zeros((len(per_item), 2, 1), np.int64)], axis=2)
+    physical[:, :, 8] = physical[:, :, 3] // 2  # physical 8 replicates logical 3 and took half its tokens
+    physical[:, :, 3] -= physical[:, :, 8]
+    p2l = torch.tensor([list(range(8)) + [3]] * 2)
+    records = [dict(forward_pass_id=i, rank=0, gatherer_key="primary", global_physical_count=torch.tensor(c))
+               for i, c in enumerate(physical)]
+    torch.save(dict(records=records, last_physical_to_logical_map=p2l), tmp_path / "expert_distribution_recorder_3.0_0.pt")
+    res = import_routing([tmp_path / "expert_distribution_recorder_3.0_0.pt"], "sglang", tiny_gpt_oss_dir,
+                         tmp_path / "s", bootstrap=10)
+    assert res.kind == "scores" and res.format == "sglang per_pass"
+    total = counts.sum(0)
+    assert load_scores(tmp_path / "s").matrix("frequency")[1] == pytest.approx(total / (total.sum(1, keepdims=True) / 2))

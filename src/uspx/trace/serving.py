@@ -219,6 +219,8 @@ def per_token_items(dumps: list[Dump], shape: ModelShape, keep_modes: tuple[int,
     dropped: dict[str, int] = {}
     seen: set[tuple] = set()
     for d in dumps:
+        if "last_physical_to_logical_map" not in d.data:
+            raise UspxError(f"{d.path}: no last_physical_to_logical_map (physical experts cannot be named)")
         p2l = np.asarray(d.data["last_physical_to_logical_map"], np.int64)
         for i, rec in enumerate(d.data["records"]):
             where = f"{d.path}: record {i} (forward pass {rec.get('forward_pass_id')})"
@@ -227,7 +229,12 @@ def per_token_items(dumps: list[Dump], shape: ModelShape, keep_modes: tuple[int,
                 key = f"passes of forward_mode {mode}"
                 dropped[key] = dropped.get(key, 0) + 1
                 continue
+            missing = [k for k in ("input_ids", "positions", "topk_ids_of_layer") if k not in rec]
+            if missing:
+                raise UspxError(f"{where}: a per_token record without {', '.join(missing)}")
             tokens = np.asarray(rec["input_ids"], np.int64)
+            if len(rec["positions"]) != len(tokens):
+                raise UspxError(f"{where}: {len(rec['positions'])} positions for {len(tokens)} input ids")
             key = (rec.get("forward_pass_id"), rec.get("gatherer_key"), tuple(tokens.tolist()))
             if dedupe != "none" and key in seen:  # the same pass as another rank recorded it
                 dropped["duplicate passes"] = dropped.get("duplicate passes", 0) + 1
@@ -269,6 +276,10 @@ def count_passes(dumps: list[Dump], shape: ModelShape) -> tuple[np.ndarray, dict
         if d.kind == "stat":
             counts = np.asarray(d.data["logical_count"], np.int64)
         else:
+            bad = [i for i, r in enumerate(d.data["records"]) if "global_physical_count" not in r]
+            if bad or "last_physical_to_logical_map" not in d.data:
+                raise UspxError(f"{d.path}: per_pass records without global_physical_count (record {bad[:1]}) "
+                                "or no last_physical_to_logical_map")
             p2l = np.asarray(d.data["last_physical_to_logical_map"], np.int64)
             counts = np.stack([_to_logical(np.asarray(r["global_physical_count"], np.int64), p2l, shape.num_experts)
                                for r in d.data["records"]]) if d.data["records"] else np.zeros((0, *p2l.shape))

@@ -1,10 +1,7 @@
 """Routing recorded by vLLM and SGLang, imported: files built in the engines' formats from a uspx
 trace of a tiny model must give back that trace (ids) and its frequency scores."""
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner

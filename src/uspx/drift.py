@@ -316,6 +316,8 @@ def _check_model(found: str, run: RunInfo, where: str) -> None:
 def _traced_workload(tr: Trace) -> tuple[Workload | None, str | None]:
     """The workload a given trace was made from, when it can still be read and is unchanged."""
     info = tr.manifest.get("workload") or {}
+    if (tr.manifest["options"].get("imported") or {}).get("format") == "sglang":
+        return None, "the imported items are SGLang forward passes (tokens of several requests), not requests"
     try:
         wl = load_workload(info["source"])
     except (UspxError, KeyError, OSError) as exc:

@@ -349,3 +349,42 @@ def test_extract_judges_checked_items_with_the_pass_drop_rule(tiny_gpt_oss_dir, 
     assert fam["items"] == 4 and fam["teacher"]["pass@1"] == 1.0  # "(?s).*" matches every answer
     assert report["acceptance"]["verdict"] == "fail" and "pass_drop" in report["acceptance"]["failed_rules"]
     assert (tmp_path / "run" / "evaluation.items.jsonl").exists()
+
+
+def test_layer_check_catches_a_wrong_slice_in_a_middle_layer(mxfp4_src, tmp_path, one_thread):
+    """Each layer of the export is judged on the original's inputs: a slice taken wrong in layer 1
+    shows in that layer's output (the logits alone would see only the last layer), while the
+    correct layers differ by float rounding only."""
+    from safetensors.torch import save_file
+
+    from uspx.engine import FromCheckpoint
+    from uspx.plan.select import load_plan
+    from uspx.prune import export
+    from uspx.prune.shaped import layer_masker
+    from uspx.prune.verify import compare_layers, verification_items, within_tolerance
+
+    _block_plan(mxfp4_src, tmp_path, heads=False)
+    export(mxfp4_src, tmp_path / "plan.json", tmp_path / "out")
+    plan = load_plan(tmp_path / "plan.json")
+
+    def check():
+        ref = FromCheckpoint(mxfp4_src, torch.float32, experts=plan.kept)
+        ref.edit = layer_masker(ref.adapter, plan)
+        return compare_layers(ref, plan.kept, FromCheckpoint(tmp_path / "out", torch.float32),
+                              verification_items(None, None, 256))
+
+    good = check()
+    assert within_tolerance(good, 1e-4) and len(good["max_abs_hidden_diff"]) == 3
+    # swap the gate/up rows of two kept channels of every expert of layer 1: a wrong slice
+    shard = next((tmp_path / "out").glob("*.safetensors"))
+    tensors = _tensors(tmp_path / "out")
+    for kind in ("blocks", "scales"):
+        name = f"model.layers.1.mlp.experts.gate_up_proj_{kind}"
+        t = tensors[name].clone()
+        t[:, [0, 1, 2, 3]] = tensors[name][:, [2, 3, 0, 1]]
+        tensors[name] = t
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    bad = check()
+    assert not within_tolerance(bad, 1e-4)
+    assert bad["max_abs_hidden_diff"][1] > 1e3 * good["max_abs_hidden_diff"][1]
+    assert bad["max_abs_hidden_diff"][0] == pytest.approx(good["max_abs_hidden_diff"][0])

@@ -70,6 +70,11 @@ class LayerStep:
         """[B, T, H] the teacher's layer output on the teacher's stream (same positions)."""
         return self._targets.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(self.source.device)
 
+    def set_inputs(self, batch: Batch, hidden: torch.Tensor) -> None:
+        """Replace the candidate's inputs of this layer for ``batch`` (teacher forcing: the layer then
+        runs on ``hidden``, e.g. the teacher's own stream)."""
+        self._inputs.write(batch.slots, hidden.cpu())
+
 
 Fit = Callable[[LayerStep], None]
 Context = Callable[[], ContextManager]

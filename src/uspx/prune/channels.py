@@ -163,7 +163,7 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
     from uspx.models import load_model, model_fingerprint
     from uspx.prune.export import RECORD
     from uspx.prune.files import copy_tokenizer, weight_files
-    from uspx.prune.verify import compare_logits, verification_items
+    from uspx.prune.verify import compare_layers, verification_items, within_tolerance
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -181,11 +181,12 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
         with torch.no_grad():  # the stored precision, parameters only (rotary tables are not saved)
             for p in reference.parameters():
                 p.copy_(p.to(stored).to(p.dtype))
-        check = compare_logits(InMemory(reference), kept or {}, InMemory(reloaded),
+        check = compare_layers(InMemory(reference), kept or {}, InMemory(reloaded),
                                verification_items(lm.tokenizer, None, int(lm.model.config.vocab_size)))
         check["reloaded_with"] = "AutoModelForCausalLM.from_pretrained (stored precision)"
-        if not check["max_abs_logit_diff"] <= 1e-4:
-            raise UspxError(f"the export differs from the masked model by {check['max_abs_logit_diff']:.3g}; "
+        if not within_tolerance(check, 1e-4):
+            raise UspxError(f"the export differs from the masked model by {check['max_abs_logit_diff']:.3g} in "
+                            f"logits, {max(check['max_abs_hidden_diff'], default=0.0):.3g} in a layer's output; "
                             "nothing was written")
         record = dict(fields, source=str(lm.source), source_fingerprint=lm.fingerprint,
                       family=adapter_for(lm.model).family, verification=check,

@@ -28,7 +28,7 @@ from uspx.models.loading import resolve_model_path
 from uspx.prune.files import check_config, copy_tokenizer, weight_files
 from uspx.prune.kept import KeptLike, resolve_kept
 from uspx.prune.slicing import plan_layout, write_layout
-from uspx.prune.verify import check_size, compare_logits, verification_items
+from uspx.prune.verify import check_size, compare_layers, compare_logits, verification_items, within_tolerance
 
 FORMAT = "uspx-export/1"
 RECORD = "uspx_export.json"
@@ -110,11 +110,13 @@ def export(
         copy_tokenizer(src, tmp)
         verification = _verify(model, src, tmp, full, verify_prompts, trust_remote_code, ks.plan if joint else None)
         verification["tolerance"] = logit_tolerance
-        if not verification["max_abs_logit_diff"] <= logit_tolerance:  # `not <=` also catches NaN
+        if not within_tolerance(verification, logit_tolerance):
+            layers = verification.get("max_abs_hidden_diff")
             raise UspxError(
                 f"export verification failed: logits of the reloaded export differ from the original restricted "
-                f"to the kept experts by {verification['max_abs_logit_diff']:.3g} (tolerance {logit_tolerance:g}); "
-                "nothing was written"
+                f"to the kept experts by {verification['max_abs_logit_diff']:.3g}"
+                + (f" (each layer on the original's inputs: largest difference {max(layers):.3g})" if layers else "")
+                + f" (tolerance {logit_tolerance:g}); nothing was written"
             )
         plan_dtype = (getattr(ks.plan, "settings", None) or {}).get("dtype") if predicted_bytes is None else None
         precision, size = _size(files, weight_files(tmp), expected, size_tolerance, plan_dtype, written)
@@ -174,7 +176,8 @@ def _verify(model: str | Path | LoadedModel | Opened, src: Path, exported: Path,
         reference, candidate, tokenizer = InMemory(net), InMemory(reloaded.model), lm.tokenizer
         how = "AutoModelForCausalLM.from_pretrained (fp32)"
     items = verification_items(tokenizer, prompts, int(reference.config.vocab_size))
-    return {**compare_logits(reference, kept, candidate, items), "reloaded_with": how}
+    compare = compare_logits if joint is None else compare_layers  # narrower matrices round differently
+    return {**compare(reference, kept, candidate, items), "reloaded_with": how}
 
 
 def _existing_export(out: Path, fingerprint: str, kept: dict[int, list[int]], physical: bool, joint=None) -> dict | None:

@@ -401,9 +401,10 @@ def drift(run_dir: str | Path, new: str | Path | Workload, out_dir: str | Path |
         raise UspxError(f"{tr.path}: MoE layers / expert count differ from the run's")
     # both sides counted alike: routing weights when both traces hold them, else routed slots
     weighted = all(t.manifest["options"].get("weights", True) for t in (tr, calibration_trace))
+    if not _holds(tr, method):  # a given trace made without them, or a server's routing: compare on ids
+        why = f"{tr.path} lacks what {method} needs (expert norms or reconstruction sums); scores compared on frequency"
+        method = "frequency"
     calibration, new_sums = prompt_sums(calibration_trace, method, weighted), prompt_sums(tr, method, weighted)
-    if new_sums.score is None and why is None:
-        why = f"{tr.path} lacks what {method} needs (norms or reconstruction sums); only routing mass compared"
     loss = None
     if wl is not None and not any(i.completion for i in wl.items):
         no_loss = "the new items carry no completions"
@@ -411,29 +412,40 @@ def drift(run_dir: str | Path, new: str | Path | Workload, out_dir: str | Path |
         original = open_original(run, model, dtype)
         loss = measure_loss(run, wl, original, out, batch_size=batch_size, progress=progress, dtype=dtype)
     bound = max(run.run_delta or 0.0, 0.0) + run.epsilon
-    dropped = run.dropped
-    families = {}
-    for fam in ["*all*", *sorted(set(new_sums.families.tolist()))]:
-        rows = np.arange(len(new_sums.samples)) if fam == "*all*" else np.flatnonzero(new_sums.families == fam)
-        cmp = compare_set(new_sums, rows, calibration, dropped, n_boot=bootstrap, seed=seed)
-        fam_loss = (loss or {}).get(fam)
-        cmp["loss"] = fam_loss
-        cmp.update(judge(cmp, run.layers, fam_loss, bound))
-        families[fam] = cmp
-    overall = families.pop("*all*")
-    worst = max((f["verdict"] for f in families.values()), key=VERDICTS.index)
+    overall, families = compare_families(new_sums, calibration, run, loss, bound, bootstrap=bootstrap, seed=seed)
     result = dict(
         format=FORMAT, run=str(run.path), out=str(out), model=dict(source=run.model_source, fingerprint=run.fingerprint),
         new=dict(trace=str(tr.path), workload=tr.manifest.get("workload"), prompts=int(len(new_sums.samples))),
         calibration=dict(trace=str(calibration_trace.path), prompts=int(len(calibration.samples))),
-        layers=run.layers, dropped={str(l): np.flatnonzero(dropped[i]).tolist() for i, l in enumerate(run.layers)},
-        score_method=method, score_note=why, mass=_mass_kind(tr, calibration_trace), judged=str(run.judged), loss_note=no_loss if loss is None else None,
-        epsilon=run.epsilon, run_delta=run.run_delta, loss_bound=bound, bootstrap=dict(draws=bootstrap, seed=seed,
-                                                                                     level=LEVEL, unit="prompt"),
-        rule=RULE, overall=overall, families=families, verdict=worst,
+        layers=run.layers, dropped={str(l): np.flatnonzero(run.dropped[i]).tolist() for i, l in enumerate(run.layers)},
+        score_method=method, score_note=why, mass=_mass_kind(tr, calibration_trace), judged=str(run.judged),
+        loss_note=no_loss if loss is None else None, epsilon=run.epsilon, run_delta=run.run_delta, loss_bound=bound,
+        bootstrap=dict(draws=bootstrap, seed=seed, level=LEVEL, unit="prompt"), rule=RULE, overall=overall,
+        families=families, verdict=max((f["verdict"] for f in families.values()), key=VERDICTS.index),
     )
     write_json(out / FILENAME, result)
     return result
+
+
+def compare_families(new: PromptSums, calibration: PromptSums, run: RunInfo, loss: dict | None, bound: float, *,
+                     bootstrap: int, seed: int) -> tuple[dict, dict[str, dict]]:
+    """Every new prompt, and each family's, against the calibration, each with its verdict."""
+    sets = {}
+    for fam in ["*all*", *sorted(set(new.families.tolist()))]:
+        rows = np.arange(len(new.samples)) if fam == "*all*" else np.flatnonzero(new.families == fam)
+        cmp = compare_set(new, rows, calibration, run.dropped, n_boot=bootstrap, seed=seed)
+        cmp["loss"] = (loss or {}).get(fam)
+        cmp.update(judge(cmp, run.layers, cmp["loss"], bound))
+        sets[fam] = cmp
+    overall = sets.pop("*all*")
+    return overall, sets
+
+
+def _holds(tr: Trace, method: str) -> bool:
+    """Whether ``tr`` holds what ``method``'s per-prompt sums need."""
+    if method == "reconstruction":
+        return (tr.path / "reconstruction.npz").exists()
+    return method not in ("reap", "ean") or bool(tr.manifest["options"].get("norms"))
 
 
 def _mass_kind(new: Trace, calibration: Trace) -> str:

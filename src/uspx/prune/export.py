@@ -109,15 +109,7 @@ def export(
             written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
         verification = _verify(model, src, tmp, full, verify_prompts, trust_remote_code, ks.plan if joint else None)
-        verification["tolerance"] = logit_tolerance
-        if not within_tolerance(verification, logit_tolerance):
-            layers = verification.get("max_abs_hidden_diff")
-            raise UspxError(
-                f"export verification failed: logits of the reloaded export differ from the original restricted "
-                f"to the kept experts by {verification['max_abs_logit_diff']:.3g}"
-                + (f" (each layer on the original's inputs: largest difference {max(layers):.3g})" if layers else "")
-                + f" (tolerance {logit_tolerance:g}); nothing was written"
-            )
+        _require(verification, logit_tolerance)
         plan_dtype = (getattr(ks.plan, "settings", None) or {}).get("dtype") if predicted_bytes is None else None
         precision, size = _size(files, weight_files(tmp), expected, size_tolerance, plan_dtype, written)
         removed = sum(adapter.num_experts - len(v) for v in full.values())
@@ -142,6 +134,19 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return record
+
+
+def _require(verification: dict, tolerance: float) -> None:
+    """Refuse an export that differs from the (masked, restricted) original beyond ``tolerance``."""
+    verification["tolerance"] = tolerance
+    if not within_tolerance(verification, tolerance):
+        layers = verification.get("max_abs_hidden_diff")
+        raise UspxError(
+            f"export verification failed: logits of the reloaded export differ from the original restricted "
+            f"to the kept experts by {verification['max_abs_logit_diff']:.3g}"
+            + (f" (each layer on the original's inputs: largest difference {max(layers):.3g})" if layers else "")
+            + f" (tolerance {tolerance:g}); nothing was written"
+        )
 
 
 def _size(files, new_files, expected: int | None, tolerance: float, plan_dtype: str | None,

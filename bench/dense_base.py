@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=500)
     ap.add_argument("--recover-steps", type=int, default=60)
     ap.add_argument("--student-steps", type=int, default=60)
-    ap.add_argument("--distill-steps", type=int, default=120)
+    ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--train", default="lora", choices=["lora", "full"])
     ap.add_argument("--lr", type=float, default=2e-3, help="distillation learning rate (a small base, few steps)")
     ap.add_argument("--threads", type=int, default=2)

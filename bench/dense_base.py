@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=60)
     ap.add_argument("--student-steps", type=int, default=60)
     ap.add_argument("--distill-steps", type=int, default=100)
+    ap.add_argument("--generated", type=int, default=2, help="continuations the original writes per calibration "
+                    "prompt, for recovery, the expert-built student and the distillation")
     ap.add_argument("--train", default="lora", choices=["lora", "full"])
     ap.add_argument("--lr", type=float, default=2e-3, help="distillation learning rate (a small base, few steps)")
     ap.add_argument("--threads", type=int, default=2)
@@ -172,12 +174,14 @@ def main() -> None:
     if not (run / "report.json").exists():
         extract("default", args.user, run, keep=args.keep, speed=False, progress=False)
     if args.recover_steps and not (run / "recover" / "recover.json").exists():
-        recover(run, settings=Settings(steps=args.recover_steps), progress=False)
+        recover(run, settings=Settings(steps=args.recover_steps, generated=args.generated), progress=False)
     top_k = 4  # the bundled teacher's experts per token
     if args.student_steps and not (run / f"student-{top_k}" / "student.json").exists():
-        student(run, experts_per_layer=top_k, settings=Settings(steps=args.student_steps), speed=False, progress=False)
+        student(run, experts_per_layer=top_k, settings=Settings(steps=args.student_steps, generated=args.generated),
+                speed=False, progress=False)
     t0 = time.perf_counter()
-    res = dense_student(run, base, settings=Settings(train=args.train, steps=args.distill_steps, ce=1.0, lr=args.lr),
+    res = dense_student(run, base, settings=Settings(train=args.train, steps=args.distill_steps, ce=1.0, lr=args.lr,
+                                                         generated=args.generated),
                         out_dir=run / f"dense-{args.train}", progress=False)
     res["wall_seconds"] = time.perf_counter() - t0
     _table(res)

@@ -284,9 +284,11 @@ def predictions(model: Path, args, workload: dict, verify_tokens: int) -> dict:
     out = dict(
         # trace: every calibration token, bf16, ids + weights (no router logits), reconstruction sums
         trace=predict_peak_memory(config, cal, max_seq_len=args.cal_len, record_logits=False),
-        # verification: the restricted original and the export, both float32, kept experts decoded only
+        # verification: the restricted original and the export, both float32, kept experts decoded only;
+        # a joint cut (--budget) is verified layer by layer on the original's inputs, side by side
         verify=predict_peak_memory(config, verify_tokens, dtype=torch.float32, max_seq_len=verify_tokens,
-                                   record_logits=False, head_tokens=verify_tokens, decoded_experts=args.keep),
+                                   record_logits=False, head_tokens=verify_tokens, decoded_experts=args.keep,
+                                   paired=args.budget is not None),
         # evaluation: teacher (every expert) and export side by side, bf16, two hidden streams, both
         # LM heads on every target position
         evaluate=predict_peak_memory(config, held, max_seq_len=args.heldout_len, record_logits=False,

@@ -388,3 +388,34 @@ def test_layer_check_catches_a_wrong_slice_in_a_middle_layer(mxfp4_src, tmp_path
     assert not within_tolerance(bad, 1e-4)
     assert bad["max_abs_hidden_diff"][1] > 1e3 * good["max_abs_hidden_diff"][1]
     assert bad["max_abs_hidden_diff"][0] == pytest.approx(good["max_abs_hidden_diff"][0])
+
+
+def test_hand_built_mxfp4_tensors_slice_to_the_kept_rows_and_blocks():
+    """gpt-oss's stored MXFP4 layout, on tensors whose every byte names where it came from: the
+    positions the adapter keeps for channels {32..63, 96..127} of a 128-channel expert are gate/up
+    rows 64..127 and 192..255 (two per channel, interleaved) and down blocks 1 and 3."""
+    from uspx.models.gpt_oss import GptOssAdapter
+
+    E, I, H = 2, 128, 64
+    # gate_up_proj_blocks [E, 2I, H/32, 16]: the byte is its row (mod 256) so a slice shows its rows
+    gate_up = torch.arange(2 * I, dtype=torch.uint8).reshape(1, 2 * I, 1, 1).expand(E, 2 * I, H // 32, 16)
+    # down_proj_blocks [E, H, I/32, 16]: the byte is its block of 32 channels
+    down = torch.arange(I // 32, dtype=torch.uint8).reshape(1, 1, I // 32, 1).expand(E, H, I // 32, 16)
+    kept = torch.cat([torch.arange(32, 64), torch.arange(96, 128)])
+    for name, tensor in (("model.layers.0.mlp.experts.gate_up_proj_blocks", gate_up),
+                         ("model.layers.0.mlp.experts.gate_up_proj_scales", gate_up[..., 0])):
+        dim, pos = GptOssAdapter.stored_channel_index(name, kept)
+        got = tensor.index_select(dim, pos).reshape(E, 2 * len(kept), -1)
+        assert dim == 1
+        for e in range(E):  # every byte of a kept row is that row's number
+            assert (got[e] == torch.tensor(list(range(64, 128)) + list(range(192, 256)))[:, None]).all()
+    for name, tensor in (("model.layers.0.mlp.experts.down_proj_blocks", down),
+                         ("model.layers.0.mlp.experts.down_proj_scales", down[..., 0])):
+        dim, pos = GptOssAdapter.stored_channel_index(name, kept)
+        got = tensor.index_select(dim, pos)
+        assert dim == 2 and got.shape[2] == 2
+        assert (got[:, :, 0] == 1).all() and (got[:, :, 1] == 3).all()  # blocks 1 and 3, whole
+    assert GptOssAdapter.stored_channel_index("model.layers.0.mlp.experts.down_proj_bias", kept) is None
+    assert GptOssAdapter.stored_channel_index("model.layers.0.mlp.router.weight", kept) is None
+    with pytest.raises(UspxError, match="whole blocks of 32"):
+        GptOssAdapter.stored_channel_index("model.layers.0.mlp.experts.down_proj_blocks", kept[1:])

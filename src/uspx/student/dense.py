@@ -95,9 +95,11 @@ def _train(teacher, student, s_tok, pairs, train_items, val_items, settings, out
            four_bit: bool, base: Path, pads: tuple[int, int], max_length: int, progress: bool):
     """Distil; returns the merged model in memory, its training history, and how many of the
     student's training targets had an aligned teacher position (all of them with one tokenizer)."""
+    from uspx.recover.train import check_work
     from uspx.student.distill import distill, generated_workload, make_pairs, merged
 
     work = out / "work"
+    check_work(work, key)  # before generating: it drops a cache that no checkpoint of this key vouches for
     out.mkdir(parents=True, exist_ok=True)
     keep = {e.index for e in train_items}
     train_pairs = [p for p in pairs if p.student.item.index in keep]

@@ -2,7 +2,7 @@
 recovered: what `uspx extract --budget` should cut by default.
 
     python bench/cut.py [--users python_dev,shell_user,docs_writer] [--shares 0.75,0.5,0.25]
-                        [--recover-shares 0.5,0.25] [--threads 1]
+                        [--recover-shares 0.5,0.25] [--recover-steps N] [--threads 1]
 
 For each bundled user and share ``s``: the budget is what keeping ``s`` of the experts costs at
 4,096 tokens of context (weights in the stored precision plus the KV cache), and ``uspx extract``
@@ -10,7 +10,7 @@ runs three times under it: ``--units experts`` (whole experts only), ``--units c
 expert, narrower) and the default joint cut (experts, channels and heads). The three share one
 trace and one score table (copied before the runs; extract checks their fingerprints). At the
 ``--recover-shares`` the whole-experts and joint cuts are also recovered (``--recover``: every
-kept weight distilled from the original). Writes ``<out>/results.json`` and prints a Markdown table
+kept weight distilled from the original, at most ``--recover-steps`` steps). Writes ``<out>/results.json`` and prints a Markdown table
 of held-out deltas (nats per completion token, the user's one family).
 """
 
@@ -40,7 +40,8 @@ def _budget(share: float, context: int) -> int:
     return mem.estimate(params, checkpoint_dtype(path), context=context, experts_per_layer=n).total_bytes
 
 
-def _run(user: str, share: float, variant: str, budget: int, out: Path, recover: bool, seed_from: Path | None) -> dict:
+def _run(user: str, share: float, variant: str, budget: int, out: Path, recover: bool, seed_from: Path | None,
+         steps: int | None) -> dict:
     from uspx.extract import extract
     from uspx.io import read_json
 
@@ -51,7 +52,7 @@ def _run(user: str, share: float, variant: str, budget: int, out: Path, recover:
         for part in ("trace", "scores"):
             shutil.copytree(seed_from / part, folder / part, dirs_exist_ok=True)
     return extract("default", user, folder, budget=budget, context=4096, units=VARIANTS[variant], compare=False,
-                   speed=False, progress=False, recover=recover)
+                   speed=False, progress=False, recover=recover, recover_steps=steps)
 
 
 def main() -> None:
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--users", default="python_dev,shell_user,docs_writer")
     ap.add_argument("--shares", default="0.75,0.5,0.25")
     ap.add_argument("--recover-shares", default="0.5,0.25")
+    ap.add_argument("--recover-steps", type=int, default=None, help="training steps at most (default: recover's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_cut")
     args = ap.parse_args()
@@ -73,7 +75,7 @@ def main() -> None:
             for variant in ("joint", "whole experts", "channels"):
                 recover = share in recover_shares and variant != "channels"
                 t0 = time.perf_counter()
-                report = _run(user, share, variant, budget, args.out, recover, seed_from)
+                report = _run(user, share, variant, budget, args.out, recover, seed_from, args.recover_steps)
                 seed_from = seed_from or args.out / user / f"{int(share * 100)}-joint"
                 row = dict(user=user, share=share, variant=variant, budget=budget, shape=report["shape"],
                            written_bytes=report["size"]["actual_bytes"], delta=report["overall_delta"],

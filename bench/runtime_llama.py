@@ -81,6 +81,15 @@ def tensor_types(gguf_file: Path) -> dict[str, int]:
     return out
 
 
+def _half_experts_bytes(model: Path) -> int:
+    """The stored bytes of ``model`` with half its experts (no KV cache): the joint cut's budget."""
+    from uspx.extract import checkpoint_dtype
+    from uspx.plan import memory as mem
+
+    params = mem.count_params(mem.load_config(model))
+    return mem.estimate(params, checkpoint_dtype(model), context=0, experts_per_layer=params.num_experts // 2).total_bytes
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -143,12 +152,28 @@ def main() -> None:
         export_gguf(mx_run / "model", files["mxfp4"], llama_cpp=args.llama_cpp)
     mx_lists = token_lists
 
+    # the joint cut (fewer and narrower experts) at the bytes of half the experts: the teacher in
+    # f16, and the MXFP4 stand-in with its experts narrowed in whole blocks and kept MXFP4
+    joint = {}
+    for name, model, outtype in (("teacher", BUNDLED_TEACHER, "f16"), ("mxfp4", mx, None)):
+        folder = args.out / f"{name}-joint"
+        if not (folder / "report.json").exists():
+            budget = _half_experts_bytes(model)
+            extract(model, "python_dev", folder, budget=budget, context=0, compare=False, speed=False, progress=False)
+        joint[name] = folder
+        files[f"{name}-joint"] = args.out / f"{name}-joint.gguf"
+        if not files[f"{name}-joint"].exists():
+            export_gguf(folder / "model", files[f"{name}-joint"], llama_cpp=args.llama_cpp,
+                        **({"outtype": outtype} if outtype else {}))
+
     rows = {}
     for name, gguf_file, hf_dir, lists in (
             ("teacher", files["teacher"], BUNDLED_TEACHER, token_lists),
             ("pruned export (50%)", files["export"], run / "model", token_lists),
             ("teacher GGUF pruned in place (50%)", files["in_place"], run / "model", token_lists),
-            ("MXFP4 gpt-oss stand-in, pruned (50%)", files["mxfp4"], mx_run / "model", mx_lists)):
+            ("MXFP4 gpt-oss stand-in, pruned (50%)", files["mxfp4"], mx_run / "model", mx_lists),
+            ("joint cut of the teacher (f16)", files["teacher-joint"], joint["teacher"] / "model", token_lists),
+            ("joint cut of the MXFP4 stand-in", files["mxfp4-joint"], joint["mxfp4"] / "model", mx_lists)):
         rows[name] = dict(compare(gguf_file, hf_dir, lists, args.threads), gguf=str(gguf_file),
                           bytes=gguf_file.stat().st_size, tensor_types=tensor_types(gguf_file))
         r = rows[name]

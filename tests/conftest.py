@@ -46,3 +46,17 @@ def small_workload(tmp_path) -> Path:
         {"prompt": f"def f{i}(x):", "completion": f" return x + {i}", "family": "code"} for i in range(7)
     ] + [{"text": f"the quick brown fox {i} jumps over the lazy dog " * (1 + i % 3), "family": "prose"} for i in range(6)]
     return write_jsonl(tmp_path / "w.jsonl", rows)
+
+
+def require_sandbox() -> None:
+    """Skip the calling test module where bubblewrap cannot start a sandbox; on CI, which installs
+    it, fail instead: there the sandbox tests must run."""
+    import os
+
+    from uspx.virtual.sandbox import is_available
+
+    if is_available():
+        return
+    if os.environ.get("CI"):
+        raise RuntimeError("the python sandbox cannot start on this CI machine (`uspx tool python --check` says why)")
+    pytest.skip("bubblewrap cannot start a sandbox here", allow_module_level=True)

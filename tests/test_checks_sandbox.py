@@ -3,27 +3,18 @@ fails, and one that tries to escape or never ends fails without touching the hos
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from conftest import require_sandbox
 from uspx.evaluate.checks import judge
 from uspx.workload import Checks, WorkloadItem
 
 
-def _sandbox_works() -> bool:
-    from uspx.virtual.sandbox import is_available
-
-    return is_available()
-
-
-if not _sandbox_works():
-    if os.environ.get("CI"):  # CI installs bubblewrap: there these tests must run, not skip
-        raise RuntimeError("the python sandbox cannot start on this CI machine (`uspx tool python --check` says why)")
-    pytest.skip("bubblewrap cannot start a sandbox here", allow_module_level=True)
+require_sandbox()
 
 
 def runner(code: str):

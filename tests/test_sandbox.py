@@ -28,22 +28,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_sandbox
+
 from uspx.virtual.tools import SandboxLimits, ToolRefusal, python_tool
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=3.0, memory_bytes=256 << 20, output_bytes=8192, processes=8)
 SLACK = 10.0  # seconds over the wall time after which a call counts as hung (a shared machine is slow)
 
 
-def _sandbox_works() -> bool:
-    from uspx.virtual.sandbox import is_available
-
-    return is_available()
-
-
-if not _sandbox_works():
-    if os.environ.get("CI"):  # CI installs bubblewrap: there these tests must run, not skip
-        raise RuntimeError("the python sandbox cannot start on this CI machine (`uspx tool python --check` says why)")
-    pytest.skip("bubblewrap cannot start a sandbox here", allow_module_level=True)
+require_sandbox()
 
 
 def _run(code: str, limits: SandboxLimits = LIMITS) -> tuple[str | None, str | None, float]:

@@ -211,19 +211,26 @@ def _score_factor(trace: Trace, method: str, samples: np.ndarray) -> Factor | No
 
 
 # ----- shares -----------------------------------------------------------------------------------
+def ratio(num: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """[B, L, E] (B = rows of ``w``, 1 when None): ``sum_p w num / sum_p w den`` per (layer,
+    expert) over prompts ``p`` weighted by ``w`` [B, P]; 0 where nothing was routed."""
+    p = num.shape[0]
+    w = np.ones((1, p)) if w is None else w
+    den = np.broadcast_to(den, num.shape)
+    n = (w @ num.reshape(p, -1)).reshape(len(w), *num.shape[1:])
+    d = (w @ den.reshape(p, -1)).reshape(n.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d > 0, n / np.where(d > 0, d, 1), 0.0)
+
+
 def dropped_share(num: np.ndarray, den: np.ndarray, dropped: np.ndarray,
                   draws: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Share of a per-expert value on the ``dropped`` experts, per layer [.., L] and over every
     layer [..]. The value of an expert is ``sum_p num[p] / sum_p den[p]`` over prompts weighted by
     ``draws`` [B, P] (how often each prompt is drawn; None: every prompt once, no leading axis).
     An expert with no data carries nothing (0); a layer carrying nothing has a NaN share."""
-    p = num.shape[0]
-    w = np.ones((1, p)) if draws is None else draws
-    den = np.broadcast_to(den, num.shape)
-    n = (w @ num.reshape(p, -1)).reshape(len(w), *num.shape[1:])
-    d = (w @ den.reshape(p, -1)).reshape(n.shape)
+    value = ratio(num, den, draws)
     with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.where(d > 0, n / np.where(d > 0, d, 1), 0.0)
         per_layer = (value * dropped).sum(-1) / value.sum(-1)
         overall = (value * dropped).sum((-2, -1)) / value.sum((-2, -1))
     return (per_layer[0], overall[0]) if draws is None else (per_layer, overall)

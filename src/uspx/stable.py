@@ -23,6 +23,7 @@ import numpy as np
 
 from uspx.io import UspxError, write_json
 from uspx.progress import console
+from uspx.drift import ratio
 from uspx.workload import Workload, load_workload
 
 if TYPE_CHECKING:
@@ -47,17 +48,6 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = (a & b).sum((-2, -1))
     union = (a | b).sum((-2, -1))
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def ratio(num: np.ndarray, den: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """``sum_p w num / sum_p w den`` per (layer, expert); 0 where nothing was routed."""
-    p = num.shape[0]
-    w = np.ones((1, p)) if w is None else w
-    den = np.broadcast_to(den, num.shape)
-    n = (w @ num.reshape(p, -1)).reshape(len(w), *num.shape[1:])
-    d = (w @ den.reshape(p, -1)).reshape(n.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(d > 0, n / np.where(d > 0, d, 1), 0.0)
 
 
 def stability(num: np.ndarray, den: np.ndarray, n: int, n_boot: int, seed: int) -> float:

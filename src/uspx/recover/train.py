@@ -245,22 +245,9 @@ def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, li
                 bar.advance()
                 bar.describe(f"recovering (loss {value:.4f})")
                 history.seconds = time.perf_counter() - started
-                if history.step % settings.eval_every == 0 or history.step == settings.steps:
-                    val = _validation_loss(student, val_batches)
-                    history.val_loss.append([history.step, round(val, 6)])
-                    if val < history.best_val:
-                        history.best_val, history.best_step, history.evals_since_best = val, history.step, 0
-                        best = {n: p.detach().clone() for n, p in params.items()}
-                    else:
-                        history.evals_since_best += 1
-                        if history.evals_since_best >= settings.patience:
-                            history.stopped = f"validation loss did not improve for {settings.patience} evaluations"
-                if settings.max_minutes is not None and history.seconds >= 60 * settings.max_minutes:
-                    history.stopped = history.stopped or f"time budget of {settings.max_minutes:g} minutes reached"
-                if history.step % settings.checkpoint_every == 0 or history.stopped or history.step == settings.steps:
-                    _checkpoint(work, key, history, params, optimizer, best)
-                    if on_checkpoint is not None:
-                        on_checkpoint(history.step)
+                best, saved = end_of_step(history, settings, student, val_batches, params, best, work, key, optimizer)
+                if saved and on_checkpoint is not None:
+                    on_checkpoint(history.step)
     finally:
         t_sig.remove()
         s_sig.remove()
@@ -295,6 +282,29 @@ def _loss(teacher, student, batch: Batch, settings: Settings, t_sig: _Signals, s
 
 
 @torch.no_grad()
+def end_of_step(history: History, settings: Settings, student, val_batches: list[Batch], params: dict, best: dict,
+                work: Path, key: dict, optimizer) -> tuple[dict, bool]:
+    """After a training step: the validation loss when due (the best weights kept, patience
+    counted), the time budget, and a checkpoint when due. Returns the best weights and whether a
+    checkpoint was written."""
+    if history.step % settings.eval_every == 0 or history.step == settings.steps:
+        val = _validation_loss(student, val_batches)
+        history.val_loss.append([history.step, round(val, 6)])
+        if val < history.best_val:
+            history.best_val, history.best_step, history.evals_since_best = val, history.step, 0
+            best = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            history.evals_since_best += 1
+            if history.evals_since_best >= settings.patience:
+                history.stopped = f"validation loss did not improve for {settings.patience} evaluations"
+    if settings.max_minutes is not None and history.seconds >= 60 * settings.max_minutes:
+        history.stopped = history.stopped or f"time budget of {settings.max_minutes:g} minutes reached"
+    due = history.step % settings.checkpoint_every == 0 or bool(history.stopped) or history.step == settings.steps
+    if due:
+        _checkpoint(work, key, history, params, optimizer, best)
+    return best, due
+
+
 def _validation_loss(student, batches: list[Batch]) -> float:
     """The student's mean target loss on the validation items (what the held-out delta measures)."""
     total, count = 0.0, 0

@@ -191,7 +191,7 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, pairs: list[Pair
     """Train ``student`` on ``pairs`` with recovery's loop (schedule, early stopping on ``val``,
     checkpoints in ``work``); returns it with its best validation weights, LoRA still unmerged."""
     from uspx.engine.batches import make_batches
-    from uspx.recover.train import _checkpoint, _resume, _validation_loss, check_work, load_tensors
+    from uspx.recover.train import _resume, check_work, end_of_step, load_tensors
 
     torch.manual_seed(settings.seed)
     check_work(work, key)
@@ -220,20 +220,7 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, pairs: list[Pair
             history.train_loss.append([history.step, round(float(loss.detach()), 6)])
             history.seconds = time.perf_counter() - started
             bar.advance()
-            if history.step % settings.eval_every == 0 or history.step == settings.steps:
-                value = _validation_loss(student, val_batches)
-                history.val_loss.append([history.step, round(value, 6)])
-                if value < history.best_val:
-                    history.best_val, history.best_step, history.evals_since_best = value, history.step, 0
-                    best = {n: p.detach().clone() for n, p in params.items()}
-                else:
-                    history.evals_since_best += 1
-                    if history.evals_since_best >= settings.patience:
-                        history.stopped = f"validation loss did not improve for {settings.patience} evaluations"
-            if settings.max_minutes is not None and history.seconds >= 60 * settings.max_minutes:
-                history.stopped = history.stopped or f"time budget of {settings.max_minutes:g} minutes reached"
-            if history.step % settings.checkpoint_every == 0 or history.stopped or history.step == settings.steps:
-                _checkpoint(work, key, history, params, optimizer, best)
+            best, _ = end_of_step(history, settings, student, val_batches, params, best, work, key, optimizer)
     history.stopped = history.stopped or f"{settings.steps} steps done"
     with torch.no_grad():
         for n, p in params.items():

@@ -228,13 +228,18 @@ def _check_lineage(t: Opened, c: Opened) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _epsilons(epsilon: float | Mapping[str, float], families: list[str]) -> dict[str, float]:
-    if not isinstance(epsilon, Mapping):
-        return {f: float(epsilon) for f in families}
-    missing = [f for f in families if f not in epsilon and "*" not in epsilon]
+def _per_family(value: float | Mapping[str, float], families: list[str], what: str) -> dict[str, float]:
+    """A threshold per family: one number for all, or a mapping with an optional ``"*"`` default."""
+    if not isinstance(value, Mapping):
+        return {f: float(value) for f in families}
+    missing = [f for f in families if f not in value and "*" not in value]
     if missing:
-        raise UspxError(f"epsilon has no threshold for families {missing} (add them, or a '*' default)")
-    return {f: float(epsilon.get(f, epsilon.get("*"))) for f in families}
+        raise UspxError(f"{what} has no threshold for families {missing} (add them, or a '*' default)")
+    return {f: float(value.get(f, value.get("*"))) for f in families}
+
+
+def _epsilons(epsilon: float | Mapping[str, float], families: list[str]) -> dict[str, float]:
+    return _per_family(epsilon, families, "epsilon")
 
 
 def _pass_drops(drop: float | Mapping[str, float] | None, families: list[str]) -> dict[str, float] | None:
@@ -243,12 +248,7 @@ def _pass_drops(drop: float | Mapping[str, float] | None, families: list[str]) -
     if not families:
         raise UspxError("a largest pass-rate drop needs items with checks ('answer', 'regex', 'json' or 'tests') "
                         "in the evaluated split; this one has none")
-    if not isinstance(drop, Mapping):
-        return {f: float(drop) for f in families}
-    missing = [f for f in families if f not in drop and "*" not in drop]
-    if missing:
-        raise UspxError(f"max pass drop has no threshold for checked families {missing} (add them, or a '*' default)")
-    return {f: float(drop.get(f, drop.get("*"))) for f in families}
+    return _per_family(drop, families, "max pass drop (checked families)")
 
 
 # ----- task success ------------------------------------------------------------------------------

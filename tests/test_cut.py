@@ -209,7 +209,6 @@ def test_mxfp4_selection_keeps_each_experts_best_blocks(mxfp4_src, tmp_path, one
 
 def test_extract_cuts_jointly_under_a_budget_and_reports_whole_experts(tiny_gpt_oss_dir, tmp_path, one_thread):
     from uspx.extract import extract
-    from uspx.plan import format_bytes  # noqa: F401
     from uspx.prune.files import weight_files
 
     rows = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i} * x", "family": "code"} for i in range(16)]

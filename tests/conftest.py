@@ -35,6 +35,28 @@ def tiny_gpt_oss_dir(tmp_path_factory) -> Path:
     return save_tiny("gpt_oss", tmp_path_factory.mktemp("tiny_gpt_oss"))
 
 
+def gpu_growth(run) -> int:
+    """GPU bytes ``run()`` leaves allocated on its second call beyond what its first call left.
+
+    An absolute check cannot work: cuBLAS keeps a workspace per stream (32 MiB on Hopper) from its
+    first matrix product to the end of the process, counted as allocated. A layer left on the GPU
+    is read from the files anew on every call, so it grows this on each one.
+    """
+    import gc
+
+    import torch
+
+    def settled() -> int:
+        gc.collect()  # a source caught in a reference cycle still holds its buffers until collected
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    run()
+    before = settled()
+    run()
+    return settled() - before
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

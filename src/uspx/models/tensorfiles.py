@@ -82,7 +82,7 @@ def write_safetensors(path: str | os.PathLike, specs: list[TensorSpec], produce:
             for chunk in produce(spec):
                 if chunk.dtype != spec.dtype:
                     raise UspxError(f"{spec.name}: producer gave {chunk.dtype}, header says {spec.dtype}")
-                data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # trained on a GPU: bytes come back here
                 fh.write(data)
                 written += data.nbytes
             if written != spec.nbytes:

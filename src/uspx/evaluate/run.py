@@ -135,7 +135,7 @@ def evaluate(
     if speed:
         result["speed"] = _speed(t, c, restrict, items, decode_tokens, dtype)
         _speedups(result["speed"], restricted=ks is not None)
-    result["acceptance"] = _acceptance(families, eps, result["memory"], result.get("tasks"), drops)
+    result["acceptance"] = acceptance(families, eps, result["memory"], result.get("tasks"), drops)
     if out is not None:
         _write(Path(out), result, rows)
     return result
@@ -382,7 +382,7 @@ def _speedups(sp: dict, restricted: bool) -> None:
 
 
 # ----- verdict -----------------------------------------------------------------------------------
-def _acceptance(families: dict, eps: dict[str, float], memory: dict | None, tasks: dict | None = None,
+def acceptance(families: dict, eps: dict[str, float], memory: dict | None, tasks: dict | None = None,
                 drops: dict[str, float] | None = None) -> dict:
     """The one verdict: every rule's check, the reasons in words, and the rules that failed."""
     reasons, checks = [], []

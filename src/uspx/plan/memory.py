@@ -26,6 +26,61 @@ DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "mxfp4")
 MXFP4_BITS = 4.25  # 32 FP4 values (16 bytes) share one 8-bit scale: 17 bytes per 32 weights
 GIB = 1 << 30
 
+# ggml's storage types as llama.cpp's GGUF files hold them: (weights per block, bytes per block), the
+# block structs of ggml's ggml-common.h (``sizeof(block_q4_K)`` ...) and the type traits of ggml.c.
+# A row of n weights takes n / block * bytes; a row must be whole blocks.
+GGML_TYPES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "MXFP4": (32, 17), "IQ4_NL": (32, 18),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110),
+    "IQ4_XS": (256, 136), "IQ1_S": (256, 50), "IQ1_M": (256, 56), "TQ1_0": (256, 54), "TQ2_0": (256, 66),
+}
+
+# llama-quantize's file types (its command-line names) and the ggml type each quantizes weight
+# matrices to by default (llama.cpp's src/llama-quant.cpp, llama_ftype_get_default_type). The _S / _M
+# / _L mixes then give some tensors another type (see :data:`GGUF_MIX_NOTE`).
+GGUF_QUANTS: dict[str, str] = {
+    "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
+    "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
+    "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "Q2_K_S": "Q2_K",
+    "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
+    "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
+    "MXFP4_MOE": "MXFP4",
+}
+GGUF_MIX_NOTE = ("llama-quantize's mixes give some tensors another type: the output matrix Q6_K (Q8_0 under "
+                 "Q8_0), and under *_M the down projections and attention V of about 3 layers in 8 Q6_K; a "
+                 "row whose length is not whole blocks of the type (a width not a multiple of 256 for K-quants) "
+                 "falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). The planner counts "
+                 "the down projections' share of Q6_K; `uspx quantize --dry-run` reports llama.cpp's own "
+                 "per-tensor choice, and every quantized file records its size")
+
+
+def ggml_bits(type_name: str) -> float:
+    """Bits per weight of one ggml storage type (``Q4_K``: 144 bytes per 256 weights, 4.5 bits)."""
+    key = type_name.upper()
+    if key not in GGML_TYPES:
+        raise UspxError(f"unknown ggml type {type_name!r}; known: {', '.join(GGML_TYPES)}")
+    block, size = GGML_TYPES[key]
+    return 8 * size / block
+
+
+def ggml_row_bytes(type_name: str, n: int) -> int:
+    """Bytes of a row of ``n`` weights in ``type_name``; a row must be whole blocks."""
+    block, size = GGML_TYPES[type_name.upper()]
+    if n % block:
+        raise UspxError(f"a {type_name} row holds whole blocks of {block} weights; {n} is not a multiple")
+    return n // block * size
+
+
+def more_bits_layers(n_layers: int) -> int:
+    """How many of ``n_layers`` layers llama.cpp's *_M mixes give more bits (``use_more_bits`` in
+    src/llama-quant.cpp: the first and last eighth, and every third layer between)."""
+    return sum(i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2
+               for i in range(n_layers))
+
 
 def _resolve_dtype(params: ModelParams, dtype: str | None) -> str:
     """``dtype``, or when None the checkpoint's declared precision (bf16 when it declares none)."""
@@ -49,6 +104,9 @@ class Precision:
     matrix_bits: float  # quantized 2-D matrices
     other_bits: float = 16  # vectors, routers, embeddings and lm_head under quantized formats
     experts_only: bool = False  # mxfp4: only the expert matrices are quantized
+    expert_bits: float | None = None  # GGUF *_M mixes: the experts' average (some down projections get more)
+    embedding_bits: float | None = None  # GGUF: the token embedding table is quantized too
+    lm_head_bits: float | None = None  # GGUF: the output matrix (Q6_K under the K mixes)
 
     def bits(self, part: Part, quantizable: bool) -> float:
         if not quantizable:
@@ -76,7 +134,31 @@ def precision(dtype: str, scale_group: int | None = None) -> Precision:
         return Precision(dtype, (8 if dtype == "int8" else 4) + overhead)
     if dtype == "mxfp4":
         return Precision("mxfp4", MXFP4_BITS, experts_only=True)
-    raise UspxError(f"unknown weight dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype.upper() in GGUF_QUANTS and dtype not in ("f32", "f16", "bf16"):
+        return gguf_precision(dtype)
+    raise UspxError(f"unknown weight dtype {dtype!r}; choose one of {', '.join(DTYPES)} or a GGUF quantization "
+                    f"({', '.join(GGUF_QUANTS)})")
+
+
+def gguf_precision(quant: str, n_layers: int | None = None) -> Precision:
+    """The layout of a GGUF file quantized by llama-quantize to ``quant`` (``Q4_K_M``, ``Q8_0``, ...):
+    weight matrices and the token embeddings at the quantization's type, the output matrix Q6_K under
+    the K-quant and IQ mixes (Q8_0 under Q8_0), norms and biases F32 (llama.cpp never quantizes a
+    vector). Under *_M mixes the down projections of :func:`more_bits_layers` layers are Q6_K: with
+    ``n_layers`` the experts' bits are that average (down is one of an expert's three matrices)."""
+    key = quant.upper()
+    if key not in GGUF_QUANTS:
+        raise UspxError(f"unknown GGUF quantization {quant!r}; known: {', '.join(GGUF_QUANTS)}")
+    base = ggml_bits(GGUF_QUANTS[key])
+    out = ggml_bits("Q8_0") if key == "Q8_0" else ggml_bits("Q6_K") if base < ggml_bits("Q6_K") else base
+    expert = None
+    if key in ("Q4_K_M", "Q5_K_M") and n_layers:
+        share = more_bits_layers(n_layers) / n_layers
+        expert = base * 2 / 3 + (share * ggml_bits("Q6_K") + (1 - share) * base) / 3
+    if key == "MXFP4_MOE":  # experts MXFP4, every other matrix Q8_0
+        return Precision(key.lower(), ggml_bits("Q8_0"), 32, expert_bits=base, embedding_bits=ggml_bits("Q8_0"),
+                         lm_head_bits=ggml_bits("Q8_0"))
+    return Precision(key.lower(), base, 32, expert_bits=expert, embedding_bits=base, lm_head_bits=out)
 
 
 def _bytes(bits: float) -> int:
@@ -85,13 +167,21 @@ def _bytes(bits: float) -> int:
 
 def expert_bytes(params: ModelParams, prec: Precision) -> int:
     """Bytes that keeping one expert costs: its tensors plus its router row (pruned with it)."""
-    return _bytes(prec.bits(params.expert, True) + prec.bits(params.router_row, False))
+    matrix = prec.expert_bits if prec.expert_bits is not None else prec.matrix_bits
+    expert = matrix * params.expert.matrix + prec.other_bits * params.expert.vector
+    return _bytes(expert + prec.bits(params.router_row, False))
 
 
 def fixed_bytes(params: ModelParams, prec: Precision) -> int:
     """Bytes of everything whose size does not depend on the kept experts."""
     bits = 0.0
     for name, part in params.other.items():
+        tied = not params.other["lm_head"].total  # llama.cpp then stores the table in the output's type
+        special = {"embeddings": prec.lm_head_bits if tied else prec.embedding_bits,
+                   "lm_head": prec.lm_head_bits}.get(name)
+        if special is not None:  # GGUF quantizes the embedding table and the output matrix too
+            bits += special * part.matrix + prec.other_bits * part.vector
+            continue
         quantizable = not prec.experts_only and name not in ("embeddings", "lm_head")
         bits += prec.bits(part, quantizable)
     return _bytes(bits)
@@ -197,7 +287,9 @@ def estimate(
     ``quantization_config``, else its ``dtype``; bf16 when it declares neither).
     """
     params = config if isinstance(config, ModelParams) else count_params(config)
-    prec = precision(_resolve_dtype(params, dtype), scale_group)
+    resolved = _resolve_dtype(params, dtype)
+    prec = (gguf_precision(resolved, params.num_layers) if resolved.upper() in GGUF_QUANTS and resolved.upper()
+            not in ("F32", "F16", "BF16") else precision(resolved, scale_group))
     n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if not 0 <= n <= params.num_experts:
         raise UspxError(f"experts per layer must be in 0..{params.num_experts}, got {n}")

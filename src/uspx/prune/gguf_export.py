@@ -16,6 +16,7 @@ the runtime benchmark checks the choice by comparing llama.cpp's token ids with 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -100,3 +101,160 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp: str | Path
                 raise UspxError(f"llama.cpp's converter failed on {model_dir} (nothing written):\n{tail}")
     return dict(model=str(model_dir), out=str(out), converter=str(root), outtype=outtype,
                 pre_tokenizer=pre or None, bytes=out.stat().st_size)
+
+
+def gguf_tensors(path: str | Path) -> dict:
+    """Stored bytes of a GGUF file's tensors and how many tensors of each type it holds."""
+    try:
+        import gguf
+    except ImportError:
+        raise UspxError("reading a GGUF file's tensors needs the gguf package: pip install 'uspx[gguf]'") from None
+    types: dict[str, int] = {}
+    total = 0
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        total += int(t.n_bytes)
+    return {"parameter_bytes": total, "file_bytes": Path(path).stat().st_size, "tensor_types": types}
+
+
+# ----- quantization by llama.cpp --------------------------------------------------------------------
+def _llama_env(program: Path) -> dict:
+    """The environment a llama.cpp program runs in: its shared libraries sit beside it in a build
+    folder (``libllama.so``, ``libggml*.so``) and are found there even when not installed."""
+    import os
+
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(program.parent), env.get("LD_LIBRARY_PATH")) if p)
+    return env
+
+
+def _run_program(cmd: list[str], what: str, timeout: float | None) -> subprocess.CompletedProcess:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_llama_env(Path(cmd[0])))
+    except subprocess.TimeoutExpired:
+        raise UspxError(f"{what} did not finish within {timeout:g} s (nothing written)") from None
+    return res
+
+
+def _tail(res: subprocess.CompletedProcess, lines: int = 12) -> str:
+    return "\n".join((res.stderr + res.stdout).strip().splitlines()[-lines:])
+
+
+def quantize_gguf(source: str | Path, out: str | Path, quant: str, *, imatrix: str | Path | None = None,
+                  llama_cpp: str | Path | None = None, threads: int | None = None, allow_requantize: bool = False,
+                  dry_run: bool = False, timeout: float | None = None) -> dict:
+    """Quantize the GGUF file ``source`` to ``quant`` (``Q8_0``, ``Q4_K_M``, ... : llama-quantize's
+    names) with llama.cpp's own ``llama-quantize``, optionally guided by an importance matrix
+    (:func:`make_imatrix`). Returns what was written: bytes, tensor types, llama.cpp's fallbacks.
+
+    ``dry_run`` writes nothing and returns llama.cpp's own prediction of the quantized size (its
+    per-tensor choice of types, the same code path as a real run). The file appears only when
+    llama-quantize succeeded.
+    """
+    from uspx.llamacpp import program
+    from uspx.plan.memory import GGUF_QUANTS
+
+    source, out = Path(source), Path(out)
+    key = quant.upper()
+    if key not in GGUF_QUANTS:
+        raise UspxError(f"--quant {quant!r}: not a llama-quantize type; known: {', '.join(GGUF_QUANTS)}")
+    if not source.is_file():
+        raise UspxError(f"{source}: no such GGUF file")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise UspxError(f"{imatrix}: no such importance-matrix file")
+    if not dry_run and out.exists():
+        raise UspxError(f"{out} exists; refusing to overwrite it")
+    exe = program("llama-quantize", llama_cpp)
+    flags = (["--allow-requantize"] if allow_requantize else []) + (["--imatrix", str(imatrix)] if imatrix else [])
+    tail = [key] + ([str(threads)] if threads else [])
+    if dry_run:
+        res = _run_program([str(exe), "--dry-run", *flags, str(source), *tail], "llama-quantize --dry-run", timeout)
+        if res.returncode != 0:
+            raise UspxError(f"llama-quantize --dry-run failed on {source}:\n{_tail(res)}")
+        return dict(source=str(source), quant=key, **_quantize_log(res.stderr + res.stdout))
+    with atomic_path(out) as tmp:
+        res = _run_program([str(exe), *flags, str(source), str(tmp), *tail], "llama-quantize", timeout)
+        if res.returncode != 0:
+            hint = (" (the source is already quantized: requantizing loses quality; quantize from the f16/f32 "
+                    "export, or pass allow_requantize)") if "requantiz" in res.stderr + res.stdout else ""
+            raise UspxError(f"llama-quantize failed on {source} (nothing written){hint}:\n{_tail(res)}")
+    log = _quantize_log(res.stderr + res.stdout)
+    return dict(source=str(source), out=str(out), quant=key, imatrix=str(imatrix) if imatrix else None,
+                program=str(exe), bytes=out.stat().st_size, **gguf_tensors(out),
+                fallback_tensors=log["fallback_tensors"], fallbacks=log["fallbacks"])
+
+
+def _quantize_log(text: str) -> dict:
+    """What llama-quantize printed about sizes and fallbacks (its per-tensor lines end
+    ``-> 0.21 MiB (q4_K)``; its summary ``quant size = 6.68 MiB (5.37 BPW)``)."""
+    import re
+
+    types: dict[str, int] = {}
+    for m in re.finditer(r"->\s+[0-9.]+ MiB \((\w+)\)", text):
+        types[m.group(1).upper()] = types.get(m.group(1).upper(), 0) + 1
+    size = re.search(r"quant size\s*=\s*([0-9.]+) MiB \(([0-9.]+) BPW\)", text)
+    fb = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    fallbacks = re.findall(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*"
+                           r"-> falling back to\s+(\w+)", text)
+    return dict(predicted_mib=float(size.group(1)) if size else None, bits_per_weight=float(size.group(2)) if size else None,
+                quantized_types=types, fallback_tensors=int(fb.group(1)) if fb else 0,
+                fallbacks=[dict(tensor=t, columns=int(c), block=int(b), wanted=w.upper(), used=u.upper())
+                           for t, c, b, w, u in fallbacks])
+
+
+def calibration_text(workload, split: str = "calibration") -> str:
+    """The workload's ``split`` items as one text (prompt and completion, items apart by a blank
+    line): what llama-imatrix reads to weigh each weight column by the user's own activations."""
+    from uspx.workload import Workload, load_workload
+
+    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    items = wl.part(split).items
+    if not items:
+        raise UspxError(f"{wl.source}: the {split!r} split is empty; an importance matrix needs the user's text")
+    return "\n\n".join(it.prompt + (it.completion or "") for it in items)
+
+
+def make_imatrix(model_gguf: str | Path, workload, out: str | Path, *, split: str = "calibration",
+                 llama_cpp: str | Path | None = None, threads: int | None = None, context: int = 512,
+                 timeout: float | None = None) -> dict:
+    """An importance matrix of ``model_gguf`` on the user's calibration items, by llama.cpp's
+    ``llama-imatrix`` (per weight column, the mean squared activation it sees; per expert for MoE
+    tensors), for :func:`quantize_gguf`'s ``imatrix``.
+
+    llama-imatrix reads its text in chunks of ``context`` tokens and needs two at least; a smaller
+    workload gets the largest power-of-two chunk that fits it twice (down to 32 tokens).
+    """
+    import re
+
+    from uspx.llamacpp import program
+
+    model_gguf, out = Path(model_gguf), Path(out)
+    if not model_gguf.is_file():
+        raise UspxError(f"{model_gguf}: no such GGUF file")
+    exe = program("llama-imatrix", llama_cpp)
+    text = calibration_text(workload, split)
+    with tempfile.TemporaryDirectory(prefix="uspx-imatrix-") as work:
+        data, written = Path(work) / "calibration.txt", Path(work) / "imatrix.gguf"
+        data.write_text(text)
+        n_ctx = context
+        while True:
+            cmd = [str(exe), "-m", str(model_gguf), "-f", str(data), "-o", str(written), "-c", str(n_ctx),
+                   "-b", str(n_ctx)] + (["-t", str(threads)] if threads else [])
+            res = _run_program(cmd, "llama-imatrix", timeout)
+            if res.returncode == 0 and written.is_file():
+                break
+            short = re.search(r"tokenizes to only (\d+) tokens", res.stderr + res.stdout)
+            if short is None:
+                raise UspxError(f"llama-imatrix failed on {model_gguf} (nothing written):\n{_tail(res)}")
+            tokens = int(short.group(1))
+            fit = 1 << max(0, (tokens // 2).bit_length() - 1)  # the largest power of two <= tokens / 2
+            if fit < 32 or fit >= n_ctx:
+                raise UspxError(f"the {split!r} items of the workload are {tokens} tokens; an importance matrix "
+                                "needs at least 64 (two chunks of 32)")
+            n_ctx = fit
+        with atomic_path(out) as tmp:
+            shutil.copyfile(written, tmp)
+    chunks = re.search(r"computing over (\d+) chunks", res.stderr + res.stdout)
+    return dict(model=str(model_gguf), out=str(out), split=split, chunk_tokens=n_ctx,
+                chunks=int(chunks.group(1)) if chunks else None, characters=len(text), program=str(exe),
+                bytes=out.stat().st_size)

@@ -1,0 +1,383 @@
+"""``uspx eval`` on GGUF files: a candidate run by llama.cpp, judged as any uspx candidate.
+
+Either side may be a GGUF file (run in this process by llama.cpp's Python binding, ``llama_cpp``)
+or a Hugging Face folder (run by transformers). The metrics (loss on completion tokens and its delta,
+perplexity ratio, top-1 agreement, KL(teacher || candidate)), their per-family summary and the
+verdict are :mod:`uspx.evaluate`'s own: the logits of both sides at every target position go through
+the same observer that ``uspx eval`` uses, and the verdict is :func:`uspx.evaluate.run.acceptance`.
+
+Both models must read the same token ids. With a Hugging Face side its tokenizer encodes the
+workload, and llama.cpp's tokenization of every item's text is checked against it first (a GGUF
+whose pre-tokenizer differs would otherwise be judged on other tokens and look worse than it is).
+With two GGUF files the teacher file's tokenizer encodes, and the candidate's must give the same ids.
+
+A Hugging Face side computes in float32 by default (``dtype``): llama.cpp computes activations in
+float32 whatever its weights' type, so a float32 reference charges the candidate with its weights'
+precision and pruning alone, not with the reference's own rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+import uspx
+from uspx.engine.batches import make_batches, pad_id_of
+from uspx.evaluate import speed as speed_mod
+from uspx.evaluate.metrics import _Compare, summarise
+from uspx.evaluate.run import FORMAT, _epsilons, _write, acceptance
+from uspx.io import UspxError, sha256_json
+from uspx.llamacpp import binding
+from uspx.prune.gguf_export import gguf_tensors
+from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
+
+_SAMPLE = 1 << 20  # bytes hashed from each end of a GGUF file for its fingerprint
+
+
+def is_gguf(model: str | Path) -> bool:
+    """Whether ``model`` names a GGUF file (by its magic bytes, or its name when it does not exist)."""
+    path = Path(model)
+    if path.is_file():
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    return path.suffix.lower() == ".gguf"
+
+
+def gguf_fingerprint(path: str | Path) -> str:
+    """Hash of the file's size and first and last MiB: cheap on a 13 GB file, and the header (all
+    metadata and tensor types) is inside the first MiB of any model."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            fh.seek(size - _SAMPLE)
+        h.update(fh.read(_SAMPLE))
+    return sha256_json({"gguf": size, "sha256_ends": h.hexdigest()})
+
+
+class LlamaTokenizer:
+    """A GGUF file's own tokenizer with the two calls :func:`uspx.workload.encode` makes
+    (``encode(text, add_special_tokens=False)``; no chat template, so chat items are read as their
+    plain prompt text). For evaluating two GGUF files without a Hugging Face folder."""
+
+    chat_template = None
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.llm = binding().Llama(str(self.path), vocab_only=True, verbose=False)
+        self.eos_token_id = int(self.llm.token_eos())
+        self.pad_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=add_special_tokens, special=False)) if text else []
+
+    def __len__(self) -> int:
+        return int(self.llm.n_vocab())
+
+
+# ----- the two sides ---------------------------------------------------------------------------------
+@dataclass
+class _Side:
+    """One model as evaluation runs it: a GGUF through llama.cpp, or a Hugging Face model whole."""
+
+    path: str
+    runtime: str  # "llama.cpp" or "transformers"
+    fingerprint: str
+    label: str
+    vocab: int
+    model: torch.nn.Module | None = None  # transformers
+    tokenizer: object | None = None  # transformers
+    llm: object | None = None  # llama_cpp.Llama with every position's logits
+    gguf: str | None = None
+    threads: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """[len(ids), V] float32 next-token logits at every position of ``ids``."""
+        if self.llm is not None:
+            self.llm.reset()
+            self.llm.eval(list(ids))
+            return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor([list(ids)])).logits[0].float()
+
+
+def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):
+    llama_cpp = binding()
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise UspxError(f"{path}: llama.cpp cannot load this GGUF file ({exc})") from None
+
+
+def _open_side(model: str | Path, n_ctx: int, threads: int | None, dtype: str, trust_remote_code: bool) -> _Side:
+    if is_gguf(model):
+        path = Path(model)
+        if not path.is_file():
+            raise UspxError(f"{path}: no such GGUF file")
+        llm = _llama(path, n_ctx, threads, logits_all=True)
+        return _Side(str(path), "llama.cpp", gguf_fingerprint(path), str(path), int(llm.n_vocab()), llm=llm,
+                     gguf=str(path), threads=threads, info=gguf_tensors(path))
+    from uspx.evaluate.run import _open
+
+    opened = _open(model, None, dtype, trust_remote_code)
+    if opened.tokenizer is None:
+        raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
+    return _Side(opened.path, "transformers", opened.fingerprint, opened.label, int(opened.source.config.vocab_size),
+                 model=opened.source.model.eval(), tokenizer=opened.tokenizer,
+                 info={"config": opened.source.config, "opened": opened})
+
+
+def _check_tokens(part: Workload, tokenizer, side: _Side, items: list[EncodedItem]) -> dict:
+    """llama.cpp's ids for every item's prompt and completion text equal ``tokenizer``'s; the first
+    difference is an error naming the item and position."""
+    checked = 0
+    for item, enc in zip(part.items, items):
+        for what, text in (("prompt", item.prompt if item.messages is None or not getattr(tokenizer, "chat_template", None)
+                            else None), ("completion", item.completion)):
+            if not text:
+                continue
+            want = tokenizer.encode(text, add_special_tokens=False)
+            got = list(side.llm.tokenize(text.encode(), add_bos=False, special=False))
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                raise UspxError(
+                    f"{side.path}: llama.cpp tokenizes item {item.id!r} ({what}) differently from the tokenizer "
+                    f"at token {at} ({got[at:at + 4]} vs {want[at:at + 4]}); the GGUF's pre-tokenizer does not "
+                    "match (convert it again with the right --pre-tokenizer)")
+            checked += 1
+    return {"texts": checked, "identical": checked}
+
+
+# ----- speed -------------------------------------------------------------------------------------------
+class _LlamaTimer:
+    """Prefill and decode timing of a GGUF through llama.cpp, as :mod:`uspx.evaluate.speed` times a
+    transformers model: prefill of whole prompts without logits of every position, then greedy
+    decode steps one token at a time on the KV cache."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None):
+        self.llm = _llama(path, n_ctx, threads, logits_all=False)
+
+    def prefill_seconds(self, prompts: Sequence[Sequence[int]]) -> float:
+        start = time.perf_counter()
+        for ids in prompts:
+            self.llm.reset()
+            self.llm.eval(list(ids))
+        return time.perf_counter() - start
+
+    def decode_seconds(self, prompt: Sequence[int], new_tokens: int) -> float:
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            self.llm.eval([nxt])
+        return time.perf_counter() - start
+
+
+class _TorchTimer:
+    def __init__(self, model: torch.nn.Module):
+        self.runner = speed_mod.Runner(model)
+
+    def prefill_seconds(self, prompts: Sequence[Sequence[int]]) -> float:
+        return speed_mod.prefill_seconds(self.runner, [torch.tensor([list(p)]) for p in prompts])
+
+    def decode_seconds(self, prompt: Sequence[int], new_tokens: int) -> float:
+        return speed_mod.decode_seconds(self.runner, torch.tensor([list(prompt)]), new_tokens)
+
+
+def _speed(sides: dict[str, _Side], token_lists: Sequence[Sequence[int]], new_tokens: int, repeats: int = 3) -> dict:
+    """Tokens per second of both models, with :func:`uspx.evaluate.speed.measure`'s prompts and
+    rule (best of ``repeats``, the models alternating)."""
+    prompts = [list(t)[: speed_mod.PREFILL_TOKENS] for t in token_lists if len(t) >= 2][: speed_mod.PREFILL_PROMPTS]
+    if not prompts:
+        return {"skipped": "no prompt with at least 2 tokens"}
+    decode_prompt = prompts[0][: speed_mod.DECODE_PROMPT_TOKENS]
+    n_ctx = max(len(p) for p in prompts) + new_tokens + 8
+    timers = {name: (_LlamaTimer(Path(s.gguf), n_ctx, s.threads) if s.gguf else _TorchTimer(s.model))
+              for name, s in sides.items()}
+    best = {name: {"prefill": float("inf"), "decode": float("inf")} for name in timers}
+    for t in timers.values():  # warm-up: first calls allocate and pick kernels
+        t.prefill_seconds(prompts[:1])
+    for _ in range(repeats):
+        for name, t in timers.items():
+            best[name]["prefill"] = min(best[name]["prefill"], t.prefill_seconds(prompts))
+            best[name]["decode"] = min(best[name]["decode"], t.decode_seconds(decode_prompt, new_tokens))
+    n_prefill = sum(len(p) for p in prompts)
+    out: dict = {"settings": {"prefill_prompts": len(prompts), "prefill_tokens": n_prefill, "decode_tokens": new_tokens,
+                              "decode_prompt_tokens": len(decode_prompt), "repeats": repeats,
+                              "threads": {n: (s.threads or os.cpu_count()) if s.gguf else torch.get_num_threads()
+                                          for n, s in sides.items()},
+                              "runtimes": {n: s.runtime for n, s in sides.items()},
+                              "measure": "best of repeats, models alternating"}}
+    for name, b in best.items():
+        out[name] = {"prefill_tokens_per_s": n_prefill / b["prefill"], "decode_tokens_per_s": new_tokens / b["decode"]}
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        out[key.replace("tokens_per_s", "speedup")] = out["candidate"][key] / out["teacher"][key]
+    if sides["teacher"].runtime != sides["candidate"].runtime:
+        out["note"] = ("the two models run in different runtimes (transformers and llama.cpp): the speed-up "
+                       "includes the runtime's own difference; evaluate against the original's GGUF to see "
+                       "what the candidate alone changes")
+    return out
+
+
+# ----- sizes and memory ----------------------------------------------------------------------------------
+def _size(side: _Side) -> dict:
+    if side.gguf:
+        return {k: side.info[k] for k in ("parameter_bytes", "file_bytes", "tensor_types")} | {"dtype": "gguf"}
+    from uspx.evaluate.run import _disk
+
+    return _disk(side.info["opened"])
+
+
+def _gguf_kv_bytes(path: str, context: int, kv_dtype: str) -> tuple[int, str]:
+    """KV cache bytes from a GGUF's metadata: every layer holds ``context`` tokens of K and V (an
+    upper bound where some layers slide over a shorter window)."""
+    import gguf
+
+    from uspx.plan.memory import KV_BYTES
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+
+    def meta(key: str, default=None):
+        f = reader.fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
+
+    layers, heads = int(meta("block_count")), meta("attention.head_count")
+    kv_heads = meta("attention.head_count_kv", heads)
+    kv_heads = max(kv_heads) if isinstance(kv_heads, list) else kv_heads
+    heads = max(heads) if isinstance(heads, list) else heads
+    head_dim = meta("attention.key_length", int(meta("embedding_length")) // int(heads))
+    v_dim = meta("attention.value_length", head_dim)
+    per_token = layers * int(kv_heads) * (int(head_dim) + int(v_dim))
+    return int(per_token * context * KV_BYTES[kv_dtype]), "from the GGUF's metadata, every layer at the full context"
+
+
+def _memory(c: _Side, t: _Side, size: dict, budget: int | str | None, context: int, kv_dtype: str) -> dict | None:
+    if budget is None:
+        return None
+    from uspx.plan import memory as mem
+
+    budget_bytes = mem.parse_size(budget)
+    weights = int(size["parameter_bytes"])
+    if c.gguf is None or t.gguf is None:
+        config = (t if t.gguf is None else c).info["config"]
+        kv, how = mem.kv_cache_bytes(mem.count_params(config), context, kv_dtype), "from the config"
+    else:
+        kv, how = _gguf_kv_bytes(c.gguf, context, kv_dtype)
+    return {"budget_bytes": budget_bytes, "weights_bytes": weights, "kv_bytes": kv, "kv_from": how,
+            "context": context, "kv_dtype": kv_dtype, "total_bytes": weights + kv, "fits": weights + kv <= budget_bytes}
+
+
+# ----- the evaluation ------------------------------------------------------------------------------------
+def evaluate_gguf(
+    teacher: str | Path,
+    candidate: str | Path,
+    workload: str | Path | Workload,
+    *,
+    split: str = "heldout",
+    max_length: int | None = None,
+    epsilon: float | Mapping[str, float] = 0.05,
+    memory_budget: int | str | None = None,
+    context: int = 2048,
+    kv_dtype: str = "bf16",
+    speed: bool = True,
+    decode_tokens: int = 32,
+    threads: int | None = None,
+    dtype: str = "fp32",
+    out: str | Path | None = None,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split`` when either (or both) is a
+    GGUF file; returns (and writes to ``out``, a folder or a .json path) the evaluation in
+    ``uspx eval``'s format, verdict included.
+
+    ``teacher`` and ``candidate`` are GGUF files or Hugging Face folders (``"default"``: the bundled
+    teacher). ``threads``: llama.cpp's threads (default: llama.cpp's choice). ``dtype``: the precision
+    a Hugging Face side computes in (float32 by default, as llama.cpp's activations). ``epsilon``,
+    ``memory_budget``, ``context`` and ``kv_dtype`` are :func:`uspx.evaluate.evaluate`'s.
+    """
+    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    if not (part := wl.part(split)).items:
+        raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
+    n_ctx = (max_length or 512) + 8
+    t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code)
+    c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code)
+    if t.vocab != c.vocab:
+        raise UspxError(f"teacher ({t.path}) and candidate ({c.path}) have different vocabularies "
+                        f"({t.vocab} vs {c.vocab})")
+    hf = next((s for s in (t, c) if s.tokenizer is not None), None)
+    if hf is not None:
+        tokenizer = hf.tokenizer
+        max_length = max_length or default_max_length(hf.info["config"])
+        tokenizer_from = hf.path
+    else:
+        tokenizer = LlamaTokenizer(t.gguf)
+        max_length = max_length or 512
+        tokenizer_from = f"{t.gguf} (llama.cpp)"
+    items = encode(part, tokenizer, max_length)
+    checks = {s.path: _check_tokens(part, tokenizer, s, items) for s in (t, c) if s.llm is not None}
+    if max(len(e.input_ids) for e in items) + 8 > n_ctx:
+        raise UspxError(f"items of up to {max(len(e.input_ids) for e in items)} tokens do not fit llama.cpp's "
+                        f"context of {n_ctx}")  # cannot happen: encode cut them to max_length
+    eps = _epsilons(epsilon, part.families)
+
+    observer = _Compare(len(items))
+    batches = make_batches(items, 1, pad_id_of(tokenizer), by_length=False)
+    for n, batch in enumerate(batches):
+        ids = items[batch.rows[0]].input_ids
+        mask = batch.loss_mask[0]
+        if mask.any():
+            observer.pair_logits(batch, t.logits(ids)[mask], c.logits(ids)[mask])
+        if progress and (n + 1) % 20 == 0:
+            print(f"evaluating: {n + 1}/{len(batches)} items", flush=True)
+    stats = observer.stats
+    fam = np.array([e.family for e in items])
+    families = {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families}
+
+    def record(s: _Side) -> dict:
+        return {"source": s.path, "fingerprint": s.fingerprint, "label": s.label, "runtime": s.runtime}
+
+    result = {
+        "format": FORMAT,
+        "uspx_version": uspx.__version__,
+        "teacher": record(t),
+        "candidate": {**record(c), "kind": "gguf" if c.gguf else "model", "kept": None, "plan": None, "export": None},
+        "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
+                     "families": part.families, "truncated": part.summary.truncated},
+        "settings": {"max_length": max_length, "batch_size": 1, "dtype": dtype if hf is not None else None,
+                     "streaming": False, "epsilon": eps, "context": context, "kv_dtype": kv_dtype,
+                     "threads": threads, "tokenizer": tokenizer_from, "tokenizer_check": checks,
+                     "loss": "token-weighted mean next-token cross-entropy on completion tokens (nats), "
+                             "as uspx.engine.losses defines it"},
+        "families": families,
+        "overall": summarise(stats, np.arange(len(items))),
+        "items": [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
+                       loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
+                       loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
+                  for i, e in enumerate(items)],
+    }
+    sizes = {"teacher": _size(t), "candidate": _size(c)}
+    result["size"] = {**sizes, "ratio": sizes["candidate"]["parameter_bytes"] / sizes["teacher"]["parameter_bytes"]}
+    result["memory"] = _memory(c, t, sizes["candidate"], memory_budget, context, kv_dtype)
+    if speed:
+        result["speed"] = _speed({"teacher": t, "candidate": c}, [e.input_ids for e in items], decode_tokens)
+    result["acceptance"] = acceptance(families, eps, result["memory"])
+    if out is not None:
+        _write(Path(out), result, [])
+    return result
+
+
+__all__ = ["LlamaTokenizer", "evaluate_gguf", "gguf_fingerprint", "gguf_tensors", "is_gguf"]

@@ -1,0 +1,198 @@
+"""A GGUF candidate judged through llama.cpp: the loss of each side equals what transformers and
+llama.cpp give when run directly in the test, the verdict is uspx's, and quantized files are
+llama-quantize's own (types read back from the file).
+
+Needs llama.cpp: its Python binding (``pip install 'uspx[llama]'``) and, in ``$USPX_LLAMA_CPP``, a
+llama.cpp checkout (its converter, and its programs in ``bin`` or ``build/bin``)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny, write_jsonl
+from uspx.io import UspxError
+
+gguf = pytest.importorskip("gguf")
+
+
+def _source() -> str:
+    path = os.environ.get("USPX_LLAMA_CPP")
+    if not path:
+        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout (converter, and programs in bin or build/bin)")
+    return path
+
+
+def _binding():
+    return pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding is not installed (pip install 'uspx[llama]')")
+
+
+def _tiny_with_a_real_tokenizer(path):
+    """A tiny random gpt-oss with the bundled teacher's byte-level BPE tokenizer (llama.cpp needs its
+    merges; the test suite's own tokenizer has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uspx.models.loading import BUNDLED_TEACHER
+    from uspx.testing import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(BUNDLED_TEACHER)
+    cfg = tiny_config("gpt_oss")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # decisive logits and routing, as uspx.testing.tiny_model
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 if "router" in name else 0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The tiny gpt-oss checkpoint, its float32 GGUF and a workload of held-out items."""
+    _binding()
+    from uspx.prune.gguf_export import export_gguf
+
+    folder = tmp_path_factory.mktemp("gguf_eval")
+    model = _tiny_with_a_real_tokenizer(folder / "model")
+    export_gguf(model, folder / "f32.gguf", llama_cpp=_source(), outtype="f32", pre_tokenizer="gpt-2")
+    rows = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code", "split": "heldout"}
+            for i in range(6)] + \
+           [{"prompt": f"The {i}th fox", "completion": " jumps over the lazy dog again", "family": "prose",
+             "split": "heldout"} for i in range(4)] + \
+           [{"text": f"calibration text {i}: def g(y): return y + {i}", "family": "code", "split": "calibration"}
+            for i in range(40)]
+    return model, folder / "f32.gguf", write_jsonl(folder / "w.jsonl", rows), rows
+
+
+def _ids(tok, row) -> tuple[list[int], int]:
+    p = tok.encode(row["prompt"], add_special_tokens=False)
+    return p + tok.encode(row["completion"], add_special_tokens=False), len(p)
+
+
+def _loss(logits: np.ndarray, ids: list[int], start: int) -> tuple[float, int]:
+    """Summed next-token cross-entropy (float64) over the completion tokens, from logits [T, V]."""
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-sum(logp[j - 1, ids[j]] for j in range(max(start, 1), len(ids)))), len(ids) - max(start, 1)
+
+
+def _family_losses(run, rows, tok) -> dict[str, float]:
+    """Token-weighted loss per family of ``run(ids) -> logits`` on the held-out rows."""
+    sums: dict[str, list[float]] = {}
+    for row in (r for r in rows if r.get("split") == "heldout"):
+        ids, start = _ids(tok, row)
+        nll, n = _loss(run(ids), ids, start)
+        s = sums.setdefault(row["family"], [0.0, 0])
+        s[0] += nll
+        s[1] += n
+    return {f: s[0] / s[1] for f, s in sums.items()}
+
+
+def _llama_run(path):
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=1)
+
+    def run(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    return run
+
+
+def test_gguf_candidate_against_transformers(converted, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    model, f32, wl, rows = converted
+    tok = AutoTokenizer.from_pretrained(model)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def hf_run(ids):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    want_t, want_c = _family_losses(hf_run, rows, tok), _family_losses(_llama_run(f32), rows, tok)
+    res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01)
+    for fam in ("code", "prose"):
+        row = res["families"][fam]
+        assert row["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
+        assert row["loss_candidate"] == pytest.approx(want_c[fam], abs=1e-5)
+        assert abs(row["delta"]) < 1e-3 and row["top1_agreement"] > 0.99  # same weights in float32
+    assert res["teacher"]["runtime"] == "transformers" and res["candidate"]["runtime"] == "llama.cpp"
+    assert res["acceptance"]["verdict"] == "pass"
+    assert res["size"]["candidate"]["tensor_types"].keys() == {"F32"}
+    assert res["settings"]["tokenizer_check"][str(f32)]["texts"] == 20  # 10 prompts and 10 completions
+
+
+def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_thread):
+    """Q8_0 through llama-quantize: the file holds Q8_0 matrices whose bytes are 34 per 32 weights;
+    its loss is what llama.cpp gives on it directly; a tight epsilon fails the verdict where the
+    delta exceeds it."""
+    from transformers import AutoTokenizer
+
+    from uspx.evaluate.gguf import evaluate_gguf
+    from uspx.prune.gguf_export import quantize_gguf
+
+    model, f32, wl, rows = converted
+    src = _source()
+    try:
+        rec = quantize_gguf(f32, tmp_path / "q8.gguf", "Q8_0", llama_cpp=src, threads=1)
+    except UspxError as exc:
+        if "not found" in str(exc):
+            pytest.skip(f"llama.cpp's programs are not built in {src}: {exc}")
+        raise
+    q8 = tmp_path / "q8.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(str(q8)).tensors}
+    q8_tensors = [t for t in tensors.values() if t.tensor_type.name == "Q8_0"]
+    assert q8_tensors and rec["tensor_types"]["Q8_0"] == len(q8_tensors)
+    for t in q8_tensors:  # 32 weights -> one f16 scale and 32 int8: 34 bytes
+        assert int(t.n_bytes) == int(np.prod([int(d) for d in t.shape])) // 32 * 34, t.name
+
+    tok = AutoTokenizer.from_pretrained(model)
+    want_t, want_c = _family_losses(_llama_run(f32), rows, tok), _family_losses(_llama_run(q8), rows, tok)
+    res = evaluate_gguf(f32, q8, wl, threads=1, speed=False, epsilon={"code": 1.0, "prose": -1.0})
+    for fam in ("code", "prose"):
+        assert res["families"][fam]["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
+        assert res["families"][fam]["loss_candidate"] == pytest.approx(want_c[fam], abs=1e-5)
+        assert res["families"][fam]["delta"] == pytest.approx(want_c[fam] - want_t[fam], abs=1e-5)
+    assert res["settings"]["tokenizer"].endswith("(llama.cpp)")  # two GGUF files: the teacher file's tokenizer
+    assert res["acceptance"]["verdict"] == "fail" and res["acceptance"]["failed_rules"] == ["delta_loss"]
+    assert [c["ok"] for c in res["acceptance"]["checks"]] == [True, False]  # code within 1.0, prose above -1.0
+    assert res["size"]["ratio"] == pytest.approx(rec["parameter_bytes"] / res["size"]["teacher"]["parameter_bytes"])
+
+
+def test_same_gguf_twice_is_identical_and_speed_is_measured(converted, tmp_path, one_thread):
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    model, f32, wl, rows = converted
+    res = evaluate_gguf(f32, f32, wl, threads=1, decode_tokens=4, out=tmp_path)
+    assert res["overall"]["delta"] == 0.0 and res["overall"]["top1_agreement"] == 1.0
+    assert res["overall"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    sp = res["speed"]
+    assert sp["teacher"]["decode_tokens_per_s"] > 0 and sp["candidate"]["prefill_tokens_per_s"] > 0
+    assert "note" not in sp  # same runtime on both sides
+    assert (tmp_path / "evaluation.json").exists()
+
+
+def test_refuses_other_vocabularies_and_missing_files(converted, tmp_path, one_thread):
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    model, f32, wl, rows = converted
+    with pytest.raises(UspxError, match="different vocabularies"):
+        evaluate_gguf(save_tiny("gpt_oss", tmp_path / "other"), f32, wl, threads=1, speed=False)
+    with pytest.raises(UspxError, match="no such GGUF file"):
+        evaluate_gguf(model, tmp_path / "missing.gguf", wl, threads=1, speed=False)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(UspxError, match="cannot load"):
+        evaluate_gguf(model, bad, wl, threads=1, speed=False)

@@ -436,6 +436,11 @@ def prune_gguf_cmd(
                   f"{rec['check']['bytes_compared']} bytes checked against the source")
 
 
+QUANT = typer.Option(None, "--quant", help="Quantize with llama.cpp's llama-quantize: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... (its names).")
+IMATRIX_WORKLOAD = typer.Option(None, "--imatrix-workload", help="Make llama.cpp's importance matrix (llama-imatrix) from this workload's calibration items and quantize by it.")
+IMATRIX_FILE = typer.Option(None, "--imatrix", help="An importance matrix file made by llama-imatrix (yours or a shared one).")
+
+
 @app.command("export")
 def export_cmd(
     model_dir: Path = typer.Argument(..., help="An exported checkpoint folder, or an extract run folder (its model/)."),
@@ -444,16 +449,82 @@ def export_cmd(
     llama_cpp: Path = typer.Option(..., "--llama-cpp", help="llama.cpp's source: a checkout, or the llama-cpp-python source package (.tar.gz from `pip download llama-cpp-python --no-binary :all: --no-deps`)."),
     outtype: str = typer.Option("auto", help="The converter's --outtype: f32, f16, bf16, q8_0 or auto (MXFP4 experts stay MXFP4)."),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp's name for the tokenizer's pre-tokenization when its converter does not recognise it (default: declared from tokenizer.json where uspx can tell)."),
+    quant: Optional[str] = QUANT,
+    imatrix_workload: Optional[str] = IMATRIX_WORKLOAD,
+    imatrix: Optional[Path] = IMATRIX_FILE,
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp's threads for the importance matrix and quantization."),
 ) -> None:
-    """Convert an export to GGUF with llama.cpp's own converter."""
-    from uspx.prune.gguf_export import export_gguf
+    """Convert an export to GGUF with llama.cpp's own converter; with --quant, quantize it with
+    llama-quantize, weighted by the user's calibration text (--imatrix-workload)."""
+    from uspx.prune.gguf_export import export_gguf, export_quantized
 
     if fmt != "gguf":
         raise UspxError(f"--format must be gguf, not {fmt!r} (Hugging Face checkpoints come from `uspx prune`)")
     folder = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
-    rec = export_gguf(folder, out, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer)
+    if quant is None:
+        if imatrix_workload or imatrix:
+            raise UspxError("an importance matrix guides quantization: add --quant (e.g. Q4_K_M)")
+        rec = export_gguf(folder, out, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer)
+    else:
+        from uspx.io import write_json
+
+        rec = export_quantized(folder, out, quant, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer,
+                               workload=imatrix_workload, imatrix=imatrix, threads=threads)
+        write_json(out.with_name(out.name + ".uspx.json"), rec)
     console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {folder}; pre-tokenizer "
-                  f"{rec['pre_tokenizer'] or 'recognised by the converter'}")
+                  f"{(rec.get('conversion') or rec)['pre_tokenizer'] or 'recognised by the converter'}")
+    if quant is not None:
+        _print_quantized(rec)
+
+
+def _print_quantized(rec: dict) -> None:
+    types = ", ".join(f"{k} {v}" for k, v in sorted(rec["tensor_types"].items()))
+    console.print(f"{rec['quant']}: {rec['parameter_bytes'] / 2**20:.2f} MiB of tensors ({types})"
+                  + (f"; importance matrix from {rec['imatrix'].get('chunks')} chunks of the calibration items"
+                     if rec.get("imatrix") and rec["imatrix"].get("chunks") else ""))
+    for fb in rec.get("fallbacks") or []:
+        console.print(f"[yellow]{fb['tensor']}: rows of {fb['columns']} are not whole blocks of {fb['block']} "
+                      f"({fb['wanted']}); llama.cpp stored it as {fb['used']}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    gguf_file: Path = typer.Argument(..., help="A GGUF file (an export, or a `uspx prune-gguf` output) in f32, f16 or bf16."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="The quantized GGUF file to write."),
+    quant: str = typer.Option(..., "--quant", help="llama-quantize's type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ..."),
+    imatrix_workload: Optional[str] = IMATRIX_WORKLOAD,
+    imatrix: Optional[Path] = IMATRIX_FILE,
+    llama_cpp: Optional[Path] = typer.Option(None, "--llama-cpp", help="Folder of llama.cpp's programs (or a checkout with build/bin); default $USPX_LLAMA_CPP, then PATH."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing: print llama.cpp's own prediction of the quantized size."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp's threads."),
+) -> None:
+    """Quantize a GGUF file with llama.cpp's llama-quantize, optionally weighted by an importance
+    matrix made on the user's calibration items."""
+    import tempfile
+
+    from uspx.io import write_json
+    from uspx.prune.gguf_export import make_imatrix, quantize_gguf
+
+    if dry_run:
+        rec = quantize_gguf(gguf_file, gguf_file, quant, imatrix=imatrix, llama_cpp=llama_cpp, dry_run=True)
+        console.print(f"{rec['quant']}: llama.cpp predicts {rec['predicted_mib']} MiB ({rec['bits_per_weight']} bits "
+                      f"per weight); {rec['fallback_tensors']} tensor(s) in a fallback type")
+        return
+    if out is None:
+        raise UspxError("give the quantized file to write (-o OUT.gguf)")
+    if imatrix is not None and imatrix_workload is not None:
+        raise UspxError("give --imatrix or --imatrix-workload, not both")
+    with tempfile.TemporaryDirectory(prefix=".uspx-imatrix-", dir=out.parent if out.parent.exists() else None) as work:
+        made = None
+        if imatrix_workload is not None:
+            made = make_imatrix(gguf_file, imatrix_workload, Path(work) / "imatrix.gguf", llama_cpp=llama_cpp,
+                                threads=threads)
+            imatrix = Path(made["out"])
+        rec = quantize_gguf(gguf_file, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads)
+    rec["imatrix"] = made or ({"file": str(imatrix)} if imatrix else None)
+    write_json(out.with_name(out.name + ".uspx.json"), rec)
+    console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {gguf_file}")
+    _print_quantized(rec)
 
 
 @app.command("eval")
@@ -539,7 +610,8 @@ def eval_cmd(
 def extract(
     model: str = MODEL_ARG,
     workload: str = WORKLOAD_ARG,
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder: trace, scores, plan, model, evaluation, report."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder: trace, scores, plan, model, evaluation, report (with --update: default RUN_DIR-NAME beside the run)."),
+    update: bool = typer.Option(False, "--update", help="Update a finished run with new prompts: `uspx extract --update RUN_DIR NEW_WORKLOAD`. Traces only the new items, adds their sums to the run's, selects, exports and evaluates under the run's own settings, recovers from the run's recovered weights when it recovered, and reports the experts in and out and the quality before and after on the old and new held-out items; the run itself is left as it is."),
     budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
     keep: Optional[str] = typer.Option(None, help="Experts to keep per layer instead of a budget: a share (50%) or a count."),
     context: int = typer.Option(4096, help="Context length the budget must hold."),
@@ -568,6 +640,19 @@ def extract(
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
     _set_threads(threads)
+    if update:
+        from uspx.update import update as run_update
+
+        given = [name for name, v in (("--budget", budget), ("--keep", keep), ("--method", method), ("--units", units),
+                                      ("--eval-workload", eval_workload), ("--streaming", streaming),
+                                      ("--sequential", sequential), ("--non-uniform", non_uniform)) if v]
+        if given:
+            raise UspxError(f"--update keeps the run's own settings; drop {', '.join(given)}")
+
+        run_update(model, workload, out, recover_steps=recover_steps, dtype=compute_dtype)
+        return
+    if out is None:
+        raise UspxError("give the output folder (-o DIR)")
     from uspx.extract import check_arguments, extract as run_extract
 
     # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)

@@ -152,8 +152,8 @@ def extract(
             write_json(out / "report.json", report)
             print_report(report)
             if recover:
-                _recover(report, out, wl, opened, steps=recover_steps, max_length=max_length, epsilon=epsilon,
-                         dtype=dtype, progress=progress)
+                recover_run(report, out, wl, opened, steps=recover_steps, max_length=max_length, epsilon=epsilon,
+                            dtype=dtype, progress=progress)
             return report
     finally:
         d.barrier()
@@ -380,18 +380,19 @@ def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, ou
     )
 
 
-def _recover(report: dict, out: Path, wl: Workload, opened: Opened, *, steps: int | None, max_length: int,
-             epsilon: float, dtype: str, progress: bool) -> None:
-    """Distil the pruned model from the original; the report then holds the recovered model's verdict."""
+def recover_run(report: dict, out: Path, wl: Workload, opened: Opened, *, max_length: int, epsilon: float,
+                dtype: str, progress: bool, steps: int | None = None, settings=None,
+                start: Path | None = None) -> None:
+    """Distil the pruned model from the original (``settings``, by default every kept weight, whole
+    or one decoder layer at a time, for ``steps`` at most), starting from ``start`` when given; the
+    report then holds the recovered model's verdict."""
     from uspx.recover import Settings
     from uspx.recover import recover as run_recover
-
-    # every kept weight trains, whole or (opened layer by layer) one decoder layer at a time
-    settings = Settings(train="full", **({} if steps is None else {"steps": steps}))
     from uspx.virtual.sandbox import run_python
 
+    settings = settings or Settings(train="full", **({} if steps is None else {"steps": steps}))
     res = run_recover(out, original=opened, workload=wl, settings=settings, max_length=max_length, epsilon=epsilon,
-                      dtype=dtype, progress=progress, sandbox=run_python)
+                      dtype=dtype, progress=progress, sandbox=run_python, start=start)
     report["recovered"] = dict(model=res["model"], heldout=res["heldout"]["after"], share=res["recovered_share"],
                                history={k: v for k, v in res["history"].items() if not isinstance(v, list)})
     report["acceptance"] = res["acceptance"]

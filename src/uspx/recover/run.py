@@ -33,7 +33,8 @@ REPORT = "recover.json"
 
 def recover(run_dir: str | Path, *, original=None, workload=None, settings: Settings | None = None,
             out_dir: str | Path | None = None, others: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-            epsilon: float = 0.05, dtype: str = "auto", progress: bool = True, sandbox=None) -> dict:
+            epsilon: float = 0.05, dtype: str = "auto", progress: bool = True, sandbox=None,
+            start: str | Path | None = None) -> dict:
     """Recover the pruned model of ``run_dir``; returns (and writes) the recovery report.
 
     ``original`` is the run's original model, opened (:func:`uspx.engine.open_source`; default: its
@@ -44,7 +45,9 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
     held-out items measure what the specialisation costs elsewhere (default: the bundled ``mixed``
     workload when the model is the bundled teacher). An MXFP4 checkpoint keeps its expert blocks
     as they are: the rest of the model trains, and only those tensors are rewritten. ``sandbox``
-    runs the ``tests`` checks of held-out items (:func:`uspx.evaluate.evaluate`).
+    runs the ``tests`` checks of held-out items (:func:`uspx.evaluate.evaluate`). ``start``: a
+    checkpoint of the pruned model's shapes that training starts from instead of the pruned model
+    (a warm start); "before" is still the pruned model.
     """
     from uspx.engine import dtype_name, open_source
     from uspx.models import model_fingerprint
@@ -63,7 +66,9 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
     kept = {int(l): sorted(v + record.get("padding", {}).get(l, [])) for l, v in record["kept"].items()}
     key = dict(source=record["source_fingerprint"], pruned=record["fingerprint"], plan=plan_sha,
                workload=wl.fingerprint, max_length=max_length, settings=asdict(settings),
-               **({"streaming": dtype_name(original.source.dtype)} if layered else {}))
+               **({"streaming": dtype_name(original.source.dtype)} if layered else {}),
+               **({"start": model_fingerprint(start)} if start is not None else {}))
+    init = Path(start) if start is not None else pruned
 
     how = f"{settings.train}, {settings.steps} steps at most" + (" per layer, layer by layer" if layered else "")
     console.rule(f"uspx recover: {pruned} ({how})")
@@ -71,7 +76,7 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
     existing = _finished(out / "model", key)
     if existing is None:
         trainer = _train_layers if layered else _train_whole
-        history, write, verify = trainer(original, pruned, kept, wl, settings, out / "work", key, max_length, mxfp4,
+        history, write, verify = trainer(original, init, kept, wl, settings, out / "work", key, max_length, mxfp4,
                                          progress)
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))

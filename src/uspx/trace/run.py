@@ -108,6 +108,12 @@ def trace(
         manifest = read_json(out / "manifest.json")
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
+    if manifest.get("parts"):  # concatenated from traces (uspx.trace.concat): finished, or not this tracer's
+        if not manifest.get("complete") or reconstruction and not (out / RECONSTRUCTION).exists():
+            raise UspxError(f"{out}: a trace concatenated from others ({len(manifest['parts'])} parts) without "
+                            "what this run asks for; trace into another folder")
+        d.barrier()
+        return manifest
     finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
     if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
         if d.main:

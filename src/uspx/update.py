@@ -1,0 +1,402 @@
+"""``uspx extract --update RUN_DIR NEW_WORKLOAD``: an ``uspx extract`` run brought up to date with
+the user's new prompts, at a fraction of a fresh run's cost.
+
+    OUT/workload.jsonl   the run's workload followed by the new items not already in it
+    OUT/new-trace/       the new calibration items traced on the run's model (resumable)
+    OUT/trace/           the run's trace and the new one as one trace (uspx.trace.concat)
+    OUT/scores, plan.json, model/, evaluation.json, report.json
+                         uspx extract on the whole workload, from that trace
+    OUT/recover/         when the run recovered: recovery warm-started from its recovered weights
+    OUT/update.json      what changed (experts in and out per layer), quality before and after on
+                         the old and the new held-out items, and what the update cost
+
+What is a sum over tokens is not computed again: the old items' routing and reconstruction sums
+are the run's trace, and ``uspx score`` reads frequency, REAP, EAN and reconstruction from the
+concatenated trace without a model pass. What needs the model (channel and head scores of a joint
+cut, ablations, taylor) is computed over every calibration item.
+
+The run itself is only read, and the update is written to another folder: a failure anywhere
+(the export's verification included) leaves the run as it was and the new folder without
+``update.json``, which is written last; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from uspx.io import FingerprintMismatch, UspxError, atomic_path, read_json, write_json
+from uspx.progress import console
+from uspx.workload import Workload, WorkloadItem, load_workload
+
+if TYPE_CHECKING:
+    from uspx.engine import Opened
+
+FILENAME = "update.json"
+FORMAT = "uspx-update/1"
+
+
+@dataclass
+class Previous:
+    """What the update needs of a finished ``uspx extract`` run."""
+
+    path: Path
+    report: dict
+    plan: dict
+    trace: dict  # the calibration trace's manifest
+    sequential: bool
+    recovered: Path | None  # the recovered model, when the run recovered
+    recover_settings: dict | None
+
+    @property
+    def judged(self) -> Path:
+        """The model the run's verdict is about."""
+        return self.recovered if self.recovered is not None else self.path / "model"
+
+    @property
+    def kept(self) -> dict[int, list[int]]:
+        return {int(l): sorted(int(e) for e in v) for l, v in self.plan["kept"].items()}
+
+
+@dataclass
+class LayerChange:
+    """Experts of one MoE layer that the update took in and left out."""
+
+    layer: int
+    kept_in: list[int]  # kept now, dropped before
+    kept_out: list[int]  # kept before, dropped now
+
+
+def read_previous(run_dir: str | Path) -> Previous:
+    """The finished run in ``run_dir`` (its report, plan and trace), or an error naming what is missing."""
+    run = Path(run_dir)
+    for need in ("report.json", "plan.json", "trace/manifest.json", "model/config.json", "scores/scores.json"):
+        if not (run / need).exists():
+            raise UspxError(f"{run}: not a finished `uspx extract` run ({need} is missing)")
+    report = read_json(run / "report.json")
+    if (report.get("evaluated_on") or {}).get("split", "heldout") != "heldout":
+        raise UspxError(f"{run}: evaluated on another workload (--eval-workload); an update judges on held-out items")
+    recovered, settings = None, None
+    if (run / "recover" / "recover.json").exists() and (run / "recover" / "model" / "config.json").exists():
+        recovered, settings = run / "recover" / "model", read_json(run / "recover" / "recover.json")["settings"]
+    sequential = (read_json(run / "scores" / "scores.json").get("options") or {}).get("sequential") is not None
+    return Previous(run, report, read_json(run / "plan.json"), read_json(run / "trace" / "manifest.json"),
+                    sequential, recovered, settings)
+
+
+def combine(old: Workload, new: Workload) -> tuple[list[WorkloadItem], int]:
+    """The new items not already in ``old`` (same id and content), and how many were; a new item
+    with an old item's id but other content is an error naming it."""
+    by_id = {i.id: i for i in old.items}
+    added, repeated = [], 0
+    for item in new.items:
+        seen = by_id.get(item.id)
+        if seen is None:
+            added.append(item)
+        elif asdict(seen) == asdict(item):
+            repeated += 1
+        else:
+            raise UspxError(f"{new.source}: item id {item.id!r} is also in {old.source} with other content; "
+                            "give it another id")
+    return added, repeated
+
+
+def write_workload(items: list[WorkloadItem], path: Path) -> Workload:
+    """``items`` as a JSONL workload (ids, families and splits written out, so that reading it gives
+    the same items and fingerprint), read back."""
+    lines = []
+    for i in items:
+        obj: dict = {"id": i.id, "family": i.family, "split": i.split}
+        obj.update({"messages": i.messages} if i.messages is not None else {"prompt": i.prompt})
+        if i.completion is not None:
+            obj["completion"] = i.completion
+        if i.checks is not None:
+            c = i.checks
+            obj.update({k: v for k, v in (("answer", c.answer), ("regex", c.regex), ("tests", c.tests),
+                                          ("max_new_tokens", c.max_new_tokens)) if v is not None})
+            if c.json is not False:
+                obj["json"] = c.json
+            if c.stop:
+                obj["stop"] = list(c.stop)
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    wl = load_workload(path)
+    if [asdict(i) for i in wl.items] != [asdict(i) for i in items]:
+        raise UspxError(f"{path}: the workload written does not read back as the items given")
+    return wl
+
+
+def changes(before: dict[int, list[int]], after: dict[int, list[int]]) -> list[LayerChange]:
+    """Per MoE layer, the experts kept now and not before, and kept before and not now."""
+    if sorted(before) != sorted(after):
+        raise UspxError(f"the plans cut different layers ({sorted(before)} and {sorted(after)})")
+    return [LayerChange(l, sorted(set(after[l]) - set(before[l])), sorted(set(before[l]) - set(after[l])))
+            for l in sorted(before)]
+
+
+def default_out(run_dir: str | Path, new_workload: str | Path) -> Path:
+    """``RUN_DIR-NAME`` beside the run, NAME the new workload's file or folder name."""
+    run = Path(run_dir)
+    return run.parent / f"{run.name}-{Path(str(new_workload)).stem}"
+
+
+def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: str | Path | None = None, *,
+           model: str | Path | Opened | None = None, recover_steps: int | None = None, dtype: str = "auto",
+           progress: bool = True) -> dict:
+    """Update the finished ``uspx extract`` run in ``run_dir`` with the items of ``new_workload``
+    into ``out_dir`` (default :func:`default_out`); returns (and writes) ``update.json``.
+
+    The run's own settings decide everything: its model (``model`` only says where it is now; its
+    fingerprint must be the run's), score method, budget or kept count, context, units, truncation
+    and batches. When the run recovered, the update recovers too, starting from the run's recovered
+    weights (``recover_steps`` caps the training; default: the run's own settings).
+    """
+    from uspx.engine import open_source
+    from uspx.extract import extract
+
+    started = time.perf_counter()
+    prev = read_previous(run_dir)
+    wl_source = new_workload.source if isinstance(new_workload, Workload) else str(new_workload)
+    out = Path(out_dir) if out_dir is not None else default_out(prev.path, wl_source)
+    if out.resolve() == prev.path.resolve():
+        raise UspxError(f"{out}: the update goes to another folder than the run it updates")
+    if (out / FILENAME).exists():
+        console.print(f"{out} already holds this update")
+        return read_json(out / FILENAME)
+    opened = open_source(model if model is not None else prev.report["model"]["source"], dtype=dtype,
+                         streaming=bool(prev.report.get("streaming")))
+    if opened.fingerprint != prev.report["model"]["fingerprint"]:
+        raise FingerprintMismatch(f"{opened.path} is not the model {prev.path} was extracted from")
+    old_wl, new_wl = _old_workload(prev), (new_workload if isinstance(new_workload, Workload)
+                                           else load_workload(new_workload))
+    added, repeated = combine(old_wl, new_wl)
+    added_wl = Workload(new_wl.source, added, new_wl.summary, new_wl.heldout_fraction)
+    if not added_wl.part("calibration").items:
+        raise UspxError(f"{new_wl.source}: no new calibration items ({repeated} already in the run)")
+    out.mkdir(parents=True, exist_ok=True)
+    whole = write_workload(old_wl.items + added, out / "workload.jsonl")
+    clock = {}
+    tokens = _trace_new(opened, prev, whole, added_wl, out, progress)
+    clock["trace new items"] = round(time.perf_counter() - started, 2)
+    report = extract(opened, whole, out, **_extract_options(prev), dtype=dtype, progress=progress)
+    clock["score + select + export + evaluate"] = round(time.perf_counter() - started - sum(clock.values()), 2)
+    warm = None
+    if prev.recovered is not None:
+        warm = _recover(prev, opened, whole, out, report, recover_steps, dtype, progress)
+        clock["recover"] = round(time.perf_counter() - started - sum(clock.values()), 2)
+    judged = Path(report["recovered"]["model"]) if report.get("recovered") else out / "model"
+    quality = _quality(opened, prev, judged, old_wl, added_wl, dtype)
+    clock["quality before and after"] = round(time.perf_counter() - started - sum(clock.values()), 2)
+    result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality, clock,
+                     round(time.perf_counter() - started, 2))
+    write_json(out / FILENAME, result)
+    print_update(result)
+    return result
+
+
+def _old_workload(prev: Previous) -> Workload:
+    wl = load_workload(prev.report["workload"]["source"])
+    if wl.fingerprint != prev.report["workload"]["fingerprint"]:
+        raise FingerprintMismatch(f"{wl.source} changed since {prev.path} was extracted for it")
+    return wl
+
+
+def _trace_new(opened: Opened, prev: Previous, whole: Workload, added: Workload, out: Path, progress: bool) -> dict:
+    """The new calibration items traced as the run's trace was (``out/new-trace``), then the run's
+    trace and that one as the trace of every calibration item of ``whole`` (``out/trace``);
+    returns the tokens traced now and in all."""
+    from uspx.trace import trace
+    from uspx.trace.concat import concatenate
+
+    o = prev.trace["options"]
+    if o.get("split") != "calibration":
+        raise UspxError(f"{prev.path / 'trace'}: traces split {o.get('split')!r}, not the calibration items")
+    streamed = {k: o[k] for k in ("batch_tokens",) if k in o}
+    manifest = trace(opened, added, out / "new-trace", split="calibration", batch_size=o["batch_size"],
+                     max_length=o["max_length"], logits=o["logits"], norms=o["norms"],
+                     reconstruction=bool(o.get("reconstruction")), items_per_shard=o["items_per_shard"],
+                     progress=progress, **streamed)
+    whole_trace = concatenate([prev.path / "trace", out / "new-trace"], whole.part("calibration"), out / "trace")
+    return dict(new=manifest["summary"]["tokens"], previous=prev.trace["summary"]["tokens"],
+                total=whole_trace["summary"]["tokens"])
+
+
+def _extract_options(prev: Previous) -> dict:
+    """:func:`uspx.extract.extract`'s arguments that reproduce the run's settings."""
+    r, p, o = prev.report, prev.plan, prev.trace["options"]
+    solver = p["solver"]["name"] if not p.get("uniform", True) else "lagrangian"
+    return dict(budget=r.get("budget"), keep=r.get("keep"), context=r["context"],
+                kv_dtype=(p.get("settings") or {}).get("kv_dtype", "bf16"), method=r["method"],
+                uniform=p.get("uniform", True), solver=solver, epsilon=_epsilon(r),
+                batch_size=o["batch_size"], max_length=o["max_length"], speed=r.get("speed") is not None,
+                sequential=prev.sequential, units=r.get("units", ["experts"]), compare="whole_experts" in r)
+
+
+def _epsilon(report: dict) -> float:
+    bounds = [c["threshold"] for c in (report.get("acceptance") or {}).get("checks", []) if c.get("rule") == "delta_loss"]
+    return float(max(bounds)) if bounds else 0.05
+
+
+def _recover(prev: Previous, opened: Opened, whole: Workload, out: Path, report: dict, steps: int | None,
+             dtype: str, progress: bool) -> dict:
+    """Recovery of the new pruned model, started from the run's recovered weights where the two
+    plans keep the same units; returns what the warm start took over."""
+    from uspx.extract import recover_run
+    from uspx.recover import Settings
+
+    settings = Settings(**{**prev.recover_settings, **({} if steps is None else {"steps": steps})})
+    start, taken = warm_start(opened, prev, out)
+    recover_run(report, out, whole, opened, settings=settings, start=start, max_length=prev.trace["options"]["max_length"],
+                epsilon=_epsilon(prev.report), dtype=dtype, progress=progress)
+    return taken
+
+
+def warm_start(opened: Opened, prev: Previous, out: Path) -> tuple[Path | None, dict]:
+    """``out/recover/start``: the new pruned checkpoint with every stored tensor, or expert slot of
+    one, that both plans keep alike taken from the run's recovered model; (None, why) when the
+    checkpoints cannot be matched tensor by tensor."""
+    import torch
+
+    from uspx.engine.checkpoint import Checkpoint, write_replacing
+    from uspx.engine.source import FromCheckpoint
+    from uspx.prune.export import RECORD
+
+    src = FromCheckpoint(Path(opened.path), torch.float32)  # the skeleton only
+    old_layout, new_layout = _layout(src, prev.path / "plan.json"), _layout(src, out / "plan.json")
+    if old_layout is None or new_layout is None:
+        return None, dict(reason=f"{src.adapter.family}: narrower experts are cut in memory, not tensor by tensor")
+    old_ckpt, new_ckpt = Checkpoint(prev.recovered), Checkpoint(out / "model")
+    replace, counts = {}, dict(tensors=0, expert_slots=0, original_slots=0)
+    for name, (new_slice, old_slice) in _pairs(new_layout, old_layout).items():
+        value = _matched(new_slice, old_slice, new_ckpt, old_ckpt, counts)
+        if value is not None:
+            replace[name] = value
+    start = out / "recover" / "start"
+    if (start / "config.json").exists():
+        import shutil
+
+        shutil.rmtree(start)  # written again: the plan it matched may have changed since
+    write_replacing(out / "model", start, replace, skip_files=(RECORD,))
+    return start, counts
+
+
+def _layout(src, plan_path: Path):
+    """Stored tensor name -> its slice in the checkpoint exported from ``plan_path`` (None when the
+    family cuts that plan in memory)."""
+    from uspx.plan import load_plan
+    from uspx.prune.shaped import plan_cut
+    from uspx.prune.slicing import plan_layout
+
+    plan = load_plan(plan_path)
+    adapter = src.adapter
+    joint = bool(plan.channels or plan.heads)
+    if joint and not adapter.cuts_on_disk:
+        return None
+    kept = plan.kept_set()
+    full = {l.index: kept.get(l.index, list(range(l.num_experts))) for l in adapter.layers}
+    layout = plan_layout(src, full, max(len(v) for v in full.values()), plan_cut(adapter, plan) if joint else None)
+    return {s.name: s for slices in layout.files.values() for s in slices}
+
+
+def _pairs(new: dict, old: dict) -> dict:
+    """New stored name -> (its slice, the old slice cut from the same source tensor, or None)."""
+    by_source: dict[str, list] = {}
+    for s in old.values():
+        by_source.setdefault(s.source, []).append(s)
+    return {name: (s, next(iter(by_source.get(s.source, [])), None)) for name, s in new.items()}
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return (a is None and b is None) or (a is not None and b is not None and a[0] == b[0] and torch.equal(a[1], b[1]))
+
+
+def _matched(new, old, new_ckpt, old_ckpt, counts: dict):
+    """The new tensor with what the old recovered one holds of the same units, or None when nothing
+    matches (the new one stays the original's)."""
+    if old is None or new.fill is not None:
+        return None
+    if new.slots is None:  # a whole tensor (or one expert's own): taken when cut alike
+        if not _same(new.index, old.index) or new.spec.shape != old.spec.shape:
+            return None
+        counts["tensors"] += 1
+        return old_ckpt.get(old.name)
+    value, held, r = new_ckpt.get(new.name).clone(), old_ckpt.get(old.name), new.rows_per_expert
+    taken = 0
+    for j, e in enumerate(new.slots):
+        if e in new.fillers or e not in old.slots or e in old.fillers:
+            counts["original_slots"] += 1
+            continue
+        i = old.slots.index(e)
+        if not _same((new.expert_index or {}).get(e), (old.expert_index or {}).get(e)):
+            counts["original_slots"] += 1
+            continue
+        value[j * r : (j + 1) * r] = held[i * r : (i + 1) * r]
+        taken += 1
+    counts["expert_slots"] += taken
+    return value if taken else None
+
+
+def _quality(opened: Opened, prev: Previous, judged: Path, old_wl: Workload, added: Workload, dtype: str) -> dict:
+    """Held-out loss delta, per family and overall, of the run's judged model and the update's, on
+    the old held-out items and on the new ones."""
+    from uspx.evaluate import evaluate
+
+    out = {}
+    for name, wl in (("old", old_wl), ("new", added)):
+        if not wl.part("heldout").items:
+            out[name] = None
+            continue
+        out[name] = {when: _deltas(evaluate(opened, model, wl, split="heldout",
+                                            max_length=prev.trace["options"]["max_length"], speed=False, dtype=dtype))
+                     for when, model in (("before", prev.judged), ("after", judged))}
+    return out
+
+
+def _deltas(ev: dict) -> dict:
+    return {f: dict(delta=row["delta"], top1_agreement=row["top1_agreement"], tokens=row["tokens"])
+            for f, row in {**ev["families"], "all": ev["overall"]}.items()}
+
+
+def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeated: int, tokens: dict, report: dict,
+            warm: dict | None, quality: dict, seconds: dict, total: float) -> dict:
+    after = {int(l): v for l, v in report["kept"].items()}
+    layer_changes = changes(prev.kept, after)
+    return dict(
+        format=FORMAT, run=str(prev.path), out=str(out), model=report["model"],
+        new_workload=dict(source=new_wl.source, fingerprint=new_wl.fingerprint, items=len(new_wl.items),
+                          added=len(added.items), already_in_run=repeated,
+                          calibration=len(added.part("calibration").items), heldout=len(added.part("heldout").items)),
+        tokens_traced=tokens, changes=[asdict(c) for c in layer_changes],
+        experts_swapped=sum(len(c.kept_in) for c in layer_changes),
+        shape=dict(before=prev.report.get("shape"), after=report.get("shape")),
+        recovery=None if prev.recovered is None else dict(warm_start=warm, model=report["recovered"]["model"]),
+        quality=quality, verdict=report["acceptance"]["verdict"], seconds=dict(seconds, total=total),
+    )
+
+
+def print_update(result: dict) -> None:
+    from rich.table import Table
+
+    t = result["tokens_traced"]
+    console.rule("what the update changed")
+    console.print(f"{result['new_workload']['added']} new items ({result['new_workload']['already_in_run']} already "
+                  f"in the run); traced {t['new']} new tokens (the run had traced {t['previous']})")
+    for c in result["changes"]:
+        if c["kept_in"] or c["kept_out"]:
+            console.print(f"layer {c['layer']}: in {c['kept_in']}, out {c['kept_out']}")
+    console.print(f"{result['experts_swapped']} experts swapped in all")
+    table = Table(title="held-out loss delta vs the original (nats per token): the run's model, then the update's")
+    for col in ("items", "family", "before", "after"):
+        table.add_column(col, justify="left" if col in ("items", "family") else "right")
+    for name, q in result["quality"].items():
+        for fam, b in (q or {}).get("before", {}).items():
+            a = q["after"][fam]
+            table.add_row(name, fam, f"{b['delta']:+.4f}", f"{a['delta']:+.4f}")
+    console.print(table)
+    console.print(f"verdict: [bold]{result['verdict']}[/]; {result['seconds']['total']:.1f} s; update in {result['out']}")

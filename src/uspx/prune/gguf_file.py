@@ -21,13 +21,17 @@ file's ``expert_used_count``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from uspx.io import UspxError, atomic_path
 
+if TYPE_CHECKING:
+    from uspx.trace.llama import GGUFModel
 
 
 def _gguf():
@@ -46,6 +50,25 @@ def _expert_tensor_pattern() -> re.Pattern:
         gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP,
         gguf.MODEL_TENSOR.FFN_GATE_UP_EXP, gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)]
     return re.compile("(?:" + "|".join(names) + r")\.(?:weight|bias)")
+
+
+@functools.cache
+def _expert_parts() -> dict:
+    """llama.cpp's expert tensor kinds by the part of the expert each holds."""
+    gguf = _gguf()
+    t = gguf.MODEL_TENSOR
+    return {t.FFN_GATE_EXP: "gate", t.FFN_UP_EXP: "up", t.FFN_DOWN_EXP: "down", t.FFN_GATE_UP_EXP: "gate_up",
+            t.FFN_GATE_INP: "router", t.FFN_EXP_PROBS_B: "router_bias"}
+
+
+def expert_tensor_part(name: str) -> str | None:
+    """Which part of a layer's experts tensor ``name`` holds (gate, up, down, gate_up, router,
+    router_bias), else None."""
+    gguf = _gguf()
+    for kind, part in _expert_parts().items():
+        if re.fullmatch(gguf.TENSOR_NAMES[kind].replace(".", r"\.").replace("{bid}", r"\d+") + r"\.(?:weight|bias)", name):
+            return part
+    return None
 
 
 def expert_tensor_layer(name: str) -> int | None:
@@ -187,3 +210,57 @@ def _check(old, new, expected, count: int, arch: str) -> dict:
     if int(got) != count:
         raise UspxError(f"the pruned GGUF's expert count reads {got}, not {count}; nothing was written")
     return dict(tensors=len(new.tensors), bytes_compared=compared, expert_count=int(got))
+
+
+def fingerprint(path: str | Path, header_bytes: int) -> str:
+    """A GGUF file's fingerprint without reading all of it (a model file is many GiB): its size, its
+    header (metadata and tensor table) and 16 samples of 64 KiB spread over the tensor data."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(header_bytes))
+        for i in range(16):
+            fh.seek(header_bytes + (size - header_bytes) * i // 16)
+            h.update(fh.read(65536))
+    return h.hexdigest()[:16]
+
+
+def read_model(path: str | Path) -> "GGUFModel":
+    """What uspx needs of a MoE GGUF file without running it: counts, MoE layers, the expert
+    tensors by layer and part, bytes per expert and of the rest, the KV cache per token."""
+    from uspx.trace.llama import GGUFModel
+
+    gguf = _gguf()
+    src = Path(path)
+    if not src.is_file():
+        raise UspxError(f"{src}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as exc:  # the gguf package's own errors for a damaged or foreign file
+        raise UspxError(f"{src}: cannot read GGUF file ({exc})") from None
+    arch, blocks, n_experts, used = read_counts(reader)
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key.format(arch=arch))
+        return default if f is None else f.contents()
+
+    experts = {t.name: (layer, expert_tensor_part(t.name)) for t in reader.tensors
+               if (layer := expert_tensor_layer(t.name)) is not None}
+    layers = sorted({layer for layer, _ in experts.values()})
+    if not layers:
+        raise UspxError(f"{src}: no expert tensors (blk.N.ffn_*_exps); not a MoE GGUF uspx can read")
+    expert_total = sum(int(t.n_bytes) for t in reader.tensors if t.name in experts)
+    fixed = sum(int(t.n_bytes) for t in reader.tensors if t.name not in experts)
+    heads_kv = field(gguf.Keys.Attention.HEAD_COUNT_KV, None) or field(gguf.Keys.Attention.HEAD_COUNT, 0)
+    heads = field(gguf.Keys.Attention.HEAD_COUNT, 1) or 1
+    embd = field(gguf.Keys.LLM.EMBEDDING_LENGTH, 0)
+    k_len = field(gguf.Keys.Attention.KEY_LENGTH, None) or (embd // heads)
+    v_len = field(gguf.Keys.Attention.VALUE_LENGTH, None) or (embd // heads)
+    heads_kv = max(heads_kv) if isinstance(heads_kv, list) else heads_kv  # per-layer counts: the largest
+    return GGUFModel(
+        path=str(src), arch=arch, blocks=blocks, num_experts=n_experts, top_k=used, moe_layers=layers,
+        expert_tensors=experts, expert_bytes=round(expert_total / (n_experts * len(layers))), fixed_bytes=fixed,
+        file_bytes=src.stat().st_size, fingerprint=fingerprint(src, int(reader.data_offset)),
+        context_length=int(field(gguf.Keys.LLM.CONTEXT_LENGTH, 0) or 0),
+        kv_bytes_per_token=int(blocks * int(heads_kv) * (int(k_len) + int(v_len)) * 2))

@@ -1,0 +1,252 @@
+"""Running a GGUF file in this process through llama.cpp's C API, and reading the tensors its graph
+computes as they are computed (llama.cpp's evaluation callback, ``cb_eval`` in the context
+parameters: the mechanism of llama.cpp's own ``llama-eval-callback`` and ``llama-imatrix``).
+
+Two Python bindings expose that API: llama-cpp-python (``llama_cpp``, ctypes; compiles llama.cpp
+when installed) and llama-cpp-py-sync (``llama_cpp_py_sync``, cffi; prebuilt wheels). Both bind the
+same C functions, so :class:`Runtime` drives either with the same calls; each binding's own
+definition of ``llama_context_params`` is used, since that struct changes between llama.cpp
+versions. The tensors themselves are read through ``struct ggml_tensor``, whose leading fields
+(type, buffer, ne, nb, op, op_params, flags, src, view_src, view_offs, data, name) have kept their
+layout across ggml versions, and ggml's ``ggml_backend_tensor_get`` (tensors on a GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from uspx.io import UspxError
+
+BINDINGS = ("llama_cpp", "llama_cpp_py_sync")
+GET_BINDING = ("running a GGUF in uspx needs a Python binding of llama.cpp: pip install 'uspx[llama]' "
+               "(llama-cpp-py-sync: a prebuilt wheel for Linux x86-64) or llama-cpp-python")
+
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+# ggml_type values of the tensors read here (ggml.h's enum ggml_type)
+GGML_TYPES = {0: np.float32, 1: np.float16, 26: np.int32, 30: "bf16"}
+
+
+class GgmlTensor(ctypes.Structure):
+    """The leading fields of ggml.h's ``struct ggml_tensor``."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+    ]
+
+
+def tensor_name(address: int) -> str:
+    return GgmlTensor.from_address(address).name.decode("utf-8", "replace")
+
+
+@dataclass
+class _Ggml:
+    """ggml's functions for reading a computed tensor (from the binding's own libggml-base)."""
+
+    lib: ctypes.CDLL
+
+    def read(self, address: int) -> np.ndarray:
+        """The tensor's values as an array of shape ``ne`` reversed (ggml's innermost dimension
+        last), copied out, whatever its strides (views such as the top-k ids are not contiguous)."""
+        t = GgmlTensor.from_address(address)
+        kind = GGML_TYPES.get(t.type)
+        if kind is None:
+            raise UspxError(f"llama.cpp tensor {t.name.decode()} has ggml type {t.type}, which uspx does not read")
+        item = 2 if kind == "bf16" else np.dtype(kind).itemsize
+        ne, nb = list(t.ne), list(t.nb)
+        span = item + sum((n - 1) * s for n, s in zip(ne, nb))  # ggml_nbytes of a tensor of 1-element blocks
+        raw = np.empty(span, np.uint8)
+        if self.lib.ggml_backend_buffer_is_host(t.buffer):
+            ctypes.memmove(raw.ctypes.data, t.data, span)
+        else:  # a GPU buffer: ggml copies it to the host
+            self.lib.ggml_backend_tensor_get(address, raw.ctypes.data, 0, span)
+        flat = raw.view(np.uint16 if kind == "bf16" else kind)
+        out = np.array(np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1]))
+        if kind == "bf16":
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32) if out.dtype == np.float16 else out
+
+
+def _ggml(lib_dir: Path) -> _Ggml:
+    names = sorted(lib_dir.glob("libggml-base.so*")) + sorted(lib_dir.glob("libggml-base.dylib")) + \
+        sorted(lib_dir.glob("ggml-base.dll"))
+    if not names:
+        raise UspxError(f"{lib_dir}: the llama.cpp binding ships no libggml-base library to read tensors with")
+    lib = ctypes.CDLL(str(names[0]))
+    lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return _Ggml(lib)
+
+
+def binding_name(prefer: str | None = None) -> str:
+    """The binding uspx will use: ``prefer``, else llama-cpp-python where installed, else
+    llama-cpp-py-sync."""
+    import importlib.util
+
+    order = [prefer] if prefer else list(BINDINGS)
+    for name in order:
+        if name not in BINDINGS:
+            raise UspxError(f"unknown llama.cpp binding {name!r}; choose from {', '.join(BINDINGS)}")
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise UspxError(GET_BINDING if prefer is None else f"the llama.cpp binding {prefer} is not installed; {GET_BINDING}")
+
+
+EvalCallback = Callable[[int, bool], bool]
+"""(address of the ggml_tensor, ask) -> bool, as llama.cpp's ``ggml_backend_sched_eval_callback``."""
+
+
+class Runtime:
+    """One GGUF model and context, decoding token ids with every position's output computed (so
+    that the last layer runs on every token: llama.cpp skips it for positions without output)."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 callback: EvalCallback | None = None, binding: str | None = None, vocab_only: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UspxError(f"{self.path}: no such GGUF file")
+        self.binding = binding_name(binding)
+        self.n_ctx = int(n_ctx)
+        self.vocab_only = vocab_only  # the vocabulary alone (to tokenize): no weights, no context
+        threads = n_threads or max(1, (os.cpu_count() or 1))
+        self._keep: list = []  # callbacks and buffers that C holds pointers to
+        if self.binding == "llama_cpp":
+            self._open_ctypes(threads, n_gpu_layers, callback)
+        else:
+            self._open_cffi(threads, n_gpu_layers, callback)
+
+    # ----- llama-cpp-python (ctypes) -------------------------------------------------------------
+    def _open_ctypes(self, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
+        import llama_cpp as L
+
+        self._L = L
+        self.ggml = _ggml(Path(L.__file__).parent / "lib")
+        log = L.llama_log_callback(lambda level, text, data: None)  # quiet: uspx reports what matters
+        self._keep.append(log)
+        L.llama_log_set(log, ctypes.c_void_p(0))
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        mp.vocab_only = self.vocab_only
+        self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise UspxError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        if self.vocab_only:
+            return
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_ctx
+        cp.n_threads = cp.n_threads_batch = threads
+        if callback is not None:
+            cb = L.ggml_backend_sched_eval_callback(lambda t, ask, data: bool(callback(int(t), bool(ask))))
+            self._keep.append(cb)
+            cp.cb_eval = cb
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise UspxError(f"{self.path}: llama.cpp could not create a context of {self.n_ctx} tokens")
+
+    # ----- llama-cpp-py-sync (cffi) --------------------------------------------------------------
+    def _open_cffi(self, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
+        from llama_cpp_py_sync import _cffi_bindings as B
+
+        ffi, lib = B.get_ffi(), B.get_lib()
+        self._ffi, self._lib = ffi, lib
+        self.ggml = _ggml(Path(B.__file__).parent)
+        log = ffi.callback("void(enum ggml_log_level, const char *, void *)", lambda level, text, data: None)
+        self._keep.append(log)
+        lib.llama_log_set(log, ffi.NULL)
+        lib.llama_backend_init()
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        mp.vocab_only = self.vocab_only
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
+        if self.model == ffi.NULL:
+            raise UspxError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        if self.vocab_only:
+            return
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_ctx
+        cp.n_threads = cp.n_threads_batch = threads
+        if callback is not None:
+            def cb(t, ask, data):
+                return bool(callback(int(ffi.cast("uintptr_t", t)), bool(ask)))
+
+            handle = ffi.callback("bool(struct ggml_tensor *, bool, void *)", cb)
+            self._keep.append(handle)
+            cp.cb_eval = handle
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if self.ctx == ffi.NULL:
+            raise UspxError(f"{self.path}: llama.cpp could not create a context of {self.n_ctx} tokens")
+
+    # ----- the calls -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """llama.cpp's token ids of ``text`` by the GGUF's own vocabulary (special tokens as text)."""
+        data = text.encode("utf-8")
+        room = len(data) + 16
+        if self.binding == "llama_cpp":
+            L = self._L
+            buf = (L.llama_token * room)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
+            return list(buf[:n])
+        buf = self._ffi.new("llama_token[]", room)
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
+        return [int(buf[i]) for i in range(n)]
+
+    def decode(self, tokens: list[int]) -> None:
+        """Run ``tokens`` as one sequence from position 0 (the memory cleared first), every
+        position an output."""
+        n = len(tokens)
+        if self.vocab_only:
+            raise UspxError(f"{self.path} was opened for its vocabulary only")
+        if not 0 < n <= self.n_ctx:
+            raise UspxError(f"{n} tokens for a llama.cpp context of {self.n_ctx}")
+        api = self._L if self.binding == "llama_cpp" else self._lib
+        api.llama_memory_clear(api.llama_get_memory(self.ctx), True)
+        batch = api.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i] = int(tok)
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            batch.n_tokens = n
+            rc = api.llama_decode(self.ctx, batch)
+        finally:
+            api.llama_batch_free(batch)
+        if rc != 0:
+            raise UspxError(f"{self.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
+
+    def close(self) -> None:
+        api = self._L if self.binding == "llama_cpp" else self._lib
+        if getattr(self, "ctx", None):
+            api.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            api.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

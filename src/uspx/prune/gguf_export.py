@@ -258,3 +258,31 @@ def make_imatrix(model_gguf: str | Path, workload, out: str | Path, *, split: st
     return dict(model=str(model_gguf), out=str(out), split=split, chunk_tokens=n_ctx,
                 chunks=int(chunks.group(1)) if chunks else None, characters=len(text), program=str(exe),
                 bytes=out.stat().st_size)
+
+
+def export_quantized(model_dir: str | Path, out: str | Path, quant: str, *, llama_cpp: str | Path,
+                     outtype: str = "auto", pre_tokenizer: str | None = None, workload=None,
+                     imatrix: str | Path | None = None, threads: int | None = None, timeout: float | None = None) -> dict:
+    """Convert ``model_dir`` with llama.cpp's converter (``outtype``, unquantized), then quantize it to
+    ``quant`` with llama-quantize: guided by ``imatrix`` (a file), or by one made with llama-imatrix
+    on ``workload``'s calibration items, or by none. The intermediate file lives in a temporary
+    folder beside ``out`` (a model's full size on disk, gone afterwards); only ``out`` remains.
+    """
+    out = Path(out)
+    if out.exists():
+        raise UspxError(f"{out} exists; refusing to overwrite it")
+    if imatrix is not None and workload is not None:
+        raise UspxError("give an importance matrix file or a workload to make one from, not both")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".uspx-quant-", dir=out.parent) as work:
+        plain = Path(work) / "unquantized.gguf"
+        conversion = export_gguf(model_dir, plain, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer,
+                                 timeout=timeout)
+        made = None
+        if workload is not None:
+            made = make_imatrix(plain, workload, Path(work) / "imatrix.gguf", llama_cpp=llama_cpp, threads=threads,
+                                timeout=timeout)
+            imatrix = made["out"]
+        rec = quantize_gguf(plain, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads, timeout=timeout)
+    return dict(rec, source=str(model_dir), conversion={**conversion, "out": None}, imatrix=made or (
+        {"file": str(imatrix)} if imatrix else None))

@@ -529,7 +529,7 @@ def quantize_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    candidate: str = typer.Argument(..., help="Exported model folder to evaluate (or 'default' with --plan)."),
+    candidate: str = typer.Argument(..., help="Exported model folder or GGUF file to evaluate (or 'default' with --plan); a GGUF (candidate or --teacher) runs in llama.cpp's Python binding."),
     workload: str = WORKLOAD_ARG,
     teacher: str = typer.Option("default", help="The original model."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Evaluate the teacher restricted to this plan instead."),
@@ -558,14 +558,47 @@ def eval_cmd(
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict;
     items with checks (answer, regex, json, tests) are answered by both models and judged."""
     _set_threads(threads)
-    from uspx.evaluate import evaluate
     from uspx.evaluate.tasks import task_lines
     from uspx.extract import QUALITY_COLUMNS
-    from uspx.virtual.sandbox import run_python
 
     ks = _csv(pass_k) or []
     if bad := [k for k in ks if not k.isdigit()]:
         raise UspxError(f"--pass-k takes whole numbers separated by commas (e.g. 1,5), not {bad[0]!r}")
+    from uspx.evaluate.gguf import is_gguf
+
+    if is_gguf(candidate) or is_gguf(teacher):  # run by llama.cpp's binding; same metrics and verdict
+        from uspx.evaluate.gguf import evaluate_gguf
+
+        if plan_file or streaming or virtual_experts or device:
+            raise UspxError("a GGUF file is evaluated whole by llama.cpp: --plan, --streaming, --device and "
+                            "--virtual-experts do not apply")
+        res = evaluate_gguf(teacher, candidate, workload, split=split, max_length=max_length, epsilon=epsilon,
+                            memory_budget=budget, context=context, speed=not no_speed, threads=threads,
+                            dtype="fp32" if compute_dtype == "auto" else compute_dtype, out=out, progress=True,
+                            trust_remote_code=trust_remote_code)
+    else:
+        res = _eval_checkpoint(candidate, workload, teacher, plan_file, out, split, epsilon, budget, context,
+                               max_length, batch_size, no_speed, streaming, compute_dtype, device, trust_remote_code,
+                               samples, temperature, ks, max_new_tokens, seed, max_pass_drop, virtual_experts,
+                               probe_dir)
+    for fam, row in res["families"].items():
+        console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
+    for line in task_lines(res["tasks"]) if res.get("tasks") else []:
+        console.print(line, markup=False, highlight=False)
+    acc = res["acceptance"]
+    failed = f" (failed: {', '.join(acc['failed_rules'])})" if acc.get("failed_rules") else ""
+    console.print(f"verdict: [bold]{acc['verdict']}[/]{failed}")
+    for reason in acc["reasons"]:
+        console.print(f"  {reason}")
+
+
+def _eval_checkpoint(candidate, workload, teacher, plan_file, out, split, epsilon, budget, context, max_length,
+                     batch_size, no_speed, streaming, compute_dtype, device, trust_remote_code, samples, temperature,
+                     ks, max_new_tokens, seed, max_pass_drop, virtual_experts, probe_dir) -> dict:
+    """``uspx eval`` on Hugging Face checkpoints (the teacher restricted by a plan, or an export)."""
+    from uspx.evaluate import evaluate
+    from uspx.virtual.sandbox import run_python
+
     opened = _open(teacher, streaming=streaming, dtype=compute_dtype, device=device,
                    trust_remote_code=trust_remote_code)
     tools = None
@@ -595,15 +628,7 @@ def eval_cmd(
                    dtype=compute_dtype, samples=samples, temperature=temperature,
                    pass_k=[int(k) for k in ks] or None, max_new_tokens=max_new_tokens,
                    seed=seed, max_pass_drop=max_pass_drop, sandbox=run_python, virtual_experts=tools)
-    for fam, row in res["families"].items():
-        console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
-    for line in task_lines(res["tasks"]) if res.get("tasks") else []:
-        console.print(line, markup=False, highlight=False)
-    acc = res["acceptance"]
-    failed = f" (failed: {', '.join(acc['failed_rules'])})" if acc.get("failed_rules") else ""
-    console.print(f"verdict: [bold]{acc['verdict']}[/]{failed}")
-    for reason in acc["reasons"]:
-        console.print(f"  {reason}")
+    return res
 
 
 @app.command()

@@ -660,10 +660,13 @@ def extract(
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
     tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --method capability: families whose work goes to tools (virtual experts), e.g. arith."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="MODEL.gguf only: llama-imatrix's importance matrix of the user's text instead of recording routing (frequency only)."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
-    """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report."""
+    """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report.
+    MODEL.gguf: statistics recorded in llama.cpp, scored (frequency, reap, ean), selected and the GGUF
+    pruned in place, without the Hugging Face checkpoint."""
     _set_threads(threads)
     if update:
         from uspx.update import update as run_update
@@ -678,6 +681,19 @@ def extract(
         return
     if out is None:
         raise UspxError("give the output folder (-o DIR)")
+    if str(model).endswith(".gguf"):  # a GGUF alone: statistics from llama.cpp, the file pruned in place
+        from uspx.gguf_extract import extract_gguf
+
+        given = [n for n, v in (("--streaming", streaming), ("--recover", recover), ("--units", units),
+                                ("--non-uniform", non_uniform), ("--sequential", sequential),
+                                ("--eval-workload", eval_workload)) if v]
+        if given:
+            raise UspxError(f"{model}: a GGUF extract does not take {', '.join(given)}")
+        extract_gguf(model, workload, out, budget=budget, keep=keep, context=context, method=method, imatrix=imatrix,
+                     max_length=max_length, tool_families=_csv(tool_families), threads=threads)
+        return
+    if imatrix is not None:
+        raise UspxError("--imatrix gives the statistics of a GGUF model (MODEL.gguf)")
     from uspx.extract import check_arguments, extract as run_extract
 
     # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)

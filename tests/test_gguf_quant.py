@@ -1,0 +1,150 @@
+"""Quantized GGUF files: the planner's bytes per weight against ggml's block layouts (computed here
+from the structs of ggml-common.h), llama-quantize's *_M layer rule, and, with llama.cpp at hand,
+files written by llama-quantize whose tensors hold exactly the bytes the block layouts give."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from uspx.io import UspxError
+from uspx.models.loading import BUNDLED_TEACHER
+from uspx.plan import memory as mem
+
+QK_K = 256  # ggml-common.h: weights per K-quant super-block
+K_SCALE_SIZE = 12
+HALF = 2  # ggml_half
+
+
+# the block structs of ggml-common.h, field by field: (weights per block, bytes per block)
+BLOCKS = {
+    "Q4_0": (32, HALF + 32 // 2),                      # d; qs[QK4_0/2]
+    "Q4_1": (32, 2 * HALF + 32 // 2),                  # d, m; qs
+    "Q5_0": (32, HALF + 4 + 32 // 2),                  # d; qh[4]; qs
+    "Q5_1": (32, 2 * HALF + 4 + 32 // 2),              # d, m; qh; qs
+    "Q8_0": (32, HALF + 32),                           # d; int8 qs[32]
+    "MXFP4": (32, 1 + 32 // 2),                        # e8m0 scale; qs[16]
+    "Q2_K": (QK_K, QK_K // 16 + QK_K // 4 + 2 * HALF),  # scales; qs; d, dmin
+    "Q3_K": (QK_K, QK_K // 8 + QK_K // 4 + 12 + HALF),  # hmask; qs; scales[12]; d
+    "Q4_K": (QK_K, 2 * HALF + K_SCALE_SIZE + QK_K // 2),  # d, dmin; scales; qs
+    "Q5_K": (QK_K, 2 * HALF + K_SCALE_SIZE + QK_K // 8 + QK_K // 2),  # d, dmin; scales; qh; qs
+    "Q6_K": (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + HALF),  # ql; qh; int8 scales; d
+    "IQ4_XS": (QK_K, HALF + 2 + QK_K // 64 + QK_K // 2),  # d; scales_h; scales_l; qs
+}
+
+
+def test_block_sizes_are_ggmls():
+    for name, (block, size) in BLOCKS.items():
+        assert mem.GGML_TYPES[name] == (block, size), name
+        assert mem.ggml_bits(name) == pytest.approx(8 * size / block)
+    assert mem.ggml_bits("Q8_0") == 8.5 and mem.ggml_bits("Q4_K") == 4.5 and mem.ggml_bits("Q6_K") == 6.5625
+    assert mem.ggml_row_bytes("Q4_K", 2 * 256) == 288
+    with pytest.raises(UspxError, match="whole blocks of 256"):
+        mem.ggml_row_bytes("Q4_K", 2880)  # gpt-oss's width: llama-quantize falls back to a 32-block type
+    with pytest.raises(UspxError, match="unknown ggml type"):
+        mem.ggml_bits("Q7_K")
+
+
+def test_more_bits_layers_follow_llama_quantize():
+    # use_more_bits(i, n): i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2, written out by hand
+    assert mem.more_bits_layers(24) == len([0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23])
+    assert mem.more_bits_layers(6) == len([2, 5])  # 6/8 = 0: every third layer from 2, and 7*6/8 = 5 on
+    assert mem.more_bits_layers(32) == len([0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31])
+
+
+def test_planner_sizes_a_q8_0_gguf_from_the_config():
+    """Q8_0: every matrix (embeddings and output too) at 34 bytes per 32, vectors and routers F32."""
+    p = mem.count_params(BUNDLED_TEACHER)
+    est = mem.estimate(p, "q8_0", context=0)
+    matrices = p.expert.matrix * p.num_experts * p.num_moe_layers + sum(
+        part.matrix for name, part in p.other.items())
+    vectors = (p.expert.vector * p.num_experts * p.num_moe_layers + sum(part.vector for part in p.other.values())
+               + p.router_row.total * p.num_experts * p.num_moe_layers)
+    want = matrices * 34 / 32 + vectors * 4
+    assert est.weights_bytes == pytest.approx(want, abs=8)
+
+
+def test_planner_q4_k_m_counts_the_down_projections_more_bits():
+    p = mem.count_params(BUNDLED_TEACHER)
+    prec = mem.gguf_precision("Q4_K_M", p.num_layers)
+    share = 2 / 6  # layers 2 and 5 of 6
+    assert prec.expert_bits == pytest.approx(4.5 * 2 / 3 + (share * 6.5625 + (1 - share) * 4.5) / 3)
+    assert prec.lm_head_bits == 6.5625 and prec.embedding_bits == 4.5 and prec.other_bits == 32
+    assert mem.precision("q8_0").lm_head_bits == 8.5
+    with pytest.raises(UspxError, match="GGUF quantization"):
+        mem.precision("q4_k_x")
+
+
+# ----- with llama.cpp ---------------------------------------------------------------------------------
+def _llama_cpp() -> str:
+    path = os.environ.get("USPX_LLAMA_CPP")
+    if not path:
+        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout (converter, and programs in bin or build/bin)")
+    from uspx.llamacpp import program
+
+    try:
+        program("llama-quantize", path)
+    except UspxError as exc:
+        pytest.skip(str(exc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_f32(tmp_path_factory):
+    pytest.importorskip("gguf")
+    src = _llama_cpp()
+    from uspx.models.loading import BUNDLED_TEACHER
+    from uspx.prune.gguf_export import export_gguf
+
+    out = tmp_path_factory.mktemp("quant") / "teacher-f32.gguf"
+    export_gguf(BUNDLED_TEACHER, out, llama_cpp=src, outtype="f32")
+    return out
+
+
+def test_quantize_with_the_users_importance_matrix(teacher_f32, tmp_path):
+    import gguf
+
+    from uspx.prune.gguf_export import make_imatrix, quantize_gguf
+
+    src = _llama_cpp()
+    im = make_imatrix(teacher_f32, "python_dev", tmp_path / "im.gguf", llama_cpp=src, threads=1)
+    assert im["chunks"] >= 2 and (tmp_path / "im.gguf").stat().st_size > 0
+    plain = quantize_gguf(teacher_f32, tmp_path / "plain.gguf", "Q4_K_M", llama_cpp=src, threads=1)
+    guided = quantize_gguf(teacher_f32, tmp_path / "guided.gguf", "Q4_K_M", imatrix=tmp_path / "im.gguf",
+                           llama_cpp=src, threads=1)
+    a = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "plain.gguf")).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "guided.gguf")).tensors}
+    assert any(a[n].data.tobytes() != b[n].data.tobytes() for n in a if a[n].tensor_type.name == "Q4_K")
+    for t in b.values():  # every tensor's bytes are what its type's blocks take
+        block, size = BLOCKS.get(t.tensor_type.name, (1, {"F32": 4, "F16": 2}.get(t.tensor_type.name, 0)))
+        assert int(t.n_bytes) == int(np.prod([int(d) for d in t.shape])) // block * size, t.name
+    # the teacher's experts are 96 channels wide: the down projections' rows are not whole 256-blocks
+    downs = [f for f in guided["fallbacks"] if "ffn_down_exps" in f["tensor"]]
+    assert len(downs) == 6 and {f["columns"] for f in downs} == {96}
+    assert {b[f["tensor"]].tensor_type.name for f in downs} == {f["used"] for f in downs} == {"Q5_0", "Q8_0"}
+    # layers 2 and 5 get more bits (Q6_K, which falls back to Q8_0), the others Q4_K -> Q5_0
+    assert {f["tensor"] for f in downs if f["used"] == "Q8_0"} == {"blk.2.ffn_down_exps.weight",
+                                                                   "blk.5.ffn_down_exps.weight"}
+    assert guided["parameter_bytes"] == plain["parameter_bytes"]
+
+
+def test_planner_q8_0_equals_the_file_and_cli(teacher_f32, tmp_path):
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    src = _llama_cpp()
+    out = tmp_path / "q8.gguf"
+    res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q8_0", "-o", str(out),
+                                   "--llama-cpp", src, "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "q8.gguf.uspx.json").read_text())
+    assert rec["parameter_bytes"] == mem.estimate(BUNDLED_TEACHER, "q8_0", context=0).weights_bytes
+    res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q8_0", "-o", str(out), "--llama-cpp", src])
+    assert res.exit_code != 0 and "exists" in str(res.exception)
+    res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q9_9", "-o", str(tmp_path / "x.gguf"),
+                                   "--llama-cpp", src])
+    assert "not a llama-quantize type" in str(res.exception) and not (tmp_path / "x.gguf").exists()

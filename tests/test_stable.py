@@ -76,3 +76,80 @@ def test_trace_until_stable_runs_out(tmp_path, tiny_gpt_oss_dir, one_thread):
         trace_until_stable(tiny_gpt_oss_dir, wl, tmp_path / "t", progress=False)
     with pytest.raises(UspxError, match="a stable trace scores with"):
         trace_until_stable(tiny_gpt_oss_dir, wl, tmp_path / "t", keep=4, method="taylor", progress=False)
+
+
+def test_the_blocks_traced_are_one_trace_scored_as_uspx_score_does(tmp_path, tiny_gpt_oss_dir, one_thread):
+    from uspx.score import score
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    res = trace_until_stable(tiny_gpt_oss_dir, wl, tmp_path / "s", keep="50%", block=6, tolerance=0.2, patience=2,
+                             bootstrap=20, progress=False)
+    traced = load_workload(tmp_path / "s" / "workload.jsonl")
+    assert len(traced.items) == res["items"] and Trace(tmp_path / "s" / "trace").manifest["summary"]["tokens"] == res["tokens"]
+    fresh = score(tiny_gpt_oss_dir, tmp_path / "s" / "trace", traced, tmp_path / "f", methods=["frequency"],
+                  split="all", bootstrap=20, progress=False).to_pandas()
+    mine = load_scores(tmp_path / "s" / "scores").to_pandas()
+    for col in ("value", "tokens", "ci_low", "ci_high"):
+        np.testing.assert_allclose(mine[col].to_numpy(), fresh[col].to_numpy(), rtol=1e-9)
+
+
+def test_score_until_stable_by_hand(tmp_path, tiny_gpt_oss_dir, one_thread):
+    from uspx.score import score
+    from uspx.stable import score_until_stable
+    from uspx.trace import trace
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    trace(tiny_gpt_oss_dir, wl, tmp_path / "t", split="calibration", progress=False)
+    res = score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "s", keep=4, block=5, tolerance=0.2,
+                             patience=2, bootstrap=20, progress=False)
+    # per prompt routed counts from the rows; blocks of the seeded order; the rule replayed by hand
+    rows = Trace(tmp_path / "t").table().to_pandas()
+    count, tokens = np.zeros((len(ROWS), 2, 8)), np.zeros(len(ROWS))
+    for sample, layer, ids in zip(rows["sample"], rows["layer"], rows["expert_ids"]):
+        np.add.at(count[sample, layer], ids.astype(int), 1)
+        tokens[sample] += layer == 0
+    order = random.Random(0).sample(range(len(ROWS)), len(ROWS))
+    prev, calm, used = None, 0, []
+    for b in range(0, len(ROWS), 5):
+        used += order[b : b + 5]
+        kept = kept_mask(count[used].sum(0) / tokens[used].sum(), 4)
+        calm = calm + 1 if prev is not None and float(jaccard(kept, prev)) >= 0.8 else 0
+        prev = kept
+        if calm >= 2:
+            break
+    assert res["items"] == len(used) and res["samples"] == sorted(used)
+    assert res["kept"] == {str(l): np.flatnonzero(prev[l]).tolist() for l in (0, 1)}
+    assert load_scores(tmp_path / "s").matrix("frequency")[1] == pytest.approx(count[used].sum(0) / tokens[used].sum())
+
+    # taylor, a model pass per block: when the prompts run out, the table is uspx score's on all of them
+    full = score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "ty", method="taylor", keep=4, block=7,
+                              tolerance=0.0, patience=9, bootstrap=20, progress=False)
+    assert not full["stable"] and full["items"] == len(ROWS)
+    ref = score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "ref", methods=["taylor"], progress=False)
+    np.testing.assert_allclose(load_scores(tmp_path / "ty").matrix("taylor")[1], ref.matrix("taylor")[1], rtol=1e-5)
+    with pytest.raises(UspxError, match="scoring until stable uses"):
+        score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "x", method="l0", keep=4, progress=False)
+
+
+def test_trace_and_score_take_until_stable(tmp_path, tiny_gpt_oss_dir, one_thread):
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
+    model = str(tiny_gpt_oss_dir)
+    out = CliRunner().invoke(app, ["trace", model, str(wl), "-o", str(tmp_path / "s"), "--until-stable", "--keep", "4",
+                                   "--block", "6", "--tolerance", "0.2"])
+    assert out.exit_code == 0, out.output
+    alias = CliRunner().invoke(app, ["trace-stable", model, str(wl), "-o", str(tmp_path / "a"), "--keep", "4",
+                                     "--block", "6", "--tolerance", "0.2"])
+    assert alias.exit_code == 0, alias.output
+    a, b = (json.loads((tmp_path / d / "stable.json").read_text()) for d in ("s", "a"))
+    assert a["kept"] == b["kept"] and a["history"] == b["history"]
+    scored = CliRunner().invoke(app, ["score", model, str(tmp_path / "s" / "trace"), str(tmp_path / "s" / "workload.jsonl"),
+                                      "--split", "all", "-o", str(tmp_path / "sc"), "--until-stable", "--keep", "4",
+                                      "--methods", "frequency", "--block", "4"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "sc" / "stable.json").read_text())["items"] <= a["items"]
+    refused = CliRunner().invoke(app, ["trace", model, str(wl), "-o", str(tmp_path / "x"), "--keep", "4"])
+    assert isinstance(refused.exception, UspxError) and "--until-stable" in str(refused.exception)

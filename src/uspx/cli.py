@@ -104,6 +104,14 @@ def trace(
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
     reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
     items_per_shard: int = typer.Option(64, "--items-per-shard", help="Items per Parquet shard (the unit a killed run resumes from, and that torchrun's processes share out)."),
+    until_stable: bool = typer.Option(False, "--until-stable", help="Trace the calibration items a --block at a time and stop once the kept set under --keep / --budget has settled (OUT: blocks/, trace/ of the items traced, workload.jsonl, scores/, stable.json; docs/stable.md)."),
+    keep: Optional[str] = typer.Option(None, help="With --until-stable: experts kept per layer, a share (50%) or a count."),
+    budget: Optional[str] = typer.Option(None, help="With --until-stable: or a memory budget for weights + KV cache, e.g. 8GiB."),
+    method: str = typer.Option("frequency", help="With --until-stable: the score, from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing)."),
+    block: int = typer.Option(16, help="With --until-stable: items between two looks at the kept set."),
+    tolerance: float = typer.Option(0.05, help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
+    patience: int = typer.Option(2, help="With --until-stable: blocks in a row within the tolerance before stopping."),
+    seed: int = typer.Option(0, help="With --until-stable: seed of the items' order and of the resamples."),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
     device: Optional[str] = DEVICE,
@@ -115,6 +123,13 @@ def trace(
     """Record, for every real token and MoE layer, the experts chosen and their weights. Under
     `torchrun --nproc_per_node N -m uspx trace ...` the shards are shared out among the processes."""
     _set_threads(threads)
+    if until_stable:
+        _trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
+                            tolerance=tolerance, patience=patience, seed=seed, batch_size=batch_size,
+                            max_length=max_length, compute_dtype=compute_dtype)
+        return
+    if keep is not None or budget is not None:
+        raise UspxError("--keep and --budget go with --until-stable")
     from uspx.dist import current
     from uspx.trace import trace as run_trace
 
@@ -237,11 +252,28 @@ def score(
     units: str = typer.Option("experts", "--units", help="Unit types to score: experts, and channels (expert intermediate channels) and heads (KV groups and query heads), written to units.parquet."),
     ablation_budget: float = typer.Option(0.1, "--ablation-budget", help="With ablation_guided: the share of exhaustive ablation's forward passes to spend (0.1: 10x fewer)."),
     unit_methods: Optional[str] = typer.Option(None, "--unit-methods", help="Channel and head score methods (default: reconstruction, activation, attribution, fisher): also ablation (heads only; one pass over the prompts per head)."),
+    until_stable: bool = typer.Option(False, "--until-stable", help="Score the trace's prompts a --block at a time (one method: frequency, reap, ean, reconstruction, taylor) and stop once the kept set under --keep / --budget has settled; OUT holds the scores of the prompts scored and stable.json (docs/stable.md)."),
+    budget: Optional[str] = typer.Option(None, help="With --until-stable: the memory budget (weights + KV cache) the kept set must fit, instead of --keep."),
+    block: int = typer.Option(16, help="With --until-stable: prompts between two looks at the kept set."),
+    tolerance: float = typer.Option(0.05, help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
+    patience: int = typer.Option(2, help="With --until-stable: blocks in a row within the tolerance before stopping."),
+    seed: int = typer.Option(0, help="With --until-stable: seed of the prompts' order and of the resamples."),
     trust_remote_code: bool = REMOTE,
     threads: Optional[int] = THREADS,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
     _set_threads(threads)
+    if until_stable:
+        from uspx.stable import score_until_stable
+
+        chosen = _csv(methods) or ["frequency"]
+        if len(chosen) != 1:
+            raise UspxError("--until-stable scores with one method (--methods NAME)")
+        res = score_until_stable(_open(model, streaming=streaming, dtype=compute_dtype), trace_dir, workload, out,
+                                 method=chosen[0], keep=keep, budget=budget, block=block, tolerance=tolerance,
+                                 patience=patience, bootstrap=bootstrap, seed=seed, split=split, batch_size=batch_size)
+        _print_stable(res, out)
+        return
     from uspx.score import METHODS
     from uspx.score import score as run_score
     from uspx.score.api import check_arguments, default_methods
@@ -775,15 +807,22 @@ def trace_stable_cmd(
     compute_dtype: str = COMPUTE_DTYPE,
     threads: Optional[int] = THREADS,
 ) -> None:
-    """Trace the calibration items a block at a time and stop once the kept set under --keep / --budget has settled; scores of what was traced in OUT/scores."""
+    """`uspx trace --until-stable`: trace the calibration items a block at a time and stop once the kept set under --keep / --budget has settled; scores of what was traced in OUT/scores."""
     _set_threads(threads)
+    _trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
+                        tolerance=tolerance, patience=patience, seed=seed, batch_size=batch_size,
+                        max_length=max_length, compute_dtype=compute_dtype, bootstrap=bootstrap, context=context)
+
+
+def _trace_until_stable(model: str, workload: str, out: Path, *, compute_dtype: str, **options) -> None:
     from uspx.stable import trace_until_stable
 
-    res = trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
-                             tolerance=tolerance, patience=patience, bootstrap=bootstrap, seed=seed,
-                             batch_size=batch_size, max_length=max_length, context=context, dtype=compute_dtype)
-    state = "stable" if res["stable"] else "not stable before the calibration items ran out"
-    console.print(f"{state}: {res['items']} of {res['calibration_items']} calibration items, {res['tokens']} tokens; "
+    _print_stable(trace_until_stable(model, workload, out, dtype=compute_dtype, **options), out)
+
+
+def _print_stable(res: dict, out: Path) -> None:
+    state = "stable" if res["stable"] else "not stable before the prompts ran out"
+    console.print(f"{state}: {res['items']} of {res['calibration_items']} prompts, {res['tokens']} tokens; "
                   f"scores in {res['scores']}, history in {out / 'stable.json'}")
 
 

@@ -25,7 +25,8 @@ from uspx.io import UspxError
 
 BINDINGS = ("llama_cpp", "llama_cpp_py_sync")
 GET_BINDING = ("running a GGUF in uspx needs a Python binding of llama.cpp: pip install 'uspx[llama]' "
-               "(llama-cpp-py-sync: a prebuilt wheel for Linux x86-64) or llama-cpp-python")
+               "(llama-cpp-python, which compiles llama.cpp: about 25 minutes on 2 cores), or llama-cpp-py-sync "
+               "(prebuilt Linux x86-64 wheels, built against glibc 2.38 or newer)")
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 # ggml_type values of the tensors read here (ggml.h's enum ggml_type)

@@ -80,9 +80,18 @@ def test_update_equals_the_fresh_path_on_old_and_new_items(tmp_path, tiny_gpt_os
     assert res["changes"] == by_hand
     assert res["experts_swapped"] == sum(len(c["kept_in"]) for c in by_hand)
 
-    # quality before on the old held-out items is the run's own evaluation of its model
+    # quality: each model evaluated on each set of held-out items alone, as uspx eval does
+    from uspx.evaluate import evaluate
+
+    new_only = write_jsonl(tmp_path / "new_only.jsonl", NEW)
+    for when, model in (("before", run / "model"), ("after", tmp_path / "up" / "model")):
+        for name, wl in (("old", old_wl), ("new", new_only)):
+            ev = evaluate(tiny_gpt_oss_dir, model, wl, split="heldout", speed=False)
+            got = res["quality"][name][when]
+            assert got["all"]["delta"] == pytest.approx(ev["overall"]["delta"], rel=1e-6, abs=1e-9), (name, when)
+            assert got["all"]["tokens"] == ev["overall"]["tokens"]
+            assert set(got) == set(ev["families"]) | {"all"}
     assert res["quality"]["old"]["before"]["all"]["delta"] == pytest.approx(before["overall_delta"], abs=1e-9)
-    assert set(res["quality"]["new"]["after"]) == {"shell", "all"}
     assert json.loads((tmp_path / "up" / "update.json").read_text()) == json.loads(json.dumps(res))
 
 

@@ -188,8 +188,7 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
     if prev.recovered is not None:
         warm = _recover(prev, opened, whole, out, report, recover_steps, dtype, progress)
         clock["recover"] = round(time.perf_counter() - started - sum(clock.values()), 2)
-    judged = Path(report["recovered"]["model"]) if report.get("recovered") else out / "model"
-    quality = _quality(opened, prev, judged, old_wl, added_wl, dtype)
+    quality = _quality(opened, prev, out, bool(report.get("recovered")), whole, old_wl, added_wl, dtype)
     clock["quality before and after"] = round(time.perf_counter() - started - sum(clock.values()), 2)
     result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality, clock,
                      round(time.perf_counter() - started, 2))
@@ -342,25 +341,44 @@ def _matched(new, old, new_ckpt, old_ckpt, counts: dict):
     return value if taken else None
 
 
-def _quality(opened: Opened, prev: Previous, judged: Path, old_wl: Workload, added: Workload, dtype: str) -> dict:
-    """Held-out loss delta, per family and overall, of the run's judged model and the update's, on
-    the old held-out items and on the new ones."""
+def _quality(opened: Opened, prev: Previous, out: Path, recovered: bool, whole: Workload, old_wl: Workload,
+             added: Workload, dtype: str) -> dict:
+    """Held-out loss delta, per family and overall, of the run's judged model (``before``) and the
+    update's (``after``), on the old held-out items and on the new ones. What the runs already
+    measured is read (the run's own evaluation covers the old items; the update's evaluation of
+    old and new items together is split by item); only the run's model on the new items, and a
+    recovered update's model, are evaluated here."""
     from uspx.evaluate import evaluate
 
+    def run(model: Path, wl: Workload) -> list[dict]:
+        return evaluate(opened, model, wl, split="heldout", max_length=prev.trace["options"]["max_length"],
+                        speed=False, dtype=dtype)["items"]
+
+    old_ids = {i.id for i in old_wl.part("heldout").items}
+    new_ids = {i.id for i in added.part("heldout").items}
+    after = run(out / "recover" / "model", whole) if recovered else read_json(out / "evaluation.json")["items"]
+    if prev.recovered is not None:  # the run judged its recovered model on its held-out items
+        before_old = {f: dict(delta=v["delta"], tokens=v["tokens"])
+                      for f, v in read_json(prev.path / "recover" / "recover.json")["heldout"]["after"].items()}
+    else:
+        before_old = _deltas(read_json(prev.path / "evaluation.json")["items"], old_ids)
+    return dict(
+        old=dict(before=before_old, after=_deltas(after, old_ids)),
+        new=dict(before=_deltas(run(prev.judged, added), new_ids), after=_deltas(after, new_ids)) if new_ids else None,
+    )
+
+
+def _deltas(items: list[dict], ids: set[str]) -> dict:
+    """Loss delta (nats per token, token-weighted as ``uspx eval`` weighs it) and tokens per family
+    and over all of the evaluated ``items`` whose id is in ``ids``."""
+    rows = [r for r in items if r["id"] in ids and r["tokens"]]
     out = {}
-    for name, wl in (("old", old_wl), ("new", added)):
-        if not wl.part("heldout").items:
-            out[name] = None
-            continue
-        out[name] = {when: _deltas(evaluate(opened, model, wl, split="heldout",
-                                            max_length=prev.trace["options"]["max_length"], speed=False, dtype=dtype))
-                     for when, model in (("before", prev.judged), ("after", judged))}
+    for fam in sorted({r["family"] for r in rows}) + ["all"]:
+        part = [r for r in rows if fam == "all" or r["family"] == fam]
+        tokens = sum(r["tokens"] for r in part)
+        delta = sum(r["tokens"] * (r["loss_candidate"] - r["loss_teacher"]) for r in part) / tokens if tokens else None
+        out[fam] = dict(delta=delta, tokens=tokens, items=len(part))
     return out
-
-
-def _deltas(ev: dict) -> dict:
-    return {f: dict(delta=row["delta"], top1_agreement=row["top1_agreement"], tokens=row["tokens"])
-            for f, row in {**ev["families"], "all": ev["overall"]}.items()}
 
 
 def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeated: int, tokens: dict, report: dict,

@@ -278,8 +278,8 @@ def test_llama_imatrix_counts_match_transformers(teacher_gguf, tmp_path):
 
 def test_gguf_only_extract_scores_as_the_checkpoint_does(teacher_gguf, tmp_path):
     """`uspx extract teacher.gguf WORKLOAD --keep 50%`: routing recorded in llama.cpp, scored,
-    selected and the GGUF pruned in place; its frequency and REAP scores equal those uspx computes
-    from transformers' trace of the same items, and the pruned file runs in llama.cpp."""
+    selected, the GGUF pruned in place and judged; its frequency and REAP scores equal those uspx
+    computes from transformers' trace of the same items, and the pruned file runs in llama.cpp."""
     from typer.testing import CliRunner
 
     from conftest import write_jsonl
@@ -296,11 +296,15 @@ def test_gguf_only_extract_scores_as_the_checkpoint_does(teacher_gguf, tmp_path)
         r["text"] = r["text"] + f" #{i}"
     wl = write_jsonl(tmp_path / "w.jsonl", rows)
     res = CliRunner().invoke(app, ["extract", str(teacher_gguf), str(wl), "--keep", "50%", "-o",
-                                   str(tmp_path / "run"), "--threads", "1"])
+                                   str(tmp_path / "run"), "--threads", "1", "--no-speed"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["method"] == "reap" and set(report["counts"].values()) == {8}
-    assert report["check"]["expert_count"] == 8 and report["evaluation"] is None
+    assert report["check"]["expert_count"] == 8
+    ev = json.loads((tmp_path / "run" / "evaluation.json").read_text())  # judged in llama.cpp, both files
+    assert ev["candidate"]["source"] == str(tmp_path / "run" / "model.gguf") and ev["workload"]["items"] == 1
+    assert report["evaluation"]["acceptance"]["verdict"] == ev["acceptance"]["verdict"]
+    assert report["evaluation"]["overall"]["delta"] == pytest.approx(ev["overall"]["delta"])
     pruned = gguf.GGUFReader(str(tmp_path / "run" / "model.gguf"))
     assert pruned.fields["gpt-oss.expert_count"].contents() == 8
 

@@ -697,8 +697,8 @@ def extract(
     threads: Optional[int] = THREADS,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report.
-    MODEL.gguf: statistics recorded in llama.cpp, scored (frequency, reap, ean), selected and the GGUF
-    pruned in place, without the Hugging Face checkpoint."""
+    MODEL.gguf: statistics recorded in llama.cpp, scored (frequency, reap, ean), selected, the GGUF
+    pruned in place and judged against the original in llama.cpp, without the Hugging Face checkpoint."""
     _set_threads(threads)
     if update:
         from uspx.update import update as run_update
@@ -722,7 +722,8 @@ def extract(
         if given:
             raise UspxError(f"{model}: a GGUF extract does not take {', '.join(given)}")
         extract_gguf(model, workload, out, budget=budget, keep=keep, context=context, method=method, imatrix=imatrix,
-                     max_length=max_length, tool_families=_csv(tool_families), threads=threads)
+                     max_length=max_length, tool_families=_csv(tool_families), threads=threads, epsilon=epsilon,
+                     speed=not no_speed)
         return
     if imatrix is not None:
         raise UspxError("--imatrix gives the statistics of a GGUF model (MODEL.gguf)")

@@ -5,6 +5,8 @@ Face checkpoint, each stage leaving its artifact in ``out_dir``:
     out_dir/scores/              frequency, reap and ean of every (layer, expert)
     out_dir/plan.json            kept set under the budget or keep
     out_dir/model.gguf           the GGUF pruned in place (``uspx prune-gguf``), checked byte for byte
+    out_dir/evaluation.json      the pruned file against the original on the held-out items, both run
+                                 by llama.cpp (``uspx.evaluate.gguf``): uspx eval's metrics and verdict
     out_dir/report.json          the summary
 
 Statistics come from llama.cpp itself (:mod:`uspx.trace.llama`): the model runs the user's
@@ -37,7 +39,8 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
                  budget: str | int | None = None, keep: str | int | float | None = None, context: int = 4096,
                  method: str | None = None, imatrix: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
                  tool_families: list[str] | None = None, threads: int | None = None, n_gpu_layers: int = 0,
-                 bootstrap: int = 200, seed: int = 0, binding: str | None = None, progress: bool = True) -> dict:
+                 epsilon: float = 0.05, evaluate: bool = True, speed: bool = True, bootstrap: int = 200,
+                 seed: int = 0, binding: str | None = None, progress: bool = True) -> dict:
     """Statistics, scores, selection and the pruned GGUF of ``model`` for ``workload`` (module doc);
     returns the report written to ``out_dir/report.json``."""
     from uspx.plan.select import select_experts
@@ -95,6 +98,25 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
         write_json(record_path, pruned)
     seconds["prune"] = round(time.perf_counter() - t0, 2)
 
+    evaluation, note = None, None
+    if not evaluate:
+        note = "not run (evaluate=False)"
+    elif not wl.part("heldout").items:
+        note = f"not run: {wl.source} has no held-out items"
+    else:
+        from uspx.evaluate.gguf import evaluate_gguf
+
+        t0 = time.perf_counter()
+        if progress:
+            console.print(f"evaluating the pruned GGUF against {gm.path} on {len(wl.part('heldout').items)} "
+                          "held-out items (both in llama.cpp)")
+        ev = evaluate_gguf(gm.path, target, wl, split="heldout", max_length=max_length, epsilon=epsilon,
+                           memory_budget=budget, context=context, speed=speed, threads=threads,
+                           out=out / "evaluation.json")
+        evaluation = dict(overall=ev["overall"], families=ev["families"], acceptance=ev["acceptance"],
+                          speed=ev.get("speed"), path=str(out / "evaluation.json"))
+        seconds["evaluate"] = round(time.perf_counter() - t0, 2)
+
     report = dict(
         model=dict(source=gm.path, fingerprint=gm.fingerprint, arch=gm.arch, bytes=gm.file_bytes,
                    moe_layers=gm.moe_layers, num_experts=gm.num_experts, top_k=gm.top_k),
@@ -103,19 +125,21 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
         kept={str(l): v for l, v in sorted(plan.kept.items())}, counts={str(l): n for l, n in sorted(plan.counts.items())},
         size=dict(plan_bytes=plan.predicted_bytes, sizes=plan.sizes, source_bytes=pruned["source_bytes"],
                   written_bytes=pruned["bytes"]),
-        check=pruned["check"], model_out=str(target),
-        evaluation=None,
-        evaluation_note=("not run: uspx has no evaluation of a GGUF candidate on the held-out items yet; "
-                         "compare the pruned file with the original in llama.cpp (llama-perplexity)"),
+        check=pruned["check"], model_out=str(target), evaluation=evaluation, evaluation_note=note,
         seconds=dict(seconds, total=round(time.perf_counter() - started, 2)),
         artifacts=dict(trace=None if imatrix else str(out / "trace"), scores=str(out / "scores"),
-                       plan=str(out / "plan.json"), model=str(target)),
+                       plan=str(out / "plan.json"), model=str(target),
+                       evaluation=str(out / "evaluation.json") if evaluation else None),
     )
     write_json(out / "report.json", report)
     if progress:
         console.print(plan)
         console.print(f"pruned GGUF: {target} ({pruned['bytes']:,} bytes of {pruned['source_bytes']:,}); "
                       f"report: {out / 'report.json'}")
+        if evaluation:
+            o, verdict = evaluation["overall"], evaluation["acceptance"]
+            console.print(f"held-out loss delta {o.get('delta', float('nan')):+.4f} nats per token, top-1 agreement "
+                          f"{o.get('top1_agreement', float('nan')):.3f}: {verdict.get('verdict', verdict)}")
     return report
 
 

@@ -111,6 +111,8 @@ def binding_name(prefer: str | None = None) -> str:
     raise UspxError(GET_BINDING if prefer is None else f"the llama.cpp binding {prefer} is not installed; {GET_BINDING}")
 
 
+_QUIET: dict = {}  # the process-wide log callback set on a binding without a logger of its own
+
 EvalCallback = Callable[[int, bool], bool]
 """(address of the ggml_tensor, ask) -> bool, as llama.cpp's ``ggml_backend_sched_eval_callback``."""
 
@@ -140,9 +142,9 @@ class Runtime:
 
         self._L = L
         self.ggml = _ggml(Path(L.__file__).parent / "lib")
-        log = L.llama_log_callback(lambda level, text, data: None)  # quiet: uspx reports what matters
-        self._keep.append(log)
-        L.llama_log_set(log, ctypes.c_void_p(0))
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)  # the binding's own logger (what Llama(verbose=False) does): errors only
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers
@@ -171,9 +173,9 @@ class Runtime:
         ffi, lib = B.get_ffi(), B.get_lib()
         self._ffi, self._lib = ffi, lib
         self.ggml = _ggml(Path(B.__file__).parent)
-        log = ffi.callback("void(enum ggml_log_level, const char *, void *)", lambda level, text, data: None)
-        self._keep.append(log)
-        lib.llama_log_set(log, ffi.NULL)
+        if "cffi" not in _QUIET:  # llama.cpp keeps the log callback for the process: it must live as long
+            _QUIET["cffi"] = ffi.callback("void(enum ggml_log_level, const char *, void *)", lambda lv, text, data: None)
+            lib.llama_log_set(_QUIET["cffi"], ffi.NULL)
         lib.llama_backend_init()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers

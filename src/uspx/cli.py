@@ -166,8 +166,37 @@ def plan(
     tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
     seq_len: int = typer.Option(512, help="With --streaming: longest sequence, in tokens."),
     compute_dtype: str = PLAN_COMPUTE_DTYPE,
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Pruning against offload: the GPU's memory (8GiB) or a preset (rtx2080, rtx3060, rtx4060, rtx4070, rtx4090, rtx4000ada, a4500, h100); prints what fits and llama.cpp's predicted speed, full model with its best --n-cpu-moe against pruned ones. 0 or cpu: no GPU."),
+    gpu_bandwidth: Optional[float] = typer.Option(None, "--gpu-bandwidth", help="With --gpu: the GPU's effective memory bandwidth in GB/s (a preset's: 80% of its peak)."),
+    cpu_preset: Optional[str] = typer.Option(None, "--ram", help="With --gpu: system memory preset (ddr4-2ch, the default; ddr5-2ch; ddr5-8ch) or 'measure' (a short read of 512 MiB here)."),
+    cpu_bandwidth: Optional[float] = typer.Option(None, "--ram-bandwidth", help="With --gpu: system memory's effective bandwidth in GB/s."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="With --gpu: name the smallest pruning whose decode speed is this many times the full model's (e.g. 2)."),
 ) -> None:
-    """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts that fit."""
+    """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts
+    that fit; with --gpu, pruning against llama.cpp's expert offload, predicted speed included."""
+    if gpu is not None:
+        from uspx.models.loading import resolve_model_path as _resolve
+        from uspx.plan import speed as sp
+        from uspx.plan.memory import count_params
+
+        measured = cpu_preset is not None and cpu_preset.lower() == "measure"
+        ram_bw = sp.measure_cpu_bandwidth() / sp.GB if measured else cpu_bandwidth
+        preset = gpu.lower() if gpu.lower() in sp.GPU_PRESETS else None
+        no_gpu = gpu.lower() in ("0", "cpu", "none")
+        hw = sp.hardware(preset, gpu_memory=None if preset or no_gpu else gpu, gpu_bandwidth=gpu_bandwidth,
+                         cpu=None if measured else cpu_preset, cpu_bandwidth=ram_bw)
+        if no_gpu:
+            hw = sp.replace(hw, gpu_bytes=0)
+        config = _resolve(model)
+        result = sp.offload_plan(config, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
+        sp.print_offload_plan(result, count_params(config).num_experts)
+        if measured:
+            console.print(f"system memory measured here: {ram_bw:.1f} GB/s (one thread's read; all cores may read more)")
+        if out is not None:
+            from uspx.io import write_json
+
+            write_json(out, result.as_dict())
+        return
     from uspx.io import write_json
     from uspx.models.loading import resolve_model_path
     from uspx.plan import estimate, fit_experts

@@ -4,6 +4,7 @@ tokens, and the GGUF-only extract."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -320,3 +321,107 @@ def test_gguf_only_extract_scores_as_the_checkpoint_does(teacher_gguf, tmp_path)
     np.testing.assert_allclose(freq, hf.count.sum(0) / hf.tokens.sum(), rtol=1e-9)
     with Runtime(tmp_path / "run" / "model.gguf", n_ctx=32, n_threads=1) as rt:
         rt.decode(rt.tokenize("def f(x):\n    return x"))  # llama.cpp loads and runs the pruned file
+
+
+# ----- the callback's reading of llama.cpp's nodes, without llama.cpp ------------------------------------
+class _HostBuffers:
+    """ggml's buffer query as the reader calls it: every tensor here is in host memory."""
+
+    @staticmethod
+    def ggml_backend_buffer_is_host(buffer):
+        return True
+
+
+def _node(name: str, values: np.ndarray, keep: list, ggml_type: int):
+    """A ggml_tensor named ``name`` over ``values`` (numpy order: outermost first), with its strides."""
+    from uspx.trace.llama_runtime import GgmlTensor
+
+    t = GgmlTensor()
+    t.type = ggml_type
+    shape = values.shape[::-1] + (1,) * (4 - values.ndim)
+    strides = values.strides[::-1]
+    t.ne[:] = list(shape)
+    t.nb[:] = list(strides) + [strides[-1] * shape[len(strides) - 1]] * (4 - len(strides))
+    t.data = values.ctypes.data
+    t.name = name.encode()
+    keep += [t, values]
+    return ctypes.addressof(t)
+
+
+class _FakeRuntime:
+    """Stands in for llama.cpp: each decode "computes" the nodes build_moe_ffn names, with the
+    layouts llama.cpp gives them (top-k ids a strided view of the argsort, weights [T, k, 1], expert
+    outputs [T, k, H], activations in float16), plus superseded and unrelated nodes."""
+
+    layers, experts, k, hidden, width = (0, 1), 5, 2, 6, 4
+    plan: dict = {}  # what the next decode leaves out
+    truth: list = []  # per decode, per layer: ids, weights, outputs, activations as "computed"
+
+    def __init__(self, path, *, n_ctx, n_threads=None, n_gpu_layers=0, callback=None, binding=None):
+        from uspx.trace.llama_runtime import _Ggml
+
+        self.callback, self.binding, self.ggml = callback, "fake", _Ggml(_HostBuffers())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def decode(self, tokens):
+        from uspx.trace.llama_runtime import tensor_name
+
+        keep: list = []
+        rng = np.random.default_rng(len(tokens))
+        truth = []
+        for layer in self.layers:
+            T, E, k = len(tokens), self.experts, self.k
+            argsort = np.stack([rng.permutation(E) for _ in range(T)]).astype(np.int32)  # [T, E]
+            weights = rng.random((T, k, 1)).astype(np.float32)
+            out = rng.standard_normal((T, k, self.hidden)).astype(np.float32)
+            act = rng.standard_normal((T, k, self.width)).astype(np.float16)
+            truth.append((argsort[:, :k].copy(), weights[..., 0], out, act.astype(np.float32)))
+            view = np.lib.stride_tricks.as_strided(argsort, shape=(T, k), strides=argsort.strides)
+            nodes = [_node(f"attn_out-{layer}", out, keep, 0),  # not a MoE node: never asked for
+                     _node(f"ffn_moe_topk-{layer}", view, keep, 26),  # the first k of each token's row
+                     _node(f"ffn_moe_weights-{layer}", weights * 7, keep, 0),  # superseded by the softmax
+                     _node(f"ffn_moe_weights_softmax-{layer}", weights, keep, 0),
+                     _node(f"ffn_moe_down-{layer}", out * 3, keep, 0),  # superseded by the biased output
+                     _node(f"ffn_moe_down_biased-{layer}", out, keep, 0)]
+            if layer not in self.plan.get("no_activation", ()):
+                nodes.append(_node(f"ffn_moe_swiglu_oai-{layer}", act, keep, 1))
+            for address in nodes:
+                asked = self.callback(address, True)
+                assert asked == tensor_name(address).startswith("ffn_moe")
+                if asked:
+                    assert self.callback(address, False)
+        _FakeRuntime.truth.append(truth)
+
+
+def test_record_reads_the_nodes_llama_cpp_names(monkeypatch, tmp_path):
+    from uspx.trace import llama, llama_runtime
+
+    monkeypatch.setattr(llama_runtime, "Runtime", _FakeRuntime)
+    _FakeRuntime.truth, _FakeRuntime.plan = [], {}
+    f = _FakeRuntime
+    model = llama.GGUFModel(str(tmp_path / "m.gguf"), "fake", 2, f.experts, f.k, list(f.layers), {}, 1, 1, 1, "x", 64, 0)
+    rec = llama.record(model, [[1, 2, 3], [4, 5, 6, 7, 8]], norms=True, energy=True)
+    assert rec.nodes == dict(ids="ffn_moe_topk", weights="ffn_moe_weights_softmax", norms="ffn_moe_down_biased",
+                             energy="ffn_moe_swiglu_oai")
+    counts = np.zeros((2, f.experts), np.int64)
+    energy = np.zeros((2, f.experts, f.width))
+    for item, truth in zip(rec.items, _FakeRuntime.truth):
+        for l, (ids, weights, out, act) in enumerate(truth):
+            np.testing.assert_array_equal(item.ids[:, l], ids)
+            np.testing.assert_array_equal(item.weights[:, l], weights)
+            np.testing.assert_allclose(item.norms[:, l], np.linalg.norm(out.astype(np.float64), axis=-1), rtol=1e-6)
+            counts[l] += np.bincount(ids.reshape(-1), minlength=f.experts)
+            for t in range(ids.shape[0]):
+                for s in range(f.k):
+                    energy[l, ids[t, s]] += act[t, s].astype(np.float64) ** 2
+    np.testing.assert_array_equal(rec.counts, counts)
+    np.testing.assert_allclose(rec.energy, energy, rtol=1e-6)
+
+    _FakeRuntime.plan = {"no_activation": (1,)}
+    with pytest.raises(UspxError, match="layer 1 has no act"):
+        llama.record(model, [[1, 2]], norms=True, energy=True)

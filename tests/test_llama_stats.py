@@ -1,6 +1,11 @@
 """Statistics from llama.cpp: importance-matrix files read as llama-imatrix writes them, routing
 recorded through llama.cpp's evaluation callback against transformers' own routing on the same
-tokens, and the GGUF-only extract."""
+tokens, and the GGUF-only extract.
+
+The tests that run llama.cpp need its Python binding (llama-cpp-python), its converter's source
+(``USPX_LLAMA_CPP_SOURCE``: a checkout or the llama-cpp-python source package) and, for the
+imatrix comparison, its ``llama-imatrix`` program (``USPX_LLAMA_CPP_BIN`` or PATH); without them
+they skip and say which is missing."""
 
 from __future__ import annotations
 
@@ -88,6 +93,33 @@ def test_gguf_imatrix_gives_each_experts_counts_and_channel_energy(tmp_path):
         for t in range(TOKENS):
             x_sums[ids[t]] += x[t] ** 2
         np.testing.assert_allclose(ex.input_energy[l][routed_e], x_sums[routed_e] / counts[routed_e, None], rtol=1e-6)
+
+
+def test_gguf_extract_from_an_imatrix_keeps_the_most_routed_experts(tmp_path):
+    """`uspx extract MODEL.gguf WORKLOAD --imatrix FILE --keep 2`: frequency from the imatrix's
+    counts, the two most routed experts of each layer kept, the GGUF pruned to them."""
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    write_moe_gguf(tmp_path / "m.gguf", used=TOP_K)
+    routed = _routed_activations(2, seed=3)
+    _write_gguf_imatrix(tmp_path / "imatrix.gguf", routed)
+    from uspx.gguf_extract import extract_gguf
+
+    report = extract_gguf(tmp_path / "m.gguf", "python_dev", tmp_path / "run", keep=2,
+                          imatrix=tmp_path / "imatrix.gguf", evaluate=False, progress=False)
+    for l, (ids, _, _) in enumerate(routed):
+        counts = np.bincount(ids.reshape(-1), minlength=E)
+        assert np.sort(counts)[-2] > np.sort(counts)[-3]  # no tie at the cut: one right answer
+        assert report["kept"][str(l)] == sorted(np.argsort(-counts)[:2].tolist())
+    assert report["statistics"]["tokens"] == TOKENS and report["method"] == "frequency"
+    assert report["evaluation"] is None and "evaluate=False" in report["evaluation_note"]
+    pruned = gguf.GGUFReader(str(tmp_path / "run" / "model.gguf"))
+    assert pruned.fields["qwen3moe.expert_count"].contents() == 2
+    res = CliRunner().invoke(app, ["extract", str(tmp_path / "m.gguf"), "python_dev", "--keep", "2", "--imatrix",
+                                   str(tmp_path / "imatrix.gguf"), "--method", "reap", "-o", str(tmp_path / "run2")])
+    assert res.exit_code != 0 and "not computable from an imatrix" in str(res.exception)
 
 
 def test_legacy_imatrix_keeps_means_but_no_counts(tmp_path):

@@ -103,7 +103,7 @@ def test_gguf_extract_from_an_imatrix_keeps_the_most_routed_experts(tmp_path):
     from uspx.cli import app
 
     write_moe_gguf(tmp_path / "m.gguf", used=TOP_K)
-    routed = _routed_activations(2, seed=3)
+    routed = _routed_activations(2, seed=4)
     _write_gguf_imatrix(tmp_path / "imatrix.gguf", routed)
     from uspx.gguf_extract import extract_gguf
 

@@ -345,6 +345,9 @@ def test_gguf_only_extract_scores_as_the_checkpoint_does(teacher_gguf, tmp_path)
     hf = stats_from_trace(Trace(tmp_path / "hf_trace"), "all", norms=True)
     ll = stats_from_trace(Trace(tmp_path / "run" / "trace"), "all", norms=True)
     np.testing.assert_array_equal(ll.count, hf.count)
+    columns = ["sample", "position", "token_id", "family", "is_completion", "layer", "expert_ids"]
+    assert Trace(tmp_path / "run" / "trace").table(columns).to_pylist() == \
+        Trace(tmp_path / "hf_trace").table(columns).to_pylist()  # the same rows, experts in the same order
     np.testing.assert_array_equal(ll.tokens, hf.tokens)
     np.testing.assert_allclose(ll.sum_weight_norm, hf.sum_weight_norm, rtol=5e-3)
     scores = load_scores(tmp_path / "run" / "scores")

@@ -225,7 +225,7 @@ def write_trace(model: GGUFModel, encoded, recording: Recording, out: str | Path
                            np.concatenate([np.asarray(e.input_ids) for e in chunk]),
                            np.repeat(np.array([e.family for e in chunk], object), n),
                            np.repeat(np.array([e.split for e in chunk], object), n),
-                           (local >= start) & (start > 0), model.moe_layers, per_layer)
+                           local >= start, model.moe_layers, per_layer)  # as uspx trace marks scored tokens
         write_shard(out, manifest, s // items_per_shard, chunk, table)
     return finish_manifest(out, manifest, wl_summary, encoded, time.perf_counter() - started)
 

@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--items", type=int, default=60, help="held-out items of python_dev and of mixed, each")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_llama_cpp")
+    ap.add_argument("--dense-student", type=Path,
+                    help="also a dense student's folder (`uspx student RUN --base PATH`, its model/): converted, and "
+                         "compared on its own tokenizer's ids")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,20 @@ def main() -> None:
             export_gguf(folder / "model", files[f"{name}-joint"], llama_cpp=args.llama_cpp,
                         **({"outtype": outtype} if outtype else {}))
 
+    students = []
+    if args.dense_student is not None:
+        model_dir = args.dense_student / "model" if (args.dense_student / "model").is_dir() else args.dense_student
+        files["student"] = args.out / "dense-student.gguf"
+        if not files["student"].exists():
+            export_gguf(model_dir, files["student"], llama_cpp=args.llama_cpp, outtype="f32")
+        s_tok = AutoTokenizer.from_pretrained(model_dir)
+        pairs = [(t, ids) for t in texts if len(ids := s_tok.encode(t, add_special_tokens=False)[:512]) >= 2]
+        s_lists = [ids for _, ids in pairs]
+        s_vocab = Llama(str(files["student"]), vocab_only=True, verbose=False)
+        s_same = sum(s_vocab.tokenize(t.encode(), add_bos=False, special=False)[:512] == ids for t, ids in pairs)
+        print(f"dense student: llama.cpp's ids equal its tokenizer's on {s_same} of {len(s_lists)} texts", flush=True)
+        students.append(("dense student of another family (f32)", files["student"], model_dir, s_lists))
+
     rows = {}
     for name, gguf_file, hf_dir, lists in (
             ("teacher", files["teacher"], BUNDLED_TEACHER, token_lists),
@@ -173,7 +190,8 @@ def main() -> None:
             ("teacher GGUF pruned in place (50%)", files["in_place"], run / "model", token_lists),
             ("MXFP4 gpt-oss stand-in, pruned (50%)", files["mxfp4"], mx_run / "model", mx_lists),
             ("joint cut of the teacher (f16)", files["teacher-joint"], joint["teacher"] / "model", token_lists),
-            ("joint cut of the MXFP4 stand-in", files["mxfp4-joint"], joint["mxfp4"] / "model", mx_lists)):
+            ("joint cut of the MXFP4 stand-in", files["mxfp4-joint"], joint["mxfp4"] / "model", mx_lists),
+            *students):
         rows[name] = dict(compare(gguf_file, hf_dir, lists, args.threads), gguf=str(gguf_file),
                           bytes=gguf_file.stat().st_size, tensor_types=tensor_types(gguf_file))
         r = rows[name]

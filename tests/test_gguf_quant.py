@@ -78,6 +78,26 @@ def test_planner_q4_k_m_counts_the_down_projections_more_bits():
         mem.precision("q4_k_x")
 
 
+def test_planner_follows_llama_quantizes_row_and_eight_expert_rules():
+    """The teacher (hidden 256, experts 96 wide, 6 layers, K/V 128 x 256, output 256 x 256) at Q4_K_M,
+    worked out by hand from llama.cpp's rules."""
+    hidden, width, kv, o = 256, 96, 128 * 256, 256 * 256
+    prec = mem.gguf_precision("Q4_K_M", 6, hidden=hidden, width=width, v_weights=kv, k_weights=kv, o_weights=o,
+                              n_experts=16)
+    # gate and up: rows of 256, Q4_K; down: rows of 96, so Q4_K -> Q5_0 (22/32 bytes), and in layers 2
+    # and 5 Q6_K -> Q8_0 (34/32)
+    down = (2 / 6) * 8.5 + (4 / 6) * 5.5
+    assert prec.expert_bits == pytest.approx(4.5 * 2 / 3 + down / 3)
+    assert prec.extra_bits == pytest.approx(2 * kv * (6.5625 - 4.5))  # V of layers 2 and 5: Q6_K
+    eight = mem.gguf_precision("Q4_K_M", 6, hidden=hidden, width=width, v_weights=kv, k_weights=kv, o_weights=o,
+                               n_experts=8)
+    # 8 experts: K and V of every layer Q8_0, the attention output Q5_K
+    assert eight.extra_bits == pytest.approx(6 * 2 * kv * (8.5 - 4.5) + 6 * o * (5.5 - 4.5))
+    assert mem.gguf_row_type("Q4_K", 2880) == "Q5_0" and mem.gguf_row_type("Q6_K", 96) == "Q8_0"
+    assert mem.gguf_row_type("Q5_K", 48) == "F16"  # not whole 32-blocks either
+    assert mem.gguf_precision("Q4_K_M", hidden=2880).lm_head_bits == 8.5  # output rows not whole 256-blocks
+
+
 # ----- with llama.cpp ---------------------------------------------------------------------------------
 def _llama_cpp() -> str:
     path = os.environ.get("USPX_LLAMA_CPP")
@@ -129,6 +149,7 @@ def test_quantize_with_the_users_importance_matrix(teacher_f32, tmp_path):
     assert {f["tensor"] for f in downs if f["used"] == "Q8_0"} == {"blk.2.ffn_down_exps.weight",
                                                                    "blk.5.ffn_down_exps.weight"}
     assert guided["parameter_bytes"] == plain["parameter_bytes"]
+    assert guided["parameter_bytes"] == mem.estimate(BUNDLED_TEACHER, "q4_k_m", context=0).weights_bytes
 
 
 def test_planner_q8_0_equals_the_file_and_cli(teacher_f32, tmp_path):

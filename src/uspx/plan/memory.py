@@ -107,6 +107,7 @@ class Precision:
     expert_bits: float | None = None  # GGUF *_M mixes: the experts' average (some down projections get more)
     embedding_bits: float | None = None  # GGUF: the token embedding table is quantized too
     lm_head_bits: float | None = None  # GGUF: the output matrix (Q6_K under the K mixes)
+    extra_bits: float = 0.0  # GGUF *_M mixes: attention V of some layers in Q6_K, beyond the base type
 
     def bits(self, part: Part, quantizable: bool) -> float:
         if not quantizable:
@@ -140,25 +141,64 @@ def precision(dtype: str, scale_group: int | None = None) -> Precision:
                     f"({', '.join(GGUF_QUANTS)})")
 
 
-def gguf_precision(quant: str, n_layers: int | None = None) -> Precision:
+# llama-quantize's fallback when a row is not whole blocks of the wanted type (tensor_type_fallback
+# in src/llama-quant.cpp): a 32-block type of at least as many bits; F16 when even that does not fit
+GGUF_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+                 "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+                 "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ4_XS": "IQ4_NL", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
+
+
+def gguf_row_type(type_name: str, row: int | None) -> str:
+    """The type llama-quantize stores a tensor of rows of ``row`` weights in when asked for
+    ``type_name`` (None: rows assumed whole blocks)."""
+    if row is None or row % GGML_TYPES[type_name][0] == 0:
+        return type_name
+    fallback = GGUF_FALLBACK.get(type_name, type_name)
+    return fallback if row % GGML_TYPES[fallback][0] == 0 else "F16"
+
+
+def gguf_precision(quant: str, n_layers: int | None = None, *, hidden: int | None = None,
+                   width: int | None = None, v_weights: int = 0, k_weights: int = 0, o_weights: int = 0,
+                   n_experts: int | None = None) -> Precision:
     """The layout of a GGUF file quantized by llama-quantize to ``quant`` (``Q4_K_M``, ``Q8_0``, ...):
     weight matrices and the token embeddings at the quantization's type, the output matrix Q6_K under
-    the K-quant and IQ mixes (Q8_0 under Q8_0), norms and biases F32 (llama.cpp never quantizes a
-    vector). Under *_M mixes the down projections of :func:`more_bits_layers` layers are Q6_K: with
-    ``n_layers`` the experts' bits are that average (down is one of an expert's three matrices)."""
+    the K-quant and IQ mixes (Q8_0 under Q8_0, and where its rows are not whole blocks), norms and
+    biases F32 (llama.cpp never quantizes a vector). Under *_M mixes the down projections of
+    :func:`more_bits_layers` layers are Q6_K: with ``n_layers`` the experts' bits are that average
+    (down is one of an expert's three matrices). With the row lengths (``hidden``: the model's
+    width, the rows of gate, up, attention and embeddings; ``width``: an expert's, the rows of its
+    down projection) a row that is not whole blocks takes llama-quantize's fallback type. ``v_weights``: the weights of one
+    layer's attention V projection, which *_M mixes also store Q6_K in those layers. A model of
+    exactly 8 experts (``n_experts``) gets llama.cpp's Mixtral rule: attention K and V (``k_weights``,
+    ``v_weights`` per layer) Q8_0, and under the 3- and 4-bit mixes the attention output
+    (``o_weights``) Q5_K."""
     key = quant.upper()
     if key not in GGUF_QUANTS:
         raise UspxError(f"unknown GGUF quantization {quant!r}; known: {', '.join(GGUF_QUANTS)}")
-    base = ggml_bits(GGUF_QUANTS[key])
-    out = ggml_bits("Q8_0") if key == "Q8_0" else ggml_bits("Q6_K") if base < ggml_bits("Q6_K") else base
-    expert = None
+    base_type = GGUF_QUANTS[key]
+    base = ggml_bits(gguf_row_type(base_type, hidden))
+    if key == "MXFP4_MOE":  # experts MXFP4, every other matrix Q8_0
+        return Precision(key.lower(), ggml_bits("Q8_0"), 32, expert_bits=ggml_bits("MXFP4"),
+                         embedding_bits=ggml_bits("Q8_0"), lm_head_bits=ggml_bits("Q8_0"))
+    if key == "Q8_0" or ggml_bits(base_type) >= ggml_bits("Q6_K"):
+        out = ggml_bits(gguf_row_type(base_type, hidden))
+    else:
+        out = ggml_bits("Q6_K" if hidden is None or hidden % 256 == 0 else "Q8_0")
+    down = ggml_bits(gguf_row_type(base_type, width))
     if key in ("Q4_K_M", "Q5_K_M") and n_layers:
         share = more_bits_layers(n_layers) / n_layers
-        expert = base * 2 / 3 + (share * ggml_bits("Q6_K") + (1 - share) * base) / 3
-    if key == "MXFP4_MOE":  # experts MXFP4, every other matrix Q8_0
-        return Precision(key.lower(), ggml_bits("Q8_0"), 32, expert_bits=base, embedding_bits=ggml_bits("Q8_0"),
-                         lm_head_bits=ggml_bits("Q8_0"))
-    return Precision(key.lower(), base, 32, expert_bits=expert, embedding_bits=base, lm_head_bits=out)
+        down = share * ggml_bits(gguf_row_type("Q6_K", width)) + (1 - share) * down
+    expert = base * 2 / 3 + down / 3
+    extra = 0.0
+    if n_experts == 8 and n_layers and not key.startswith(("IQ1", "IQ2")):
+        extra = n_layers * (v_weights + k_weights) * (ggml_bits(gguf_row_type("Q8_0", hidden)) - base)
+        if key in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M",
+                   "IQ4_XS"):
+            extra += n_layers * o_weights * (ggml_bits("Q5_K") - base)
+    elif key in ("Q4_K_M", "Q5_K_M") and n_layers:
+        extra = more_bits_layers(n_layers) * v_weights * (ggml_bits(gguf_row_type("Q6_K", hidden)) - base)
+    return Precision(key.lower(), base, 32, expert_bits=expert, embedding_bits=base, lm_head_bits=out,
+                     extra_bits=extra)
 
 
 def _bytes(bits: float) -> int:
@@ -174,7 +214,7 @@ def expert_bytes(params: ModelParams, prec: Precision) -> int:
 
 def fixed_bytes(params: ModelParams, prec: Precision) -> int:
     """Bytes of everything whose size does not depend on the kept experts."""
-    bits = 0.0
+    bits = prec.extra_bits
     for name, part in params.other.items():
         tied = not params.other["lm_head"].total  # llama.cpp then stores the table in the output's type
         special = {"embeddings": prec.lm_head_bits if tied else prec.embedding_bits,
@@ -288,8 +328,12 @@ def estimate(
     """
     params = config if isinstance(config, ModelParams) else count_params(config)
     resolved = _resolve_dtype(params, dtype)
-    prec = (gguf_precision(resolved, params.num_layers) if resolved.upper() in GGUF_QUANTS and resolved.upper()
-            not in ("F32", "F16", "BF16") else precision(resolved, scale_group))
+    if resolved.upper() in GGUF_QUANTS and resolved.upper() not in ("F32", "F16", "BF16"):
+        rows = _row_lengths(config)
+        n_kept = params.num_experts if experts_per_layer is None else int(experts_per_layer)
+        prec = gguf_precision(resolved, params.num_layers, n_experts=n_kept, **rows)
+    else:
+        prec = precision(resolved, scale_group)
     n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if not 0 <= n <= params.num_experts:
         raise UspxError(f"experts per layer must be in 0..{params.num_experts}, got {n}")
@@ -299,6 +343,27 @@ def estimate(
         expert_bytes=expert_bytes(params, prec),
         kv_bytes=kv_cache_bytes(params, context, kv_dtype, batch), reserve_bytes=reserve_bytes,
     )
+
+
+def _row_lengths(config: Any) -> dict[str, int | None]:
+    """The model's width, an expert's width and one layer's attention K, V and output weights, from
+    a config, for llama-quantize's rules (:func:`gguf_precision`); nothing where only parameter
+    counts were given."""
+    if isinstance(config, ModelParams):
+        return {}
+    cfg = load_config(config)
+    family = adapter_class(str(cfg.model_type))
+    params = family.count_params(cfg)
+    vocab = getattr(cfg, "vocab_size", None)
+    # the model's width as the family's own formula counts it: the embedding table is vocab x width
+    hidden = params.other["embeddings"].matrix // int(vocab) if vocab else None
+    try:  # families whose config declares no expert width or head layout: rows assumed whole blocks
+        width = family.config_expert_width(cfg)
+        heads, kv_heads, head_dim = family.config_head_shape(cfg)
+    except Exception:
+        return dict(hidden=hidden, width=None)
+    kv = int(hidden * kv_heads * head_dim) if hidden else 0
+    return dict(hidden=hidden, width=width, v_weights=kv, k_weights=kv, o_weights=int(heads * head_dim * (hidden or 0)))
 
 
 def student_estimate(config: Any, experts_per_layer: int, dtype: str | None = None, *, context: int = 4096,

@@ -173,6 +173,13 @@ def test_dense_student_with_another_tokenizer_end_to_end(run, tmp_path):
     code = rows["dense student"]["code"]
     assert code["teacher_chars"] == code["candidate_chars"] == sum(len(r["completion"]) for r in ROWS[10:])
     assert not code["same_tokenizer"] and code["candidate_tokens"] < code["candidate_chars"]
+    # the verdict checks each family's delta per token of the original against --epsilon (0.05)
+    for name, fams in rows.items():
+        per_teacher_token = {f: r["delta_per_char"] * r["teacher_chars"] / r["teacher_tokens"]
+                             for f, r in fams.items() if f != "all"}
+        assert fams["code"]["delta_per_teacher_token"] == pytest.approx(per_teacher_token["code"], rel=1e-9)
+        expected = "pass" if all(d <= 0.05 for d in per_teacher_token.values()) else "fail"
+        assert report["acceptance"][name]["verdict"] == expected, name
 
 
 def test_dense_student_with_the_same_tokenizer_matches_eval(run, tmp_path):
@@ -191,6 +198,7 @@ def test_dense_student_with_the_same_tokenizer_matches_eval(run, tmp_path):
     assert pruned["same_tokenizer"]
     assert pruned["delta_per_teacher_token"] == pytest.approx(ev["overall"]["delta"], abs=1e-5)
     assert pruned["loss_teacher_per_token"] == pytest.approx(ev["overall"]["loss_teacher"], abs=1e-5)
+    assert report["acceptance"]["pruned MoE"]["verdict"] == ev["acceptance"]["verdict"]  # the same epsilon, 0.05
     # a second call with the same settings reuses the export (no training)
     again = dense_student(run, base, settings=Settings(train="full", steps=2, generated=0, ce=1.0), speed=False,
                           progress=False)

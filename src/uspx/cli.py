@@ -932,7 +932,8 @@ def student(
 
         settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=1.0 if ce is None else ce,
                             layer=layer, tau=tau, lr=lr, lora_rank=lora_rank, generated=generated, seed=seed)
-        res = dense_student(run_dir, base, settings=settings, four_bit=four_bit, out_dir=out, speed=speed)
+        res = dense_student(run_dir, base, settings=settings, four_bit=four_bit, out_dir=out, speed=speed,
+                            epsilon=epsilon)
         console.print(f"dense student: {res['model']}; report: {Path(res['model']).parent / 'dense.json'}")
         return
     settings = Settings(train="full", steps=steps, max_minutes=minutes, kd=kd, ce=ce or 0.0, layer=layer, tau=tau,

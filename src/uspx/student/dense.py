@@ -37,8 +37,9 @@ FORMAT = "uspx-dense-student/1"
 
 def dense_student(run_dir: str | Path, base: str | Path, *, settings: Settings | None = None, four_bit: bool = False,
                   workload=None, out_dir: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                  speed: bool = True, progress: bool = True) -> dict:
-    """Distil ``run_dir``'s original into ``base``, export and compare it; returns (and writes) its report."""
+                  speed: bool = True, epsilon: float = 0.05, progress: bool = True) -> dict:
+    """Distil ``run_dir``'s original into ``base``, export and compare it; returns (and writes) its report
+    with uspx's verdict on every candidate (``epsilon``: the largest loss increase per family)."""
     from uspx.engine.batches import pad_id_of
     from uspx.models import load_model, model_fingerprint
     from uspx.recover.run import _finished, finished_run
@@ -78,10 +79,23 @@ def dense_student(run_dir: str | Path, base: str | Path, *, settings: Settings |
         objectives=_objectives(settings, same), settings=asdict(settings), four_bit=four_bit,
         history=existing["recovered"]["history"], seconds=seconds, heldout=heldout, sizes=sizes, speed=speeds,
         aligned_share=existing.get("aligned_share"),
+        acceptance={name: _acceptance(fams, epsilon) for name, fams in heldout.items()},
     )
     write_json(out / REPORT, result)
     _print(result)
     return result
+
+
+def _acceptance(families: dict, epsilon: float) -> dict:
+    """uspx's one verdict on a candidate judged on text. The delta it checks is per token of the
+    original (the per-character delta times the original's characters per token), so a candidate
+    with another tokenizer meets the same epsilon as a pruned model, and with one tokenizer it is
+    uspx eval's delta."""
+    from uspx.evaluate.run import acceptance
+
+    rows = {f: dict(delta=r["delta_per_teacher_token"], tokens=r["teacher_tokens"], items=r["items"])
+            for f, r in families.items() if f != "all"}
+    return acceptance(rows, {f: epsilon for f in rows}, None)
 
 
 def _objectives(settings: Settings, same: bool) -> str:
@@ -221,12 +235,12 @@ def _print(r: dict) -> None:
     console.print(f"trained {h['step']} steps ({h['seconds']:.0f} s); best validation loss {h['best_val']:.4f} "
                   f"at step {h['best_step']}; stopped: {h['stopped']}; objectives: {r['objectives']}")
     t = Table(title="held-out loss delta vs the original (all families)")
-    for col in ("model", "nats/char", "nats/teacher token", "weights"):
+    for col in ("model", "nats/char", "nats/teacher token", "weights", "verdict"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for name, fams in r["heldout"].items():
         row = fams["all"]
         cell = lambda v: "" if v is None else f"{v:+.4f}"  # noqa: E731
         t.add_row(name, cell(row["delta_per_char"]), cell(row["delta_per_teacher_token"]),
-                  f"{r['sizes'][name] / 2**20:.2f} MiB")
+                  f"{r['sizes'][name] / 2**20:.2f} MiB", r["acceptance"][name]["verdict"])
     console.print(t)
 

@@ -22,8 +22,14 @@ demo: setup
 lint: setup
 	.venv/bin/lint-imports
 
-test: lint
-	$(PY) -m pytest -q
+# llama.cpp's converter (convert_hf_to_gguf.py), for the tests that convert the teacher to GGUF: the
+# llama-cpp-python source package holds it (read from the .tar.gz, never built), downloaded once into .venv.
+LLAMA_SRC := .venv/llama.cpp-source/llama_cpp_python-0.3.36.tar.gz
+$(LLAMA_SRC): | setup
+	$(PY) -m pip download $(PIP_FLAGS) llama-cpp-python==0.3.36 --no-binary :all: --no-deps -d $(dir $@)
+
+test: lint $(LLAMA_SRC)
+	USPX_LLAMA_CPP_SOURCE=$(CURDIR)/$(LLAMA_SRC) $(PY) -m pytest -q
 
 # Rebuild the bundled teacher from scratch (about an hour on 2 CPU cores). The shell
 # family needs fixed Debian packages: `$(PY) -m teacher.corpus --print-deps` lists them.

@@ -21,6 +21,7 @@ Hugging Face checkpoint: ``uspx extract MODEL_DIR``.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
         note = "not run (evaluate=False)"
     elif not wl.part("heldout").items:
         note = f"not run: {wl.source} has no held-out items"
+    elif importlib.util.find_spec("llama_cpp") is None:  # the evaluation runs GGUF files through llama-cpp-python
+        note = ("not run: uspx's evaluation of GGUF files runs them through llama-cpp-python (pip install "
+                "'uspx[llama]'), which is not installed")
     else:
         from uspx.evaluate.gguf import evaluate_gguf
 

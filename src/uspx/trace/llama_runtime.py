@@ -2,11 +2,14 @@
 computes as they are computed (llama.cpp's evaluation callback, ``cb_eval`` in the context
 parameters: the mechanism of llama.cpp's own ``llama-eval-callback`` and ``llama-imatrix``).
 
-Two Python bindings expose that API: llama-cpp-python (``llama_cpp``, ctypes; compiles llama.cpp
-when installed) and llama-cpp-py-sync (``llama_cpp_py_sync``, cffi; prebuilt wheels). Both bind the
-same C functions, so :class:`Runtime` drives either with the same calls; each binding's own
-definition of ``llama_context_params`` is used, since that struct changes between llama.cpp
-versions. The tensors themselves are read through ``struct ggml_tensor``, whose leading fields
+Three packages give that API: llama-cpp-python (``llama_cpp``, ctypes; compiles llama.cpp when
+installed), llama-cpp-py-sync (``llama_cpp_py_sync``, cffi; prebuilt wheels needing glibc 2.38) and
+xllamacpp (prebuilt manylinux wheels whose extension module exports llama.cpp's C functions, with no
+Python binding of them: uspx declares the structs of its pinned build and checks them against the
+build's own defaults). All bind the same C functions, so :class:`Runtime` drives any with the same
+calls; each binding's own definition of ``llama_context_params`` is used where it has one, since
+that struct changes between llama.cpp versions. The tensors themselves are read through
+``struct ggml_tensor``, whose leading fields
 (type, buffer, ne, nb, op, op_params, flags, src, view_src, view_offs, data, name) have kept their
 layout across ggml versions, and ggml's ``ggml_backend_tensor_get`` (tensors on a GPU).
 """
@@ -23,10 +26,10 @@ import numpy as np
 
 from uspx.io import UspxError
 
-BINDINGS = ("llama_cpp", "llama_cpp_py_sync")
-GET_BINDING = ("running a GGUF in uspx needs a Python binding of llama.cpp: pip install 'uspx[llama]' "
-               "(llama-cpp-python, which compiles llama.cpp: about 25 minutes on 2 cores), or llama-cpp-py-sync "
-               "(prebuilt Linux x86-64 wheels, built against glibc 2.38 or newer)")
+BINDINGS = ("llama_cpp", "llama_cpp_py_sync", "xllamacpp")
+GET_BINDING = ("running a GGUF in uspx needs llama.cpp in Python: pip install 'uspx[llama]' (llama-cpp-python, "
+               "which compiles llama.cpp: about 25 minutes on 2 cores), or a prebuilt wheel: xllamacpp=="
+               "2026.10.11549 (Linux x86-64) or llama-cpp-py-sync (built against glibc 2.38 or newer)")
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 # ggml_type values of the tensors read here (ggml.h's enum ggml_type)
@@ -84,11 +87,12 @@ class _Ggml:
         return out.astype(np.float32) if out.dtype == np.float16 else out
 
 
-def _ggml(lib_dir: Path) -> _Ggml:
-    names = sorted(lib_dir.glob("libggml-base.so*")) + sorted(lib_dir.glob("libggml-base.dylib")) + \
-        sorted(lib_dir.glob("ggml-base.dll"))
+def _ggml(where: Path) -> _Ggml:
+    """ggml's reading functions from ``where``: a folder holding libggml-base, or a library file."""
+    names = [where] if where.is_file() else sorted(where.glob("libggml-base.so*")) + \
+        sorted(where.glob("libggml-base.dylib")) + sorted(where.glob("ggml-base.dll"))
     if not names:
-        raise UspxError(f"{lib_dir}: the llama.cpp binding ships no libggml-base library to read tensors with")
+        raise UspxError(f"{where}: the llama.cpp binding ships no libggml-base library to read tensors with")
     lib = ctypes.CDLL(str(names[0]))
     lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
@@ -111,7 +115,108 @@ def binding_name(prefer: str | None = None) -> str:
     raise UspxError(GET_BINDING if prefer is None else f"the llama.cpp binding {prefer} is not installed; {GET_BINDING}")
 
 
+# llama.h's structs as the llama.cpp build inside the pinned xllamacpp wheel declares them
+# (xllamacpp ships llama.cpp's C API in its extension module but no Python binding of it). Checked
+# against the build's own defaults before use, so another build fails with a clear error.
+XLLAMACPP_VERSION = "2026.10.11549"
+
+
+class _XModelParams(ctypes.Structure):
+    _fields_ = [("devices", ctypes.c_void_p), ("tensor_buft_overrides", ctypes.c_void_p),
+                ("n_gpu_layers", ctypes.c_int32), ("split_mode", ctypes.c_int), ("load_mode", ctypes.c_int),
+                ("lazy_mode", ctypes.c_int), ("main_gpu", ctypes.c_int32), ("tensor_split", ctypes.c_void_p),
+                ("progress_callback", ctypes.c_void_p), ("progress_callback_user_data", ctypes.c_void_p),
+                ("kv_overrides", ctypes.c_void_p), ("vocab_only", ctypes.c_bool), ("check_tensors", ctypes.c_bool),
+                ("use_extra_bufts", ctypes.c_bool), ("no_host", ctypes.c_bool), ("no_alloc", ctypes.c_bool),
+                ("load_mtp", ctypes.c_bool)]
+
+
+_EVAL_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class _XContextParams(ctypes.Structure):
+    _fields_ = [("n_ctx", ctypes.c_uint32), ("n_batch", ctypes.c_uint32), ("n_ubatch", ctypes.c_uint32),
+                ("n_seq_max", ctypes.c_uint32), ("n_rs_seq", ctypes.c_uint32), ("n_outputs_max", ctypes.c_uint32),
+                ("n_outputs_max_per_seq", ctypes.c_uint32), ("n_threads", ctypes.c_int32),
+                ("n_threads_batch", ctypes.c_int32), ("ctx_type", ctypes.c_int), ("rope_scaling_type", ctypes.c_int),
+                ("pooling_type", ctypes.c_int), ("attention_type", ctypes.c_int), ("flash_attn_type", ctypes.c_int),
+                ("rope_freq_base", ctypes.c_float), ("rope_freq_scale", ctypes.c_float),
+                ("yarn_ext_factor", ctypes.c_float), ("yarn_attn_factor", ctypes.c_float),
+                ("yarn_beta_fast", ctypes.c_float), ("yarn_beta_slow", ctypes.c_float),
+                ("yarn_orig_ctx", ctypes.c_uint32), ("defrag_thold", ctypes.c_float), ("cb_eval", _EVAL_CALLBACK),
+                ("cb_eval_user_data", ctypes.c_void_p), ("type_k", ctypes.c_int), ("type_v", ctypes.c_int),
+                ("moe_cache_size", ctypes.c_size_t), ("abort_callback", ctypes.c_void_p),
+                ("abort_callback_data", ctypes.c_void_p), ("embeddings", ctypes.c_bool), ("offload_kqv", ctypes.c_bool),
+                ("no_perf", ctypes.c_bool), ("op_offload", ctypes.c_bool), ("swa_full", ctypes.c_bool),
+                ("kv_unified", ctypes.c_bool), ("samplers", ctypes.c_void_p), ("n_samplers", ctypes.c_size_t),
+                ("ctx_other", ctypes.c_void_p)]
+
+
+class _XBatch(ctypes.Structure):
+    _fields_ = [("n_tokens", ctypes.c_int32), ("token", ctypes.POINTER(ctypes.c_int32)),
+                ("embd", ctypes.POINTER(ctypes.c_float)), ("pos", ctypes.POINTER(ctypes.c_int32)),
+                ("n_seq_id", ctypes.POINTER(ctypes.c_int32)), ("seq_id", ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))),
+                ("logits", ctypes.POINTER(ctypes.c_int8))]
+
+
+class _XApi:
+    """llama.cpp's C functions from xllamacpp's extension module, named as llama-cpp-python names
+    them, so :class:`Runtime` drives it as it drives llama-cpp-python."""
+
+    llama_token = ctypes.c_int32
+    ggml_backend_sched_eval_callback = _EVAL_CALLBACK
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i32, vp = ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p
+        sigs = {
+            "llama_backend_init": ([], None), "llama_model_default_params": ([], _XModelParams),
+            "llama_context_default_params": ([], _XContextParams),
+            "llama_model_load_from_file": ([ctypes.c_char_p, _XModelParams], p),
+            "llama_init_from_model": ([p, _XContextParams], p), "llama_model_get_vocab": ([p], p),
+            "llama_tokenize": ([p, ctypes.c_char_p, i32, ctypes.POINTER(i32), i32, ctypes.c_bool, ctypes.c_bool], i32),
+            "llama_batch_init": ([i32, i32, i32], _XBatch), "llama_batch_free": ([_XBatch], None),
+            "llama_decode": ([p, _XBatch], i32), "llama_get_memory": ([p], p),
+            "llama_memory_clear": ([p, ctypes.c_bool], None), "llama_free": ([p], None),
+            "llama_model_free": ([p], None), "llama_log_set": ([_LOG_CALLBACK, vp], None),
+        }
+        for name, (args, res) in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+            setattr(self, name, fn)
+        self._check()
+
+    def _check(self) -> None:
+        """The build's defaults (src/llama-context.cpp, src/llama-model.cpp) read through these
+        structs: a different layout reads other values."""
+        c, m = self.llama_context_default_params(), self.llama_model_default_params()
+        got = (c.n_ctx, c.n_batch, c.n_ubatch, c.n_seq_max, c.n_outputs_max_per_seq, c.yarn_ext_factor,
+               c.defrag_thold, bool(c.cb_eval), c.type_k, c.type_v, c.abort_callback, c.offload_kqv, c.no_perf,
+               c.n_samplers, m.n_gpu_layers, m.use_extra_bufts, m.vocab_only)
+        want = (512, 2048, 512, 1, 1, -1.0, -1.0, False, 1, 1, None, True, True, 0, -1, True, False)
+        if got != want:
+            raise UspxError(f"the llama.cpp build in this xllamacpp lays out llama.h's parameters otherwise than "
+                            f"uspx declares (defaults read {got}, expected {want}); install xllamacpp=={XLLAMACPP_VERSION}")
+
+
 _QUIET: dict = {}  # the process-wide log callback set on a binding without a logger of its own
+
+
+def _xllamacpp() -> tuple[_XApi, Path]:
+    """xllamacpp's extension module as llama.cpp's C API (checked), quieted once per process."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("xllamacpp.xllamacpp")
+    if spec is None or not spec.origin:
+        raise UspxError(f"xllamacpp is not installed; {GET_BINDING}")
+    if "xllamacpp" not in _QUIET:
+        api = _XApi(Path(spec.origin))
+        quiet = _LOG_CALLBACK(lambda level, text, data: None)  # llama.cpp keeps it for the process
+        api.llama_log_set(quiet, None)
+        _QUIET["xllamacpp"] = (api, Path(spec.origin), quiet)
+    api, path, _ = _QUIET["xllamacpp"]
+    return api, path
 
 EvalCallback = Callable[[int, bool], bool]
 """(address of the ggml_tensor, ask) -> bool, as llama.cpp's ``ggml_backend_sched_eval_callback``."""
@@ -132,19 +237,21 @@ class Runtime:
         threads = n_threads or max(1, (os.cpu_count() or 1))
         self._keep: list = []  # callbacks and buffers that C holds pointers to
         if self.binding == "llama_cpp":
-            self._open_ctypes(threads, n_gpu_layers, callback)
+            import llama_cpp
+            from llama_cpp import _logger
+
+            _logger.set_verbose(False)  # the binding's own logger (what Llama(verbose=False) does): errors only
+            self._open_ctypes(llama_cpp, _ggml(Path(llama_cpp.__file__).parent / "lib"), threads, n_gpu_layers,
+                              callback)
+        elif self.binding == "xllamacpp":
+            api, lib = _xllamacpp()
+            self._open_ctypes(api, _ggml(lib), threads, n_gpu_layers, callback)
         else:
             self._open_cffi(threads, n_gpu_layers, callback)
 
-    # ----- llama-cpp-python (ctypes) -------------------------------------------------------------
-    def _open_ctypes(self, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
-        import llama_cpp as L
-
-        self._L = L
-        self.ggml = _ggml(Path(L.__file__).parent / "lib")
-        from llama_cpp import _logger
-
-        _logger.set_verbose(False)  # the binding's own logger (what Llama(verbose=False) does): errors only
+    # ----- llama-cpp-python, or xllamacpp's C functions (ctypes) ----------------------------------
+    def _open_ctypes(self, L, ggml: _Ggml, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
+        self._L, self.ggml = L, ggml
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers
@@ -205,7 +312,7 @@ class Runtime:
         """llama.cpp's token ids of ``text`` by the GGUF's own vocabulary (special tokens as text)."""
         data = text.encode("utf-8")
         room = len(data) + 16
-        if self.binding == "llama_cpp":
+        if self.binding != "llama_cpp_py_sync":
             L = self._L
             buf = (L.llama_token * room)()
             n = L.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
@@ -222,7 +329,7 @@ class Runtime:
             raise UspxError(f"{self.path} was opened for its vocabulary only")
         if not 0 < n <= self.n_ctx:
             raise UspxError(f"{n} tokens for a llama.cpp context of {self.n_ctx}")
-        api = self._L if self.binding == "llama_cpp" else self._lib
+        api = self._lib if self.binding == "llama_cpp_py_sync" else self._L
         api.llama_memory_clear(api.llama_get_memory(self.ctx), True)
         batch = api.llama_batch_init(n, 0, 1)
         try:
@@ -240,7 +347,7 @@ class Runtime:
             raise UspxError(f"{self.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
 
     def close(self) -> None:
-        api = self._L if self.binding == "llama_cpp" else self._lib
+        api = self._lib if self.binding == "llama_cpp_py_sync" else self._L
         if getattr(self, "ctx", None):
             api.llama_free(self.ctx)
             self.ctx = None

@@ -155,22 +155,15 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
     and batches. When the run recovered, the update recovers too, starting from the run's recovered
     weights (``recover_steps`` caps the training; default: the run's own settings).
     """
-    from uspx.engine import open_source
     from uspx.extract import extract
 
-    started = time.perf_counter()
+    clock = _Clock()
     prev = read_previous(run_dir)
-    wl_source = new_workload.source if isinstance(new_workload, Workload) else str(new_workload)
-    out = Path(out_dir) if out_dir is not None else default_out(prev.path, wl_source)
-    if out.resolve() == prev.path.resolve():
-        raise UspxError(f"{out}: the update goes to another folder than the run it updates")
+    out = _out_folder(prev, new_workload, out_dir)
     if (out / FILENAME).exists():
         console.print(f"{out} already holds this update")
         return read_json(out / FILENAME)
-    opened = open_source(model if model is not None else prev.report["model"]["source"], dtype=dtype,
-                         streaming=bool(prev.report.get("streaming")))
-    if opened.fingerprint != prev.report["model"]["fingerprint"]:
-        raise FingerprintMismatch(f"{opened.path} is not the model {prev.path} was extracted from")
+    opened = _open(prev, model, dtype)
     old_wl, new_wl = _old_workload(prev), (new_workload if isinstance(new_workload, Workload)
                                            else load_workload(new_workload))
     added, repeated = combine(old_wl, new_wl)
@@ -179,22 +172,53 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
         raise UspxError(f"{new_wl.source}: no new calibration items ({repeated} already in the run)")
     out.mkdir(parents=True, exist_ok=True)
     whole = write_workload(old_wl.items + added, out / "workload.jsonl")
-    clock = {}
     tokens = _trace_new(opened, prev, whole, added_wl, out, progress)
-    clock["trace new items"] = round(time.perf_counter() - started, 2)
+    clock.done("trace new items")
     report = extract(opened, whole, out, **_extract_options(prev), dtype=dtype, progress=progress)
-    clock["score + select + export + evaluate"] = round(time.perf_counter() - started - sum(clock.values()), 2)
+    clock.done("score + select + export + evaluate")
     warm = None
     if prev.recovered is not None:
         warm = _recover(prev, opened, whole, out, report, recover_steps, dtype, progress)
-        clock["recover"] = round(time.perf_counter() - started - sum(clock.values()), 2)
+        clock.done("recover")
     quality = _quality(opened, prev, out, bool(report.get("recovered")), whole, old_wl, added_wl, dtype)
-    clock["quality before and after"] = round(time.perf_counter() - started - sum(clock.values()), 2)
-    result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality, clock,
-                     round(time.perf_counter() - started, 2))
+    clock.done("quality before and after")
+    result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality, clock.seconds)
     write_json(out / FILENAME, result)
     print_update(result)
     return result
+
+
+class _Clock:
+    """Seconds per stage, each from the end of the one before, and the total."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, stage: str) -> None:
+        now = round(time.perf_counter() - self.started, 2)
+        self.seconds[stage] = round(now - self.seconds.get("total", 0.0), 2)
+        self.seconds["total"] = now
+
+
+def _out_folder(prev: Previous, new_workload: str | Path | Workload, out_dir: str | Path | None) -> Path:
+    source = new_workload.source if isinstance(new_workload, Workload) else str(new_workload)
+    out = Path(out_dir) if out_dir is not None else default_out(prev.path, source)
+    if out.resolve() == prev.path.resolve():
+        raise UspxError(f"{out}: the update goes to another folder than the run it updates")
+    return out
+
+
+def _open(prev: Previous, model: str | Path | Opened | None, dtype: str) -> Opened:
+    """The run's original model (where ``model`` says, else where the report names it), opened as
+    the run opened it; another model is an error."""
+    from uspx.engine import open_source
+
+    opened = open_source(model if model is not None else prev.report["model"]["source"], dtype=dtype,
+                         streaming=bool(prev.report.get("streaming")))
+    if opened.fingerprint != prev.report["model"]["fingerprint"]:
+        raise FingerprintMismatch(f"{opened.path} is not the model {prev.path} was extracted from")
+    return opened
 
 
 def _old_workload(prev: Previous) -> Workload:
@@ -382,7 +406,7 @@ def _deltas(items: list[dict], ids: set[str]) -> dict:
 
 
 def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeated: int, tokens: dict, report: dict,
-            warm: dict | None, quality: dict, seconds: dict, total: float) -> dict:
+            warm: dict | None, quality: dict, seconds: dict) -> dict:
     after = {int(l): v for l, v in report["kept"].items()}
     layer_changes = changes(prev.kept, after)
     return dict(
@@ -394,7 +418,7 @@ def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeat
         experts_swapped=sum(len(c.kept_in) for c in layer_changes),
         shape=dict(before=prev.report.get("shape"), after=report.get("shape")),
         recovery=None if prev.recovered is None else dict(warm_start=warm, model=report["recovered"]["model"]),
-        quality=quality, verdict=report["acceptance"]["verdict"], seconds=dict(seconds, total=total),
+        quality=quality, verdict=report["acceptance"]["verdict"], seconds=seconds,
     )
 
 

@@ -2,13 +2,12 @@
 computes as they are computed (llama.cpp's evaluation callback, ``cb_eval`` in the context
 parameters: the mechanism of llama.cpp's own ``llama-eval-callback`` and ``llama-imatrix``).
 
-Three packages give that API: llama-cpp-python (``llama_cpp``, ctypes; compiles llama.cpp when
-installed), llama-cpp-py-sync (``llama_cpp_py_sync``, cffi; prebuilt wheels needing glibc 2.38) and
-xllamacpp (prebuilt manylinux wheels whose extension module exports llama.cpp's C functions, with no
-Python binding of them: uspx declares the structs of its pinned build and checks them against the
-build's own defaults). All bind the same C functions, so :class:`Runtime` drives any with the same
-calls; each binding's own definition of ``llama_context_params`` is used where it has one, since
-that struct changes between llama.cpp versions. The tensors themselves are read through
+Two packages give that API: llama-cpp-python (``llama_cpp``, ctypes; compiles llama.cpp when
+installed) and xllamacpp (prebuilt manylinux wheels whose extension module exports llama.cpp's C
+functions, with no Python binding of them: uspx declares the structs of its pinned build and checks
+them against the build's own defaults). Both bind the same C functions, so :class:`Runtime` drives
+either with the same calls; llama-cpp-python's own definition of ``llama_context_params`` is used
+with it, since that struct changes between llama.cpp versions. The tensors themselves are read through
 ``struct ggml_tensor``, whose leading fields
 (type, buffer, ne, nb, op, op_params, flags, src, view_src, view_offs, data, name) have kept their
 layout across ggml versions, and ggml's ``ggml_backend_tensor_get`` (tensors on a GPU).
@@ -26,10 +25,10 @@ import numpy as np
 
 from uspx.io import UspxError
 
-BINDINGS = ("llama_cpp", "llama_cpp_py_sync", "xllamacpp")
+BINDINGS = ("llama_cpp", "xllamacpp")
 GET_BINDING = ("running a GGUF in uspx needs llama.cpp in Python: pip install 'uspx[llama]' (llama-cpp-python, "
-               "which compiles llama.cpp: about 25 minutes on 2 cores), or a prebuilt wheel: xllamacpp=="
-               "2026.10.11549 (Linux x86-64) or llama-cpp-py-sync (built against glibc 2.38 or newer)")
+               "which compiles llama.cpp: about 25 minutes on 2 cores), or the prebuilt xllamacpp==2026.10.11549 "
+               "(Linux x86-64)")
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 # ggml_type values of the tensors read here (ggml.h's enum ggml_type)
@@ -102,8 +101,7 @@ def _ggml(where: Path) -> _Ggml:
 
 
 def binding_name(prefer: str | None = None) -> str:
-    """The binding uspx will use: ``prefer``, else llama-cpp-python where installed, else
-    llama-cpp-py-sync."""
+    """The binding uspx will use: ``prefer``, else llama-cpp-python where installed, else xllamacpp."""
     import importlib.util
 
     order = [prefer] if prefer else list(BINDINGS)
@@ -200,7 +198,7 @@ class _XApi:
                             f"uspx declares (defaults read {got}, expected {want}); install xllamacpp=={XLLAMACPP_VERSION}")
 
 
-_QUIET: dict = {}  # the process-wide log callback set on a binding without a logger of its own
+_QUIET: dict = {}  # xllamacpp's checked API and the process-wide log callback set on it
 
 
 def _xllamacpp() -> tuple[_XApi, Path]:
@@ -243,11 +241,9 @@ class Runtime:
             _logger.set_verbose(False)  # the binding's own logger (what Llama(verbose=False) does): errors only
             self._open_ctypes(llama_cpp, _ggml(Path(llama_cpp.__file__).parent / "lib"), threads, n_gpu_layers,
                               callback)
-        elif self.binding == "xllamacpp":
+        else:
             api, lib = _xllamacpp()
             self._open_ctypes(api, _ggml(lib), threads, n_gpu_layers, callback)
-        else:
-            self._open_cffi(threads, n_gpu_layers, callback)
 
     # ----- llama-cpp-python, or xllamacpp's C functions (ctypes) ----------------------------------
     def _open_ctypes(self, L, ggml: _Ggml, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
@@ -273,53 +269,14 @@ class Runtime:
         if not self.ctx:
             raise UspxError(f"{self.path}: llama.cpp could not create a context of {self.n_ctx} tokens")
 
-    # ----- llama-cpp-py-sync (cffi) --------------------------------------------------------------
-    def _open_cffi(self, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
-        from llama_cpp_py_sync import _cffi_bindings as B
-
-        ffi, lib = B.get_ffi(), B.get_lib()
-        self._ffi, self._lib = ffi, lib
-        self.ggml = _ggml(Path(B.__file__).parent)
-        if "cffi" not in _QUIET:  # llama.cpp keeps the log callback for the process: it must live as long
-            _QUIET["cffi"] = ffi.callback("void(enum ggml_log_level, const char *, void *)", lambda lv, text, data: None)
-            lib.llama_log_set(_QUIET["cffi"], ffi.NULL)
-        lib.llama_backend_init()
-        mp = lib.llama_model_default_params()
-        mp.n_gpu_layers = gpu_layers
-        mp.vocab_only = self.vocab_only
-        self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
-        if self.model == ffi.NULL:
-            raise UspxError(f"{self.path}: llama.cpp could not load this GGUF file")
-        self.vocab = lib.llama_model_get_vocab(self.model)
-        if self.vocab_only:
-            return
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_ctx
-        cp.n_threads = cp.n_threads_batch = threads
-        if callback is not None:
-            def cb(t, ask, data):
-                return bool(callback(int(ffi.cast("uintptr_t", t)), bool(ask)))
-
-            handle = ffi.callback("bool(struct ggml_tensor *, bool, void *)", cb)
-            self._keep.append(handle)
-            cp.cb_eval = handle
-        self.ctx = lib.llama_init_from_model(self.model, cp)
-        if self.ctx == ffi.NULL:
-            raise UspxError(f"{self.path}: llama.cpp could not create a context of {self.n_ctx} tokens")
-
     # ----- the calls -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """llama.cpp's token ids of ``text`` by the GGUF's own vocabulary (special tokens as text)."""
         data = text.encode("utf-8")
         room = len(data) + 16
-        if self.binding != "llama_cpp_py_sync":
-            L = self._L
-            buf = (L.llama_token * room)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
-            return list(buf[:n])
-        buf = self._ffi.new("llama_token[]", room)
-        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
-        return [int(buf[i]) for i in range(n)]
+        buf = (self._L.llama_token * room)()
+        n = self._L.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
+        return list(buf[:n])
 
     def decode(self, tokens: list[int]) -> None:
         """Run ``tokens`` as one sequence from position 0 (the memory cleared first), every
@@ -329,7 +286,7 @@ class Runtime:
             raise UspxError(f"{self.path} was opened for its vocabulary only")
         if not 0 < n <= self.n_ctx:
             raise UspxError(f"{n} tokens for a llama.cpp context of {self.n_ctx}")
-        api = self._lib if self.binding == "llama_cpp_py_sync" else self._L
+        api = self._L
         api.llama_memory_clear(api.llama_get_memory(self.ctx), True)
         batch = api.llama_batch_init(n, 0, 1)
         try:
@@ -347,7 +304,7 @@ class Runtime:
             raise UspxError(f"{self.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
 
     def close(self) -> None:
-        api = self._lib if self.binding == "llama_cpp_py_sync" else self._L
+        api = self._L
         if getattr(self, "ctx", None):
             api.llama_free(self.ctx)
             self.ctx = None

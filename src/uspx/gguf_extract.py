@@ -79,7 +79,7 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
                           fixed_bytes=gm.fixed_bytes + kv, uniform=True,
                           scores_fingerprint=table.meta.get("fingerprint"), model_fingerprint=gm.fingerprint)
     plan.model_type = gm.arch
-    plan.sizes["kv_cache"] = kv
+    plan.sizes.update(fixed_weights=gm.fixed_bytes, kv_cache=kv)  # the selection's fixed part held both
     plan.settings.update(context=context if budget is not None else 0, kv_dtype="f16 (llama.cpp's default cache)",
                          cost_source="the GGUF's stored bytes per expert")
     plan.save(out / "plan.json")

@@ -196,3 +196,33 @@ def test_refuses_other_vocabularies_and_missing_files(converted, tmp_path, one_t
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(UspxError, match="cannot load"):
         evaluate_gguf(model, bad, wl, threads=1, speed=False)
+
+
+def test_cli_export_quantized_and_eval(converted, tmp_path, one_thread):
+    """`uspx export --quant` with the user's importance matrix, then `uspx eval FILE.gguf`."""
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    model, f32, wl, rows = converted
+    src = _source()
+    out = tmp_path / "q8.gguf"
+    res = CliRunner().invoke(app, ["export", str(model), "--llama-cpp", src, "--outtype", "f32", "--pre-tokenizer",
+                                   "gpt-2", "--quant", "Q8_0", "--imatrix-workload", str(wl), "--threads", "1",
+                                   "-o", str(out)])
+    if res.exception and "not found" in str(res.exception):
+        pytest.skip(f"llama.cpp's programs are not built in {src}")
+    assert res.exit_code == 0, res.output
+    import json
+
+    rec = json.loads((tmp_path / "q8.gguf.uspx.json").read_text())
+    assert rec["quant"] == "Q8_0" and rec["imatrix"]["chunks"] >= 2 and rec["tensor_types"]["Q8_0"] > 0
+    assert not list(tmp_path.glob(".uspx-quant-*"))  # the unquantized intermediate is gone
+    res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e"),
+                                   "--no-speed", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert ev["candidate"]["runtime"] == "llama.cpp" and "verdict" in res.output
+    res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e2"),
+                                   "--streaming"])
+    assert res.exit_code != 0 and "--streaming" in str(res.exception)

@@ -243,14 +243,20 @@ def make_imatrix(model_gguf: str | Path, workload, out: str | Path, *, split: st
             res = _run_program(cmd, "llama-imatrix", timeout)
             if res.returncode == 0 and written.is_file():
                 break
+            # too short a text for two chunks: llama-imatrix says how many tokens it has, but its log
+            # is written by a thread that an early exit may cut off, so without the count the chunk
+            # is halved and tried again
             short = re.search(r"tokenizes to only (\d+) tokens", res.stderr + res.stdout)
-            if short is None:
+            if short is not None:
+                tokens = int(short.group(1))
+                fit = 1 << max(0, (tokens // 2).bit_length() - 1)  # the largest power of two <= tokens / 2
+                if fit < 32 or fit >= n_ctx:
+                    raise UspxError(f"the {split!r} items of the workload are {tokens} tokens; an importance "
+                                    "matrix needs at least 64 (two chunks of 32)")
+            elif n_ctx > 32:
+                fit = n_ctx // 2
+            else:
                 raise UspxError(f"llama-imatrix failed on {model_gguf} (nothing written):\n{_tail(res)}")
-            tokens = int(short.group(1))
-            fit = 1 << max(0, (tokens // 2).bit_length() - 1)  # the largest power of two <= tokens / 2
-            if fit < 32 or fit >= n_ctx:
-                raise UspxError(f"the {split!r} items of the workload are {tokens} tokens; an importance matrix "
-                                "needs at least 64 (two chunks of 32)")
             n_ctx = fit
         with atomic_path(out) as tmp:
             shutil.copyfile(written, tmp)

@@ -171,7 +171,7 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
     if not added_wl.part("calibration").items:
         raise UspxError(f"{new_wl.source}: no new calibration items ({repeated} already in the run)")
     out.mkdir(parents=True, exist_ok=True)
-    whole = write_workload(old_wl.items + added, out / "workload.jsonl")
+    whole = write_workload(old_wl.items + added, out.resolve() / "workload.jsonl")  # the report names it
     tokens = _trace_new(opened, prev, whole, added_wl, out, progress)
     clock.done("trace new items")
     report = extract(opened, whole, out, **_extract_options(prev), dtype=dtype, progress=progress)

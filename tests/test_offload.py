@@ -97,3 +97,17 @@ def test_cli_plan_gpu(tmp_path):
         1 / (full["read_gpu"] / 100e9 + full["read_cpu"] / 10e9 + sp.OVERHEAD_S
              + sp.CPU_LAYER_OVERHEAD_S * full["cpu_moe_layers"]))
     assert "the smallest pruning that decodes 1.5x" in res.output
+
+
+def test_few_cpu_threads_bound_the_cpu_side():
+    """Two threads at 3.6 GB/s of weights each read 7.2 GB/s, below a 30 GB/s memory: decode and
+    prefill on the CPU take the threads' rates."""
+    from uspx.plan.memory import estimate
+
+    hw = sp.Hardware(cpu_bandwidth=30e9, cpu_flops=0.5e12, cpu_threads=2, overhead_s=0.5e-3)
+    assert hw.cpu_rate == 7.2e9 and hw.cpu_compute == 2 * 17e9
+    pl = sp.best_placement(estimate(PARAMS, context=100), hw, ubatch=32)
+    assert pl.decode_tokens_per_s == pytest.approx(1 / ((14520 + 8000) / 7.2e9 + 0.0005))
+    active = 2100 + 5000 + 160 + 4000
+    assert pl.prefill_tokens_per_s == pytest.approx(32 / (2 * active * 32 / 34e9))
+    assert sp.Hardware(cpu_bandwidth=30e9, cpu_threads=16).cpu_rate == 30e9  # many threads: the memory binds

@@ -60,6 +60,11 @@ PCIE_BANDWIDTH = 13 * GB  # PCIe 3.0/4.0 x16 as a host-to-device copy reaches it
 OVERHEAD_S = 0.5e-3  # per decoded token: launches, sampling, synchronisation (llama.cpp, batch 1)
 CPU_LAYER_OVERHEAD_S = 0.1e-3  # per decoded token and MoE layer whose experts run on the CPU
 GPU_RESERVE = int(0.75 * 2**30)  # CUDA context and llama.cpp's compute buffers
+# One llama.cpp CPU thread, measured with the gpt-oss-20b-shaped stand-in (MXFP4 experts, bf16 rest)
+# on 2 AVX-512 cores (bench/offload_llama.py, docs/benchmarks.md): weight bytes decoded per second,
+# and FLOPs per second in prefill
+CPU_THREAD_RATE = 3.6e9
+CPU_THREAD_FLOPS = 17e9
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,28 @@ class Hardware:
     overhead_s: float = OVERHEAD_S
     cpu_layer_overhead_s: float = CPU_LAYER_OVERHEAD_S
     name: str = "custom"
+    # llama.cpp's CPU threads: few cores cannot use the memory's bandwidth, each thread's kernels
+    # (dequantize and multiply) process only so many weight bytes and FLOPs per second
+    cpu_threads: int | None = None
+    cpu_thread_rate: float = CPU_THREAD_RATE
+    cpu_thread_flops: float = CPU_THREAD_FLOPS
+
+    @property
+    def cpu_rate(self) -> float:
+        """Bytes per second the CPU side reads while decoding: the memory's bandwidth, or what the
+        threads' kernels process when that is less."""
+        return min(self.cpu_bandwidth, self.cpu_threads * self.cpu_thread_rate) if self.cpu_threads else self.cpu_bandwidth
+
+    @property
+    def cpu_compute(self) -> float:
+        return min(self.cpu_flops, self.cpu_threads * self.cpu_thread_flops) if self.cpu_threads else self.cpu_flops
 
     def describe(self) -> str:
         gpu = (f"GPU {format_bytes(self.gpu_bytes)} at {self.gpu_bandwidth / GB:.0f} GB/s" if self.gpu_bytes
                else "no GPU")
-        return f"{self.name}: {gpu}, system memory at {self.cpu_bandwidth / GB:.0f} GB/s"
+        threads = (f" ({self.cpu_threads} CPU threads: {self.cpu_rate / GB:.1f} GB/s of weights)"
+                   if self.cpu_threads and self.cpu_rate < self.cpu_bandwidth else "")
+        return f"{self.name}: {gpu}, system memory at {self.cpu_bandwidth / GB:.0f} GB/s{threads}"
 
 
 def hardware(gpu: str | None = None, *, gpu_memory: int | str | None = None, gpu_bandwidth: float | None = None,
@@ -227,13 +249,13 @@ def place(est: MemoryEstimate, hw: Hardware, cpu_moe_layers: int, *, depth: int 
     gpu_resident = (est.weights_bytes - cpu_resident + est.kv_bytes + hw.reserve_bytes) if on_gpu else 0
     fits = not on_gpu or gpu_resident <= hw.gpu_bytes
     read_gpu, read_cpu = tb.split(cpu_moe_layers, on_gpu)
-    seconds = (read_gpu / hw.gpu_bandwidth if read_gpu else 0.0) + read_cpu / hw.cpu_bandwidth + hw.overhead_s
+    seconds = (read_gpu / hw.gpu_bandwidth if read_gpu else 0.0) + read_cpu / hw.cpu_rate + hw.overhead_s
     seconds += hw.cpu_layer_overhead_s * (cpu_moe_layers if on_gpu else 0)
     active = est.active_params
     if on_gpu:
         per_batch = 2 * active * ubatch / hw.gpu_flops + (layer_experts * cpu_moe_layers) / hw.pcie_bandwidth
     else:
-        per_batch = 2 * active * ubatch / hw.cpu_flops
+        per_batch = 2 * active * ubatch / hw.cpu_compute
     why = "" if fits else (f"needs {format_bytes(gpu_resident)} of GPU memory (weights, KV cache, "
                            f"{format_bytes(hw.reserve_bytes)} reserve), has {format_bytes(hw.gpu_bytes)}")
     return Placement(est.experts_per_layer, cpu_moe_layers, fits, int(gpu_resident), int(cpu_resident),

@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--n-prompt", type=int, default=32)
     ap.add_argument("--reps", type=int, default=4, help="rounds, the files alternating")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_offload")
+    ap.add_argument("--measured", type=Path, default=None,
+                    help="a results.json of an earlier run: predict again against its measurements")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -113,7 +115,11 @@ def main() -> None:
 
     ram = sp.measure_cpu_bandwidth()
     exe = program("llama-bench", args.llama_cpp)
-    measured = bench(exe, {"full": full, "pruned 50%": pruned}, args.threads, args.n_gen, args.n_prompt, args.reps)
+    if args.measured is not None:  # predictions again on measurements already made
+        prior = json.loads(args.measured.read_text())
+        measured, ram = prior["measured"], prior["ram_bandwidth_measured"]
+    else:
+        measured = bench(exe, {"full": full, "pruned 50%": pruned}, args.threads, args.n_gen, args.n_prompt, args.reps)
     est_full = estimate(args.model, None, context=0)
     tb = sp.token_bytes(est_full)
     per_token = tb.non_expert + tb.experts_per_layer * tb.moe_layers
@@ -122,8 +128,11 @@ def main() -> None:
     rows = {}
     for name, keep in (("full", n_exp), ("pruned 50%", n_exp // 2)):
         est = estimate(args.model, None, context=0, experts_per_layer=keep)
-        for label, bw in (("measured RAM bandwidth", ram), ("llama.cpp's full-model bandwidth", reached)):
-            hw = sp.Hardware(cpu_bandwidth=bw, cpu_flops=sp.CPU_PRESETS["ddr4-2ch"]["tflops"] * 1e12)
+        for label, bw, threads in (("measured RAM bandwidth", ram, None),
+                                   ("llama.cpp's full-model bandwidth", reached, None),
+                                   (f"{args.threads} threads x the per-thread rates", ram, args.threads)):
+            hw = sp.Hardware(cpu_bandwidth=bw, cpu_flops=sp.CPU_PRESETS["ddr4-2ch"]["tflops"] * 1e12,
+                             cpu_threads=threads)
             pl = sp.best_placement(est, hw, ubatch=args.n_prompt)
             rows.setdefault(name, {})[label] = dict(decode=pl.decode_tokens_per_s, prefill=pl.prefill_tokens_per_s,
                                                     bytes_per_token=pl.read_cpu)
@@ -144,15 +153,17 @@ def main() -> None:
     print(f"\nsystem memory read here: {ram / 1e9:.1f} GB/s; llama.cpp's full-model decode reads "
           f"{reached / 1e9:.1f} GB/s ({per_token / 1e9:.2f} GB per token by the planner)\n")
     print("| model | file GiB | decode tok/s measured | predicted (RAM bw) | error | predicted (llama.cpp bw) | error "
-          "| prefill tok/s measured | predicted | error |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| predicted (threads) | error | prefill tok/s measured | predicted (threads) | error |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, f in (("full", full), ("pruned 50%", pruned)):
         m, p = measured[name], rows[name]
         a, b = p["measured RAM bandwidth"], p["llama.cpp's full-model bandwidth"]
+        c = p[f"{args.threads} threads x the per-thread rates"]
         print(f"| {name} | {f.stat().st_size / 2**30:.2f} | {m['decode']['tokens_per_s']:.2f} (median {m['decode']['median']:.2f}) | "
               f"{a['decode']:.2f} | {a['decode'] / m['decode']['tokens_per_s'] - 1:+.0%} | {b['decode']:.2f} | "
-              f"{b['decode'] / m['decode']['tokens_per_s'] - 1:+.0%} | {m['prefill']['tokens_per_s']:.2f} | "
-              f"{a['prefill']:.2f} | {a['prefill'] / m['prefill']['tokens_per_s'] - 1:+.0%} |")
+              f"{b['decode'] / m['decode']['tokens_per_s'] - 1:+.0%} | {c['decode']:.2f} | "
+              f"{c['decode'] / m['decode']['tokens_per_s'] - 1:+.0%} | {m['prefill']['tokens_per_s']:.2f} | "
+              f"{c['prefill']:.2f} | {c['prefill'] / m['prefill']['tokens_per_s'] - 1:+.0%} |")
     print("\n| published setting | preset | --n-cpu-moe | published tok/s | predicted | error |")
     print("|---|---|---:|---:|---:|---:|")
     for r in published:

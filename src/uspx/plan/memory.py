@@ -254,6 +254,7 @@ class MemoryEstimate:
     expert_bytes: int  # one expert with its router row
     kv_bytes: int
     reserve_bytes: int = 0  # runtime overhead the user sets aside (CUDA context, activations)
+    precision: Precision | None = None  # the layout the bytes were counted in
 
     @property
     def experts_bytes(self) -> int:
@@ -341,7 +342,7 @@ def estimate(
         params=params, dtype=prec.name, kv_dtype=kv_dtype, context=context, batch=batch,
         experts_per_layer=n, fixed_bytes=fixed_bytes(params, prec),
         expert_bytes=expert_bytes(params, prec),
-        kv_bytes=kv_cache_bytes(params, context, kv_dtype, batch), reserve_bytes=reserve_bytes,
+        kv_bytes=kv_cache_bytes(params, context, kv_dtype, batch), reserve_bytes=reserve_bytes, precision=prec,
     )
 
 

@@ -26,6 +26,7 @@ nominal peak, or a measurement), not what the data sheet says.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -192,28 +193,18 @@ def token_bytes(est: MemoryEstimate, depth: int = 0) -> TokenBytes:
 
 def _embedding_bytes(est: MemoryEstimate) -> int:
     """The embedding table's bytes at the estimate's precision (only one row of it is read)."""
-    from uspx.plan.memory import gguf_precision, precision, GGUF_QUANTS
-
-    p = est.params
-    prec = gguf_precision(est.dtype, p.num_layers) if est.dtype.upper() in GGUF_QUANTS and est.dtype not in (
-        "fp32", "bf16", "fp16") else precision(est.dtype)
+    p, prec = est.params, est.precision
     part = p.other["embeddings"]
-    tied = not p.other["lm_head"].total
-    if tied:
-        return 0  # the table is the output matrix, read whole every token anyway
+    if not p.other["lm_head"].total:
+        return 0  # tied: the table is the output matrix, read whole every token anyway
     bits = prec.embedding_bits if prec.embedding_bits is not None else prec.other_bits
     return int(bits * part.matrix / 8 + prec.other_bits * part.vector / 8)
 
 
 def _expert_only_bytes(est: MemoryEstimate) -> int:
     """One expert's own bytes, its router row aside."""
-    from uspx.plan.memory import _bytes, gguf_precision, precision, GGUF_QUANTS
-
-    p = est.params
-    prec = gguf_precision(est.dtype, p.num_layers) if est.dtype.upper() in GGUF_QUANTS and est.dtype not in (
-        "fp32", "bf16", "fp16") else precision(est.dtype)
-    matrix = prec.expert_bits if prec.expert_bits is not None else prec.matrix_bits
-    return _bytes(matrix * p.expert.matrix + prec.other_bits * p.expert.vector)
+    p, prec = est.params, est.precision
+    return est.expert_bytes - math.ceil(prec.bits(p.router_row, False) / 8)
 
 
 # ----- predictions ----------------------------------------------------------------------------------
@@ -300,8 +291,10 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
     each count in ``keep`` (default: every count from the full one down to top-k), and the smallest
     pruning (the most experts kept) whose decode speed is at least ``speedup`` times the full
     model's."""
-    base = estimate(config, dtype, context=context, kv_dtype=kv_dtype)
-    base = replace(base, reserve_bytes=0)
+    def at(k: int | None) -> MemoryEstimate:  # each count sized on its own (llama-quantize's rules depend on it)
+        return estimate(config, dtype, context=context, kv_dtype=kv_dtype, experts_per_layer=k)
+
+    base = at(None)
     p = base.params
     every = range(p.top_k, p.num_experts + 1)
     shown = keep or [c for c in {max(p.top_k, round(p.num_experts * i / 8)) for i in range(1, 9)}]
@@ -309,10 +302,10 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
     if bad := [k for k in counts if not p.top_k <= k <= p.num_experts]:
         raise UspxError(f"kept experts per layer must be in {p.top_k}..{p.num_experts} (top-k at least), got {bad}")
     full = best_placement(base, hw, depth=depth)
-    pruned = [best_placement(replace(base, experts_per_layer=k), hw, depth=depth) for k in counts]
+    pruned = [best_placement(at(k), hw, depth=depth) for k in counts]
     smallest = None
     if speedup is not None:  # searched over every count, shown or not
-        every_pl = [best_placement(replace(base, experts_per_layer=k), hw, depth=depth) for k in every]
+        every_pl = [best_placement(at(k), hw, depth=depth) for k in every]
         ok = [pl for pl in every_pl if pl.fits and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s]
         smallest = max(ok, key=lambda pl: pl.experts_per_layer) if ok else None
         if smallest is not None and smallest.experts_per_layer not in counts:

@@ -342,7 +342,7 @@ def _same(a, b) -> bool:
 def _matched(new, old, new_ckpt, old_ckpt, counts: dict):
     """The new tensor with what the old recovered one holds of the same units, or None when nothing
     matches (the new one stays the original's)."""
-    if old is None or new.fill is not None:
+    if old is None or new.fill is not None or old.fill is not None:  # a filler expert is no one's weights
         return None
     if new.slots is None:  # a whole tensor (or one expert's own): taken when cut alike
         if not _same(new.index, old.index) or new.spec.shape != old.spec.shape:

@@ -109,5 +109,9 @@ def test_few_cpu_threads_bound_the_cpu_side():
     pl = sp.best_placement(estimate(PARAMS, context=100), hw, ubatch=32)
     assert pl.decode_tokens_per_s == pytest.approx(1 / ((14520 + 8000) / 7.2e9 + 0.0005))
     active = 2100 + 5000 + 160 + 4000
-    assert pl.prefill_tokens_per_s == pytest.approx(32 / (2 * active * 32 / 34e9))
+    # a batch of 32 tokens touches 8 x (1 - (6/8)^32) of the 8 experts in each layer, read once
+    touched = 8 * (1 - 0.75**32)
+    assert pl.prefill_tokens_per_s == pytest.approx(
+        32 / (2 * active * 32 / 34e9 + (14520 + 2000 * touched * 2) / 7.2e9))
+    assert sp.distinct_experts(32, 4, 32) == pytest.approx(32 * (1 - (28 / 32) ** 32))
     assert sp.Hardware(cpu_bandwidth=30e9, cpu_threads=16).cpu_rate == 30e9  # many threads: the memory binds

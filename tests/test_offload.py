@@ -104,7 +104,8 @@ def test_few_cpu_threads_bound_the_cpu_side():
     prefill on the CPU take the threads' rates."""
     from uspx.plan.memory import estimate
 
-    hw = sp.Hardware(cpu_bandwidth=30e9, cpu_flops=0.5e12, cpu_threads=2, overhead_s=0.5e-3)
+    hw = sp.Hardware(cpu_bandwidth=30e9, cpu_flops=0.5e12, cpu_threads=2, cpu_thread_rate=3.6e9,
+                     cpu_thread_flops=17e9, overhead_s=0.5e-3)
     assert hw.cpu_rate == 7.2e9 and hw.cpu_compute == 2 * 17e9
     pl = sp.best_placement(estimate(PARAMS, context=100), hw, ubatch=32)
     assert pl.decode_tokens_per_s == pytest.approx(1 / ((14520 + 8000) / 7.2e9 + 0.0005))
@@ -114,4 +115,4 @@ def test_few_cpu_threads_bound_the_cpu_side():
     assert pl.prefill_tokens_per_s == pytest.approx(
         32 / (2 * active * 32 / 34e9 + (14520 + 2000 * touched * 2) / 7.2e9))
     assert sp.distinct_experts(32, 4, 32) == pytest.approx(32 * (1 - (28 / 32) ** 32))
-    assert sp.Hardware(cpu_bandwidth=30e9, cpu_threads=16).cpu_rate == 30e9  # many threads: the memory binds
+    assert sp.Hardware(cpu_bandwidth=30e9, cpu_threads=16, cpu_thread_rate=3.6e9).cpu_rate == 30e9  # memory binds

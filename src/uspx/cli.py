@@ -171,7 +171,7 @@ def plan(
     cpu_preset: Optional[str] = typer.Option(None, "--ram", help="With --gpu: system memory preset (ddr4-2ch, the default; ddr5-2ch; ddr5-8ch) or 'measure' (a short read of 512 MiB here)."),
     cpu_bandwidth: Optional[float] = typer.Option(None, "--ram-bandwidth", help="With --gpu: system memory's effective bandwidth in GB/s."),
     speedup: Optional[float] = typer.Option(None, "--speedup", help="With --gpu: name the smallest pruning whose decode speed is this many times the full model's (e.g. 2)."),
-    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="With --gpu: llama.cpp's CPU threads; few threads process fewer weight bytes per second than the memory delivers (3.6 GB/s each, as measured on AVX-512 cores)."),
+    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="With --gpu: llama.cpp's CPU threads; few threads process fewer weight bytes per second than the memory delivers (3.9 GB/s each, as measured on AVX-512 cores)."),
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts
     that fit; with --gpu, pruning against llama.cpp's expert offload, predicted speed included."""

@@ -67,8 +67,8 @@ GPU_RESERVE = int(0.75 * 2**30)  # CUDA context and llama.cpp's compute buffers
 # One llama.cpp CPU thread, measured with the gpt-oss-20b-shaped stand-in (MXFP4 experts, bf16 rest)
 # on 2 AVX-512 cores (bench/offload_llama.py, docs/benchmarks.md): weight bytes decoded per second,
 # and FLOPs per second in prefill
-CPU_THREAD_RATE = 3.6e9
-CPU_THREAD_FLOPS = 17e9
+CPU_THREAD_RATE = 3.9e9
+CPU_THREAD_FLOPS = 45e9
 
 
 @dataclass(frozen=True)

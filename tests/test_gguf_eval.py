@@ -226,3 +226,19 @@ def test_cli_export_quantized_and_eval(converted, tmp_path, one_thread):
     res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e2"),
                                    "--streaming"])
     assert res.exit_code != 0 and "--streaming" in str(res.exception)
+
+
+def test_memory_rule_from_two_gguf_files(converted, one_thread):
+    """Without a config, the KV cache comes from the GGUF's metadata: here 2 layers of 2 KV heads of
+    8 dims, layer 0 sliding over 8 tokens (llama.cpp's gpt-oss pattern), layer 1 at the full context."""
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    model, f32, wl, rows = converted
+    context = 100
+    want_kv = (2 * 8 * 2) * (8 + context) * 2  # K and V, bf16
+    res = evaluate_gguf(f32, f32, wl, threads=1, speed=False, memory_budget="1MiB", context=context)
+    mem = res["memory"]
+    assert mem["kv_bytes"] == want_kv and "sliding" in mem["kv_from"]
+    assert mem["weights_bytes"] == res["size"]["candidate"]["parameter_bytes"]
+    assert mem["fits"] == (mem["weights_bytes"] + want_kv <= 2**20)
+    assert any(c["rule"] == "memory_fit" for c in res["acceptance"]["checks"])

@@ -240,6 +240,12 @@ def _size(side: _Side) -> dict:
     return _disk(side.info["opened"])
 
 
+# llama.cpp's default sliding-window period of architectures whose files may not record it
+# (src/models/openai-moe.cpp: load_swa_pattern(ml, 2)); without either, every layer is counted at the
+# full context, an upper bound
+SLIDING_PATTERN = {"gpt-oss": 2}
+
+
 def _gguf_kv_bytes(path: str, context: int, kv_dtype: str) -> tuple[int, str]:
     """KV cache bytes from a GGUF's metadata: every layer holds ``context`` tokens of K and V (an
     upper bound where some layers slide over a shorter window)."""
@@ -260,8 +266,17 @@ def _gguf_kv_bytes(path: str, context: int, kv_dtype: str) -> tuple[int, str]:
     heads = max(heads) if isinstance(heads, list) else heads
     head_dim = meta("attention.key_length", int(meta("embedding_length")) // int(heads))
     v_dim = meta("attention.value_length", head_dim)
-    per_token = layers * int(kv_heads) * (int(head_dim) + int(v_dim))
-    return int(per_token * context * KV_BYTES[kv_dtype]), "from the GGUF's metadata, every layer at the full context"
+    per_layer = int(kv_heads) * (int(head_dim) + int(v_dim))
+    window = meta("attention.sliding_window")
+    # which layers slide: the file's pattern (one flag per layer, or a period n: layer i slides when
+    # i % n < n - 1, as llama.cpp's set_swa_pattern reads it), else the architecture's default
+    pattern = meta("attention.sliding_window_pattern", SLIDING_PATTERN.get(arch))
+    if window and pattern is not None:
+        flags = ([bool(f) for f in pattern] if isinstance(pattern, list) else
+                 [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)])
+        tokens = sum(min(context, int(window)) if f else context for f in flags[:layers])
+        return int(per_layer * tokens * KV_BYTES[kv_dtype]), "from the GGUF's metadata (sliding layers at their window)"
+    return int(per_layer * layers * context * KV_BYTES[kv_dtype]), "from the GGUF's metadata, every layer at the full context"
 
 
 def _memory(c: _Side, t: _Side, size: dict, budget: int | str | None, context: int, kv_dtype: str) -> dict | None:

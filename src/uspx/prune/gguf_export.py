@@ -175,8 +175,14 @@ def quantize_gguf(source: str | Path, out: str | Path, quant: str, *, imatrix: s
     with atomic_path(out) as tmp:
         res = _run_program([str(exe), *flags, str(source), str(tmp), *tail], "llama-quantize", timeout)
         if res.returncode != 0:
-            hint = (" (the source is already quantized: requantizing loses quality; quantize from the f16/f32 "
-                    "export, or pass allow_requantize)") if "requantiz" in res.stderr + res.stdout else ""
+            text = res.stderr + res.stdout
+            hint = ""
+            if "requantizing from type mxfp4" in text:
+                hint = (" (its experts are MXFP4, as gpt-oss stores them: --quant MXFP4_MOE keeps them and "
+                        "quantizes the rest to Q8_0; another type would requantize them, which loses quality)")
+            elif "requantiz" in text:
+                hint = (" (the source is already quantized: requantizing loses quality; quantize from the f16/f32 "
+                        "export, or pass allow_requantize)")
             raise UspxError(f"llama-quantize failed on {source} (nothing written){hint}:\n{_tail(res)}")
     log = _quantize_log(res.stderr + res.stdout)
     return dict(source=str(source), out=str(out), quant=key, imatrix=str(imatrix) if imatrix else None,

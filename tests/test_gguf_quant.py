@@ -169,3 +169,27 @@ def test_planner_q8_0_equals_the_file_and_cli(teacher_f32, tmp_path):
     res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q9_9", "-o", str(tmp_path / "x.gguf"),
                                    "--llama-cpp", src])
     assert "not a llama-quantize type" in str(res.exception) and not (tmp_path / "x.gguf").exists()
+
+
+def test_mxfp4_experts_stay_mxfp4(tmp_path):
+    """gpt-oss's MXFP4 experts: MXFP4_MOE keeps them (17 bytes per 32 weights) and stores every other
+    matrix Q8_0, planned to the byte; another type is refused with the way out named."""
+    gguf = pytest.importorskip("gguf")
+    src = _llama_cpp()
+    from transformers import AutoTokenizer
+
+    from uspx.models.synthetic import write_gpt_oss
+    from uspx.prune.gguf_export import export_gguf, quantize_gguf
+
+    tok = AutoTokenizer.from_pretrained(BUNDLED_TEACHER)
+    model = write_gpt_oss(tmp_path / "mx", "tiny", vocab_size=len(tok))
+    tok.save_pretrained(model)
+    export_gguf(model, tmp_path / "mx.gguf", llama_cpp=src)
+    rec = quantize_gguf(tmp_path / "mx.gguf", tmp_path / "moe.gguf", "MXFP4_MOE", llama_cpp=src, threads=1)
+    for t in gguf.GGUFReader(str(tmp_path / "moe.gguf")).tensors:
+        if t.name.endswith("_exps.weight"):
+            assert t.tensor_type.name == "MXFP4" and int(t.n_bytes) == int(np.prod([int(d) for d in t.shape])) // 32 * 17
+    assert rec["parameter_bytes"] == mem.estimate(model, "mxfp4_moe", context=0).weights_bytes
+    with pytest.raises(UspxError, match="MXFP4_MOE keeps them"):
+        quantize_gguf(tmp_path / "mx.gguf", tmp_path / "q4.gguf", "Q4_K_M", llama_cpp=src, threads=1)
+    assert not (tmp_path / "q4.gguf").exists()

@@ -21,14 +21,27 @@ gguf = pytest.importorskip("gguf")
 
 
 def _source() -> str:
-    path = os.environ.get("USPX_LLAMA_CPP")
+    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
     if not path:
-        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout (converter, and programs in bin or build/bin)")
+        pytest.skip("set USPX_LLAMA_CPP_SOURCE or USPX_LLAMA_CPP to llama.cpp's source (a checkout, or the "
+                    "llama-cpp-python source package) for its converter")
     return path
 
 
+def _installed() -> list[str]:
+    import importlib.util
+
+    return [b for b in ("llama_cpp", "xllamacpp") if importlib.util.find_spec(b) is not None]
+
+
 def _binding():
-    return pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding is not installed (pip install 'uspx[llama]')")
+    if not _installed():
+        pytest.skip("llama.cpp in Python is not installed (pip install 'uspx[llama]', or xllamacpp)")
+
+
+def _llama_cpp_python():
+    """The tests' own reference run needs llama-cpp-python's Llama."""
+    return pytest.importorskip("llama_cpp", reason="the reference run needs llama-cpp-python (pip install 'uspx[llama]')")
 
 
 def _tiny_with_a_real_tokenizer(path):
@@ -97,9 +110,13 @@ def _family_losses(run, rows, tok) -> dict[str, float]:
 
 
 def _llama_run(path):
+    _llama_cpp_python()
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=1)
+    # the settings uspx's evaluation runs llama.cpp with (the C API's defaults: flash attention where
+    # the backend has it; one batch of the whole context): the numbers then agree to rounding
+    llm = Llama(str(path), n_ctx=520, n_batch=520, n_ubatch=520, flash_attn=True, logits_all=True, verbose=False,
+                n_threads=1)
 
     def run(ids):
         llm.reset()
@@ -122,13 +139,13 @@ def test_gguf_candidate_against_transformers(converted, one_thread):
             return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
 
     want_t, want_c = _family_losses(hf_run, rows, tok), _family_losses(_llama_run(f32), rows, tok)
-    res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01)
+    res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01, binding="llama_cpp")
     for fam in ("code", "prose"):
         row = res["families"][fam]
         assert row["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
         assert row["loss_candidate"] == pytest.approx(want_c[fam], abs=1e-5)
         assert abs(row["delta"]) < 1e-3 and row["top1_agreement"] > 0.99  # same weights in float32
-    assert res["teacher"]["runtime"] == "transformers" and res["candidate"]["runtime"] == "llama.cpp"
+    assert res["teacher"]["runtime"] == "transformers" and res["candidate"]["runtime"].startswith("llama.cpp")
     assert res["acceptance"]["verdict"] == "pass"
     assert res["size"]["candidate"]["tensor_types"].keys() == {"F32"}
     assert res["settings"]["tokenizer_check"][str(f32)]["texts"] == 20  # 10 prompts and 10 completions
@@ -160,7 +177,8 @@ def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_threa
 
     tok = AutoTokenizer.from_pretrained(model)
     want_t, want_c = _family_losses(_llama_run(f32), rows, tok), _family_losses(_llama_run(q8), rows, tok)
-    res = evaluate_gguf(f32, q8, wl, threads=1, speed=False, epsilon={"code": 1.0, "prose": -1.0})
+    res = evaluate_gguf(f32, q8, wl, threads=1, speed=False, epsilon={"code": 1.0, "prose": -1.0},
+                        binding="llama_cpp")
     for fam in ("code", "prose"):
         assert res["families"][fam]["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
         assert res["families"][fam]["loss_candidate"] == pytest.approx(want_c[fam], abs=1e-5)
@@ -169,6 +187,32 @@ def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_threa
     assert res["acceptance"]["verdict"] == "fail" and res["acceptance"]["failed_rules"] == ["delta_loss"]
     assert [c["ok"] for c in res["acceptance"]["checks"]] == [True, False]  # code within 1.0, prose above -1.0
     assert res["size"]["ratio"] == pytest.approx(rec["parameter_bytes"] / res["size"]["teacher"]["parameter_bytes"])
+
+
+@pytest.mark.parametrize("binding", ["llama_cpp", "xllamacpp"])
+def test_every_binding_against_transformers(converted, binding, one_thread):
+    """Each installed binding runs the float32 GGUF as transformers runs the checkpoint."""
+    if binding not in _installed():
+        pytest.skip(f"{binding} is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    model, f32, wl, rows = converted
+    tok = AutoTokenizer.from_pretrained(model)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def hf_run(ids):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    want = _family_losses(hf_run, rows, tok)
+    res = evaluate_gguf(model, f32, wl, threads=1, decode_tokens=4, binding=binding)
+    assert res["candidate"]["runtime"] == f"llama.cpp ({binding})"
+    for fam, loss in want.items():
+        assert res["families"][fam]["loss_teacher"] == pytest.approx(loss, abs=1e-5)
+        assert res["families"][fam]["loss_candidate"] == pytest.approx(loss, rel=1e-3)
+    assert res["speed"]["candidate"]["decode_tokens_per_s"] > 0
 
 
 def test_same_gguf_twice_is_identical_and_speed_is_measured(converted, tmp_path, one_thread):
@@ -222,7 +266,7 @@ def test_cli_export_quantized_and_eval(converted, tmp_path, one_thread):
                                    "--no-speed", "--threads", "1"])
     assert res.exit_code == 0, res.output
     ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
-    assert ev["candidate"]["runtime"] == "llama.cpp" and "verdict" in res.output
+    assert ev["candidate"]["runtime"].startswith("llama.cpp") and "verdict" in res.output
     res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e2"),
                                    "--streaming"])
     assert res.exit_code != 0 and "--streaming" in str(res.exception)

@@ -99,16 +99,29 @@ def test_planner_follows_llama_quantizes_row_and_eight_expert_rules():
 
 
 # ----- with llama.cpp ---------------------------------------------------------------------------------
-def _llama_cpp() -> str:
-    path = os.environ.get("USPX_LLAMA_CPP")
-    if not path:
-        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout (converter, and programs in bin or build/bin)")
+def _llama_cpp() -> str | None:
+    """llama.cpp's programs (llama-quantize, llama-imatrix): ``$USPX_LLAMA_CPP`` (a folder of them, or a
+    checkout with build/bin) or PATH; the folder, None for PATH. Skips where they are not built."""
     from uspx.llamacpp import program
 
+    where = os.environ.get("USPX_LLAMA_CPP")
     try:
-        program("llama-quantize", path)
+        program("llama-quantize", where)
+        program("llama-imatrix", where)
     except UspxError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"llama.cpp's programs are not at hand: {exc}")
+    return where
+
+
+def _where(src: str | None) -> list[str]:
+    return ["--llama-cpp", src] if src else []
+
+
+def _source() -> str:
+    """llama.cpp's source, for its converter."""
+    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
+    if not path:
+        pytest.skip("set USPX_LLAMA_CPP_SOURCE or USPX_LLAMA_CPP to llama.cpp's source for its converter")
     return path
 
 
@@ -120,7 +133,7 @@ def teacher_f32(tmp_path_factory):
     from uspx.prune.gguf_export import export_gguf
 
     out = tmp_path_factory.mktemp("quant") / "teacher-f32.gguf"
-    export_gguf(BUNDLED_TEACHER, out, llama_cpp=src, outtype="f32")
+    export_gguf(BUNDLED_TEACHER, out, llama_cpp=_source(), outtype="f32")
     return out
 
 
@@ -160,14 +173,14 @@ def test_planner_q8_0_equals_the_file_and_cli(teacher_f32, tmp_path):
     src = _llama_cpp()
     out = tmp_path / "q8.gguf"
     res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q8_0", "-o", str(out),
-                                   "--llama-cpp", src, "--threads", "1"])
+                                   *_where(src), "--threads", "1"])
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "q8.gguf.uspx.json").read_text())
     assert rec["parameter_bytes"] == mem.estimate(BUNDLED_TEACHER, "q8_0", context=0).weights_bytes
-    res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q8_0", "-o", str(out), "--llama-cpp", src])
+    res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q8_0", "-o", str(out), *_where(src)])
     assert res.exit_code != 0 and "exists" in str(res.exception)
     res = CliRunner().invoke(app, ["quantize", str(teacher_f32), "--quant", "Q9_9", "-o", str(tmp_path / "x.gguf"),
-                                   "--llama-cpp", src])
+                                   *_where(src)])
     assert "not a llama-quantize type" in str(res.exception) and not (tmp_path / "x.gguf").exists()
 
 
@@ -184,7 +197,7 @@ def test_mxfp4_experts_stay_mxfp4(tmp_path):
     tok = AutoTokenizer.from_pretrained(BUNDLED_TEACHER)
     model = write_gpt_oss(tmp_path / "mx", "tiny", vocab_size=len(tok))
     tok.save_pretrained(model)
-    export_gguf(model, tmp_path / "mx.gguf", llama_cpp=src)
+    export_gguf(model, tmp_path / "mx.gguf", llama_cpp=_source())
     rec = quantize_gguf(tmp_path / "mx.gguf", tmp_path / "moe.gguf", "MXFP4_MOE", llama_cpp=src, threads=1)
     for t in gguf.GGUFReader(str(tmp_path / "moe.gguf")).tensors:
         if t.name.endswith("_exps.weight"):

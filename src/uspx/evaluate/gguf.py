@@ -1,7 +1,8 @@
 """``uspx eval`` on GGUF files: a candidate run by llama.cpp, judged as any uspx candidate.
 
-Either side may be a GGUF file (run in this process by llama.cpp's Python binding, ``llama_cpp``)
-or a Hugging Face folder (run by transformers). The metrics (loss on completion tokens and its delta,
+Either side may be a GGUF file (run in this process by llama.cpp through either binding that
+:mod:`uspx.trace.llama_runtime` drives: llama-cpp-python or the prebuilt xllamacpp) or a Hugging Face
+folder (run by transformers). The metrics (loss on completion tokens and its delta,
 perplexity ratio, top-1 agreement, KL(teacher || candidate)), their per-family summary and the
 verdict are :mod:`uspx.evaluate`'s own: the logits of both sides at every target position go through
 the same observer that ``uspx eval`` uses, and the verdict is :func:`uspx.evaluate.run.acceptance`.
@@ -18,7 +19,9 @@ precision and pruning alone, not with the reference's own rounding.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +37,6 @@ from uspx.evaluate import speed as speed_mod
 from uspx.evaluate.metrics import _Compare, summarise
 from uspx.evaluate.run import FORMAT, _epsilons, _write, acceptance
 from uspx.io import UspxError, sha256_json
-from uspx.llamacpp import binding
 from uspx.prune.gguf_export import gguf_tensors
 from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
 
@@ -71,17 +73,66 @@ class LlamaTokenizer:
 
     chat_template = None
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, binding: str | None = None):
+        from uspx.trace.llama_runtime import Runtime
+
         self.path = Path(path)
-        self.llm = binding().Llama(str(self.path), vocab_only=True, verbose=False)
-        self.eos_token_id = int(self.llm.token_eos())
+        self.runtime = Runtime(self.path, n_ctx=8, binding=binding, vocab_only=True)
+        api = _Api(self.runtime)
+        self.eos_token_id = int(api.eos(self.runtime.vocab))
+        self.vocab_size = int(api.n_vocab(self.runtime.vocab))
         self.pad_token_id = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.llm.tokenize(text.encode(), add_bos=add_special_tokens, special=False)) if text else []
+        return self.runtime.tokenize(text, add_special_tokens) if text else []
 
     def __len__(self) -> int:
-        return int(self.llm.n_vocab())
+        return self.vocab_size
+
+
+class _Api:
+    """The C functions evaluation needs beyond :class:`~uspx.trace.llama_runtime.Runtime`'s (every
+    position's logits, the vocabulary's size and end token), from the binding the runtime uses."""
+
+    def __init__(self, rt):
+        if rt.binding == "llama_cpp":
+            import llama_cpp as L
+
+            self.logits, self.n_vocab, self.eos = L.llama_get_logits, L.llama_vocab_n_tokens, L.llama_vocab_eos
+            self.logits_ith = L.llama_get_logits_ith
+            return
+        spec = importlib.util.find_spec("xllamacpp.xllamacpp")
+        lib = ctypes.CDLL(spec.origin)  # the library the runtime already loaded: the same handle
+        p, f32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_float)
+        for name, args, res in (("llama_get_logits", [p], f32p), ("llama_get_logits_ith", [p, ctypes.c_int32], f32p),
+                                ("llama_vocab_n_tokens", [p], ctypes.c_int32), ("llama_vocab_eos", [p], ctypes.c_int32)):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        self.logits, self.n_vocab, self.eos = lib.llama_get_logits, lib.llama_vocab_n_tokens, lib.llama_vocab_eos
+        self.logits_ith = lib.llama_get_logits_ith
+
+
+def _decode(rt, tokens: Sequence[int], start: int, outputs: str) -> None:
+    """``tokens`` at positions ``start``.. of sequence 0, continuing what the context holds
+    (``start`` 0 clears it first); ``outputs``: ``"all"`` positions' logits or the ``"last"``'s."""
+    L = rt._L
+    if start == 0:
+        L.llama_memory_clear(L.llama_get_memory(rt.ctx), True)
+    n = len(tokens)
+    batch = L.llama_batch_init(n, 0, 1)
+    try:
+        for i, tok in enumerate(tokens):
+            batch.token[i] = int(tok)
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if outputs == "all" or i == n - 1 else 0
+        batch.n_tokens = n
+        rc = L.llama_decode(rt.ctx, batch)
+    finally:
+        L.llama_batch_free(batch)
+    if rc != 0:
+        raise UspxError(f"{rt.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
 
 
 # ----- the two sides ---------------------------------------------------------------------------------
@@ -90,44 +141,52 @@ class _Side:
     """One model as evaluation runs it: a GGUF through llama.cpp, or a Hugging Face model whole."""
 
     path: str
-    runtime: str  # "llama.cpp" or "transformers"
+    runtime: str  # "llama.cpp (BINDING)" or "transformers"
     fingerprint: str
     label: str
     vocab: int
     model: torch.nn.Module | None = None  # transformers
     tokenizer: object | None = None  # transformers
-    llm: object | None = None  # llama_cpp.Llama with every position's logits
+    rt: object | None = None  # uspx.trace.llama_runtime.Runtime: llama.cpp in this process
     gguf: str | None = None
     threads: int | None = None
+    binding: str | None = None
     info: dict = field(default_factory=dict)
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """[len(ids), V] float32 next-token logits at every position of ``ids``."""
-        if self.llm is not None:
-            self.llm.reset()
-            self.llm.eval(list(ids))
-            return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+        if self.rt is not None:
+            _decode(self.rt, ids, 0, "all")
+            ptr = self.info["api"].logits(self.rt.ctx)
+            flat = np.ctypeslib.as_array(ptr, shape=(len(ids) * self.vocab,))
+            return torch.from_numpy(flat.reshape(len(ids), self.vocab).copy())
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([list(ids)])).logits[0].float()
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.rt.tokenize(text, False)
 
-def _llama(path: Path, n_ctx: int, threads: int | None, logits_all: bool):
-    llama_cpp = binding()
+
+def _runtime(path: Path, n_ctx: int, threads: int | None, binding: str | None):
+    from uspx.trace.llama_runtime import Runtime
+
     try:
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                               n_threads=threads, n_threads_batch=threads, verbose=False)
-    except (ValueError, RuntimeError) as exc:
+        return Runtime(path, n_ctx=n_ctx, n_threads=threads, binding=binding)
+    except UspxError as exc:
         raise UspxError(f"{path}: llama.cpp cannot load this GGUF file ({exc})") from None
 
 
-def _open_side(model: str | Path, n_ctx: int, threads: int | None, dtype: str, trust_remote_code: bool) -> _Side:
+def _open_side(model: str | Path, n_ctx: int, threads: int | None, dtype: str, trust_remote_code: bool,
+               binding: str | None = None) -> _Side:
     if is_gguf(model):
         path = Path(model)
         if not path.is_file():
             raise UspxError(f"{path}: no such GGUF file")
-        llm = _llama(path, n_ctx, threads, logits_all=True)
-        return _Side(str(path), "llama.cpp", gguf_fingerprint(path), str(path), int(llm.n_vocab()), llm=llm,
-                     gguf=str(path), threads=threads, info=gguf_tensors(path))
+        rt = _runtime(path, n_ctx, threads, binding)
+        api = _Api(rt)
+        return _Side(str(path), f"llama.cpp ({rt.binding})", gguf_fingerprint(path), str(path),
+                     int(api.n_vocab(rt.vocab)), rt=rt, gguf=str(path), threads=threads, binding=rt.binding,
+                     info={**gguf_tensors(path), "api": api})
     from uspx.evaluate.run import _open
 
     opened = _open(model, None, dtype, trust_remote_code)
@@ -148,7 +207,7 @@ def _check_tokens(part: Workload, tokenizer, side: _Side, items: list[EncodedIte
             if not text:
                 continue
             want = tokenizer.encode(text, add_special_tokens=False)
-            got = list(side.llm.tokenize(text.encode(), add_bos=False, special=False))
+            got = side.tokenize(text)
             if got != want:
                 at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 raise UspxError(
@@ -162,26 +221,28 @@ def _check_tokens(part: Workload, tokenizer, side: _Side, items: list[EncodedIte
 # ----- speed -------------------------------------------------------------------------------------------
 class _LlamaTimer:
     """Prefill and decode timing of a GGUF through llama.cpp, as :mod:`uspx.evaluate.speed` times a
-    transformers model: prefill of whole prompts without logits of every position, then greedy
+    transformers model: prefill of whole prompts with the last position's logits only, then greedy
     decode steps one token at a time on the KV cache."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int | None):
-        self.llm = _llama(path, n_ctx, threads, logits_all=False)
+    def __init__(self, side: "_Side", n_ctx: int):
+        self.rt = _runtime(Path(side.gguf), n_ctx, side.threads, side.binding)
+        self.api, self.vocab = _Api(self.rt), side.vocab
+
+    def _next(self) -> int:
+        row = np.ctypeslib.as_array(self.api.logits_ith(self.rt.ctx, -1), shape=(self.vocab,))
+        return int(np.argmax(row))
 
     def prefill_seconds(self, prompts: Sequence[Sequence[int]]) -> float:
         start = time.perf_counter()
         for ids in prompts:
-            self.llm.reset()
-            self.llm.eval(list(ids))
+            _decode(self.rt, ids, 0, "last")
         return time.perf_counter() - start
 
     def decode_seconds(self, prompt: Sequence[int], new_tokens: int) -> float:
-        self.llm.reset()
-        self.llm.eval(list(prompt))
+        _decode(self.rt, prompt, 0, "last")
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            self.llm.eval([nxt])
+        for i in range(new_tokens):
+            _decode(self.rt, [self._next()], len(prompt) + i, "last")
         return time.perf_counter() - start
 
 
@@ -204,8 +265,7 @@ def _speed(sides: dict[str, _Side], token_lists: Sequence[Sequence[int]], new_to
         return {"skipped": "no prompt with at least 2 tokens"}
     decode_prompt = prompts[0][: speed_mod.DECODE_PROMPT_TOKENS]
     n_ctx = max(len(p) for p in prompts) + new_tokens + 8
-    timers = {name: (_LlamaTimer(Path(s.gguf), n_ctx, s.threads) if s.gguf else _TorchTimer(s.model))
-              for name, s in sides.items()}
+    timers = {name: (_LlamaTimer(s, n_ctx) if s.gguf else _TorchTimer(s.model)) for name, s in sides.items()}
     best = {name: {"prefill": float("inf"), "decode": float("inf")} for name in timers}
     for t in timers.values():  # warm-up: first calls allocate and pick kernels
         t.prefill_seconds(prompts[:1])
@@ -224,7 +284,7 @@ def _speed(sides: dict[str, _Side], token_lists: Sequence[Sequence[int]], new_to
         out[name] = {"prefill_tokens_per_s": n_prefill / b["prefill"], "decode_tokens_per_s": new_tokens / b["decode"]}
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         out[key.replace("tokens_per_s", "speedup")] = out["candidate"][key] / out["teacher"][key]
-    if sides["teacher"].runtime != sides["candidate"].runtime:
+    if sides["teacher"].gguf is None or sides["candidate"].gguf is None:
         out["note"] = ("the two models run in different runtimes (transformers and llama.cpp): the speed-up "
                        "includes the runtime's own difference; evaluate against the original's GGUF to see "
                        "what the candidate alone changes")
@@ -314,6 +374,7 @@ def evaluate_gguf(
     out: str | Path | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
+    binding: str | None = None,
 ) -> dict:
     """Compare ``candidate`` with ``teacher`` on ``workload``'s ``split`` when either (or both) is a
     GGUF file; returns (and writes to ``out``, a folder or a .json path) the evaluation in
@@ -322,14 +383,15 @@ def evaluate_gguf(
     ``teacher`` and ``candidate`` are GGUF files or Hugging Face folders (``"default"``: the bundled
     teacher). ``threads``: llama.cpp's threads (default: llama.cpp's choice). ``dtype``: the precision
     a Hugging Face side computes in (float32 by default, as llama.cpp's activations). ``epsilon``,
-    ``memory_budget``, ``context`` and ``kv_dtype`` are :func:`uspx.evaluate.evaluate`'s.
+    ``memory_budget``, ``context`` and ``kv_dtype`` are :func:`uspx.evaluate.evaluate`'s. ``binding``:
+    ``"llama_cpp"`` (llama-cpp-python) or ``"xllamacpp"``; default the first installed.
     """
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     n_ctx = (max_length or 512) + 8
-    t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code)
-    c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code)
+    t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code, binding)
+    c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code, binding)
     if t.vocab != c.vocab:
         raise UspxError(f"teacher ({t.path}) and candidate ({c.path}) have different vocabularies "
                         f"({t.vocab} vs {c.vocab})")
@@ -339,11 +401,11 @@ def evaluate_gguf(
         max_length = max_length or default_max_length(hf.info["config"])
         tokenizer_from = hf.path
     else:
-        tokenizer = LlamaTokenizer(t.gguf)
+        tokenizer = LlamaTokenizer(t.gguf, t.binding)
         max_length = max_length or 512
         tokenizer_from = f"{t.gguf} (llama.cpp)"
     items = encode(part, tokenizer, max_length)
-    checks = {s.path: _check_tokens(part, tokenizer, s, items) for s in (t, c) if s.llm is not None}
+    checks = {s.path: _check_tokens(part, tokenizer, s, items) for s in (t, c) if s.rt is not None}
     if max(len(e.input_ids) for e in items) + 8 > n_ctx:
         raise UspxError(f"items of up to {max(len(e.input_ids) for e in items)} tokens do not fit llama.cpp's "
                         f"context of {n_ctx}")  # cannot happen: encode cut them to max_length

@@ -38,9 +38,9 @@ from uspx.evaluate.metrics import _Compare, summarise
 from uspx.evaluate.run import FORMAT, _epsilons, _write, acceptance
 from uspx.io import UspxError, sha256_json
 from uspx.prune.gguf_export import gguf_tensors
-from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
+from uspx.workload import DEFAULT_MAX_LENGTH, EncodedItem, Workload, default_max_length, encode, load_workload
 
-_SAMPLE = 1 << 20  # bytes hashed from each end of a GGUF file for its fingerprint
+_HEAD, _SAMPLE = 16 << 20, 1 << 20  # bytes hashed from the start and the end of a GGUF file for its fingerprint
 
 
 def is_gguf(model: str | Path) -> bool:
@@ -53,14 +53,15 @@ def is_gguf(model: str | Path) -> bool:
 
 
 def gguf_fingerprint(path: str | Path) -> str:
-    """Hash of the file's size and first and last MiB: cheap on a 13 GB file, and the header (all
-    metadata and tensor types) is inside the first MiB of any model."""
+    """Hash of the file's size, its first 16 MiB (the metadata and tensor table, a large vocabulary
+    included, and the first tensors) and its last MiB: cheap on a 13 GB file, and different for two
+    files that differ in anything uspx or llama-quantize changes (types, sizes, expert counts)."""
     path = Path(path)
     size = path.stat().st_size
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        h.update(fh.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
+        h.update(fh.read(_HEAD))
+        if size > _HEAD + _SAMPLE:
             fh.seek(size - _SAMPLE)
         h.update(fh.read(_SAMPLE))
     return sha256_json({"gguf": size, "sha256_ends": h.hexdigest()})
@@ -73,11 +74,13 @@ class LlamaTokenizer:
 
     chat_template = None
 
-    def __init__(self, path: str | Path, binding: str | None = None):
+    def __init__(self, path: str | Path, binding: str | None = None, runtime=None):
+        """``runtime``: an open :class:`~uspx.trace.llama_runtime.Runtime` of the file to read the
+        vocabulary through (else the file's vocabulary alone is opened)."""
         from uspx.trace.llama_runtime import Runtime
 
         self.path = Path(path)
-        self.runtime = Runtime(self.path, n_ctx=8, binding=binding, vocab_only=True)
+        self.runtime = runtime or Runtime(self.path, n_ctx=8, binding=binding, vocab_only=True)
         api = _Api(self.runtime)
         self.eos_token_id = int(api.eos(self.runtime.vocab))
         self.vocab_size = int(api.n_vocab(self.runtime.vocab))
@@ -267,12 +270,17 @@ def _speed(sides: dict[str, _Side], token_lists: Sequence[Sequence[int]], new_to
     n_ctx = max(len(p) for p in prompts) + new_tokens + 8
     timers = {name: (_LlamaTimer(s, n_ctx) if s.gguf else _TorchTimer(s.model)) for name, s in sides.items()}
     best = {name: {"prefill": float("inf"), "decode": float("inf")} for name in timers}
-    for t in timers.values():  # warm-up: first calls allocate and pick kernels
-        t.prefill_seconds(prompts[:1])
-    for _ in range(repeats):
-        for name, t in timers.items():
-            best[name]["prefill"] = min(best[name]["prefill"], t.prefill_seconds(prompts))
-            best[name]["decode"] = min(best[name]["decode"], t.decode_seconds(decode_prompt, new_tokens))
+    try:
+        for t in timers.values():  # warm-up: first calls allocate and pick kernels
+            t.prefill_seconds(prompts[:1])
+        for _ in range(repeats):
+            for name, t in timers.items():
+                best[name]["prefill"] = min(best[name]["prefill"], t.prefill_seconds(prompts))
+                best[name]["decode"] = min(best[name]["decode"], t.decode_seconds(decode_prompt, new_tokens))
+    finally:
+        for t in timers.values():
+            if isinstance(t, _LlamaTimer):
+                t.rt.close()
     n_prefill = sum(len(p) for p in prompts)
     out: dict = {"settings": {"prefill_prompts": len(prompts), "prefill_tokens": n_prefill, "decode_tokens": new_tokens,
                               "decode_prompt_tokens": len(decode_prompt), "repeats": repeats,
@@ -389,9 +397,30 @@ def evaluate_gguf(
     wl = workload if isinstance(workload, Workload) else load_workload(workload)
     if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
-    n_ctx = (max_length or 512) + 8
+    n_ctx = (max_length or DEFAULT_MAX_LENGTH) + 8  # encode cuts items to max_length, at most the default
     t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code, binding)
-    c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code, binding)
+    try:
+        c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code, binding)
+    except BaseException:
+        _close(t)
+        raise
+    try:
+        return _evaluate(t, c, wl, part, split, max_length, epsilon, memory_budget, context, kv_dtype, speed,
+                         decode_tokens, threads, dtype, out, progress)
+    finally:  # llama.cpp's models and contexts are C memory: freed here, not by the garbage collector
+        _close(t)
+        _close(c)
+
+
+def _close(side: _Side) -> None:
+    if side.rt is not None:
+        side.rt.close()
+        side.rt = None
+
+
+def _evaluate(t: _Side, c: _Side, wl: Workload, part: Workload, split: str, max_length: int | None, epsilon,
+              memory_budget, context: int, kv_dtype: str, speed: bool, decode_tokens: int, threads: int | None,
+              dtype: str, out, progress: bool) -> dict:
     if t.vocab != c.vocab:
         raise UspxError(f"teacher ({t.path}) and candidate ({c.path}) have different vocabularies "
                         f"({t.vocab} vs {c.vocab})")
@@ -401,14 +430,11 @@ def evaluate_gguf(
         max_length = max_length or default_max_length(hf.info["config"])
         tokenizer_from = hf.path
     else:
-        tokenizer = LlamaTokenizer(t.gguf, t.binding)
-        max_length = max_length or 512
+        tokenizer = LlamaTokenizer(t.gguf, runtime=t.rt)
+        max_length = max_length or DEFAULT_MAX_LENGTH
         tokenizer_from = f"{t.gguf} (llama.cpp)"
     items = encode(part, tokenizer, max_length)
     checks = {s.path: _check_tokens(part, tokenizer, s, items) for s in (t, c) if s.rt is not None}
-    if max(len(e.input_ids) for e in items) + 8 > n_ctx:
-        raise UspxError(f"items of up to {max(len(e.input_ids) for e in items)} tokens do not fit llama.cpp's "
-                        f"context of {n_ctx}")  # cannot happen: encode cut them to max_length
     eps = _epsilons(epsilon, part.families)
 
     observer = _Compare(len(items))

@@ -76,7 +76,7 @@ def test_update_equals_the_fresh_path_on_old_and_new_items(tmp_path, tiny_gpt_os
         assert set(after[str(layer)]) == set(np.argsort(-rows["value"].to_numpy(), kind="stable")[:4].tolist())
     old_kept = json.loads((run / "plan.json").read_text())["kept"]
     by_hand = [dict(layer=int(l), kept_in=sorted(set(after[l]) - set(old_kept[l])),
-                    kept_out=sorted(set(old_kept[l]) - set(after[l]))) for l in sorted(old_kept)]
+                    kept_out=sorted(set(old_kept[l]) - set(after[l])), channels_changed=[]) for l in sorted(old_kept)]
     assert res["changes"] == by_hand
     assert res["experts_swapped"] == sum(len(c["kept_in"]) for c in by_hand)
 
@@ -185,3 +185,22 @@ def test_the_command_updates_and_keeps_the_run_s_settings(tmp_path, tiny_gpt_oss
     assert res["run"] == str(run) and res["new_workload"]["added"] == 16
     report = json.loads((tmp_path / "run-new" / "report.json").read_text())
     assert report["method"] == "frequency" and report["keep"] == "50%" and set(report["counts"].values()) == {4}
+
+
+def test_a_joint_cut_reports_the_channels_and_heads_that_changed(tmp_path, tiny_gpt_oss_dir, workloads, one_thread):
+    old_wl, new_wl = workloads
+    run = tmp_path / "run"
+    before = extract(tiny_gpt_oss_dir, old_wl, run, budget="120KiB", context=64, speed=False, progress=False)
+    assert before["units"] != ["experts"] and before["shape"]["width"] < before["shape"]["original_width"]
+    res = update(run, new_wl, tmp_path / "up", progress=False)
+    a, b = (json.loads((d / "plan.json").read_text()) for d in (run, tmp_path / "up"))
+    assert json.loads((tmp_path / "up" / "report.json").read_text())["units"] == before["units"]
+    for change in res["changes"]:
+        l = str(change["layer"])
+        old = dict(zip(a["kept"][l], a["channels"]["kept"][l]))
+        new = dict(zip(b["kept"][l], b["channels"]["kept"][l]))
+        assert change["channels_changed"] == sorted(e for e in set(old) & set(new) if old[e] != new[e])
+        assert change["kept_in"] == sorted(set(new) - set(old))
+    assert res["channels_changed"] == sum(len(c["channels_changed"]) for c in res["changes"]) > 0  # the shell items move channels
+    heads = [int(l) for l in a["heads"]["kept"] if a["heads"]["kept"][l] != b["heads"]["kept"][l]] if a.get("heads") else []
+    assert res["heads_changed"] == sorted(heads)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,18 +56,16 @@ class Previous:
         """The model the run's verdict is about."""
         return self.recovered if self.recovered is not None else self.path / "model"
 
-    @property
-    def kept(self) -> dict[int, list[int]]:
-        return {int(l): sorted(int(e) for e in v) for l, v in self.plan["kept"].items()}
-
 
 @dataclass
 class LayerChange:
-    """Experts of one MoE layer that the update took in and left out."""
+    """Experts of one MoE layer that the update took in and left out, and (a joint cut) the experts
+    kept by both whose kept channels differ."""
 
     layer: int
     kept_in: list[int]  # kept now, dropped before
     kept_out: list[int]  # kept before, dropped now
+    channels_changed: list[int] = field(default_factory=list)
 
 
 def read_previous(run_dir: str | Path) -> Previous:
@@ -130,12 +128,32 @@ def write_workload(items: list[WorkloadItem], path: Path) -> Workload:
     return wl
 
 
-def changes(before: dict[int, list[int]], after: dict[int, list[int]]) -> list[LayerChange]:
-    """Per MoE layer, the experts kept now and not before, and kept before and not now."""
-    if sorted(before) != sorted(after):
-        raise UspxError(f"the plans cut different layers ({sorted(before)} and {sorted(after)})")
-    return [LayerChange(l, sorted(set(after[l]) - set(before[l])), sorted(set(before[l]) - set(after[l])))
-            for l in sorted(before)]
+def changes(before: dict, after: dict) -> list[LayerChange]:
+    """Per MoE layer of two plans (as saved), the experts kept now and not before, kept before and
+    not now, and kept by both with other channels."""
+    old, new = _kept(before), _kept(after)
+    if sorted(old) != sorted(new):
+        raise UspxError(f"the plans cut different layers ({sorted(old)} and {sorted(new)})")
+    old_ch, new_ch = _channels(before), _channels(after)
+    return [LayerChange(l, sorted(set(new[l]) - set(old[l])), sorted(set(old[l]) - set(new[l])),
+                        sorted(e for e in set(old[l]) & set(new[l]) if old_ch.get((l, e)) != new_ch.get((l, e))))
+            for l in sorted(old)]
+
+
+def heads_changed(before: dict, after: dict) -> list[int]:
+    """Decoder layers whose kept query heads differ between two plans (as saved)."""
+    old, new = (((p.get("heads") or {}).get("kept")) or {} for p in (before, after))
+    return sorted(int(l) for l in set(old) | set(new) if old.get(l) != new.get(l))
+
+
+def _kept(plan: dict) -> dict[int, list[int]]:
+    return {int(l): sorted(int(e) for e in v) for l, v in plan["kept"].items()}
+
+
+def _channels(plan: dict) -> dict[tuple[int, int], list[int]]:
+    """(layer, expert) -> its kept channels (empty when the plan keeps experts whole)."""
+    kept = ((plan.get("channels") or {}).get("kept")) or {}
+    return {(int(l), int(e)): list(c) for l, lists in kept.items() for e, c in zip(plan["kept"][l], lists)}
 
 
 def default_out(run_dir: str | Path, new_workload: str | Path) -> Path:
@@ -407,8 +425,8 @@ def _deltas(items: list[dict], ids: set[str]) -> dict:
 
 def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeated: int, tokens: dict, report: dict,
             warm: dict | None, quality: dict, seconds: dict) -> dict:
-    after = {int(l): v for l, v in report["kept"].items()}
-    layer_changes = changes(prev.kept, after)
+    plan = read_json(out / "plan.json")
+    layer_changes = changes(prev.plan, plan)
     return dict(
         format=FORMAT, run=str(prev.path), out=str(out), model=report["model"],
         new_workload=dict(source=new_wl.source, fingerprint=new_wl.fingerprint, items=len(new_wl.items),
@@ -416,6 +434,8 @@ def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeat
                           calibration=len(added.part("calibration").items), heldout=len(added.part("heldout").items)),
         tokens_traced=tokens, changes=[asdict(c) for c in layer_changes],
         experts_swapped=sum(len(c.kept_in) for c in layer_changes),
+        channels_changed=sum(len(c.channels_changed) for c in layer_changes),
+        heads_changed=heads_changed(prev.plan, plan),
         shape=dict(before=prev.report.get("shape"), after=report.get("shape")),
         recovery=None if prev.recovered is None else dict(warm_start=warm, model=report["recovered"]["model"]),
         quality=quality, verdict=report["acceptance"]["verdict"], seconds=seconds,
@@ -430,9 +450,12 @@ def print_update(result: dict) -> None:
     console.print(f"{result['new_workload']['added']} new items ({result['new_workload']['already_in_run']} already "
                   f"in the run); traced {t['new']} new tokens (the run had traced {t['previous']})")
     for c in result["changes"]:
-        if c["kept_in"] or c["kept_out"]:
-            console.print(f"layer {c['layer']}: in {c['kept_in']}, out {c['kept_out']}")
-    console.print(f"{result['experts_swapped']} experts swapped in all")
+        if c["kept_in"] or c["kept_out"] or c["channels_changed"]:
+            narrowed = f"; other channels: {c['channels_changed']}" if c["channels_changed"] else ""
+            console.print(f"layer {c['layer']}: in {c['kept_in']}, out {c['kept_out']}{narrowed}")
+    console.print(f"{result['experts_swapped']} experts swapped in all"
+                  + (f"; {result['channels_changed']} kept experts with other channels" if result["channels_changed"] else "")
+                  + (f"; other query heads in layers {result['heads_changed']}" if result["heads_changed"] else ""))
     table = Table(title="held-out loss delta vs the original (nats per token): the run's model, then the update's")
     for col in ("items", "family", "before", "after"):
         table.add_column(col, justify="left" if col in ("items", "family") else "right")

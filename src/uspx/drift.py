@@ -502,6 +502,10 @@ def print_drift(result: dict) -> None:
     console.print(f"verdict: [bold]{result['verdict']}[/] (loss bound {result['loss_bound']:+.4f} = max(run's "
                   f"held-out delta, 0) + epsilon {result['epsilon']}; score: {result['score_method']}; "
                   f"per-layer numbers in drift.json)")
+    source = (result["new"].get("workload") or {}).get("source")
+    if result["verdict"] != "covered" and source:
+        console.print(f"to bring the run up to date with this work: uspx extract --update {result['run']} {source}",
+                      markup=False, highlight=False)
 
 
 def _pct(x: float | None) -> str:

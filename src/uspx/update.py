@@ -173,8 +173,11 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
     and batches. When the run recovered, the update recovers too, starting from the run's recovered
     weights (``recover_steps`` caps the training; default: the run's own settings).
     """
+    from uspx.dist import current
     from uspx.extract import extract
 
+    if current().active:  # the steps around extract's (concatenation, warm start) are one process's
+        raise UspxError("run `uspx extract --update` in one process, not under torchrun")
     clock = _Clock()
     prev = read_previous(run_dir)
     out = _out_folder(prev, new_workload, out_dir)

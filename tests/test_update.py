@@ -204,3 +204,18 @@ def test_a_joint_cut_reports_the_channels_and_heads_that_changed(tmp_path, tiny_
     assert res["channels_changed"] == sum(len(c["channels_changed"]) for c in res["changes"]) > 0  # the shell items move channels
     heads = [int(l) for l in a["heads"]["kept"] if a["heads"]["kept"][l] != b["heads"]["kept"][l]] if a.get("heads") else []
     assert res["heads_changed"] == sorted(heads)
+
+
+def test_an_updated_run_updates_again(tmp_path, tiny_gpt_oss_dir, workloads, one_thread):
+    old_wl, new_wl = workloads
+    third = write_jsonl(tmp_path / "third.jsonl", [{"text": f"Dear reader, chapter {i} begins here.", "family": "prose",
+                                                   "split": "heldout" if i % 3 == 0 else "calibration"} for i in range(9)])
+    extract(tiny_gpt_oss_dir, old_wl, tmp_path / "run", keep="50%", method="frequency", speed=False, progress=False)
+    first = update(tmp_path / "run", new_wl, tmp_path / "up", progress=False)
+    second = update(tmp_path / "up", third, tmp_path / "up2", progress=False)
+    assert second["tokens_traced"]["previous"] == first["tokens_traced"]["total"]
+    items = pq.read_table(tmp_path / "up2" / "trace" / "items.parquet").to_pandas()
+    assert items["sample"].tolist() == list(range(20 + 12 + 6))
+    assert second["tokens_traced"]["total"] == int(items["tokens"].sum())
+    assert set(second["quality"]["new"]["after"]) == {"prose", "all"}
+    assert set(second["quality"]["old"]["after"]) == {"code", "shell", "all"}

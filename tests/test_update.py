@@ -219,3 +219,17 @@ def test_an_updated_run_updates_again(tmp_path, tiny_gpt_oss_dir, workloads, one
     assert second["tokens_traced"]["total"] == int(items["tokens"].sum())
     assert set(second["quality"]["new"]["after"]) == {"prose", "all"}
     assert set(second["quality"]["old"]["after"]) == {"code", "shell", "all"}
+
+
+def test_a_layer_by_layer_run_updates_layer_by_layer(tmp_path, tiny_gpt_oss_dir, workloads, one_thread):
+    from uspx.engine import open_source
+
+    old_wl, new_wl = workloads
+    plans = []
+    for name, streaming in (("whole", False), ("layered", True)):
+        extract(open_source(tiny_gpt_oss_dir, streaming=streaming), old_wl, tmp_path / name, keep="50%",
+                method="reconstruction", speed=False, progress=False)
+        update(tmp_path / name, new_wl, tmp_path / f"{name}-up", progress=False)
+        plans.append(json.loads((tmp_path / f"{name}-up" / "plan.json").read_text())["kept"])
+    assert json.loads((tmp_path / "layered-up" / "new-trace" / "manifest.json").read_text())["options"]["streaming"]
+    assert plans[0] == plans[1]

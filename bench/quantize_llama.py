@@ -54,13 +54,13 @@ def main() -> None:
         imatrix = args.out / f"{tag}-imatrix.gguf"
         if not imatrix.exists():
             make_imatrix(f32, "python_dev", imatrix, llama_cpp=args.llama_cpp, threads=args.threads)
-        params = mem.count_params(mem.load_config(model))
         for quant, im in [(q, None) for q in QUANTS] + [("Q4_K_M", imatrix)]:
             label = quant + (" + imatrix (python_dev)" if im else "")
             path = args.out / f"{tag}-{quant.lower()}{'-imatrix' if im else ''}.gguf"
             if not path.exists():
                 quantize_gguf(f32, path, quant, imatrix=im, llama_cpp=args.llama_cpp, threads=args.threads)
-            planned = mem.estimate(params, quant.lower() if quant != "F16" else "fp16", context=0).weights_bytes
+            # from the config: llama-quantize's rules need its row lengths and head layout
+            planned = mem.estimate(model, quant.lower() if quant != "F16" else "fp16", context=0).weights_bytes
             row = dict(model=name, quant=label, gguf=str(path), planned_bytes=planned)
             for wl in ("python_dev", "mixed"):
                 res = evaluate_gguf(BUNDLED_TEACHER, path, wl, threads=args.threads, speed=wl == "python_dev",

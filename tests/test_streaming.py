@@ -89,7 +89,7 @@ def test_streaming_local_scores_equal_whole_model(traces, tiny_gpt_oss_dir, work
     for col in ("value", "ci_low", "ci_high"):
         np.testing.assert_allclose(b[col], a[col], rtol=1e-4, atol=1e-9, err_msg=col)
     assert got.meta["model"]["fingerprint"] == want.meta["model"]["fingerprint"]
-    assert got.meta["method_source"]["reconstruction"] == "model"
+    assert got.meta["method_source"]["reconstruction"] == "trace"  # the streamed trace recorded its sums
 
 
 def test_streaming_score_refuses_whole_model_methods_before_any_work(traces, tiny_gpt_oss_dir, workload, tmp_path):

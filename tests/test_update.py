@@ -79,6 +79,7 @@ def test_update_equals_the_fresh_path_on_old_and_new_items(tmp_path, tiny_gpt_os
                     kept_out=sorted(set(old_kept[l]) - set(after[l])), channels_changed=[]) for l in sorted(old_kept)]
     assert res["changes"] == by_hand
     assert res["experts_swapped"] == sum(len(c["kept_in"]) for c in by_hand)
+    assert res["scores"] == dict(methods={"reconstruction": "trace"}, units=["experts"])  # no model pass for scores
 
     # quality: each model evaluated on each set of held-out items alone, as uspx eval does
     from uspx.evaluate import evaluate

@@ -435,7 +435,7 @@ def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeat
         new_workload=dict(source=new_wl.source, fingerprint=new_wl.fingerprint, items=len(new_wl.items),
                           added=len(added.items), already_in_run=repeated,
                           calibration=len(added.part("calibration").items), heldout=len(added.part("heldout").items)),
-        tokens_traced=tokens, changes=[asdict(c) for c in layer_changes],
+        tokens_traced=tokens, scores=_score_sources(out), changes=[asdict(c) for c in layer_changes],
         experts_swapped=sum(len(c.kept_in) for c in layer_changes),
         channels_changed=sum(len(c.channels_changed) for c in layer_changes),
         heads_changed=heads_changed(prev.plan, plan),
@@ -443,6 +443,13 @@ def _result(prev: Previous, out: Path, new_wl: Workload, added: Workload, repeat
         recovery=None if prev.recovered is None else dict(warm_start=warm, model=report["recovered"]["model"]),
         quality=quality, verdict=report["acceptance"]["verdict"], seconds=seconds,
     )
+
+
+def _score_sources(out: Path) -> dict:
+    """Where the updated scores come from: "trace" (the old and new items' sums, no model pass) or
+    "model" (computed again over every calibration item), per method, and the unit types scored."""
+    meta = read_json(out / "scores" / "scores.json")
+    return dict(methods=meta.get("method_source", {}), units=(meta.get("options") or {}).get("units", ["experts"]))
 
 
 def print_update(result: dict) -> None:

@@ -237,6 +237,10 @@ class Capability(Method):
 class Reconstruction(Method):
     """Each expert's share of its layer's output: the block output change when it is banned."""
 
+    def source(self, run: Inputs) -> str:
+        """The trace when its tracing pass recorded the sums, else a pass over the model."""
+        return "trace" if not run.sequential and run.trace.manifest["options"].get("reconstruction") else "model"
+
     def compute(self, run: Inputs) -> None:
         items = run.items
         with run.timed(self.name):

@@ -1,5 +1,5 @@
 """``uspx extract --update RUN_DIR NEW_WORKLOAD``: an ``uspx extract`` run brought up to date with
-the user's new prompts, at a fraction of a fresh run's cost.
+the user's new prompts, tracing only those.
 
     OUT/workload.jsonl   the run's workload followed by the new items not already in it
     OUT/new-trace/       the new calibration items traced on the run's model (resumable)

@@ -21,7 +21,6 @@ Hugging Face checkpoint: ``uspx extract MODEL_DIR``.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -104,9 +103,10 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
         note = "not run (evaluate=False)"
     elif not wl.part("heldout").items:
         note = f"not run: {wl.source} has no held-out items"
-    elif importlib.util.find_spec("llama_cpp") is None:  # the evaluation runs GGUF files through llama-cpp-python
-        note = ("not run: uspx's evaluation of GGUF files runs them through llama-cpp-python (pip install "
-                "'uspx[llama]'), which is not installed")
+    elif not _has_binding(binding):  # an extract from an importance matrix alone runs nothing until here
+        from uspx.trace.llama_runtime import GET_BINDING
+
+        note = f"not run: {GET_BINDING}"
     else:
         from uspx.evaluate.gguf import evaluate_gguf
 
@@ -115,7 +115,7 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
             console.print(f"evaluating the pruned GGUF against {gm.path} on {len(wl.part('heldout').items)} "
                           "held-out items (both in llama.cpp)")
         ev = evaluate_gguf(gm.path, target, wl, split="heldout", max_length=max_length, epsilon=epsilon,
-                           memory_budget=budget, context=context, speed=speed, threads=threads,
+                           memory_budget=budget, context=context, speed=speed, threads=threads, binding=binding,
                            out=out / "evaluation.json")
         evaluation = dict(overall=ev["overall"], families=ev["families"], acceptance=ev["acceptance"],
                           speed=ev.get("speed"), path=str(out / "evaluation.json"))
@@ -147,10 +147,20 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
     return report
 
 
+def _has_binding(binding: str | None) -> bool:
+    from uspx.trace.llama_runtime import binding_name
+
+    try:
+        binding_name(binding)
+    except UspxError:
+        return False
+    return True
+
+
 def _trace(gm, wl: Workload, out: Path, max_length: int, threads, n_gpu_layers: int, binding, progress: bool) -> Path:
     """The calibration items' routing in llama.cpp, as a uspx trace folder (reused when complete)."""
-    from uspx.trace.llama import LlamaTokenizer, record, write_trace
-    from uspx.trace.llama_runtime import Runtime
+    from uspx.trace.llama import record, write_trace
+    from uspx.trace.llama_runtime import LlamaTokenizer, Runtime
     from uspx.trace.run import workload_info
 
     part = wl.part("calibration")

@@ -19,9 +19,6 @@ precision and pruning alone, not with the reference's own rounding.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,12 +33,10 @@ from uspx.engine.batches import make_batches, pad_id_of
 from uspx.evaluate import speed as speed_mod
 from uspx.evaluate.metrics import _Compare, summarise
 from uspx.evaluate.run import FORMAT, _epsilons, _write, acceptance
-from uspx.io import UspxError, sha256_json
+from uspx.io import UspxError
 from uspx.prune.gguf_export import gguf_tensors
+from uspx.prune.gguf_file import fingerprint
 from uspx.workload import DEFAULT_MAX_LENGTH, EncodedItem, Workload, default_max_length, encode, load_workload
-
-_HEAD, _SAMPLE = 16 << 20, 1 << 20  # bytes hashed from the start and the end of a GGUF file for its fingerprint
-
 
 def is_gguf(model: str | Path) -> bool:
     """Whether ``model`` names a GGUF file (by its magic bytes, or its name when it does not exist)."""
@@ -50,92 +45,6 @@ def is_gguf(model: str | Path) -> bool:
         with open(path, "rb") as fh:
             return fh.read(4) == b"GGUF"
     return path.suffix.lower() == ".gguf"
-
-
-def gguf_fingerprint(path: str | Path) -> str:
-    """Hash of the file's size, its first 16 MiB (the metadata and tensor table, a large vocabulary
-    included, and the first tensors) and its last MiB: cheap on a 13 GB file, and different for two
-    files that differ in anything uspx or llama-quantize changes (types, sizes, expert counts)."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read(_HEAD))
-        if size > _HEAD + _SAMPLE:
-            fh.seek(size - _SAMPLE)
-        h.update(fh.read(_SAMPLE))
-    return sha256_json({"gguf": size, "sha256_ends": h.hexdigest()})
-
-
-class LlamaTokenizer:
-    """A GGUF file's own tokenizer with the two calls :func:`uspx.workload.encode` makes
-    (``encode(text, add_special_tokens=False)``; no chat template, so chat items are read as their
-    plain prompt text). For evaluating two GGUF files without a Hugging Face folder."""
-
-    chat_template = None
-
-    def __init__(self, path: str | Path, binding: str | None = None, runtime=None):
-        """``runtime``: an open :class:`~uspx.trace.llama_runtime.Runtime` of the file to read the
-        vocabulary through (else the file's vocabulary alone is opened)."""
-        from uspx.trace.llama_runtime import Runtime
-
-        self.path = Path(path)
-        self.runtime = runtime or Runtime(self.path, n_ctx=8, binding=binding, vocab_only=True)
-        api = _Api(self.runtime)
-        self.eos_token_id = int(api.eos(self.runtime.vocab))
-        self.vocab_size = int(api.n_vocab(self.runtime.vocab))
-        self.pad_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.runtime.tokenize(text, add_special_tokens) if text else []
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
-class _Api:
-    """The C functions evaluation needs beyond :class:`~uspx.trace.llama_runtime.Runtime`'s (every
-    position's logits, the vocabulary's size and end token), from the binding the runtime uses."""
-
-    def __init__(self, rt):
-        if rt.binding == "llama_cpp":
-            import llama_cpp as L
-
-            self.logits, self.n_vocab, self.eos = L.llama_get_logits, L.llama_vocab_n_tokens, L.llama_vocab_eos
-            self.logits_ith = L.llama_get_logits_ith
-            return
-        spec = importlib.util.find_spec("xllamacpp.xllamacpp")
-        lib = ctypes.CDLL(spec.origin)  # the library the runtime already loaded: the same handle
-        p, f32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_float)
-        for name, args, res in (("llama_get_logits", [p], f32p), ("llama_get_logits_ith", [p, ctypes.c_int32], f32p),
-                                ("llama_vocab_n_tokens", [p], ctypes.c_int32), ("llama_vocab_eos", [p], ctypes.c_int32)):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        self.logits, self.n_vocab, self.eos = lib.llama_get_logits, lib.llama_vocab_n_tokens, lib.llama_vocab_eos
-        self.logits_ith = lib.llama_get_logits_ith
-
-
-def _decode(rt, tokens: Sequence[int], start: int, outputs: str) -> None:
-    """``tokens`` at positions ``start``.. of sequence 0, continuing what the context holds
-    (``start`` 0 clears it first); ``outputs``: ``"all"`` positions' logits or the ``"last"``'s."""
-    L = rt._L
-    if start == 0:
-        L.llama_memory_clear(L.llama_get_memory(rt.ctx), True)
-    n = len(tokens)
-    batch = L.llama_batch_init(n, 0, 1)
-    try:
-        for i, tok in enumerate(tokens):
-            batch.token[i] = int(tok)
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if outputs == "all" or i == n - 1 else 0
-        batch.n_tokens = n
-        rc = L.llama_decode(rt.ctx, batch)
-    finally:
-        L.llama_batch_free(batch)
-    if rc != 0:
-        raise UspxError(f"{rt.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
 
 
 # ----- the two sides ---------------------------------------------------------------------------------
@@ -159,10 +68,8 @@ class _Side:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """[len(ids), V] float32 next-token logits at every position of ``ids``."""
         if self.rt is not None:
-            _decode(self.rt, ids, 0, "all")
-            ptr = self.info["api"].logits(self.rt.ctx)
-            flat = np.ctypeslib.as_array(ptr, shape=(len(ids) * self.vocab,))
-            return torch.from_numpy(flat.reshape(len(ids), self.vocab).copy())
+            self.rt.decode(ids)
+            return torch.from_numpy(self.rt.logits(len(ids)))
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([list(ids)])).logits[0].float()
 
@@ -186,10 +93,8 @@ def _open_side(model: str | Path, n_ctx: int, threads: int | None, dtype: str, t
         if not path.is_file():
             raise UspxError(f"{path}: no such GGUF file")
         rt = _runtime(path, n_ctx, threads, binding)
-        api = _Api(rt)
-        return _Side(str(path), f"llama.cpp ({rt.binding})", gguf_fingerprint(path), str(path),
-                     int(api.n_vocab(rt.vocab)), rt=rt, gguf=str(path), threads=threads, binding=rt.binding,
-                     info={**gguf_tensors(path), "api": api})
+        return _Side(str(path), f"llama.cpp ({rt.binding})", fingerprint(path), str(path), rt.n_vocab, rt=rt,
+                     gguf=str(path), threads=threads, binding=rt.binding, info=gguf_tensors(path))
     from uspx.evaluate.run import _open
 
     opened = _open(model, None, dtype, trust_remote_code)
@@ -229,23 +134,18 @@ class _LlamaTimer:
 
     def __init__(self, side: "_Side", n_ctx: int):
         self.rt = _runtime(Path(side.gguf), n_ctx, side.threads, side.binding)
-        self.api, self.vocab = _Api(self.rt), side.vocab
-
-    def _next(self) -> int:
-        row = np.ctypeslib.as_array(self.api.logits_ith(self.rt.ctx, -1), shape=(self.vocab,))
-        return int(np.argmax(row))
 
     def prefill_seconds(self, prompts: Sequence[Sequence[int]]) -> float:
         start = time.perf_counter()
         for ids in prompts:
-            _decode(self.rt, ids, 0, "last")
+            self.rt.decode(ids, outputs="last")
         return time.perf_counter() - start
 
     def decode_seconds(self, prompt: Sequence[int], new_tokens: int) -> float:
-        _decode(self.rt, prompt, 0, "last")
+        self.rt.decode(prompt, outputs="last")
         start = time.perf_counter()
         for i in range(new_tokens):
-            _decode(self.rt, [self._next()], len(prompt) + i, "last")
+            self.rt.decode([int(np.argmax(self.rt.last_logits()))], start=len(prompt) + i, outputs="last")
         return time.perf_counter() - start
 
 
@@ -430,7 +330,9 @@ def _evaluate(t: _Side, c: _Side, wl: Workload, part: Workload, split: str, max_
         max_length = max_length or default_max_length(hf.info["config"])
         tokenizer_from = hf.path
     else:
-        tokenizer = LlamaTokenizer(t.gguf, runtime=t.rt)
+        from uspx.trace.llama_runtime import LlamaTokenizer
+
+        tokenizer = LlamaTokenizer(t.rt)
         max_length = max_length or DEFAULT_MAX_LENGTH
         tokenizer_from = f"{t.gguf} (llama.cpp)"
     items = encode(part, tokenizer, max_length)
@@ -483,4 +385,4 @@ def _evaluate(t: _Side, c: _Side, wl: Workload, part: Workload, split: str, max_
     return result
 
 
-__all__ = ["LlamaTokenizer", "evaluate_gguf", "gguf_fingerprint", "gguf_tensors", "is_gguf"]
+__all__ = ["evaluate_gguf", "gguf_tensors", "is_gguf"]

@@ -230,19 +230,6 @@ def write_trace(model: GGUFModel, encoded, recording: Recording, out: str | Path
     return finish_manifest(out, manifest, wl_summary, encoded, time.perf_counter() - started)
 
 
-class LlamaTokenizer:
-    """The GGUF's own vocabulary as the tokenizer :func:`uspx.workload.encode` calls (``encode``
-    without special tokens; no chat template, so chat items render as ``role: content`` lines)."""
-
-    chat_template = None
-
-    def __init__(self, runtime):
-        self.runtime = runtime
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.runtime.tokenize(text, add_special=add_special_tokens)
-
-
 # ----- importance matrices ----------------------------------------------------------------------------
 @dataclass
 class ImatrixEntry:

@@ -19,7 +19,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -178,6 +178,9 @@ class _XApi:
             "llama_decode": ([p, _XBatch], i32), "llama_get_memory": ([p], p),
             "llama_memory_clear": ([p, ctypes.c_bool], None), "llama_free": ([p], None),
             "llama_model_free": ([p], None), "llama_log_set": ([_LOG_CALLBACK, vp], None),
+            "llama_get_logits": ([p], ctypes.POINTER(ctypes.c_float)),
+            "llama_get_logits_ith": ([p, i32], ctypes.POINTER(ctypes.c_float)),
+            "llama_vocab_n_tokens": ([p], i32), "llama_vocab_eos": ([p], i32),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -278,30 +281,50 @@ class Runtime:
         n = self._L.llama_tokenize(self.vocab, data, len(data), buf, room, add_special, False)
         return list(buf[:n])
 
-    def decode(self, tokens: list[int]) -> None:
-        """Run ``tokens`` as one sequence from position 0 (the memory cleared first), every
-        position an output."""
+    @property
+    def n_vocab(self) -> int:
+        return int(self._L.llama_vocab_n_tokens(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(self._L.llama_vocab_eos(self.vocab))
+
+    def decode(self, tokens: Sequence[int], start: int = 0, outputs: str = "all") -> None:
+        """Run ``tokens`` at positions ``start``.. of one sequence (``start`` 0 clears the memory
+        first; more continues what it holds); ``outputs``: every position's (``"all"``) or the last
+        one's (``"last"``), as a prefill that needs only the next token computes."""
         n = len(tokens)
         if self.vocab_only:
             raise UspxError(f"{self.path} was opened for its vocabulary only")
-        if not 0 < n <= self.n_ctx:
-            raise UspxError(f"{n} tokens for a llama.cpp context of {self.n_ctx}")
+        if not 0 < start + n <= self.n_ctx or n == 0:
+            raise UspxError(f"{n} tokens from position {start} for a llama.cpp context of {self.n_ctx}")
         api = self._L
-        api.llama_memory_clear(api.llama_get_memory(self.ctx), True)
+        if start == 0:
+            api.llama_memory_clear(api.llama_get_memory(self.ctx), True)
         batch = api.llama_batch_init(n, 0, 1)
         try:
             for i, tok in enumerate(tokens):
                 batch.token[i] = int(tok)
-                batch.pos[i] = i
+                batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
+                batch.logits[i] = 1 if outputs == "all" or i == n - 1 else 0
             batch.n_tokens = n
             rc = api.llama_decode(self.ctx, batch)
         finally:
             api.llama_batch_free(batch)
         if rc != 0:
             raise UspxError(f"{self.path}: llama.cpp failed to decode {n} tokens (llama_decode returned {rc})")
+
+    def logits(self, n: int) -> np.ndarray:
+        """[n, vocabulary] float32 logits of the last :meth:`decode` of ``n`` tokens with every
+        position an output (a copy: llama.cpp reuses its buffer)."""
+        flat = np.ctypeslib.as_array(self._L.llama_get_logits(self.ctx), shape=(n * self.n_vocab,))
+        return flat.reshape(n, -1).copy()
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last position decoded."""
+        return np.ctypeslib.as_array(self._L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
         api = self._L
@@ -317,3 +340,23 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LlamaTokenizer:
+    """A GGUF file's own vocabulary with the calls :func:`uspx.workload.encode` and evaluation make
+    (``encode(text, add_special_tokens=False)``, the end token, the vocabulary's size). No chat
+    template: chat items are read as plain ``role: content`` text."""
+
+    chat_template = None
+    pad_token_id = None
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.eos_token_id = runtime.eos
+        self.vocab_size = runtime.n_vocab
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.runtime.tokenize(text, add_special_tokens) if text else []
+
+    def __len__(self) -> int:
+        return self.vocab_size

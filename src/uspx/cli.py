@@ -176,30 +176,19 @@ def plan(
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts
     that fit; with --gpu, pruning against llama.cpp's expert offload, predicted speed included."""
     if gpu is not None:
+        from uspx.io import write_json
         from uspx.models.loading import resolve_model_path as _resolve
         from uspx.plan import speed as sp
         from uspx.plan.memory import count_params
 
-        measured = cpu_preset is not None and cpu_preset.lower() == "measure"
-        ram_bw = sp.measure_cpu_bandwidth() / sp.GB if measured else cpu_bandwidth
-        preset = gpu.lower() if gpu.lower() in sp.GPU_PRESETS else None
-        no_gpu = gpu.lower() in ("0", "cpu", "none")
-        hw = sp.hardware(preset, gpu_memory=None if preset or no_gpu else gpu, gpu_bandwidth=gpu_bandwidth,
-                         cpu=None if measured else cpu_preset, cpu_bandwidth=ram_bw)
-        if no_gpu:
-            hw = sp.replace(hw, gpu_bytes=0)
-        if cpu_threads is not None:
-            if cpu_threads < 1:
-                raise UspxError(f"--cpu-threads must be >= 1, not {cpu_threads}")
-            hw = sp.replace(hw, cpu_threads=cpu_threads)
+        hw, measured = sp.user_hardware(gpu, gpu_bandwidth=gpu_bandwidth, ram=cpu_preset, ram_bandwidth=cpu_bandwidth,
+                                        cpu_threads=cpu_threads)
         config = _resolve(model)
         result = sp.offload_plan(config, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
         sp.print_offload_plan(result, count_params(config).num_experts)
-        if measured:
-            console.print(f"system memory measured here: {ram_bw:.1f} GB/s (one thread's read; all cores may read more)")
+        if measured is not None:
+            console.print(f"system memory measured here: {measured:.1f} GB/s (one thread's read; all cores may read more)")
         if out is not None:
-            from uspx.io import write_json
-
             write_json(out, result.as_dict())
         return
     from uspx.io import write_json

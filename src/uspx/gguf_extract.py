@@ -44,7 +44,7 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
     """Statistics, scores, selection and the pruned GGUF of ``model`` for ``workload`` (module doc);
     returns the report written to ``out_dir/report.json``."""
     from uspx.plan.select import select_experts
-    from uspx.prune.gguf_file import prune_gguf, read_model
+    from uspx.prune.gguf_file import read_model
 
     started = time.perf_counter()
     if (budget is None) == (keep is None):
@@ -86,39 +86,14 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
 
     t0 = time.perf_counter()
     target = out / "model.gguf"
-    record_path = out / "model.gguf.uspx.json"
-    if target.exists() and record_path.exists() and read_json(record_path).get("kept") == \
-            {str(l): sorted(v) for l, v in plan.kept.items()} and read_json(record_path).get("source_fingerprint") == gm.fingerprint:
-        pruned = read_json(record_path)  # a finished run's output for the same plan: resumed
-    else:
-        if target.exists():
-            target.unlink()  # written for another plan (or its record lost): made again
-        pruned = prune_gguf(gm.path, plan.kept_set(), target, num_experts=gm.num_experts)
-        pruned["source_fingerprint"] = gm.fingerprint
-        write_json(record_path, pruned)
+    pruned = _prune(gm, plan, target)
     seconds["prune"] = round(time.perf_counter() - t0, 2)
 
-    evaluation, note = None, None
-    if not evaluate:
-        note = "not run (evaluate=False)"
-    elif not wl.part("heldout").items:
-        note = f"not run: {wl.source} has no held-out items"
-    elif not _has_binding(binding):  # an extract from an importance matrix alone runs nothing until here
-        from uspx.trace.llama_runtime import GET_BINDING
-
-        note = f"not run: {GET_BINDING}"
-    else:
-        from uspx.evaluate.gguf import evaluate_gguf
-
-        t0 = time.perf_counter()
-        if progress:
-            console.print(f"evaluating the pruned GGUF against {gm.path} on {len(wl.part('heldout').items)} "
-                          "held-out items (both in llama.cpp)")
-        ev = evaluate_gguf(gm.path, target, wl, split="heldout", max_length=max_length, epsilon=epsilon,
-                           memory_budget=budget, context=context, speed=speed, threads=threads, binding=binding,
-                           out=out / "evaluation.json")
-        evaluation = dict(overall=ev["overall"], families=ev["families"], acceptance=ev["acceptance"],
-                          speed=ev.get("speed"), path=str(out / "evaluation.json"))
+    t0 = time.perf_counter()
+    evaluation, note = _evaluate(gm, target, wl, out, evaluate=evaluate, max_length=max_length, epsilon=epsilon,
+                                 budget=budget, context=context, speed=speed, threads=threads, binding=binding,
+                                 progress=progress)
+    if evaluation is not None:
         seconds["evaluate"] = round(time.perf_counter() - t0, 2)
 
     report = dict(
@@ -145,6 +120,47 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
             console.print(f"held-out loss delta {o.get('delta', float('nan')):+.4f} nats per token, top-1 agreement "
                           f"{o.get('top1_agreement', float('nan')):.3f}: {verdict.get('verdict', verdict)}")
     return report
+
+
+def _prune(gm, plan, target: Path) -> dict:
+    """The pruned GGUF and its record; a finished run's file for the same plan and source is kept."""
+    from uspx.prune.gguf_file import prune_gguf
+
+    record_path = target.with_name(target.name + ".uspx.json")
+    kept = {str(l): sorted(v) for l, v in plan.kept.items()}
+    if target.exists() and record_path.exists():
+        old = read_json(record_path)
+        if old.get("kept") == kept and old.get("source_fingerprint") == gm.fingerprint:
+            return old
+    if target.exists():
+        target.unlink()  # written for another plan (or its record lost): made again
+    pruned = prune_gguf(gm.path, plan.kept_set(), target, num_experts=gm.num_experts)
+    pruned["source_fingerprint"] = gm.fingerprint
+    write_json(record_path, pruned)
+    return pruned
+
+
+def _evaluate(gm, target: Path, wl: Workload, out: Path, *, evaluate: bool, max_length: int, epsilon: float,
+              budget, context: int, speed: bool, threads, binding, progress: bool) -> tuple[dict | None, str | None]:
+    """The pruned file judged against the original in llama.cpp, or why it was not."""
+    if not evaluate:
+        return None, "not run (evaluate=False)"
+    if not wl.part("heldout").items:
+        return None, f"not run: {wl.source} has no held-out items"
+    if not _has_binding(binding):  # an extract from an importance matrix alone runs nothing until here
+        from uspx.trace.llama_runtime import GET_BINDING
+
+        return None, f"not run: {GET_BINDING}"
+    from uspx.evaluate.gguf import evaluate_gguf
+
+    if progress:
+        console.print(f"evaluating the pruned GGUF against {gm.path} on {len(wl.part('heldout').items)} "
+                      "held-out items (both in llama.cpp)")
+    ev = evaluate_gguf(gm.path, target, wl, split="heldout", max_length=max_length, epsilon=epsilon,
+                       memory_budget=budget, context=context, speed=speed, threads=threads, binding=binding,
+                       out=out / "evaluation.json")
+    return dict(overall=ev["overall"], families=ev["families"], acceptance=ev["acceptance"], speed=ev.get("speed"),
+                path=str(out / "evaluation.json")), None
 
 
 def _has_binding(binding: str | None) -> bool:

@@ -126,7 +126,7 @@ def hardware(gpu: str | None = None, *, gpu_memory: int | str | None = None, gpu
     c = CPU_PRESETS[(cpu or "ddr4-2ch").lower()] if (cpu or "ddr4-2ch").lower() in CPU_PRESETS else None
     if c is None:
         raise UspxError(f"unknown system-memory preset {cpu!r}; known: {', '.join(CPU_PRESETS)} (or give "
-                        "--cpu-bandwidth GB/s, or measure it)")
+                        "--ram-bandwidth GB/s, or --ram measure)")
     kw.update(cpu_bandwidth=c["bandwidth"] * c["share"] * GB, cpu_flops=c["tflops"] * 1e12)
     names.append((cpu or "ddr4-2ch").lower())
     if gpu_memory is not None:
@@ -136,10 +136,30 @@ def hardware(gpu: str | None = None, *, gpu_memory: int | str | None = None, gpu
     if cpu_bandwidth is not None:
         kw["cpu_bandwidth"] = float(cpu_bandwidth) * GB
     if kw.get("gpu_bytes") and not kw.get("gpu_bandwidth"):
-        raise UspxError("a GPU needs its memory bandwidth: --gpu-bandwidth GB/s, or a preset (--gpu-preset)")
+        raise UspxError("a GPU needs its memory bandwidth: --gpu-bandwidth GB/s, or a preset (--gpu rtx2080, ...)")
     if kw.get("gpu_bytes") and not kw.get("gpu_flops"):
         kw["gpu_flops"] = 20e12
     return Hardware(**kw, name="+".join(names), **overrides)
+
+
+def user_hardware(gpu: str, *, gpu_bandwidth: float | None = None, ram: str | None = None,
+                  ram_bandwidth: float | None = None, cpu_threads: int | None = None) -> tuple[Hardware, float | None]:
+    """The machine ``uspx plan --gpu`` describes: ``gpu`` a preset, a memory size (``8GiB``) or
+    ``0``/``cpu`` (none); ``ram`` a system-memory preset or ``measure`` (a short read here). Returns
+    the hardware and the bandwidth measured here (GB/s; None when not measured)."""
+    measured = ram is not None and ram.lower() == "measure"
+    ram_bw = measure_cpu_bandwidth() / GB if measured else ram_bandwidth
+    preset = gpu.lower() if gpu.lower() in GPU_PRESETS else None
+    no_gpu = gpu.lower() in ("0", "cpu", "none")
+    hw = hardware(preset, gpu_memory=None if preset or no_gpu else gpu, gpu_bandwidth=gpu_bandwidth,
+                  cpu=None if measured else ram, cpu_bandwidth=ram_bw)
+    if no_gpu:
+        hw = replace(hw, gpu_bytes=0)
+    if cpu_threads is not None:
+        if cpu_threads < 1:
+            raise UspxError(f"--cpu-threads must be >= 1, not {cpu_threads}")
+        hw = replace(hw, cpu_threads=cpu_threads)
+    return hw, ram_bw if measured else None
 
 
 def measure_cpu_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

@@ -234,3 +234,13 @@ def test_a_layer_by_layer_run_updates_layer_by_layer(tmp_path, tiny_gpt_oss_dir,
         plans.append(json.loads((tmp_path / f"{name}-up" / "plan.json").read_text())["kept"])
     assert json.loads((tmp_path / "layered-up" / "new-trace" / "manifest.json").read_text())["options"]["streaming"]
     assert plans[0] == plans[1]
+
+
+def test_a_capability_run_keeps_its_tool_families(tmp_path, tiny_gpt_oss_dir, one_thread):
+    old = write_jsonl(tmp_path / "old.jsonl", OLD + [dict(r, family="shell") for r in NEW[:8]])
+    new = write_jsonl(tmp_path / "new.jsonl", NEW[8:])
+    extract(tiny_gpt_oss_dir, old, tmp_path / "run", keep="50%", method="capability", tool_families=["shell"],
+            speed=False, progress=False)
+    update(tmp_path / "run", new, tmp_path / "up", progress=False)
+    meta = json.loads((tmp_path / "up" / "scores" / "scores.json").read_text())
+    assert meta["options"]["capability"]["tool_families"] == ["shell"]

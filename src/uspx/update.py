@@ -47,7 +47,7 @@ class Previous:
     report: dict
     plan: dict
     trace: dict  # the calibration trace's manifest
-    sequential: bool
+    scores: dict  # the score table's scores.json
     recovered: Path | None  # the recovered model, when the run recovered
     recover_settings: dict | None
 
@@ -80,9 +80,8 @@ def read_previous(run_dir: str | Path) -> Previous:
     recovered, settings = None, None
     if (run / "recover" / "recover.json").exists() and (run / "recover" / "model" / "config.json").exists():
         recovered, settings = run / "recover" / "model", read_json(run / "recover" / "recover.json")["settings"]
-    sequential = (read_json(run / "scores" / "scores.json").get("options") or {}).get("sequential") is not None
     return Previous(run, report, read_json(run / "plan.json"), read_json(run / "trace" / "manifest.json"),
-                    sequential, recovered, settings)
+                    read_json(run / "scores" / "scores.json"), recovered, settings)
 
 
 def combine(old: Workload, new: Workload) -> tuple[list[WorkloadItem], int]:
@@ -272,12 +271,14 @@ def _trace_new(opened: Opened, prev: Previous, whole: Workload, added: Workload,
 def _extract_options(prev: Previous) -> dict:
     """:func:`uspx.extract.extract`'s arguments that reproduce the run's settings."""
     r, p, o = prev.report, prev.plan, prev.trace["options"]
+    scored = prev.scores.get("options") or {}
     solver = p["solver"]["name"] if not p.get("uniform", True) else "lagrangian"
     return dict(budget=r.get("budget"), keep=r.get("keep"), context=r["context"],
                 kv_dtype=(p.get("settings") or {}).get("kv_dtype", "bf16"), method=r["method"],
                 uniform=p.get("uniform", True), solver=solver, epsilon=_epsilon(r),
                 batch_size=o["batch_size"], max_length=o["max_length"], speed=r.get("speed") is not None,
-                sequential=prev.sequential, units=r.get("units", ["experts"]), compare="whole_experts" in r)
+                sequential=scored.get("sequential") is not None, units=r.get("units", ["experts"]),
+                compare="whole_experts" in r, tool_families=(scored.get("capability") or {}).get("tool_families"))
 
 
 def _epsilon(report: dict) -> float:

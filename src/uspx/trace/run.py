@@ -107,17 +107,7 @@ def trace(
     if not d.main:
         manifest = read_json(out / "manifest.json")
     done = {s["index"] for s in manifest["shards"]}
-    n_shards = (len(encoded) + items_per_shard - 1) // items_per_shard
-    if manifest.get("parts"):  # concatenated from traces (uspx.trace.concat): finished, or not this tracer's
-        if not manifest.get("complete") or reconstruction and not (out / RECONSTRUCTION).exists():
-            raise UspxError(f"{out}: a trace concatenated from others ({len(manifest['parts'])} parts) without "
-                            "what this run asks for; trace into another folder")
-        d.barrier()
-        return manifest
-    finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
-    if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
-        if d.main:
-            shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
+    if _finished(out, manifest, done, len(encoded), items_per_shard, reconstruction, d):
         d.barrier()
         return manifest
     if d.main:
@@ -147,6 +137,24 @@ def trace(
         shutil.rmtree(out / STAGING, ignore_errors=True)  # the shards hold everything now
     d.barrier()
     return manifest if d.main else read_json(out / "manifest.json")
+
+
+def _finished(out: Path, manifest: dict, done: set, items: int, items_per_shard: int, reconstruction: bool,
+              d: Dist) -> bool:
+    """Whether ``out`` already holds this trace whole (a resumed run that finished, or a trace
+    concatenated from others, which no tracer continues)."""
+    if manifest.get("parts"):  # concatenated from traces (uspx.trace.concat): finished, or not this tracer's
+        if not manifest.get("complete") or reconstruction and not (out / RECONSTRUCTION).exists():
+            raise UspxError(f"{out}: a trace concatenated from others ({len(manifest['parts'])} parts) without "
+                            "what this run asks for; trace into another folder")
+        return True
+    n_shards = (items + items_per_shard - 1) // items_per_shard
+    finished = manifest.get("complete") and len(done) == n_shards and (out / "items.parquet").exists()
+    if finished and (not reconstruction or (out / RECONSTRUCTION).exists()):
+        if d.main:
+            shutil.rmtree(out / STAGING, ignore_errors=True)  # left over if killed right after finishing
+        return True
+    return False
 
 
 def model_info(opened: Opened) -> dict:

@@ -108,6 +108,9 @@ def test_scored_characters_are_counted_by_hand(tmp_path):
 # ----- end to end -----------------------------------------------------------------------------------
 ROWS = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code",
          "split": "heldout" if i >= 10 else "calibration"} for i in range(13)]
+# checks whose outcome no answer can change: any text matches the first, no 3-token answer the second
+ROWS[10].update(regex="(?s).*", max_new_tokens=3)
+ROWS[11].update(regex=r"\d{40}", max_new_tokens=3)
 
 
 def _bpe(texts, vocab: int):
@@ -173,6 +176,10 @@ def test_dense_student_with_another_tokenizer_end_to_end(run, tmp_path):
     code = rows["dense student"]["code"]
     assert code["teacher_chars"] == code["candidate_chars"] == sum(len(r["completion"]) for r in ROWS[10:])
     assert not code["same_tokenizer"] and code["candidate_tokens"] < code["candidate_chars"]
+    # the checked items are answered by each model with its own tokenizer and judged: one of two passes
+    for name in ("dense base (not distilled)", "dense student", "pruned MoE"):
+        row = report["tasks"][name]["code"]
+        assert row["items"] == 2 and row["teacher"]["pass@1"] == row["candidate"]["pass@1"] == 0.5, name
     # the verdict checks each family's delta per token of the original against --epsilon (0.05)
     for name, fams in rows.items():
         per_teacher_token = {f: r["delta_per_char"] * r["teacher_chars"] / r["teacher_tokens"]

@@ -72,14 +72,14 @@ def dense_student(run_dir: str | Path, base: str | Path, *, settings: Settings |
         del model, student
         existing = _finished(out / "model", key)
     seconds = round(time.perf_counter() - started, 1)
-    heldout, sizes, speeds = _measure(teacher, base, out / "model", run, wl, max_length, speed=speed)
+    heldout, sizes, speeds, tasks = _measure(teacher, base, out / "model", run, wl, max_length, speed=speed)
     result = dict(
         format=FORMAT, uspx_version=uspx.__version__, run=str(run), source=str(source), base=str(base),
         model=str(out / "model"), tokenizer="same" if same else "different",
         objectives=_objectives(settings, same), settings=asdict(settings), four_bit=four_bit,
         history=existing["recovered"]["history"], seconds=seconds, heldout=heldout, sizes=sizes, speed=speeds,
         aligned_share=existing.get("aligned_share"),
-        acceptance={name: _acceptance(fams, epsilon) for name, fams in heldout.items()},
+        acceptance={name: _acceptance(fams, epsilon) for name, fams in heldout.items()}, tasks=tasks,
     )
     write_json(out / REPORT, result)
     _print(result)
@@ -198,7 +198,8 @@ def _candidates(base: Path, model: Path, run: Path) -> dict[str, Path]:
 
 
 def _measure(teacher, base: Path, model: Path, run: Path, wl, max_length: int, *, speed: bool):
-    """Held-out comparison on text, weight bytes and speed of the original and every candidate."""
+    """Held-out comparison on text, weight bytes, speed and task checks of the original and every
+    candidate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from uspx.engine.batches import pad_id_of
@@ -212,7 +213,8 @@ def _measure(teacher, base: Path, model: Path, run: Path, wl, max_length: int, *
         raise UspxError(f"{wl.source}: no held-out items to compare the candidates on")
     t_scored = encode_scored(part, teacher.tokenizer, max_length)
     t_losses = text_losses(teacher.model, t_scored, pad_id_of(teacher.tokenizer))
-    heldout, sizes, speeds = {}, {"original": weight_files(teacher.source).tensor_bytes}, {}
+    heldout, sizes, speeds, tasks = {}, {"original": weight_files(teacher.source).tensor_bytes}, {}, {}
+    checked = _Checked(teacher, part, max_length)
     if speed:
         speeds["original"] = measure({"m": Runner(teacher.model)}, [s.item.input_ids for s in t_scored])["m"]
     for name, folder in _candidates(base, model, run).items():
@@ -224,8 +226,34 @@ def _measure(teacher, base: Path, model: Path, run: Path, wl, max_length: int, *
         sizes[name] = weight_files(folder).tensor_bytes
         if speed:
             speeds[name] = measure({"m": Runner(cand)}, [s.item.input_ids for s in scored])["m"]
+        if checked.items:
+            tasks[name] = checked.report(cand, tok)
         del cand
-    return heldout, sizes, speeds
+    return heldout, sizes, speeds, tasks
+
+
+class _Checked:
+    """The held-out items with checks, answered by the original once and by each candidate with its
+    own tokenizer (the answer is text, so models of any tokenizer are judged alike), greedily, as
+    ``uspx eval`` answers them; ``tests`` checks run in the sandbox."""
+
+    def __init__(self, teacher, part, max_length: int):
+        from uspx.evaluate.tasks import TaskSettings, checked, generate_answers
+        from uspx.virtual.sandbox import run_python
+
+        self.items, self.settings, self.max_length = checked(part.items), TaskSettings(), max_length
+        self.families = sorted({i.family for i in self.items})
+        self.teacher = (generate_answers(teacher.model, teacher.tokenizer, self.items, self.settings, max_length,
+                                         run_python) if self.items else None)
+
+    def report(self, model, tokenizer) -> dict:
+        """pass@1 of the original and the candidate per family, and their paired difference."""
+        from uspx.evaluate.tasks import family_report, generate_answers
+        from uspx.virtual.sandbox import run_python
+
+        answers = generate_answers(model, tokenizer, self.items, self.settings, self.max_length, run_python)
+        return family_report(self.items, {"teacher": self.teacher, "candidate": answers}, self.settings.pass_k,
+                             self.families, self.settings.seed)
 
 
 def _print(r: dict) -> None:
@@ -243,4 +271,8 @@ def _print(r: dict) -> None:
         t.add_row(name, cell(row["delta_per_char"]), cell(row["delta_per_teacher_token"]),
                   f"{r['sizes'][name] / 2**20:.2f} MiB", r["acceptance"][name]["verdict"])
     console.print(t)
+    for name, fams in (r.get("tasks") or {}).items():
+        row = fams["all"]
+        console.print(f"checked items, {name}: pass@1 {row['candidate']['pass@1']:.3f} against the original's "
+                      f"{row['teacher']['pass@1']:.3f} ({row['items']} items)")
 

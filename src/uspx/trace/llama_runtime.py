@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -201,7 +202,23 @@ class _XApi:
                             f"uspx declares (defaults read {got}, expected {want}); install xllamacpp=={XLLAMACPP_VERSION}")
 
 
-_QUIET: dict = {}  # xllamacpp's checked API and the process-wide log callback set on it
+_QUIET: dict = {}  # per binding: the process-wide log callback set on it (and xllamacpp's checked API)
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5
+
+
+def _errors_only() -> "_LOG_CALLBACK":
+    """A llama.cpp log callback that prints errors (and their continued lines) to stderr and drops
+    the rest: llama.cpp's notes on every load (cache layouts, tensor counts) are noise in uspx's
+    output, while an error says why a file did not load."""
+    last = [0]
+
+    def log(level: int, text: bytes, data) -> None:
+        if level != GGML_LOG_LEVEL_CONT:
+            last[0] = level
+        if last[0] == GGML_LOG_LEVEL_ERROR:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    return _LOG_CALLBACK(log)
 
 
 def _xllamacpp() -> tuple[_XApi, Path]:
@@ -213,7 +230,7 @@ def _xllamacpp() -> tuple[_XApi, Path]:
         raise UspxError(f"xllamacpp is not installed; {GET_BINDING}")
     if "xllamacpp" not in _QUIET:
         api = _XApi(Path(spec.origin))
-        quiet = _LOG_CALLBACK(lambda level, text, data: None)  # llama.cpp keeps it for the process
+        quiet = _errors_only()  # llama.cpp keeps it for the process
         api.llama_log_set(quiet, None)
         _QUIET["xllamacpp"] = (api, Path(spec.origin), quiet)
     api, path, _ = _QUIET["xllamacpp"]
@@ -239,9 +256,10 @@ class Runtime:
         self._keep: list = []  # callbacks and buffers that C holds pointers to
         if self.binding == "llama_cpp":
             import llama_cpp
-            from llama_cpp import _logger
 
-            _logger.set_verbose(False)  # the binding's own logger (what Llama(verbose=False) does): errors only
+            if "llama_cpp" not in _QUIET:  # the binding's own logger prints level-0 notes at any verbosity
+                _QUIET["llama_cpp"] = _errors_only()
+                llama_cpp.llama_log_set(_QUIET["llama_cpp"], None)
             self._open_ctypes(llama_cpp, _ggml(Path(llama_cpp.__file__).parent / "lib"), threads, n_gpu_layers,
                               callback)
         else:

@@ -175,6 +175,19 @@ def test_device_without_cuda_is_refused_before_any_work(tmp_path, workload):
     assert not (tmp_path / "t").exists()
     with pytest.raises(UspxError, match="not a device"):
         FromCheckpoint(src, device="gpu7")
+    # every command that runs the model takes --device and refuses it here before writing anything
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    trace(src, workload, tmp_path / "tr", progress=False)
+    for args in (["trace", str(src), str(workload), "-o", str(tmp_path / "c")],
+                 ["score", str(src), str(tmp_path / "tr"), str(workload), "-o", str(tmp_path / "c")],
+                 ["extract", str(src), str(workload), "--keep", "50%", "-o", str(tmp_path / "c")],
+                 ["eval", str(src), str(workload), "--teacher", str(src), "-o", str(tmp_path / "c")]):
+        res = CliRunner().invoke(app, [*args, "--streaming", "--device", "cuda"])
+        assert res.exit_code != 0 and "no CUDA GPU" in str(res.exception), args[0]
+        assert not (tmp_path / "c").exists(), args[0]
 
 
 @cuda

@@ -267,6 +267,7 @@ def score(
     batch_size: int = typer.Option(8),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    device: Optional[str] = DEVICE,
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
     tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --methods capability: comma-separated families whose work goes to tools (virtual experts), e.g. arith."),
@@ -292,9 +293,10 @@ def score(
         chosen = _csv(methods) or ["frequency"]
         if len(chosen) != 1:
             raise UspxError("--until-stable scores with one method (--methods NAME)")
-        res = score_until_stable(_open(model, streaming=streaming, dtype=compute_dtype), trace_dir, workload, out,
-                                 method=chosen[0], keep=keep, budget=budget, block=block, tolerance=tolerance,
-                                 patience=patience, bootstrap=bootstrap, seed=seed, split=split, batch_size=batch_size)
+        opened = _open(model, streaming=streaming, dtype=compute_dtype, device=device)
+        res = score_until_stable(opened, trace_dir, workload, out, method=chosen[0], keep=keep, budget=budget,
+                                 block=block, tolerance=tolerance, patience=patience, bootstrap=bootstrap, seed=seed,
+                                 split=split, batch_size=batch_size)
         _print_stable(res, out)
         return
     from uspx.score import METHODS
@@ -305,8 +307,8 @@ def score(
     # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)
     check_arguments(model, chosen, keep=keep, tool_families=_csv(tool_families), ablation_budget=ablation_budget,
                     sequential=sequential, bootstrap=bootstrap, max_tokens=max_tokens, units=units)
-    opened = _open(model, streaming=streaming, dtype=compute_dtype, device_map=device_map, max_memory=max_memory,
-                   trust_remote_code=trust_remote_code)
+    opened = _open(model, streaming=streaming, dtype=compute_dtype, device=device, device_map=device_map,
+                   max_memory=max_memory, trust_remote_code=trust_remote_code)
     table = run_score(opened, trace_dir, workload, out, methods=chosen, split=split, max_tokens=max_tokens,
                       bootstrap=bootstrap, batch_size=batch_size, sequential=sequential, keep=keep,
                       tool_families=_csv(tool_families), units=units, unit_methods=_csv(unit_methods),
@@ -704,6 +706,7 @@ def extract(
     no_speed: bool = typer.Option(False, "--no-speed"),
     streaming: bool = STREAMING,
     compute_dtype: str = COMPUTE_DTYPE,
+    device: Optional[str] = DEVICE,
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
     units: Optional[str] = typer.Option(None, "--units", help="What to cut: experts (whole experts only) or any of experts,channels,heads. Default with --budget: the joint cut (fewer and narrower experts, fewer KV groups where they pay) when the model is in memory; otherwise whole experts."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="With a joint cut: also export and evaluate the whole-experts cut at the same budget and report its cost beside it."),
@@ -755,7 +758,7 @@ def extract(
     # a typo must not cost a model load (what only a layer-by-layer run refuses is checked once opened)
     check_arguments(model, budget=budget, keep=keep, method=method, tool_families=_csv(tool_families),
                     sequential=sequential, dtype=compute_dtype)
-    opened = _open(model, streaming=streaming, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    opened = _open(model, streaming=streaming, dtype=compute_dtype, device=device, trust_remote_code=trust_remote_code)
     run_extract(opened, workload, out, budget=budget, keep=keep, context=context, method=method,
                 uniform=not non_uniform, epsilon=epsilon, max_length=max_length, max_tokens=max_tokens,
                 batch_size=batch_size, speed=not no_speed, trust_remote_code=trust_remote_code,

@@ -244,3 +244,20 @@ def test_a_capability_run_keeps_its_tool_families(tmp_path, tiny_gpt_oss_dir, on
     update(tmp_path / "run", new, tmp_path / "up", progress=False)
     meta = json.loads((tmp_path / "up" / "scores" / "scores.json").read_text())
     assert meta["options"]["capability"]["tool_families"] == ["shell"]
+
+
+def test_update_keeps_the_runs_task_checks(tmp_path, tiny_gpt_oss_dir, one_thread):
+    """A run judged on checked items with a pass-drop limit is updated under the same options."""
+    checked = [dict(r, regex="(?s).*", max_new_tokens=2) if r["split"] == "heldout" else r for r in OLD]
+    old_wl, new_wl = write_jsonl(tmp_path / "old.jsonl", checked), write_jsonl(tmp_path / "new.jsonl", NEW[:8])
+    tasks = dict(samples=2, temperature=0.7, seed=3, max_new_tokens=4, max_pass_drop=0.25)
+    extract(tiny_gpt_oss_dir, old_wl, tmp_path / "run", keep="50%", method="frequency", speed=False, progress=False,
+            tasks=tasks)
+    update(tmp_path / "run", new_wl, tmp_path / "up", progress=False)
+    report = json.loads((tmp_path / "up" / "report.json").read_text())
+    settings = report["tasks"]["settings"]
+    assert (settings["samples"], settings["temperature"], settings["seed"], settings["max_new_tokens"]) == (2, 0.7, 3, 4)
+    drops = [c for c in report["acceptance"]["checks"] if c["rule"] == "pass_drop"]
+    assert [(c["family"], c["threshold"]) for c in drops] == [("code", 0.25)]
+    # every answer matches "(?s).*", so neither model loses an item: the rule passes
+    assert all(c["ok"] and c["value"] == 0 for c in drops)

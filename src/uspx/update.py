@@ -278,7 +278,23 @@ def _extract_options(prev: Previous) -> dict:
                 uniform=p.get("uniform", True), solver=solver, epsilon=_epsilon(r),
                 batch_size=o["batch_size"], max_length=o["max_length"], speed=r.get("speed") is not None,
                 sequential=scored.get("sequential") is not None, units=r.get("units", ["experts"]),
-                compare="whole_experts" in r, tool_families=(scored.get("capability") or {}).get("tool_families"))
+                compare="whole_experts" in r, tool_families=(scored.get("capability") or {}).get("tool_families"),
+                tasks=_task_options(r))
+
+
+def _task_options(report: dict) -> dict:
+    """The run's task-check options, read back from its report: how checked items were answered and
+    the largest pass@1 drop per family (a family the run had no limit for gets the strictest)."""
+    settings = (report.get("tasks") or {}).get("settings")
+    if not settings:
+        return {}
+    drops = {c["family"]: c["threshold"] for c in (report.get("acceptance") or {}).get("checks", [])
+             if c.get("rule") == "pass_drop"}
+    if len(set(drops.values())) > 1:
+        drops["*"] = min(drops.values())
+    return dict(samples=settings["samples"], temperature=settings["temperature"], pass_k=settings["pass_k"],
+                max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
+                max_pass_drop=(next(iter(drops.values())) if len(set(drops.values())) == 1 else drops or None))
 
 
 def _epsilon(report: dict) -> float:

@@ -72,15 +72,6 @@ def compare(gguf_file: Path, hf_dir: Path, token_lists: list[list[int]], threads
                 top1_agreement=agree / count, max_abs_logit_diff=worst)
 
 
-def tensor_types(gguf_file: Path) -> dict[str, int]:
-    import gguf
-
-    out: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(gguf_file)).tensors:
-        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
-    return out
-
-
 def _half_experts_bytes(model: Path) -> int:
     """The stored bytes of ``model`` with half its experts (no KV cache): the joint cut's budget."""
     from uspx.extract import checkpoint_dtype
@@ -97,7 +88,7 @@ def main() -> None:
     from uspx.io import write_json
     from uspx.models.loading import BUNDLED_TEACHER
     from uspx.models.synthetic import write_gpt_oss
-    from uspx.prune.gguf_export import export_gguf
+    from uspx.prune.gguf_export import export_gguf, gguf_tensors
     from uspx.prune.gguf_file import prune_gguf
     from uspx.workload import load_workload
 
@@ -193,7 +184,7 @@ def main() -> None:
             ("joint cut of the MXFP4 stand-in", files["mxfp4-joint"], joint["mxfp4"] / "model", mx_lists),
             *students):
         rows[name] = dict(compare(gguf_file, hf_dir, lists, args.threads), gguf=str(gguf_file),
-                          bytes=gguf_file.stat().st_size, tensor_types=tensor_types(gguf_file))
+                          bytes=gguf_file.stat().st_size, tensor_types=gguf_tensors(gguf_file)["tensor_types"])
         r = rows[name]
         print(f"{name:40s} ppl llama.cpp {r['ppl_llama_cpp']:.4f} transformers {r['ppl_transformers']:.4f} "
               f"({100 * r['ppl_rel_diff']:+.4f}%), top-1 {r['top1_agreement']:.4f}", flush=True)

@@ -7,7 +7,6 @@ llama.cpp checkout (its converter, and its programs in ``bin`` or ``build/bin``)
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -125,18 +124,27 @@ def _llama_run(path):
     return run
 
 
+def _hf_run(model):
+    """Every position's float32 logits of the checkpoint in transformers, for a list of ids."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def run(ids):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    return run
+
+
 def test_gguf_candidate_against_transformers(converted, one_thread):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from uspx.evaluate.gguf import evaluate_gguf
 
     model, f32, wl, rows = converted
     tok = AutoTokenizer.from_pretrained(model)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-
-    def hf_run(ids):
-        with torch.no_grad():
-            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    hf_run = _hf_run(model)
 
     want_t, want_c = _family_losses(hf_run, rows, tok), _family_losses(_llama_run(f32), rows, tok)
     res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01, binding="llama_cpp")
@@ -194,17 +202,13 @@ def test_every_binding_against_transformers(converted, binding, one_thread):
     """Each installed binding runs the float32 GGUF as transformers runs the checkpoint."""
     if binding not in _installed():
         pytest.skip(f"{binding} is not installed")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from uspx.evaluate.gguf import evaluate_gguf
 
     model, f32, wl, rows = converted
     tok = AutoTokenizer.from_pretrained(model)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-
-    def hf_run(ids):
-        with torch.no_grad():
-            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    hf_run = _hf_run(model)
 
     want = _family_losses(hf_run, rows, tok)
     res = evaluate_gguf(model, f32, wl, threads=1, decode_tokens=4, binding=binding)

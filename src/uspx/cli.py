@@ -615,7 +615,7 @@ def eval_cmd(
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict;
     items with checks (answer, regex, json, tests) are answered by both models and judged."""
     _set_threads(threads)
-    from uspx.evaluate.tasks import task_lines
+    from uspx.evaluate.run import print_verdict
     from uspx.extract import QUALITY_COLUMNS
 
     ks = _csv(pass_k) or []
@@ -640,13 +640,7 @@ def eval_cmd(
                                probe_dir)
     for fam, row in res["families"].items():
         console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
-    for line in task_lines(res["tasks"]) if res.get("tasks") else []:
-        console.print(line, markup=False, highlight=False)
-    acc = res["acceptance"]
-    failed = f" (failed: {', '.join(acc['failed_rules'])})" if acc.get("failed_rules") else ""
-    console.print(f"verdict: [bold]{acc['verdict']}[/]{failed}")
-    for reason in acc["reasons"]:
-        console.print(f"  {reason}")
+    print_verdict(res)
 
 
 def _eval_checkpoint(candidate, workload, teacher, plan_file, out, split, epsilon, budget, context, max_length,

@@ -431,16 +431,9 @@ def print_report(report: dict) -> None:
         if alt["overall_delta"] < report["overall_delta"]:  # the value estimate assumes removals add
             console.print(f"[yellow]whole experts cost less here: their model is {alt['model']} "
                           "(or run again with --units experts)")
-    if report.get("tasks"):
-        from uspx.evaluate.tasks import task_lines
+    from uspx.evaluate.run import print_verdict
 
-        for line in task_lines(report["tasks"]):
-            console.print(line, markup=False, highlight=False)
-    acc = report["acceptance"]
-    failed = f"; failed: {', '.join(acc['failed_rules'])}" if acc.get("failed_rules") else ""
-    console.print(f"verdict: [bold]{acc['verdict']}[/] ({acc['rule']}{failed})")
-    for reason in acc["reasons"]:
-        console.print(f"  {reason}")
+    print_verdict(report, rule=True)
 
 
 def describe_shape(shape: dict) -> str:

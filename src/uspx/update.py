@@ -290,11 +290,10 @@ def _task_options(report: dict) -> dict:
         return {}
     drops = {c["family"]: c["threshold"] for c in (report.get("acceptance") or {}).get("checks", [])
              if c.get("rule") == "pass_drop"}
-    if len(set(drops.values())) > 1:
-        drops["*"] = min(drops.values())
+    limits = set(drops.values())
+    max_pass_drop = {**drops, "*": min(limits)} if len(limits) > 1 else (limits.pop() if limits else None)
     return dict(samples=settings["samples"], temperature=settings["temperature"], pass_k=settings["pass_k"],
-                max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
-                max_pass_drop=(next(iter(drops.values())) if len(set(drops.values())) == 1 else drops or None))
+                max_new_tokens=settings["max_new_tokens"], seed=settings["seed"], max_pass_drop=max_pass_drop)
 
 
 def _epsilon(report: dict) -> float:

@@ -382,6 +382,25 @@ def _speedups(sp: dict, restricted: bool) -> None:
 
 
 # ----- verdict -----------------------------------------------------------------------------------
+def print_verdict(result: dict, *, rule: bool = False) -> None:
+    """An evaluation's task success (where items had checks) and its verdict with the reasons, as
+    ``uspx eval`` and ``uspx extract`` print them; ``rule``: name the acceptance rule too."""
+    from uspx.evaluate.tasks import task_lines
+    from uspx.progress import console
+
+    for line in task_lines(result["tasks"]) if result.get("tasks") else []:
+        console.print(line, markup=False, highlight=False)
+    acc = result["acceptance"]
+    failed = ", ".join(acc.get("failed_rules") or [])
+    if rule:
+        detail = f" ({acc['rule']}; failed: {failed})" if failed else f" ({acc['rule']})"
+    else:
+        detail = f" (failed: {failed})" if failed else ""
+    console.print(f"verdict: [bold]{acc['verdict']}[/]{detail}")
+    for reason in acc["reasons"]:
+        console.print(f"  {reason}")
+
+
 def acceptance(families: dict, eps: dict[str, float], memory: dict | None, tasks: dict | None = None,
                 drops: dict[str, float] | None = None) -> dict:
     """The one verdict: every rule's check, the reasons in words, and the rules that failed."""

@@ -105,13 +105,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp: str | Path
 
 def gguf_tensors(path: str | Path) -> dict:
     """Stored bytes of a GGUF file's tensors and how many tensors of each type it holds."""
-    try:
-        import gguf
-    except ImportError:
-        raise UspxError("reading a GGUF file's tensors needs the gguf package: pip install 'uspx[gguf]'") from None
+    from uspx.prune.gguf_file import _gguf
+
     types: dict[str, int] = {}
     total = 0
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in _gguf().GGUFReader(str(path)).tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         total += int(t.n_bytes)
     return {"parameter_bytes": total, "file_bytes": Path(path).stat().st_size, "tensor_types": types}

@@ -314,7 +314,7 @@ class Runtime:
         n = len(tokens)
         if self.vocab_only:
             raise UspxError(f"{self.path} was opened for its vocabulary only")
-        if not 0 < start + n <= self.n_ctx or n == 0:
+        if n == 0 or start + n > self.n_ctx:
             raise UspxError(f"{n} tokens from position {start} for a llama.cpp context of {self.n_ctx}")
         api = self._L
         if start == 0:

@@ -22,14 +22,15 @@ demo: setup
 lint: setup
 	.venv/bin/lint-imports
 
-# llama.cpp's converter (convert_hf_to_gguf.py), for the tests that convert the teacher to GGUF: the
-# llama-cpp-python source package holds it (read from the .tar.gz, never built), downloaded once into .venv.
-LLAMA_SRC := .venv/llama.cpp-source/llama_cpp_python-0.3.36.tar.gz
-$(LLAMA_SRC): | setup
-	$(PY) -m pip download $(PIP_FLAGS) llama-cpp-python==0.3.36 --no-binary :all: --no-deps -d $(dir $@)
+# llama.cpp for the tests that run it (its converter, llama-quantize, llama-imatrix, and the tests'
+# reference run): release v0.5.0's source and Linux x86-64 libraries from the npm registry, with
+# the programs compiled against them (tests/llama_cpp.sh; about 15 s, once, into .venv).
+LLAMA_CPP := .venv/llama.cpp
+$(LLAMA_CPP)/convert_hf_to_gguf.py: tests/llama_cpp.sh tests/llama_logits.c | setup
+	tests/llama_cpp.sh $(LLAMA_CPP)
 
-test: lint $(LLAMA_SRC)
-	USPX_LLAMA_CPP_SOURCE=$(CURDIR)/$(LLAMA_SRC) $(PY) -m pytest -q
+test: lint $(LLAMA_CPP)/convert_hf_to_gguf.py
+	USPX_LLAMA_CPP=$(CURDIR)/$(LLAMA_CPP) $(PY) -m pytest -q
 
 # Rebuild the bundled teacher from scratch (about an hour on 2 CPU cores). The shell
 # family needs fixed Debian packages: `$(PY) -m teacher.corpus --print-deps` lists them.

@@ -82,3 +82,36 @@ def require_sandbox() -> None:
     if os.environ.get("CI"):
         raise RuntimeError("the python sandbox cannot start on this CI machine (`uspx tool python --check` says why)")
     pytest.skip("bubblewrap cannot start a sandbox here", allow_module_level=True)
+
+
+def needs_llama_cpp(reason: str):
+    """Skip where llama.cpp is not set up; on CI fail instead: its `make test` sets llama.cpp up
+    (tests/llama_cpp.sh) and installs xllamacpp, so these tests must run there."""
+    import os
+
+    if os.environ.get("CI"):
+        pytest.fail(f"on CI this must run: {reason}")
+    pytest.skip(reason)
+
+
+def llama_cpp_source() -> str:
+    """llama.cpp's source, for its converter: $USPX_LLAMA_CPP_SOURCE, else $USPX_LLAMA_CPP."""
+    import os
+
+    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
+    if not path or not Path(path).exists():
+        needs_llama_cpp(f"llama.cpp's source is not at hand ({path or 'set USPX_LLAMA_CPP to it'}; `make test` "
+                        "sets it up with tests/llama_cpp.sh)")
+    return path
+
+
+def llama_cpp_program(name: str) -> Path:
+    """llama.cpp's program ``name`` from $USPX_LLAMA_CPP or PATH (tests/llama_cpp.sh builds
+    llama-quantize, llama-imatrix and the tests' reference run llama-logits)."""
+    from uspx.io import UspxError
+    from uspx.llamacpp import program
+
+    try:
+        return program(name)
+    except UspxError as exc:
+        needs_llama_cpp(str(exc))

@@ -156,23 +156,14 @@ def test_pre_tokenizer_declared_from_tokenizer_json(tmp_path):
     assert declared_pre_tokenizer(tmp_path / "nothing") is None
 
 
-def _llama_cpp_source():
-    import os
-
-    path = os.environ.get("USPX_LLAMA_CPP")
-    if not path:
-        pytest.skip("set USPX_LLAMA_CPP to a llama.cpp checkout or the llama-cpp-python source package")
-    return path
-
-
 def test_export_gguf_with_llama_cpps_converter(tiny_gpt_oss_dir, tmp_path, one_thread):
     """With llama.cpp's converter at hand: a pruned tiny gpt-oss export converts, with the kept
     expert count, and the pruned-in-place GGUF of the full model equals it tensor for tensor."""
-    from conftest import write_jsonl
+    from conftest import llama_cpp_source, write_jsonl
     from uspx.extract import extract
     from uspx.prune.gguf_export import export_gguf
 
-    source = _llama_cpp_source()
+    source = llama_cpp_source()
     rows = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i}", "family": "code"} for i in range(12)]
     wl = write_jsonl(tmp_path / "w.jsonl", rows)
     extract(tiny_gpt_oss_dir, wl, tmp_path / "run", keep="50%", speed=False, progress=False)

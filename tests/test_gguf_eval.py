@@ -2,29 +2,22 @@
 llama.cpp give when run directly in the test, the verdict is uspx's, and quantized files are
 llama-quantize's own (types read back from the file).
 
-Needs llama.cpp: its Python binding (``pip install 'uspx[llama]'``) and, in ``$USPX_LLAMA_CPP``, a
-llama.cpp checkout (its converter, and its programs in ``bin`` or ``build/bin``)."""
+Needs llama.cpp: a Python binding (xllamacpp, or ``pip install 'uspx[llama]'``) and, in
+``$USPX_LLAMA_CPP``, a llama.cpp checkout with its converter and programs in ``build/bin``, as
+tests/llama_cpp.sh sets up (``make test`` does)."""
 
 from __future__ import annotations
 
-import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny, write_jsonl
+from conftest import llama_cpp_program, llama_cpp_source, needs_llama_cpp, save_tiny, write_jsonl
 from uspx.io import UspxError
 
 gguf = pytest.importorskip("gguf")
-
-
-def _source() -> str:
-    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
-    if not path:
-        pytest.skip("set USPX_LLAMA_CPP_SOURCE or USPX_LLAMA_CPP to llama.cpp's source (a checkout, or the "
-                    "llama-cpp-python source package) for its converter")
-    return path
 
 
 def _installed() -> list[str]:
@@ -35,12 +28,7 @@ def _installed() -> list[str]:
 
 def _binding():
     if not _installed():
-        pytest.skip("llama.cpp in Python is not installed (pip install 'uspx[llama]', or xllamacpp)")
-
-
-def _llama_cpp_python():
-    """The tests' own reference run needs llama-cpp-python's Llama."""
-    return pytest.importorskip("llama_cpp", reason="the reference run needs llama-cpp-python (pip install 'uspx[llama]')")
+        needs_llama_cpp("llama.cpp in Python is not installed (pip install 'uspx[llama]', or xllamacpp)")
 
 
 def _tiny_with_a_real_tokenizer(path):
@@ -73,7 +61,7 @@ def converted(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("gguf_eval")
     model = _tiny_with_a_real_tokenizer(folder / "model")
-    export_gguf(model, folder / "f32.gguf", llama_cpp=_source(), outtype="f32", pre_tokenizer="gpt-2")
+    export_gguf(model, folder / "f32.gguf", llama_cpp=llama_cpp_source(), outtype="f32", pre_tokenizer="gpt-2")
     rows = [{"prompt": f"def f{i}(x):", "completion": f" return x * {i} + {i % 3}", "family": "code", "split": "heldout"}
             for i in range(6)] + \
            [{"prompt": f"The {i}th fox", "completion": " jumps over the lazy dog again", "family": "prose",
@@ -109,18 +97,15 @@ def _family_losses(run, rows, tok) -> dict[str, float]:
 
 
 def _llama_run(path):
-    _llama_cpp_python()
-    from llama_cpp import Llama
-
-    # the settings uspx's evaluation runs llama.cpp with (the C API's defaults: flash attention where
-    # the backend has it; one batch of the whole context): the numbers then agree to rounding
-    llm = Llama(str(path), n_ctx=520, n_batch=520, n_ubatch=520, flash_attn=True, logits_all=True, verbose=False,
-                n_threads=1)
+    """Every position's logits of the GGUF for a list of ids, from llama.cpp run directly
+    (tests/llama_logits.c: llama.h alone, with the settings uspx evaluates with, so the numbers agree
+    to rounding)."""
+    exe = llama_cpp_program("llama-logits")
 
     def run(ids):
-        llm.reset()
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
+        out = subprocess.run([str(exe), str(path), "520", "1"], input=" ".join(map(str, ids)).encode() + b"\n",
+                             capture_output=True, check=True, timeout=120)
+        return np.frombuffer(out.stdout, np.float32).reshape(len(ids), -1)
     return run
 
 
@@ -147,7 +132,7 @@ def test_gguf_candidate_against_transformers(converted, one_thread):
     hf_run = _hf_run(model)
 
     want_t, want_c = _family_losses(hf_run, rows, tok), _family_losses(_llama_run(f32), rows, tok)
-    res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01, binding="llama_cpp")
+    res = evaluate_gguf(model, f32, wl, threads=1, speed=False, epsilon=0.01)
     for fam in ("code", "prose"):
         row = res["families"][fam]
         assert row["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
@@ -169,13 +154,8 @@ def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_threa
     from uspx.prune.gguf_export import quantize_gguf
 
     model, f32, wl, rows = converted
-    src = _source()
-    try:
-        rec = quantize_gguf(f32, tmp_path / "q8.gguf", "Q8_0", llama_cpp=src, threads=1)
-    except UspxError as exc:
-        if "not found" in str(exc):
-            pytest.skip(f"llama.cpp's programs are not built in {src}: {exc}")
-        raise
+    llama_cpp_program("llama-quantize")
+    rec = quantize_gguf(f32, tmp_path / "q8.gguf", "Q8_0", threads=1)
     q8 = tmp_path / "q8.gguf"
     tensors = {t.name: t for t in gguf.GGUFReader(str(q8)).tensors}
     q8_tensors = [t for t in tensors.values() if t.tensor_type.name == "Q8_0"]
@@ -185,8 +165,7 @@ def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_threa
 
     tok = AutoTokenizer.from_pretrained(model)
     want_t, want_c = _family_losses(_llama_run(f32), rows, tok), _family_losses(_llama_run(q8), rows, tok)
-    res = evaluate_gguf(f32, q8, wl, threads=1, speed=False, epsilon={"code": 1.0, "prose": -1.0},
-                        binding="llama_cpp")
+    res = evaluate_gguf(f32, q8, wl, threads=1, speed=False, epsilon={"code": 1.0, "prose": -1.0})
     for fam in ("code", "prose"):
         assert res["families"][fam]["loss_teacher"] == pytest.approx(want_t[fam], abs=1e-5)
         assert res["families"][fam]["loss_candidate"] == pytest.approx(want_c[fam], abs=1e-5)
@@ -197,11 +176,9 @@ def test_quantized_candidate_against_its_f32_gguf(converted, tmp_path, one_threa
     assert res["size"]["ratio"] == pytest.approx(rec["parameter_bytes"] / res["size"]["teacher"]["parameter_bytes"])
 
 
-@pytest.mark.parametrize("binding", ["llama_cpp", "xllamacpp"])
+@pytest.mark.parametrize("binding", _installed() or [None])
 def test_every_binding_against_transformers(converted, binding, one_thread):
     """Each installed binding runs the float32 GGUF as transformers runs the checkpoint."""
-    if binding not in _installed():
-        pytest.skip(f"{binding} is not installed")
     from transformers import AutoTokenizer
 
     from uspx.evaluate.gguf import evaluate_gguf
@@ -253,13 +230,12 @@ def test_cli_export_quantized_and_eval(converted, tmp_path, one_thread):
     from uspx.cli import app
 
     model, f32, wl, rows = converted
-    src = _source()
+    llama_cpp_program("llama-quantize")
+    llama_cpp_program("llama-imatrix")
     out = tmp_path / "q8.gguf"
-    res = CliRunner().invoke(app, ["export", str(model), "--llama-cpp", src, "--outtype", "f32", "--pre-tokenizer",
-                                   "gpt-2", "--quant", "Q8_0", "--imatrix-workload", str(wl), "--threads", "1",
-                                   "-o", str(out)])
-    if res.exception and "not found" in str(res.exception):
-        pytest.skip(f"llama.cpp's programs are not built in {src}")
+    res = CliRunner().invoke(app, ["export", str(model), "--llama-cpp", llama_cpp_source(), "--outtype", "f32",
+                                   "--pre-tokenizer", "gpt-2", "--quant", "Q8_0", "--imatrix-workload", str(wl),
+                                   "--threads", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     import json
 

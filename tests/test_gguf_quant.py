@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import llama_cpp_program, llama_cpp_source
 from uspx.io import UspxError
 from uspx.models.loading import BUNDLED_TEACHER
 from uspx.plan import memory as mem
@@ -100,40 +101,26 @@ def test_planner_follows_llama_quantizes_row_and_eight_expert_rules():
 
 # ----- with llama.cpp ---------------------------------------------------------------------------------
 def _llama_cpp() -> str | None:
-    """llama.cpp's programs (llama-quantize, llama-imatrix): ``$USPX_LLAMA_CPP`` (a folder of them, or a
-    checkout with build/bin) or PATH; the folder, None for PATH. Skips where they are not built."""
-    from uspx.llamacpp import program
-
-    where = os.environ.get("USPX_LLAMA_CPP")
-    try:
-        program("llama-quantize", where)
-        program("llama-imatrix", where)
-    except UspxError as exc:
-        pytest.skip(f"llama.cpp's programs are not at hand: {exc}")
-    return where
+    """The folder of llama.cpp's programs (llama-quantize, llama-imatrix): ``$USPX_LLAMA_CPP``, or None
+    for PATH."""
+    llama_cpp_program("llama-quantize")
+    llama_cpp_program("llama-imatrix")
+    return os.environ.get("USPX_LLAMA_CPP")
 
 
 def _where(src: str | None) -> list[str]:
     return ["--llama-cpp", src] if src else []
 
 
-def _source() -> str:
-    """llama.cpp's source, for its converter."""
-    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
-    if not path:
-        pytest.skip("set USPX_LLAMA_CPP_SOURCE or USPX_LLAMA_CPP to llama.cpp's source for its converter")
-    return path
-
-
 @pytest.fixture(scope="module")
 def teacher_f32(tmp_path_factory):
     pytest.importorskip("gguf")
-    src = _llama_cpp()
+    _llama_cpp()  # the programs: quantizing is what the tests of this file do
     from uspx.models.loading import BUNDLED_TEACHER
     from uspx.prune.gguf_export import export_gguf
 
     out = tmp_path_factory.mktemp("quant") / "teacher-f32.gguf"
-    export_gguf(BUNDLED_TEACHER, out, llama_cpp=_source(), outtype="f32")
+    export_gguf(BUNDLED_TEACHER, out, llama_cpp=llama_cpp_source(), outtype="f32")
     return out
 
 
@@ -197,7 +184,7 @@ def test_mxfp4_experts_stay_mxfp4(tmp_path):
     tok = AutoTokenizer.from_pretrained(BUNDLED_TEACHER)
     model = write_gpt_oss(tmp_path / "mx", "tiny", vocab_size=len(tok))
     tok.save_pretrained(model)
-    export_gguf(model, tmp_path / "mx.gguf", llama_cpp=_source())
+    export_gguf(model, tmp_path / "mx.gguf", llama_cpp=llama_cpp_source())
     rec = quantize_gguf(tmp_path / "mx.gguf", tmp_path / "moe.gguf", "MXFP4_MOE", llama_cpp=src, threads=1)
     for t in gguf.GGUFReader(str(tmp_path / "moe.gguf")).tensors:
         if t.name.endswith("_exps.weight"):

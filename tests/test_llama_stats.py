@@ -2,17 +2,16 @@
 recorded through llama.cpp's evaluation callback against transformers' own routing on the same
 tokens, and the GGUF-only extract.
 
-The tests that run llama.cpp need its Python binding (llama-cpp-python), its converter's source
-(``USPX_LLAMA_CPP_SOURCE``: a checkout or the llama-cpp-python source package) and, for the
-imatrix comparison, its ``llama-imatrix`` program (``USPX_LLAMA_CPP_BIN`` or PATH); without them
-they skip and say which is missing."""
+The tests that run llama.cpp need a Python binding of it (xllamacpp or llama-cpp-python), its
+converter's source and, for the imatrix comparison, its ``llama-imatrix`` program: ``$USPX_LLAMA_CPP``
+as tests/llama_cpp.sh sets it up (``make test`` does). Without them they skip and say which is
+missing; on CI they fail."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 import json
-import os
 import struct
 import subprocess
 
@@ -22,6 +21,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from test_gguf import E, FF, H, write_moe_gguf  # noqa: E402  (a small MoE GGUF laid out as llama.cpp's converter does)
+from conftest import llama_cpp_program, llama_cpp_source, needs_llama_cpp  # noqa: E402
 from uspx.io import UspxError  # noqa: E402
 from uspx.prune.gguf_file import read_model  # noqa: E402
 from uspx.trace.llama import imatrix_experts, read_imatrix  # noqa: E402
@@ -29,14 +29,6 @@ from uspx.trace.llama import imatrix_experts, read_imatrix  # noqa: E402
 TOP_K, TOKENS = 2, 40
 NEEDS_BINDING = ("needs llama.cpp in Python: the dev extra's xllamacpp wheel (Linux x86-64) or llama-cpp-python "
                  "(which compiles llama.cpp, about 25 minutes on 2 cores)")
-
-
-def _missing(reason: str):
-    """Skip where llama.cpp is not set up; fail under CI, whose `make test` installs xllamacpp and
-    downloads llama.cpp's source for its converter, so that these tests run there."""
-    if os.environ.get("CI"):
-        pytest.fail(f"on CI this must run: {reason}")
-    pytest.skip(reason)
 
 
 def _routed_activations(layers: int, seed: int = 0):
@@ -189,7 +181,7 @@ def _binding():
     try:
         return binding_name()
     except UspxError:
-        _missing(NEEDS_BINDING)
+        needs_llama_cpp(NEEDS_BINDING)
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +191,12 @@ def teacher_gguf(tmp_path_factory):
     from uspx.prune.gguf_export import export_gguf
 
     _binding()
-    source = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
-    if not source:
-        _missing("set USPX_LLAMA_CPP_SOURCE (or USPX_LLAMA_CPP) to llama.cpp's source (a checkout or the "
-                 "llama-cpp-python source package; `make test` downloads it) for its converter")
+    source = llama_cpp_source()
     path = tmp_path_factory.mktemp("teacher_gguf") / "teacher.gguf"
     try:
         export_gguf(BUNDLED_TEACHER, path, llama_cpp=source, outtype="f32")
     except UspxError as exc:
-        _missing(f"llama.cpp's converter is not in {source}: {exc}")
+        needs_llama_cpp(f"llama.cpp's converter is not in {source}: {exc}")
     return path
 
 
@@ -290,13 +279,9 @@ def test_llama_cpp_routing_matches_transformers(teacher_gguf, binding):
 def test_llama_imatrix_counts_match_transformers(teacher_gguf, tmp_path):
     """llama-imatrix's own file on the teacher's GGUF: per-expert counts equal transformers'
     routing of the same chunks, and the down projection's input energy within tolerance."""
-    from uspx.llamacpp import program
     from uspx.trace.llama_runtime import Runtime
 
-    try:
-        exe = program("llama-imatrix", os.environ.get("USPX_LLAMA_CPP_BIN"))
-    except UspxError as exc:
-        pytest.skip(f"needs llama.cpp's llama-imatrix program (no package registry ships it built): {exc}")
+    exe = llama_cpp_program("llama-imatrix")
     text = "".join(TEXTS * 6)
     (tmp_path / "calib.txt").write_text(text)
     n_ctx = 64

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -34,9 +34,8 @@ from uspx.engine.batches import Batch
 from uspx.engine.source import WeightSource
 from uspx.io import UspxError
 
-__all__ = ["Sampling", "Step", "decode_step", "decode_steps", "device_of", "forward", "generate", "logits",
-           "model_of", "prefill"]
-
+__all__ = ["Sampling", "Step", "decode_step", "decode_steps", "device_of", "forward", "frozen", "generate",
+           "logits", "model_of", "prefill"]
 
 
 def model_of(model) -> nn.Module:
@@ -65,6 +64,20 @@ def device_of(model) -> torch.device:
 
 def _grad_mode(grad: bool) -> contextlib.AbstractContextManager:
     return torch.enable_grad() if grad else torch.no_grad()
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """``params`` take no gradients for the block (a caller turns on the few it wants); each gets its
+    own ``requires_grad`` back afterwards, also when the block raises."""
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def logits(model, batch: Batch, *, grad: bool = False) -> torch.Tensor:

@@ -215,9 +215,12 @@ def write_gpt_oss(out_dir: str | os.PathLike, scale: str = "20b", *, seed: int =
 
     Memory stays at one 64 MiB chunk whatever the size. Returns the folder.
     """
-    out_dir = Path(out_dir)
     cfg = gpt_oss_config(scale, **overrides)
-    specs = tensor_specs(cfg)
+    return _write_random(Path(out_dir), cfg, tensor_specs(cfg), seed, max_shard_bytes, progress)
+
+
+def _write_random(out_dir: Path, cfg: dict, specs: list[TensorSpec], seed: int, max_shard_bytes: int,
+                  progress: Callable[[str], None] | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_sharded(out_dir, specs, random_producer(cfg, seed), max_shard_bytes, progress)
     write_json(out_dir / "config.json", cfg)
@@ -359,10 +362,5 @@ def write_qwen3_moe(out_dir: str | os.PathLike, num_layers: int = 4, *, scale: s
     weights per layer, 1.24 GB of embedding and head); ``scale="tiny"`` is the same at toy size.
     Memory stays at one 64 MiB chunk whatever the size. Returns the folder.
     """
-    out_dir = Path(out_dir)
     cfg = qwen3_moe_config(num_layers, scale, **overrides)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_sharded(out_dir, qwen3_moe_tensor_specs(cfg), random_producer(cfg, seed), max_shard_bytes, progress)
-    write_json(out_dir / "config.json", cfg)
-    make_readable(out_dir / "config.json")
-    return out_dir
+    return _write_random(Path(out_dir), cfg, qwen3_moe_tensor_specs(cfg), seed, max_shard_bytes, progress)

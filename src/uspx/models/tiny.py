@@ -25,19 +25,13 @@ _COMMON: dict = dict(
 TINY_CONFIGS: dict[str, dict] = {
     "gpt_oss": dict(
         model_type="gpt_oss",
-        vocab_size=128,
-        hidden_size=32,
+        **_COMMON,
         intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         num_local_experts=8,
         num_experts_per_tok=2,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
     "mixtral": dict(
         model_type="mixtral",

@@ -40,7 +40,7 @@ GGML_TYPES: dict[str, tuple[int, int]] = {
 
 # llama-quantize's file types (its command-line names) and the ggml type each quantizes weight
 # matrices to by default (llama.cpp's src/llama-quant.cpp, llama_ftype_get_default_type). The _S / _M
-# / _L mixes then give some tensors another type (see :data:`GGUF_MIX_NOTE`).
+# / _L mixes then give some tensors another type (the output matrix, a share of the down projections).
 GGUF_QUANTS: dict[str, str] = {
     "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K",
     "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
@@ -50,12 +50,6 @@ GGUF_QUANTS: dict[str, str] = {
     "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
     "MXFP4_MOE": "MXFP4",
 }
-GGUF_MIX_NOTE = ("llama-quantize's mixes give some tensors another type: the output matrix Q6_K (Q8_0 under "
-                 "Q8_0), and under *_M the down projections and attention V of about 3 layers in 8 Q6_K; a "
-                 "row whose length is not whole blocks of the type (a width not a multiple of 256 for K-quants) "
-                 "falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). The planner counts "
-                 "the down projections' share of Q6_K; `uspx quantize --dry-run` reports llama.cpp's own "
-                 "per-tensor choice, and every quantized file records its size")
 
 
 def ggml_bits(type_name: str) -> float:

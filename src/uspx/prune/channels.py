@@ -15,16 +15,13 @@ down projection (the masked model).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from uspx.io import UspxError, write_json
+from uspx.io import UspxError, atomic_folder, write_json
 from uspx.models import adapter_for
 from uspx.workload import EncodedItem
 
@@ -172,9 +169,7 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
         raise UspxError(f"{lm.source}: MXFP4 weights are cut from the files, in whole blocks of 32 channels: "
                         "choose the cut with `uspx select --units` or `uspx extract`")
     stored = weight_files(lm.source).main_float_dtype()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         copy.deepcopy(narrow).to(stored).save_pretrained(tmp)
         copy_tokenizer(Path(lm.source), tmp)
         reloaded = load_model(tmp, with_tokenizer=False).model
@@ -196,10 +191,6 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
         write_json(tmp / RECORD, record)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
     if heldout is not None:
         record["heldout"] = heldout(out)

@@ -10,9 +10,6 @@ at any step leaves no output folder, never a half-written one, and touches nothi
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +19,7 @@ from torch import nn
 import uspx
 from uspx.engine import FromCheckpoint, InMemory, Opened
 from uspx.engine.source import freed_memory_returned
-from uspx.io import UspxError, check_fingerprints, read_json, write_json
+from uspx.io import UspxError, atomic_folder, check_fingerprints, read_json, write_json
 from uspx.models import LoadedModel, Restriction, adapter_for, load_model, model_fingerprint
 from uspx.models.loading import resolve_model_path
 from uspx.prune.files import check_config, copy_tokenizer, weight_files
@@ -102,9 +99,7 @@ def export(
     layout = plan_layout(layout_source, full, width, plan_cut(adapter, ks.plan) if joint else None)
     expected = predicted_bytes if predicted_bytes is not None else ks.predicted_weight_bytes()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         with freed_memory_returned():  # tensors of every size pass through: hand each back when written
             written = write_layout(layout_source, layout, tmp)
         copy_tokenizer(src, tmp)
@@ -129,10 +124,6 @@ def export(
         write_json(tmp / RECORD, record)
         if out.exists():
             out.rmdir()  # only an empty folder reaches this point (see _existing_export)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 import uspx
-from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
+from uspx.io import FingerprintMismatch, UspxError, atomic_folder, read_json, write_json
 from uspx.progress import console
 from uspx.prune.export import FORMAT
 from uspx.recover.train import Settings, train
@@ -78,19 +76,13 @@ def recover(run_dir: str | Path, *, original=None, workload=None, settings: Sett
         trainer = _train_layers if layered else _train_whole
         history, write, verify = trainer(original, init, kept, wl, settings, out / "work", key, max_length, mxfp4,
                                          progress)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
-        try:
+        with atomic_folder(out / "model") as tmp:
             write(tmp)
             check = verify(tmp)
             new_record = {**record, "format": FORMAT, "uspx_version": uspx.__version__, "verification": check,
                           "recovered": dict(key=key, pruned=str(pruned), history=history),
                           "fingerprint": model_fingerprint(tmp), "status": "written"}
             write_json(tmp / RECORD, new_record)
-            os.replace(tmp, out / "model")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         shutil.rmtree(out / "work")  # the checkpoints: the model holds the result now
     else:
         history = existing["recovered"]["history"]

@@ -50,6 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from uspx.engine.forward import frozen
 from uspx.engine.hooks import forward_hook, hooked
 from uspx.models import MoEAdapter
 from uspx.score.ablation import ablate
@@ -184,27 +185,20 @@ def removal_surrogate(model: torch.nn.Module, adapter: MoEAdapter, base: Baselin
 
     hooks = [h for pos, layer in enumerate(layers)
              for h in (forward_hook(layer.router, router_hook(pos)), forward_hook(layer.experts, experts_hook(pos)))]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with hooked(hooks):
-            for batch in base.batches:
-                captured.clear()
-                with torch.enable_grad():
-                    loss = (token_losses(model, batch).double() * batch.loss_mask).sum()
-                    grads = torch.autograd.grad(loss, [captured[p]["probe"] for p in range(len(layers))], allow_unused=True)
-                real = batch.real
-                item = torch.as_tensor(np.repeat(np.asarray(batch.rows), batch.input_ids.shape[1]))[real].numpy()
-                predicting = batch.loss_mask.reshape(-1)[real].double()
-                with torch.no_grad():
-                    for pos, layer in enumerate(layers):
-                        if grads[pos] is not None:
-                            _accumulate(adapter, layer, captured[pos], grads[pos], real, item, predicting, kind,
-                                        first[:, pos], size[:, pos])
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with frozen(model.parameters()), hooked(hooks):
+        for batch in base.batches:
+            captured.clear()
+            with torch.enable_grad():
+                loss = (token_losses(model, batch).double() * batch.loss_mask).sum()
+                grads = torch.autograd.grad(loss, [captured[p]["probe"] for p in range(len(layers))], allow_unused=True)
+            real = batch.real
+            item = torch.as_tensor(np.repeat(np.asarray(batch.rows), batch.input_ids.shape[1]))[real].numpy()
+            predicting = batch.loss_mask.reshape(-1)[real].double()
+            with torch.no_grad():
+                for pos, layer in enumerate(layers):
+                    if grads[pos] is not None:
+                        _accumulate(adapter, layer, captured[pos], grads[pos], real, item, predicting, kind,
+                                    first[:, pos], size[:, pos])
     items = sum(len(b.rows) for b in base.batches)
     return Surrogate(first, size, SURROGATE_FORWARDS * items)
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from uspx.engine.batches import batch_of_step
-from uspx.engine.forward import logits as target_logits
+from uspx.engine.forward import frozen, logits as target_logits
 from uspx.engine.hooks import forward_hook, pre_hook, register
 from uspx.engine.losses import kd_loss, layer_loss
 from uspx.engine.observers import Observer, _first
@@ -176,7 +176,6 @@ def learn_masks(
     opt_lambdas = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)
     generator = torch.Generator().manual_seed(seed)
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     current: dict[str, torch.Tensor | None] = {"z": None}
     rows = {layer.index: r for r, layer in enumerate(adapter.layers)}
@@ -187,39 +186,36 @@ def learn_masks(
     kd_curve, open_curve = [], []
     every = max(1, math.ceil(steps / HISTORY_POINTS))
     started = time.perf_counter()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    model.eval()  # deterministic routing (phimoe samples in train mode), no dropout
-    hooks = gate(model, {index: gates_of(r) for index, r in rows.items()})
-    try:
-        with progress_bar("learning masks", total=steps, unit="steps", enabled=progress) as bar:
-            for step in range(steps):
-                batch = batch_of_step(items, step, batch_size, seed, pad_id)
-                current["z"] = None
-                teacher = target_logits(model, batch)
-                current["z"] = sample_gates(log_alpha, top_k, generator)
-                student = target_logits(model, batch, grad=True)
-                current["z"] = None
-                kd = kd_loss(student, teacher.to(student.device), tau).cpu()
-                expected = gate_open_probability(log_alpha).sum(-1)  # [L]
-                penalty = lagrangian(expected, float(keep), lambdas[0], lambdas[1]).sum()
-                opt_gates.zero_grad(set_to_none=True)
-                opt_lambdas.zero_grad(set_to_none=True)
-                (kd + penalty).backward()
-                opt_gates.step()
-                opt_lambdas.step()
-                done = step + 1
-                if done % every == 0 or done == steps:
-                    kd_curve.append([done, round(float(kd.detach()), 6)])
-                    open_curve.append([done, round(float(expected.detach().mean()), 4)])
-                bar.advance()
-                bar.describe(f"learning masks (kd {float(kd.detach()):.4f}, open {float(expected.detach().mean()):.2f})")
-    finally:
-        current["z"] = None
-        hooks.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with frozen(model.parameters()):
+        model.eval()  # deterministic routing (phimoe samples in train mode), no dropout
+        hooks = gate(model, {index: gates_of(r) for index, r in rows.items()})
+        try:
+            with progress_bar("learning masks", total=steps, unit="steps", enabled=progress) as bar:
+                for step in range(steps):
+                    batch = batch_of_step(items, step, batch_size, seed, pad_id)
+                    current["z"] = None
+                    teacher = target_logits(model, batch)
+                    current["z"] = sample_gates(log_alpha, top_k, generator)
+                    student = target_logits(model, batch, grad=True)
+                    current["z"] = None
+                    kd = kd_loss(student, teacher.to(student.device), tau).cpu()
+                    expected = gate_open_probability(log_alpha).sum(-1)  # [L]
+                    penalty = lagrangian(expected, float(keep), lambdas[0], lambdas[1]).sum()
+                    opt_gates.zero_grad(set_to_none=True)
+                    opt_lambdas.zero_grad(set_to_none=True)
+                    (kd + penalty).backward()
+                    opt_gates.step()
+                    opt_lambdas.step()
+                    done = step + 1
+                    if done % every == 0 or done == steps:
+                        kd_curve.append([done, round(float(kd.detach()), 6)])
+                        open_curve.append([done, round(float(expected.detach().mean()), 4)])
+                    bar.advance()
+                    bar.describe(f"learning masks (kd {float(kd.detach()):.4f}, open {float(expected.detach().mean()):.2f})")
+        finally:
+            current["z"] = None
+            hooks.remove()
+            model.train(was_training)
 
     final = log_alpha.detach().clone()
     layers = [layer.index for layer in adapter.layers]
@@ -279,7 +275,6 @@ class LayerMasks(Observer):
         adapter, layer = self._layers[index]
         x = torch.cat(self._inputs.pop(index))
         block = layer.block
-        flags = [(p, p.requires_grad) for p in block.parameters()]
         current: dict[str, torch.Tensor | None] = {"z": None}
         hook = register(forward_hook(layer.router, gate_hook(adapter, layer, lambda: current["z"]), prepend=True))
         gen = torch.Generator().manual_seed(self.seed * 100_003 + index)
@@ -288,30 +283,27 @@ class LayerMasks(Observer):
         opt_gates = torch.optim.Adam([log_alpha], lr=self.lr)
         opt_lambdas = torch.optim.Adam([lambdas], lr=self.lambda_lr, maximize=True)
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            with torch.no_grad():
-                y = torch.cat([_first(block(x[a : a + 4096].unsqueeze(0))).reshape(-1, x.shape[1])
-                               for a in range(0, len(x), 4096)])
-            with torch.enable_grad():
-                for _ in range(self.steps):
-                    rows = torch.randint(len(x), (min(self.rows_per_step, len(x)),), generator=gen)
-                    current["z"] = sample_gates(log_alpha[None], adapter.top_k, gen)[0]
-                    out = _first(block(x[rows].unsqueeze(0))).reshape(len(rows), -1)
-                    current["z"] = None
-                    loss = layer_loss(out, y[rows])
-                    penalty = lagrangian(gate_open_probability(log_alpha).sum(), float(self.keep),
-                                         lambdas[0], lambdas[1])
-                    opt_gates.zero_grad(set_to_none=True)
-                    opt_lambdas.zero_grad(set_to_none=True)
-                    (loss + penalty).backward()
-                    opt_gates.step()
-                    opt_lambdas.step()
+            with frozen(block.parameters()):
+                with torch.no_grad():
+                    y = torch.cat([_first(block(x[a : a + 4096].unsqueeze(0))).reshape(-1, x.shape[1])
+                                   for a in range(0, len(x), 4096)])
+                with torch.enable_grad():
+                    for _ in range(self.steps):
+                        rows = torch.randint(len(x), (min(self.rows_per_step, len(x)),), generator=gen)
+                        current["z"] = sample_gates(log_alpha[None], adapter.top_k, gen)[0]
+                        out = _first(block(x[rows].unsqueeze(0))).reshape(len(rows), -1)
+                        current["z"] = None
+                        loss = layer_loss(out, y[rows])
+                        penalty = lagrangian(gate_open_probability(log_alpha).sum(), float(self.keep),
+                                             lambdas[0], lambdas[1])
+                        opt_gates.zero_grad(set_to_none=True)
+                        opt_lambdas.zero_grad(set_to_none=True)
+                        (loss + penalty).backward()
+                        opt_gates.step()
+                        opt_lambdas.step()
         finally:
             current["z"] = None
             hook.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
         self.log_alpha[index] = log_alpha.detach().clone()
         self.final_loss[index] = float(loss.detach())
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from uspx.dist import Dist
+from uspx.engine.forward import frozen
 from uspx.io import UspxError
 from uspx.models import MoEAdapter
 from uspx.score.loss import make_batches, token_losses
@@ -58,13 +59,10 @@ def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedI
     ``dist``: this process's share of the prompts (every process returns every row)."""
     per_layer = _expert_params(adapter)
     wanted = [p for params in per_layer for p, _ in params]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     out = np.zeros((len(items), len(per_layer), adapter.num_experts))
-    try:
-        # gradients only for expert tensors: the rest of the backward still runs, but no parameter
-        # grads are materialised for attention or embeddings
-        for p in model.parameters():
-            p.requires_grad_(False)
+    # gradients only for expert tensors: the rest of the backward still runs, but no parameter
+    # grads are materialised for attention or embeddings
+    with frozen(model.parameters()):
         for p in wanted:
             p.requires_grad_(True)
         for i, batch in enumerate(make_batches(items, 1, pad_id)):
@@ -85,7 +83,4 @@ def run_taylor(model: torch.nn.Module, adapter: MoEAdapter, items: list[EncodedI
                     total += sal.reshape(shape[0], -1).sum(1).cpu()
                 out[batch.rows[0], pos] = 0.5 * total.numpy()
             bar.advance()
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
     return dist.sum(out)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from uspx.engine import WeightSource
+from uspx.engine.forward import frozen
 from uspx.engine.observers import Observer
 from uspx.io import UspxError, atomic_path
 from uspx.models import adapter_for
@@ -411,10 +412,7 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
     counts = resample_counts(len(items), bootstrap, seed)
     attr: list[_Sums | None] = [None] * len(blocks)
     fish: list[_Sums | None] = [None] * len(blocks)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
+    with frozen(model.parameters()):
         for w in weights:
             w.requires_grad_(True)
         batches = make_batches(items, 1, pad_id, by_length=False)
@@ -432,9 +430,6 @@ def gradient_scores(model: nn.Module, items: list[EncodedItem], units: Sequence[
                         attr[b], fish[b] = _Sums(tuple(d.shape), counts), _Sums(tuple(d.shape), counts)
                     attr[b].add(-d[None], prompt)
                     fish[b].add((d / targets[i]).pow(2)[None] / 2, prompt)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
     tables: dict[str, list[pa.Table]] = {"attribution": [], "fisher": []}
     rep_targets, rep_prompts = counts @ targets, counts.sum(1)
     for b, (kind, layer, _, _, first) in enumerate(blocks):

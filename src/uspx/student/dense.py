@@ -16,9 +16,7 @@ prefill and decode speed.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 
 import uspx
-from uspx.io import UspxError, write_json
+from uspx.io import UspxError, atomic_folder, write_json
 from uspx.progress import console
 from uspx.recover.train import Settings
 from uspx.workload import DEFAULT_MAX_LENGTH
@@ -144,8 +142,7 @@ def _export(model: torch.nn.Module, out: Path, key: dict, *, history: dict, alig
     with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
         for p in model.parameters():
             p.copy_(p.to(stored).to(p.dtype))
-    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
-    try:
+    with atomic_folder(out / "model") as tmp:
         copy.deepcopy(model).to(stored).save_pretrained(tmp)
         copy_tokenizer(base, tmp)
         check = _verify_reload(model, tmp, s_tok)
@@ -154,10 +151,6 @@ def _export(model: torch.nn.Module, out: Path, key: dict, *, history: dict, alig
             source_fingerprint=record["source_fingerprint"], run=str(run), tokenizer="same" if same else "different",
             verification=check, recovered=dict(key=key, history=history), aligned_share=aligned,
             fingerprint=model_fingerprint(tmp), status="written"))
-        os.replace(tmp, out / "model")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(out / "work", ignore_errors=True)
 
 

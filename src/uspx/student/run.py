@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 import uspx
-from uspx.io import UspxError, write_json
+from uspx.io import UspxError, atomic_folder, write_json
 from uspx.workload import DEFAULT_MAX_LENGTH
 from uspx.progress import console
 from uspx.recover.train import Settings
@@ -148,9 +147,7 @@ def _distill(teacher, built, choice, items, pad: int, settings: Settings, out: P
         norms = group_norms(channel_groups(model, experts_per_layer))
         zeros = dict(groups=len(norms), zero=int((norms == 0).sum()),
                      channels_per_group=adapter_for(model).expert_width() // experts_per_layer)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
-    try:
+    with atomic_folder(out / "model") as tmp:
         save_model(model, tmp, stored, source)
         check = verify_reload(model, tmp, teacher.tokenizer)
         new_record = dict(format="uspx-student/1", uspx_version=uspx.__version__, source=str(source),
@@ -161,10 +158,6 @@ def _distill(teacher, built, choice, items, pad: int, settings: Settings, out: P
                           recovered=dict(key=key, history=asdict(history)),
                           fingerprint=model_fingerprint(tmp), status="written")
         write_json(tmp / RECORD, new_record)
-        os.replace(tmp, out / "model")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(out / "work")
     return asdict(history), zeros
 

@@ -15,9 +15,7 @@ Written in a temporary folder beside ``out`` and moved into place once complete.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import uspx
-from uspx.io import FingerprintMismatch, UspxError, atomic_path, read_json, write_json
+from uspx.io import FingerprintMismatch, UspxError, atomic_folder, atomic_path, read_json, write_json
 from uspx.trace.format import FORMAT
 from uspx.trace.read import Trace
 from uspx.trace.run import RECONSTRUCTION, workload_info
@@ -49,9 +47,7 @@ def concatenate(parts: list[str | Path], workload: Workload, out: str | Path) ->
             return old
         raise UspxError(f"{out} holds another trace; use another output folder or delete it")
     offsets = _check_parts(traces, workload)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         shards = _write_shards(traces, offsets, tmp)
         _write_items(traces, offsets, tmp / "items.parquet")
         options = traces[0].manifest["options"]
@@ -67,10 +63,6 @@ def concatenate(parts: list[str | Path], workload: Workload, out: str | Path) ->
                         items=_n_items(t), tokens=t.manifest["summary"]["tokens"]) for t, o in zip(traces, offsets)],
         )
         write_json(tmp / "manifest.json", manifest)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

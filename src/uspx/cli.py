@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,28 +17,60 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_ARG = typer.Argument("default", help="Local model folder, or 'default' for the bundled uspx teacher.")
-WORKLOAD_ARG = typer.Argument(
-    "python_dev", help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed, checked)."
-)
-STREAMING = typer.Option(False, "--streaming", help="Run a decoder layer at a time from the safetensors files, never loading the whole model (models larger than memory; `uspx plan --streaming` predicts the peak).")
-COMPUTE_DTYPE = typer.Option("auto", "--dtype", "--compute-dtype", help="Precision the model computes in, loaded whole or layer by layer (--streaming): auto (the checkpoint's stored float type: fp32 stays fp32, bf16 stays bf16, MXFP4 experts decode to the type of the rest), bf16, fp16 or fp32.")
-PLAN_COMPUTE_DTYPE = typer.Option("auto", "--compute-dtype", help="With --streaming: the precision the layers compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32).")
-DEVICE = typer.Option(None, "--device", help="Where the model computes: the whole model is loaded there, or with --streaming each decoder layer (and the hidden states it needs) is moved there for its turn and back, e.g. cuda or cuda:1 (default: the CPU).")
-REMOTE = typer.Option(False, "--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
+
+def _set_threads(ctx: typer.Context, threads: Optional[int]) -> Optional[int]:
+    """--threads' callback: set before the command runs, so that no command taking it can forget to;
+    shell completion only parses, and sets nothing."""
+    if threads is not None and not ctx.resilient_parsing:
+        if threads < 1:
+            raise UspxError(f"--threads must be >= 1, not {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
 
 
-THREADS = typer.Option(None, "--threads", help="Torch threads for running the model (default: torch's; 1 is often fastest for small models or on a busy machine).")
+# Options that several commands share, declared once; defaults stay in each signature.
+ModelArg = Annotated[str, typer.Argument(help="Local model folder, or 'default' for the bundled uspx teacher.")]
+WorkloadArg = Annotated[str, typer.Argument(help="Workload JSONL file or text folder, or a bundled workload name (python_dev, shell_user, docs_writer, mixed, checked).")]
+Streaming = Annotated[bool, typer.Option("--streaming", help="Run a decoder layer at a time from the safetensors files, never loading the whole model (models larger than memory; `uspx plan --streaming` predicts the peak).")]
+ComputeDtype = Annotated[str, typer.Option("--dtype", "--compute-dtype", help="Precision the model computes in, loaded whole or layer by layer (--streaming): auto (the checkpoint's stored float type: fp32 stays fp32, bf16 stays bf16, MXFP4 experts decode to the type of the rest), bf16, fp16 or fp32.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="Where the model computes: the whole model is loaded there, or with --streaming each decoder layer (and the hidden states it needs) is moved there for its turn and back, e.g. cuda or cuda:1 (default: the CPU).")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk); modules on disk are read from the safetensors files at each forward (taylor scores need every expert weight off disk).")]
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run (off by default).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", callback=_set_threads, help="Torch threads for running the model (default: torch's; 1 is often fastest for small models or on a busy machine).")]
+LlamaThreads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp's threads for the importance matrix and quantization.")]
+BatchSize = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+MaxLength = Annotated[Optional[int], typer.Option(help="Truncate items to this many tokens (default 512, or the model's context when shorter; the same in every command).")]
+MaxTokens = Annotated[Optional[int], typer.Option(help="Subsample whole prompts to about this many tokens for model-based scores.")]
+ToolFamilies = Annotated[Optional[str], typer.Option("--tool-families", help="With the capability score method: comma-separated families whose work goes to tools (virtual experts), e.g. arith.")]
+Budget = Annotated[Optional[str], typer.Option(help="Memory budget for weights + KV cache, e.g. 8GiB.")]
+Keep = Annotated[Optional[str], typer.Option(help="Experts to keep per layer instead of a budget: a share (50%) or a count.")]
+BudgetContext = Annotated[int, typer.Option(help="Context length the budget's KV cache must hold.")]
+KvDtype = Annotated[str, typer.Option(help="KV cache precision: fp32, bf16, fp16, fp8, int8, int4.")]
+NonUniform = Annotated[bool, typer.Option("--non-uniform", help="Allow different counts per layer (export pads with never-routed experts).")]
+Epsilon = Annotated[float, typer.Option(help="Largest acceptable loss increase per family (nats per token) for the verdict.")]
+NoSpeed = Annotated[bool, typer.Option("--no-speed", help="Skip the prefill/decode speed measurement.")]
+Samples = Annotated[int, typer.Option("--samples", help="Answers per checked item (pass@k); more than 1 needs --temperature.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature for checked items (0: greedy).")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens.")]
+MaxPassDrop = Annotated[Optional[float], typer.Option("--max-pass-drop", help="Largest acceptable pass@1 drop against the original (the teacher) per checked family (items with answer, regex, json or tests checks), e.g. 0.05; adds a rule to the verdict.")]
+StableTolerance = Annotated[float, typer.Option(help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance.")]
+StablePatience = Annotated[int, typer.Option(help="With --until-stable: blocks in a row within the tolerance before stopping.")]
+Steps = Annotated[int, typer.Option(help="Training steps at most (early stopping on a validation slice of the calibration items may end sooner).")]
+Minutes = Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")]
+Kd = Annotated[float, typer.Option(help="Weight of token-level distillation from the original.")]
+LayerWeight = Annotated[float, typer.Option(help="Weight of matching each MoE layer's output to the original's.")]
+Tau = Annotated[float, typer.Option(help="Distillation temperature.")]
+Generated = Annotated[int, typer.Option(help="Extra training items per calibration item: continuations the original writes from its prompt (0: none).")]
+Others = Annotated[Optional[str], typer.Option(help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed).")]
+ImatrixWorkload = Annotated[Optional[str], typer.Option("--imatrix-workload", help="Make llama.cpp's importance matrix (llama-imatrix) from this workload's calibration items and quantize by it.")]
+ImatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="An importance matrix file made by llama-imatrix (yours or a shared one).")]
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is None:
-        return
-    if threads < 1:
-        raise UspxError(f"--threads must be >= 1, not {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def _open(model: str, *, streaming: bool, dtype: str, device: Optional[str] = None, device_map: Optional[str] = None,
@@ -70,10 +102,10 @@ def families() -> None:
 
 @app.command()
 def workload(
-    path: str = WORKLOAD_ARG,
+    path: WorkloadArg = "python_dev",
     heldout: float = typer.Option(0.2, help="Held-out share for items without a split."),
     model: str = typer.Option("default", help="Model whose tokenizer counts the tokens and what is truncated."),
-    max_length: Optional[int] = typer.Option(None, help="Truncation length (default: the one every other command uses, 512 or the model's context)."),
+    max_length: MaxLength = None,
 ) -> None:
     """Read and check a workload; print its families, splits, tokens and what the other commands truncate."""
     from transformers import AutoConfig, AutoTokenizer
@@ -85,8 +117,7 @@ def workload(
     folder = resolve_model_path(model)
     length = max_length or default_max_length(AutoConfig.from_pretrained(folder))
     items = encode(wl, AutoTokenizer.from_pretrained(folder), length)  # counts what is truncated
-    console.print(f"{sum(len(e.input_ids) for e in items)} tokens after truncation to {length} "
-                  f"({model}'s tokenizer)")
+    console.print(f"{sum(len(e.input_ids) for e in items)} tokens after truncation to {length} ({model}'s tokenizer)")
     for line in wl.summary.lines_of_text():
         console.print(line)
     console.print(f"fingerprint: {wl.fingerprint[:16]}")
@@ -94,12 +125,12 @@ def workload(
 
 @app.command()
 def trace(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the trace (resumes if it holds a partial one)."),
     split: str = typer.Option("all", help="Which part of the workload: all, calibration or heldout."),
-    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
-    max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default 512, or the model's context when shorter; the same in every command)."),
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = None,
     logits: bool = typer.Option(False, "--logits", help="Also record full router logits."),
     norms: bool = typer.Option(False, "--norms", help="Also record each routed expert's output norm (for REAP/EAN)."),
     reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
@@ -109,20 +140,19 @@ def trace(
     budget: Optional[str] = typer.Option(None, help="With --until-stable: or a memory budget for weights + KV cache, e.g. 8GiB."),
     method: str = typer.Option("frequency", help="With --until-stable: the score, from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing)."),
     block: int = typer.Option(16, help="With --until-stable: items between two looks at the kept set."),
-    tolerance: float = typer.Option(0.05, help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
-    patience: int = typer.Option(2, help="With --until-stable: blocks in a row within the tolerance before stopping."),
+    tolerance: StableTolerance = 0.05,
+    patience: StablePatience = 2,
     seed: int = typer.Option(0, help="With --until-stable: seed of the items' order and of the resamples."),
-    streaming: bool = STREAMING,
-    compute_dtype: str = COMPUTE_DTYPE,
-    device: Optional[str] = DEVICE,
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk); modules on disk are read from the safetensors files at each forward."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)."),
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
+    streaming: Streaming = False,
+    compute_dtype: ComputeDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
 ) -> None:
     """Record, for every real token and MoE layer, the experts chosen and their weights. Under
     `torchrun --nproc_per_node N -m uspx trace ...` the shards are shared out among the processes."""
-    _set_threads(threads)
     if until_stable:
         _trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
                             tolerance=tolerance, patience=patience, seed=seed, batch_size=batch_size,
@@ -135,15 +165,13 @@ def trace(
 
     opened = _open(model, streaming=streaming, dtype=compute_dtype, device=device, device_map=device_map,
                    max_memory=max_memory, trust_remote_code=trust_remote_code, own_gpu=True)
-    manifest = run_trace(
-        opened, workload, out, split=split, batch_size=batch_size, max_length=max_length, logits=logits,
-        norms=norms, reconstruction=reconstruction, items_per_shard=items_per_shard,
-    )
+    manifest = run_trace(opened, workload, out, split=split, batch_size=batch_size, max_length=max_length,
+                         logits=logits, norms=norms, reconstruction=reconstruction, items_per_shard=items_per_shard)
     if not current().main:
         return
-    s = manifest["summary"]
-    console.print(f"[bold]model[/]: {manifest['model']['label']}  ({manifest['model']['family']}, "
-                  f"{len(manifest['model']['moe_layers'])} MoE layers, {manifest['model']['num_experts']} experts, top-{manifest['model']['top_k']})")
+    m, s = manifest["model"], manifest["summary"]
+    console.print(f"[bold]model[/]: {m['label']}  ({m['family']}, {len(m['moe_layers'])} MoE layers, "
+                  f"{m['num_experts']} experts, top-{m['top_k']})")
     console.print(f"[bold]workload[/]: {manifest['workload']['source']}")
     for key in ("items", "skipped_empty", "duplicates", "truncated", "truncated_tokens", "tokens", "rows"):
         console.print(f"  {key}: {s[key]}")
@@ -153,11 +181,11 @@ def trace(
 
 @app.command()
 def plan(
-    model: str = MODEL_ARG,
+    model: ModelArg = "default",
     budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 8GiB: prints how many experts per layer fit."),
     context: int = typer.Option(4096, help="Context length in tokens for the KV cache."),
     dtype: Optional[str] = typer.Option(None, help="Weights precision: fp32, bf16, fp16, int8, int4, mxfp4 (experts at 4.25 bits, rest bf16). Default: the checkpoint's, read from its weights, or from the config's quantization_config / dtype when the folder holds only a config."),
-    kv_dtype: str = typer.Option("bf16", help="KV cache precision: fp32, bf16, fp16, fp8, int8, int4."),
+    kv_dtype: KvDtype = "bf16",
     batch: int = typer.Option(1, help="Sequences held in the KV cache at once."),
     experts_per_layer: Optional[int] = typer.Option(None, help="Size the model with this many experts per layer."),
     student: Optional[int] = typer.Option(None, "--student", help="Also size a dense student of this many experts per layer (`uspx student -m M`) beside the pruned MoE keeping as many."),
@@ -165,7 +193,7 @@ def plan(
     streaming: bool = typer.Option(False, "--streaming", help="Print the peak memory of a layer-by-layer trace / score / extract instead (any family)."),
     tokens: int = typer.Option(2048, help="With --streaming: workload tokens (all sequences together)."),
     seq_len: int = typer.Option(512, help="With --streaming: longest sequence, in tokens."),
-    compute_dtype: str = PLAN_COMPUTE_DTYPE,
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="With --streaming: the precision the layers compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Pruning against offload: the GPU's memory (8GiB) or a preset (rtx2080, rtx3060, rtx4060, rtx4070, rtx4090, rtx4000ada, a4500, h100); prints what fits and llama.cpp's predicted speed, full model with its best --n-cpu-moe against pruned ones. 0 or cpu: no GPU."),
     gpu_bandwidth: Optional[float] = typer.Option(None, "--gpu-bandwidth", help="With --gpu: the GPU's effective memory bandwidth in GB/s (a preset's: 80% of its peak)."),
     cpu_preset: Optional[str] = typer.Option(None, "--ram", help="With --gpu: system memory preset (ddr4-2ch, the default; ddr5-2ch; ddr5-8ch) or 'measure' (a short read of 512 MiB here)."),
@@ -175,24 +203,23 @@ def plan(
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts
     that fit; with --gpu, pruning against llama.cpp's expert offload, predicted speed included."""
+    from uspx.io import write_json
+    from uspx.models.loading import resolve_model_path
+
     if gpu is not None:
-        from uspx.io import write_json
-        from uspx.models.loading import resolve_model_path as _resolve
         from uspx.plan import speed as sp
         from uspx.plan.memory import count_params
 
         hw, measured = sp.user_hardware(gpu, gpu_bandwidth=gpu_bandwidth, ram=cpu_preset, ram_bandwidth=cpu_bandwidth,
                                         cpu_threads=cpu_threads)
-        config = _resolve(model)
-        result = sp.offload_plan(config, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
-        sp.print_offload_plan(result, count_params(config).num_experts)
+        path = resolve_model_path(model)
+        result = sp.offload_plan(path, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
+        sp.print_offload_plan(result, count_params(path).num_experts)
         if measured is not None:
             console.print(f"system memory measured here: {measured:.1f} GB/s (one thread's read; all cores may read more)")
         if out is not None:
             write_json(out, result.as_dict())
         return
-    from uspx.io import write_json
-    from uspx.models.loading import resolve_model_path
     from uspx.plan import estimate, fit_experts
 
     path = resolve_model_path(model)
@@ -250,43 +277,38 @@ def plan(
         raise typer.Exit(1)
 
 
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 @app.command()
 def score(
-    model: str = MODEL_ARG,
+    model: ModelArg = "default",
     trace_dir: Path = typer.Argument(..., help="Trace folder made by `uspx trace` from this model and workload."),
-    workload: str = WORKLOAD_ARG,
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for scores.parquet and scores.json."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all; with --streaming, the local ones the trace allows): frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction, l0 (learned masks on the whole model's output; needs --keep), l0_layer (learned masks on each layer's output alone; needs --keep; streams), capability (needs --tool-families), ablation_guided (interventional ablation from a share of its forwards, see --ablation-budget; needs --keep)."),
     split: str = typer.Option("calibration", help="Workload part to score on."),
-    max_tokens: Optional[int] = typer.Option(None, help="Subsample whole prompts to about this many tokens for model-based scores."),
+    max_tokens: MaxTokens = None,
     bootstrap: int = typer.Option(200, help="Bootstrap resamples over prompts for the confidence intervals."),
-    batch_size: int = typer.Option(8),
-    streaming: bool = STREAMING,
-    compute_dtype: str = COMPUTE_DTYPE,
-    device: Optional[str] = DEVICE,
+    batch_size: BatchSize = 8,
+    streaming: Streaming = False,
+    compute_dtype: ComputeDtype = "auto",
+    device: Device = None,
     sequential: Optional[str] = typer.Option(None, "--sequential", help="Experts each layer will keep (50% or a count): score every layer with the layers before it already pruned to that many (local methods)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="With --methods l0 / l0_layer: the experts per layer the learned masks must keep (50% or a count)."),
-    tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --methods capability: comma-separated families whose work goes to tools (virtual experts), e.g. arith."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the whole model across devices with accelerate: auto, balanced, sequential, or a JSON file of module name -> device (0, cuda:1, cpu, disk). taylor needs every expert weight off disk."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map auto/balanced/sequential: the most each device may hold, e.g. 0=20GiB,cpu=60GiB."),
+    tool_families: ToolFamilies = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     units: str = typer.Option("experts", "--units", help="Unit types to score: experts, and channels (expert intermediate channels) and heads (KV groups and query heads), written to units.parquet."),
     ablation_budget: float = typer.Option(0.1, "--ablation-budget", help="With ablation_guided: the share of exhaustive ablation's forward passes to spend (0.1: 10x fewer)."),
     unit_methods: Optional[str] = typer.Option(None, "--unit-methods", help="Channel and head score methods (default: reconstruction, activation, attribution, fisher): also ablation (heads only; one pass over the prompts per head)."),
     until_stable: bool = typer.Option(False, "--until-stable", help="Score the trace's prompts a --block at a time (one method: frequency, reap, ean, reconstruction, taylor) and stop once the kept set under --keep / --budget has settled; OUT holds the scores of the prompts scored and stable.json (docs/stable.md)."),
     budget: Optional[str] = typer.Option(None, help="With --until-stable: the memory budget (weights + KV cache) the kept set must fit, instead of --keep."),
     block: int = typer.Option(16, help="With --until-stable: prompts between two looks at the kept set."),
-    tolerance: float = typer.Option(0.05, help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
-    patience: int = typer.Option(2, help="With --until-stable: blocks in a row within the tolerance before stopping."),
+    tolerance: StableTolerance = 0.05,
+    patience: StablePatience = 2,
     seed: int = typer.Option(0, help="With --until-stable: seed of the prompts' order and of the resamples."),
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
 ) -> None:
     """Score every (layer, expert) for this workload: one table with tokens behind each value and a CI."""
-    _set_threads(threads)
     if until_stable:
         from uspx.stable import score_until_stable
 
@@ -299,8 +321,7 @@ def score(
                                  split=split, batch_size=batch_size)
         _print_stable(res, out)
         return
-    from uspx.score import METHODS
-    from uspx.score import score as run_score
+    from uspx.score import METHODS, score as run_score
     from uspx.score.api import check_arguments, default_methods
 
     chosen = _csv(methods) or (default_methods(trace_dir) if streaming or sequential else METHODS)
@@ -323,12 +344,12 @@ def select_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Plan file to write (JSON)."),
     method: Optional[str] = typer.Option(None, help="Score method to select by: one the table holds (default: reconstruction), or random (a seeded random ranking, the baseline)."),
     seed: int = typer.Option(0, help="With --method random: the seed."),
-    budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
-    keep: Optional[str] = typer.Option(None, help="Experts to keep per layer: a share (50%) or a count."),
-    context: int = typer.Option(4096, help="Context length counted in the budget's KV cache."),
+    budget: Budget = None,
+    keep: Keep = None,
+    context: BudgetContext = 4096,
     dtype: Optional[str] = typer.Option(None, help="Precision of the exported model (default: the checkpoint's)."),
-    kv_dtype: str = typer.Option("bf16"),
-    non_uniform: bool = typer.Option(False, "--non-uniform", help="Allow different counts per layer (export pads with never-routed experts)."),
+    kv_dtype: KvDtype = "bf16",
+    non_uniform: NonUniform = False,
     solver: str = typer.Option("lagrangian", help="lagrangian or greedy (non-uniform plans)."),
     units: str = typer.Option("experts", "--units", help="Unit types to choose under the budget: experts, channels, heads (e.g. experts,channels,heads; needs `uspx score --units` and --budget)."),
     unit_method: Optional[str] = typer.Option(None, "--unit-method", help="Channel and head score to select by (default: the same name as --method; reconstruction puts experts, channels and heads in one currency)."),
@@ -346,44 +367,37 @@ def select_cmd(
     path = resolve_model_path(model)
     fingerprint = model_fingerprint(path)  # from the files: no need to load a model that may not fit
     table.check(model=fingerprint)
-    plan_obj = select_plan(
-        table, scores_dir, path, units=units, method=method or DEFAULT_METHOD, budget=budget, keep=keep,
-        dtype=dtype or checkpoint_dtype(path), context=context, kv_dtype=kv_dtype, uniform=not non_uniform,
-        solver=solver, unit_method=unit_method, channel_step=channel_step, seed=seed, model_fingerprint=fingerprint)
+    plan_obj = select_plan(table, scores_dir, path, units=units, method=method or DEFAULT_METHOD, budget=budget,
+                           keep=keep, dtype=dtype or checkpoint_dtype(path), context=context, kv_dtype=kv_dtype,
+                           uniform=not non_uniform, solver=solver, unit_method=unit_method, channel_step=channel_step,
+                           seed=seed, model_fingerprint=fingerprint)
     plan_obj.save(out)
     console.print(plan_obj)
     if plan_obj.padding:
         console.print(f"[yellow]{plan_obj.padding}")
-    from uspx.plan.select import runtime_notes
+    from uspx.plan.select import _pad_mechanism, runtime_notes
 
     ch = plan_obj.channels or {}
-    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism_of(plan_obj)),
+    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism(plan_obj.model_type)),
                               width=ch.get("width"), original_width=ch.get("original_width"),
                               dtype=plan_obj.settings.get("dtype")):
         console.print(f"[yellow]runtime: {note}")
     console.print(f"plan written to {out}")
 
 
-def _pad_mechanism_of(plan) -> str | None:
-    from uspx.plan.select import _pad_mechanism
-
-    return _pad_mechanism(plan.model_type)
-
-
 @app.command()
 def prune(
-    model: str = MODEL_ARG,
+    model: ModelArg = "default",
     plan_file: Path = typer.Argument(..., help="Plan file made by `uspx select`."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the pruned checkpoint."),
     mask_only: bool = typer.Option(False, "--mask-only", help="Keep all shapes; disable dropped experts in the router instead."),
     streaming: bool = typer.Option(False, "--streaming", help="Verify the export layer by layer instead of loading the original and the export whole."),
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
 ) -> None:
     """Export the model pruned to the plan's experts, sliced on disk in its stored precision (MXFP4
     stays MXFP4); the export is reloaded and compared with the restricted original before it is
     put in place, and a failed check writes nothing."""
-    _set_threads(threads)
     from uspx.prune import export
 
     # the verification compares logits in float32: the original is opened in it, whole or layer by layer
@@ -397,15 +411,14 @@ def prune(
 
 @app.command()
 def channels(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the narrowed checkpoint."),
     width: str = typer.Option(..., "--width", help="Intermediate channels every expert keeps: a share (75%) or a count."),
-    threads: Optional[int] = THREADS,
+    threads: Threads = None,
 ) -> None:
     """Narrow every expert to its best channels on the user's calibration items (the same width in
     every expert, as configs require); export, verify against the masked model, evaluate."""
-    _set_threads(threads)
     from uspx.narrow import export_channels
 
     rec = export_channels(model, workload, out, width=width)
@@ -416,15 +429,14 @@ def channels(
 
 @app.command()
 def heads(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the checkpoint with fewer attention heads."),
     groups: str = typer.Option(..., "--groups", help="KV groups (a key/value head with its query heads) every layer keeps: a share (50%) or a count."),
-    threads: Optional[int] = THREADS,
+    threads: Threads = None,
 ) -> None:
     """Keep every layer's best KV groups on the user's calibration items (the same count in every
     layer), shrinking the KV cache; export, verify against the masked model, evaluate."""
-    _set_threads(threads)
     from uspx.narrow import export_heads
 
     rec = export_heads(model, workload, out, groups=groups)
@@ -441,22 +453,20 @@ def _checked_and_evaluated(rec: dict) -> str:
 
 @app.command()
 def attribution(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Folder for attribution.json."),
     sample: int = typer.Option(64, help="Channels removed for real to check the estimates (every KV group is)."),
     max_items: Optional[int] = typer.Option(None, help="Calibration items used (default: all)."),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = THREADS,
+    seed: int = 0,
+    threads: Threads = None,
 ) -> None:
     """Estimate what removing every expert channel and every KV group would cost, from one forward
     and one backward (attribution patching), and check the estimates against true removal."""
-    _set_threads(threads)
     from uspx.engine.batches import pad_id_of
     from uspx.io import write_json
     from uspx.models import load_model
-    from uspx.score.attribution import attribution as estimate
-    from uspx.score.attribution import validate
+    from uspx.score.attribution import attribution as estimate, validate
     from uspx.workload import default_max_length, encode, load_workload
 
     lm = load_model(model)
@@ -493,11 +503,6 @@ def prune_gguf_cmd(
                   f"{rec['check']['bytes_compared']} bytes checked against the source")
 
 
-QUANT = typer.Option(None, "--quant", help="Quantize with llama.cpp's llama-quantize: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... (its names).")
-IMATRIX_WORKLOAD = typer.Option(None, "--imatrix-workload", help="Make llama.cpp's importance matrix (llama-imatrix) from this workload's calibration items and quantize by it.")
-IMATRIX_FILE = typer.Option(None, "--imatrix", help="An importance matrix file made by llama-imatrix (yours or a shared one).")
-
-
 @app.command("export")
 def export_cmd(
     model_dir: Path = typer.Argument(..., help="An exported checkpoint folder, or an extract run folder (its model/)."),
@@ -506,13 +511,14 @@ def export_cmd(
     llama_cpp: Path = typer.Option(..., "--llama-cpp", help="llama.cpp's source: a checkout, or the llama-cpp-python source package (.tar.gz from `pip download llama-cpp-python --no-binary :all: --no-deps`)."),
     outtype: str = typer.Option("auto", help="The converter's --outtype: f32, f16, bf16, q8_0 or auto (MXFP4 experts stay MXFP4)."),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp's name for the tokenizer's pre-tokenization when its converter does not recognise it (default: declared from tokenizer.json where uspx can tell)."),
-    quant: Optional[str] = QUANT,
-    imatrix_workload: Optional[str] = IMATRIX_WORKLOAD,
-    imatrix: Optional[Path] = IMATRIX_FILE,
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp's threads for the importance matrix and quantization."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantize with llama.cpp's llama-quantize: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... (its names)."),
+    imatrix_workload: ImatrixWorkload = None,
+    imatrix: ImatrixFile = None,
+    threads: LlamaThreads = None,
 ) -> None:
     """Convert an export to GGUF with llama.cpp's own converter; with --quant, quantize it with
     llama-quantize, weighted by the user's calibration text (--imatrix-workload)."""
+    from uspx.io import write_json
     from uspx.prune.gguf_export import export_gguf, export_quantized
 
     if fmt != "gguf":
@@ -523,8 +529,6 @@ def export_cmd(
             raise UspxError("an importance matrix guides quantization: add --quant (e.g. Q4_K_M)")
         rec = export_gguf(folder, out, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer)
     else:
-        from uspx.io import write_json
-
         rec = export_quantized(folder, out, quant, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer,
                                workload=imatrix_workload, imatrix=imatrix, threads=threads)
         write_json(out.with_name(out.name + ".uspx.json"), rec)
@@ -549,11 +553,11 @@ def quantize_cmd(
     gguf_file: Path = typer.Argument(..., help="A GGUF file (an export, or a `uspx prune-gguf` output) in f32, f16 or bf16."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="The quantized GGUF file to write."),
     quant: str = typer.Option(..., "--quant", help="llama-quantize's type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ..."),
-    imatrix_workload: Optional[str] = IMATRIX_WORKLOAD,
-    imatrix: Optional[Path] = IMATRIX_FILE,
+    imatrix_workload: ImatrixWorkload = None,
+    imatrix: ImatrixFile = None,
     llama_cpp: Optional[Path] = typer.Option(None, "--llama-cpp", help="Folder of llama.cpp's programs (or a checkout with build/bin); default $USPX_LLAMA_CPP, then PATH."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing: print llama.cpp's own prediction of the quantized size."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp's threads."),
+    threads: LlamaThreads = None,
 ) -> None:
     """Quantize a GGUF file with llama.cpp's llama-quantize, optionally weighted by an importance
     matrix made on the user's calibration items."""
@@ -587,45 +591,41 @@ def quantize_cmd(
 @app.command("eval")
 def eval_cmd(
     candidate: str = typer.Argument(..., help="Exported model folder or GGUF file to evaluate (or 'default' with --plan); a GGUF (candidate or --teacher) runs in llama.cpp's Python binding."),
-    workload: str = WORKLOAD_ARG,
+    workload: WorkloadArg = "python_dev",
     teacher: str = typer.Option("default", help="The original model."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Evaluate the teacher restricted to this plan instead."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder or .json path for evaluation.json."),
-    split: str = typer.Option("heldout"),
-    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
+    split: str = "heldout",
+    epsilon: Epsilon = 0.05,
     budget: Optional[str] = typer.Option(None, help="Memory budget for the memory-fit rule, e.g. 8GiB."),
-    context: int = typer.Option(2048),
-    max_length: Optional[int] = typer.Option(None),
-    batch_size: int = typer.Option(8),
-    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill/decode speed measurement."),
-    streaming: bool = STREAMING,
-    compute_dtype: str = COMPUTE_DTYPE,
-    device: Optional[str] = DEVICE,
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
-    samples: int = typer.Option(1, "--samples", help="Answers per checked item (pass@k); more than 1 needs --temperature."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature for checked items (0: greedy)."),
+    context: int = 2048,
+    max_length: MaxLength = None,
+    batch_size: BatchSize = 8,
+    no_speed: NoSpeed = False,
+    streaming: Streaming = False,
+    compute_dtype: ComputeDtype = "auto",
+    device: Device = None,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
+    samples: Samples = 1,
+    temperature: Temperature = 0.0,
     pass_k: Optional[str] = typer.Option(None, "--pass-k", help="Comma-separated k for pass@k (default: 1 and --samples)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens."),
+    max_new_tokens: MaxNewTokens = 128,
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers."),
-    max_pass_drop: Optional[float] = typer.Option(None, "--max-pass-drop", help="Largest acceptable pass@1 drop against the teacher per checked family (e.g. 0.05); adds a rule to the verdict."),
+    max_pass_drop: MaxPassDrop = None,
     virtual_experts: Optional[str] = typer.Option(None, "--virtual-experts", help="calc: answer the checked items once more with the calculator (needs --probe), to see what the tool buys."),
     probe_dir: Optional[Path] = typer.Option(None, "--probe", help="With --virtual-experts calc: a probe made by `uspx probe` for the teacher or the candidate."),
 ) -> None:
     """Quality of a candidate against the teacher on held-out prompts, per family, with a verdict;
     items with checks (answer, regex, json, tests) are answered by both models and judged."""
-    _set_threads(threads)
+    from uspx.evaluate.gguf import evaluate_gguf, is_gguf
     from uspx.evaluate.run import print_verdict
     from uspx.extract import QUALITY_COLUMNS
 
     ks = _csv(pass_k) or []
     if bad := [k for k in ks if not k.isdigit()]:
         raise UspxError(f"--pass-k takes whole numbers separated by commas (e.g. 1,5), not {bad[0]!r}")
-    from uspx.evaluate.gguf import is_gguf
-
     if is_gguf(candidate) or is_gguf(teacher):  # run by llama.cpp's binding; same metrics and verdict
-        from uspx.evaluate.gguf import evaluate_gguf
-
         if plan_file or streaming or virtual_experts or device:
             raise UspxError("a GGUF file is evaluated whole by llama.cpp: --plan, --streaming, --device and "
                             "--virtual-experts do not apply")
@@ -634,101 +634,95 @@ def eval_cmd(
                             dtype="fp32" if compute_dtype == "auto" else compute_dtype, out=out, progress=True,
                             trust_remote_code=trust_remote_code)
     else:
-        res = _eval_checkpoint(candidate, workload, teacher, plan_file, out, split, epsilon, budget, context,
-                               max_length, batch_size, no_speed, streaming, compute_dtype, device, trust_remote_code,
-                               samples, temperature, ks, max_new_tokens, seed, max_pass_drop, virtual_experts,
-                               probe_dir)
+        from uspx.evaluate import evaluate
+        from uspx.virtual.sandbox import run_python
+
+        opened = _open(teacher, streaming=streaming, dtype=compute_dtype, device=device,
+                       trust_remote_code=trust_remote_code)
+        if virtual_experts is None:
+            tools = None
+        else:
+            from uspx.models import model_fingerprint
+            from uspx.models.loading import resolve_model_path
+            from uspx.virtual.generate import generate_with_tools
+
+            if _csv(virtual_experts) != ["calc"]:
+                raise UspxError("--virtual-experts: only calc has a detector (a probe) that decides when to call it")
+            if probe_dir is None:
+                raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
+            models = {opened.fingerprint} | ({model_fingerprint(resolve_model_path(candidate))} if not plan_file else set())
+            probe = _load_probe(probe_dir, models, "the teacher or the candidate")
+
+            def tools(model, tokenizer, prompt, n):
+                return generate_with_tools(model, tokenizer, prompt, probe, max_new_tokens=n)
+        res = evaluate(opened, None if plan_file else candidate, workload, split=split, kept=plan_file,
+                       max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
+                       context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
+                       dtype=compute_dtype, samples=samples, temperature=temperature,
+                       pass_k=[int(k) for k in ks] or None, max_new_tokens=max_new_tokens,
+                       seed=seed, max_pass_drop=max_pass_drop, sandbox=run_python, virtual_experts=tools)
     for fam, row in res["families"].items():
         console.print(f"{fam:10s} " + "  ".join(f"{name} {row[k]:.4f}" for k, name in QUALITY_COLUMNS.items() if row.get(k) is not None))
     print_verdict(res)
 
 
-def _eval_checkpoint(candidate, workload, teacher, plan_file, out, split, epsilon, budget, context, max_length,
-                     batch_size, no_speed, streaming, compute_dtype, device, trust_remote_code, samples, temperature,
-                     ks, max_new_tokens, seed, max_pass_drop, virtual_experts, probe_dir) -> dict:
-    """``uspx eval`` on Hugging Face checkpoints (the teacher restricted by a plan, or an export)."""
-    from uspx.evaluate import evaluate
-    from uspx.virtual.sandbox import run_python
+def _load_probe(probe_dir: Path, fingerprints: set, whom: str):
+    """A probe made by `uspx probe`, refused when trained on hidden states other than these models'."""
+    from uspx.io import FingerprintMismatch, read_json
+    from uspx.virtual.probe import Probe
 
-    opened = _open(teacher, streaming=streaming, dtype=compute_dtype, device=device,
-                   trust_remote_code=trust_remote_code)
-    tools = None
-    if virtual_experts is not None:
-        from uspx.io import FingerprintMismatch, read_json
-        from uspx.models.loading import resolve_model_path
-        from uspx.models import model_fingerprint
-        from uspx.virtual.generate import generate_with_tools
-        from uspx.virtual.probe import Probe
-
-        if _csv(virtual_experts) != ["calc"]:
-            raise UspxError("--virtual-experts: only calc has a detector (a probe) that decides when to call it")
-        if probe_dir is None:
-            raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
-        trained_on = read_json(probe_dir / "probe.json").get("model") if (probe_dir / "probe.json").exists() else None
-        models = {opened.fingerprint} | ({model_fingerprint(resolve_model_path(candidate))} if not plan_file else set())
-        if trained_on not in (None, *models):
-            raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for the "
-                                      "teacher or the candidate (`uspx probe`)")
-        probe = Probe.load(probe_dir)
-
-        def tools(model, tokenizer, prompt, n):
-            return generate_with_tools(model, tokenizer, prompt, probe, max_new_tokens=n)
-    res = evaluate(opened, None if plan_file else candidate, workload, split=split, kept=plan_file,
-                   max_length=max_length, batch_size=batch_size, epsilon=epsilon, memory_budget=budget,
-                   context=context, speed=not no_speed, out=out, progress=True, trust_remote_code=trust_remote_code,
-                   dtype=compute_dtype, samples=samples, temperature=temperature,
-                   pass_k=[int(k) for k in ks] or None, max_new_tokens=max_new_tokens,
-                   seed=seed, max_pass_drop=max_pass_drop, sandbox=run_python, virtual_experts=tools)
-    return res
+    record = probe_dir / "probe.json"
+    if record.exists() and read_json(record).get("model") not in (None, *fingerprints):
+        raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for {whom} "
+                                  "(`uspx probe`)")
+    return Probe.load(probe_dir)
 
 
 @app.command()
 def extract(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder: trace, scores, plan, model, evaluation, report (with --update: default RUN_DIR-NAME beside the run)."),
     update: bool = typer.Option(False, "--update", help="Update a finished run with new prompts: `uspx extract --update RUN_DIR NEW_WORKLOAD`. Traces only the new items, adds their sums to the run's, selects, exports and evaluates under the run's own settings, recovers from the run's recovered weights when it recovered, and reports the experts in and out and the quality before and after on the old and new held-out items; the run itself is left as it is."),
-    budget: Optional[str] = typer.Option(None, help="Memory budget for weights + KV cache, e.g. 8GiB."),
-    keep: Optional[str] = typer.Option(None, help="Experts to keep per layer instead of a budget: a share (50%) or a count."),
-    context: int = typer.Option(4096, help="Context length the budget must hold."),
+    budget: Budget = None,
+    keep: Keep = None,
+    context: BudgetContext = 4096,
     method: Optional[str] = typer.Option(None, help="Score method: frequency, reap, ean, ablation_natural, ablation_interventional, usage_x_marginal, taylor, reconstruction (the default), l0, l0_layer, ablation_guided; with --streaming the local ones (frequency, reap, ean, reconstruction, l0_layer)."),
-    non_uniform: bool = typer.Option(False, "--non-uniform"),
-    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family (nats per token)."),
+    non_uniform: NonUniform = False,
+    epsilon: Epsilon = 0.05,
     max_length: int = typer.Option(512, help="Truncate workload items to this many tokens."),
-    max_tokens: Optional[int] = typer.Option(None, help="Subsample calibration tokens for model-based scores."),
-    batch_size: int = typer.Option(8),
-    no_speed: bool = typer.Option(False, "--no-speed"),
-    streaming: bool = STREAMING,
-    compute_dtype: str = COMPUTE_DTYPE,
-    device: Optional[str] = DEVICE,
+    max_tokens: MaxTokens = None,
+    batch_size: BatchSize = 8,
+    no_speed: NoSpeed = False,
+    streaming: Streaming = False,
+    compute_dtype: ComputeDtype = "auto",
+    device: Device = None,
     sequential: bool = typer.Option(False, "--sequential", help="Score each layer with the layers before it already pruned to the kept count (local methods)."),
     units: Optional[str] = typer.Option(None, "--units", help="What to cut: experts (whole experts only) or any of experts,channels,heads. Default with --budget: the joint cut (fewer and narrower experts, fewer KV groups where they pay) when the model is in memory; otherwise whole experts."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="With a joint cut: also export and evaluate the whole-experts cut at the same budget and report its cost beside it."),
-    max_pass_drop: Optional[float] = typer.Option(None, "--max-pass-drop", help="Largest acceptable pass@1 drop against the original per checked family (items with answer, regex, json or tests checks); adds a rule to the verdict."),
-    samples: int = typer.Option(1, "--samples", help="Answers per checked item (pass@k); more than 1 needs --temperature."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature for checked items (0: greedy)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens."),
+    max_pass_drop: MaxPassDrop = None,
+    samples: Samples = 1,
+    temperature: Temperature = 0.0,
+    max_new_tokens: MaxNewTokens = 128,
     recover: bool = typer.Option(False, "--recover", help="Then distill the pruned model from the original (`uspx recover` with its defaults) and judge the recovered model."),
     recover_steps: Optional[int] = typer.Option(None, help="With --recover: training steps at most."),
     eval_workload: Optional[str] = typer.Option(None, "--eval-workload", help="Evaluate on every item of this workload instead of the held-out split of WORKLOAD (calibrate on one set of prompts, judge on another)."),
-    tool_families: Optional[str] = typer.Option(None, "--tool-families", help="With --method capability: families whose work goes to tools (virtual experts), e.g. arith."),
+    tool_families: ToolFamilies = None,
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="MODEL.gguf only: llama-imatrix's importance matrix of the user's text instead of recording routing (frequency only)."),
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
 ) -> None:
     """The whole job: trace, score, select under a budget, prune, verify, export, evaluate, report.
     MODEL.gguf: statistics recorded in llama.cpp, scored (frequency, reap, ean), selected, the GGUF
     pruned in place and judged against the original in llama.cpp, without the Hugging Face checkpoint."""
-    _set_threads(threads)
     if update:
         from uspx.update import update as run_update
 
-        given = [name for name, v in (("--budget", budget), ("--keep", keep), ("--method", method), ("--units", units),
-                                      ("--eval-workload", eval_workload), ("--streaming", streaming),
-                                      ("--sequential", sequential), ("--non-uniform", non_uniform)) if v]
-        if given:
+        if given := [name for name, v in (("--budget", budget), ("--keep", keep), ("--method", method),
+                                          ("--units", units), ("--eval-workload", eval_workload),
+                                          ("--streaming", streaming), ("--sequential", sequential),
+                                          ("--non-uniform", non_uniform)) if v]:
             raise UspxError(f"--update keeps the run's own settings; drop {', '.join(given)}")
-
         run_update(model, workload, out, recover_steps=recover_steps, dtype=compute_dtype)
         return
     if out is None:
@@ -736,10 +730,9 @@ def extract(
     if str(model).endswith(".gguf"):  # a GGUF alone: statistics from llama.cpp, the file pruned in place
         from uspx.gguf_extract import extract_gguf
 
-        given = [n for n, v in (("--streaming", streaming), ("--recover", recover), ("--units", units),
-                                ("--non-uniform", non_uniform), ("--sequential", sequential),
-                                ("--eval-workload", eval_workload)) if v]
-        if given:
+        if given := [n for n, v in (("--streaming", streaming), ("--recover", recover), ("--units", units),
+                                    ("--non-uniform", non_uniform), ("--sequential", sequential),
+                                    ("--eval-workload", eval_workload)) if v]:
             raise UspxError(f"{model}: a GGUF extract does not take {', '.join(given)}")
         extract_gguf(model, workload, out, budget=budget, keep=keep, context=context, method=method, imatrix=imatrix,
                      max_length=max_length, tool_families=_csv(tool_families), threads=threads, epsilon=epsilon,
@@ -772,13 +765,12 @@ def drift(
     pruned: Optional[Path] = typer.Option(None, "--pruned", help="The pruned model whose loss is measured (default: the recovered one when the run recovered, else RUN_DIR/model)."),
     epsilon: Optional[float] = typer.Option(None, help="Margin of the loss bound, nats per token (default: the run's acceptance epsilon)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap draws per interval (prompts are the resampling unit)."),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(8),
-    compute_dtype: str = COMPUTE_DTYPE,
-    threads: Optional[int] = THREADS,
+    seed: int = 0,
+    batch_size: BatchSize = 8,
+    compute_dtype: ComputeDtype = "auto",
+    threads: Threads = None,
 ) -> None:
     """Does new traffic still fit a pruned model? Shares of routing mass and score on the dropped experts against the calibration's spread, loss delta on the new items, and a verdict: covered, drifting or re-extract."""
-    _set_threads(threads)
     from uspx.drift import drift as run_drift, print_drift
 
     result = run_drift(run_dir, new, out, model=model, judged=pruned, epsilon=epsilon, bootstrap=bootstrap, seed=seed,
@@ -811,8 +803,8 @@ def import_routing_cmd(
 
 @app.command("trace-stable")
 def trace_stable_cmd(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: blocks/ (a trace per block, resumable), scores/, stable.json."),
     keep: Optional[str] = typer.Option(None, help="Experts kept per layer: a share (50%) or a count."),
     budget: Optional[str] = typer.Option(None, help="Or a memory budget for weights + KV cache, e.g. 8GiB."),
@@ -823,13 +815,12 @@ def trace_stable_cmd(
     patience: int = typer.Option(2, help="Blocks in a row within the tolerance before stopping."),
     bootstrap: int = typer.Option(200, help="Resamples of the prompts for the kept set's stability and the scores' intervals."),
     seed: int = typer.Option(0, help="Seed of the items' order and of the resamples."),
-    batch_size: int = typer.Option(8),
-    max_length: Optional[int] = typer.Option(None, help="Truncate items to this many tokens (default as every command)."),
-    compute_dtype: str = COMPUTE_DTYPE,
-    threads: Optional[int] = THREADS,
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = None,
+    compute_dtype: ComputeDtype = "auto",
+    threads: Threads = None,
 ) -> None:
     """`uspx trace --until-stable`: trace the calibration items a block at a time and stop once the kept set under --keep / --budget has settled; scores of what was traced in OUT/scores."""
-    _set_threads(threads)
     _trace_until_stable(model, workload, out, keep=keep, budget=budget, method=method, block=block,
                         tolerance=tolerance, patience=patience, seed=seed, batch_size=batch_size,
                         max_length=max_length, compute_dtype=compute_dtype, bootstrap=bootstrap, context=context)
@@ -851,30 +842,28 @@ def _print_stable(res: dict, out: Path) -> None:
 def recover(
     run_dir: Path = typer.Argument(..., help="Folder of a finished `uspx extract` run (its model/ is the pruned checkpoint)."),
     train: str = typer.Option("full", help="What trains: router (routers only), lora (routers + LoRA on attention and experts), full (every kept weight)."),
-    steps: int = typer.Option(300, help="Training steps at most (early stopping on a validation slice of the calibration items may end sooner)."),
-    minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
-    kd: float = typer.Option(1.0, help="Weight of token-level distillation from the original."),
+    steps: Steps = 300,
+    minutes: Minutes = None,
+    kd: Kd = 1.0,
     ce: float = typer.Option(0.0, help="Weight of cross-entropy on the calibration targets."),
     router_kd: float = typer.Option(0.0, "--router-kd", help="Weight of router distillation (the original's routing renormalised over the kept experts)."),
-    layer: float = typer.Option(0.0, help="Weight of matching each MoE layer's output to the original's."),
-    tau: float = typer.Option(1.0, help="Distillation temperature."),
+    layer: LayerWeight = 0.0,
+    tau: Tau = 1.0,
     lr: Optional[float] = typer.Option(None, help="Learning rate (default by --train)."),
-    batch_size: int = typer.Option(8),
-    lora_rank: int = typer.Option(8),
-    generated: int = typer.Option(2, help="Extra training items per calibration item: continuations the original writes from its prompt (0: none)."),
-    seed: int = typer.Option(0),
+    batch_size: BatchSize = 8,
+    lora_rank: int = 8,
+    generated: Generated = 2,
+    seed: int = 0,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/recover)."),
-    others: Optional[str] = typer.Option(None, help="Workload whose held-out items show what specialising costs elsewhere (default for the bundled teacher: mixed)."),
-    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
+    others: Others = None,
+    epsilon: Epsilon = 0.05,
     streaming: bool = typer.Option(False, "--streaming", help="Train one decoder layer at a time from the files, for models larger than memory: each pruned layer learns the original layer's output and routing on the user's hidden states (--train router or full; --steps per layer; router KD and layer matching, both weighted 1 unless set)."),
     compute_dtype: str = typer.Option("auto", "--dtype", "--compute-dtype", help="Precision the models compute in (auto: the checkpoint's stored float type; bf16, fp16, fp32); what trains always trains in fp32."),
-    device: Optional[str] = DEVICE,
-    threads: Optional[int] = THREADS,
+    device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Distill the pruned model of an extract run from the original, export it, and evaluate before and after."""
-    _set_threads(threads)
-    from uspx.recover import Settings
-    from uspx.recover import recover as run_recover
+    from uspx.recover import Settings, recover as run_recover
     from uspx.recover.run import run_source
 
     settings = Settings(train=train, steps=steps, max_minutes=minutes, kd=kd, ce=ce, router_kd=router_kd, layer=layer,
@@ -894,24 +883,23 @@ def student(
     lora_rank: int = typer.Option(8, "--lora-rank", help="With --base --train lora: the adapters' rank."),
     four_bit: bool = typer.Option(False, "--4bit", help="With --base: load the base in 4 bits (bitsandbytes NF4, QLoRA); needs a CUDA GPU."),
     weights: str = typer.Option("routed", help="Fixed weight of each merged expert: routed (its mean routing weight on the user's tokens) or router (the router's mean softmax)."),
-    steps: int = typer.Option(300, help="Distillation steps at most (early stopping on a validation slice may end sooner)."),
-    minutes: Optional[float] = typer.Option(None, help="Stop training after this many minutes."),
-    kd: float = typer.Option(1.0, help="Weight of token-level distillation from the original."),
+    steps: Steps = 300,
+    minutes: Minutes = None,
+    kd: Kd = 1.0,
     ce: Optional[float] = typer.Option(None, help="Weight of cross-entropy on the calibration targets (default 0; 1 with --base)."),
-    layer: float = typer.Option(0.0, help="Weight of matching each MoE layer's output to the original's."),
-    tau: float = typer.Option(1.0, help="Distillation temperature."),
+    layer: LayerWeight = 0.0,
+    tau: Tau = 1.0,
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 5e-4)."),
     group_lasso: float = typer.Option(0.0, "--group-lasso", help="Group lasso strength on each layer's channel blocks (one per merged expert); blocks driven to zero are reported."),
-    generated: int = typer.Option(2, help="Extra training items per calibration item: continuations the original writes (0: none)."),
-    seed: int = typer.Option(0),
+    generated: Generated = 2,
+    seed: int = 0,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/student-M)."),
-    others: Optional[str] = typer.Option(None, help="Workload whose held-out items show the cost elsewhere (default for the bundled teacher: mixed)."),
-    epsilon: float = typer.Option(0.05, help="Largest acceptable loss increase per family for the verdict."),
+    others: Others = None,
+    epsilon: Epsilon = 0.05,
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure prefill and decode speed of the student and the pruned MoE."),
-    threads: Optional[int] = THREADS,
+    threads: Threads = None,
 ) -> None:
     """Build a dense model from the user's top experts of every layer (-m), or distil the original into a dense base model of any family and tokenizer (--base); export it and compare it with the run's other candidates."""
-    _set_threads(threads)
     from uspx.recover import Settings
     from uspx.student import student as run_student
 
@@ -936,17 +924,16 @@ def student(
 
 @app.command()
 def probe(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the probe (probe.safetensors, probe.json)."),
     family: str = typer.Option("arith", help="The workload family whose computations the tool takes over."),
     tool: str = typer.Option("calc", help="The tool the probe calls (calc)."),
     layer: Optional[int] = typer.Option(None, help="Decoder layer whose hidden states the probe reads (default: the middle one)."),
-    threads: Optional[int] = THREADS,
+    threads: Threads = None,
 ) -> None:
     """Train the detector that decides, from the model's hidden state, when to call a tool; report
     its precision and recall on held-out items against a regular expression."""
-    _set_threads(threads)
     from uspx.io import write_json
     from uspx.models import load_model
     from uspx.virtual.probe import train_probe
@@ -964,36 +951,28 @@ def probe(
 
 @app.command()
 def generate(
-    model: str = MODEL_ARG,
+    model: ModelArg = "default",
     prompt: str = typer.Argument(..., help="The text to continue."),
     virtual_experts: str = typer.Option("calc", "--virtual-experts", help="Tools the model may hand work to: calc (needs --probe); datetime, units and python run through `uspx tool`."),
     probe_dir: Optional[Path] = typer.Option(None, "--probe", help="A probe made by `uspx probe` for this model."),
-    max_new_tokens: int = typer.Option(64),
-    threads: Optional[int] = THREADS,
+    max_new_tokens: int = 64,
+    threads: Threads = None,
 ) -> None:
     """Generate, with the computations the probe detects done by tools and their exact results spliced in."""
-    _set_threads(threads)
     from uspx.models import load_model
     from uspx.virtual.generate import generate_with_tools
-    from uspx.virtual.probe import Probe
 
     tools = _csv(virtual_experts) or []
-    unknown = [t for t in tools if t not in ("calc", "datetime", "units", "python")]
-    if unknown:
+    if unknown := [t for t in tools if t not in ("calc", "datetime", "units", "python")]:
         raise UspxError(f"unknown tools {unknown}; choose from calc, datetime, units, python")
     if [t for t in tools if t != "calc"]:
         raise UspxError("only calc has a detector trained from the workloads' labels; datetime, units and python "
                         "run on explicit requests with `uspx tool NAME INPUT`")
     if probe_dir is None:
         raise UspxError("--virtual-experts calc needs --probe (train one with `uspx probe MODEL WORKLOAD -o DIR`)")
-    from uspx.io import FingerprintMismatch, read_json
-
     lm = load_model(model)
-    trained_on = read_json(probe_dir / "probe.json").get("model") if (probe_dir / "probe.json").exists() else None
-    if trained_on not in (None, lm.fingerprint):
-        raise FingerprintMismatch(f"{probe_dir} was trained on another model's hidden states; train one for {model} "
-                                  "(`uspx probe`)")
-    g = generate_with_tools(lm.model, lm.tokenizer, prompt, Probe.load(probe_dir), max_new_tokens=max_new_tokens)
+    probe = _load_probe(probe_dir, {lm.fingerprint}, model)
+    g = generate_with_tools(lm.model, lm.tokenizer, prompt, probe, max_new_tokens=max_new_tokens)
     console.print(prompt + g.text, markup=False, highlight=False, emoji=False)
     for c in g.calls:
         console.print(f"tool calc: {c.expression} = {c.result if c.result is not None else 'refused: ' + str(c.refused)}",
@@ -1047,8 +1026,8 @@ def analyze(
 
 @app.command()
 def superweights(
-    model: str = MODEL_ARG,
-    workload: str = WORKLOAD_ARG,
+    model: ModelArg = "default",
+    workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Folder for superweights.json (the catalogue) and report.md."),
     p_active_floor: float = typer.Option(0.01, help="Skip experts routed on fewer than this share of tokens."),
     routing_entropy_thr: str = typer.Option("auto", help="Position-entropy threshold for the selection rule: auto or a number (bits)."),
@@ -1056,15 +1035,14 @@ def superweights(
     router_bias: float = typer.Option(2.0, help="Beta added to the expert's router logit for interventional importance."),
     proxies: str = typer.Option("energy,stopwords", help="Micro-ablation gates before full evaluation."),
     score_modes: str = typer.Option("natural,interventional", help="Importance modes that must agree."),
-    max_candidates: int = typer.Option(128),
+    max_candidates: int = 128,
     apply_zero: Optional[str] = typer.Option(None, help="Zero catalogued scalars (all or 0,1,...) in a model copy instead of detecting."),
     apply_restore: Optional[str] = typer.Option(None, help="Restore catalogued scalars (all or 0,1,...) in a model copy."),
     apply_out: Optional[Path] = typer.Option(None, help="Where --apply-zero / --apply-restore write the model copy."),
-    trust_remote_code: bool = REMOTE,
-    threads: Optional[int] = THREADS,
+    trust_remote_code: TrustRemoteCode = False,
+    threads: Threads = None,
 ) -> None:
     """Routing-aware super-weight and super-expert detector for MoE experts, with a validation checklist."""
-    _set_threads(threads)
     from uspx.superweights import run_cli
 
     run_cli(model, workload, out, p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr,

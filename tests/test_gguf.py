@@ -193,3 +193,19 @@ def test_prune_gguf_pads_a_non_uniform_plan_with_unroutable_experts(tmp_path):
     # the kept expert's bytes are the source's
     want = gguf.quants.quantize(floats[0, "gate"][[3]], types["gate"])
     assert r["blk.0.ffn_gate_exps.weight"].data[2].tobytes() == want.tobytes()
+
+
+def test_export_without_llama_cpps_source_says_where_to_get_it(tmp_path, monkeypatch):
+    """`uspx export default` takes the bundled teacher; with neither --llama-cpp nor $USPX_LLAMA_CPP
+    it names both and writes nothing."""
+    from typer.testing import CliRunner
+
+    from uspx.cli import app
+
+    monkeypatch.delenv("USPX_LLAMA_CPP", raising=False)
+    res = CliRunner().invoke(app, ["export", "default", "-o", str(tmp_path / "t.gguf")])
+    assert res.exit_code != 0
+    assert "--llama-cpp" in str(res.exception) and "USPX_LLAMA_CPP" in str(res.exception)
+    assert list(tmp_path.iterdir()) == []
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "t.gguf")])
+    assert res.exit_code != 0 and "not a model folder" in str(res.exception)

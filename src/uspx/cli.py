@@ -505,10 +505,10 @@ def prune_gguf_cmd(
 
 @app.command("export")
 def export_cmd(
-    model_dir: Path = typer.Argument(..., help="An exported checkpoint folder, or an extract run folder (its model/)."),
+    model_dir: Path = typer.Argument(..., help="An exported checkpoint folder, an extract run folder (its model/), or 'default' for the bundled teacher."),
     out: Path = typer.Option(..., "-o", "--out", help="The GGUF file to write."),
     fmt: str = typer.Option("gguf", "--format", help="Output format: gguf (llama.cpp, Ollama)."),
-    llama_cpp: Path = typer.Option(..., "--llama-cpp", help="llama.cpp's source: a checkout, or the llama-cpp-python source package (.tar.gz from `pip download llama-cpp-python --no-binary :all: --no-deps`)."),
+    llama_cpp: Optional[Path] = typer.Option(None, "--llama-cpp", help="llama.cpp's source: a checkout (with its programs in build/bin for --quant), or the llama-cpp-python source package (.tar.gz from `pip download llama-cpp-python --no-binary :all: --no-deps`); default $USPX_LLAMA_CPP."),
     outtype: str = typer.Option("auto", help="The converter's --outtype: f32, f16, bf16, q8_0 or auto (MXFP4 experts stay MXFP4)."),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp's name for the tokenizer's pre-tokenization when its converter does not recognise it (default: declared from tokenizer.json where uspx can tell)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantize with llama.cpp's llama-quantize: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... (its names)."),
@@ -519,11 +519,12 @@ def export_cmd(
     """Convert an export to GGUF with llama.cpp's own converter; with --quant, quantize it with
     llama-quantize, weighted by the user's calibration text (--imatrix-workload)."""
     from uspx.io import write_json
+    from uspx.models.loading import resolve_model_path
     from uspx.prune.gguf_export import export_gguf, export_quantized
 
     if fmt != "gguf":
         raise UspxError(f"--format must be gguf, not {fmt!r} (Hugging Face checkpoints come from `uspx prune`)")
-    folder = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
+    folder = model_dir / "model" if (model_dir / "model" / "config.json").exists() else resolve_model_path(model_dir)
     if quant is None:
         if imatrix_workload or imatrix:
             raise UspxError("an importance matrix guides quantization: add --quant (e.g. Q4_K_M)")

@@ -44,6 +44,16 @@ def program(name: str, where: str | Path | None = None) -> Path:
     raise UspxError(f"llama.cpp's {name} was not found (searched {searched} and PATH): {GET_IT}")
 
 
+def source(where: str | Path | None = None) -> Path:
+    """llama.cpp's source (a checkout, or the llama-cpp-python source package) for its converter:
+    ``where``, else ``$USPX_LLAMA_CPP``."""
+    found = where or os.environ.get(ENV)
+    if not found:
+        raise UspxError(f"converting to GGUF needs llama.cpp's source (its convert_hf_to_gguf.py): pass a "
+                        f"checkout with --llama-cpp or set ${ENV}")
+    return Path(found)
+
+
 def binding():
     """The ``llama_cpp`` module (llama-cpp-python), which runs a GGUF in this process."""
     try:

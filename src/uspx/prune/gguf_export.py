@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from uspx.io import UspxError, atomic_path
+from uspx.llamacpp import source
 
 # Runs inside the converter's process: its own gguf-py and conversion package come first on the path.
 _WRAPPER = r"""
@@ -56,10 +57,11 @@ def declared_pre_tokenizer(model_dir: str | Path) -> str | None:
     return None
 
 
-def converter_root(llama_cpp: str | Path, work: Path) -> Path:
-    """The llama.cpp source folder holding ``convert_hf_to_gguf.py``: ``llama_cpp`` itself, its
-    ``vendor/llama.cpp``, or the same inside a source package (``.tar.gz``, extracted into ``work``)."""
-    path = Path(llama_cpp)
+def converter_root(llama_cpp: str | Path | None, work: Path) -> Path:
+    """The llama.cpp source folder holding ``convert_hf_to_gguf.py``: ``llama_cpp`` (default
+    ``$USPX_LLAMA_CPP``) itself, its ``vendor/llama.cpp``, or the same inside a source package
+    (``.tar.gz``, extracted into ``work``)."""
+    path = source(llama_cpp)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and
@@ -76,7 +78,7 @@ def converter_root(llama_cpp: str | Path, work: Path) -> Path:
                     "checkout or the llama-cpp-python source package (.tar.gz)")
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp: str | Path, outtype: str = "auto",
+def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp: str | Path | None = None, outtype: str = "auto",
                 pre_tokenizer: str | None = None, timeout: float | None = None) -> dict:
     """Convert the checkpoint in ``model_dir`` to the GGUF file ``out`` with llama.cpp's converter.
     Returns what was done; the file appears only when the converter succeeded."""
@@ -270,7 +272,7 @@ def make_imatrix(model_gguf: str | Path, workload, out: str | Path, *, split: st
                 bytes=out.stat().st_size)
 
 
-def export_quantized(model_dir: str | Path, out: str | Path, quant: str, *, llama_cpp: str | Path,
+def export_quantized(model_dir: str | Path, out: str | Path, quant: str, *, llama_cpp: str | Path | None = None,
                      outtype: str = "auto", pre_tokenizer: str | None = None, workload=None,
                      imatrix: str | Path | None = None, threads: int | None = None, timeout: float | None = None) -> dict:
     """Convert ``model_dir`` with llama.cpp's converter (``outtype``, unquantized), then quantize it to

@@ -95,14 +95,17 @@ def needs_llama_cpp(reason: str):
 
 
 def llama_cpp_source() -> str:
-    """llama.cpp's source, for its converter: $USPX_LLAMA_CPP_SOURCE, else $USPX_LLAMA_CPP."""
-    import os
+    """llama.cpp's source, for its converter, where uspx looks for it ($USPX_LLAMA_CPP)."""
+    from uspx.io import UspxError
+    from uspx.llamacpp import source
 
-    path = os.environ.get("USPX_LLAMA_CPP_SOURCE") or os.environ.get("USPX_LLAMA_CPP")
-    if not path or not Path(path).exists():
-        needs_llama_cpp(f"llama.cpp's source is not at hand ({path or 'set USPX_LLAMA_CPP to it'}; `make test` "
-                        "sets it up with tests/llama_cpp.sh)")
-    return path
+    try:
+        path = source()
+    except UspxError as exc:
+        needs_llama_cpp(f"{exc} (`make test` sets it up with tests/llama_cpp.sh)")
+    if not path.exists():
+        needs_llama_cpp(f"llama.cpp's source is not at {path} (`make test` sets it up with tests/llama_cpp.sh)")
+    return str(path)
 
 
 def llama_cpp_program(name: str) -> Path:

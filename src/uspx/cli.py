@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uspx.io import UspxError
+from uspx.io import FingerprintMismatch, UspxError, read_json, record_path, write_json
 from uspx.progress import console
 
 app = typer.Typer(
@@ -56,8 +56,13 @@ Samples = Annotated[int, typer.Option("--samples", help="Answers per checked ite
 Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature for checked items (0: greedy).")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per checked item unless the item sets max_new_tokens.")]
 MaxPassDrop = Annotated[Optional[float], typer.Option("--max-pass-drop", help="Largest acceptable pass@1 drop against the original (the teacher) per checked family (items with answer, regex, json or tests checks), e.g. 0.05; adds a rule to the verdict.")]
-StableTolerance = Annotated[float, typer.Option(help="With --until-stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance.")]
-StablePatience = Annotated[int, typer.Option(help="With --until-stable: blocks in a row within the tolerance before stopping.")]
+StableKeep = Annotated[Optional[str], typer.Option(help="Until stable: experts kept per layer, a share (50%) or a count.")]
+StableBudget = Annotated[Optional[str], typer.Option(help="Until stable: or a memory budget for weights + KV cache, e.g. 8GiB.")]
+StableMethod = Annotated[str, typer.Option(help="Until stable: the score, from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing).")]
+StableBlock = Annotated[int, typer.Option(help="Until stable: items between two looks at the kept set.")]
+StableSeed = Annotated[int, typer.Option(help="Until stable: seed of the items' order and of the resamples.")]
+StableTolerance = Annotated[float, typer.Option(help="Until stable: the kept set's Jaccard index with the block before's must be at least 1 - tolerance.")]
+StablePatience = Annotated[int, typer.Option(help="Until stable: blocks in a row within the tolerance before stopping.")]
 Steps = Annotated[int, typer.Option(help="Training steps at most (early stopping on a validation slice of the calibration items may end sooner).")]
 Minutes = Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")]
 Kd = Annotated[float, typer.Option(help="Weight of token-level distillation from the original.")]
@@ -136,13 +141,13 @@ def trace(
     reconstruction: bool = typer.Option(False, "--reconstruction", help="Also compute the reconstruction score's sums in the same pass (`uspx score` then needs no model pass for it)."),
     items_per_shard: int = typer.Option(64, "--items-per-shard", help="Items per Parquet shard (the unit a killed run resumes from, and that torchrun's processes share out)."),
     until_stable: bool = typer.Option(False, "--until-stable", help="Trace the calibration items a --block at a time and stop once the kept set under --keep / --budget has settled (OUT: blocks/, trace/ of the items traced, workload.jsonl, scores/, stable.json; docs/stable.md)."),
-    keep: Optional[str] = typer.Option(None, help="With --until-stable: experts kept per layer, a share (50%) or a count."),
-    budget: Optional[str] = typer.Option(None, help="With --until-stable: or a memory budget for weights + KV cache, e.g. 8GiB."),
-    method: str = typer.Option("frequency", help="With --until-stable: the score, from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing)."),
-    block: int = typer.Option(16, help="With --until-stable: items between two looks at the kept set."),
+    keep: StableKeep = None,
+    budget: StableBudget = None,
+    method: StableMethod = "frequency",
+    block: StableBlock = 16,
     tolerance: StableTolerance = 0.05,
     patience: StablePatience = 2,
-    seed: int = typer.Option(0, help="With --until-stable: seed of the items' order and of the resamples."),
+    seed: StableSeed = 0,
     streaming: Streaming = False,
     compute_dtype: ComputeDtype = "auto",
     device: Device = None,
@@ -203,16 +208,15 @@ def plan(
 ) -> None:
     """Memory of a model from its config alone (no weights loaded): weights per dtype, KV cache, experts
     that fit; with --gpu, pruning against llama.cpp's expert offload, predicted speed included."""
-    from uspx.io import write_json
     from uspx.models.loading import resolve_model_path
 
+    path = resolve_model_path(model)
     if gpu is not None:
         from uspx.plan import speed as sp
         from uspx.plan.memory import count_params
 
         hw, measured = sp.user_hardware(gpu, gpu_bandwidth=gpu_bandwidth, ram=cpu_preset, ram_bandwidth=cpu_bandwidth,
                                         cpu_threads=cpu_threads)
-        path = resolve_model_path(model)
         result = sp.offload_plan(path, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
         sp.print_offload_plan(result, count_params(path).num_experts)
         if measured is not None:
@@ -222,12 +226,10 @@ def plan(
         return
     from uspx.plan import estimate, fit_experts
 
-    path = resolve_model_path(model)
     if dtype is None and not streaming and any(path.glob("*.safetensors")):
         from uspx.extract import checkpoint_dtype
 
         dtype = checkpoint_dtype(path)  # as the weights are stored; with no weights, None: the config's
-    result: dict = {}
     if streaming:
         from uspx.plan.streaming import print_streaming_plan
 
@@ -464,7 +466,6 @@ def attribution(
     """Estimate what removing every expert channel and every KV group would cost, from one forward
     and one backward (attribution patching), and check the estimates against true removal."""
     from uspx.engine.batches import pad_id_of
-    from uspx.io import write_json
     from uspx.models import load_model
     from uspx.score.attribution import attribution as estimate, validate
     from uspx.workload import default_max_length, encode, load_workload
@@ -491,13 +492,12 @@ def prune_gguf_cmd(
 ) -> None:
     """Prune a GGUF file by a plan without dequantizing: kept experts copied byte for byte, the expert
     count patched, every kept byte checked against the source."""
-    from uspx.io import write_json
     from uspx.prune.gguf_file import prune_gguf
     from uspx.prune.kept import resolve_kept
 
     ks = resolve_kept(plan_file).experts_only("prune-gguf")
     rec = prune_gguf(gguf_file, ks.kept, out, num_experts=ks.plan.num_experts)
-    write_json(out.with_name(out.name + ".uspx.json"), {**rec, "plan": str(plan_file)})
+    write_json(record_path(out), {**rec, "plan": str(plan_file)})
     console.print(f"written {out}: {rec['kept_count']} of {rec['experts']} experts per layer, "
                   f"{rec['bytes'] / 2**30:.2f} GiB (was {rec['source_bytes'] / 2**30:.2f} GiB); "
                   f"{rec['check']['bytes_compared']} bytes checked against the source")
@@ -518,7 +518,6 @@ def export_cmd(
 ) -> None:
     """Convert an export to GGUF with llama.cpp's own converter; with --quant, quantize it with
     llama-quantize, weighted by the user's calibration text (--imatrix-workload)."""
-    from uspx.io import write_json
     from uspx.models.loading import resolve_model_path
     from uspx.prune.gguf_export import export_gguf, export_quantized
 
@@ -532,7 +531,7 @@ def export_cmd(
     else:
         rec = export_quantized(folder, out, quant, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer,
                                workload=imatrix_workload, imatrix=imatrix, threads=threads)
-        write_json(out.with_name(out.name + ".uspx.json"), rec)
+        write_json(record_path(out), rec)
     console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {folder}; pre-tokenizer "
                   f"{(rec.get('conversion') or rec)['pre_tokenizer'] or 'recognised by the converter'}")
     if quant is not None:
@@ -564,7 +563,6 @@ def quantize_cmd(
     matrix made on the user's calibration items."""
     import tempfile
 
-    from uspx.io import write_json
     from uspx.prune.gguf_export import make_imatrix, quantize_gguf
 
     if dry_run:
@@ -584,7 +582,7 @@ def quantize_cmd(
             imatrix = Path(made["out"])
         rec = quantize_gguf(gguf_file, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads)
     rec["imatrix"] = made or ({"file": str(imatrix)} if imatrix else None)
-    write_json(out.with_name(out.name + ".uspx.json"), rec)
+    write_json(record_path(out), rec)
     console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {gguf_file}")
     _print_quantized(rec)
 
@@ -669,7 +667,6 @@ def eval_cmd(
 
 def _load_probe(probe_dir: Path, fingerprints: set, whom: str):
     """A probe made by `uspx probe`, refused when trained on hidden states other than these models'."""
-    from uspx.io import FingerprintMismatch, read_json
     from uspx.virtual.probe import Probe
 
     record = probe_dir / "probe.json"
@@ -807,15 +804,15 @@ def trace_stable_cmd(
     model: ModelArg = "default",
     workload: WorkloadArg = "python_dev",
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: blocks/ (a trace per block, resumable), scores/, stable.json."),
-    keep: Optional[str] = typer.Option(None, help="Experts kept per layer: a share (50%) or a count."),
-    budget: Optional[str] = typer.Option(None, help="Or a memory budget for weights + KV cache, e.g. 8GiB."),
+    keep: StableKeep = None,
+    budget: StableBudget = None,
     context: int = typer.Option(4096, help="With --budget: the context the KV cache must hold."),
-    method: str = typer.Option("frequency", help="Score from the trace: frequency, reap, ean (traced with norms) or reconstruction (sums computed while tracing)."),
-    block: int = typer.Option(16, help="Items traced between two looks at the kept set."),
-    tolerance: float = typer.Option(0.05, help="Largest change counted as none: the kept set's Jaccard index with the block before's must be at least 1 - tolerance."),
-    patience: int = typer.Option(2, help="Blocks in a row within the tolerance before stopping."),
+    method: StableMethod = "frequency",
+    block: StableBlock = 16,
+    tolerance: StableTolerance = 0.05,
+    patience: StablePatience = 2,
     bootstrap: int = typer.Option(200, help="Resamples of the prompts for the kept set's stability and the scores' intervals."),
-    seed: int = typer.Option(0, help="Seed of the items' order and of the resamples."),
+    seed: StableSeed = 0,
     batch_size: BatchSize = 8,
     max_length: MaxLength = None,
     compute_dtype: ComputeDtype = "auto",
@@ -935,7 +932,6 @@ def probe(
 ) -> None:
     """Train the detector that decides, from the model's hidden state, when to call a tool; report
     its precision and recall on held-out items against a regular expression."""
-    from uspx.io import write_json
     from uspx.models import load_model
     from uspx.virtual.probe import train_probe
     from uspx.workload import load_workload

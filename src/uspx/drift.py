@@ -48,7 +48,6 @@ FILENAME = "drift.json"
 # score methods whose per-prompt sums a trace holds (reap / ean need its norms, reconstruction its
 # reconstruction sums); a run scored otherwise is compared on frequency, and the report says so
 SCORE_METHODS = ("frequency", "reap", "ean", "reconstruction")
-DEFAULT_EPSILON = 0.05  # uspx extract's default, used when the run's report names none
 LEVEL = 0.95
 VERDICTS = ("covered", "drifting", "re-extract")
 RULE = ("re-extract: loss delta on the new items > max(run's held-out delta, 0) + epsilon, or (no loss "
@@ -95,6 +94,8 @@ class PromptSums:
 
 def read_run(run_dir: str | Path, judged: str | Path | None = None, epsilon: float | None = None) -> RunInfo:
     """The run's original model, kept set, score method, acceptance bound and judged model."""
+    from uspx.extract import run_epsilon
+
     run = Path(run_dir)
     for need in ("report.json", "plan.json", "trace/manifest.json"):
         if not (run / need).exists():
@@ -112,14 +113,11 @@ def read_run(run_dir: str | Path, judged: str | Path | None = None, epsilon: flo
     layers = list(manifest["model"]["moe_layers"])
     if sorted(kept) != sorted(layers):
         raise UspxError(f"{run / 'plan.json'}: kept layers {sorted(kept)} differ from the trace's {layers}")
-    if epsilon is None:
-        bounds = [c["threshold"] for c in report.get("acceptance", {}).get("checks", []) if c.get("rule") == "delta_loss"]
-        epsilon = max(bounds) if bounds else DEFAULT_EPSILON
     recovered = report.get("recovered") or {}
     run_delta = (recovered.get("heldout") or {}).get("all", {}).get("delta") if recovered else report.get("overall_delta")
     return RunInfo(run, source, fingerprint, method, layers, int(manifest["model"]["num_experts"]), kept,
-                   float(epsilon), run_delta, _judged(run, recovered, judged),
-                   int(manifest["options"].get("max_length") or 512))
+                   run_epsilon(report) if epsilon is None else float(epsilon), run_delta,
+                   _judged(run, recovered, judged), int(manifest["options"].get("max_length") or 512))
 
 
 def _judged(run: Path, recovered: dict, given: str | Path | None) -> Path:
@@ -142,10 +140,10 @@ def score_method(run: RunInfo, calibration: Trace) -> tuple[str, str | None]:
     method = run.method
     if method not in SCORE_METHODS:
         return "frequency", f"the run's method {method!r} needs model passes per expert; scores compared on frequency"
-    if method in ("reap", "ean") and not calibration.manifest["options"].get("norms"):
-        return "frequency", f"the run's trace has no expert norms for {method}; scores compared on frequency"
-    if method == "reconstruction" and not (calibration.path / "reconstruction.npz").exists():
-        return "frequency", "the run's trace holds no reconstruction sums; scores compared on frequency"
+    if not _holds(calibration, method):
+        lacks = ("holds no reconstruction sums" if method == "reconstruction"
+                 else f"has no expert norms for {method}")
+        return "frequency", f"the run's trace {lacks}; scores compared on frequency"
     return method, None
 
 
@@ -284,21 +282,17 @@ def compare_set(new: PromptSums, rows: np.ndarray, calibration: PromptSums, drop
 
 
 # ----- the new traffic --------------------------------------------------------------------------
-def _is_trace(path: str | Path | Workload) -> bool:
-    return not isinstance(path, Workload) and (Path(path) / "manifest.json").exists()
-
-
 def new_trace(run: RunInfo, new: str | Path | Workload, out: Path, method: str, *, model: str | Path | Opened | None,
               batch_size: int, progress: bool, dtype: str) -> tuple[Trace, Workload | None, str | None]:
     """The trace of the new traffic (a given trace folder, checked to come from the run's model, or
     ``out/trace`` traced now), the workload behind it (None when it cannot be read back) and why not."""
     from uspx.trace import Trace, trace
 
-    if _is_trace(new):
+    if not isinstance(new, Workload) and (Path(new) / "manifest.json").exists():
         tr = Trace(new)
         _check_model(tr.manifest["model"]["fingerprint"], run, f"{tr.path}")
         return tr, *_traced_workload(tr)
-    wl = new if isinstance(new, Workload) else load_workload(new)
+    wl = load_workload(new)
     opened = open_original(run, model, dtype)
     trace(opened, wl, out / "trace", split="all", batch_size=batch_size, max_length=run.max_length,
           norms=method in ("reap", "ean"), reconstruction=method == "reconstruction", progress=progress)
@@ -464,9 +458,7 @@ def _mass_kind(new: Trace, calibration: Trace) -> str:
 
 
 def _name(new: str | Path | Workload) -> str:
-    if isinstance(new, Workload):
-        return Path(new.source).stem or "workload"
-    return Path(new).stem or "workload"
+    return Path(new.source if isinstance(new, Workload) else new).stem or "workload"
 
 
 def print_drift(result: dict) -> None:

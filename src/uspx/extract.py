@@ -22,14 +22,13 @@ fingerprints are checked), an interrupted trace continues where it stopped.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uspx.dist import current, solo
 from uspx.io import UspxError, read_json, write_json
 from uspx.models import LoadedModel
-from uspx.progress import console
+from uspx.progress import Clock, console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, load_workload
 
 if TYPE_CHECKING:  # imported when run: torch stays unloaded until a stage needs it
@@ -55,6 +54,21 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     if files.is_mxfp4():
         return "mxfp4"
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(files.main_float_dtype(), "fp32")
+
+
+def experts_kept(opened: Opened, keep: str | int | float | None, budget: str | int | None, context: int,
+                 kv_dtype: str) -> int:
+    """Experts kept per layer: ``keep`` (a count or a share) or what fits ``budget`` (weights and
+    the KV cache of ``context`` tokens, counted as :func:`extract` counts them)."""
+    from uspx.plan import fit_experts
+    from uspx.score.keep import parse_keep
+
+    if (keep is None) == (budget is None):
+        raise UspxError("give exactly one of --keep (e.g. 50%) or --budget (e.g. 8GiB)")
+    if keep is not None:
+        return parse_keep(keep, opened.source.adapter.num_experts)
+    return fit_experts(Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path),
+                       kv_dtype=kv_dtype).require().experts_per_layer
 
 
 def extract(
@@ -119,7 +133,7 @@ def extract(
     opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code)
     units = cut_units(opened, units, budget=budget, method=method, uniform=uniform, sequential=sequential)
     out = Path(out_dir)
-    clock = _Clock()
+    clock = Clock(say=True)
     console.rule(f"uspx extract{' (layer by layer)' if opened.streaming else ''}: {opened.label} for {wl.source}")
     # the reconstruction sums come out of the tracing pass itself: no second pass over the model
     trace(opened, wl, out / "trace", split="calibration", batch_size=batch_size, max_length=max_length,
@@ -159,26 +173,13 @@ def extract(
         d.barrier()
 
 
-class _Clock:
-    """Seconds per stage, each stage timed from the end of the one before."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def done(self, name: str) -> None:
-        self.seconds[name] = round(time.perf_counter() - self.started - sum(self.seconds.values()), 2)
-        console.print(f"[green]done[/] {name} ({self.seconds[name]:.1f} s)")
-
-
 def check_arguments(model: str | Path | LoadedModel | Opened, *, budget: str | int | None,
                     keep: str | int | float | None, method: str | None, tool_families: list[str] | None,
                     sequential: bool, dtype: str) -> str:
     """The score method :func:`extract` will use, once every argument that needs no model pass is
     checked (a folder or a loaded model runs whole; a source opened layer by layer allows the local
     methods only)."""
-    from uspx.engine import Opened
-    from uspx.engine import compute_dtype
+    from uspx.engine import Opened, compute_dtype
     from uspx.plan import parse_size
     from uspx.plan.select import parse_keep
     from uspx.score import DEFAULT_METHOD
@@ -214,12 +215,8 @@ def check_arguments(model: str | Path | LoadedModel | Opened, *, budget: str | i
 def _workloads(workload: str | Path | Workload,
                eval_workload: str | Path | Workload | None) -> tuple[Workload, Workload, str]:
     """The calibration workload, the one to evaluate on, and the split of it that is evaluated."""
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
-    if eval_workload is None:
-        eval_wl, eval_split = wl, "heldout"
-    else:
-        eval_wl = eval_workload if isinstance(eval_workload, Workload) else load_workload(eval_workload)
-        eval_split = "all"
+    wl = load_workload(workload)
+    eval_wl, eval_split = (wl, "heldout") if eval_workload is None else (load_workload(eval_workload), "all")
     if not wl.part("calibration").items or not wl.part("heldout").items:
         raise UspxError(f"{wl.source}: needs both calibration and held-out items (split {wl.summary.splits})")
     return wl, eval_wl, eval_split
@@ -257,7 +254,6 @@ def _scores(opened: Opened, wl: Workload, out: Path, method: str, units: list[st
             batch_size: int, progress: bool, tool_families: list[str] | None) -> ScoreTable:
     """The score table in ``out/scores`` (and the unit table beside it when ``units`` go inside the
     layers): reused when it was scored the same way, else scored."""
-    from uspx.plan.select import parse_keep
     from uspx.score import load_scores, score
     from uspx.score.api import KEEP_METHODS
 
@@ -270,11 +266,7 @@ def _scores(opened: Opened, wl: Workload, out: Path, method: str, units: list[st
             table = None
     n_keep = None
     if sequential or method in KEEP_METHODS:  # the count every layer will keep, known before scoring
-        from uspx.plan import fit_experts
-
-        n_keep = (parse_keep(keep, opened.source.adapter.num_experts) if keep is not None else fit_experts(
-            Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path), kv_dtype=kv_dtype
-        ).require().experts_per_layer)
+        n_keep = experts_kept(opened, keep, budget, context, kv_dtype)
     if table is not None and (table.meta["options"].get("sequential") or {}).get("keep") != (n_keep if sequential else None):
         table = None  # scored the other way (one pass vs sequential, or another count)
     if table is None:
@@ -380,14 +372,21 @@ def _report(opened: Opened, wl: Workload, eval_wl: Workload, eval_split: str, ou
     )
 
 
+def run_epsilon(report: dict) -> float:
+    """A finished run's loss bound: the largest delta_loss threshold its acceptance applied (the
+    default epsilon when its report names none)."""
+    checks = (report.get("acceptance") or {}).get("checks", [])
+    bounds = [c["threshold"] for c in checks if c.get("rule") == "delta_loss"]
+    return float(max(bounds)) if bounds else 0.05
+
+
 def recover_run(report: dict, out: Path, wl: Workload, opened: Opened, *, max_length: int, epsilon: float,
                 dtype: str, progress: bool, steps: int | None = None, settings=None,
                 start: Path | None = None) -> None:
     """Distil the pruned model from the original (``settings``, by default every kept weight, whole
     or one decoder layer at a time, for ``steps`` at most), starting from ``start`` when given; the
     report then holds the recovered model's verdict."""
-    from uspx.recover import Settings
-    from uspx.recover import recover as run_recover
+    from uspx.recover import Settings, recover as run_recover
     from uspx.virtual.sandbox import run_python
 
     settings = settings or Settings(train="full", **({} if steps is None else {"steps": steps}))

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uspx.io import UspxError, read_json, write_json
-from uspx.progress import console
+from uspx.io import UspxError, read_json, record_path, write_json
+from uspx.progress import Clock, console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, encode, load_workload
 
 METHODS = ("frequency", "reap", "ean", "capability")
@@ -59,20 +59,17 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gm = read_model(model)
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
-    seconds: dict[str, float] = {}
+    wl = load_workload(workload)
 
-    t0 = time.perf_counter()
+    clock = Clock()
     if imatrix:
         table, stats = _imatrix_scores(gm, imatrix, out / "scores")
     else:
         trace_dir = _trace(gm, wl, out / "trace", max_length, threads, n_gpu_layers, binding, progress)
-        seconds["trace"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
+        clock.done("trace")
         table, stats = _trace_scores(gm, trace_dir, wl, out / "scores", tool_families, bootstrap, seed)
-    seconds["score"] = round(time.perf_counter() - t0, 2)
+    clock.done("score")
 
-    t0 = time.perf_counter()
     kv = gm.kv_bytes_per_token * context if budget is not None else 0
     plan = select_experts(table.method(method), budget=budget, keep=keep, top_k=gm.top_k,
                           fixed_bytes=gm.fixed_bytes + kv, uniform=True,
@@ -82,19 +79,17 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
     plan.settings.update(context=context if budget is not None else 0, kv_dtype="f16 (llama.cpp's default cache)",
                          cost_source="the GGUF's stored bytes per expert")
     plan.save(out / "plan.json")
-    seconds["select"] = round(time.perf_counter() - t0, 2)
+    clock.done("select")
 
-    t0 = time.perf_counter()
     target = out / "model.gguf"
     pruned = _prune(gm, plan, target)
-    seconds["prune"] = round(time.perf_counter() - t0, 2)
+    clock.done("prune")
 
-    t0 = time.perf_counter()
     evaluation, note = _evaluate(gm, target, wl, out, evaluate=evaluate, max_length=max_length, epsilon=epsilon,
                                  budget=budget, context=context, speed=speed, threads=threads, binding=binding,
                                  progress=progress)
     if evaluation is not None:
-        seconds["evaluate"] = round(time.perf_counter() - t0, 2)
+        clock.done("evaluate")
 
     report = dict(
         model=dict(source=gm.path, fingerprint=gm.fingerprint, arch=gm.arch, bytes=gm.file_bytes,
@@ -105,7 +100,7 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
         size=dict(plan_bytes=plan.predicted_bytes, sizes=plan.sizes, source_bytes=pruned["source_bytes"],
                   written_bytes=pruned["bytes"]),
         check=pruned["check"], model_out=str(target), evaluation=evaluation, evaluation_note=note,
-        seconds=dict(seconds, total=round(time.perf_counter() - started, 2)),
+        seconds=dict(clock.seconds, total=round(time.perf_counter() - started, 2)),
         artifacts=dict(trace=None if imatrix else str(out / "trace"), scores=str(out / "scores"),
                        plan=str(out / "plan.json"), model=str(target),
                        evaluation=str(out / "evaluation.json") if evaluation else None),
@@ -126,17 +121,17 @@ def _prune(gm, plan, target: Path) -> dict:
     """The pruned GGUF and its record; a finished run's file for the same plan and source is kept."""
     from uspx.prune.gguf_file import prune_gguf
 
-    record_path = target.with_name(target.name + ".uspx.json")
+    record = record_path(target)
     kept = {str(l): sorted(v) for l, v in plan.kept.items()}
-    if target.exists() and record_path.exists():
-        old = read_json(record_path)
+    if target.exists() and record.exists():
+        old = read_json(record)
         if old.get("kept") == kept and old.get("source_fingerprint") == gm.fingerprint:
             return old
     if target.exists():
         target.unlink()  # written for another plan (or its record lost): made again
     pruned = prune_gguf(gm.path, plan.kept_set(), target, num_experts=gm.num_experts)
     pruned["source_fingerprint"] = gm.fingerprint
-    write_json(record_path, pruned)
+    write_json(record, pruned)
     return pruned
 
 
@@ -147,9 +142,11 @@ def _evaluate(gm, target: Path, wl: Workload, out: Path, *, evaluate: bool, max_
         return None, "not run (evaluate=False)"
     if not wl.part("heldout").items:
         return None, f"not run: {wl.source} has no held-out items"
-    if not _has_binding(binding):  # an extract from an importance matrix alone runs nothing until here
-        from uspx.trace.llama_runtime import GET_BINDING
+    from uspx.trace.llama_runtime import GET_BINDING, binding_name
 
+    try:
+        binding_name(binding)
+    except UspxError:  # an extract from an importance matrix alone runs nothing until here
         return None, f"not run: {GET_BINDING}"
     from uspx.evaluate.gguf import evaluate_gguf
 
@@ -161,16 +158,6 @@ def _evaluate(gm, target: Path, wl: Workload, out: Path, *, evaluate: bool, max_
                        out=out / "evaluation.json")
     return dict(overall=ev["overall"], families=ev["families"], acceptance=ev["acceptance"], speed=ev.get("speed"),
                 path=str(out / "evaluation.json")), None
-
-
-def _has_binding(binding: str | None) -> bool:
-    from uspx.trace.llama_runtime import binding_name
-
-    try:
-        binding_name(binding)
-    except UspxError:
-        return False
-    return True
 
 
 def _trace(gm, wl: Workload, out: Path, max_length: int, threads, n_gpu_layers: int, binding, progress: bool) -> Path:

@@ -104,6 +104,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def record_path(out: str | os.PathLike) -> Path:
+    """``OUT.uspx.json``: the record uspx writes beside a GGUF file it made (``OUT``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".uspx.json")
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 

@@ -23,6 +23,27 @@ EVERY_S = 60.0  # a line at least this often while work advances, whatever the s
 MIN_GAP_S = 5.0  # tenths reached faster than this share one line
 
 
+class Clock:
+    """Seconds per stage of a run, each stage timed from the end of the one before; with ``say``
+    each is printed as it ends."""
+
+    def __init__(self, say: bool = False) -> None:
+        self.started = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.say = say
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage], self.last = round(now - self.last, 2), now
+        if self.say:
+            console.print(f"[green]done[/] {stage} ({self.seconds[stage]:.1f} s)")
+
+    @property
+    def total(self) -> float:
+        """Seconds since the clock started."""
+        return round(time.perf_counter() - self.started, 2)
+
+
 class _Bar:
     def __init__(self, progress: Progress | None, task: int | None):
         self._progress, self._task = progress, task

@@ -67,23 +67,6 @@ def stability(num: np.ndarray, den: np.ndarray, n: int, n_boot: int, seed: int) 
     return float(jaccard(draws, point[None]).mean())
 
 
-def experts_kept(opened: Opened, keep: str | int | None, budget: str | int | None, context: int,
-                 kv_dtype: str) -> int:
-    """Experts kept per layer: ``keep`` (a count or a share) or what fits ``budget`` (weights and
-    the KV cache of ``context`` tokens, as :func:`uspx.extract.extract` counts them)."""
-    from uspx.score.keep import parse_keep
-
-    if (keep is None) == (budget is None):
-        raise UspxError("give exactly one of --keep (e.g. 50%) or --budget (e.g. 8GiB)")
-    if keep is not None:
-        return parse_keep(keep, opened.source.adapter.num_experts)
-    from uspx.extract import checkpoint_dtype
-    from uspx.plan import fit_experts
-
-    return fit_experts(Path(opened.path), budget, context=context, dtype=checkpoint_dtype(opened.path),
-                       kv_dtype=kv_dtype).require().experts_per_layer
-
-
 @dataclass
 class Settling:
     """The stop rule, fed a block of prompts' score sums at a time: the kept set under ``n_keep``
@@ -166,14 +149,16 @@ def trace_until_stable(model: str | Path | Opened, workload: str | Path | Worklo
     ``out_dir/scores/`` and ``out_dir/stable.json``, and returns the latter."""
     from uspx.drift import prompt_sums
     from uspx.engine import open_source
+    from uspx.extract import experts_kept
     from uspx.trace import Trace, trace
+    from uspx.update import write_workload
 
     if method not in METHODS:
         raise UspxError(f"--method {method!r}: a stable trace scores with {', '.join(METHODS)} (from the trace alone)")
     _check_rule(block, tolerance, patience, bootstrap)
     opened = open_source(model, dtype=dtype)
     rule = Settling(experts_kept(opened, keep, budget, context, kv_dtype), tolerance, patience, bootstrap, seed)
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     items = list(wl.part("calibration").items)
     random.Random(seed).shuffle(items)  # every block a mix of the workload's families
     out, started = Path(out_dir), time.perf_counter()
@@ -193,7 +178,7 @@ def trace_until_stable(model: str | Path | Opened, workload: str | Path | Worklo
             _say(h)
         if rule.stable:
             break
-    traced_wl = _traced_workload(wl, traced, out)
+    traced_wl = write_workload(traced, out / "workload.jsonl")  # the items the joined trace and scores name
     _concatenate(blocks, traced_wl, out / "trace")
     table = _scores(opened, rule, method, traced_wl, out / "scores", str((out / "trace").resolve()), "calibration",
                     rule.prompts)
@@ -202,15 +187,6 @@ def trace_until_stable(model: str | Path | Opened, workload: str | Path | Worklo
                      trace=str(out / "trace"))
     write_json(out / FILENAME, result)
     return result
-
-
-def _traced_workload(wl: Workload, traced: list, out: Path) -> Workload:
-    """The items traced, in their order, as a workload file of their own (``out/workload.jsonl``):
-    what the concatenated trace and the scores name."""
-    from uspx.update import write_workload
-
-    out.mkdir(parents=True, exist_ok=True)
-    return write_workload(traced, out / "workload.jsonl")
 
 
 def _concatenate(blocks: list[Path], traced: Workload, out: Path) -> None:
@@ -238,6 +214,7 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
     or a model pass over each block when it has none) or taylor (a forward and backward per prompt
     of each block): the model passes stop with the blocks."""
     from uspx.engine import open_source
+    from uspx.extract import experts_kept
     from uspx.score.trace_stats import stats_from_trace
     from uspx.trace import Trace
 
@@ -248,7 +225,7 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
     opened = open_source(model, dtype=dtype)
     if method == "taylor" and opened.streaming:
         raise UspxError("taylor needs the whole model in memory; a layer-by-layer run scores from the trace")
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     tr = Trace(trace_dir)
     traced = wl.part(tr.manifest["options"].get("split", "all"))
     tr.check(model=opened.fingerprint, workload=traced.fingerprint)

@@ -51,7 +51,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" not in name and "layernorm" not in name:
+            if p.dim() == 1 and "norm" not in name:
                 p.normal_(0, 0.1)
             elif p.dim() >= 2 and ("router" in name or "gate.weight" in name):
                 p.normal_(0, 1.0)

@@ -23,13 +23,12 @@ The run itself is only read, and the update is written to another folder: a fail
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uspx.io import FingerprintMismatch, UspxError, atomic_path, read_json, write_json
-from uspx.progress import console
+from uspx.progress import Clock, console
 from uspx.workload import Workload, WorkloadItem, load_workload
 
 if TYPE_CHECKING:
@@ -110,14 +109,10 @@ def write_workload(items: list[WorkloadItem], path: Path) -> Workload:
         obj.update({"messages": i.messages} if i.messages is not None else {"prompt": i.prompt})
         if i.completion is not None:
             obj["completion"] = i.completion
-        if i.checks is not None:
-            c = i.checks
-            obj.update({k: v for k, v in (("answer", c.answer), ("regex", c.regex), ("tests", c.tests),
-                                          ("max_new_tokens", c.max_new_tokens)) if v is not None})
-            if c.json is not False:
-                obj["json"] = c.json
-            if c.stop:
-                obj["stop"] = list(c.stop)
+        if i.checks is not None:  # the checks set, each in its JSONL form (unset: None, False or no stop)
+            c = asdict(i.checks)
+            obj.update({k: c[k] for k in ("answer", "regex", "tests", "max_new_tokens", "json", "stop")
+                        if c[k] not in (None, False, ())})
         lines.append(json.dumps(obj, ensure_ascii=False))
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -177,15 +172,14 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
 
     if current().active:  # the steps around extract's (concatenation, warm start) are one process's
         raise UspxError("run `uspx extract --update` in one process, not under torchrun")
-    clock = _Clock()
+    clock = Clock()
     prev = read_previous(run_dir)
     out = _out_folder(prev, new_workload, out_dir)
     if (out / FILENAME).exists():
         console.print(f"{out} already holds this update")
         return read_json(out / FILENAME)
     opened = _open(prev, model, dtype)
-    old_wl, new_wl = _old_workload(prev), (new_workload if isinstance(new_workload, Workload)
-                                           else load_workload(new_workload))
+    old_wl, new_wl = _old_workload(prev), load_workload(new_workload)
     added, repeated = combine(old_wl, new_wl)
     added_wl = Workload(new_wl.source, added, new_wl.summary, new_wl.heldout_fraction)
     if not added_wl.part("calibration").items:
@@ -202,23 +196,11 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
         clock.done("recover")
     quality = _quality(opened, prev, out, bool(report.get("recovered")), whole, old_wl, added_wl, dtype)
     clock.done("quality before and after")
-    result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality, clock.seconds)
+    result = _result(prev, out, new_wl, added_wl, repeated, tokens, report, warm, quality,
+                     dict(clock.seconds, total=clock.total))
     write_json(out / FILENAME, result)
     print_update(result)
     return result
-
-
-class _Clock:
-    """Seconds per stage, each from the end of the one before, and the total."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def done(self, stage: str) -> None:
-        now = round(time.perf_counter() - self.started, 2)
-        self.seconds[stage] = round(now - self.seconds.get("total", 0.0), 2)
-        self.seconds["total"] = now
 
 
 def _out_folder(prev: Previous, new_workload: str | Path | Workload, out_dir: str | Path | None) -> Path:
@@ -270,12 +252,14 @@ def _trace_new(opened: Opened, prev: Previous, whole: Workload, added: Workload,
 
 def _extract_options(prev: Previous) -> dict:
     """:func:`uspx.extract.extract`'s arguments that reproduce the run's settings."""
+    from uspx.extract import run_epsilon
+
     r, p, o = prev.report, prev.plan, prev.trace["options"]
     scored = prev.scores.get("options") or {}
     solver = p["solver"]["name"] if not p.get("uniform", True) else "lagrangian"
     return dict(budget=r.get("budget"), keep=r.get("keep"), context=r["context"],
                 kv_dtype=(p.get("settings") or {}).get("kv_dtype", "bf16"), method=r["method"],
-                uniform=p.get("uniform", True), solver=solver, epsilon=_epsilon(r),
+                uniform=p.get("uniform", True), solver=solver, epsilon=run_epsilon(r),
                 batch_size=o["batch_size"], max_length=o["max_length"], speed=r.get("speed") is not None,
                 sequential=scored.get("sequential") is not None, units=r.get("units", ["experts"]),
                 compare="whole_experts" in r, tool_families=(scored.get("capability") or {}).get("tool_families"),
@@ -296,22 +280,17 @@ def _task_options(report: dict) -> dict:
                 max_new_tokens=settings["max_new_tokens"], seed=settings["seed"], max_pass_drop=max_pass_drop)
 
 
-def _epsilon(report: dict) -> float:
-    bounds = [c["threshold"] for c in (report.get("acceptance") or {}).get("checks", []) if c.get("rule") == "delta_loss"]
-    return float(max(bounds)) if bounds else 0.05
-
-
 def _recover(prev: Previous, opened: Opened, whole: Workload, out: Path, report: dict, steps: int | None,
              dtype: str, progress: bool) -> dict:
     """Recovery of the new pruned model, started from the run's recovered weights where the two
     plans keep the same units; returns what the warm start took over."""
-    from uspx.extract import recover_run
+    from uspx.extract import recover_run, run_epsilon
     from uspx.recover import Settings
 
     settings = Settings(**{**prev.recover_settings, **({} if steps is None else {"steps": steps})})
     start, taken = warm_start(opened, prev, out)
     recover_run(report, out, whole, opened, settings=settings, start=start, max_length=prev.trace["options"]["max_length"],
-                epsilon=_epsilon(prev.report), dtype=dtype, progress=progress)
+                epsilon=run_epsilon(prev.report), dtype=dtype, progress=progress)
     return taken
 
 

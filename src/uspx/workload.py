@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -130,14 +131,15 @@ def split_of(key: str, heldout_fraction: float) -> str:
 
 
 def load_workload(
-    name: str | Path, heldout_fraction: float = 0.2, default_family: str = "default"
+    name: str | Path | Workload, heldout_fraction: float = 0.2, default_family: str = "default"
 ) -> Workload:
+    """The workload file or folder ``name`` (or a bundled name) read and checked; a Workload given is
+    returned as it is."""
+    if isinstance(name, Workload):
+        return name
     path = resolve_workload_path(name)
     summary = WorkloadSummary()
-    if path.is_dir():
-        raw = list(_read_folder(path, summary))
-    else:
-        raw = list(_read_jsonl(path, summary))
+    raw = list((_read_folder if path.is_dir() else _read_jsonl)(path, summary))
     items: list[WorkloadItem] = []
     seen: set[str] = set()
     for where, obj in raw:
@@ -155,11 +157,9 @@ def load_workload(
     if not items:
         raise UspxError(f"{path}: no usable items ({summary.skipped_empty} empty)")
     summary.items = len(items)
-    for it in items:
-        summary.families[it.family] = summary.families.get(it.family, 0) + 1
-        summary.splits[it.split] = summary.splits.get(it.split, 0) + 1
-        for kind in it.checks.kinds if it.checks else ():
-            summary.checks[kind] = summary.checks.get(kind, 0) + 1
+    summary.families = dict(Counter(it.family for it in items))
+    summary.splits = dict(Counter(it.split for it in items))
+    summary.checks = dict(Counter(kind for it in items if it.checks for kind in it.checks.kinds))
     return Workload(str(path), items, summary, heldout_fraction)
 
 
@@ -238,8 +238,7 @@ def _normalise(obj: dict, where: str, heldout_fraction: float, default_family: s
         raise UspxError(f"{where}: 'family' must be a non-empty string")
     key = json.dumps([prompt, completion, messages], sort_keys=True)
     item_id = obj.get("id")
-    if item_id is None:
-        item_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    item_id = hashlib.sha256(key.encode()).hexdigest()[:16] if item_id is None else item_id
     split = obj.get("split")
     if split is None:
         split = split_of(key, heldout_fraction)

@@ -8,9 +8,10 @@ self-contained file) and ``report.json`` (every figure's numbers) and returns th
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -18,6 +19,7 @@ from uspx.analyze.attention import Contexts, attention_probe, split_masks
 from uspx.analyze.blocks import Vocab, iter_blocks, n_samples
 from uspx.analyze.circuits import Circuits
 from uspx.analyze.prefetch import AccessLog, cache_table, early_prediction
+from uspx.analyze.stats import torch_threads
 from uspx.analyze.utilisation import Utilisation
 from uspx.io import UspxError
 from uspx.progress import console, progress_bar
@@ -68,47 +70,37 @@ def analyze(
     trace's own workload. ``max_items``: items per split used by model sections (runtime bound).
     ``threads``: torch intra-op threads for the whole call (restored afterwards); None leaves torch's.
     """
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(max(1, int(threads)))
-    try:
-        return _analyze(trace_dir, out_dir, model, workload, only, progress, cold_threshold, max_items,
-                        gen_prompts, new_tokens, cache_tokens, capacities)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with torch_threads(threads):
+        started = time.perf_counter()
+        sections = resolve_sections(only)
+        trace = Trace(trace_dir)
+        say = console.print if progress else (lambda *a, **k: None)
+        report: dict = dict(
+            trace=str(trace.path), model=trace.manifest["model"], workload=trace.manifest["workload"],
+            sections=sections, skipped={}, timings={},
+            settings=dict(cold_threshold=cold_threshold, max_items=max_items, gen_prompts=gen_prompts,
+                          new_tokens=new_tokens, cache_tokens=cache_tokens, threads=torch.get_num_threads()),
+        )
+        report.update(_trace_pass(trace, sections, cold_threshold, cache_tokens, capacities, progress, say,
+                                  report))
 
+        model_sections = [s for s in sections if s in NEEDS_MODEL or s in ("attention", "prefetch")]
+        if model is None:
+            for s in sections:
+                if s in NEEDS_MODEL:
+                    report["skipped"][s] = "needs a model (pass model=...)"
+                elif s in ("attention", "prefetch"):
+                    report["skipped"][s + "_model"] = ("the probe/predictor part needs a model; "
+                                                       "the trace-only part ran")
+        elif model_sections:
+            _model_sections(trace, model, workload, sections, report, max_items, gen_prompts, new_tokens,
+                            capacities, say)
+        report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+        from uspx.analyze.report import write_report
 
-def _analyze(trace_dir, out_dir, model, workload, only, progress, cold_threshold, max_items, gen_prompts,
-             new_tokens, cache_tokens, capacities) -> dict:
-    started = time.perf_counter()
-    sections = resolve_sections(only)
-    trace = Trace(trace_dir)
-    say = console.print if progress else (lambda *a, **k: None)
-    report: dict = dict(
-        trace=str(trace.path), model=trace.manifest["model"], workload=trace.manifest["workload"],
-        sections=sections, skipped={}, timings={}, settings=dict(cold_threshold=cold_threshold, max_items=max_items,
-                                                                 gen_prompts=gen_prompts, new_tokens=new_tokens,
-                                                                 cache_tokens=cache_tokens,
-                                                                 threads=torch.get_num_threads()),
-    )
-    report.update(_trace_pass(trace, sections, cold_threshold, cache_tokens, capacities, progress, say, report))
-
-    model_sections = [s for s in sections if s in NEEDS_MODEL or s in ("attention", "prefetch")]
-    if model is None:
-        for s in sections:
-            if s in NEEDS_MODEL:
-                report["skipped"][s] = "needs a model (pass model=...)"
-            elif s in ("attention", "prefetch"):
-                report["skipped"][s + "_model"] = "the probe/predictor part needs a model; the trace-only part ran"
-    elif model_sections:
-        _model_sections(trace, model, workload, sections, report, max_items, gen_prompts, new_tokens,
-                        capacities, say)
-    report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    from uspx.analyze.report import write_report
-
-    write_report(report, Path(out_dir))
-    say(f"report written to {Path(out_dir) / 'report.html'} and report.json")
-    return report
+        write_report(report, Path(out_dir))
+        say(f"report written to {Path(out_dir) / 'report.html'} and report.json")
+        return report
 
 
 def _trace_pass(trace: Trace, sections, threshold, cache_tokens, capacities, progress, say, report) -> dict:
@@ -125,17 +117,16 @@ def _trace_pass(trace: Trace, sections, threshold, cache_tokens, capacities, pro
         acc["cache"] = AccessLog(cache_tokens)
     if not acc:
         return {}
-    t0 = time.perf_counter()
     vocab = Vocab()
     total = sum(s.get("rows", 0) for s in trace.manifest["shards"]) or None
     rows = 0
-    with progress_bar("analyze: streaming trace", total=total, unit="rows", enabled=progress) as bar:
+    with _timed(report["timings"], "trace_pass_s"), \
+            progress_bar("analyze: streaming trace", total=total, unit="rows", enabled=progress) as bar:
         for blk in iter_blocks(trace, vocab):
             for a in acc.values():
                 a.update(blk)
             bar.advance(blk.ids.shape[0] * L)
             rows += blk.ids.shape[0] * L
-    report["timings"]["trace_pass_s"] = round(time.perf_counter() - t0, 3)
     report["timings"]["trace_rows"] = rows
     out: dict = {}
     if "utilisation" in acc:
@@ -145,12 +136,12 @@ def _trace_pass(trace: Trace, sections, threshold, cache_tokens, capacities, pro
     if "contexts" in acc:
         out["attention"] = dict(contexts=acc["contexts"].result(layers))
     if "cache" in acc:
-        t1 = time.perf_counter()
-        sets = acc["cache"].sets()
-        caps = capacities or sorted({k, min(2 * k, E), max(k, E // 2)})
-        say(f"analyze: cache simulation over {len(sets)} tokens, capacities {caps}")
-        out["prefetch"] = dict(cache=dict(tokens=int(len(sets)), capacities=caps, rows=cache_table(sets, layers, caps)))
-        report["timings"]["cache_sim_s"] = round(time.perf_counter() - t1, 3)
+        with _timed(report["timings"], "cache_sim_s"):
+            sets = acc["cache"].sets()
+            caps = _capacities(capacities, k, E)
+            say(f"analyze: cache simulation over {len(sets)} tokens, capacities {caps}")
+            rows = cache_table(sets, layers, caps)
+            out["prefetch"] = dict(cache=dict(tokens=int(len(sets)), capacities=caps, rows=rows))
     return out
 
 
@@ -178,47 +169,55 @@ def _model_sections(trace, model, workload, sections, report, max_items, gen_pro
     torch.manual_seed(0)
     cap = None
     if {"similarity", "attention", "prefetch"} & set(sections):
-        t = time.perf_counter()
-        say(f"analyze: capturing hidden states on {len(cal) + len(held)} items")
-        cap = capture(lm, adapter, cal + [h for h in held if h not in cal])
-        timings["capture_s"] = round(time.perf_counter() - t, 3)
+        with _timed(timings, "capture_s"):
+            say(f"analyze: capturing hidden states on {len(cal) + len(held)} items")
+            cap = capture(lm, adapter, cal + [h for h in held if h not in cal])
     if "dynamics" in sections:
-        t = time.perf_counter()
-        prompts = [_prompt_only(e) for e in held[:gen_prompts]]
-        say(f"analyze: generation dynamics, {len(prompts)} prompts x {new_tokens} tokens")
-        report["dynamics"] = dynamics(lm, adapter, prompts, new_tokens)
-        timings["dynamics_s"] = round(time.perf_counter() - t, 3)
+        with _timed(timings, "dynamics_s"):
+            prompts = [_prompt_only(e) for e in held[:gen_prompts]]
+            say(f"analyze: generation dynamics, {len(prompts)} prompts x {new_tokens} tokens")
+            report["dynamics"] = dynamics(lm, adapter, prompts, new_tokens)
     if "cooperation" in sections:
-        t = time.perf_counter()
-        say(f"analyze: k-ablation k=1..{adapter.top_k} on {len(held)} held-out items")
-        try:
-            report["cooperation"] = k_ablation(lm, adapter, held, pad)
-        except UspxError as exc:
-            report["skipped"]["cooperation"] = str(exc)
-        timings["cooperation_s"] = round(time.perf_counter() - t, 3)
+        with _timed(timings, "cooperation_s"):
+            say(f"analyze: k-ablation k=1..{adapter.top_k} on {len(held)} held-out items")
+            try:
+                report["cooperation"] = k_ablation(lm, adapter, held, pad)
+            except UspxError as exc:
+                report["skipped"]["cooperation"] = str(exc)
     if "similarity" in sections:
-        t = time.perf_counter()
-        say("analyze: expert similarity and merge cost")
-        report["similarity"] = similarity(lm, adapter, cap, held, pad)
-        timings["similarity_s"] = round(time.perf_counter() - t, 3)
+        with _timed(timings, "similarity_s"):
+            say("analyze: expert similarity and merge cost")
+            report["similarity"] = similarity(lm, adapter, cap, held, pad)
     if cap is not None and ({"attention", "prefetch"} & set(sections)):
         train, test = split_masks(cap)
+        layers = [l.index for l in adapter.layers]
         if "attention" in sections:
-            t = time.perf_counter()
-            say("analyze: attention -> routing probe")
-            report.setdefault("attention", {})["probe"] = attention_probe(cap, [l.index for l in adapter.layers], adapter.num_experts)
-            timings["attention_s"] = round(time.perf_counter() - t, 3)
+            with _timed(timings, "attention_s"):
+                say("analyze: attention -> routing probe")
+                probe = attention_probe(cap, layers, adapter.num_experts)
+                report.setdefault("attention", {})["probe"] = probe
         if "prefetch" in sections:
-            t = time.perf_counter()
-            say("analyze: early prediction and cache with prefetch")
-            pred = early_prediction(adapter, cap, train, test)
-            sets = cap.ids[torch.from_numpy(test)].numpy()
-            k, E = adapter.top_k, adapter.num_experts
-            caps = capacities or sorted({k, min(2 * k, E), max(k, E // 2)})
-            li_pred = {li: p for li, p in pred.pop("predicted").items()}
-            rows = [r for r in cache_table(sets, [l.index for l in adapter.layers], caps, li_pred) if r["prefetch"] != "none"]
-            report.setdefault("prefetch", {}).update(prediction=pred, cache_with_prefetch=dict(tokens=int(len(sets)), rows=rows))
-            timings["prefetch_s"] = round(time.perf_counter() - t, 3)
+            with _timed(timings, "prefetch_s"):
+                say("analyze: early prediction and cache with prefetch")
+                pred = early_prediction(adapter, cap, train, test)
+                sets = cap.ids[torch.from_numpy(test)].numpy()
+                caps = _capacities(capacities, adapter.top_k, adapter.num_experts)
+                rows = cache_table(sets, layers, caps, pred.pop("predicted"))
+                with_prefetch = dict(tokens=int(len(sets)), rows=[r for r in rows if r["prefetch"] != "none"])
+                report.setdefault("prefetch", {}).update(prediction=pred, cache_with_prefetch=with_prefetch)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, key: str) -> Iterator[None]:
+    """Record the block's seconds under ``key`` (when it completes)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t, 3)
+
+
+def _capacities(capacities: list[int] | None, k: int, E: int) -> list[int]:
+    """The cache sizes simulated: as given, else k, 2k and E/2 (each within [k, E])."""
+    return capacities or sorted({k, min(2 * k, E), max(k, E // 2)})
 
 
 def _prompt_only(item):

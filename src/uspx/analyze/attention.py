@@ -35,10 +35,6 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_out: int, loss_fn, step
     return lambda z: lin((z - mean) / std)
 
 
-def fit_softmax_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0):
-    return fit_linear_probe(x, y, n_classes, torch.nn.functional.cross_entropy, steps, seed)
-
-
 def split_masks(cap: Capture) -> tuple[np.ndarray, np.ndarray]:
     """Train on calibration prompts, test on held-out prompts; if a part is empty, split by prompt id."""
     train, test = cap.split == "calibration", cap.split == "heldout"
@@ -56,7 +52,7 @@ def attention_probe(cap: Capture, layers: list[int], n_experts: int) -> dict:
     rows = []
     for li, layer in enumerate(layers):
         y = cap.top1[:, li]
-        probe = fit_softmax_probe(cap.attn_out[tr, li], y[tr], n_experts)
+        probe = fit_linear_probe(cap.attn_out[tr, li], y[tr], n_experts, torch.nn.functional.cross_entropy)
         with torch.no_grad():
             pred = probe(cap.attn_out[te, li]).argmax(-1)
         hits = int((pred == y[te]).sum())

@@ -25,8 +25,7 @@ class Circuits:
         self.trans = np.zeros((max(n_layers - 1, 0), n_experts, n_experts), dtype=np.int64)  # sets
         self.trans1 = np.zeros((max(n_layers - 1, 0), n_experts, n_experts), dtype=np.int64)  # top-1
         self.paths: dict[bytes, list[int]] = {}  # path -> [tokens, prompts, last prompt seen]
-        a, b = np.triu_indices(top_k, 1)
-        self._a, self._b = a, b
+        self._a, self._b = np.triu_indices(top_k, 1)
 
     def update(self, blk: Block) -> None:
         L, E = self.L, self.E
@@ -103,14 +102,11 @@ class Circuits:
                     rows.append(dict(kind=name, layer=layers[l], next_layer=layers[l + 1], i=int(i), j=int(j),
                                      count=int(counts[l, i, j]), given=int(src[l, i, 0]), p=float(cond[l, i, j]),
                                      p_lo=float(lo[l, i, j]), p_hi=float(hi[l, i, j]), lift=float(lift[l, i, j])))
-        top1_rows = sorted([r for r in rows if r["kind"] == "top1"], key=lambda r: -r["lift"])
+        by_lift = {kind: sorted([r for r in rows if r["kind"] == kind], key=lambda r: -r["lift"])[:top]
+                   for kind in ("set", "top1")}
         # how predictable is the next layer's primary expert from this layer's: max_j P(j|i) averaged
-        predict = []
-        for l in range(self.L - 1):
-            c = self.trans1[l]
-            predict.append(float(c.max(axis=1).sum() / max(c.sum(), 1)))
-        return dict(matrices=per_pair, top_top1_by_lift=top1_rows[:top],
-                    top_set_by_lift=sorted([r for r in rows if r["kind"] == "set"], key=lambda r: -r["lift"])[:top],
+        predict = [float(c.max(axis=1).sum() / max(c.sum(), 1)) for c in self.trans1]
+        return dict(matrices=per_pair, top_top1_by_lift=by_lift["top1"], top_set_by_lift=by_lift["set"],
                     top1_predictability=predict,
                     top1_marginal_baseline=[float(self.top1[l + 1].max() / max(self.tokens, 1)) for l in range(self.L - 1)])
 

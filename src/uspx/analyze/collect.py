@@ -14,7 +14,7 @@ from uspx.trace.capture import RoutingRecorder
 from uspx.engine.forward import forward, logits as target_logits
 from uspx.engine.batches import make_batches, pad_id_of, padded
 from uspx.engine.losses import next_tokens, token_nll
-from uspx.engine.hooks import forward_hook, hooked, pre_hook
+from uspx.engine.hooks import decoder_layer, forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, encode, load_workload
 
 
@@ -50,7 +50,7 @@ def heldout_losses(model: nn.Module, items: list[EncodedItem], pad_id: int, batc
 
 def attention_module(adapter: MoEAdapter, layer: MoELayer) -> nn.Module | None:
     """The self-attention module of the decoder layer holding this MoE block (None if it has none)."""
-    return adapter.attention(adapter.model.get_submodule(layer.name.rsplit(".", 1)[0]))
+    return adapter.attention(decoder_layer(adapter, layer))
 
 
 @dataclass

@@ -111,27 +111,26 @@ def cache_table(sets: np.ndarray, layers: list[int], capacities: list[int],
         for cap in capacities:
             for policy in ("lru", "lfu", "belady"):
                 r = simulate(req, cap, policy)
-                lo, hi = wilson(r["hits"], r["accesses"])
                 rows.append(dict(layer=layer, capacity=cap, policy=policy, prefetch="none", tokens=len(req),
-                                 hit_rate=r["hits"] / max(r["accesses"], 1), lo=float(lo), hi=float(hi), **r))
+                                 **_hit_rate(r), **r))
             if predicted is not None and li in predicted:
                 pf = predicted[li].tolist()
                 n = min(len(pf), len(req))
                 for policy in ("lru", "lfu"):
                     r = simulate(req[:n], cap, policy, prefetch=pf[:n])
                     base = simulate(req[:n], cap, policy)
-                    lo, hi = wilson(r["hits"], r["accesses"])
                     rows.append(dict(layer=layer, capacity=cap, policy=policy, prefetch="router_early", tokens=n,
-                                     hit_rate=r["hits"] / max(r["accesses"], 1), lo=float(lo), hi=float(hi),
-                                     hit_rate_without=base["hits"] / max(base["accesses"], 1), **r))
+                                     **_hit_rate(r), hit_rate_without=_hit_rate(base)["hit_rate"], **r))
     return rows
 
 
+def _hit_rate(r: dict) -> dict:
+    """One simulation's hit rate with its Wilson interval."""
+    lo, hi = wilson(r["hits"], r["accesses"])
+    return dict(hit_rate=r["hits"] / max(r["accesses"], 1), lo=float(lo), hi=float(hi))
+
+
 # ----- predictors (model) ---------------------------------------------------------------------------
-def topk_sets(scores: torch.Tensor, m: int) -> torch.Tensor:
-    return torch.topk(scores, m, dim=-1).indices
-
-
 def set_metrics(pred: torch.Tensor, actual: torch.Tensor) -> dict:
     """Recall = |pred ∩ actual| / |actual|, precision = |pred ∩ actual| / |pred|, pooled over tokens."""
     inter = (pred[:, :, None] == actual[:, None, :]).any(-1).sum().item()
@@ -168,11 +167,11 @@ def early_prediction(adapter, cap, train: np.ndarray, test: np.ndarray, distance
         # "same experts as this layer" baseline: ids are per layer, so this is near chance (a control)
         for name, scores in (("router_early", router_scores), ("linear_probe", probe_scores)):
             for budget in sorted({k, min(2 * k, E)}):
-                pred = topk_sets(scores, budget)
+                pred = torch.topk(scores, budget, dim=-1).indices
                 rows.append(dict(source=layers[src].index, target=layers[dst].index, method=name, **set_metrics(pred, actual)))
                 if name == "router_early" and budget == k:
                     predicted[dst] = pred.numpy()
         freq = torch.bincount(cap.ids[tr, dst].reshape(-1), minlength=E).float()
-        pred = topk_sets(freq.expand(len(actual), E), k)
+        pred = torch.topk(freq.expand(len(actual), E), k, dim=-1).indices
         rows.append(dict(source=layers[src].index, target=layers[dst].index, method="most_frequent", **set_metrics(pred, actual)))
     return dict(distance=distance, rows=rows, predicted=predicted)

@@ -67,24 +67,29 @@ def table(rows: list[dict], cols: list[str], limit: int = 20) -> str:
 
 
 class Figures:
-    def __init__(self, folder: Path):
-        self.folder = folder
+    """The report's matplotlib figures (Agg backend: no display), each kept as a PNG under ``folder``."""
 
-    def img(self, fig, name: str) -> str:
+    def __init__(self, folder: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        self.folder, self.plt = folder, plt
+
+    def subplots(self, *args, **kwargs):
+        return self.plt.subplots(*args, **kwargs)
+
+    def img(self, fig, name: str) -> str:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
+        self.plt.close(fig)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"{name}.png").write_bytes(buf.getvalue())
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def render_html(r: dict, fig_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
     figs = Figures(fig_dir)
     m = r["model"]
     parts = [f"<h1>uspx routing introspection</h1><p>model: <b>{_fmt(m.get('label') or m.get('source'))}</b> "
@@ -109,11 +114,9 @@ def _some(n: int, most: int = 8) -> list[int]:
 
 
 def _utilisation(u: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     p = np.array(u["p_active"], dtype=float)
     cls = np.array(u["classes"])
-    fig, ax = plt.subplots(figsize=(max(5, p.shape[1] * 0.35), max(2.5, p.shape[0] * 0.35)))
+    fig, ax = figs.subplots(figsize=(max(5, p.shape[1] * 0.35), max(2.5, p.shape[0] * 0.35)))
     im = ax.imshow(p, aspect="auto", cmap="viridis")
     for (l, e), c in np.ndenumerate(cls):
         if c != "not_cold":
@@ -123,7 +126,7 @@ def _utilisation(u: dict, figs: Figures) -> str:
     fig.colorbar(im)
     heat = figs.img(fig, "introspection_utilisation")
     pe = u["position_entropy"]
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = figs.subplots(figsize=(7, 3))
     pos, tok = np.array(pe["positions"]), np.array(pe["tokens"])
     keep = tok >= 20
     for li, h in enumerate(pe["entropy"]):
@@ -152,12 +155,11 @@ def _utilisation(u: dict, figs: Figures) -> str:
 
 def _circuits(c: dict, figs: Figures) -> str:
     import matplotlib
-    import matplotlib.pyplot as plt
 
     ca = c["coactivation"]
     lift = np.array(ca["lift"], dtype=float)
     show = _some(len(c["layers"]))
-    fig, axes = plt.subplots(1, len(show), figsize=(2.6 * len(show), 2.8), squeeze=False)
+    fig, axes = figs.subplots(1, len(show), figsize=(2.6 * len(show), 2.8), squeeze=False)
     # the diagonal (an expert with itself) has no lift: grey, not "strongly apart"
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")
     for i, ax in zip(show, axes[0]):
@@ -192,12 +194,10 @@ def _circuits(c: dict, figs: Figures) -> str:
 
 
 def _dynamics(d: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     if not d.get("step_pairs"):
         return f"<h2>3. Generation dynamics</h2><p>{_fmt(d.get('note'))}</p>"
     x = np.arange(len(d["layers"]))
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = figs.subplots(figsize=(7, 3))
     for key, lab in (("stability", "top-1 kept"), ("jaccard", "top-k Jaccard")):
         v = np.array(d[key], float)
         ax.errorbar(x, v, yerr=[v - np.array(d[key + "_lo"], float), np.array(d[key + "_hi"], float) - v], marker="o", label=lab, capsize=3)
@@ -215,14 +215,12 @@ def _dynamics(d: dict, figs: Figures) -> str:
 
 
 def _cooperation(c: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     # the paired change in loss, not the absolute loss: the absolute loss's prompt-bootstrap interval is
     # dominated by how hard the prompts are and overlaps across k even where the paired change is certain
     ks = [r["k"] for r in c["rows"]]
     delta = np.array([r["delta"] for r in c["rows"]])
     agree = np.array([r["top1_agreement"] for r in c["rows"]])
-    fig, ax = plt.subplots(figsize=(5.5, 3))
+    fig, ax = figs.subplots(figsize=(5.5, 3))
     ax.errorbar(ks, delta, yerr=[delta - [r["delta_lo"] for r in c["rows"]], [r["delta_hi"] for r in c["rows"]] - delta],
                 marker="o", capsize=3, color="C0", label="loss change vs full k (paired 95% CI)")
     ax.axhline(0, color="gray", lw=0.8, ls=":")
@@ -242,11 +240,9 @@ def _cooperation(c: dict, figs: Figures) -> str:
 
 
 def _similarity(s: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     layers = s["layers"]
     show = _some(len(layers))
-    fig, axes = plt.subplots(1, len(show), figsize=(2.6 * len(show), 2.8), squeeze=False)
+    fig, axes = figs.subplots(1, len(show), figsize=(2.6 * len(show), 2.8), squeeze=False)
     for ax, row in zip(axes[0], [layers[i] for i in show]):
         ax.imshow(np.array(row["weight_cosine"], float), cmap="magma", vmin=-0.2, vmax=1)
         ax.set_title(f"L{row['layer']} max {row['max_cosine']:.2f}", fontsize=8), ax.set_xticks([]), ax.set_yticks([])
@@ -262,14 +258,12 @@ def _similarity(s: dict, figs: Figures) -> str:
 
 
 def _attention(a: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     out = ["<h2>6. Attention vs routing</h2>"]
     p = a.get("probe")
     if p and "rows" in p:
         rows = p["rows"]
         x = np.arange(len(rows))
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = figs.subplots(figsize=(6, 3))
         ax.bar(x - 0.2, [r["accuracy"] for r in rows], 0.4, label="probe (attention output)")
         ax.bar(x + 0.2, [r["majority"] for r in rows], 0.4, label="majority baseline")
         ax.set_xticks(x, [f"L{r['layer']}" for r in rows]), ax.set_ylim(0, 1), ax.legend(fontsize=8)
@@ -287,8 +281,6 @@ def _attention(a: dict, figs: Figures) -> str:
 
 
 def _prefetch(p: dict, figs: Figures) -> str:
-    import matplotlib.pyplot as plt
-
     out = ["<h2>7. Early prediction and expert cache</h2>"]
     pred = p.get("prediction")
     if pred:
@@ -300,7 +292,7 @@ def _prefetch(p: dict, figs: Figures) -> str:
     cache = p.get("cache")
     if cache:
         rows = cache["rows"]
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig, ax = figs.subplots(figsize=(7, 3))
         for pol in ("lru", "lfu", "belady"):
             for cap in cache["capacities"]:
                 v = [r["hit_rate"] for r in rows if r["policy"] == pol and r["capacity"] == cap]

@@ -9,6 +9,9 @@ either id reaches the merged expert) and measure the held-out loss change, next 
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -46,28 +49,21 @@ def output_cosine(adapter: MoEAdapter, layer: MoELayer, hidden: torch.Tensor, id
     return (cos * union).sum(0) / n.clamp(min=1), n
 
 
-class merged:
-    """Context manager: experts a and b of ``layer`` both hold the average of their weights."""
-
-    def __init__(self, adapter: MoEAdapter, layer: MoELayer, a: int, b: int):
-        self.tensors = adapter.expert_tensors(layer)
-        self.a, self.b = a, b
-        self.saved: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> "merged":
+@contextlib.contextmanager
+def merged(adapter: MoEAdapter, layer: MoELayer, a: int, b: int) -> Iterator[None]:
+    """Experts a and b of ``layer`` both hold the average of their weights for the block."""
+    tensors = adapter.expert_tensors(layer)
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            saved[name] = t[[a, b]].clone()
+            t[a] = t[b] = (t[a] + t[b]) / 2
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for name, t in self.tensors.items():
-                self.saved[name] = t[[self.a, self.b]].clone()
-                avg = (t[self.a] + t[self.b]) / 2
-                t[self.a] = avg
-                t[self.b] = avg
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for name, t in self.tensors.items():
-                t[self.a] = self.saved[name][0]
-                t[self.b] = self.saved[name][1]
+            for name, t in tensors.items():
+                t[a], t[b] = saved[name]
 
 
 def similarity(lm, adapter: MoEAdapter, cap: Capture | None, items, pad_id: int, n_random: int = 3,

@@ -7,28 +7,15 @@ both where both are cheap and decide with the more conservative bound.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 
-Z95 = 1.959963984540054
+from uspx.evaluate.stats import wilson_bounds
+
 N_BOOT = 200
-
-
-def wilson(hits: np.ndarray | float, n: np.ndarray | float, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for hits/n, elementwise; n = 0 gives the uninformative [0, 1]."""
-    hits = np.asarray(hits, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    safe = np.where(n > 0, n, 1.0)
-    p = hits / safe
-    z2 = z * z
-    denom = 1.0 + z2 / safe
-    centre = (p + z2 / (2 * safe)) / denom
-    half = z * np.sqrt(p * (1 - p) / safe + z2 / (4 * safe * safe)) / denom
-    lo = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), 0.0)
-    hi = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), 1.0)
-    # exact at the edges: the formula leaves ~1e-17 residue at 0 hits / n hits
-    lo = np.where(hits <= 0, 0.0, lo)
-    hi = np.where(hits >= n, 1.0, hi)
-    return lo, hi
+wilson = wilson_bounds  # the sections' Wilson interval: elementwise over count arrays
 
 
 def poisson_weights(n_samples: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
@@ -56,8 +43,7 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int = N_BOOT, seed
     idx = rng.integers(0, len(den), size=(n_boot, len(den)))
     d = den[idx].sum(axis=1)
     n = num[idx].sum(axis=1)
-    reps = n / np.where(d > 0, d, np.nan).reshape((-1,) + (1,) * (n.ndim - 1))
-    lo, hi = np.nanpercentile(reps, [2.5, 97.5], axis=0)
+    lo, hi = percentile_ci(n / np.where(d > 0, d, np.nan).reshape((-1,) + (1,) * (n.ndim - 1)))
     return dict(value=value, lo=lo, hi=hi, prompts=len(den))
 
 
@@ -84,22 +70,26 @@ def balance(counts: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def percentile_ci(reps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile interval over the replicates on axis 0 (NaN replicates ignored)."""
     lo, hi = np.nanpercentile(reps, [2.5, 97.5], axis=0)
     return lo, hi
 
 
-class single_thread:
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (at least 1) for the block, then restored; None: unchanged."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def single_thread() -> contextlib.AbstractContextManager[None]:
     """Run small torch ops on one thread: on a shared, loaded machine, intra-op threads of tiny
     matmuls spin against each other (a 300-step probe fit went from 0.5 s to 14 s with 2 threads)."""
-
-    def __enter__(self) -> "single_thread":
-        import torch
-
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.saved)
+    return torch_threads(1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from uspx.analyze.blocks import Block
-from uspx.analyze.stats import balance, percentile_ci, poisson_weights, wilson
+from uspx.analyze.stats import N_BOOT, balance, entropy, percentile_ci, poisson_weights, wilson
 
 COLD, NOT_COLD, UNDETERMINED = "cold", "not_cold", "undetermined"
 
@@ -19,7 +19,7 @@ COLD, NOT_COLD, UNDETERMINED = "cold", "not_cold", "undetermined"
 class PromptBootstrap:
     """Streams per-prompt count arrays into [n_boot, ...] Poisson-weighted replicate totals."""
 
-    def __init__(self, n_samples: int, shape: tuple[int, ...], n_boot: int = 200, seed: int = 0):
+    def __init__(self, n_samples: int, shape: tuple[int, ...], n_boot: int = N_BOOT, seed: int = 0):
         self.w = poisson_weights(n_samples, n_boot, seed)
         self.seed = seed
         self.shape = shape
@@ -81,7 +81,7 @@ class Utilisation:
         blo, bhi = percentile_ci(rep_p)
         upper = np.maximum(hi, bhi)  # the more conservative of token-level and prompt-level bounds
         lower = np.minimum(lo, blo)
-        cls = np.where(upper < threshold, COLD, np.where(lower >= threshold, NOT_COLD, UNDETERMINED))
+        cls = _classify(lower, upper, threshold)
         bal = balance(self.hits)
         rep_bal = balance(reps[:, :-1].reshape(-1, self.L, self.E))
         fam = {}
@@ -90,40 +90,41 @@ class Utilisation:
             flo, fhi = wilson(h, nf)
             fam[families[code]] = dict(
                 tokens=nf, p_active=h / nf, wilson_lo=flo, wilson_hi=fhi,
-                classes=_count_classes(np.where(fhi < threshold, COLD, np.where(flo >= threshold, NOT_COLD, UNDETERMINED))),
+                classes=_count_classes(_classify(flo, fhi, threshold)),
             )
-        pos_ent = _position_entropy(self.pos_hits, self.pos_tokens, self.k)
+        pos_ent = _position_entropy(self.pos_hits, self.pos_tokens)
         return dict(
             tokens=n, layers=layers, num_experts=self.E, top_k=self.k, threshold=threshold,
             p_active=p, wilson_lo=lo, wilson_hi=hi, boot_lo=blo, boot_hi=bhi, prompts=len(self.seen),
             top1_share=self.top1 / max(n, 1),
             classes=cls.tolist(), class_counts=_count_classes(cls),
-            cold=[dict(layer=layers[l], expert=int(e), hits=int(self.hits[l, e]), upper=float(upper[l, e]))
-                  for l, e in zip(*np.nonzero(cls == COLD))],
-            undetermined=[dict(layer=layers[l], expert=int(e), hits=int(self.hits[l, e]), upper=float(upper[l, e]))
-                          for l, e in zip(*np.nonzero(cls == UNDETERMINED))],
-            balance={key: dict(value=v, lo=percentile_ci(rep_bal[key])[0], hi=percentile_ci(rep_bal[key])[1])
+            **{kind: [dict(layer=layers[l], expert=int(e), hits=int(self.hits[l, e]), upper=float(upper[l, e]))
+                      for l, e in zip(*np.nonzero(cls == kind))]
+               for kind in (COLD, UNDETERMINED)},
+            balance={key: dict(value=v, **dict(zip(("lo", "hi"), percentile_ci(rep_bal[key]))))
                      for key, v in bal.items()},
             families=fam, position_entropy=pos_ent,
         )
+
+
+def _classify(lower: np.ndarray, upper: np.ndarray, threshold: float) -> np.ndarray:
+    """Cold only if even the upper bound is below the threshold; not cold if the lower bound reaches it."""
+    return np.where(upper < threshold, COLD, np.where(lower >= threshold, NOT_COLD, UNDETERMINED))
 
 
 def _count_classes(cls: np.ndarray) -> dict[str, int]:
     return {c: int((cls == c).sum()) for c in (COLD, NOT_COLD, UNDETERMINED)}
 
 
-def _position_entropy(pos_hits: np.ndarray, pos_tokens: np.ndarray, k: int) -> dict:
+def _position_entropy(pos_hits: np.ndarray, pos_tokens: np.ndarray) -> dict:
     """H^(l)(pos): entropy of the empirical expert-selection frequencies at a position.
 
     p_hat(e) = hits / (k * tokens at pos), so it sums to 1 over experts. The plug-in estimate is
     biased low when few tokens sit at a position, so the token count is reported beside it.
     """
-    E = pos_hits.shape[-1]
     keep = pos_tokens > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = pos_hits[keep] / (k * pos_tokens[keep][:, None, None])
-        h = np.where(q > 0, -q * np.log(q), 0.0).sum(-1)  # [P', L]
+    h = entropy(pos_hits[keep])  # [P', L]: the hits at a position sum to k * its tokens
     return dict(
         positions=np.nonzero(keep)[0], tokens=pos_tokens[keep], entropy=h.T,  # [L, P']
-        max_entropy=float(np.log(E)), last_bin_pools_later=True,
+        max_entropy=float(np.log(pos_hits.shape[-1])), last_bin_pools_later=True,
     )

@@ -70,7 +70,7 @@ def open_source(model, *, streaming: bool = False, dtype: DtypeChoice = AUTO, tr
     its own precision and placement.
     """
     from uspx.models import LoadedModel, load_model, model_fingerprint
-    from uspx.models.loading import resolve_model_path
+    from uspx.models.loading import load_tokenizer, model_label, resolve_model_path
 
     chosen = parse_dtype(dtype)  # a bad name or an absent GPU fails before anything loads
     if device is not None:
@@ -80,26 +80,18 @@ def open_source(model, *, streaming: bool = False, dtype: DtypeChoice = AUTO, tr
     if (device_map is not None or max_memory is not None) and (streaming or isinstance(model, LoadedModel)):
         raise UspxError("a device map places a model loaded whole from its folder; a layer-by-layer run "
                         "(--streaming) and an already loaded model take none")
-    if isinstance(model, LoadedModel):
-        if streaming:
-            raise UspxError("a layer-by-layer run reads the model folder; pass its path, not a loaded model")
-        return Opened(InMemory(model.model), model.tokenizer, model.source, model.fingerprint, model.label)
+    if isinstance(model, LoadedModel) and streaming:
+        raise UspxError("a layer-by-layer run reads the model folder; pass its path, not a loaded model")
     if not streaming:
-        lm = load_model(model, dtype=chosen or AUTO, trust_remote_code=trust_remote_code,
-                        device=device, device_map=device_map, max_memory=max_memory)
-        return Opened(InMemory(lm.model), lm.tokenizer, lm.source, lm.fingerprint, lm.label)
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, dtype=chosen or AUTO, trust_remote_code=trust_remote_code,
+                               device=device, device_map=device_map, max_memory=max_memory)
+        return Opened(InMemory(model.model), model.tokenizer, model.source, model.fingerprint, model.label)
     if trust_remote_code:
         raise UspxError("layer-by-layer runs use transformers' own model classes; remote code is not supported")
     path = resolve_model_path(model)
     source = FromCheckpoint(path, chosen, device=device)
-    tokenizer = None
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    from uspx.models.loading import model_label
-
-    return Opened(source, tokenizer, str(path), model_fingerprint(path), model_label(path))
+    return Opened(source, load_tokenizer(path), str(path), model_fingerprint(path), model_label(path))
 
 
 __all__ = ["AUTO", "Batch", "COMPUTE_DTYPES", "FromCheckpoint", "InMemory", "Opened", "RunStats", "WeightSource",

@@ -41,15 +41,12 @@ class Checkpoint:
                 raise UspxError(f"{self.path / INDEX_NAME}: no weight_map")
             self.weight_map: dict[str, str] = dict(index["weight_map"])
         elif (self.path / SINGLE_NAME).exists():
-            self.weight_map = {k: SINGLE_NAME for k in self._keys(SINGLE_NAME)}
+            self.weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME).keys()}
         else:
             raise UspxError(f"{self.path}: no {SINGLE_NAME} and no {INDEX_NAME}")
         missing = sorted({f for f in self.weight_map.values() if not (self.path / f).exists()})
         if missing:
             raise UspxError(f"{self.path}: the index names shard files that are missing: {missing}")
-
-    def _keys(self, file: str) -> list[str]:
-        return list(self._open(file).keys())
 
     def _open(self, file: str):
         from safetensors import safe_open
@@ -64,25 +61,23 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.weight_map if n.startswith(prefix)]
-
     def _done(self, file: str) -> None:
         if not self.keep_open:
             self._handles.pop(file, None)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str) -> str:
         if name not in self.weight_map:
             raise UspxError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        file = self.weight_map[name]
+        return self.weight_map[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file(name)
         tensor = self._open(file).get_tensor(name)
         self._done(file)
         return tensor
 
     def spec(self, name: str) -> TensorSpec:
-        if name not in self.weight_map:
-            raise UspxError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        sl = self._open(self.weight_map[name]).get_slice(name)
+        sl = self._open(self._file(name)).get_slice(name)
         return TensorSpec(name, tuple(sl.get_shape()), DTYPES[sl.get_dtype()])  # header only: stays open
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:

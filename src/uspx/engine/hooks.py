@@ -122,10 +122,6 @@ def forward_pre_hooks(pairs: Iterable[tuple[nn.Module, Callable]], **kw: bool) -
 
 
 # ----- named points ------------------------------------------------------------------------
-def _moe_layer(adapter: MoEAdapter, layer: MoELayer | int) -> MoELayer:
-    return layer if isinstance(layer, MoELayer) else adapter.layer(int(layer))
-
-
 def decoder_layer(adapter: MoEAdapter, layer: MoELayer | int) -> nn.Module:
     """The decoder layer holding a MoE block (its output is the hidden state after the layer)."""
     index = layer.index if isinstance(layer, MoELayer) else int(layer)
@@ -152,7 +148,7 @@ def point(adapter: MoEAdapter, layer: MoELayer | int, name: str) -> nn.Module:
         return decoder_layer(adapter, layer)
     if name == "attention":
         return attention(adapter, layer)
-    return getattr(_moe_layer(adapter, layer), name)
+    return getattr(layer if isinstance(layer, MoELayer) else adapter.layer(int(layer)), name)
 
 
 def named(adapter: MoEAdapter, name: str) -> nn.Module:

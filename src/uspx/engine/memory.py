@@ -37,8 +37,7 @@ def predict_peak_memory(config, n_tokens: int, *, dtype: torch.dtype = torch.bfl
     e, k = p.num_experts, p.top_k
     inter = max(1, p.expert.matrix // (3 * h))
     resident = e if decoded_experts is None or p.stored_dtype != "mxfp4" else min(e, int(decoded_experts))
-    shared = (p.other.get("attention").total if "attention" in p.other else 0) + \
-        sum(p.other[c].total for c in ("norms", "dense_mlp") if c in p.other)
+    shared = sum(p.other[c].total for c in ("attention", "norms", "dense_mlp") if c in p.other)
     per_layer_shared = shared // max(p.num_layers, 1)
     experts = resident * p.expert.total + e * p.router_row.total
     layer = (per_layer_shared + experts) * item

@@ -94,18 +94,27 @@ def routing_hooks(adapter: MoEAdapter, layer: MoELayer, on_route: OnRoute, *, on
     return handles
 
 
-class Routing(Observer):
-    """Per token and MoE layer: expert ids and gate weights, highest weight first; optionally the
-    raw router logits and each routed expert's unweighted output norm ``||f_e(x)||_2``.
+class _PerLayer(Observer):
+    """Files arrays per MoE layer: a layer's are handed to ``on_layer`` (then dropped) when it is
+    done, or kept in ``self.layers`` without a callback."""
 
-    Arrays of a layer are handed to ``on_layer`` (then dropped) when it is done, or kept in
-    ``self.layers`` without a callback.
-    """
+    def __init__(self, on_layer: OnLayer | None):
+        super().__init__()
+        self.on_layer = on_layer
+        self.layers: dict[int, LayerArrays] = {}
+
+    def layer_done(self, index: int) -> None:
+        if self.on_layer is not None and index in self.layers:
+            self.on_layer(index, self.layers.pop(index))
+
+
+class Routing(_PerLayer):
+    """Per token and MoE layer: expert ids and gate weights, highest weight first; optionally the
+    raw router logits and each routed expert's unweighted output norm ``||f_e(x)||_2``."""
 
     def __init__(self, n_tokens: int, *, logits: bool = False, norms: bool = False, on_layer: OnLayer | None = None):
-        super().__init__()
-        self.n, self.want_logits, self.want_norms, self.on_layer = n_tokens, logits, norms, on_layer
-        self.layers: dict[int, LayerArrays] = {}
+        super().__init__(on_layer)
+        self.n, self.want_logits, self.want_norms = n_tokens, logits, norms
         self._order: dict[int, torch.Tensor] = {}  # rank order of the last call's slots, per layer
 
     def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
@@ -139,12 +148,8 @@ class Routing(Observer):
         rows, real = _real(self.batch)
         self.layers[layer]["expert_norms"][rows] = norms.cpu()[real].gather(1, self._order.pop(layer)).numpy()
 
-    def layer_done(self, index: int) -> None:
-        if self.on_layer is not None and index in self.layers:
-            self.on_layer(index, self.layers.pop(index))
 
-
-class Reconstruction(Observer):
+class Reconstruction(_PerLayer):
     """How far each MoE block's output moves when one routed expert is removed.
 
     For every routed (token, expert): ban that expert for that token in the router (the next expert
@@ -159,9 +164,8 @@ class Reconstruction(Observer):
     """
 
     def __init__(self, item_of_token: np.ndarray, n_items: int, on_layer: OnLayer | None = None):
-        super().__init__()
-        self.item_of_token, self.p, self.on_layer = item_of_token, n_items, on_layer
-        self.layers: dict[int, LayerArrays] = {}
+        super().__init__(on_layer)
+        self.item_of_token, self.p = item_of_token, n_items
         self._index: dict[int, torch.Tensor] = {}
 
     def attach(self, adapter: MoEAdapter, layer: MoELayer) -> list:
@@ -206,10 +210,6 @@ class Reconstruction(Observer):
 
         return hook
 
-    def layer_done(self, index: int) -> None:
-        if self.on_layer is not None and index in self.layers:
-            self.on_layer(index, self.layers.pop(index))
-
 
 def _first(output: object) -> torch.Tensor:
     """A block's hidden-state output (some families return (hidden, router scores))."""
@@ -230,16 +230,12 @@ class TokenLoss(Observer):
 
     def logits(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> None:
         losses = target_losses(batch, logits, start).double()
-        owner = torch.nonzero(batch.loss_mask)[start : start + len(logits), 0]
+        owner = _owners(batch, len(logits), start)
         rows = torch.tensor(batch.rows)[owner].numpy()
         np.add.at(self.sum_loss, rows, losses.numpy())
         np.add.at(self.n_tokens, rows, 1)
         if self.argmax is not None:  # top-1 prediction at each target position, for agreement
-            top = logits.argmax(-1)
-            for r in owner.unique().tolist():
-                row = batch.rows[r]
-                part = top[owner == r]
-                self.argmax[row] = part if self.argmax[row] is None or start == 0 else torch.cat([self.argmax[row], part])
+            _append_per_item(self.argmax, batch, owner, logits.argmax(-1), start)
 
 
 class Logits(Observer):
@@ -253,7 +249,18 @@ class Logits(Observer):
         self.per_item: list[torch.Tensor | None] = [None] * n_items
 
     def logits(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> None:
-        owner = torch.nonzero(batch.loss_mask)[start : start + len(logits), 0]
-        for r in owner.unique().tolist():
-            row, part = batch.rows[r], logits[owner == r].float().clone()
-            self.per_item[row] = part if self.per_item[row] is None or start == 0 else torch.cat([self.per_item[row], part])
+        owner = _owners(batch, len(logits), start)
+        _append_per_item(self.per_item, batch, owner, logits.float(), start)  # a mask's rows are a copy
+
+
+def _owners(batch: Batch, n: int, start: int) -> torch.Tensor:
+    """[n] the batch row of each of the True positions ``start .. start + n`` of ``batch.loss_mask``."""
+    return torch.nonzero(batch.loss_mask)[start : start + n, 0]
+
+
+def _append_per_item(per_item: list, batch: Batch, owner: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    """File ``values`` [n, ...] under their items (``owner``: batch rows); a batch's first call
+    (``start == 0``) replaces what an item held, later calls append to it."""
+    for r in owner.unique().tolist():
+        row, part = batch.rows[r], values[owner == r]
+        per_item[row] = part if per_item[row] is None or start == 0 else torch.cat([per_item[row], part])

@@ -33,12 +33,11 @@ from torch import nn
 
 from uspx.engine.batches import Batch
 from uspx.engine.forward import logits
+from uspx.engine.runner import HEAD_ROWS, _embed, _layer_pass, _store_rows
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
 from uspx.progress import progress_bar
-
-HEAD_ROWS = 256  # target positions sent through both heads at once
 
 
 class PairObserver:
@@ -119,19 +118,9 @@ def _whole(teacher, candidate, batches, observers, candidate_context, teacher_co
             bar.advance()
 
 
-def _pass(source: WeightSource, layer: nn.Module, index: int, batches, store: HiddenStore, dtype) -> None:
-    for batch in batches:
-        args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
-        h = store.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(source.device)
-        out = layer(h, *args, **kwargs)
-        store.write(batch.slots, (out[0] if isinstance(out, tuple) else out).cpu())
-
-
 @contextlib.contextmanager
 def _streams(teacher: WeightSource, candidate: WeightSource, batches) -> Iterator[tuple[HiddenStore, HiddenStore]]:
-    n_rows = batches[-1].slot + batches[-1].size
-    if any(b.slot + b.size > n_rows for b in batches):
-        raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
+    n_rows = _store_rows(batches)
     hidden = int(candidate.config.hidden_size)
     t_store = HiddenStore(n_rows, hidden, teacher.dtype, None)
     c_store = HiddenStore(n_rows, hidden, candidate.dtype, None)
@@ -152,21 +141,19 @@ def _layers(teacher, candidate, batches, observers, fit, probe_teacher, candidat
         start = _resume(state_dir, key, t_store, c_store)
         if start == 0:
             with torch.no_grad():
-                for source, store in ((teacher, t_store), (candidate, c_store)):
-                    with source.embedding():
-                        for b in batches:
-                            store.write(b.slots, source.embed(b.input_ids, b.attention_mask).cpu())
+                _embed(teacher, batches, t_store)
+                _embed(candidate, batches, c_store)
         with progress_bar(label, total=n_layers, unit="layers", enabled=progress) as bar:
             bar.advance(start)
             for index in range(start, n_layers):
                 probe = probe_teacher(index, teacher) if probe_teacher is not None else contextlib.nullcontext()
                 with torch.no_grad(), teacher.layer(index) as layer, teacher_context(), probe as seen:
-                    _pass(teacher, layer, index, batches, t_store, teacher.dtype)
+                    _layer_pass(teacher, layer, index, batches, t_store)
                 with candidate.layer(index) as layer, candidate_context():
                     if fit is not None:
                         fit(LayerStep(index, layer, candidate, batches, c_store, t_store, candidate.dtype, seen))
                     with torch.no_grad():
-                        _pass(candidate, layer, index, batches, c_store, candidate.dtype)
+                        _layer_pass(candidate, layer, index, batches, c_store)
                 if state_dir is not None:
                     _save(state_dir, key, index + 1, t_store, c_store)
                 bar.advance()

@@ -26,7 +26,7 @@ import torch
 
 from uspx.engine.batches import Batch
 from uspx.engine.forward import forward, logits
-from uspx.engine.observers import Observer
+from uspx.engine.observers import Observer, _first
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
@@ -82,7 +82,6 @@ def _attach(source: WeightSource, observers: Sequence[Observer], index: int) -> 
 
 
 def _run_whole(source, batches, observers, head: bool, progress: bool, label: str) -> RunStats:
-    stats = RunStats()
     handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
     model = source.model
     try:
@@ -105,8 +104,7 @@ def _run_whole(source, batches, observers, head: bool, progress: bool, label: st
     for layer in source.adapter.layers:
         for o in observers:
             o.layer_done(layer.index)
-    stats.layers_run = list(range(source.n_layers))
-    return stats
+    return RunStats(layers_run=list(range(source.n_layers)))
 
 
 def _run_layers(source, batches, observers, head: bool, last_layer: int | None, state_dir, state_key,
@@ -116,9 +114,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
     if not 0 <= last < n_layers:
         raise UspxError(f"last_layer {last_layer} outside 0..{n_layers - 1}")
     hidden = int(source.config.hidden_size)
-    n_rows = batches[-1].slot + batches[-1].size
-    if any(b.slot + b.size > n_rows for b in batches):
-        raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
+    n_rows = _store_rows(batches)
     dtype = source.dtype
     moe = {l.index for l in source.adapter.layers}
     state_dir = Path(state_dir) if state_dir is not None else None
@@ -132,9 +128,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
     stats = RunStats(hidden_on_disk=store.spilled)
     try:
         if start == 0:
-            with source.embedding():
-                for batch in batches:
-                    store.write(batch.slots, source.embed(batch.input_ids, batch.attention_mask).cpu())
+            _embed(source, batches, store)
         else:
             store.load(state_dir / "hidden.bin")
         with progress_bar(label, total=last + 1, unit="layers", enabled=progress) as bar:
@@ -145,7 +139,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                 with source.layer(index) as layer:
                     handles = _attach(source, observers, index)
                     try:
-                        _layer_pass(source, layer, index, batches, observers, store, hidden, dtype, write=not sequential)
+                        _layer_pass(source, layer, index, batches, store, observers, write=not sequential)
                     finally:
                         for h in handles:
                             h.remove()
@@ -154,7 +148,7 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                     if sequential:
                         kept = decide(index)
                         with source.adapter.restrict({index: list(kept)} if kept is not None else {}):
-                            _layer_pass(source, layer, index, batches, [], store, hidden, dtype, write=True)
+                            _layer_pass(source, layer, index, batches, store)
                 gc.collect()
                 if state_dir is not None:
                     _save_state(state_dir, key, index + 1, store, save_hidden=index < last or head)
@@ -181,16 +175,34 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
     return stats
 
 
-def _layer_pass(source, layer, index: int, batches, observers, store: HiddenStore, hidden: int,
-                dtype: torch.dtype, write: bool) -> None:
+def _store_rows(batches: Sequence[Batch]) -> int:
+    """Rows of the hidden-state store that ``batches`` fill; refused where they overlap."""
+    n_rows = batches[-1].slot + batches[-1].size
+    if any(b.slot + b.size > n_rows for b in batches):
+        raise UspxError("batches overlap in the hidden-state store; build them with make_batches")
+    return n_rows
+
+
+def _embed(source: WeightSource, batches: Sequence[Batch], store: HiddenStore) -> None:
+    """Fill the store with every batch's input of decoder layer 0."""
+    with source.embedding():
+        for batch in batches:
+            store.write(batch.slots, source.embed(batch.input_ids, batch.attention_mask).cpu())
+
+
+def _layer_pass(source: WeightSource, layer, index: int, batches: Sequence[Batch], store: HiddenStore,
+                observers: Sequence[Observer] = (), write: bool = True) -> None:
+    """Every batch through decoder layer ``index``, reading its inputs from ``store`` and, with
+    ``write``, putting its outputs back in their place."""
+    dtype = source.dtype
     for batch in batches:
         for o in observers:
             o.begin(batch)
         args, kwargs = source.layer_call(batch.attention_mask, index, dtype)
-        b, t = batch.input_ids.shape
-        out = layer(store.read(batch.slots).reshape(b, t, hidden).to(source.device), *args, **kwargs)
+        h = store.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(source.device)
+        out = layer(h, *args, **kwargs)
         if write:  # the store stays in CPU memory whatever device the layer ran on
-            store.write(batch.slots, (out[0] if isinstance(out, tuple) else out).cpu())
+            store.write(batch.slots, _first(out).cpu())
 
 
 def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> int:

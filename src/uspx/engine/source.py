@@ -264,9 +264,6 @@ class FromCheckpoint(WeightSource):
                 f"errors {info.conversion_errors})"
             )
 
-    def _release(self, module: nn.Module) -> None:
-        module.to("meta")
-
     def _module_prefix(self, module: nn.Module) -> str:
         for name, m in self.model.named_modules():
             if m is module:
@@ -284,7 +281,7 @@ class FromCheckpoint(WeightSource):
         try:
             yield module
         finally:
-            self._release(module)
+            module.to("meta")
 
     @contextmanager
     def embedding(self) -> Iterator[None]:
@@ -294,7 +291,7 @@ class FromCheckpoint(WeightSource):
         try:
             yield
         finally:
-            self._release(module)
+            module.to("meta")
 
     @contextmanager
     def head(self) -> Iterator[None]:
@@ -314,9 +311,9 @@ class FromCheckpoint(WeightSource):
         try:
             yield
         finally:
-            self._release(norm)
-            self._release(lm_head)
-            self._release(self.model.get_input_embeddings())
+            norm.to("meta")
+            lm_head.to("meta")
+            self.model.get_input_embeddings().to("meta")
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

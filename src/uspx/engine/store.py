@@ -20,14 +20,11 @@ _CHUNK = 1 << 15  # rows copied at a time by save / load
 
 
 class HiddenStore:
-    """Hidden states ``[N, H]`` of every token, in RAM or in a memory-mapped file updated in place.
-
-    Each layer reads a batch's rows and writes its output to the same rows, so one buffer suffices
-    (no ping-pong copy): peak is ``N * H * itemsize`` in RAM, or about zero with a spill file.
-    """
+    """Hidden states ``[N, H]`` of every token, in RAM or in a memory-mapped file updated in place."""
 
     def __init__(self, n_tokens: int, hidden: int, dtype: torch.dtype, spill_dir: Path | None):
         self.dtype = dtype
+        self.shape = (n_tokens, hidden)
         self.spilled = spill_dir is not None
         if spill_dir is None:
             self._mem = torch.empty(n_tokens, hidden, dtype=dtype)
@@ -53,7 +50,7 @@ class HiddenStore:
 
     def save(self, path: Path) -> None:
         """Copy every row to ``path`` (raw little-endian words), chunk by chunk; atomic."""
-        n = self._mem.shape[0] if self._map is None else self._map.shape[0]
+        n = self.shape[0]
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             for a in range(0, n, _CHUNK):
                 rows = self.read(np.arange(a, min(a + _CHUNK, n)))
@@ -61,8 +58,8 @@ class HiddenStore:
 
     def load(self, path: Path) -> None:
         """Fill every row from a file written by :meth:`save`."""
-        n, hidden = (self._mem.shape if self._map is None else self._map.shape)
-        item = torch.empty((), dtype=self.dtype).element_size()
+        n, hidden = self.shape
+        item = self.dtype.itemsize
         if path.stat().st_size != n * hidden * item:
             raise UspxError(f"{path}: {path.stat().st_size} bytes, expected {n * hidden * item} for [{n}, {hidden}]")
         with open(path, "rb") as fh:

@@ -19,6 +19,7 @@ precision and pruning alone, not with the reference's own rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-import uspx
 from uspx.engine.batches import make_batches, pad_id_of
 from uspx.evaluate import speed as speed_mod
-from uspx.evaluate.metrics import _Compare, summarise
-from uspx.evaluate.run import FORMAT, _epsilons, _write, acceptance
+from uspx.evaluate.metrics import _Compare
+from uspx.evaluate.run import _per_family, _result, _speedups, _write, acceptance
 from uspx.io import UspxError
 from uspx.prune.gguf_export import gguf_tensors
 from uspx.prune.gguf_file import fingerprint
@@ -73,9 +73,6 @@ class _Side:
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([list(ids)])).logits[0].float()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.rt.tokenize(text, False)
-
 
 def _runtime(path: Path, n_ctx: int, threads: int | None, binding: str | None):
     from uspx.trace.llama_runtime import Runtime
@@ -115,7 +112,7 @@ def _check_tokens(part: Workload, tokenizer, side: _Side, items: list[EncodedIte
             if not text:
                 continue
             want = tokenizer.encode(text, add_special_tokens=False)
-            got = side.tokenize(text)
+            got = side.rt.tokenize(text, False)
             if got != want:
                 at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 raise UspxError(
@@ -149,49 +146,25 @@ class _LlamaTimer:
         return time.perf_counter() - start
 
 
-class _TorchTimer:
-    def __init__(self, model: torch.nn.Module):
-        self.runner = speed_mod.Runner(model)
-
-    def prefill_seconds(self, prompts: Sequence[Sequence[int]]) -> float:
-        return speed_mod.prefill_seconds(self.runner, [torch.tensor([list(p)]) for p in prompts])
-
-    def decode_seconds(self, prompt: Sequence[int], new_tokens: int) -> float:
-        return speed_mod.decode_seconds(self.runner, torch.tensor([list(prompt)]), new_tokens)
-
-
 def _speed(sides: dict[str, _Side], token_lists: Sequence[Sequence[int]], new_tokens: int, repeats: int = 3) -> dict:
     """Tokens per second of both models, with :func:`uspx.evaluate.speed.measure`'s prompts and
     rule (best of ``repeats``, the models alternating)."""
-    prompts = [list(t)[: speed_mod.PREFILL_TOKENS] for t in token_lists if len(t) >= 2][: speed_mod.PREFILL_PROMPTS]
+    prompts = speed_mod.prompts_of(token_lists)
     if not prompts:
         return {"skipped": "no prompt with at least 2 tokens"}
-    decode_prompt = prompts[0][: speed_mod.DECODE_PROMPT_TOKENS]
     n_ctx = max(len(p) for p in prompts) + new_tokens + 8
-    timers = {name: (_LlamaTimer(s, n_ctx) if s.gguf else _TorchTimer(s.model)) for name, s in sides.items()}
-    best = {name: {"prefill": float("inf"), "decode": float("inf")} for name in timers}
+    timers = {name: (_LlamaTimer(s, n_ctx) if s.gguf else speed_mod.TorchTimer(speed_mod.Runner(s.model)))
+              for name, s in sides.items()}
     try:
-        for t in timers.values():  # warm-up: first calls allocate and pick kernels
-            t.prefill_seconds(prompts[:1])
-        for _ in range(repeats):
-            for name, t in timers.items():
-                best[name]["prefill"] = min(best[name]["prefill"], t.prefill_seconds(prompts))
-                best[name]["decode"] = min(best[name]["decode"], t.decode_seconds(decode_prompt, new_tokens))
+        out = speed_mod.rates(timers, prompts, new_tokens, repeats,
+                              threads={n: (s.threads or os.cpu_count()) if s.gguf else torch.get_num_threads()
+                                       for n, s in sides.items()},
+                              runtimes={n: s.runtime for n, s in sides.items()})
     finally:
         for t in timers.values():
             if isinstance(t, _LlamaTimer):
                 t.rt.close()
-    n_prefill = sum(len(p) for p in prompts)
-    out: dict = {"settings": {"prefill_prompts": len(prompts), "prefill_tokens": n_prefill, "decode_tokens": new_tokens,
-                              "decode_prompt_tokens": len(decode_prompt), "repeats": repeats,
-                              "threads": {n: (s.threads or os.cpu_count()) if s.gguf else torch.get_num_threads()
-                                          for n, s in sides.items()},
-                              "runtimes": {n: s.runtime for n, s in sides.items()},
-                              "measure": "best of repeats, models alternating"}}
-    for name, b in best.items():
-        out[name] = {"prefill_tokens_per_s": n_prefill / b["prefill"], "decode_tokens_per_s": new_tokens / b["decode"]}
-    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-        out[key.replace("tokens_per_s", "speedup")] = out["candidate"][key] / out["teacher"][key]
+    _speedups(out, restricted=False)
     if sides["teacher"].gguf is None or sides["candidate"].gguf is None:
         out["note"] = ("the two models run in different runtimes (transformers and llama.cpp): the speed-up "
                        "includes the runtime's own difference; evaluate against the original's GGUF to see "
@@ -298,18 +271,13 @@ def evaluate_gguf(
     if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     n_ctx = (max_length or DEFAULT_MAX_LENGTH) + 8  # encode cuts items to max_length, at most the default
-    t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code, binding)
-    try:
+    with contextlib.ExitStack() as opened:  # llama.cpp's models and contexts are C memory: freed here, not by the GC
+        t = _open_side(teacher, n_ctx, threads, dtype, trust_remote_code, binding)
+        opened.callback(_close, t)
         c = _open_side(candidate, n_ctx, threads, dtype, trust_remote_code, binding)
-    except BaseException:
-        _close(t)
-        raise
-    try:
+        opened.callback(_close, c)
         return _evaluate(t, c, wl, part, split, max_length, epsilon, memory_budget, context, kv_dtype, speed,
                          decode_tokens, threads, dtype, out, progress)
-    finally:  # llama.cpp's models and contexts are C memory: freed here, not by the garbage collector
-        _close(t)
-        _close(c)
 
 
 def _close(side: _Side) -> None:
@@ -337,7 +305,7 @@ def _evaluate(t: _Side, c: _Side, wl: Workload, part: Workload, split: str, max_
         tokenizer_from = f"{t.gguf} (llama.cpp)"
     items = encode(part, tokenizer, max_length)
     checks = {s.path: _check_tokens(part, tokenizer, s, items) for s in (t, c) if s.rt is not None}
-    eps = _epsilons(epsilon, part.families)
+    eps = _per_family(epsilon, part.families, "epsilon")
 
     observer = _Compare(len(items))
     batches = make_batches(items, 1, pad_id_of(tokenizer), by_length=False)
@@ -348,38 +316,21 @@ def _evaluate(t: _Side, c: _Side, wl: Workload, part: Workload, split: str, max_
             observer.pair_logits(batch, t.logits(ids)[mask], c.logits(ids)[mask])
         if progress and (n + 1) % 20 == 0:
             print(f"evaluating: {n + 1}/{len(batches)} items", flush=True)
-    stats = observer.stats
-    fam = np.array([e.family for e in items])
-    families = {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families}
 
     def record(s: _Side) -> dict:
         return {"source": s.path, "fingerprint": s.fingerprint, "label": s.label, "runtime": s.runtime}
 
-    result = {
-        "format": FORMAT,
-        "uspx_version": uspx.__version__,
-        "teacher": record(t),
-        "candidate": {**record(c), "kind": "gguf" if c.gguf else "model", "kept": None, "plan": None, "export": None},
-        "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
-                     "families": part.families, "truncated": part.summary.truncated},
-        "settings": {"max_length": max_length, "batch_size": 1, "dtype": dtype if hf is not None else None,
-                     "streaming": False, "epsilon": eps, "context": context, "kv_dtype": kv_dtype,
-                     "threads": threads, "tokenizer": tokenizer_from, "tokenizer_check": checks,
-                     "loss": "token-weighted mean next-token cross-entropy on completion tokens (nats), "
-                             "as uspx.engine.losses defines it"},
-        "families": families,
-        "overall": summarise(stats, np.arange(len(items))),
-        "items": [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
-                       loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
-                       loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
-                  for i, e in enumerate(items)],
-    }
+    result = _result(record(t), {**record(c), "kind": "gguf" if c.gguf else "model", "kept": None, "plan": None,
+                                 "export": None}, wl, part, split, items, observer.stats,
+                     {"max_length": max_length, "batch_size": 1, "dtype": dtype if hf is not None else None,
+                      "streaming": False, "epsilon": eps, "context": context, "kv_dtype": kv_dtype, "threads": threads,
+                      "tokenizer": tokenizer_from, "tokenizer_check": checks})
     sizes = {"teacher": _size(t), "candidate": _size(c)}
     result["size"] = {**sizes, "ratio": sizes["candidate"]["parameter_bytes"] / sizes["teacher"]["parameter_bytes"]}
     result["memory"] = _memory(c, t, sizes["candidate"], memory_budget, context, kv_dtype)
     if speed:
         result["speed"] = _speed({"teacher": t, "candidate": c}, [e.input_ids for e in items], decode_tokens)
-    result["acceptance"] = acceptance(families, eps, result["memory"])
+    result["acceptance"] = acceptance(result["families"], eps, result["memory"])
     if out is not None:
         _write(Path(out), result, [])
     return result

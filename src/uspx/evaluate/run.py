@@ -22,7 +22,7 @@ import uspx
 from uspx.evaluate import speed as speed_mod
 from uspx.engine import FromCheckpoint, Opened, WeightSource, dtype_name, open_source
 from uspx.evaluate.checks import LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_SPAN, LOOP_TAIL, ProgramRunner
-from uspx.evaluate.metrics import Runner, compare, summarise
+from uspx.evaluate.metrics import ItemStats, Runner, compare, summarise
 from uspx.evaluate.tasks import (DEFAULT_MAX_NEW_TOKENS, TaskSettings, ToolGeneration, checked, family_report,
                                  generate_answers, generate_with_tools, item_rows, write_items)
 from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
@@ -100,7 +100,7 @@ def evaluate(
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     max_length = max_length or default_max_length(t.source.config)
     items = encode(part, t.tokenizer, max_length)
-    eps = _epsilons(epsilon, part.families)
+    eps = _per_family(epsilon, part.families, "epsilon")
     tasks = checked(part.items)
     settings = TaskSettings(samples, float(temperature), tuple(pass_k or sorted({1, samples})), max_new_tokens,
                             seed, batch_size)
@@ -109,43 +109,44 @@ def evaluate(
     c_source = _restricted_source(c, ks)
     restrict = (lambda: c_source.adapter.restrict(ks.kept)) if ks else contextlib.nullcontext
     stats = compare(t.source, c_source, items, batch_size, pad_id_of(t.tokenizer), progress, restrict)
-    fam = np.array([e.family for e in items])
-    families = {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families}
-
-    result = {
-        "format": FORMAT,
-        "uspx_version": uspx.__version__,
-        "teacher": {"source": t.path, "fingerprint": t.fingerprint, "label": t.label},
-        "candidate": _candidate_record(c, ks, export_record),
-        "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
-                     "families": part.families, "truncated": part.summary.truncated},
-        "settings": {"max_length": max_length, "batch_size": batch_size, "dtype": dtype_name(t.source.dtype),
-                     "streaming": t.streaming or c.streaming,
-                     "epsilon": eps, "context": context, "kv_dtype": kv_dtype,
-                     "loss": "token-weighted mean next-token cross-entropy on completion tokens (nats), "
-                             "as uspx.engine.losses defines it"},
-        "families": families,
-        "overall": summarise(stats, np.arange(len(items))),
-        # per item, in the workload's order: paired comparisons between candidates need these
-        "items": _item_losses(items, stats),
-        "size": _sizes(t, c, ks),
-    }
+    result = _result({"source": t.path, "fingerprint": t.fingerprint, "label": t.label},
+                     _candidate_record(c, ks, export_record), wl, part, split, items, stats,
+                     {"max_length": max_length, "batch_size": batch_size, "dtype": dtype_name(t.source.dtype),
+                      "streaming": t.streaming or c.streaming, "epsilon": eps, "context": context, "kv_dtype": kv_dtype})
+    result["size"] = _sizes(t, c, ks)
     result["memory"] = _memory(c, result["size"]["candidate"], memory_budget, context, kv_dtype)
     rows = _tasks(result, t, c, ks, tasks, settings, max_length, dtype, sandbox, virtual_experts) if tasks else []
     if speed:
         result["speed"] = _speed(t, c, restrict, items, decode_tokens, dtype)
         _speedups(result["speed"], restricted=ks is not None)
-    result["acceptance"] = acceptance(families, eps, result["memory"], result.get("tasks"), drops)
+    result["acceptance"] = acceptance(result["families"], eps, result["memory"], result.get("tasks"), drops)
     if out is not None:
         _write(Path(out), result, rows)
     return result
 
 
-def _item_losses(items: list, stats) -> list[dict]:
-    return [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
-                 loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
-                 loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
-            for i, e in enumerate(items)]
+def _result(teacher: dict, candidate: dict, wl: Workload, part: Workload, split: str, items: list,
+            stats: ItemStats, settings: dict) -> dict:
+    """The record every evaluation starts with (``uspx eval``, and on GGUF files): the two models,
+    the workload, the settings, and the loss metrics per family, overall and per item."""
+    fam = np.array([e.family for e in items])
+    return {
+        "format": FORMAT,
+        "uspx_version": uspx.__version__,
+        "teacher": teacher,
+        "candidate": candidate,
+        "workload": {"source": wl.source, "fingerprint": wl.fingerprint, "split": split, "items": len(items),
+                     "families": part.families, "truncated": part.summary.truncated},
+        "settings": {**settings, "loss": "token-weighted mean next-token cross-entropy on completion tokens "
+                                         "(nats), as uspx.engine.losses defines it"},
+        "families": {f: summarise(stats, np.flatnonzero(fam == f)) for f in part.families},
+        "overall": summarise(stats, np.arange(len(items))),
+        # per item, in the workload's order: paired comparisons between candidates need these
+        "items": [dict(id=e.id, family=e.family, tokens=int(stats.tokens[i]),
+                       loss_teacher=float(stats.nll_teacher[i] / stats.tokens[i]) if stats.tokens[i] else None,
+                       loss_candidate=float(stats.nll_candidate[i] / stats.tokens[i]) if stats.tokens[i] else None)
+                  for i, e in enumerate(items)],
+    }
 
 
 def _check_tasks(tasks: list, source: str, sandbox: ProgramRunner | None,
@@ -155,7 +156,12 @@ def _check_tasks(tasks: list, source: str, sandbox: ProgramRunner | None,
     if any(i.checks.tests for i in tasks) and sandbox is None:
         raise UspxError(f"{source}: 'tests' checks run only in uspx's sandbox; pass "
                         "sandbox=uspx.virtual.sandbox.run_python (`uspx eval` does)")
-    return _pass_drops(max_pass_drop, sorted({i.family for i in tasks}))
+    if max_pass_drop is None:
+        return None
+    if not tasks:
+        raise UspxError("a largest pass-rate drop needs items with checks ('answer', 'regex', 'json' or 'tests') "
+                        "in the evaluated split; this one has none")
+    return _per_family(max_pass_drop, sorted({i.family for i in tasks}), "max pass drop (checked families)")
 
 
 def _candidate_record(c: Opened, ks, export_record: dict | None) -> dict:
@@ -238,19 +244,6 @@ def _per_family(value: float | Mapping[str, float], families: list[str], what: s
     return {f: float(value.get(f, value.get("*"))) for f in families}
 
 
-def _epsilons(epsilon: float | Mapping[str, float], families: list[str]) -> dict[str, float]:
-    return _per_family(epsilon, families, "epsilon")
-
-
-def _pass_drops(drop: float | Mapping[str, float] | None, families: list[str]) -> dict[str, float] | None:
-    if drop is None:
-        return None
-    if not families:
-        raise UspxError("a largest pass-rate drop needs items with checks ('answer', 'regex', 'json' or 'tests') "
-                        "in the evaluated split; this one has none")
-    return _per_family(drop, families, "max pass drop (checked families)")
-
-
 # ----- task success ------------------------------------------------------------------------------
 LOOP_RULE = (f"a generation loops when it ends, but for at most {LOOP_TAIL} final tokens, in one cycle of 1 to "
              f"{LOOP_MAX_PERIOD} tokens repeated at least {LOOP_MIN_REPEATS} times over a stretch of at least "
@@ -295,11 +288,13 @@ def _tasks(result: dict, t: Opened, c: Opened, ks, items: list, settings: TaskSe
 def _whole(side: Opened, dtype: str) -> tuple[torch.nn.Module | None, str | None]:
     """The model loaded whole: itself when resident, else from its folder when its weights fit in
     the memory available now; otherwise the reason it is not."""
+    import psutil
+
     if side.source.resident:
         return side.source.model, None
     # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
     item = torch.empty((), dtype=side.source.dtype).element_size()
-    need, free = sum(p.numel() for p in side.source.model.parameters()) * item, _available_memory()
+    need, free = sum(p.numel() for p in side.source.model.parameters()) * item, psutil.virtual_memory().available
     if need > 0.8 * free:
         return None, (f"not measured: {side.path} is read a layer at a time and its weights "
                       f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
@@ -324,16 +319,14 @@ def _sizes(t: Opened, c: Opened, ks) -> dict:
         in_memory = torch.empty((), dtype=c.source.dtype).element_size()
         scale = torch.empty((), dtype=getattr(torch, base["dtype"])).element_size() / in_memory
         width = max(len(v) for v in ks.kept.values())
-        dropped = sum(
-            (l.num_experts - len(ks.kept.get(l.index, range(l.num_experts)))) * adapter.bytes_per_expert(l)
-            for l in adapter.layers
-        )
-        padded = sum(
-            (l.num_experts - max(width, len(ks.kept.get(l.index, ())))) * adapter.bytes_per_expert(l)
-            for l in adapter.layers
-        )
-        cand = {"parameter_bytes": int(base["parameter_bytes"] - dropped * scale),
-                "padded_parameter_bytes": int(base["parameter_bytes"] - padded * scale),
+
+        def beyond(count) -> float:  # bytes of every layer's experts past count(layer) of them, as stored
+            return sum((l.num_experts - count(l)) * adapter.bytes_per_expert(l) for l in adapter.layers) * scale
+
+        dropped = beyond(lambda l: len(ks.kept.get(l.index, range(l.num_experts))))
+        padded = beyond(lambda l: max(width, len(ks.kept.get(l.index, ()))))
+        cand = {"parameter_bytes": int(base["parameter_bytes"] - dropped),
+                "padded_parameter_bytes": int(base["parameter_bytes"] - padded),
                 "file_bytes": None, "dtype": base["dtype"], "note": "mask-only: size a physical export would take"}
     return {"teacher": teacher, "candidate": cand,
             "ratio": cand["parameter_bytes"] / teacher["parameter_bytes"]}
@@ -365,12 +358,6 @@ def _speed(t: Opened, c: Opened, restrict, items, decode_tokens: int, dtype: str
     return {**result, **({"skipped": skipped} if skipped else {})}
 
 
-def _available_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def _speedups(sp: dict, restricted: bool) -> None:
     if "teacher" not in sp or "candidate" not in sp:
         return
@@ -392,10 +379,8 @@ def print_verdict(result: dict, *, rule: bool = False) -> None:
         console.print(line, markup=False, highlight=False)
     acc = result["acceptance"]
     failed = ", ".join(acc.get("failed_rules") or [])
-    if rule:
-        detail = f" ({acc['rule']}; failed: {failed})" if failed else f" ({acc['rule']})"
-    else:
-        detail = f" (failed: {failed})" if failed else ""
+    parts = ([acc["rule"]] if rule else []) + ([f"failed: {failed}"] if failed else [])
+    detail = f" ({'; '.join(parts)})" if parts else ""
     console.print(f"verdict: [bold]{acc['verdict']}[/]{detail}")
     for reason in acc["reasons"]:
         console.print(f"  {reason}")

@@ -27,17 +27,30 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def wilson_bounds(hits: np.ndarray | float, n: np.ndarray | float,
+                  z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for hits/n, elementwise (``hits`` may be fractional: a sum of per-item
+    pass@k estimates); n = 0 gives the uninformative [0, 1]."""
+    hits = np.asarray(hits, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    safe = np.where(n > 0, n, 1.0)
+    p = hits / safe
+    z2 = z * z
+    denom = 1.0 + z2 / safe
+    centre = (p + z2 / (2 * safe)) / denom
+    half = z * np.sqrt(np.maximum(p * (1 - p) / safe + z2 / (4 * safe * safe), 0.0)) / denom
+    lo = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), 0.0)
+    hi = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), 1.0)
+    # exact at the edges: the formula leaves ~1e-17 residue at 0 hits / n hits
+    return np.where(hits <= 0, 0.0, lo), np.where(hits >= n, 1.0, hi)
+
+
 def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval for a proportion (``successes`` may be fractional: a sum of per-item
-    pass@k estimates); None without trials."""
+    """``wilson_bounds`` for one proportion, as Python floats; None without trials."""
     if n <= 0:
         return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
-    # at p = 0 or 1 the bound is exactly 0 or 1 (rounding would put it just inside)
-    return (0.0 if successes <= 0 else max(0.0, centre - half), 1.0 if successes >= n else min(1.0, centre + half))
+    lo, hi = wilson_bounds(successes, n, z)
+    return float(lo), float(hi)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -69,4 +82,5 @@ def paired_bootstrap(values: Sequence[float], weights: Sequence[float] | None = 
     return float(lo), float(hi)
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "Z95", "mcnemar_exact", "paired_bootstrap", "pass_at_k", "wilson"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "Z95", "mcnemar_exact", "paired_bootstrap", "pass_at_k", "wilson",
+           "wilson_bounds"]

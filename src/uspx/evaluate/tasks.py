@@ -12,7 +12,9 @@ difference the tools make is reported the same way.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -22,7 +24,7 @@ import torch
 
 from uspx.evaluate.checks import ProgramRunner, judge, loop_period
 from uspx.evaluate.stats import mcnemar_exact, paired_bootstrap, pass_at_k, wilson
-from uspx.io import UspxError, atomic_path
+from uspx.io import UspxError, write_text
 from uspx.workload import WorkloadItem, generation_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -121,29 +123,27 @@ def generate_answers(module: torch.nn.Module, tokenizer, items: Sequence[Workloa
     sampling = Sampling(temperature=settings.temperature) if settings.temperature > 0 else None
     prompts = [generation_prompt(i, tokenizer, max_length) for i in items]
     jobs = [(n, s) for n in range(len(items)) for s in range(settings.samples)]
+
+    def limit_and_stop(job: tuple[int, int]) -> tuple:
+        return _limit(items[job[0]], settings), items[job[0]].checks.stop
+
     # batches of one limit and one stop list, longest prompts together (less padding)
-    jobs.sort(key=lambda j: (_limit(items[j[0]], settings), items[j[0]].checks.stop, -len(prompts[j[0]]), j))
+    jobs.sort(key=lambda j: (*limit_and_stop(j), -len(prompts[j[0]]), j))
     rows: dict[tuple[int, int], list[int]] = {}
     device = next(module.parameters()).device
     gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus), context():  # seeded draws, the caller's generators untouched
         torch.manual_seed(settings.seed)
-        start = 0
-        while start < len(jobs):
-            head = items[jobs[start][0]]
-            key = (_limit(head, settings), head.checks.stop)
-            batch = [jobs[start]]
-            while (start + len(batch) < len(jobs) and len(batch) < settings.batch_size
-                   and (_limit(items[(j := jobs[start + len(batch)])[0]], settings), items[j[0]].checks.stop) == key):
-                batch.append(j)
-            width = max(len(prompts[n]) for n, _ in batch)
-            ids = torch.tensor([[pad] * (width - len(prompts[n])) + prompts[n] for n, _ in batch])
-            mask = torch.tensor([[0] * (width - len(prompts[n])) + [1] * len(prompts[n]) for n, _ in batch])
-            out = generate(module, ids, mask, max_new_tokens=key[0], sampling=sampling, pad_token_id=pad,
-                           stop_strings=key[1], tokenizer=tokenizer if key[1] else None)
-            for r, job in enumerate(batch):
-                rows[job] = _ended(out[r, width:].tolist(), eos, pad)
-            start += len(batch)
+        for (limit, stop), group in itertools.groupby(jobs, limit_and_stop):
+            group = list(group)
+            for batch in (group[b : b + settings.batch_size] for b in range(0, len(group), settings.batch_size)):
+                width = max(len(prompts[n]) for n, _ in batch)
+                ids = torch.tensor([[pad] * (width - len(prompts[n])) + prompts[n] for n, _ in batch])
+                mask = torch.tensor([[0] * (width - len(prompts[n])) + [1] * len(prompts[n]) for n, _ in batch])
+                out = generate(module, ids, mask, max_new_tokens=limit, sampling=sampling, pad_token_id=pad,
+                               stop_strings=stop, tokenizer=tokenizer if stop else None)
+                for r, job in enumerate(batch):
+                    rows[job] = _ended(out[r, width:].tolist(), eos, pad)
     answers = Answers()
     for n, item in enumerate(items):
         answers.items.append([_judged(item, tokenizer.decode(rows[(n, s)], skip_special_tokens=True),
@@ -210,7 +210,7 @@ def family_report(items: Sequence[WorkloadItem], answers: dict[str, Answers], pa
         idx = [n for n, i in enumerate(items) if fam == "all" or i.family == fam]
         if not idx:
             continue
-        row: dict = {"items": len(idx), "checks": _kinds(items[n] for n in idx)}
+        row: dict = {"items": len(idx), "checks": dict(Counter(k for n in idx for k in items[n].checks.kinds))}
         picked = {name: [a.items[n] for n in idx] for name, a in answers.items()}
         for name, ans in picked.items():
             row[name] = model_summary(ans, pass_k if not name.endswith("_tools") else (1,))
@@ -219,14 +219,6 @@ def family_report(items: Sequence[WorkloadItem], answers: dict[str, Answers], pa
             row[f"difference_{name}"] = paired(picked[name.removesuffix("_tools")], picked[name], seed)
         out[fam] = row
     return out
-
-
-def _kinds(items) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        for kind in item.checks.kinds:
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
 
 
 def item_rows(items: Sequence[WorkloadItem], answers: dict[str, Answers]) -> list[dict]:
@@ -247,10 +239,7 @@ def item_rows(items: Sequence[WorkloadItem], answers: dict[str, Answers]) -> lis
 
 
 def write_items(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def task_lines(tasks: dict) -> list[str]:

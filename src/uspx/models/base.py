@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from uspx.io import UspxError
+from uspx.models.mxfp4 import BLOCK_SIZE
 
 if TYPE_CHECKING:
     from uspx.models.params import ModelParams
@@ -63,7 +64,7 @@ class Restriction:
 class MoEAdapter:
     """Access to the routers and experts of one loaded Hugging Face MoE model.
 
-    Subclasses set the class attributes and override :meth:`route` (and :meth:`_expert_tensors`
+    Subclasses set the class attributes and override :meth:`route` (and :meth:`expert_tensors`
     when the experts are not stored with the expert id on dim 0).
     """
 
@@ -155,7 +156,7 @@ class MoEAdapter:
 
     @property
     def num_experts(self) -> int:
-        return int(_get_field(self.config, self.expert_count_field))
+        return self.config_num_experts(self.config)
 
     @property
     def top_k(self) -> int:
@@ -286,20 +287,16 @@ class MoEAdapter:
                 raise UspxError(f"kept set has no entry for MoE layers {missing}")
 
     # ----- experts ---------------------------------------------------------------------------
-    def _expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
-        """Expert parameters of one layer, each with the expert id on dim 0."""
-        return dict(layer.experts.named_parameters(recurse=False))
-
     def expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         """Views of the fused expert tensors, expert id on dim 0 (read-only use)."""
-        return self._expert_tensors(layer)
+        return dict(layer.experts.named_parameters(recurse=False))
 
     def capture_expert_norms(self, layer: MoELayer, sink: Callable[[torch.Tensor], None]):
         """Hand ``sink`` each routed expert's output norm [N, k] at every call of ``layer``'s experts,
         read inside the forward (:mod:`uspx.models.expert_norms`); ``.remove()`` detaches it."""
-        from uspx.models.expert_norms import capture
+        from uspx.models.expert_norms import NormCapture
 
-        return capture(self, layer, sink)
+        return NormCapture(self, layer, sink)
 
     def expert_outputs(self, layer: MoELayer, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs f_e(x) for every (token, slot): hidden [N, H], index [N, k] -> [N, k, H].
@@ -318,8 +315,8 @@ class MoEAdapter:
     def bytes_per_expert(self, layer: MoELayer) -> int:
         total = sum(t.numel() * t.element_size() for t in self.expert_tensors(layer).values())
         for name in self.router_expert_params:
-            t = _router_tensor(layer.router, name)
-            if t is not None:
+            t = _submodule(layer.router, name)
+            if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
         return total // layer.num_experts
 
@@ -376,8 +373,9 @@ class MoEAdapter:
         (gate rows, up rows), down columns scaled by the weights. Layout here: ``gate_up_proj``
         [E, 2I, H] (gate rows then up rows), ``down_proj`` [E, H, I], no biases."""
         gate_up, down = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
-        if set(n for n, _ in layer.experts.named_parameters()) != {"gate_up_proj", "down_proj"}:
-            raise UspxError(f"{self.family}: expert parameters {sorted(n for n, _ in layer.experts.named_parameters())} "
+        names = sorted(n for n, _ in layer.experts.named_parameters())
+        if names != ["down_proj", "gate_up_proj"]:
+            raise UspxError(f"{self.family}: expert parameters {names} "
                             "are not the gate_up_proj / down_proj layout a student is built from")
         ids = torch.tensor(list(experts))
         w = torch.tensor(list(weights), dtype=down.dtype)
@@ -388,7 +386,6 @@ class MoEAdapter:
             "gate_up_proj": torch.cat([gates.reshape(-1, hidden), ups.reshape(-1, hidden)]).unsqueeze(0),
             "down_proj": (down[ids] * w[:, None, None]).permute(1, 0, 2).reshape(down.shape[1], -1).unsqueeze(0),
         }
-
 
     def dense_mlps(self, model: nn.Module) -> list[tuple[int, int, nn.Module, nn.Module | None]]:
         """(decoder layer, kind: index into ``dense_mlp_paths``, the MLP, its output gate or None) of
@@ -470,8 +467,6 @@ class MoEAdapter:
     def channel_group(cls, mxfp4: bool) -> int:
         """Intermediate channels an export keeps or drops together: 1, or in an MXFP4 checkpoint
         the channels one block of the down projection packs (its input dim is the channels)."""
-        from uspx.models.mxfp4 import BLOCK_SIZE
-
         return BLOCK_SIZE if mxfp4 and cls.mxfp4_suffixes is not None else 1
 
     @classmethod
@@ -529,21 +524,14 @@ class MoEAdapter:
         here all kept gate rows, then all kept up rows."""
         return {n: (d, idx[channels].T.reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}
 
+
 def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule (or tensor) at dotted ``path`` under ``module``; None where a part is missing."""
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
             return None
     return module
-
-
-def _router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
-    obj: object = router
-    for part in name.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _get_field(config: object, dotted: str) -> object:
@@ -562,14 +550,12 @@ def _field_or_none(config: object, dotted: str) -> object:
 
 
 def _set_field(config: object, dotted: str, value: object) -> None:
-    parts = dotted.split(".")
-    obj = config
-    for part in parts[:-1]:
-        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    parent, _, last = dotted.rpartition(".")
+    obj = _get_field(config, parent) if parent else config
     if isinstance(obj, dict):
-        obj[parts[-1]] = value
+        obj[last] = value
     else:
-        setattr(obj, parts[-1], value)
+        setattr(obj, last, value)
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,10 @@ class DbrxAdapter(MoEAdapter):
     router_expert_params = ("layer.weight",)
     router_returns_tuple = False
     layer_pattern = r"blocks\.(\d+)\."
+    decoder_layers_attr = "blocks"
+    final_norm_attr = "norm_f"
+    attention_projections = ("Wqkv", "out_proj")
+    attention_attr = "norm_attn_norm.attn"
     expert_call_module = "mlp"  # DbrxExperts loops over its experts calling mlp(x, w1, v1, w2) for each
 
     @classmethod
@@ -42,10 +46,6 @@ class DbrxAdapter(MoEAdapter):
             expert=Part(3 * h * cfg.ffn_config.ffn_hidden_size), router_row=Part(h), other=other,
             kv_per_token=(2 * nkv * hd,) * n_layers, window=(None,) * n_layers,
         )
-    decoder_layers_attr = "blocks"
-    final_norm_attr = "norm_f"
-    attention_projections = ("Wqkv", "out_proj")
-    attention_attr = "norm_attn_norm.attn"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(logits, dim=1, dtype=logits.dtype)
@@ -55,7 +55,7 @@ class DbrxAdapter(MoEAdapter):
             weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
         return weights, index
 
-    def _expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+    def expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         # Views [E, F, H] of the flattened [E * F, H] parameters, so the base sees expert-first tensors.
         return {
             f"mlp.{n}": p.view(layer.num_experts, -1, p.shape[-1])

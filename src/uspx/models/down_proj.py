@@ -70,15 +70,13 @@ def down_proj_io(
     """
     ex = layer.experts
     e = int(expert)
+    gpt_oss = _layout(adapter) == "gpt_oss"
     with torch.no_grad():
-        x = hidden.to(ex.down_proj.dtype)
-        if _layout(adapter) == "gpt_oss":
-            gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
-            act = ex._apply_gate(gate_up)  # the module's own clamped SwiGLU (alpha, limit)
+        # the module's own activation (gpt_oss: its clamped SwiGLU, alpha and limit included)
+        act = adapter.expert_intermediate(layer, hidden.to(ex.down_proj.dtype), e)
+        if gpt_oss:
             out = act @ ex.down_proj[e] + ex.down_proj_bias[e]
         else:
-            gate, up = torch.nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
-            act = ex.act_fn(gate) * up
             out = torch.nn.functional.linear(act, ex.down_proj[e])
     return act, out
 
@@ -95,14 +93,15 @@ def down_weight_index(
     """(state-dict name, index in storage) of ``W_down[expert][row, col]`` (Linear convention:
     row = hidden output channel, col = intermediate input channel)."""
     e, row, col = int(expert), int(row), int(col)
-    shape = layer.experts.down_proj.shape
-    ff, h = (int(shape[1]), int(shape[2])) if _layout(adapter) == "gpt_oss" else (int(shape[2]), int(shape[1]))
+    gpt_oss = _layout(adapter) == "gpt_oss"
+    _, a, b = (int(d) for d in layer.experts.down_proj.shape)
+    ff, h = (a, b) if gpt_oss else (b, a)
     if not (0 <= e < layer.num_experts and 0 <= row < h and 0 <= col < ff):
         raise UspxError(
             f"W_down[{e}][{row}, {col}] is outside layer {layer.index}'s experts "
             f"({layer.num_experts} experts, hidden {h}, intermediate {ff})"
         )
-    index = (e, col, row) if _layout(adapter) == "gpt_oss" else (e, row, col)
+    index = (e, col, row) if gpt_oss else (e, row, col)
     return f"{layer.name}.experts.down_proj", index
 
 

@@ -46,7 +46,8 @@ class _Frame:
 
 
 class NormCapture:
-    """Norm capture on one MoE layer's experts module; ``remove()`` restores the module."""
+    """Hands ``sink`` the norms of every call of one MoE layer's experts module; ``remove()`` restores
+    the module."""
 
     def __init__(self, adapter: "MoEAdapter", layer: "MoELayer", sink: NormSink):
         self.adapter, self.layer, self.sink = adapter, layer, sink
@@ -135,8 +136,3 @@ class NormCapture:
             self.experts.__dict__.pop(k, None)
         for k, v in self._saved.items():
             object.__setattr__(self.experts, k, v)
-
-
-def capture(adapter: "MoEAdapter", layer: "MoELayer", sink: NormSink) -> NormCapture:
-    """Hand ``sink`` the norms of every call of ``layer``'s experts module until ``remove()``."""
-    return NormCapture(adapter, layer, sink)

@@ -16,7 +16,6 @@ _MXFP4_SUFFIXES = ("_blocks", "_scales")
 class GptOssAdapter(MoEAdapter):
     family = "gpt_oss"
     model_types = ("gpt_oss",)
-    expert_count_field = "num_local_experts"
     router_attr = "router"
     router_expert_params = ("weight", "bias")
     pad_mechanism = "router bias set to -inf"
@@ -44,10 +43,7 @@ class GptOssAdapter(MoEAdapter):
 
     @classmethod
     def decoded_name(cls, name: str) -> str:
-        for suffix in _MXFP4_SUFFIXES:
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        return next((name[: -len(s)] for s in _MXFP4_SUFFIXES if name.endswith(s)), name)
 
     @classmethod
     def read_tensors(cls, ckpt, names, dtype: torch.dtype, experts=None) -> dict[str, torch.Tensor]:

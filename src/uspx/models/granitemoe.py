@@ -12,8 +12,8 @@ from uspx.models.params import ModelParams, decoder_params
 class GraniteMoeAdapter(MoEAdapter):
     family = "granitemoe"
     model_types = ("granitemoe",)
-    expert_count_field = "num_local_experts"
     router_attr = "router"
+    logits_divisor_field = "logits_scaling"
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:
@@ -21,7 +21,6 @@ class GraniteMoeAdapter(MoEAdapter):
         bias = bool(getattr(cfg, "attention_bias", False))
         return decoder_params(cfg, num_experts=cls.config_num_experts(cfg), expert_inter=cfg.intermediate_size,
                               qkv_bias=bias, o_bias=bias)
-    logits_divisor_field = "logits_scaling"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, index = topk_softmax(logits.float(), layer.top_k)

@@ -16,6 +16,7 @@ class JambaAdapter(MoEAdapter):
     model_types = ("jamba",)
     expert_count_field = "num_experts"
     router_attr = "router"
+    final_norm_attr = "final_layernorm"
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:
@@ -48,7 +49,6 @@ class JambaAdapter(MoEAdapter):
             # mamba layers keep a fixed-size state per sequence instead: conv [inner, kernel], ssm [inner, state]
             state_per_seq=(n_layers - len(attn_ids)) * inner * (kern + st),
         )
-    final_norm_attr = "final_layernorm"
 
     def route(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, index = softmax_topk(logits, layer.top_k, renormalize=False)

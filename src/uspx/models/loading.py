@@ -174,7 +174,7 @@ def load_model(
     for a model larger than one device; modules mapped to ``"disk"`` stay in the files and are read
     at each forward. ``max_memory`` bounds what the computed maps put on each device.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name)
     if not any(path.glob("*.safetensors")):
@@ -215,10 +215,17 @@ def load_model(
     if device:
         model.to(device)
     model.eval()
-    tokenizer = None
-    if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     return LoadedModel(model, tokenizer, str(path), model_fingerprint(path), model_label(path))
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> object | None:
+    """The tokenizer saved in model folder ``path``; None where the folder has none."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _offload_folder() -> str:

@@ -12,7 +12,6 @@ from uspx.models.params import ModelParams, decoder_params
 class MixtralAdapter(MoEAdapter):
     family = "mixtral"
     model_types = ("mixtral",)
-    expert_count_field = "num_local_experts"
     single_expert_weight_is_one = True
 
     @classmethod

@@ -10,9 +10,7 @@ from uspx.models.qwen2_moe import Qwen2MoeAdapter
 class OlmoeAdapter(Qwen2MoeAdapter):
     family = "olmoe"
     model_types = ("olmoe",)
-    expert_count_field = "num_experts"
     expert_width_field = "intermediate_size"
-    single_expert_weight_is_one = True
 
     @classmethod
     def count_params(cls, cfg) -> ModelParams:

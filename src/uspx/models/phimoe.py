@@ -19,7 +19,6 @@ from uspx.models.params import ModelParams, decoder_params
 class PhimoeAdapter(MoEAdapter):
     family = "phimoe"
     model_types = ("phimoe",)
-    expert_count_field = "num_local_experts"
     router_attr = "router"
 
     @classmethod

@@ -173,7 +173,7 @@ def random_producer(cfg: dict, seed: int = 0) -> Callable[[TensorSpec], Iterable
     def produce(spec: TensorSpec) -> Iterable[torch.Tensor]:
         gen = torch.Generator().manual_seed(_name_seed(seed, spec.name))
         row_elems = max(1, math.prod(spec.shape[1:]))
-        row_bytes = row_elems * torch.empty((), dtype=spec.dtype).element_size()
+        row_bytes = row_elems * spec.dtype.itemsize
         rows_per_chunk = max(1, _ROWS_PER_CHUNK_BYTES // row_bytes)
         n_rows = spec.shape[0]
         for a in range(0, n_rows, rows_per_chunk):

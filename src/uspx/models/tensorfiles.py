@@ -9,6 +9,7 @@ GiB checkpoint be written and pruned on a machine that could not hold it. The re
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -49,10 +50,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 Producer = Callable[[TensorSpec], Iterable[torch.Tensor]]

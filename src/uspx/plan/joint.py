@@ -19,17 +19,19 @@ The plan records the value kept per unit type and the runner-up shapes.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
 
-from uspx.io import UspxError
-from uspx.models.base import _get_field
+from uspx.io import UspxError, sha256_json
+from uspx.models import adapter_class
+from uspx.models.base import _get_field, _set_field
 from uspx.plan import memory as mem
-from uspx.score.units import UnitScores, parse_units
+from uspx.plan.select import Plan, select_experts
+from uspx.score.units import UnitScores, load_units, parse_units
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,6 @@ class Shape:
 def shaped_config(config: Any, shape: Shape) -> Any:
     """``config`` with ``shape``'s expert count, expert width, dense MLP widths and head counts
     (head_dim kept)."""
-    from uspx.models import adapter_class
-    from uspx.models.base import _set_field
-
     cfg = copy.deepcopy(mem.load_config(config))
     cls = adapter_class(cfg.model_type)
     _set_field(cfg, cls.expert_count_field, shape.experts)
@@ -208,9 +207,11 @@ def select_units(
     budget_bytes = mem.parse_size(budget)
     tables = _tables(values, geo.rep)
     candidates = _fitting_shapes(geo, units, tables, dense_kinds, size, budget_bytes, reserve_bytes, channel_step)
-    settings = {"kv_dtype": kv_dtype, "context": context, "batch": batch, "units": list(units),
-                "unit_method": unit_method, "channel_step": channel_step, "channel_group": group}
-    return _joint_plan(geo, values, tables, dense_kinds, candidates, size(candidates[0][1]), settings,
+    est = size(candidates[0][1])
+    settings = {"dtype": est.dtype, "kv_dtype": kv_dtype, "context": context, "batch": batch,
+                "cost_source": f"memory planner ({est.dtype})", "units": list(units), "unit_method": unit_method,
+                "channel_step": channel_step}
+    return _joint_plan(geo, values, tables, dense_kinds, candidates, est, settings,
                        method=method, budget_bytes=budget_bytes, reserve_bytes=reserve_bytes,
                        scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint)
 
@@ -228,8 +229,6 @@ class _Geometry:
 
     @classmethod
     def of(cls, config: Any) -> "_Geometry":
-        from uspx.models import adapter_class
-
         cfg = mem.load_config(config)
         family = adapter_class(cfg.model_type)
         heads, kv, _ = family.config_head_shape(cfg)
@@ -346,9 +345,8 @@ def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: l
                 candidates: list[tuple[float, Shape, int]], est: Any, settings: dict, *, method: str,
                 budget_bytes: int, reserve_bytes: int, scores_fingerprint: str | None,
                 model_fingerprint: str | None):
-    """The plan of the best shape (``candidates[0]``, whose memory estimate is ``est``)."""
-    from uspx.plan.select import Plan
-
+    """The plan of the best shape (``candidates[0]``, whose memory estimate is ``est``); ``settings``
+    gain the shape and notes."""
     cfg, cls, params, kv, rep = geo.cfg, geo.cls, geo.params, geo.kv, geo.rep
     best_value, best, best_bytes = candidates[0]
     experts, channels, head_ids, dense_ids = _kept_layout(values, best, rep)
@@ -365,10 +363,7 @@ def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: l
                "kept_experts": best.experts * params.num_moe_layers * est.expert_bytes,
                "kv_per_token": mem.kv_cache_bytes(mem.count_params(shaped_config(cfg, best)), 1, kv_dtype),
                "kv_per_token_original": mem.kv_cache_bytes(params, 1, kv_dtype)},
-        settings={"dtype": est.dtype, "kv_dtype": kv_dtype, "context": settings["context"], "batch": settings["batch"],
-                  "cost_source": f"memory planner ({est.dtype})", "units": settings["units"],
-                  "unit_method": settings["unit_method"], "channel_step": settings["channel_step"],
-                  "shape": _shape_record(best), "notes": notes},
+        settings={**settings, "shape": _shape_record(best), "notes": notes},
         value=best_value, value_total=sum(full.values()),
         solver={"name": "shape enumeration", "shapes_fitting": len(candidates),
                 "value_by_unit": _value(tables, best), "value_total_by_unit": full,
@@ -385,8 +380,7 @@ def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: l
 
 
 def _shape_record(s: Shape) -> dict:
-    return {"experts": s.experts, "width": s.width, "kv_groups": s.kv_groups, "heads_per_group": s.heads_per_group,
-            "dense": {fld: w for fld, w in s.dense}}
+    return {**asdict(s), "dense": dict(s.dense)}
 
 
 def _dense_values(units_table: UnitScores, method: str, kind: int, width: int) -> dict[int, np.ndarray]:
@@ -411,10 +405,6 @@ def select_plan(table, units_dir: str | Path | None, config: Any, *, units: Sequ
     (:func:`uspx.plan.select_experts`), or with channels or heads in ``units`` the best shape under
     the ``budget`` from the table and the unit scores in ``units_dir`` (:func:`select_units`).
     ``method="random"`` ranks experts by a seeded random draw (the baseline)."""
-    from uspx.io import sha256_json
-    from uspx.plan.select import select_experts
-    from uspx.score.units import load_units
-
     units = parse_units(units)
     fingerprint = sha256_json(table.meta)
     if units == ["experts"]:

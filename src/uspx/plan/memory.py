@@ -175,7 +175,7 @@ def gguf_precision(quant: str, n_layers: int | None = None, *, hidden: int | Non
         return Precision(key.lower(), ggml_bits("Q8_0"), 32, expert_bits=ggml_bits("MXFP4"),
                          embedding_bits=ggml_bits("Q8_0"), lm_head_bits=ggml_bits("Q8_0"))
     if key == "Q8_0" or ggml_bits(base_type) >= ggml_bits("Q6_K"):
-        out = ggml_bits(gguf_row_type(base_type, hidden))
+        out = base
     else:
         out = ggml_bits("Q6_K" if hidden is None or hidden % 256 == 0 else "Q8_0")
     down = ggml_bits(gguf_row_type(base_type, width))
@@ -209,8 +209,8 @@ def expert_bytes(params: ModelParams, prec: Precision) -> int:
 def fixed_bytes(params: ModelParams, prec: Precision) -> int:
     """Bytes of everything whose size does not depend on the kept experts."""
     bits = prec.extra_bits
+    tied = not params.other["lm_head"].total  # llama.cpp then stores the table in the output's type
     for name, part in params.other.items():
-        tied = not params.other["lm_head"].total  # llama.cpp then stores the table in the output's type
         special = {"embeddings": prec.lm_head_bits if tied else prec.embedding_bits,
                    "lm_head": prec.lm_head_bits}.get(name)
         if special is not None:  # GGUF quantizes the embedding table and the output matrix too
@@ -323,13 +323,11 @@ def estimate(
     """
     params = config if isinstance(config, ModelParams) else count_params(config)
     resolved = _resolve_dtype(params, dtype)
+    n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if resolved.upper() in GGUF_QUANTS and resolved.upper() not in ("F32", "F16", "BF16"):
-        rows = _row_lengths(config)
-        n_kept = params.num_experts if experts_per_layer is None else int(experts_per_layer)
-        prec = gguf_precision(resolved, params.num_layers, n_experts=n_kept, **rows)
+        prec = gguf_precision(resolved, params.num_layers, n_experts=n, **_row_lengths(config))
     else:
         prec = precision(resolved, scale_group)
-    n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if not 0 <= n <= params.num_experts:
         raise UspxError(f"experts per layer must be in 0..{params.num_experts}, got {n}")
     return MemoryEstimate(
@@ -436,21 +434,16 @@ def fit_experts(
     budget = parse_size(budget_bytes)
     params = config if isinstance(config, ModelParams) else count_params(config)
     dtype = _resolve_dtype(params, dtype)
-    base = estimate(params, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
-                    experts_per_layer=0, scale_group=scale_group, reserve_bytes=reserve_bytes)
-    p = base.params
-    per_n = base.expert_bytes * p.num_moe_layers
+
+    def at(n: int) -> MemoryEstimate:
+        return estimate(params, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
+                        experts_per_layer=n, scale_group=scale_group, reserve_bytes=reserve_bytes)
+
+    base = at(0)
+    per_n = base.expert_bytes * params.num_moe_layers
     room = budget - base.total_bytes
-    if room < 0:
-        n = 0
-    elif per_n == 0:
-        n = p.num_experts
-    else:
-        n = min(p.num_experts, room // per_n)
-    k = p.top_k
-    shown = estimate(p, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
-                     experts_per_layer=max(n, k), scale_group=scale_group, reserve_bytes=reserve_bytes)
-    return ExpertFit(budget, n, base.total_bytes + k * per_n, shown)
+    n = 0 if room < 0 else params.num_experts if per_n == 0 else min(params.num_experts, room // per_n)
+    return ExpertFit(budget, n, base.total_bytes + params.top_k * per_n, at(max(n, params.top_k)))
 
 
 # ----- sizes as text -------------------------------------------------------------------------------

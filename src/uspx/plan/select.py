@@ -145,8 +145,8 @@ def lagrangian(groups: Groups, capacity: float, floor: int, iters: int = 80) -> 
     sets, w, dual = _lagrange_pick(groups, 0.0, floor)
     bound, lam = dual, 0.0
     if w > capacity:
-        ratios = [_ratio(it) for items in groups.values() for it in items if math.isfinite(_ratio(it))]
-        lo, hi = 0.0, max([1.0] + [abs(r) for r in ratios]) * 2
+        ratios = (_ratio(it) for items in groups.values() for it in items)
+        lo, hi = 0.0, max([1.0] + [abs(r) for r in ratios if math.isfinite(r)]) * 2
         while _lagrange_pick(groups, hi, floor)[1] > capacity and hi < 1e300:
             hi *= 16  # a large lambda picks each group's cheapest floor
         for _ in range(iters):
@@ -329,17 +329,15 @@ def select_experts(
             f"each of {len(groups)} MoE layers; the smallest size that can is "
             f"{mem.format_bytes(min_bytes)} ({min_bytes} bytes)")
 
-    cost = {(l, it.expert): it.cost for l, items in groups.items() for it in items}
-    value = {(l, it.expert): it.value for l, items in groups.items() for it in items}
-    experts_bytes = math.ceil(sum(cost[l, e] for l, v in kept.items() for e in v))
-    sizes = {**sizes, "kept_experts": int(experts_bytes)}
-    solver = {"name": used, **solver}
+    item = {(l, it.expert): it for l, items in groups.items() for it in items}
+    experts_bytes = math.ceil(sum(item[l, e].cost for l, v in kept.items() for e in v))
     plan = Plan(
         kept=kept, method=_score_method(scores), uniform=uniform, top_k=top_k, num_experts=n_exp,
-        predicted_bytes=int(base + experts_bytes), sizes=sizes, budget_bytes=budget_bytes,
-        keep=keep_text, model_type=model_type, settings=settings,
-        value=sum(value[l, e] for l, v in kept.items() for e in v), value_total=sum(value.values()),
-        solver=solver, scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
+        predicted_bytes=int(base + experts_bytes), sizes={**sizes, "kept_experts": int(experts_bytes)},
+        budget_bytes=budget_bytes, keep=keep_text, model_type=model_type, settings=settings,
+        value=sum(item[l, e].value for l, v in kept.items() for e in v),
+        value_total=sum(it.value for it in item.values()), solver={"name": used, **solver},
+        scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
     )
     plan.padding = _padding_note(plan, groups, base)
     return plan
@@ -531,8 +529,7 @@ def _read_channels(raw: Any, experts: dict[int, list[int]], bad) -> dict[str, An
                 or not isinstance(d.get("kept"), dict)):
             raise bad(where, "expected path, field, width, original_width and kept")
         for key, ids in d["kept"].items():
-            if (not str(key).isdigit() or not isinstance(ids, list) or len(ids) != d["width"] or ids != sorted(set(ids))
-                    or not all(isinstance(c, int) and 0 <= c < d["original_width"] for c in ids)):
+            if not str(key).isdigit() or not _channel_ids(ids, d["width"], d["original_width"]):
                 raise bad(f"{where}.kept.{key}", f"expected {d['width']} sorted, unique channel ids in "
                                                  f"0..{d['original_width'] - 1}")
         d["kept"] = {int(k): v for k, v in d["kept"].items()}
@@ -541,12 +538,16 @@ def _read_channels(raw: Any, experts: dict[int, list[int]], bad) -> dict[str, An
         layer = int(key)
         if not isinstance(lists, list) or len(lists) != len(experts[layer]):
             raise bad(f"channels.kept.{key}", f"expected {len(experts[layer])} lists, one per kept expert")
-        for ids in lists:
-            if (not isinstance(ids, list) or len(ids) != width or ids != sorted(set(ids))
-                    or not all(isinstance(c, int) and 0 <= c < full for c in ids)):
-                raise bad(f"channels.kept.{key}", f"each list must hold {width} sorted, unique channel ids in 0..{full - 1}")
+        if not all(_channel_ids(ids, width, full) for ids in lists):
+            raise bad(f"channels.kept.{key}", f"each list must hold {width} sorted, unique channel ids in 0..{full - 1}")
         out[layer] = lists
     return {**raw, "kept": out, "dense": dense}
+
+
+def _channel_ids(ids: Any, width: int, full: int) -> bool:
+    """Whether ``ids`` is a list of ``width`` sorted, unique channel ids in 0..full - 1."""
+    return (isinstance(ids, list) and len(ids) == width and ids == sorted(set(ids))
+            and all(isinstance(c, int) and 0 <= c < full for c in ids))
 
 
 def _read_heads(raw: Any, bad) -> dict[str, Any] | None:

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from uspx.io import UspxError
-from uspx.plan.memory import MemoryEstimate, estimate, format_bytes, parse_size
+from uspx.plan.memory import MemoryEstimate, estimate, format_bytes, kv_cache_bytes, parse_size
 
 GB = 10**9
 
@@ -123,12 +123,13 @@ def hardware(gpu: str | None = None, *, gpu_memory: int | str | None = None, gpu
         kw.update(gpu_bytes=int(p["memory"]), gpu_bandwidth=p["bandwidth"] * p["share"] * GB,
                   gpu_flops=p["tflops"] * 1e12)
         names.append(gpu.lower())
-    c = CPU_PRESETS[(cpu or "ddr4-2ch").lower()] if (cpu or "ddr4-2ch").lower() in CPU_PRESETS else None
-    if c is None:
+    cpu_name = (cpu or "ddr4-2ch").lower()
+    if cpu_name not in CPU_PRESETS:
         raise UspxError(f"unknown system-memory preset {cpu!r}; known: {', '.join(CPU_PRESETS)} (or give "
                         "--ram-bandwidth GB/s, or --ram measure)")
+    c = CPU_PRESETS[cpu_name]
     kw.update(cpu_bandwidth=c["bandwidth"] * c["share"] * GB, cpu_flops=c["tflops"] * 1e12)
-    names.append((cpu or "ddr4-2ch").lower())
+    names.append(cpu_name)
     if gpu_memory is not None:
         kw["gpu_bytes"] = parse_size(gpu_memory)
     if gpu_bandwidth is not None:
@@ -188,30 +189,26 @@ class TokenBytes:
     experts_per_layer: int  # top-k experts' bytes in one MoE layer
     moe_layers: int
     kv: int  # the KV cache of the tokens before it
-    embedding_row: int
 
     def split(self, cpu_moe_layers: int, on_gpu: bool) -> tuple[int, int]:
         """(bytes from GPU memory, bytes from system memory) with ``cpu_moe_layers`` layers' experts
         on the CPU; without a GPU everything is system memory."""
-        experts_cpu = self.experts_per_layer * cpu_moe_layers
-        experts_gpu = self.experts_per_layer * (self.moe_layers - cpu_moe_layers)
         if not on_gpu:
-            return 0, self.non_expert + self.experts_per_layer * self.moe_layers + self.kv + self.embedding_row
-        return self.non_expert + experts_gpu + self.kv, experts_cpu + self.embedding_row
+            return 0, self.non_expert + self.experts_per_layer * self.moe_layers + self.kv
+        gpu_layers = self.moe_layers - cpu_moe_layers
+        return (self.non_expert + self.experts_per_layer * gpu_layers + self.kv,
+                self.experts_per_layer * cpu_moe_layers)
 
 
 def token_bytes(est: MemoryEstimate, depth: int = 0) -> TokenBytes:
     """Bytes read to decode one token at position ``depth`` (its KV cache) of a model sized by
     :func:`uspx.plan.memory.estimate`. The embedding table's one row is left out (a few KiB)."""
-    from uspx.plan.memory import kv_cache_bytes
-
     p = est.params
     router_rows = est.expert_bytes - _expert_only_bytes(est)
     non_expert = est.fixed_bytes - _embedding_bytes(est) + router_rows * est.experts_per_layer * p.num_moe_layers
     return TokenBytes(non_expert=int(non_expert),
                       experts_per_layer=_expert_only_bytes(est) * min(p.top_k, est.experts_per_layer),
-                      moe_layers=p.num_moe_layers, kv=kv_cache_bytes(p, depth, est.kv_dtype) if depth else 0,
-                      embedding_row=0)
+                      moe_layers=p.num_moe_layers, kv=kv_cache_bytes(p, depth, est.kv_dtype) if depth else 0)
 
 
 def _embedding_bytes(est: MemoryEstimate) -> int:
@@ -255,7 +252,7 @@ class Placement:
     why: str = ""
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return asdict(self)
 
 
 def place(est: MemoryEstimate, hw: Hardware, cpu_moe_layers: int, *, depth: int = 0, ubatch: int = 512) -> Placement:
@@ -313,10 +310,7 @@ class OffloadPlan:
     smallest_pruning: Placement | None = None  # the most experts kept that still reaches the target
 
     def as_dict(self) -> dict:
-        return dict(hardware={k: getattr(self.hardware, k) for k in self.hardware.__dataclass_fields__},
-                    dtype=self.dtype, context=self.context, full=self.full.as_dict(),
-                    pruned=[p.as_dict() for p in self.pruned], target_speedup=self.target_speedup,
-                    smallest_pruning=self.smallest_pruning.as_dict() if self.smallest_pruning else None)
+        return asdict(self)  # nested records (hardware, placements) become dicts too
 
 
 def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context: int = 4096, kv_dtype: str = "bf16",
@@ -330,8 +324,7 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
 
     base = at(None)
     p = base.params
-    every = range(p.top_k, p.num_experts + 1)
-    shown = keep or [c for c in {max(p.top_k, round(p.num_experts * i / 8)) for i in range(1, 9)}]
+    shown = keep or {max(p.top_k, round(p.num_experts * i / 8)) for i in range(1, 9)}
     counts = sorted(set(shown), reverse=True)
     if bad := [k for k in counts if not p.top_k <= k <= p.num_experts]:
         raise UspxError(f"kept experts per layer must be in {p.top_k}..{p.num_experts} (top-k at least), got {bad}")
@@ -339,7 +332,7 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
     pruned = [best_placement(at(k), hw, depth=depth) for k in counts]
     smallest = None
     if speedup is not None:  # searched over every count, shown or not
-        every_pl = [best_placement(at(k), hw, depth=depth) for k in every]
+        every_pl = [best_placement(at(k), hw, depth=depth) for k in range(p.top_k, p.num_experts + 1)]
         ok = [pl for pl in every_pl if pl.fits and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s]
         smallest = max(ok, key=lambda pl: pl.experts_per_layer) if ok else None
         if smallest is not None and smallest.experts_per_layer not in counts:

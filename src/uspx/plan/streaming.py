@@ -8,6 +8,7 @@ from uspx.io import UspxError, read_json
 from uspx.progress import console
 from uspx.engine import compute_dtype
 from uspx.engine.memory import predict_peak_memory
+from uspx.plan.memory import estimate, format_bytes
 from uspx.trace.run import DEFAULT_BATCH_TOKENS
 
 _ROWS = (
@@ -26,8 +27,6 @@ def streaming_plan(path: str | Path, tokens: int, *, seq_len: int = 512, dtype: 
                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict:
     """``predict_peak_memory`` for a model folder, with the verification / loss phase included, and
     what loading the whole model dequantized would take instead."""
-    from uspx.plan import estimate
-
     if tokens < 1 or seq_len < 1:
         raise UspxError("--tokens and --seq-len must be at least 1")
     torch_dtype = compute_dtype(dtype, path)
@@ -40,8 +39,6 @@ def streaming_plan(path: str | Path, tokens: int, *, seq_len: int = 512, dtype: 
 
 def print_streaming_plan(path: str | Path, tokens: int, *, seq_len: int = 512, dtype: str = "bf16") -> dict:
     from rich.table import Table
-
-    from uspx.plan import format_bytes
 
     plan = streaming_plan(path, tokens, seq_len=seq_len, dtype=dtype)
     table = Table(title=f"streaming peak memory, {tokens} tokens (sequences up to {seq_len}), compute {dtype}")

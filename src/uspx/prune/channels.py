@@ -21,16 +21,21 @@ from typing import Callable
 import torch
 from torch import nn
 
+from uspx.engine import InMemory
 from uspx.io import UspxError, atomic_folder, write_json
-from uspx.models import adapter_for
+from uspx.models import adapter_for, load_model, model_fingerprint
+from uspx.models.base import _set_field, _submodule
+from uspx.models.loading import model_from_state
+from uspx.prune.export import RECORD
+from uspx.prune.files import copy_tokenizer, weight_files
+from uspx.prune.verify import compare_layers, verification_items, within_tolerance
+from uspx.score.units import score_units
 from uspx.workload import EncodedItem
 
 
 def channel_scores(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8) -> dict[int, torch.Tensor]:
     """Per MoE layer, [E, I] channel scores on ``items`` (see the module doc): the ``activation``
     score of :mod:`uspx.score.units`."""
-    from uspx.score.units import score_units
-
     us = score_units(model, items, ["channels"], ["activation"], pad_id=pad_id, batch_size=batch_size, bootstrap=0)
     return {l: torch.from_numpy(us.matrix("channel", "activation", l)) for l in us.layers("channel")}
 
@@ -41,8 +46,7 @@ def kept_channels(scores: dict[int, torch.Tensor], width: int) -> dict[int, torc
     for layer, s in scores.items():
         if not 1 <= width <= s.shape[1]:
             raise UspxError(f"expert width {width} outside 1..{s.shape[1]}")
-        top = torch.topk(s, width, dim=1, sorted=False).indices
-        out[layer] = top.sort(dim=1).values
+        out[layer] = torch.topk(s, width, dim=1, sorted=False).indices.sort(dim=1).values
     return out
 
 
@@ -69,9 +73,6 @@ def masked(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
 
 def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
     """A new model of the same family with every expert cut to its kept channels (config width set)."""
-    from uspx.models.base import _set_field
-    from uspx.models.loading import model_from_state
-
     adapter = adapter_for(model)
     width = adapter.expert_width()
     new_width = int(next(iter(kept.values())).shape[1])
@@ -91,8 +92,6 @@ def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
 
 def _dense_modules(model: nn.Module, kind: dict) -> dict[int, nn.Module]:
     """Decoder layer -> the dense MLP a plan's dense kind (``path``, ``kept``) names in it."""
-    from uspx.models.base import _submodule
-
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     out = {}
@@ -121,9 +120,6 @@ def masked_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
 def narrowed_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
     """A new model of the same family with every dense MLP of each kind cut to its kept channels
     (the kind's config width field set)."""
-    from uspx.models.base import _set_field
-    from uspx.models.loading import model_from_state
-
     adapter = adapter_for(model)
     config = copy.deepcopy(model.config)
     state = dict(model.state_dict())
@@ -156,19 +152,14 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
     record ``heldout(folder)`` as its held-out delta when given (evaluation sits above pruning, so
     the caller brings it: ``uspx.narrow.heldout_deltas``). Returns the record (``fields`` plus
     verification, sizes and the held-out delta)."""
-    from uspx.engine import InMemory
-    from uspx.models import load_model, model_fingerprint
-    from uspx.prune.export import RECORD
-    from uspx.prune.files import copy_tokenizer, weight_files
-    from uspx.prune.verify import compare_layers, verification_items, within_tolerance
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UspxError(f"{out} exists and is not empty; refusing to overwrite it")
-    if weight_files(lm.source).is_mxfp4():
+    source = weight_files(lm.source)
+    if source.is_mxfp4():
         raise UspxError(f"{lm.source}: MXFP4 weights are cut from the files, in whole blocks of 32 channels: "
                         "choose the cut with `uspx select --units` or `uspx extract`")
-    stored = weight_files(lm.source).main_float_dtype()
+    stored = source.main_float_dtype()
     with atomic_folder(out) as tmp:
         copy.deepcopy(narrow).to(stored).save_pretrained(tmp)
         copy_tokenizer(Path(lm.source), tmp)
@@ -191,7 +182,7 @@ def save_verified(lm, narrow: nn.Module, reference: nn.Module, heldout: Callable
         write_json(tmp / RECORD, record)
         if out.exists():
             out.rmdir()
-    record["bytes"] = dict(original=weight_files(lm.source).tensor_bytes, narrowed=weight_files(out).tensor_bytes)
+    record["bytes"] = dict(original=source.tensor_bytes, narrowed=weight_files(out).tensor_bytes)
     if heldout is not None:
         record["heldout"] = heldout(out)
     write_json(out / RECORD, record)

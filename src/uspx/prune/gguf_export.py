@@ -16,15 +16,18 @@ the runtime benchmark checks the choice by comparing llama.cpp's token ids with 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from uspx.io import UspxError, atomic_path
-from uspx.llamacpp import source
+from uspx.llamacpp import program, source
 
 # Runs inside the converter's process: its own gguf-py and conversion package come first on the path.
 _WRAPPER = r"""
@@ -109,20 +112,15 @@ def gguf_tensors(path: str | Path) -> dict:
     """Stored bytes of a GGUF file's tensors and how many tensors of each type it holds."""
     from uspx.prune.gguf_file import _gguf
 
-    types: dict[str, int] = {}
-    total = 0
-    for t in _gguf().GGUFReader(str(path)).tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        total += int(t.n_bytes)
-    return {"parameter_bytes": total, "file_bytes": Path(path).stat().st_size, "tensor_types": types}
+    tensors = _gguf().GGUFReader(str(path)).tensors
+    return {"parameter_bytes": sum(int(t.n_bytes) for t in tensors), "file_bytes": Path(path).stat().st_size,
+            "tensor_types": dict(Counter(t.tensor_type.name for t in tensors))}
 
 
 # ----- quantization by llama.cpp --------------------------------------------------------------------
 def _llama_env(program: Path) -> dict:
     """The environment a llama.cpp program runs in: its shared libraries sit beside it in a build
     folder (``libllama.so``, ``libggml*.so``) and are found there even when not installed."""
-    import os
-
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(program.parent), env.get("LD_LIBRARY_PATH")) if p)
     return env
@@ -130,10 +128,9 @@ def _llama_env(program: Path) -> dict:
 
 def _run_program(cmd: list[str], what: str, timeout: float | None) -> subprocess.CompletedProcess:
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_llama_env(Path(cmd[0])))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_llama_env(Path(cmd[0])))
     except subprocess.TimeoutExpired:
         raise UspxError(f"{what} did not finish within {timeout:g} s (nothing written)") from None
-    return res
 
 
 def _tail(res: subprocess.CompletedProcess, lines: int = 12) -> str:
@@ -151,7 +148,6 @@ def quantize_gguf(source: str | Path, out: str | Path, quant: str, *, imatrix: s
     per-tensor choice of types, the same code path as a real run). The file appears only when
     llama-quantize succeeded.
     """
-    from uspx.llamacpp import program
     from uspx.plan.memory import GGUF_QUANTS
 
     source, out = Path(source), Path(out)
@@ -193,11 +189,7 @@ def quantize_gguf(source: str | Path, out: str | Path, quant: str, *, imatrix: s
 def _quantize_log(text: str) -> dict:
     """What llama-quantize printed about sizes and fallbacks (its per-tensor lines end
     ``-> 0.21 MiB (q4_K)``; its summary ``quant size = 6.68 MiB (5.37 BPW)``)."""
-    import re
-
-    types: dict[str, int] = {}
-    for m in re.finditer(r"->\s+[0-9.]+ MiB \((\w+)\)", text):
-        types[m.group(1).upper()] = types.get(m.group(1).upper(), 0) + 1
+    types = dict(Counter(m.group(1).upper() for m in re.finditer(r"->\s+[0-9.]+ MiB \((\w+)\)", text)))
     size = re.search(r"quant size\s*=\s*([0-9.]+) MiB \(([0-9.]+) BPW\)", text)
     fb = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
     fallbacks = re.findall(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*"
@@ -230,10 +222,6 @@ def make_imatrix(model_gguf: str | Path, workload, out: str | Path, *, split: st
     llama-imatrix reads its text in chunks of ``context`` tokens and needs two at least; a smaller
     workload gets the largest power-of-two chunk that fits it twice (down to 32 tokens).
     """
-    import re
-
-    from uspx.llamacpp import program
-
     model_gguf, out = Path(model_gguf), Path(out)
     if not model_gguf.is_file():
         raise UspxError(f"{model_gguf}: no such GGUF file")

@@ -43,53 +43,56 @@ def _gguf():
 
 
 @functools.cache
-def _expert_tensor_pattern() -> re.Pattern:
-    """llama.cpp's names of the tensors that hold a layer's experts on their outermost dimension."""
-    gguf = _gguf()
-    names = [gguf.TENSOR_NAMES[t].replace(".", r"\.").replace("{bid}", r"(\d+)") for t in (
-        gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP,
-        gguf.MODEL_TENSOR.FFN_GATE_UP_EXP, gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)]
-    return re.compile("(?:" + "|".join(names) + r")\.(?:weight|bias)")
+def _expert_parts() -> dict:
+    """llama.cpp's expert tensor kinds by the part of the expert each holds."""
+    t = _gguf().MODEL_TENSOR
+    return {t.FFN_GATE_EXP: "gate", t.FFN_UP_EXP: "up", t.FFN_DOWN_EXP: "down", t.FFN_GATE_UP_EXP: "gate_up",
+            t.FFN_GATE_INP: "router", t.FFN_EXP_PROBS_B: "router_bias"}
 
 
 @functools.cache
-def _expert_parts() -> dict:
-    """llama.cpp's expert tensor kinds by the part of the expert each holds."""
-    gguf = _gguf()
-    t = gguf.MODEL_TENSOR
-    return {t.FFN_GATE_EXP: "gate", t.FFN_UP_EXP: "up", t.FFN_DOWN_EXP: "down", t.FFN_GATE_UP_EXP: "gate_up",
-            t.FFN_GATE_INP: "router", t.FFN_EXP_PROBS_B: "router_bias"}
+def _expert_tensor_pattern() -> re.Pattern:
+    """llama.cpp's names of the tensors that hold a layer's experts on their outermost dimension:
+    one group (the layer) per kind of :func:`_expert_parts`, in its order."""
+    names = [_gguf().TENSOR_NAMES[t].replace(".", r"\.").replace("{bid}", r"(\d+)") for t in _expert_parts()]
+    return re.compile("(?:" + "|".join(names) + r")\.(?:weight|bias)")
 
 
 def expert_tensor_part(name: str) -> str | None:
     """Which part of a layer's experts tensor ``name`` holds (gate, up, down, gate_up, router,
     router_bias), else None."""
-    gguf = _gguf()
-    for kind, part in _expert_parts().items():
-        if re.fullmatch(gguf.TENSOR_NAMES[kind].replace(".", r"\.").replace("{bid}", r"\d+") + r"\.(?:weight|bias)", name):
-            return part
-    return None
+    m = _expert_tensor_pattern().fullmatch(name)
+    return None if m is None else list(_expert_parts().values())[m.lastindex - 1]
 
 
 def expert_tensor_layer(name: str) -> int | None:
     """The layer whose experts tensor ``name`` holds on its outermost dimension, else None."""
     m = _expert_tensor_pattern().fullmatch(name)
-    return None if m is None else int(next(g for g in m.groups() if g is not None))
+    return None if m is None else int(m.group(m.lastindex))
+
+
+def _open(src: Path):
+    """A GGUF reader of ``src``, or an error naming it."""
+    try:
+        return _gguf().GGUFReader(str(src))
+    except Exception as exc:  # the gguf package's own errors for a damaged or foreign file
+        raise UspxError(f"{src}: cannot read GGUF file ({exc})") from None
+
+
+def _field(reader, key: str, default=None, *, arch: str = ""):
+    """The value of metadata field ``key`` (``{arch}`` filled in), or ``default``."""
+    f = reader.fields.get(key.format(arch=arch))
+    return default if f is None else f.contents()
 
 
 def read_counts(reader) -> tuple[str, int, int, int]:
     """(architecture, block count, expert count, experts used per token) of a GGUF file."""
     gguf = _gguf()
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field(gguf.Keys.General.ARCHITECTURE)
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
     if arch is None:
         raise UspxError("the GGUF file names no general.architecture")
-    values = [field(k.format(arch=arch)) for k in (gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.EXPERT_COUNT,
-                                                   gguf.Keys.LLM.EXPERT_USED_COUNT)]
+    values = [_field(reader, k, arch=arch) for k in (gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.EXPERT_COUNT,
+                                                     gguf.Keys.LLM.EXPERT_USED_COUNT)]
     if values[1] is None:
         raise UspxError(f"the GGUF file has no {arch}.expert_count: not a MoE model")
     return arch, int(values[0]), int(values[1]), int(values[2] or 0)
@@ -106,10 +109,7 @@ def prune_gguf(source: str | Path, kept: dict[int, list[int]], out: str | Path, 
         raise UspxError(f"{dst} exists; refusing to overwrite it (choose another name or delete it)")
     if src.resolve() == dst.resolve():
         raise UspxError("the pruned GGUF must go to another file than its source")
-    try:
-        reader = gguf.GGUFReader(str(src))
-    except Exception as exc:  # the gguf package's own errors for a damaged or foreign file
-        raise UspxError(f"{src}: cannot read GGUF file ({exc})") from None
+    reader = _open(src)
     arch, blocks, n_experts, used = read_counts(reader)
     if num_experts is not None and int(num_experts) != n_experts:
         raise UspxError(f"the plan was made for {num_experts} experts per layer, {src} has {n_experts}")
@@ -238,15 +238,9 @@ def read_model(path: str | Path) -> "GGUFModel":
     src = Path(path)
     if not src.is_file():
         raise UspxError(f"{src}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(str(src))
-    except Exception as exc:  # the gguf package's own errors for a damaged or foreign file
-        raise UspxError(f"{src}: cannot read GGUF file ({exc})") from None
+    reader = _open(src)
     arch, blocks, n_experts, used = read_counts(reader)
-
-    def field(key: str, default=None):
-        f = reader.fields.get(key.format(arch=arch))
-        return default if f is None else f.contents()
+    field = functools.partial(_field, reader, arch=arch)
 
     experts = {t.name: (layer, expert_tensor_part(t.name)) for t in reader.tensors
                if (layer := expert_tensor_layer(t.name)) is not None}

@@ -22,6 +22,8 @@ from torch import nn
 
 from uspx.io import UspxError
 from uspx.models import adapter_for
+from uspx.models.loading import model_from_state
+from uspx.plan.memory import count_params, kv_cache_bytes
 from uspx.score.units import score_units
 from uspx.workload import EncodedItem
 
@@ -40,8 +42,8 @@ def kept_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(scores, n, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def _query_rows(groups: torch.Tensor, rep: int, hd: int) -> torch.Tensor:
-    heads = (groups[:, None] * rep + torch.arange(rep)).reshape(-1)
+def _rows(heads: torch.Tensor, hd: int) -> torch.Tensor:
+    """The projection rows (or ``o_proj`` columns) of ``heads`` of ``hd`` channels each."""
     return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
 
 
@@ -66,15 +68,13 @@ def mask_query_heads(adapter, attn: nn.Module, kept: list[int]) -> None:
     drop = torch.tensor([h for h in range(heads) if h not in set(kept)], dtype=torch.long)
     if len(drop):
         with torch.no_grad():
-            adapter.attention_out(attn).weight[:, _query_rows(drop, 1, hd)] = 0.0
+            adapter.attention_out(attn).weight[:, _rows(drop, hd)] = 0.0
 
 
 def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A new model of the same family keeping only the ``kept`` query heads [layers, n] of every
     layer: the same number of heads in each of the same number of KV groups (a config holds one
     layout), the key and value heads of groups with no kept head removed."""
-    from uspx.models.loading import model_from_state
-
     adapter = adapter_for(model)
     heads, kv, hd = adapter.head_shape()
     rep = heads // kv
@@ -88,8 +88,8 @@ def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
     prefix = {id(a): name for name, a in model.named_modules()}
     for i, a in enumerate(adapter.attention_modules(model)):
         p = prefix[id(a)]
-        q_rows = _query_rows(kept[i], 1, hd)
-        kv_rows = _query_rows(torch.tensor(groups[i]), 1, hd)
+        q_rows = _rows(kept[i], hd)
+        kv_rows = _rows(torch.tensor(groups[i]), hd)
         by_rows = [(adapter.query_proj, q_rows)] + [(proj, kv_rows) for proj in adapter.key_value_projs]
         for proj, rows in by_rows:
             module = getattr(a, proj)
@@ -104,6 +104,4 @@ def narrowed_heads(model: nn.Module, kept: torch.Tensor) -> nn.Module:
 
 def kv_bytes_per_token(config, kv_dtype: str = "bf16") -> int:
     """KV cache bytes one token of context costs (every layer), from the config."""
-    from uspx.plan.memory import count_params, kv_cache_bytes
-
     return kv_cache_bytes(count_params(config), 1, kv_dtype)

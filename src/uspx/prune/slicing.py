@@ -28,6 +28,7 @@ from typing import Iterator
 
 import torch
 
+from uspx.models.base import _set_field
 from uspx.models.tensorfiles import INDEX_NAME, TensorSpec, make_readable, write_safetensors
 from uspx.engine.source import FromCheckpoint
 from uspx.io import UspxError, read_json, write_json
@@ -67,9 +68,6 @@ class Layout:
     config: dict
     files: dict[str, list[_Slice]]
     fillers: dict[int, list[int]]  # per layer: original ids used as never-routed fillers
-
-    def tensor_bytes(self) -> int:
-        return sum(s.spec.nbytes for slices in self.files.values() for s in slices)
 
 
 def _narrowed(spec: TensorSpec, index: Index, name: str | None = None) -> TensorSpec:
@@ -158,8 +156,6 @@ def pruned_config_json(adapter, stored: dict, width: int, cut: Cut | None = None
     whatever else the family's own ``pruned_config`` changes (it also checks the count: deepseek's
     groups). Everything else, the declared dtype and the quantization config included, stays as it
     was written, so the export loads like its source."""
-    from uspx.models.base import _set_field
-
     after = adapter.pruned_config(width)
     if cut is not None:
         _set_field(after, adapter.expert_width_field, cut.width)

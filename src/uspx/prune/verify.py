@@ -8,6 +8,7 @@ import torch
 
 from uspx.engine import WeightSource, make_batches, run
 from uspx.engine.observers import Logits
+from uspx.engine.pair import LayerStep, run_pair
 from uspx.io import UspxError
 from uspx.workload import EncodedItem
 
@@ -42,14 +43,10 @@ def compare_logits(reference: WeightSource, kept: dict[int, list[int]], exported
     with reference.adapter.restrict(kept):
         run(reference, make_batches(items, len(items)), [want], progress=False)
     run(exported, make_batches(items, len(items)), [got], progress=False)
-    worst, scale, agree, tokens = 0.0, 0.0, 0, 0
+    diff = _LogitDiff()
     for a, b in zip(want.per_item, got.per_item):
-        worst = max(worst, (a - b).abs().max().item())
-        scale = max(scale, a.abs().max().item())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        tokens += a.shape[0]
-    return {"prompts": len(items), "tokens": tokens, "max_abs_logit_diff": worst, "max_abs_logit": scale,
-            "argmax_agreement": agree / tokens}
+        diff.pair_logits(None, a, b)
+    return diff.record(len(items))
 
 
 class _LogitDiff:
@@ -63,6 +60,10 @@ class _LogitDiff:
         self.scale = max(self.scale, teacher.abs().max().item())
         self.agree += int((teacher.argmax(-1) == candidate.argmax(-1)).sum())
         self.tokens += teacher.shape[0]
+
+    def record(self, prompts: int) -> dict:
+        return {"prompts": prompts, "tokens": self.tokens, "max_abs_logit_diff": self.worst,
+                "max_abs_logit": self.scale, "argmax_agreement": self.agree / self.tokens}
 
 
 def compare_layers(reference: WeightSource, kept: dict[int, list[int]], exported: WeightSource,
@@ -78,8 +79,6 @@ def compare_layers(reference: WeightSource, kept: dict[int, list[int]], exported
     Returns, per layer but the last (whose output reaches the logits), the largest difference
     (``max_abs_hidden_diff``) and the largest value of the original's output (``max_abs_hidden``),
     and the logits' figures as :func:`compare_logits` gives them."""
-    from uspx.engine.pair import LayerStep, run_pair
-
     per_layer: list[float] = []
     scale: list[float] = []
     previous: dict[int, torch.Tensor] = {}
@@ -97,9 +96,8 @@ def compare_layers(reference: WeightSource, kept: dict[int, list[int]], exported
     diff = _LogitDiff()
     with reference.adapter.restrict(kept):
         run_pair(reference, exported, make_batches(items, len(items)), [diff], fit=forced, progress=False)
-    return {"prompts": len(items), "tokens": diff.tokens, "max_abs_logit_diff": diff.worst,
-            "max_abs_logit": diff.scale, "argmax_agreement": diff.agree / diff.tokens,
-            "max_abs_hidden_diff": per_layer, "max_abs_hidden": scale, "teacher_forced": True}
+    return {**diff.record(len(items)), "max_abs_hidden_diff": per_layer, "max_abs_hidden": scale,
+            "teacher_forced": True}
 
 
 def within_tolerance(check: dict, tolerance: float) -> bool:

@@ -65,14 +65,6 @@ class LayerHistory:
     objectives: dict = field(default_factory=dict)
 
 
-def objective_weights(settings: Settings) -> tuple[float, float]:
-    """(router KD, layer matching) weights of a layer-by-layer run: the settings' own, or both 1
-    when neither is set (token-level KD and cross-entropy need the whole model's logits)."""
-    if settings.router_kd or settings.layer:
-        return settings.router_kd, settings.layer
-    return 1.0, 1.0
-
-
 def train_layers(original: WeightSource, pruned: Path, kept: dict[int, list[int]], items: list[EncodedItem],
                  settings: Settings, work: Path, key: dict, *, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, pad_id: int = 0, frozen_experts: bool = False,
@@ -102,7 +94,9 @@ class _LayerTrainer:
         self.candidate, self.kept, self.batches, self.settings = candidate, kept, batches, settings
         self.work, self.key, self.frozen_experts = work, key, frozen_experts
         self.moe = {l.index: l for l in candidate.adapter.layers}
-        self.rk, self.ly = objective_weights(settings)
+        # (router KD, layer matching) weights: the settings' own, or both 1 when neither is set
+        # (token-level KD and cross-entropy need the whole model's logits)
+        self.rk, self.ly = (settings.router_kd, settings.layer) if settings.router_kd or settings.layer else (1.0, 1.0)
         # [B, T] bool per batch: real tokens of training items, and of validation items
         self.train_masks = [_positions(b, lambda row: row < n_train) for b in batches]
         self.val_masks = [_positions(b, lambda row: row >= n_train) for b in batches]
@@ -146,20 +140,21 @@ class _LayerTrainer:
             self.trained.update(self._stored(step, best))
         self.history.layers_done = step.index + 1
         self.history.seconds = time.perf_counter() - self.started
-        self.history.peak_rss_bytes = max(self.history.peak_rss_bytes, _peak_rss())
+        rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+        self.history.peak_rss_bytes = max(self.history.peak_rss_bytes, rss)
         _save(self.work, self.key, self.history, self.trained)
 
     def _trainable(self, step: LayerStep) -> dict[str, torch.nn.Parameter]:
         moe = self.moe.get(step.index)
         if self.settings.train == "router":
-            return {} if moe is None else dict(_floats(moe.router, self._prefix(moe.router)))
-        frozen = set()
-        if self.frozen_experts and moe is not None:
-            frozen = {id(p) for p in moe.experts.parameters()}
-        return {n: p for n, p in _floats(step.layer, self._prefix(step.layer)) if id(p) not in frozen}
+            return {} if moe is None else self._floats(moe.router)
+        frozen = {id(p) for p in moe.experts.parameters()} if self.frozen_experts and moe is not None else set()
+        return {n: p for n, p in self._floats(step.layer).items() if id(p) not in frozen}
 
-    def _prefix(self, module: torch.nn.Module) -> str:
-        return self.candidate._module_prefix(module)
+    def _floats(self, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The module's floating-point parameters under their names in the model."""
+        prefix = self.candidate._module_prefix(module)
+        return {prefix + n: p for n, p in module.named_parameters() if p.is_floating_point()}
 
     def _loss(self, step: LayerStep, b: int, mask: torch.Tensor) -> torch.Tensor:
         """The layer's objective on batch ``b``'s positions ``mask`` [B, T], in float32."""
@@ -196,9 +191,7 @@ class _LayerTrainer:
                ) -> tuple[LayerRecord, dict[str, torch.Tensor]]:
         s = self.settings
         layer = step.layer
-        layer.float()
-        for p in layer.parameters():
-            p.requires_grad_(False)
+        layer.float().requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
         gen = torch.Generator().manual_seed(s.seed * 100_003 + step.index)
@@ -262,16 +255,6 @@ def _positions(batch: Batch, keep) -> torch.Tensor:
     """[B, T] bool: real tokens of the batch's items whose caller row passes ``keep``."""
     rows = torch.tensor([bool(keep(r)) for r in batch.rows])
     return batch.attention_mask.bool() & rows[:, None]
-
-
-def _floats(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    for n, p in module.named_parameters():
-        if p.is_floating_point():
-            yield prefix + n, p
-
-
-def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 # ----- resume ---------------------------------------------------------------------------------------

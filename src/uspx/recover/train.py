@@ -167,12 +167,9 @@ def trainable_parameters(student: torch.nn.Module, adapter: MoEAdapter, settings
     """The student to train (peft-wrapped for LoRA) and its trainable parameters, by name.
     ``frozen_experts``: expert weights never train (an MXFP4 checkpoint keeps its expert blocks)."""
     frozen = expert_parameter_names(student, adapter) if frozen_experts else set()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    if settings.train == "full":
-        for n, p in student.named_parameters():
-            p.requires_grad_(n not in frozen)
-    elif settings.train == "lora":
+    for n, p in student.named_parameters():
+        p.requires_grad_(settings.train == "full" and n not in frozen)
+    if settings.train == "lora":
         student = _with_lora(student, adapter, settings.lora_rank, experts=not frozen_experts)
     routers = {id(p) for layer in adapter.layers for p in layer.router.parameters()}
     for p in student.parameters():
@@ -210,56 +207,73 @@ def train(teacher: torch.nn.Module, student: torch.nn.Module, kept: dict[int, li
     train_items = train_items + generated_items(teacher, train_items, settings, work / "generated.json",
                                                 eos if isinstance(eos, int) else None)
     student, params = trainable_parameters(student, s_adapter, settings, frozen_experts)
-    optimizer = torch.optim.AdamW(params.values(), lr=settings.learning_rate, weight_decay=0.0)
-    history = _resume(work, key, params, optimizer)
-    best = {n: p.detach().clone() for n, p in params.items()}
-    if history.step and (work / "best.safetensors").exists():
-        best = load_tensors(work / "best.safetensors")
     want_router, want_blocks = settings.router_kd > 0, settings.layer > 0
     t_sig, s_sig = _Signals(t_adapter, want_router, want_blocks), _Signals(s_adapter, want_router, want_blocks)
     kept_t = {l: torch.tensor(v) for l, v in kept.items()}
-    val_batches = make_batches(val_items, settings.batch_size, pad_id)
-    started = time.perf_counter() - history.seconds
     teacher.eval()
     student.eval()  # no dropout anywhere; eval keeps routing deterministic (phimoe samples in train mode)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, int]:
+        batch = batch_of_step(train_items, step, settings.batch_size, settings.seed, pad_id)
+        return _loss(teacher, student, batch, settings, t_sig, s_sig, kept_t), int(batch.attention_mask.sum())
+
+    val_batches = make_batches(val_items, settings.batch_size, pad_id)
     try:
-        with progress_bar("recovering", total=settings.steps, unit="steps", enabled=progress) as bar:
-            bar.advance(history.step)
-            while history.step < settings.steps and not history.stopped:
-                batch = batch_of_step(train_items, history.step, settings.batch_size, settings.seed, pad_id)
-                lr = settings.learning_rate * min(1.0, (history.step + 1) / max(1, settings.warmup))
-                lr *= 0.5 * (1 + math.cos(math.pi * history.step / settings.steps))
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss = _loss(teacher, student, batch, settings, t_sig, s_sig, kept_t)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-                optimizer.step()
-                if after_step is not None:
-                    after_step(lr)
-                history.step += 1
-                history.tokens_seen += int(batch.attention_mask.sum())
-                value = float(loss.detach())
-                history.train_loss.append([history.step, round(value, 6)])
-                bar.advance()
-                bar.describe(f"recovering (loss {value:.4f})")
-                history.seconds = time.perf_counter() - started
-                best, saved = end_of_step(history, settings, student, val_batches, params, best, work, key, optimizer)
-                if saved and on_checkpoint is not None:
-                    on_checkpoint(history.step)
+        history = train_steps(student, params, settings, work, key, val_batches, step_loss, label="recovering",
+                              progress=progress, after_step=after_step, on_checkpoint=on_checkpoint)
     finally:
         t_sig.remove()
         s_sig.remove()
-    history.stopped = history.stopped or f"{settings.steps} steps done"
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(best[n])
     if settings.train == "lora":
         student = student.merge_and_unload()
     for p in student.parameters():
         p.requires_grad_(False)
     return student, history
+
+
+def train_steps(student: torch.nn.Module, params: dict[str, torch.nn.Parameter], settings: Settings, work: Path,
+                key: dict, val_batches: list[Batch], step_loss: Callable[[int], tuple[torch.Tensor, int]], *,
+                label: str, progress: bool = True, after_step: Callable[[float], None] | None = None,
+                on_checkpoint: Callable[[int], None] | None = None) -> History:
+    """Recovery's loop over ``step_loss(step)`` -> (loss, tokens read): AdamW with warm-up and a
+    cosine schedule, gradient clipping, early stopping on ``val_batches`` and checkpoints in ``work``
+    (a run with the same key resumes from them). Returns the history, ``params`` holding the best
+    validation weights."""
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.learning_rate, weight_decay=0.0)
+    history = _resume(work, key, params, optimizer)
+    best = {n: p.detach().clone() for n, p in params.items()}
+    if history.step and (work / "best.safetensors").exists():
+        best = load_tensors(work / "best.safetensors")
+    started = time.perf_counter() - history.seconds
+    with progress_bar(label, total=settings.steps, unit="steps", enabled=progress) as bar:
+        bar.advance(history.step)
+        while history.step < settings.steps and not history.stopped:
+            lr = settings.learning_rate * min(1.0, (history.step + 1) / max(1, settings.warmup))
+            lr *= 0.5 * (1 + math.cos(math.pi * history.step / settings.steps))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss, tokens = step_loss(history.step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            optimizer.step()
+            if after_step is not None:
+                after_step(lr)
+            history.step += 1
+            history.tokens_seen += tokens
+            value = float(loss.detach())
+            history.train_loss.append([history.step, round(value, 6)])
+            bar.advance()
+            bar.describe(f"{label} (loss {value:.4f})")
+            history.seconds = time.perf_counter() - started
+            best, saved = end_of_step(history, settings, student, val_batches, params, best, work, key, optimizer)
+            if saved and on_checkpoint is not None:
+                on_checkpoint(history.step)
+    history.stopped = history.stopped or f"{settings.steps} steps done"
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best[n])
+    return history
 
 
 def _loss(teacher, student, batch: Batch, settings: Settings, t_sig: _Signals, s_sig: _Signals,
@@ -355,7 +369,7 @@ def check_work(work: Path, key: dict) -> None:
             )
     elif work.exists() and any(p.name != "generated.json" for p in work.iterdir()):
         raise UspxError(f"{work} holds files that are not a uspx recovery checkpoint; use another folder")
-    elif (work / "generated.json").exists() and not path.exists():
+    elif (work / "generated.json").exists():
         (work / "generated.json").unlink()  # made before a kill that left no checkpoint: its key is unknown
 
 

@@ -19,6 +19,7 @@ right after it) and replayed, so an ablation at layer l costs only layers l.. pl
 
 from __future__ import annotations
 
+import contextlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,12 +172,9 @@ def run_ablation(
                         skipped += 1
                         bar.advance()
                         continue
-                    with ablate(adapter, layer, expert, kind):
-                        if bi in prefix:
-                            with _replay_prefix(found[0], found[1], prefix[bi]):
-                                losses = token_losses(model, batch)
-                        else:
-                            losses = token_losses(model, batch)
+                    replayed = _replay_prefix(*found, prefix[bi]) if bi in prefix else contextlib.nullcontext()
+                    with ablate(adapter, layer, expert, kind), replayed:
+                        losses = token_losses(model, batch)
                     forwards += 1
                     d = (losses - base.losses[bi]).double() * batch.loss_mask  # [B, T]
                     delta[batch.rows, pos, expert] = d.sum(1).numpy()

@@ -15,6 +15,7 @@ from uspx.models import LoadedModel
 from uspx.score.keep import parse_keep
 from uspx.score.methods import REGISTRY, Inputs, Method, Needs, score_sequential
 from uspx.score.table import FORMAT, ScoreTable
+from uspx.score.trace_stats import trace_columns
 from uspx.trace import Trace
 from uspx.workload import Workload, load_workload
 
@@ -121,7 +122,7 @@ def _score(
     if trace_split not in ("all", split):
         raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
     traced = wl.part(trace_split)
-    has_norms = "expert_norms" in _trace_columns(tr)
+    has_norms = "expert_norms" in trace_columns(tr)
     if layered and not has_norms and any(m.norms for m in chosen):
         raise UspxError(f"{tr.path}: reap / ean need expert norms in the trace for a layer-by-layer run; trace with --norms")
     lm = _open_model(model, tr, traced, d, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -164,9 +165,36 @@ def check_arguments(model: str | Path | LoadedModel | Opened, methods: Sequence[
         methods = [m for m in METHODS if not REGISTRY[m].needs_keep or keep is not None]
         methods = [m for m in methods if m != "capability" or tool_families]
     chosen = [REGISTRY[m] for m in _check_methods(methods)]
-    _check_options(chosen, current(), keep=keep, tool_families=tool_families, ablation_budget=ablation_budget,
-                   layer_by_layer=layered or sequential is not None, sequential=sequential is not None,
-                   bootstrap=bootstrap, max_tokens=max_tokens, marginal=marginal)
+    names, d = [m.name for m in chosen], current()
+    if "capability" in names and not tool_families:
+        raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
+    needs_keep = [m.name for m in chosen if m.needs_keep]
+    if keep is None and needs_keep:
+        raise UspxError(f"{', '.join(needs_keep)} decide which experts to keep under a budget: give keep "
+                        "(--keep: a count or a share like 50%)")
+    if d.active and needs_keep:
+        # one sequence of steps (training, or ablations chosen from the ones before), not a sum over
+        # items to share out; run alone, the other processes would only wait on it
+        raise UspxError(f"{', '.join(needs_keep)} run as one sequence in one process: run `uspx score` for them "
+                        f"without torchrun (this run has {d.world} processes), or `uspx extract`, whose rank 0 scores")
+    if not ablation_budget > 0:
+        raise UspxError(f"ablation_budget must be a positive share of exhaustive ablation's forwards, not {ablation_budget}")
+    whole = [m.name for m in chosen if not m.streams]
+    if whole and (layered or sequential is not None):
+        raise UspxError(
+            f"{', '.join(whole)} need the whole model in memory (a full forward, or gradients, per expert); "
+            f"a layer-by-layer run scores only the local methods {', '.join(LOCAL_METHODS)}"
+        )
+    other = [m.name for m in chosen if not m.sequential]
+    if other and sequential is not None:
+        raise UspxError(f"{', '.join(other)} are not scored sequentially; sequential calibration scores "
+                        f"{', '.join(SEQUENTIAL_METHODS)}")
+    if bootstrap < 0:
+        raise UspxError("bootstrap must be >= 0")
+    if max_tokens is not None and max_tokens < 1:
+        raise UspxError("max_tokens must be >= 1")
+    if marginal not in ("natural", "interventional"):
+        raise UspxError(f"marginal must be 'natural' or 'interventional', not {marginal!r}")
     return chosen, inner_units
 
 
@@ -183,44 +211,6 @@ def _open_model(model: str | Path | LoadedModel | Opened, tr: Trace, traced: Wor
     if list(tr.moe_layers) != [l.index for l in adapter.layers] or tr.num_experts != adapter.num_experts:
         raise UspxError(f"{tr.path}: trace layers / expert count do not match the model")
     return lm
-
-
-def _check_options(chosen: list[Method], d: Dist, *, keep: str | int | None, tool_families: Sequence[str] | None,
-                   ablation_budget: float, layer_by_layer: bool, sequential: bool, bootstrap: int,
-                   max_tokens: int | None, marginal: str) -> None:
-    """Every argument checked before the trace or the model is read."""
-    names = [m.name for m in chosen]
-    if "capability" in names and not tool_families:
-        raise UspxError("capability scores need the families handed to tools (--tool-families, e.g. arith)")
-    needs_keep = [m.name for m in chosen if m.needs_keep]
-    if keep is None and needs_keep:
-        raise UspxError(f"{', '.join(needs_keep)} decide which experts to keep under a budget: give keep "
-                        "(--keep: a count or a share like 50%)")
-    if d.active and needs_keep:
-        # one sequence of steps (training, or ablations chosen from the ones before), not a sum over
-        # items to share out; run alone, the other processes would only wait on it
-        raise UspxError(f"{', '.join(needs_keep)} run as one sequence in one process: run `uspx score` for them "
-                        f"without torchrun (this run has {d.world} processes), or `uspx extract`, whose rank 0 scores")
-    if not ablation_budget > 0:
-        raise UspxError(f"ablation_budget must be a positive share of exhaustive ablation's forwards, not {ablation_budget}")
-    if layer_by_layer:
-        whole = [m.name for m in chosen if not m.streams]
-        if whole:
-            raise UspxError(
-                f"{', '.join(whole)} need the whole model in memory (a full forward, or gradients, per expert); "
-                f"a layer-by-layer run scores only the local methods {', '.join(LOCAL_METHODS)}"
-            )
-    if sequential:
-        other = [m.name for m in chosen if not m.sequential]
-        if other:
-            raise UspxError(f"{', '.join(other)} are not scored sequentially; sequential calibration scores "
-                            f"{', '.join(SEQUENTIAL_METHODS)}")
-    if bootstrap < 0:
-        raise UspxError("bootstrap must be >= 0")
-    if max_tokens is not None and max_tokens < 1:
-        raise UspxError("max_tokens must be >= 1")
-    if marginal not in ("natural", "interventional"):
-        raise UspxError(f"marginal must be 'natural' or 'interventional', not {marginal!r}")
 
 
 def _run_methods(run: Inputs, chosen: list[Method]) -> None:
@@ -240,12 +230,10 @@ def _run_methods(run: Inputs, chosen: list[Method]) -> None:
 
 def _score_units(run: Inputs, inner_units: list[str], unit_methods: Sequence[str] | None):
     """Channels and heads, scored on the same prompts as the experts."""
-    from uspx.score.units import DEFAULT_METHODS as UNIT_DEFAULTS, score_units
+    from uspx.score.units import DEFAULT_METHODS as UNIT_DEFAULTS, LOCAL_METHODS as UNIT_LOCAL, score_units
 
     run.load_prompts("channel and head scores")
     with run.timed("units"):
-        from uspx.score.units import LOCAL_METHODS as UNIT_LOCAL
-
         defaults = UNIT_DEFAULTS if run.lm.source.resident else UNIT_LOCAL  # layer by layer: what runs there
         return score_units(run.lm.source, run.items, inner_units, unit_methods or defaults,
                            pad_id=run.pad_id, batch_size=run.batch_size, bootstrap=run.bootstrap, seed=run.seed,
@@ -296,7 +284,7 @@ def _meta(run: Inputs, chosen: list[Method], wl: Workload, trace_dir: str | Path
 def default_methods(trace_dir: str | Path) -> list[str]:
     """The local methods a trace allows (reap and ean need its expert norms), without those that
     need more than the trace (a budget to learn masks under, tool families)."""
-    has_norms = "expert_norms" in _trace_columns(Trace(trace_dir))
+    has_norms = "expert_norms" in trace_columns(Trace(trace_dir))
     return [m for m in LOCAL_METHODS if (has_norms or not REGISTRY[m].norms) and not REGISTRY[m].needs_keep
             and m != "capability"]
 
@@ -313,10 +301,3 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
     if not out:
         raise UspxError("no score methods given")
     return out
-
-
-def _trace_columns(tr: Trace) -> list[str]:
-    import pyarrow.parquet as pq
-
-    files = tr.files()
-    return pq.read_schema(files[0]).names if files else []

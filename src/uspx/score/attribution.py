@@ -31,15 +31,15 @@ class Attribution:
 
 
 def _units(model: nn.Module):
-    """(projection weights to differentiate, channel blocks per MoE layer, KV-group blocks per layer)."""
+    """(per MoE layer: its down projections and their channel layout, per decoder layer: its output
+    projection and the input columns of each KV group)."""
+    from uspx.score.units import _head_columns
+
     adapter = adapter_for(model)
     width = adapter.expert_width()
-    heads, kv, hd = adapter.head_shape()
-    rep = heads // kv
     channels = {l.index: (adapter.expert_down(l), adapter.expert_down_layout(l, width)) for l in adapter.layers}
-    groups = [(adapter.attention_out(a).weight, [slice(g * rep * hd, (g + 1) * rep * hd) for g in range(kv)])
-              for a in adapter.attention_modules(model)]
-    return channels, groups
+    _, group_cols = _head_columns(adapter)
+    return channels, [(adapter.attention_out(a).weight, group_cols) for a in adapter.attention_modules(model)]
 
 
 def mean_loss(model: nn.Module, items: list[EncodedItem], pad_id: int = 0, batch_size: int = 8,
@@ -107,14 +107,9 @@ def spearman(a, b) -> float | None:
     if len(a) < 3:
         return None
 
-    def ranks(x):
-        x = np.asarray(x, dtype=float)
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # ties share their mean rank
-            r[x == v] = r[x == v].mean()
-        return r
+    def ranks(x):  # 0-based; ties share their mean rank
+        _, inverse, count = np.unique(np.asarray(x, dtype=float), return_inverse=True, return_counts=True)
+        return (np.cumsum(count) - (count + 1) / 2)[inverse]
 
     ra, rb = ranks(a), ranks(b)
     if ra.std() == 0 or rb.std() == 0:

@@ -1,8 +1,8 @@
 """One forward pass of the unmodified model over the evaluated prompts.
 
 It records what every model-based score compares against: each target token's loss, the routing
-(to know which tokens each expert served, and to skip forwards that cannot change), optionally the
-and the expert output norms (REAP / EAN when the trace has none).
+(to know which tokens each expert served, and to skip forwards that cannot change), and optionally
+the expert output norms (REAP / EAN when the trace has none).
 """
 
 from __future__ import annotations

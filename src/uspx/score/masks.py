@@ -137,6 +137,12 @@ def kept_from_log_alpha(log_alpha: torch.Tensor, layers: Sequence[int], keep: in
     return out
 
 
+def _outcome(log_alpha: torch.Tensor, layers: list[int], keep: int) -> dict:
+    """The history's kept sets and expected open gates per layer of learned ``log_alpha`` [L, E]."""
+    return dict(kept={str(l): v for l, v in kept_from_log_alpha(log_alpha, layers, keep).items()},
+                expected_open=[round(float(x), 4) for x in gate_open_probability(log_alpha).sum(-1)])
+
+
 def learn_masks(
     model: nn.Module,
     items: Sequence[EncodedItem],
@@ -172,8 +178,8 @@ def learn_masks(
 
     log_alpha = torch.full((n_layers, n_exp), float(init_log_alpha), requires_grad=True)
     lambdas = torch.zeros((2, n_layers), requires_grad=True)  # lambda_1, lambda_2 per layer
-    opt_gates = torch.optim.Adam([log_alpha], lr=lr)
-    opt_lambdas = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)
+    # descends in the gates, ascends in the lambdas
+    opt = torch.optim.Adam([dict(params=[log_alpha], lr=lr), dict(params=[lambdas], lr=lambda_lr, maximize=True)])
     generator = torch.Generator().manual_seed(seed)
 
     was_training = model.training
@@ -201,17 +207,15 @@ def learn_masks(
                     kd = kd_loss(student, teacher.to(student.device), tau).cpu()
                     expected = gate_open_probability(log_alpha).sum(-1)  # [L]
                     penalty = lagrangian(expected, float(keep), lambdas[0], lambdas[1]).sum()
-                    opt_gates.zero_grad(set_to_none=True)
-                    opt_lambdas.zero_grad(set_to_none=True)
+                    opt.zero_grad(set_to_none=True)
                     (kd + penalty).backward()
-                    opt_gates.step()
-                    opt_lambdas.step()
-                    done = step + 1
+                    opt.step()
+                    done, kd_now, open_now = step + 1, float(kd.detach()), float(expected.detach().mean())
                     if done % every == 0 or done == steps:
-                        kd_curve.append([done, round(float(kd.detach()), 6)])
-                        open_curve.append([done, round(float(expected.detach().mean()), 4)])
+                        kd_curve.append([done, round(kd_now, 6)])
+                        open_curve.append([done, round(open_now, 4)])
                     bar.advance()
-                    bar.describe(f"learning masks (kd {float(kd.detach()):.4f}, open {float(expected.detach().mean()):.2f})")
+                    bar.describe(f"learning masks (kd {kd_now:.4f}, open {open_now:.2f})")
         finally:
             current["z"] = None
             hooks.remove()
@@ -219,13 +223,10 @@ def learn_masks(
 
     final = log_alpha.detach().clone()
     layers = [layer.index for layer in adapter.layers]
-    with torch.no_grad():
-        expected = gate_open_probability(final).sum(-1)
     history = dict(
         keep=int(keep), steps=int(steps), lr=lr, lambda_lr=lambda_lr, batch_size=int(batch_size), tau=tau,
         seed=int(seed), init_log_alpha=float(init_log_alpha), seconds=round(time.perf_counter() - started, 3),
-        layers=layers, kept={str(l): v for l, v in kept_from_log_alpha(final, layers, keep).items()},
-        expected_open=[round(float(x), 4) for x in expected],
+        layers=layers, **_outcome(final, layers, keep),
         lambda_1=[round(float(x), 6) for x in lambdas[0].detach()],
         lambda_2=[round(float(x), 6) for x in lambdas[1].detach()],
         kd=kd_curve, mean_expected_open=open_curve,
@@ -280,8 +281,8 @@ class LayerMasks(Observer):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + index)
         log_alpha = torch.full((adapter.num_experts,), float(self.init), requires_grad=True)
         lambdas = torch.zeros(2, requires_grad=True)
-        opt_gates = torch.optim.Adam([log_alpha], lr=self.lr)
-        opt_lambdas = torch.optim.Adam([lambdas], lr=self.lambda_lr, maximize=True)
+        opt = torch.optim.Adam([dict(params=[log_alpha], lr=self.lr),
+                                dict(params=[lambdas], lr=self.lambda_lr, maximize=True)])
         try:
             with frozen(block.parameters()):
                 with torch.no_grad():
@@ -296,11 +297,9 @@ class LayerMasks(Observer):
                         loss = layer_loss(out, y[rows])
                         penalty = lagrangian(gate_open_probability(log_alpha).sum(), float(self.keep),
                                              lambdas[0], lambdas[1])
-                        opt_gates.zero_grad(set_to_none=True)
-                        opt_lambdas.zero_grad(set_to_none=True)
+                        opt.zero_grad(set_to_none=True)
                         (loss + penalty).backward()
-                        opt_gates.step()
-                        opt_lambdas.step()
+                        opt.step()
         finally:
             current["z"] = None
             hook.remove()
@@ -320,8 +319,6 @@ def layer_masks(source, items: Sequence[EncodedItem], keep: int, *, pad_id: int 
     layers = [layer.index for layer in source.adapter.layers]
     log_alpha = torch.stack([observer.log_alpha[l] for l in layers])
     history = dict(keep=int(keep), steps=int(steps), seed=int(seed), layers=layers, objective="layer",
-                   seconds=round(time.perf_counter() - started, 3),
-                   kept={str(l): v for l, v in kept_from_log_alpha(log_alpha, layers, keep).items()},
-                   expected_open=[round(float(x), 4) for x in gate_open_probability(log_alpha).sum(-1)],
+                   seconds=round(time.perf_counter() - started, 3), **_outcome(log_alpha, layers, keep),
                    final_layer_loss=[round(observer.final_loss[l], 6) for l in layers])
     return log_alpha, history

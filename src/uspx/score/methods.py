@@ -24,7 +24,7 @@ from uspx.io import UspxError
 from uspx.models import LoadedModel
 from uspx.score.keep import parse_keep
 from uspx.progress import progress_bar
-from uspx.score.ablation import AblationResult, run_ablation
+from uspx.score.ablation import KINDS as ABLATION_KINDS, AblationResult, run_ablation
 from uspx.score.baseline import Baseline, run_baseline
 from uspx.score.bootstrap import Factor, estimate
 from uspx.score.reconstruction import reconstruction_sums, traced_sums
@@ -34,8 +34,6 @@ from uspx.score.taylor import run_taylor
 from uspx.score.trace_stats import RouterStats, stats_from_trace
 from uspx.trace import Trace
 from uspx.workload import EncodedItem, Workload, encode
-
-ABLATION_KINDS = ("natural", "interventional")
 
 
 @dataclass(frozen=True)
@@ -371,15 +369,11 @@ def split_items(tr: Trace, traced: Workload, tokenizer, split: str, max_tokens: 
             "was the trace made with another tokenizer?"
         )
     if max_tokens is not None:
-        # whole prompts (the bootstrap unit), in a seeded random order, until the budget is reached
+        # whole prompts (the bootstrap unit), in a seeded random order, until the budget is reached:
+        # each prompt whose predecessors in that order hold fewer than max_tokens tokens
         order = np.random.default_rng(seed).permutation(len(encoded))
-        chosen, total = [], 0
-        for i in order:
-            if total >= max_tokens:
-                break
-            chosen.append(int(i))
-            total += len(encoded[i].input_ids)
-        encoded = [encoded[i] for i in sorted(chosen)]
+        lengths = np.array([len(encoded[i].input_ids) for i in order])
+        encoded = [encoded[i] for i in sorted(order[np.cumsum(lengths) - lengths < max_tokens])]
     return encoded
 
 

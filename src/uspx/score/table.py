@@ -61,12 +61,12 @@ class ScoreTable(Provenance):
         """A seeded random ranking in the layout of this table's first method: the baseline every
         selection should beat (``uspx select --method random``)."""
         t = self.method(self.methods[0])
-        values = np.random.default_rng(seed).random(t.num_rows)
-        t = t.set_column(t.schema.get_field_index("value"), "value", pa.array(values, type=t.schema.field("value").type))
-        nan = pa.array(np.full(t.num_rows, np.nan), type=t.schema.field("ci_low").type)
-        t = t.set_column(t.schema.get_field_index("ci_low"), "ci_low", nan)
-        t = t.set_column(t.schema.get_field_index("ci_high"), "ci_high", nan)
-        return t.set_column(t.schema.get_field_index("method"), "method", pa.array(["random"] * t.num_rows))
+        n, nan = t.num_rows, np.full(t.num_rows, np.nan)
+        columns = dict(value=np.random.default_rng(seed).random(n), ci_low=nan, ci_high=nan, method=["random"] * n)
+        for name, column in columns.items():
+            field = t.schema.field(name)
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(column, type=field.type))
+        return t
 
     def values(self, method: str) -> dict[tuple[int, int], float]:
         """``{(layer, expert): value}`` of one method."""

@@ -94,8 +94,7 @@ class RouterStats:
 def stats_from_trace(trace: Trace, split: str, *, norms: bool) -> RouterStats:
     """Per-prompt sums over the trace rows of ``split`` ("all" for every row)."""
     columns = ["sample", "layer", "split", "expert_ids", "expert_weights"]
-    schema_names = set(_schema_names(trace))
-    if norms and "expert_norms" not in schema_names:
+    if norms and "expert_norms" not in trace_columns(trace):
         raise UspxError(f"{trace.path}: trace has no expert_norms column (trace with --norms)")
     if norms:
         columns.append("expert_norms")
@@ -134,7 +133,8 @@ def stats_from_trace(trace: Trace, split: str, *, norms: bool) -> RouterStats:
     return stats
 
 
-def _schema_names(trace: Trace) -> list[str]:
+def trace_columns(trace: Trace) -> list[str]:
+    """The column names of the trace's shards (none when it has no shard)."""
     import pyarrow.parquet as pq
 
     files = trace.files()

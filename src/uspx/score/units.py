@@ -133,14 +133,11 @@ class UnitScores:
                                       pc.equal(self.table.column("layer"), layer)))
         if not t.num_rows:
             raise UspxError(f"no {method!r} scores for {kind} units of layer {layer} in this unit table")
-        index, channel = t.column("index").to_numpy(), t.column("channel").to_numpy()
-        value = t.column("value").to_numpy()
-        if kind not in ("channel", "dense_channel"):
-            out = np.zeros(int(index.max()) + 1)
-            out[index] = value
-            return out
-        out = np.zeros((int(index.max()) + 1, int(channel.max()) + 1))
-        out[index, channel] = value
+        at = (t.column("index").to_numpy(),)
+        if kind in ("channel", "dense_channel"):
+            at += (t.column("channel").to_numpy(),)
+        out = np.zeros([int(a.max()) + 1 for a in at])
+        out[at] = t.column("value").to_numpy()
         return out
 
     def layers(self, kind: str) -> list[int]:
@@ -209,18 +206,21 @@ def _head_columns(adapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return cols, cols.reshape(kv, (heads // kv) * hd)
 
 
-class _Contributions:
+class _Contributions(Observer):
     """Per-prompt sums of every unit's contribution, filled by forward hooks during one pass over
-    the batches; ``state`` holds the current batch's real-token mask and prompt ids. The hooks sit
-    on the source's modules, so they see a model run whole or a decoder layer at a time, and read
-    weights only when they run (a layer read from the files exists only for its turn)."""
+    the batches; as the engine's observer, ``state`` holds the current batch's real-token mask and
+    prompt ids. The hooks sit on the source's modules, so they see a model run whole or a decoder
+    layer at a time, and read weights only when they run (a layer read from the files exists only
+    for its turn)."""
 
     def __init__(self, counts: np.ndarray):
+        super().__init__()
         self.counts = counts
         self.sums: dict[tuple[str, str, int, int], _Sums] = {}
         self.state: dict[str, torch.Tensor] = {}
 
-    def batch(self, batch) -> None:
+    def begin(self, batch) -> None:
+        super().begin(batch)
         real = batch.real
         self.state["real"] = real
         self.state["prompts"] = torch.tensor(batch.rows)
@@ -325,18 +325,6 @@ def _head_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
     return [pre_hook(o, hook_for(i, o)) for i, o in enumerate(outs)]
 
 
-class _BatchObserver(Observer):
-    """Tells the contribution hooks which batch is running."""
-
-    def __init__(self, col: _Contributions):
-        super().__init__()
-        self.col = col
-
-    def begin(self, batch) -> None:
-        super().begin(batch)
-        self.col.batch(batch)
-
-
 def _source(model: nn.Module | WeightSource) -> WeightSource:
     from uspx.engine import InMemory
 
@@ -364,7 +352,7 @@ def contribution_sums(model: nn.Module | WeightSource, items: list[EncodedItem],
     tokens = np.array([len(e.input_ids) for e in items], dtype=np.float64)
     batches = make_batches(items, batch_size, pad_id)
     with hooked(hooks):  # no logits needed: the hooks collect inside the layers
-        run(source, batches, [_BatchObserver(col)], progress=progress, label="unit contributions")
+        run(source, batches, [col], progress=progress, label="unit contributions")
     den_rep = counts @ tokens
     out: dict[str, list[pa.Table]] = {}
     for (kind, method, layer, first), s in sorted(col.sums.items()):
@@ -494,15 +482,14 @@ def score_units(model: nn.Module | WeightSource, items: list[EncodedItem], units
                         f"units with {', '.join(LOCAL_METHODS)}")
     if whole_only:
         model = _source(model).model
-    parts: list[pa.Table] = []
+    got: dict[str, pa.Table] = {}
     if {"reconstruction", "activation"} & set(methods):
-        got = contribution_sums(model, items, units, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,
-                                seed=seed, progress=progress)
-        parts += [t for m, t in got.items() if m in methods]
+        got.update(contribution_sums(model, items, units, pad_id=pad_id, batch_size=batch_size,
+                                     bootstrap=bootstrap, seed=seed, progress=progress))
     if {"attribution", "fisher"} & set(methods):
-        got = gradient_scores(model, items, units, pad_id=pad_id, bootstrap=bootstrap, seed=seed, progress=progress)
-        parts += [t for m, t in got.items() if m in methods]
+        got.update(gradient_scores(model, items, units, pad_id=pad_id, bootstrap=bootstrap, seed=seed,
+                                   progress=progress))
     if "ablation" in methods and "heads" in units:
-        parts.append(head_ablation(model, items, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,
-                                   seed=seed, progress=progress))
-    return UnitScores(pa.concat_tables(parts))
+        got["ablation"] = head_ablation(model, items, pad_id=pad_id, batch_size=batch_size, bootstrap=bootstrap,
+                                        seed=seed, progress=progress)
+    return UnitScores(pa.concat_tables([t for m, t in got.items() if m in methods]))

@@ -136,15 +136,15 @@ def _export(model: torch.nn.Module, out: Path, key: dict, *, history: dict, alig
     transformers and compare logits, then put the folder in place atomically."""
     from uspx.models import model_fingerprint
     from uspx.prune.export import RECORD
-    from uspx.prune.files import copy_tokenizer, weight_files
+    from uspx.prune.files import weight_files
+    from uspx.recover.run import save_model
 
     stored = weight_files(base).main_float_dtype()
     with torch.no_grad():  # what the file will hold, so the evaluation measures the export itself
         for p in model.parameters():
             p.copy_(p.to(stored).to(p.dtype))
     with atomic_folder(out / "model") as tmp:
-        copy.deepcopy(model).to(stored).save_pretrained(tmp)
-        copy_tokenizer(base, tmp)
+        save_model(model, tmp, stored, base)
         check = _verify_reload(model, tmp, s_tok)
         write_json(tmp / RECORD, dict(
             format=FORMAT, uspx_version=uspx.__version__, base=str(base), base_fingerprint=key["base"],

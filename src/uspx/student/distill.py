@@ -21,16 +21,14 @@ runs two tokenizations of one text, which recovery's loop (one batch for both mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from uspx.io import UspxError
-from uspx.progress import progress_bar
 from uspx.recover.train import History, Settings
 from uspx.student.text import Scored
 from uspx.workload import EncodedItem, Workload, WorkloadItem, WorkloadSummary
@@ -139,11 +137,8 @@ def generated_workload(teacher: torch.nn.Module, teacher_tok: object, items: lis
 def trainable(model: torch.nn.Module, settings: Settings) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
     """The model to train (peft-wrapped for LoRA) and its trainable parameters by name."""
     for p in model.parameters():
-        p.requires_grad_(False)
-    if settings.train == "full":
-        for p in model.parameters():
-            p.requires_grad_(p.is_floating_point())
-    else:
+        p.requires_grad_(settings.train == "full" and p.is_floating_point())
+    if settings.train != "full":
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
@@ -191,40 +186,16 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, pairs: list[Pair
     """Train ``student`` on ``pairs`` with recovery's loop (schedule, early stopping on ``val``,
     checkpoints in ``work``); returns it with its best validation weights, LoRA still unmerged."""
     from uspx.engine.batches import make_batches
-    from uspx.recover.train import _resume, check_work, end_of_step, load_tensors
+    from uspx.recover.train import check_work, train_steps
 
     torch.manual_seed(settings.seed)
     check_work(work, key)
     student, params = trainable(student, settings)
-    optimizer = torch.optim.AdamW(params.values(), lr=settings.learning_rate, weight_decay=0.0)
-    history = _resume(work, key, params, optimizer)
-    best = load_tensors(work / "best.safetensors") if history.step and (work / "best.safetensors").exists() else {
-        n: p.detach().clone() for n, p in params.items()}
     items = [p.student.item for p in pairs]
+    losses = functools.partial(step_loss, teacher, student, pairs, items, settings, same, teacher_pad, student_pad)
     val_batches = make_batches(val, settings.batch_size, student_pad)
-    started = time.perf_counter() - history.seconds
-    with progress_bar("distilling", total=settings.steps, unit="steps", enabled=progress) as bar:
-        bar.advance(history.step)
-        while history.step < settings.steps and not history.stopped:
-            lr = settings.learning_rate * min(1.0, (history.step + 1) / max(1, settings.warmup))
-            for g in optimizer.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * history.step / settings.steps))
-            loss, tokens = step_loss(teacher, student, pairs, items, settings, same, teacher_pad, student_pad,
-                                     history.step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            optimizer.step()
-            history.step += 1
-            history.tokens_seen += tokens
-            history.train_loss.append([history.step, round(float(loss.detach()), 6)])
-            history.seconds = time.perf_counter() - started
-            bar.advance()
-            best, _ = end_of_step(history, settings, student, val_batches, params, best, work, key, optimizer)
-    history.stopped = history.stopped or f"{settings.steps} steps done"
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(best[n])
+    history = train_steps(student, params, settings, work, key, val_batches, losses, label="distilling",
+                          progress=progress)
     return student, history
 
 

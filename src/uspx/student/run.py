@@ -52,11 +52,8 @@ def student(run_dir: str | Path, *, experts_per_layer: int, weighting: str = "ro
     settings = _checked(settings, weighting, group_lasso)
     run, record, report, source, plan_sha, wl = finished_run(run_dir, workload)
     out = Path(out_dir) if out_dir is not None else run / f"student-{experts_per_layer}"
-    scores_dir = run / "scores"
-    table = load_scores(scores_dir)
-    method = report["method"]
-    layers, values = table.matrix(method)
-    ranking = dict(zip(layers, values))
+    scores_dir, method = run / "scores", report["method"]
+    ranking = dict(zip(*load_scores(scores_dir).matrix(method)))  # layer -> [E] scores
 
     teacher = load_model(source)
     adapter = adapter_for(teacher.model)
@@ -203,10 +200,8 @@ def _print(r: dict) -> None:
         console.print(f"group lasso: {z['zero']} of {z['groups']} channel blocks ({z['channels_per_group']} channels "
                       "each) are exactly zero")
     t = Table(title="held-out loss delta vs the original (nats per target token)")
-    t.add_column("model")
-    t.add_column("delta", justify="right")
-    t.add_column("top-1 agree", justify="right")
-    t.add_column("weights", justify="right")
+    for col in ("model", "delta", "top-1 agree", "weights"):
+        t.add_column(col, justify="left" if col == "model" else "right")
     for name, fams in r["heldout"].items():
         size = r["sizes"].get(name, {})
         t.add_row(name, f"{fams['all']['delta']:+.4f}", f"{fams['all']['top1_agreement']:.3f}",

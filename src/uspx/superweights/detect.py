@@ -37,13 +37,13 @@ from uspx.models import down_proj as dp
 from uspx.progress import console, progress_bar
 from uspx.superweights.cospike import co_spike
 from uspx.superweights.experts import super_experts
-from uspx.superweights.passes import Slice, decoder_layer, layer_inputs, make_slice, repetition_rate, run_pass
-from uspx.superweights.report import checklist, render_report, verdict
+from uspx.superweights.passes import PassResult, Slice, layer_inputs, make_slice, repetition_rate, run_pass
+from uspx.superweights.report import checklist, render_report, scored, strength, verdict
 from uspx.superweights.routing import layer_routing, per_prompt_p_active
 from uspx.superweights.stopwords import stopword_ids
 from uspx.engine.batches import pad_id_of
 from uspx.engine.forward import forward
-from uspx.engine.hooks import forward_hook, hooked, pre_hook
+from uspx.engine.hooks import decoder_layer, forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, Workload, encode, load_workload
 
 FORMAT = "uspx-superweights/1"
@@ -243,12 +243,11 @@ def _discovery(net, adapter, sl: _Slices, routing: dict, stop_ids, tau, proxies,
                     if len(candidates) >= max_candidates:
                         budget_hit = True
                         break
-                    rec = _discover_expert(
+                    rec, p_base = _discover_expert(
                         net, adapter, layer, e, hidden, index, sl.P, p_base, stop_ids, rs, tau, proxies,
                         energy_drop_min, stop_min, max_iters, min_tokens, max_candidates - len(candidates),
                         capture, seed, zeroed, candidates,
                     )
-                    p_base = rec.pop("_p_base")
                     examined.append(rec)
     finally:
         for l_idx, e, row, col, old in reversed(zeroed):
@@ -271,7 +270,7 @@ def _causal_scores(net, adapter, candidates: list[dict], D: Slice, d_base0, scor
         c.setdefault("I_nat", None)
         c.setdefault("I_int", None)
         c.setdefault("is_super_weight", False)
-    supers = sorted((c for c in candidates if c["is_super_weight"]), key=lambda c: -_strength(c))
+    supers = sorted((c for c in candidates if c["is_super_weight"]), key=lambda c: -strength(c))
     for rank, c in enumerate(supers, 1):
         c["rank"] = rank
     return supers
@@ -279,19 +278,21 @@ def _causal_scores(net, adapter, candidates: list[dict], D: Slice, d_base0, scor
 
 def _heldout(net, adapter, sl: _Slices, candidates: list[dict], supers: list[dict], confirm_top: int) -> dict:
     """Step 5, held-out confirmation of the top candidates (and of every super weight together)."""
-    scored = [c for c in candidates if c["I_nat"] is not None or c["I_int"] is not None]
-    top = supers[:confirm_top] if supers else sorted(scored, key=lambda c: -_strength(c))[:confirm_top]
+    top = (supers or sorted(scored(candidates), key=lambda c: -strength(c)))[:confirm_top]
     H = sl.H
     h_base = run_pass(net, adapter, H)
     heldout = dict(items=len(sl.held), tokens=H.n_tokens, source=sl.held_note, baseline_loss=round(h_base.loss, 6),
                    candidates=[])
     for c in top:
-        with dp.down_weight_zeroed(adapter, adapter.layer(c["layer"]), c["expert"], c["col_model"], c["row_ff"]):
+        with _zeroed(adapter, c):
             dl = run_pass(net, adapter, H).loss - h_base.loss
         c["heldout_delta_loss"] = round(dl, 6)
-        heldout["candidates"].append(dict(_key(c), delta_loss=round(dl, 6), is_super_weight=c["is_super_weight"]))
+        heldout["candidates"].append({k: c[k] for k in ("layer", "expert", "row_ff", "col_model")}
+                                     | dict(delta_loss=round(dl, 6), is_super_weight=c["is_super_weight"]))
     if len(supers) > 1:
-        with _all_zeroed(adapter, supers):
+        with contextlib.ExitStack() as every:
+            for c in supers:
+                every.enter_context(_zeroed(adapter, c))
             heldout["all_super_weights_delta_loss"] = round(run_pass(net, adapter, H).loss - h_base.loss, 6)
     return heldout
 
@@ -399,7 +400,7 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
                 st.update(max_abs=float(h[tok, ch]), channel=ch, position=int(C.position[state["offset"] + tok]),
                           token_id=int(state["ids"][tok]))
 
-        hooks += [pre_hook(layer.experts, experts_hook), forward_hook(decoder_layer(net, layer), block_hook)]
+        hooks += [pre_hook(layer.experts, experts_hook), forward_hook(decoder_layer(adapter, layer), block_hook)]
     with hooked(hooks), torch.no_grad():
         offset = 0
         for _, ids, mask in C.batches:
@@ -420,20 +421,19 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
 def _discover_expert(
     net, adapter, layer, e, hidden, index, P: Slice, p_base, stop_ids, rs, tau, proxies, energy_drop_min,
     stop_min, max_iters, min_tokens, budget, capture, seed, zeroed, candidates,
-) -> dict:
+) -> tuple[dict, PassResult]:
     """Co-spike -> proxies -> zero -> repeat, for one expert (iterative suppression).
 
     ``p_base`` is the proxy slice's pass in the current working model (earlier accepted scalars
-    zeroed); it is renewed after every acceptance and handed back in ``rec["_p_base"]``.
+    zeroed); it is renewed after every acceptance and handed back beside the expert's record.
     """
     routed = (index == e).any(1)
     n = int(routed.sum())
     rec = dict(layer=layer.index, expert=e, p_active=round(float(rs.p_active[e]), 6), routed_tokens=n,
                iterations=0, accepted=0, stop_reason="", suppression_energy=[])
-    rec["_p_base"] = p_base
     if n < min_tokens:
         rec["stop_reason"] = f"only {n} routed calibration tokens (< {min_tokens})"
-        return rec
+        return rec, p_base
     h = hidden[routed]
     first_channel = None
     for it in range(max_iters):
@@ -495,7 +495,6 @@ def _discover_expert(
         _, y2 = dp.down_proj_io(adapter, layer, e, h)
         cand["spike_after"] = round(float(y2[:, cs.c].abs().max()) / max(float(yc.max()), 1e-12), 6)
         p_base = run_pass(net, adapter, P, stop_ids=stop_ids, capture=capture, routing=True, inputs=True)
-        rec["_p_base"] = p_base
         if first_channel is None:
             first_channel = cs.c
             rec["suppression_energy"].append(e_base)
@@ -503,7 +502,7 @@ def _discover_expert(
         rec["accepted"] += 1
     else:
         rec["stop_reason"] = f"max iterations ({max_iters})"
-    return rec
+    return rec, p_base
 
 
 def _energy_proxy(adapter, layer, e, row, col, w, p_base) -> tuple[float, float, float, torch.Tensor]:
@@ -532,7 +531,7 @@ def _score_candidate(net, adapter, c, D: Slice, base, modes, beta, thr, biased_b
     layer = adapter.layer(c["layer"])
     e = c["expert"]
     if "natural" in modes:
-        with dp.down_weight_zeroed(adapter, layer, e, c["col_model"], c["row_ff"]):
+        with _zeroed(adapter, c):
             abl = run_pass(net, adapter, D)
         delta = abl.seq_mean() - base.seq_mean()
         weight = per_prompt_p_active(base.routing[layer.index], D.sample, len(D.items), e)
@@ -544,7 +543,7 @@ def _score_candidate(net, adapter, c, D: Slice, base, modes, beta, thr, biased_b
             with dp.router_biased(adapter, layer, e, beta):
                 b = run_pass(net, adapter, D, routing=True)
             biased_base[key] = (b.loss, float((b.routing[layer.index] == e).any(1).double().mean()))
-        with dp.router_biased(adapter, layer, e, beta), dp.down_weight_zeroed(adapter, layer, e, c["col_model"], c["row_ff"]):
+        with dp.router_biased(adapter, layer, e, beta), _zeroed(adapter, c):
             abl = run_pass(net, adapter, D)
         c["I_int"] = round(abl.loss - biased_base[key][0], 6)
         c["forced_share"] = round(biased_base[key][1], 4)
@@ -554,26 +553,9 @@ def _score_candidate(net, adapter, c, D: Slice, base, modes, beta, thr, biased_b
     c["direction"] = "removal hurts" if vals and vals[0] > 0 else "removal helps"
 
 
-def _strength(c: dict) -> float:
-    return max(abs(c.get("I_nat") or 0.0), abs(c.get("I_int") or 0.0))
-
-
-def _key(c: dict) -> dict:
-    return dict(layer=c["layer"], expert=c["expert"], row_ff=c["row_ff"], col_model=c["col_model"])
-
-
-class _all_zeroed:
-    def __init__(self, adapter, entries):
-        self.adapter, self.entries, self.old = adapter, entries, []
-
-    def __enter__(self):
-        for c in self.entries:
-            layer = self.adapter.layer(c["layer"])
-            self.old.append((layer, c, dp.set_down_weight(self.adapter, layer, c["expert"], c["col_model"], c["row_ff"], 0.0)))
-
-    def __exit__(self, *exc):
-        for layer, c, old in reversed(self.old):
-            dp.set_down_weight(self.adapter, layer, c["expert"], c["col_model"], c["row_ff"], old)
+def _zeroed(adapter, c: dict) -> contextlib.AbstractContextManager[float]:
+    """Candidate ``c``'s scalar zeroed for the duration of the block."""
+    return dp.down_weight_zeroed(adapter, adapter.layer(c["layer"]), c["expert"], c["col_model"], c["row_ff"])
 
 
 SCHEMA_KEYS = ("layer", "expert", "row_ff", "col_model", "score_co_spike", "p_active", "low_entropy_positions",

@@ -16,7 +16,7 @@ from torch import nn
 from uspx.engine.batches import padded
 from uspx.engine.forward import forward, generate
 from uspx.engine.losses import log_probs, masked_token_nll, real_pair_mask
-from uspx.engine.hooks import forward_hook, hooked, pre_hook
+from uspx.engine.hooks import decoder_layer, forward_hook, hooked, pre_hook
 from uspx.models import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
 from uspx.workload import EncodedItem
@@ -70,11 +70,6 @@ class PassResult:
         return self.seq_loss / self.seq_count.clamp(min=1)
 
 
-def decoder_layer(model: nn.Module, layer: MoELayer) -> nn.Module:
-    """The decoder layer holding a MoE block: its output is the post-block hidden H^(l+1)."""
-    return model.get_submodule(layer.name.rsplit(".", 1)[0])
-
-
 class _Stop(Exception):
     """Raised from a hook to end a forward pass early (nothing after it is needed)."""
 
@@ -103,7 +98,7 @@ def run_pass(
     state: dict[str, torch.Tensor] = {}
     hooks = []
     for idx in capture:
-        mod = decoder_layer(model, adapter.layer(idx))
+        mod = decoder_layer(adapter, idx)  # its output is the post-block hidden H^(l+1)
 
         def hook(module, args, output, idx=idx):
             h = output[0] if isinstance(output, tuple) else output

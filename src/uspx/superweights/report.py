@@ -10,6 +10,16 @@ def _item(name: str, status: str, detail: str) -> dict:
     return dict(item=name, status=status, detail=detail)
 
 
+def strength(c: dict) -> float:
+    """A candidate's larger effect, max(|I_nat|, |I_int|); a mode not scored counts as 0."""
+    return max(abs(c.get("I_nat") or 0.0), abs(c.get("I_int") or 0.0))
+
+
+def scored(candidates: list[dict]) -> list[dict]:
+    """The candidates with a causal score (I_nat or I_int)."""
+    return [c for c in candidates if c.get("I_nat") is not None or c.get("I_int") is not None]
+
+
 def checklist(cat: dict) -> list[dict]:
     out = []
     thr = cat["settings"]["effect_threshold"]
@@ -40,8 +50,7 @@ def checklist(cat: dict) -> list[dict]:
     rule = "pairs with S >= tau and a peak contribution max|X_r| |W[c, r]| >= half the expert's largest"
     if sw_experts:
         held = [c for c in firsts if (c["layer"], c["expert"]) in sw_experts]
-        counts = [c["n_dominant_pairs"] for c in held]
-        ok = all(n <= 3 for n in counts)
+        ok = all(c["n_dominant_pairs"] <= 3 for c in held)
         out.append(_item("per expert: very few dominant (r, c) pairs", "pass" if ok else "fail",
                          "super-weight experts: " + ", ".join(f"L{c['layer']} E{c['expert']}: {c['n_dominant_pairs']}" for c in held)
                          + f" {rule} (pass: <= 3 each)"))
@@ -63,13 +72,12 @@ def checklist(cat: dict) -> list[dict]:
     # 4. I_nat and I_int agree on sign and are non-trivial
     modes = cat["settings"]["score_modes"]
     sw = cat["super_weights"]
-    scored = [c for c in cat["candidates"] if c.get("I_nat") is not None or c.get("I_int") is not None]
     if sw:
         out.append(_item("I_nat and I_int agree on sign and are non-trivial", "pass",
                          f"{len(sw)} super weight(s); top: I_nat {sw[0]['I_nat']}, I_int {sw[0]['I_int']} (threshold {thr})"
                          + ("" if len(modes) == 2 else f"; only {modes[0]} scored")))
-    elif scored:
-        best = max(scored, key=lambda c: max(abs(c.get("I_nat") or 0), abs(c.get("I_int") or 0)))
+    elif scored(cat["candidates"]):
+        best = max(scored(cat["candidates"]), key=strength)
         out.append(_item("I_nat and I_int agree on sign and are non-trivial", "n/a",
                          f"no candidate qualifies; largest: L{best['layer']} E{best['expert']} I_nat {best['I_nat']}, "
                          f"I_int {best['I_int']} (threshold {thr})"))
@@ -110,9 +118,8 @@ def verdict(cat: dict) -> dict:
                                          position=massive.get("position")),
         attention_sinks=cat["model"]["attention_sinks"],
     )
-    scored = [c for c in cat["candidates"] if c.get("I_nat") is not None or c.get("I_int") is not None]
-    if scored:
-        best = max(scored, key=lambda c: max(abs(c.get("I_nat") or 0), abs(c.get("I_int") or 0)))
+    if scored(cat["candidates"]):
+        best = max(scored(cat["candidates"]), key=strength)
         ev["strongest_scored_candidate"] = {k: best.get(k) for k in ("layer", "expert", "row_ff", "col_model", "value", "I_nat", "I_int", "proxy", "heldout_delta_loss")}
     if sw:
         s = sw[0]
@@ -204,10 +211,8 @@ def render_report(cat: dict) -> str:
                      f"{r['delta_repetition']:+.3f} | {'yes' if r['is_super_expert'] else 'no'} |")
     for r in sx["control"]:
         lines.append(f"| random control | {r['layer']} | {r['expert']} | {r['max_abs_out']} | {r['delta_loss']:+.4f} | {r['delta_repetition']:+.3f} | |")
-    j = sx["joint"]
-    if j["candidates"]:
-        lines.append(f"| all candidates together | | | | {j['candidates']['delta_loss']:+.4f} | {j['candidates']['delta_repetition']:+.3f} | |")
-    if j["control"]:
-        lines.append(f"| all controls together | | | | {j['control']['delta_loss']:+.4f} | {j['control']['delta_repetition']:+.3f} | |")
+    for key, label in (("candidates", "all candidates together"), ("control", "all controls together")):
+        if j := sx["joint"][key]:
+            lines.append(f"| {label} | | | | {j['delta_loss']:+.4f} | {j['delta_repetition']:+.3f} | |")
     lines.append("")
     return "\n".join(lines)

@@ -116,17 +116,15 @@ def _write_shards(traces: list[Trace], offsets: list[int], out: Path) -> list[di
 
 
 def _write_items(traces: list[Trace], offsets: list[int], path: Path) -> None:
-    tables = [_offset(t.items(), o) for t, o in zip(traces, offsets)]
-    for i, table in enumerate(tables):  # dictionaries differ between parts: plain strings to concatenate
+    def recode(table: pa.Table, how) -> pa.Table:
         for name in ("family", "split"):
-            j = table.schema.get_field_index(name)
-            tables[i] = table = table.set_column(j, name, table.column(name).cast(pa.string()))
-    whole = pa.concat_tables(tables)
-    for name in ("family", "split"):
-        j = whole.schema.get_field_index(name)
-        whole = whole.set_column(j, name, pc.dictionary_encode(whole.column(name)))
+            table = table.set_column(table.schema.get_field_index(name), name, how(table.column(name)))
+        return table
+
+    # dictionaries differ between parts: plain strings to concatenate, encoded again once whole
+    parts = [recode(_offset(t.items(), o), lambda c: c.cast(pa.string())) for t, o in zip(traces, offsets)]
     with atomic_path(path) as tmp:
-        pq.write_table(whole, tmp)
+        pq.write_table(recode(pa.concat_tables(parts), pc.dictionary_encode), tmp)
 
 
 def _write_reconstruction(traces: list[Trace], offsets: list[int], path: Path) -> None:

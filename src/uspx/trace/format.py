@@ -25,6 +25,7 @@ from uspx.workload import EncodedItem
 
 FORMAT = "uspx-trace/1"
 COLUMNS = ("expert_ids", "expert_weights", "router_logits", "expert_norms")
+DTYPES = dict(expert_ids=np.int16, expert_weights=np.float32, router_logits=np.float32, expert_norms=np.float32)
 
 
 def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict:
@@ -32,13 +33,12 @@ def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict
 
     A folder holding nothing but temporary files of an interrupted first write is empty.
     """
-    model_info, workload_info = model, workload
     path = out / "manifest.json"
     if path.exists():
         old = read_json(path)
         if old.get("format") != FORMAT:
             raise UspxError(f"{path}: not a uspx trace manifest (format {old.get('format')!r})")
-        for key, new in (("model", model_info), ("workload", workload_info)):
+        for key, new in (("model", model), ("workload", workload)):
             if old[key]["fingerprint"] != new["fingerprint"]:
                 raise UspxError(
                     f"{out} already holds a trace of another {key} ({old[key]['source']}); "
@@ -56,8 +56,8 @@ def open_manifest(out: Path, model: dict, workload: dict, options: dict) -> dict
     if out.exists() and any(out.iterdir()):
         raise UspxError(f"{out} exists and is not a trace folder; refusing to write into it")
     manifest = dict(
-        format=FORMAT, uspx_version=uspx.__version__, model=model_info, workload=workload_info,
-        options=options, shards=[], complete=False,
+        format=FORMAT, uspx_version=uspx.__version__, model=model, workload=workload, options=options, shards=[],
+        complete=False,
     )
     write_json(path, manifest)
     return manifest
@@ -152,13 +152,25 @@ def rows_table(sample: np.ndarray, position: np.ndarray, token: np.ndarray, fami
         is_completion=pa.array(np.repeat(is_completion, n_layers)),
         layer=pa.array(np.tile(np.array(layer_ids, dtype=np.int16), n)),
     )
-    dtypes = dict(expert_ids=np.int16, expert_weights=np.float32, router_logits=np.float32, expert_norms=np.float32)
-    for name in ("expert_ids", "expert_weights", "router_logits", "expert_norms"):
+    for name in COLUMNS:
         if name in per_layer:
-            values = per_layer[name]
-            cols[name] = _fixed(values.astype(dtypes[name]), values.shape[-1])
+            values = per_layer[name].astype(DTYPES[name])
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[-1])
     return pa.table(cols)
 
 
-def _fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+def items_table(chunk: list[EncodedItem], layers: list[int], per_layer: dict[str, np.ndarray],
+                positions: np.ndarray | None = None) -> pa.Table:
+    """:func:`rows_table` of the items ``chunk``, ``per_layer`` over their tokens in item order. A
+    token's position is its index in its item unless ``positions`` gives them; the tokens from an
+    item's ``completion_start`` on are its completion (the ones ``uspx trace`` scores)."""
+    lengths = [len(e.input_ids) for e in chunk]
+    local = np.concatenate([np.arange(n) for n in lengths])
+    start = np.repeat([e.completion_start for e in chunk], lengths)
+    return rows_table(
+        np.repeat([e.index for e in chunk], lengths), local if positions is None else positions,
+        np.concatenate([np.asarray(e.input_ids) for e in chunk]),
+        np.repeat(np.array([e.family for e in chunk], object), lengths),
+        np.repeat(np.array([e.split for e in chunk], object), lengths),
+        local >= start, layers, per_layer,
+    )

@@ -147,6 +147,7 @@ def record(model: GGUFModel, token_lists: list[list[int]], *, norms: bool = True
     counts = np.zeros((L, E), np.int64)
     total_energy: np.ndarray | None = None
     nodes: dict[str, str] = {}
+    need = ("topk", "weights") + (("out",) if norms else ()) + (("act",) if energy else ())
     with Runtime(model.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, callback=col,
                  binding=binding) as rt:
         col.read = rt.ggml.read
@@ -166,9 +167,7 @@ def record(model: GGUFModel, token_lists: list[list[int]], *, norms: bool = True
             out_norms = np.zeros((T, L, k), np.float32) if norms else None
             for layer, i in col.layers.items():
                 got = {kind: col.found.get((kind, layer)) for kind in ("topk", "weights", "out", "act")}
-                missing = [kind for kind in ("topk", "weights") + (("out",) if norms else ()) + (("act",) if energy else ())
-                           if got[kind] is None]
-                if missing:
+                if missing := [kind for kind in need if got[kind] is None]:
                     raise UspxError(f"{model.path}: llama.cpp's graph of layer {layer} has no {', '.join(missing)} "
                                     f"node (looked for {TOPK}, {', '.join(WEIGHTS)}, {', '.join(OUTPUTS)}); this "
                                     "architecture does not route through llama.cpp's build_moe_ffn")
@@ -199,7 +198,7 @@ def write_trace(model: GGUFModel, encoded, recording: Recording, out: str | Path
                 wl_summary: dict, options: dict, items_per_shard: int = 64) -> dict:
     """A uspx trace folder (``uspx-trace/1``) of the recorded routing; ``encoded`` are the workload's
     :class:`uspx.workload.EncodedItem` in the order recorded."""
-    from uspx.trace.format import finish_manifest, open_manifest, rows_table, write_items, write_shard
+    from uspx.trace.format import finish_manifest, items_table, open_manifest, write_items, write_shard
 
     started = time.perf_counter()
     out = Path(out)
@@ -214,19 +213,11 @@ def write_trace(model: GGUFModel, encoded, recording: Recording, out: str | Path
         if s // items_per_shard in done:
             continue
         chunk, routed = encoded[s: s + items_per_shard], recording.items[s: s + items_per_shard]
-        n = [len(e.input_ids) for e in chunk]
-        local = np.concatenate([np.arange(m) for m in n])
-        start = np.repeat([e.completion_start for e in chunk], n)
         per_layer = dict(expert_ids=np.concatenate([r.ids for r in routed]),
                          expert_weights=np.concatenate([r.weights for r in routed]))
         if options["norms"]:
             per_layer["expert_norms"] = np.concatenate([r.norms for r in routed])
-        table = rows_table(np.repeat([e.index for e in chunk], n), local,
-                           np.concatenate([np.asarray(e.input_ids) for e in chunk]),
-                           np.repeat(np.array([e.family for e in chunk], object), n),
-                           np.repeat(np.array([e.split for e in chunk], object), n),
-                           local >= start, model.moe_layers, per_layer)  # as uspx trace marks scored tokens
-        write_shard(out, manifest, s // items_per_shard, chunk, table)
+        write_shard(out, manifest, s // items_per_shard, chunk, items_table(chunk, model.moe_layers, per_layer))
     return finish_manifest(out, manifest, wl_summary, encoded, time.perf_counter() - started)
 
 

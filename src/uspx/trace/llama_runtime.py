@@ -168,7 +168,7 @@ class _XApi:
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
-        p, i32, vp = ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p
+        p, i32 = ctypes.c_void_p, ctypes.c_int32
         sigs = {
             "llama_backend_init": ([], None), "llama_model_default_params": ([], _XModelParams),
             "llama_context_default_params": ([], _XContextParams),
@@ -178,7 +178,7 @@ class _XApi:
             "llama_batch_init": ([i32, i32, i32], _XBatch), "llama_batch_free": ([_XBatch], None),
             "llama_decode": ([p, _XBatch], i32), "llama_get_memory": ([p], p),
             "llama_memory_clear": ([p, ctypes.c_bool], None), "llama_free": ([p], None),
-            "llama_model_free": ([p], None), "llama_log_set": ([_LOG_CALLBACK, vp], None),
+            "llama_model_free": ([p], None), "llama_log_set": ([_LOG_CALLBACK, p], None),
             "llama_get_logits": ([p], ctypes.POINTER(ctypes.c_float)),
             "llama_get_logits_ith": ([p, i32], ctypes.POINTER(ctypes.c_float)),
             "llama_vocab_n_tokens": ([p], i32), "llama_vocab_eos": ([p], i32),
@@ -252,7 +252,6 @@ class Runtime:
         self.binding = binding_name(binding)
         self.n_ctx = int(n_ctx)
         self.vocab_only = vocab_only  # the vocabulary alone (to tokenize): no weights, no context
-        threads = n_threads or max(1, (os.cpu_count() or 1))
         self._keep: list = []  # callbacks and buffers that C holds pointers to
         if self.binding == "llama_cpp":
             import llama_cpp
@@ -260,18 +259,13 @@ class Runtime:
             if "llama_cpp" not in _QUIET:  # the binding's own logger prints level-0 notes at any verbosity
                 _QUIET["llama_cpp"] = _errors_only()
                 llama_cpp.llama_log_set(_QUIET["llama_cpp"], None)
-            self._open_ctypes(llama_cpp, _ggml(Path(llama_cpp.__file__).parent / "lib"), threads, n_gpu_layers,
-                              callback)
-        else:
-            api, lib = _xllamacpp()
-            self._open_ctypes(api, _ggml(lib), threads, n_gpu_layers, callback)
-
-    # ----- llama-cpp-python, or xllamacpp's C functions (ctypes) ----------------------------------
-    def _open_ctypes(self, L, ggml: _Ggml, threads: int, gpu_layers: int, callback: EvalCallback | None) -> None:
-        self._L, self.ggml = L, ggml
+            L, lib = llama_cpp, Path(llama_cpp.__file__).parent / "lib"
+        else:  # xllamacpp's C functions, declared the way llama-cpp-python declares them
+            L, lib = _xllamacpp()
+        self._L, self.ggml = L, _ggml(lib)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = gpu_layers
+        mp.n_gpu_layers = n_gpu_layers
         mp.vocab_only = self.vocab_only
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
@@ -281,7 +275,7 @@ class Runtime:
             return
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_ctx
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
         if callback is not None:
             cb = L.ggml_backend_sched_eval_callback(lambda t, ask, data: bool(callback(int(t), bool(ask))))
             self._keep.append(cb)

@@ -25,7 +25,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from uspx.engine import AUTO, Opened, dtype_name, make_batches, open_source, pad_id_of, run
 from uspx.engine.batches import share
@@ -34,8 +33,8 @@ from uspx.io import UspxError, atomic_path, read_json
 from uspx.models import LoadedModel
 from uspx.progress import progress_bar
 from uspx.dist import Dist, current
-from uspx.trace.format import (COLUMNS, finish_manifest, merge_rank_shards, open_manifest, record_rank_shard, rows_table,
-                               write_items, write_shard)
+from uspx.trace.format import (COLUMNS, finish_manifest, items_table, merge_rank_shards, open_manifest,
+                               record_rank_shard, write_items, write_shard)
 from uspx.workload import EncodedItem, Workload, default_max_length, encode, load_workload
 
 STAGING = ".streaming"
@@ -85,8 +84,7 @@ def trace(
     if opened.tokenizer is None:
         raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
     source = opened.source
-    config = source.config
-    max_length = max_length or default_max_length(config)
+    max_length = max_length or default_max_length(source.config)
     encoded = encode(wl, opened.tokenizer, max_length)
     if not encoded:
         raise UspxError(f"{wl.source}: no items to trace in split {split!r}")
@@ -198,9 +196,7 @@ def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict | None, opt
             if len(observers) > 1:
                 recon_parts[s] = observers[1].layers
             if s not in done:
-                entry = write_shard(out, manifest, s, chunk, _table(chunk, layers, routing.layers))
-                if manifest is None:
-                    record_rank_shard(out, d.rank, entry)
+                _write(out, manifest, s, chunk, layers, routing.layers, d)
             bar.advance(n)
     if options.get("reconstruction"):
         parts = {s: p for ranks in d.gather(recon_parts) for s, p in ranks.items()}
@@ -210,20 +206,15 @@ def _trace_shards(opened: Opened, encoded, out: Path, manifest: dict | None, opt
             _write_reconstruction(out / RECONSTRUCTION, encoded, staged)
 
 
-def _table(chunk: list[EncodedItem], layers: list[int], arrays: dict[int, dict[str, np.ndarray]]) -> pa.Table:
-    """Trace rows of the items ``chunk`` from per-layer arrays over their tokens (in item order)."""
-    lengths = [len(e.input_ids) for e in chunk]
-    position = np.concatenate([np.arange(n) for n in lengths])
-    start = np.repeat([e.completion_start for e in chunk], lengths)
+def _write(out: Path, manifest: dict | None, index: int, chunk: list[EncodedItem], layers: list[int],
+           arrays: dict[int, dict[str, np.ndarray]], d: Dist) -> None:
+    """Shard ``index`` of the items ``chunk`` from per-layer arrays over their tokens (in item
+    order), recorded in ``manifest``, or in this process's rank file when it is None."""
     names = [c for c in COLUMNS if c in arrays[layers[0]]]
     per_layer = {c: np.stack([np.asarray(arrays[l][c]) for l in layers], axis=1) for c in names}
-    return rows_table(
-        np.repeat([e.index for e in chunk], lengths), position,
-        np.concatenate([np.asarray(e.input_ids) for e in chunk]),
-        np.repeat(np.array([e.family for e in chunk]), lengths),
-        np.repeat(np.array([e.split for e in chunk]), lengths),
-        position >= start, layers, per_layer,
-    )
+    entry = write_shard(out, manifest, index, chunk, items_table(chunk, layers, per_layer))
+    if manifest is None:
+        record_rank_shard(out, d.rank, entry)
 
 
 def _stage_dir(out: Path, d: Dist) -> Path:
@@ -249,11 +240,9 @@ def _trace_layers(opened: Opened, encoded, out: Path, options: dict, batches, pr
     source = opened.source
     stage = _stage_dir(out, d)
     layers = _moe_layers(source)
-    if not batches:  # more processes than batches
-        return None
-    if all(_staged(stage, l, "expert_ids") is not None for l in layers) and (
-            not options.get("reconstruction") or all(_staged(stage, l, "reconstruction_error") is not None for l in layers)):
-        return None
+    names = ["expert_ids"] + (["reconstruction_error"] if options.get("reconstruction") else [])
+    if not batches or all(_staged(stage, l, c) is not None for c in names for l in layers):
+        return None  # more processes than batches, or every layer already staged
     n = sum(int(b.attention_mask.sum()) for b in batches)
 
     def on_layer(index: int, arrays: dict[str, np.ndarray]) -> None:
@@ -329,9 +318,7 @@ def _write_staged_shards(out: Path, manifest: dict | None, encoded: list[Encoded
                         if at.any():
                             values[at] = columns[r][c][l][row[at]]
                     arrays[l][c] = values
-            entry = write_shard(out, manifest, s, encoded[first:end], _table(encoded[first:end], layers, arrays))
-            if manifest is None:
-                record_rank_shard(out, d.rank, entry)
+            _write(out, manifest, s, encoded[first:end], layers, arrays, d)
             bar.advance()
 
 

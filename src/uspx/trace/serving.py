@@ -33,12 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from uspx.io import UspxError, atomic_path
+import uspx
+from uspx.io import UspxError, write_json, write_text
 
 FORMATS = ("vllm", "sglang")
 DEDUPE = ("id", "tokens", "none")
@@ -271,7 +273,7 @@ def count_passes(dumps: list[Dump], shape: ModelShape) -> tuple[np.ndarray, dict
     """[passes, MoE layers, experts] logical counts of stat or per_pass dumps, empty passes left out,
     and a dump's leading passes dropped when they are every pass of the dump before it."""
     dropped = {"passes accumulated from an earlier dump": 0}
-    wholes, kept = [], []  # each dump's passes, and those it adds to the dumps before it
+    prev, kept = None, []  # the dump before's passes, and what each dump adds to the dumps before it
     for d in dumps:
         if d.kind == "stat":
             counts = np.asarray(d.data["logical_count"], np.int64)
@@ -289,11 +291,10 @@ def count_passes(dumps: list[Dump], shape: ModelShape) -> tuple[np.ndarray, dict
         counts = counts[:, shape.layer_axis(counts.shape[1], str(d.path)), :]
         counts = counts[counts.reshape(len(counts), -1).any(1)]  # a ring buffer's unused slots are all zero
         new = counts
-        prev = wholes[-1] if wholes else None
         if prev is not None and len(prev) and len(counts) >= len(prev) and np.array_equal(counts[: len(prev)], prev):
             dropped["passes accumulated from an earlier dump"] += len(prev)
             new = counts[len(prev):]
-        wholes.append(counts)
+        prev = counts
         kept.append(new)
     allc = [c for c in kept if len(c)]
     if not allc:
@@ -329,11 +330,7 @@ def write_trace(routed: list[Routed], opened, out: str | Path, *, sources: list[
                 dropped: dict[str, int], items_per_shard: int = 64) -> dict:
     """A uspx trace folder of the imported items (expert weights NaN: not recorded), with their
     decoded text in ``workload.jsonl`` so that ``uspx score MODEL OUT OUT/workload.jsonl`` reads it."""
-    import time
-
-    import uspx
-    from uspx.io import write_json
-    from uspx.trace.format import FORMAT, finish_manifest, rows_table, write_items, write_shard
+    from uspx.trace.format import FORMAT, finish_manifest, items_table, write_items, write_shard
     from uspx.trace.run import model_info
     from uspx.workload import EncodedItem
 
@@ -352,14 +349,9 @@ def write_trace(routed: list[Routed], opened, out: str | Path, *, sources: list[
     entries = []
     for s in range(0, len(routed), items_per_shard):
         chunk, items = routed[s : s + items_per_shard], encoded[s : s + items_per_shard]
-        n = [len(r.tokens) for r in chunk]
-        local = np.concatenate([np.arange(k) for k in n])
-        start = np.repeat([r.completion_start for r in chunk], n)
         ids = np.concatenate([r.ids for r in chunk])
-        table = rows_table(np.repeat([e.index for e in items], n), np.concatenate([r.positions for r in chunk]),
-                           np.concatenate([r.tokens for r in chunk]), np.full(sum(n), family, object),
-                           np.full(sum(n), "calibration", object), local >= start, shape.layers,
-                           dict(expert_ids=ids, expert_weights=np.full(ids.shape, np.nan, np.float32)))
+        per_layer = dict(expert_ids=ids, expert_weights=np.full(ids.shape, np.nan, np.float32))
+        table = items_table(items, shape.layers, per_layer, np.concatenate([r.positions for r in chunk]))
         entries.append(write_shard(out, None, s // items_per_shard, items, table))
     workload = dict(source=str(out / WORKLOAD_FILE), fingerprint=wl.fingerprint, items=len(wl.items),
                     families=wl.families)
@@ -388,6 +380,5 @@ def _write_workload(path: Path, routed: list[Routed], tokenizer, family: str):
         if r.completion_start:
             row["completion"] = tokenizer.decode(r.tokens[cut:].tolist())
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(lines), encoding="utf-8")
+    write_text(path, "".join(lines))
     return load_workload(path)

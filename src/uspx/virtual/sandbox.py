@@ -112,17 +112,6 @@ def _staged(bwrap: str) -> str | None:
     return str(target)
 
 
-def _sandbox_user() -> int | None:
-    return NOBODY if os.geteuid() == 0 else None
-
-
-def _drop_to(user: int | None) -> None:
-    if user is not None:
-        os.setgroups([])
-        os.setgid(user)
-        os.setuid(user)
-
-
 def _processes_of(uid: int) -> int:
     n = 0
     for entry in os.scandir("/proc"):
@@ -191,7 +180,10 @@ def _limit(limits: SandboxLimits, user: int | None, nproc: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits.tmp_bytes, limits.tmp_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    _drop_to(user)
+    if user is not None:
+        os.setgroups([])
+        os.setgid(user)
+        os.setuid(user)
 
 
 def _spawn(box: _Sandbox, code: bytes, limits: SandboxLimits) -> tuple[subprocess.Popen, int]:
@@ -287,7 +279,7 @@ def _end(proc: subprocess.Popen, child: int | None, wait: float) -> bool:
 @lru_cache(maxsize=1)
 def sandbox() -> _Sandbox:
     """Find bubblewrap and an interpreter the sandbox user may run, and check that a sandbox starts."""
-    user = _sandbox_user()
+    user = NOBODY if os.geteuid() == 0 else None
     tools = _bwrap_candidates()
     if not tools:
         raise SandboxUnavailable(f"python: no bubblewrap (bwrap) on this machine; {INSTALL_HINT}")

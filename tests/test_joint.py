@@ -250,7 +250,7 @@ def test_joint_export_equals_the_masked_model(family, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM
 
     from uspx.models import load_model
-    from uspx.models.base import _submodule
+    from uspx.models.base import submodule
     from uspx.plan.select import Plan, load_plan
     from uspx.prune import export
 
@@ -326,7 +326,7 @@ def test_joint_export_equals_the_masked_model(family, tmp_path, one_thread):
                 layer.experts.down_proj[e].index_fill_(dim - 1, index[drop].reshape(-1), 0.0)
         for d in dense:
             for i, keep in d["kept"].items():
-                down = _submodule(ra.decoder_layers(ref)[i], d["path"]).down_proj.weight
+                down = submodule(ra.decoder_layers(ref)[i], d["path"]).down_proj.weight
                 down[:, [c for c in range(d["original_width"]) if c not in keep]] = 0
         for i, dl in enumerate(ra.decoder_layers(ref)):
             if not cut_heads:

@@ -189,7 +189,7 @@ class Reconstruction(_PerLayer):
             rows, real = _real(self.batch)
             real = real.to(x.device)
             x = x[real].detach()
-            y = _first(output).reshape(real.shape[0], -1)[real].double()
+            y = block_output(output).reshape(real.shape[0], -1)[real].double()
             index = self._index.pop(layer.index)[real].long()
             e = layer.num_experts
             out = self.layers[layer.index]
@@ -200,7 +200,7 @@ class Reconstruction(_PerLayer):
                 with rerunning(), torch.no_grad():
                     for slot in range(index.shape[1]):
                         banned = torch.nn.functional.one_hot(index[:, slot], e).bool()
-                        y_e = _first(module(x[None])).reshape(x.shape)
+                        y_e = block_output(module(x[None])).reshape(x.shape)
                         d = (y - y_e.double()).pow(2).sum(dim=1).cpu().numpy()
                         flat = items * e + index[:, slot].cpu().numpy()
                         out["reconstruction_error"] += np.bincount(flat, weights=d, minlength=self.p * e).reshape(self.p, e)
@@ -211,7 +211,7 @@ class Reconstruction(_PerLayer):
         return hook
 
 
-def _first(output: object) -> torch.Tensor:
+def block_output(output: object) -> torch.Tensor:
     """A block's hidden-state output (some families return (hidden, router scores))."""
     return output[0] if isinstance(output, tuple) else output  # type: ignore[index]
 

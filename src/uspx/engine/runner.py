@@ -26,7 +26,7 @@ import torch
 
 from uspx.engine.batches import Batch
 from uspx.engine.forward import forward, logits
-from uspx.engine.observers import Observer, _first
+from uspx.engine.observers import Observer, block_output
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
@@ -202,7 +202,7 @@ def _layer_pass(source: WeightSource, layer, index: int, batches: Sequence[Batch
         h = store.read(batch.slots).reshape(*batch.input_ids.shape, -1).to(source.device)
         out = layer(h, *args, **kwargs)
         if write:  # the store stays in CPU memory whatever device the layer ran on
-            store.write(batch.slots, _first(out).cpu())
+            store.write(batch.slots, block_output(out).cpu())
 
 
 def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> int:

@@ -264,7 +264,8 @@ class FromCheckpoint(WeightSource):
                 f"errors {info.conversion_errors})"
             )
 
-    def _module_prefix(self, module: nn.Module) -> str:
+    def module_prefix(self, module: nn.Module) -> str:
+        """``module``'s name in the model with a trailing dot: the prefix of its tensors' names."""
         for name, m in self.model.named_modules():
             if m is module:
                 return name + "."
@@ -274,7 +275,7 @@ class FromCheckpoint(WeightSource):
     def layer(self, index: int) -> Iterator[nn.Module]:
         module = self.decoder_layers[index]
         experts = None if self.experts is None else self.experts.get(index)
-        self._materialise(self._module_prefix(module), experts)
+        self._materialise(self.module_prefix(module), experts)
         if self.edit is not None:
             self.edit(index, module)
         self._onload(module)
@@ -286,7 +287,7 @@ class FromCheckpoint(WeightSource):
     @contextmanager
     def embedding(self) -> Iterator[None]:
         module = self.model.get_input_embeddings()
-        self._materialise(self._module_prefix(module))
+        self._materialise(self.module_prefix(module))
         self._onload(module)
         try:
             yield
@@ -297,13 +298,13 @@ class FromCheckpoint(WeightSource):
     def head(self) -> Iterator[None]:
         norm = self.adapter.final_norm(self.model)
         lm_head = self.model.get_output_embeddings()
-        self._materialise(self._module_prefix(norm))
-        prefix = self._module_prefix(lm_head)
+        self._materialise(self.module_prefix(norm))
+        prefix = self.module_prefix(lm_head)
         if self._names_under(prefix):
             self._materialise(prefix)
         else:  # tied embeddings: the head is the embedding table
             embedding = self.model.get_input_embeddings()
-            self._materialise(self._module_prefix(embedding))
+            self._materialise(self.module_prefix(embedding))
             self._onload(embedding)
             lm_head.weight = embedding.weight
         self._onload(norm)

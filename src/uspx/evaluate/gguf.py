@@ -267,7 +267,7 @@ def evaluate_gguf(
     ``memory_budget``, ``context`` and ``kv_dtype`` are :func:`uspx.evaluate.evaluate`'s. ``binding``:
     ``"llama_cpp"`` (llama-cpp-python) or ``"xllamacpp"``; default the first installed.
     """
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     n_ctx = (max_length or DEFAULT_MAX_LENGTH) + 8  # encode cuts items to max_length, at most the default

@@ -95,7 +95,7 @@ def evaluate(
     if ks is not None:
         c.source.adapter.validate_kept(ks.kept, allow_missing=True)  # fewer than top-k: refused
 
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     if not (part := wl.part(split)).items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; nothing to evaluate on")
     max_length = max_length or default_max_length(t.source.config)

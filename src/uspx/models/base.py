@@ -160,7 +160,7 @@ class MoEAdapter:
 
     @property
     def top_k(self) -> int:
-        return int(_get_field(self.config, self.top_k_field))
+        return int(get_field(self.config, self.top_k_field))
 
     # ----- parameter counts (config only, no model) ------------------------------------------
     @classmethod
@@ -175,7 +175,7 @@ class MoEAdapter:
     @classmethod
     def config_num_experts(cls, cfg: object) -> int:
         """Routed experts per MoE layer, as the config says (``expert_count_field``)."""
-        return int(_get_field(cfg, cls.expert_count_field))
+        return int(get_field(cfg, cls.expert_count_field))
 
     # ----- running the model a layer at a time ---------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -188,7 +188,7 @@ class MoEAdapter:
         """What the causal-LM forward computes from the last decoder layer's output."""
         logits = model.get_output_embeddings()(self.final_norm(model)(hidden))
         if self.logits_divisor_field is not None:
-            logits = logits / float(_get_field(self.config, self.logits_divisor_field))
+            logits = logits / float(get_field(self.config, self.logits_divisor_field))
         return logits
 
     @classmethod
@@ -315,7 +315,7 @@ class MoEAdapter:
     def bytes_per_expert(self, layer: MoELayer) -> int:
         total = sum(t.numel() * t.element_size() for t in self.expert_tensors(layer).values())
         for name in self.router_expert_params:
-            t = _submodule(layer.router, name)
+            t = submodule(layer.router, name)
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
         return total // layer.num_experts
@@ -342,7 +342,7 @@ class MoEAdapter:
     def pruned_config(self, n_kept: int):
         """The config of this model with ``n_kept`` experts per MoE layer (a pruned export's)."""
         cfg = copy.deepcopy(self.config)
-        _set_field(cfg, self.expert_count_field, n_kept)
+        set_field(cfg, self.expert_count_field, n_kept)
         return cfg
 
     # ----- dense students ----------------------------------------------------------------------
@@ -352,7 +352,7 @@ class MoEAdapter:
     @classmethod
     def config_expert_width(cls, cfg: object) -> int:
         """An expert's intermediate width, as the config says (``expert_width_field``)."""
-        return int(_get_field(cfg, cls.expert_width_field))
+        return int(get_field(cfg, cls.expert_width_field))
 
     @classmethod
     def student_config(cls, cfg: object, width: int):
@@ -362,9 +362,9 @@ class MoEAdapter:
             raise UspxError(f"{cls.family}: its routing does not give a single expert the weight 1; "
                             "a dense student cannot be expressed in this family's own model class")
         cfg = copy.deepcopy(cfg)
-        _set_field(cfg, cls.expert_count_field, 1)
-        _set_field(cfg, cls.top_k_field, 1)
-        _set_field(cfg, cls.expert_width_field, int(width))
+        set_field(cfg, cls.expert_count_field, 1)
+        set_field(cfg, cls.top_k_field, 1)
+        set_field(cfg, cls.expert_width_field, int(width))
         return cfg
 
     def merged_experts(self, layer: MoELayer, experts: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -393,9 +393,9 @@ class MoEAdapter:
         out = []
         for i, layer in enumerate(self.decoder_layers(model)):
             for k, (path, _, gate) in enumerate(self.dense_mlp_paths):
-                mlp = _submodule(layer, path)
+                mlp = submodule(layer, path)
                 if mlp is not None and all(hasattr(mlp, n) for n in self.dense_mlp_projs):
-                    out.append((i, k, mlp, _submodule(layer, gate) if gate else None))
+                    out.append((i, k, mlp, submodule(layer, gate) if gate else None))
         return out
 
     def dense_down(self, mlp: nn.Module) -> nn.Linear | None:
@@ -418,9 +418,9 @@ class MoEAdapter:
     @classmethod
     def config_head_shape(cls, cfg: object) -> tuple[int, int, int]:
         """(query heads, KV heads, head width) as the config says."""
-        heads = int(_get_field(cfg, cls.query_heads_field))
+        heads = int(get_field(cfg, cls.query_heads_field))
         kv = int(_field_or_none(cfg, cls.kv_heads_field) or heads)
-        head_dim = int(_field_or_none(cfg, cls.head_dim_field) or _get_field(cfg, "hidden_size") // heads)
+        head_dim = int(_field_or_none(cfg, cls.head_dim_field) or get_field(cfg, "hidden_size") // heads)
         return heads, kv, head_dim
 
     def head_shape(self) -> tuple[int, int, int]:
@@ -430,13 +430,13 @@ class MoEAdapter:
     @classmethod
     def set_head_shape(cls, cfg: object, heads: int, kv_heads: int, head_dim: int) -> None:
         """Write a head layout into ``cfg`` in place (a model with fewer heads keeps its head width)."""
-        _set_field(cfg, cls.query_heads_field, int(heads))
-        _set_field(cfg, cls.kv_heads_field, int(kv_heads))
-        _set_field(cfg, cls.head_dim_field, int(head_dim))
+        set_field(cfg, cls.query_heads_field, int(heads))
+        set_field(cfg, cls.kv_heads_field, int(kv_heads))
+        set_field(cfg, cls.head_dim_field, int(head_dim))
 
     def attention(self, decoder_layer: nn.Module) -> nn.Module | None:
         """A decoder layer's attention module; None in a layer without one (jamba's mamba layers)."""
-        return _submodule(decoder_layer, self.attention_attr)
+        return submodule(decoder_layer, self.attention_attr)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every decoder layer's attention module of ``model`` (this family), in layer order."""
@@ -525,7 +525,7 @@ class MoEAdapter:
         return {n: (d, idx[channels].T.reshape(-1)) for n, (d, idx) in self.channel_layout(layer, width).items()}
 
 
-def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+def submodule(module: nn.Module, path: str) -> nn.Module | None:
     """The submodule (or tensor) at dotted ``path`` under ``module``; None where a part is missing."""
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -534,7 +534,8 @@ def _submodule(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-def _get_field(config: object, dotted: str) -> object:
+def get_field(config: object, dotted: str) -> object:
+    """A config field at a dotted path (``ffn_config.moe_num_experts``: dbrx nests its fields)."""
     obj = config
     for part in dotted.split("."):
         obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
@@ -544,14 +545,15 @@ def _get_field(config: object, dotted: str) -> object:
 def _field_or_none(config: object, dotted: str) -> object:
     """A config field, None where the config lacks it (optional fields default from others)."""
     try:
-        return _get_field(config, dotted)
+        return get_field(config, dotted)
     except (AttributeError, KeyError, TypeError):
         return None
 
 
-def _set_field(config: object, dotted: str, value: object) -> None:
+def set_field(config: object, dotted: str, value: object) -> None:
+    """Set the config field at a dotted path (see :func:`get_field`)."""
     parent, _, last = dotted.rpartition(".")
-    obj = _get_field(config, parent) if parent else config
+    obj = get_field(config, parent) if parent else config
     if isinstance(obj, dict):
         obj[last] = value
     else:

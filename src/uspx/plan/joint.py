@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from uspx.io import UspxError, sha256_json
 from uspx.models import adapter_class
-from uspx.models.base import _get_field, _set_field
+from uspx.models.base import get_field, set_field
 from uspx.plan import memory as mem
 from uspx.plan.select import Plan, select_experts
 from uspx.score.units import UnitScores, load_units, parse_units
@@ -48,10 +48,10 @@ def shaped_config(config: Any, shape: Shape) -> Any:
     (head_dim kept)."""
     cfg = copy.deepcopy(mem.load_config(config))
     cls = adapter_class(cfg.model_type)
-    _set_field(cfg, cls.expert_count_field, shape.experts)
-    _set_field(cfg, cls.expert_width_field, shape.width)
+    set_field(cfg, cls.expert_count_field, shape.experts)
+    set_field(cfg, cls.expert_width_field, shape.width)
     for field_name, width in shape.dense:
-        _set_field(cfg, field_name, width)
+        set_field(cfg, field_name, width)
     if cls.heads_prunable:
         _, _, head_dim = cls.config_head_shape(cfg)
         cls.set_head_shape(cfg, shape.kv_groups * shape.heads_per_group, shape.kv_groups, head_dim)
@@ -265,7 +265,7 @@ def _unit_values(expert_values: dict[int, np.ndarray], units_table: UnitScores |
     if "channels" in units:
         have = set(units_table.table.filter(pc.equal(units_table.table.column("kind"), "dense_channel"))
                    .column("index").to_pylist())
-        dense_kinds = [(k, fld, int(_get_field(geo.cfg, fld))) for k, (_, fld, _) in enumerate(cls.dense_mlp_paths)
+        dense_kinds = [(k, fld, int(get_field(geo.cfg, fld))) for k, (_, fld, _) in enumerate(cls.dense_mlp_paths)
                        if k in have]
     values = _Layers(
         experts={l: np.asarray(v, np.float64) for l, v in expert_values.items()},

@@ -24,7 +24,7 @@ from torch import nn
 from uspx.engine import InMemory
 from uspx.io import UspxError, atomic_folder, write_json
 from uspx.models import adapter_for, load_model, model_fingerprint
-from uspx.models.base import _set_field, _submodule
+from uspx.models.base import set_field, submodule
 from uspx.models.loading import model_from_state
 from uspx.prune.export import RECORD
 from uspx.prune.files import copy_tokenizer, weight_files
@@ -77,7 +77,7 @@ def narrowed(model: nn.Module, kept: dict[int, torch.Tensor]) -> nn.Module:
     width = adapter.expert_width()
     new_width = int(next(iter(kept.values())).shape[1])
     config = copy.deepcopy(model.config)
-    _set_field(config, adapter.expert_width_field, new_width)
+    set_field(config, adapter.expert_width_field, new_width)
     state = dict(model.state_dict())
     for layer in adapter.layers:
         for name in adapter.channel_layout(layer, width):
@@ -96,7 +96,7 @@ def _dense_modules(model: nn.Module, kind: dict) -> dict[int, nn.Module]:
     layers = adapter.decoder_layers(model)
     out = {}
     for layer in kind["kept"]:
-        mlp = _submodule(layers[layer], kind["path"])
+        mlp = submodule(layers[layer], kind["path"])
         if mlp is None or adapter.dense_down(mlp) is None:
             raise UspxError(f"the plan narrows {kind['path']} of layer {layer}, which this model does not have")
         out[layer] = mlp
@@ -125,7 +125,7 @@ def narrowed_dense(model: nn.Module, dense: list[dict]) -> nn.Module:
     state = dict(model.state_dict())
     prefix = {id(m): name for name, m in model.named_modules()}
     for kind in dense:
-        _set_field(config, kind["field"], kind["width"])
+        set_field(config, kind["field"], kind["width"])
         for layer, mlp in _dense_modules(model, kind).items():
             keep = torch.tensor(kind["kept"][layer], dtype=torch.long)
             for proj in (*adapter.dense_in_projs(mlp).values(), adapter.dense_down(mlp)):

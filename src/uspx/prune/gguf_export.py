@@ -203,9 +203,9 @@ def _quantize_log(text: str) -> dict:
 def calibration_text(workload, split: str = "calibration") -> str:
     """The workload's ``split`` items as one text (prompt and completion, items apart by a blank
     line): what llama-imatrix reads to weigh each weight column by the user's own activations."""
-    from uspx.workload import Workload, load_workload
+    from uspx.workload import load_workload
 
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     items = wl.part(split).items
     if not items:
         raise UspxError(f"{wl.source}: the {split!r} split is empty; an importance matrix needs the user's text")

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from uspx.models.base import _set_field
+from uspx.models.base import set_field
 from uspx.models.tensorfiles import INDEX_NAME, TensorSpec, make_readable, write_safetensors
 from uspx.engine.source import FromCheckpoint
 from uspx.io import UspxError, read_json, write_json
@@ -158,7 +158,7 @@ def pruned_config_json(adapter, stored: dict, width: int, cut: Cut | None = None
     was written, so the export loads like its source."""
     after = adapter.pruned_config(width)
     if cut is not None:
-        _set_field(after, adapter.expert_width_field, cut.width)
+        set_field(after, adapter.expert_width_field, cut.width)
         if cut.head_shape is not None:
             adapter.set_head_shape(after, *cut.head_shape)
     before, after = adapter.config.to_dict(), after.to_dict()

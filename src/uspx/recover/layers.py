@@ -153,7 +153,7 @@ class _LayerTrainer:
 
     def _floats(self, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The module's floating-point parameters under their names in the model."""
-        prefix = self.candidate._module_prefix(module)
+        prefix = self.candidate.module_prefix(module)
         return {prefix + n: p for n, p in module.named_parameters() if p.is_floating_point()}
 
     def _loss(self, step: LayerStep, b: int, mask: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def finished_run(run_dir: str | Path, workload=None):
     (``workload`` defaults to the run's own; another one is refused)."""
     from uspx.models import model_fingerprint
     from uspx.prune.export import RECORD
-    from uspx.workload import Workload, load_workload
+    from uspx.workload import load_workload
 
     run = Path(run_dir)
     pruned = run / "model"
@@ -160,7 +160,7 @@ def finished_run(run_dir: str | Path, workload=None):
     plan_sha = hashlib.sha256((run / "plan.json").read_bytes()).hexdigest()
     if record.get("plan_sha256") not in (None, plan_sha):
         raise UspxError(f"{run / 'plan.json'} is not the plan {pruned} was exported from")
-    wl = workload if isinstance(workload, Workload) else load_workload(workload or report["workload"]["source"])
+    wl = load_workload(workload or report["workload"]["source"])
     if wl.fingerprint != report["workload"]["fingerprint"]:
         raise UspxError(f"{wl.source} is not the workload {run} was extracted for")
     return run, record, report, source, plan_sha, wl

@@ -116,7 +116,7 @@ def _score(
                                           max_tokens=max_tokens, marginal=marginal, units=units)
     layered = isinstance(model, Opened) and model.streaming
     d = current()
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     tr = Trace(trace_dir)
     trace_split = tr.manifest.get("options", {}).get("split", "all")
     if trace_split not in ("all", split):

@@ -41,7 +41,7 @@ from uspx.engine.batches import batch_of_step
 from uspx.engine.forward import frozen, logits as target_logits
 from uspx.engine.hooks import forward_hook, pre_hook, register
 from uspx.engine.losses import kd_loss, layer_loss
-from uspx.engine.observers import Observer, _first
+from uspx.engine.observers import Observer, block_output
 from uspx.io import UspxError
 from uspx.models import adapter_for
 from uspx.models.base import MoEAdapter, MoELayer, Restriction
@@ -286,13 +286,13 @@ class LayerMasks(Observer):
         try:
             with frozen(block.parameters()):
                 with torch.no_grad():
-                    y = torch.cat([_first(block(x[a : a + 4096].unsqueeze(0))).reshape(-1, x.shape[1])
+                    y = torch.cat([block_output(block(x[a : a + 4096].unsqueeze(0))).reshape(-1, x.shape[1])
                                    for a in range(0, len(x), 4096)])
                 with torch.enable_grad():
                     for _ in range(self.steps):
                         rows = torch.randint(len(x), (min(self.rows_per_step, len(x)),), generator=gen)
                         current["z"] = sample_gates(log_alpha[None], adapter.top_k, gen)[0]
-                        out = _first(block(x[rows].unsqueeze(0))).reshape(len(rows), -1)
+                        out = block_output(block(x[rows].unsqueeze(0))).reshape(len(rows), -1)
                         current["z"] = None
                         loss = layer_loss(out, y[rows])
                         penalty = lagrangian(gate_open_probability(log_alpha).sum(), float(self.keep),

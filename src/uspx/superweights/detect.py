@@ -101,7 +101,7 @@ def detect(
     timings: dict[str, float] = {}
     proxies, score_modes = _check_options(proxies, score_modes, routing_entropy_thr, co_spike_tau, p_active_floor, router_bias)
     lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
-    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    wl = load_workload(workload)
     if lm.tokenizer is None:
         raise UspxError(f"{lm.source}: no tokenizer files; uspx needs one to read a text workload")
     net = lm.model

@@ -80,7 +80,7 @@ def trace(
         device = d.device
     opened = open_source(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
                          device_map=device_map, max_memory=max_memory)
-    wl = (workload if isinstance(workload, Workload) else load_workload(workload)).part(split)
+    wl = load_workload(workload).part(split)
     if opened.tokenizer is None:
         raise UspxError(f"{opened.path}: no tokenizer files; uspx needs one to read a text workload")
     source = opened.source

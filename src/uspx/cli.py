@@ -377,12 +377,7 @@ def select_cmd(
     console.print(plan_obj)
     if plan_obj.padding:
         console.print(f"[yellow]{plan_obj.padding}")
-    from uspx.plan.select import _pad_mechanism, runtime_notes
-
-    ch = plan_obj.channels or {}
-    for note in runtime_notes(plan_obj.counts, plan_obj.top_k, padded=bool(_pad_mechanism(plan_obj.model_type)),
-                              width=ch.get("width"), original_width=ch.get("original_width"),
-                              dtype=plan_obj.settings.get("dtype")):
+    for note in plan_obj.runtime_notes():
         console.print(f"[yellow]runtime: {note}")
     console.print(f"plan written to {out}")
 

@@ -193,16 +193,13 @@ def _score_factor(trace: Trace, method: str, samples: np.ndarray) -> Factor | No
     from uspx.score.reconstruction import traced_sums
     from uspx.score.trace_stats import stats_from_trace
 
+    if not _holds(trace, method):
+        return None
     if method == "reconstruction":
         sums = traced_sums(trace, samples)
-        if sums is None:
-            return None
         tokens = trace.items().to_pandas().set_index("sample").loc[samples, "tokens"].to_numpy().astype(float)
         return Factor(np.asarray(sums[0], float), tokens[:, None, None])
-    norms = method in ("reap", "ean")
-    if norms and not trace.manifest["options"].get("norms"):
-        return None
-    stats = stats_from_trace(trace, "all", norms=norms)
+    stats = stats_from_trace(trace, "all", norms=method in ("reap", "ean"))
     if not np.array_equal(stats.samples, samples):
         raise UspxError(f"{trace.path}: its rows and items.parquet list different prompts")
     return getattr(stats, method)()
@@ -264,21 +261,22 @@ def compare_set(new: PromptSums, rows: np.ndarray, calibration: PromptSums, drop
     both traces give it) of the new set with its own interval, and the calibration's point share
     with the interval of resamples of as many calibration prompts as the new set has."""
     out: dict = dict(prompts=int(len(rows)))
-    kinds = [("mass", new.mass, np.ones((len(new.samples), 1, 1)), calibration.mass, np.ones((len(calibration.samples), 1, 1)))]
+    kinds = {"mass": (new.mass, 1.0, calibration.mass, 1.0)}  # a mass is its own value: denominator 1
     if new.score is not None and calibration.score is not None:
-        kinds.append(("score", new.score.num, new.score.den, calibration.score.num, calibration.score.den))
+        kinds["score"] = (new.score.num, new.score.den, calibration.score.num, calibration.score.den)
     own = resample(len(rows), len(rows), n_boot, seed)
     ref = resample(len(calibration.samples), len(rows), n_boot, seed + 1)
-    for name, num, den, c_num, c_den in kinds:
-        den = np.broadcast_to(den, num.shape)[rows]
-        layer, total = dropped_share(num[rows], den, dropped)
-        b_layer, b_total = dropped_share(num[rows], den, dropped, own)
-        c_layer, c_total = dropped_share(c_num, c_den, dropped)
-        cb_layer, cb_total = dropped_share(c_num, c_den, dropped, ref)
-        out[name] = dict(share=_round(layer), ci=_interval(b_layer), total=_round(total), total_ci=_interval(b_total),
-                         calibration=dict(share=_round(c_layer), ci=_interval(cb_layer), total=_round(c_total),
-                                          total_ci=_interval(cb_total)))
+    for name, (num, den, c_num, c_den) in kinds.items():
+        out[name] = dict(_shares(num[rows], np.broadcast_to(den, num.shape)[rows], dropped, own),
+                         calibration=_shares(c_num, c_den, dropped, ref))
     return out
+
+
+def _shares(num: np.ndarray, den: np.ndarray, dropped: np.ndarray, draws: np.ndarray) -> dict:
+    """The share on the dropped experts, per layer and over all, each with its interval over ``draws``."""
+    layer, total = dropped_share(num, den, dropped)
+    b_layer, b_total = dropped_share(num, den, dropped, draws)
+    return dict(share=_round(layer), ci=_interval(b_layer), total=_round(total), total_ci=_interval(b_total))
 
 
 # ----- the new traffic --------------------------------------------------------------------------

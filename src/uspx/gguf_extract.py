@@ -225,14 +225,11 @@ def _trace_scores(gm, trace_dir: Path, wl: Workload, out: Path, tool_families, b
     factors = {"frequency": [stats.frequency()], "reap": [stats.reap()], "ean": [stats.ean()]}
     if tool_families:
         part = wl.part("calibration")
-        unknown = sorted(set(tool_families) - set(part.families))
-        if unknown:
+        if unknown := sorted(set(tool_families) - set(part.families)):
             raise UspxError(f"--tool-families {unknown} are not families of {wl.source} ({', '.join(part.families)})")
-        tool = np.array([part.items[int(i)].family in set(tool_families) for i in stats.samples])
-        count = stats.count.astype(np.float64)
-        fluent = ~tool
-        factors["capability"] = [Factor(count * fluent[:, None, None], (stats.tokens * fluent)[:, None, None]
-                                        .astype(np.float64))]
+        fluent = np.array([part.items[int(i)].family not in set(tool_families) for i in stats.samples])
+        factors["capability"] = [Factor(stats.count.astype(np.float64) * fluent[:, None, None],
+                                        (stats.tokens * fluent)[:, None, None].astype(np.float64))]
     tables = []
     for name, fs in factors.items():
         est = estimate(fs, bootstrap, seed)
@@ -253,8 +250,6 @@ def _trace_scores(gm, trace_dir: Path, wl: Workload, out: Path, tool_families, b
 def _imatrix_scores(gm, path, out: Path):
     """frequency from an importance matrix's per-expert counts: one sample (the whole text), so no
     interval."""
-    import pyarrow as pa
-
     from uspx.score.table import ScoreTable, build_table
     from uspx.trace.llama import imatrix_experts, read_imatrix
     from uspx.trace.serving import file_digest
@@ -272,7 +267,7 @@ def _imatrix_scores(gm, path, out: Path):
                                          datasets=im.datasets, split="all"), None,
                  dict(bootstrap=0, seed=0, ci_level=0.95, bootstrap_unit="none (one imatrix)",
                       imatrix=dict(chunks=im.chunk_count, chunk_size=im.chunk_size)), 1)
-    t = ScoreTable(pa.concat_tables([table]), meta)
+    t = ScoreTable(table, meta)
     t.write(out)
     return t, dict(source="llama-imatrix", file=str(path), datasets=im.datasets, tokens=ex.tokens,
                    chunks=im.chunk_count, chunk_size=im.chunk_size)

@@ -78,9 +78,9 @@ class Settling:
     patience: int
     bootstrap: int
     seed: int
-    nums: list = field(default_factory=list)
-    dens: list = field(default_factory=list)
-    counts: list = field(default_factory=list)
+    num: np.ndarray | None = None  # every prompt's sums so far, [P, L, E], in the order added
+    den: np.ndarray | None = None  # their denominators, broadcast to them
+    count: np.ndarray | None = None  # their routed counts
     history: list = field(default_factory=list)
     kept: np.ndarray | None = None
     calm: int = 0
@@ -91,36 +91,27 @@ class Settling:
     def stable(self) -> bool:
         return self.calm >= self.patience
 
-    def add(self, num: np.ndarray, den: np.ndarray, count: np.ndarray, tokens: int) -> dict:
+    def add(self, num: np.ndarray, den: np.ndarray, count: np.ndarray, tokens: int, say: bool = False) -> bool:
         """One block's per-prompt sums ([P, L, E] numerators, denominators broadcast to them, routed
-        counts); returns the block's history entry."""
-        self.nums.append(num)
-        self.dens.append(np.broadcast_to(den, num.shape))
-        self.counts.append(count)
+        counts) entered in the history (and, with ``say``, printed); returns whether to stop."""
+        block = (num, np.broadcast_to(den, num.shape), count)
+        self.num, self.den, self.count = (np.concatenate([b] if so_far is None else [so_far, b])
+                                          for so_far, b in zip((self.num, self.den, self.count), block))
         self.prompts += len(num)
         self.tokens += tokens
-        n, d = self.num, self.den
-        kept = kept_mask(ratio(n, d)[0], self.n_keep)
+        kept = kept_mask(ratio(self.num, self.den)[0], self.n_keep)
         prev, self.kept = self.kept, kept
         j = float(jaccard(kept, prev)) if prev is not None else None
         self.calm = self.calm + 1 if j is not None and j >= 1 - self.tolerance else 0
         entry = dict(block=len(self.history), items=self.prompts, tokens=self.tokens, jaccard_previous=j,
                      changed=int((kept != prev).sum() // 2) if prev is not None else None,
-                     stability=round(stability(n, d, self.n_keep, self.bootstrap, self.seed), 4))
+                     stability=round(stability(self.num, self.den, self.n_keep, self.bootstrap, self.seed), 4))
         self.history.append(entry)
-        return entry
-
-    @property
-    def num(self) -> np.ndarray:
-        return np.concatenate(self.nums)
-
-    @property
-    def den(self) -> np.ndarray:
-        return np.concatenate(self.dens)
-
-    @property
-    def count(self) -> np.ndarray:
-        return np.concatenate(self.counts)
+        if say:
+            versus = "-" if j is None else f"Jaccard {j:.3f}, {entry['changed']} experts swapped"
+            console.print(f"block {entry['block']}: {self.prompts} items, {self.tokens} tokens; kept set vs the "
+                          f"block before: {versus}; bootstrap stability {entry['stability']:.3f}")
+        return self.stable
 
     def rule(self) -> str:
         return (f"stop after {self.patience} blocks in a row whose kept set has a Jaccard index >= "
@@ -130,12 +121,6 @@ class Settling:
 def _check_rule(block: int, tolerance: float, patience: int, bootstrap: int) -> None:
     if block < 1 or patience < 1 or not 0 <= tolerance < 1 or bootstrap < 1:
         raise UspxError("--block and --patience must be >= 1, --tolerance in [0, 1), --bootstrap >= 1")
-
-
-def _say(h: dict) -> None:
-    versus = "-" if h["jaccard_previous"] is None else f"Jaccard {h['jaccard_previous']:.3f}, {h['changed']} experts swapped"
-    console.print(f"block {h['block']}: {h['items']} items, {h['tokens']} tokens; kept set vs the block before: "
-                  f"{versus}; bootstrap stability {h['stability']:.3f}")
 
 
 def trace_until_stable(model: str | Path | Opened, workload: str | Path | Workload, out_dir: str | Path, *,
@@ -173,20 +158,14 @@ def trace_until_stable(model: str | Path | Opened, workload: str | Path | Worklo
         count = (sums if method == "frequency" else prompt_sums(Trace(path), "frequency")).score.num
         blocks.append(path)
         traced += chunk
-        h = rule.add(sums.score.num, sums.score.den, count, manifest["summary"]["tokens"])
-        if progress:
-            _say(h)
-        if rule.stable:
+        if rule.add(sums.score.num, sums.score.den, count, manifest["summary"]["tokens"], say=progress):
             break
     traced_wl = write_workload(traced, out / "workload.jsonl")  # the items the joined trace and scores name
     _concatenate(blocks, traced_wl, out / "trace")
-    table = _scores(opened, rule, method, traced_wl, out / "scores", str((out / "trace").resolve()), "calibration",
-                    rule.prompts)
-    result = _result(opened, table, rule, method, keep, budget, block, seed, seconds=time.perf_counter() - started,
-                     workload=wl.source, items=len(traced), calibration_items=len(items), scores=out / "scores",
-                     trace=str(out / "trace"))
-    write_json(out / FILENAME, result)
-    return result
+    table = _scores(opened, rule, method, traced_wl, out / "scores", str((out / "trace").resolve()), "calibration")
+    return _result(out, opened, table, rule, method, keep, budget, block, seed, seconds=time.perf_counter() - started,
+                   workload=wl.source, items=len(traced), calibration_items=len(items), scores=str(out / "scores"),
+                   trace=str(out / "trace"))
 
 
 def _concatenate(blocks: list[Path], traced: Workload, out: Path) -> None:
@@ -236,19 +215,14 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
     started = time.perf_counter()
     for rows in blocks:
         num, den = sums.factor(rows)
-        h = rule.add(num, den, stats.count[rows], int(stats.tokens[rows].sum()))
-        if progress:
-            _say(h)
-        if rule.stable:
+        if rule.add(num, den, stats.count[rows], int(stats.tokens[rows].sum()), say=progress):
             break
     used = np.sort(np.concatenate(blocks[: len(rule.history)]))
     out = Path(out_dir)
-    table = _scores(opened, rule, method, traced, out, str(tr.path.resolve()), split, rule.prompts)
-    result = _result(opened, table, rule, method, keep, budget, block, seed, seconds=time.perf_counter() - started,
-                     workload=wl.source, items=rule.prompts, calibration_items=len(stats.samples), scores=out,
-                     trace=str(tr.path), samples=stats.samples[used].tolist())
-    write_json(out / FILENAME, result)
-    return result
+    table = _scores(opened, rule, method, traced, out, str(tr.path.resolve()), split)
+    return _result(out, opened, table, rule, method, keep, budget, block, seed, seconds=time.perf_counter() - started,
+                   workload=wl.source, items=rule.prompts, calibration_items=len(stats.samples), scores=str(out),
+                   trace=str(tr.path), samples=stats.samples[used].tolist())
 
 
 def _prompt_blocks(n: int, block: int, seed: int) -> list[np.ndarray]:
@@ -300,26 +274,28 @@ class _BlockSums:
         return sal, np.ones((len(items), 1, 1))
 
 
-def _result(opened: Opened, table: ScoreTable, rule: Settling, method: str, keep, budget, block: int, seed: int, *,
-            seconds: float, **extra) -> dict:
+def _result(out: Path, opened: Opened, table: ScoreTable, rule: Settling, method: str, keep, budget, block: int,
+            seed: int, *, seconds: float, **extra) -> dict:
+    """The history and the kept set, written to ``out/stable.json``."""
     layers = table.meta["model"]["moe_layers"]
-    return dict(
+    result = dict(
         model=dict(source=opened.path, fingerprint=opened.fingerprint), method=method,
         experts_per_layer=rule.n_keep, keep=keep, budget=budget, block=block, tolerance=rule.tolerance,
         patience=rule.patience, seed=seed, stable=rule.stable, tokens=rule.tokens,
         kept={str(l): np.flatnonzero(rule.kept[i]).tolist() for i, l in enumerate(layers)}, history=rule.history,
-        rule=rule.rule(), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()},
-        seconds=round(seconds, 2))
+        rule=rule.rule(), **extra, seconds=round(seconds, 2))
+    write_json(out / FILENAME, result)
+    return result
 
 
-def _scores(opened: Opened, rule: Settling, method: str, traced: Workload, out: Path, trace_path: str, split: str,
-            n_prompts: int) -> ScoreTable:
+def _scores(opened: Opened, rule: Settling, method: str, traced: Workload, out: Path, trace_path: str,
+            split: str) -> ScoreTable:
     """The score table of the prompts scored (``out``), bootstrap intervals over prompts."""
     import uspx
     from uspx.score.bootstrap import Factor, estimate
     from uspx.score.table import FORMAT, ScoreTable, build_table
 
-    a = opened.source.adapter
+    a, n_prompts = opened.source.adapter, rule.prompts
     layers = [l.index for l in a.layers]
     est = estimate([Factor(rule.num, rule.den)], rule.bootstrap, rule.seed)
     cost = [a.bytes_per_expert(l) for l in a.layers] if opened.source.resident else opened.source.stored_expert_bytes()

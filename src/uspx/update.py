@@ -368,13 +368,11 @@ def _matched(new, old, new_ckpt, old_ckpt, counts: dict):
     value, held, r = new_ckpt.get(new.name).clone(), old_ckpt.get(old.name), new.rows_per_expert
     taken = 0
     for j, e in enumerate(new.slots):
-        if e in new.fillers or e not in old.slots or e in old.fillers:
+        if (e in new.fillers or e not in old.slots or e in old.fillers
+                or not _same((new.expert_index or {}).get(e), (old.expert_index or {}).get(e))):
             counts["original_slots"] += 1
             continue
         i = old.slots.index(e)
-        if not _same((new.expert_index or {}).get(e), (old.expert_index or {}).get(e)):
-            counts["original_slots"] += 1
-            continue
         value[j * r : (j + 1) * r] = held[i * r : (i + 1) * r]
         taken += 1
     counts["expert_slots"] += taken

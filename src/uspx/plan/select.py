@@ -50,8 +50,7 @@ def read_scores(table: Any, need_cost: bool = True) -> list[tuple[int, int, floa
     need = ("layer", "expert", "value") + (("cost_bytes",) if need_cost else ())
     rows, seen = [], set()
     for i, rec in enumerate(records):
-        missing = [c for c in need if rec.get(c) is None]
-        if missing:
+        if missing := [c for c in need if rec.get(c) is None]:
             raise UspxError(f"score table row {i}: no {', '.join(missing)} (columns needed: {', '.join(need)})")
         layer, expert, value = int(rec["layer"]), int(rec["expert"]), float(rec["value"])
         cost = None if rec.get("cost_bytes") is None else float(rec["cost_bytes"])
@@ -80,8 +79,7 @@ def _ratio(it: Item) -> float:
 
 
 def _check_groups(groups: Groups, floor: int) -> None:
-    small = {l: len(items) for l, items in groups.items() if len(items) < floor}
-    if small:
+    if small := {l: len(items) for l, items in groups.items() if len(items) < floor}:
         raise UspxError(f"layers {sorted(small)} have fewer than top-k = {floor} experts in the score table")
 
 
@@ -199,23 +197,29 @@ class Plan:
     def kept_set(self) -> dict[int, list[int]]:
         return {l: list(v) for l, v in self.kept.items()}
 
+    def runtime_notes(self) -> list[str]:
+        """:func:`runtime_notes` for this plan: its counts (padded where its family pads exactly),
+        and its expert width in the dtype it exports in."""
+        ch = self.channels or {}
+        return runtime_notes(self.counts, self.top_k, padded=bool(_pad_mechanism(self.model_type)),
+                             width=ch.get("width"), original_width=ch.get("original_width"),
+                             dtype=self.settings.get("dtype"))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "method": self.method, "uniform": self.uniform,
             "top_k": self.top_k, "num_experts": self.num_experts, "model_type": self.model_type,
             "budget_bytes": self.budget_bytes, "keep": self.keep,
-            "kept": {str(l): v for l, v in sorted(self.kept.items())},
-            "counts": {str(l): n for l, n in sorted(self.counts.items())},
+            "kept": _by_layer(self.kept), "counts": _by_layer(self.counts),
             "predicted_bytes": self.predicted_bytes, "sizes": self.sizes, "settings": self.settings,
             "value": self.value, "value_total": self.value_total, "solver": self.solver,
             "scores_fingerprint": self.scores_fingerprint, "model_fingerprint": self.model_fingerprint,
             "padding": self.padding,
-            **({"channels": {**self.channels, "kept": {str(l): v for l, v in sorted(self.channels["kept"].items())},
-                             "dense": [{**d, "kept": {str(l): v for l, v in sorted(d["kept"].items())}}
+            **({"channels": {**self.channels, "kept": _by_layer(self.channels["kept"]),
+                             "dense": [{**d, "kept": _by_layer(d["kept"])}
                                        for d in self.channels.get("dense") or []]}}
                if self.channels else {}),
-            **({"heads": {**self.heads, "kept": {str(l): v for l, v in sorted(self.heads["kept"].items())}}}
-               if self.heads else {}),
+            **({"heads": {**self.heads, "kept": _by_layer(self.heads["kept"])}} if self.heads else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -339,7 +343,7 @@ def select_experts(
         value_total=sum(it.value for it in item.values()), solver={"name": used, **solver},
         scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
     )
-    plan.padding = _padding_note(plan, groups, base)
+    plan.padding = _padding_note(plan, groups)
     return plan
 
 
@@ -365,15 +369,14 @@ def _groups_from_planner(rows: Iterable[tuple], params: mem.ModelParams, cost: i
             raise UspxError(f"score table names expert {expert} of layer {layer}; "
                             f"the model has experts 0..{params.num_experts - 1}")
         values[layer][expert] = value
-    empty = [l for l, v in values.items() if not v]
-    if empty:
+    if empty := [l for l, v in values.items() if not v]:
         raise UspxError(f"score table has no rows for MoE layers {empty}")
     # experts the table leaves out were never seen by the scorer: they carry value 0
     return {l: [Item(e, values[l].get(e, 0.0), float(cost)) for e in range(params.num_experts)]
             for l in params.moe_layers}
 
 
-def _padding_note(plan: Plan, groups: Groups, base: int) -> str | None:
+def _padding_note(plan: Plan, groups: Groups) -> str | None:
     counts = plan.counts
     if len(set(counts.values())) <= 1:
         return None
@@ -386,8 +389,7 @@ def _padding_note(plan: Plan, groups: Groups, base: int) -> str | None:
             f"({padded} bytes) instead of {mem.format_bytes(plan.predicted_bytes)}")
     if plan.budget_bytes is not None and padded > plan.budget_bytes:
         head += ", over the budget"
-    mechanism = _pad_mechanism(plan.model_type)
-    if mechanism:
+    if mechanism := _pad_mechanism(plan.model_type):
         return f"{head}. Exact for {plan.model_type}: {mechanism} never routes them."
     paddable = ", ".join(f for f, cls in ADAPTERS.items() if cls.pad_mechanism)
     return (f"{head}. uspx can pad exactly only for {paddable}"
@@ -435,10 +437,12 @@ def _width_notes(width: int, dtype: str | None) -> list[str]:
 
 
 def _pad_mechanism(model_type: str | None) -> str | None:
-    for cls in ADAPTERS.values():
-        if model_type in cls.model_types:
-            return cls.pad_mechanism
-    return None
+    return next((cls.pad_mechanism for cls in ADAPTERS.values() if model_type in cls.model_types), None)
+
+
+def _by_layer(per_layer: Mapping[int, Any]) -> dict[str, Any]:
+    """A layer-keyed mapping as JSON writes it: string keys, in layer order."""
+    return {str(l): v for l, v in sorted(per_layer.items())}
 
 
 # ----- reading plans back -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from uspx.engine.batches import make_batches, pad_id_of
+from uspx.engine.forward import forward
 from uspx.evaluate import speed as speed_mod
 from uspx.evaluate.metrics import _Compare
 from uspx.evaluate.run import _per_family, _result, _speedups, _write, acceptance
@@ -70,8 +71,7 @@ class _Side:
         if self.rt is not None:
             self.rt.decode(ids)
             return torch.from_numpy(self.rt.logits(len(ids)))
-        with torch.no_grad():
-            return self.model(input_ids=torch.tensor([list(ids)])).logits[0].float()
+        return forward(self.model, torch.tensor([list(ids)])).logits[0].float().cpu()
 
 
 def _runtime(path: Path, n_ctx: int, threads: int | None, binding: str | None):

@@ -56,10 +56,7 @@ def model_of(model) -> nn.Module:
 def device_of(model) -> torch.device:
     """Where the model takes its inputs: its first parameter's device (transformers' rule, which
     accelerate's device maps follow: their hooks move activations between devices themselves)."""
-    module = model_of(model)
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
+    return next((p.device for p in model_of(model).parameters()), torch.device("cpu"))
 
 
 def _grad_mode(grad: bool) -> contextlib.AbstractContextManager:
@@ -172,13 +169,14 @@ class Step:
     cache: object = None
 
 
-def _step(module: nn.Module, ids: torch.Tensor, cache: object, use_cache: bool) -> Step:
+def _step(model, ids: torch.Tensor, cache: object, use_cache: bool) -> Step:
     kw = dict(input_ids=ids, use_cache=use_cache)
     if cache is not None:
         kw["cache"] = cache
     else:
         kw["logits_to_keep"] = 1  # a prompt: only its last position predicts
-    out = module(**kw)
+    with torch.no_grad():
+        out = model_of(model)(**kw)
     last = out.logits[:, -1]
     return Step(last, last.argmax(-1, keepdim=True), out.cache if use_cache else None)
 
@@ -186,18 +184,14 @@ def _step(module: nn.Module, ids: torch.Tensor, cache: object, use_cache: bool) 
 def prefill(model, input_ids: torch.Tensor, *, cache: bool = True) -> Step:
     """Run a prompt [B, T] (unpadded) once, the LM head on its last position only; ``cache=False``
     keeps no KV cache (a prefill that is only timed)."""
-    module = model_of(model)
-    with torch.no_grad():
-        return _step(module, input_ids.to(device_of(module)), None, cache)
+    return _step(model, input_ids.to(device_of(model)), None, cache)
 
 
 def decode_step(model, step: Step) -> Step:
     """Feed ``step.next_ids`` through the model with ``step``'s cache: one greedy token further."""
     if step.cache is None:
         raise UspxError("decoding needs the cache of a prefill run with cache=True")
-    module = model_of(model)
-    with torch.no_grad():
-        return _step(module, step.next_ids, step.cache, True)
+    return _step(model, step.next_ids, step.cache, True)
 
 
 def decode_steps(model, step: Step, n: int) -> Step:

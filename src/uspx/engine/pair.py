@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -96,48 +96,30 @@ def run_pair(teacher: WeightSource, candidate: WeightSource, batches: Sequence[B
     if teacher.n_layers != candidate.n_layers:
         raise UspxError(f"the candidate has {candidate.n_layers} decoder layers, the original {teacher.n_layers}")
     if fit is None and teacher.resident and candidate.resident:
-        with torch.no_grad():
-            _whole(teacher, candidate, batches, observers, candidate_context, teacher_context, progress, label)
+        with torch.no_grad(), progress_bar(label, total=len(batches), unit="batches", enabled=progress) as bar:
+            for batch in batches:
+                if batch.loss_mask.any():
+                    with teacher_context():
+                        t = logits(teacher, batch).float()
+                    with candidate_context():
+                        c = logits(candidate, batch).float()
+                    for o in observers:
+                        o.pair_logits(batch, t, c, 0)
+                bar.advance()
         return 0
     with freed_memory_returned():
         return _layers(teacher, candidate, batches, observers, fit, probe_teacher, candidate_context,
                        teacher_context, state_dir, state_key, progress, label)
 
 
-def _whole(teacher, candidate, batches, observers, candidate_context, teacher_context, progress: bool,
-           label: str) -> None:
-    with progress_bar(label, total=len(batches), unit="batches", enabled=progress) as bar:
-        for batch in batches:
-            if batch.loss_mask.any():
-                with teacher_context():
-                    t = logits(teacher, batch).float()
-                with candidate_context():
-                    c = logits(candidate, batch).float()
-                for o in observers:
-                    o.pair_logits(batch, t, c, 0)
-            bar.advance()
-
-
-@contextlib.contextmanager
-def _streams(teacher: WeightSource, candidate: WeightSource, batches) -> Iterator[tuple[HiddenStore, HiddenStore]]:
-    n_rows = _store_rows(batches)
-    hidden = int(candidate.config.hidden_size)
-    t_store = HiddenStore(n_rows, hidden, teacher.dtype, None)
-    c_store = HiddenStore(n_rows, hidden, candidate.dtype, None)
-    try:
-        yield t_store, c_store
-    finally:
-        t_store.close()
-        c_store.close()
-
-
 def _layers(teacher, candidate, batches, observers, fit, probe_teacher, candidate_context, teacher_context,
             state_dir, state_key, progress: bool, label: str) -> int:
-    n_layers = teacher.n_layers
+    n_layers, n_rows, hidden = teacher.n_layers, _store_rows(batches), int(candidate.config.hidden_size)
     state_dir = Path(state_dir) if state_dir is not None else None
-    key = dict(key=state_key, rows=batches[-1].slot + batches[-1].size, batches=len(batches),
+    key = dict(key=state_key, rows=n_rows, batches=len(batches),
                dtype=[str(teacher.dtype), str(candidate.dtype)])
-    with _streams(teacher, candidate, batches) as (t_store, c_store):
+    with (contextlib.closing(HiddenStore(n_rows, hidden, teacher.dtype, None)) as t_store,
+          contextlib.closing(HiddenStore(n_rows, hidden, candidate.dtype, None)) as c_store):
         start = _resume(state_dir, key, t_store, c_store)
         if start == 0:
             with torch.no_grad():

@@ -30,6 +30,7 @@ from uspx.engine.observers import Observer, block_output
 from uspx.engine.source import WeightSource, freed_memory_returned
 from uspx.engine.store import HiddenStore
 from uspx.io import UspxError, read_json, write_json
+from uspx.models.base import MoELayer, Restriction
 from uspx.progress import progress_bar
 
 Decide = Callable[[int], Sequence[int] | None]
@@ -72,35 +73,26 @@ def run(source: WeightSource, batches: Sequence[Batch], observers: Sequence[Obse
                                decide, progress, label)
 
 
-def _attach(source: WeightSource, observers: Sequence[Observer], index: int) -> list:
-    handles = []
-    for layer in source.adapter.layers:
-        if layer.index == index:
-            for o in observers:
-                handles += o.attach(source.adapter, layer)
-    return handles
+def _attached(source: WeightSource, observers: Sequence[Observer], layers: Sequence[MoELayer]) -> Restriction:
+    """Every observer's hooks on ``layers``, removed on leaving the ``with`` block."""
+    return Restriction([h for layer in layers for o in observers for h in o.attach(source.adapter, layer)])
 
 
 def _run_whole(source, batches, observers, head: bool, progress: bool, label: str) -> RunStats:
-    handles = [h for layer in source.adapter.layers for h in _attach(source, observers, layer.index)]
-    model = source.model
-    try:
-        with progress_bar(label, total=sum(int(b.attention_mask.sum()) for b in batches), unit="tok",
-                          enabled=progress) as bar:
-            for batch in batches:
+    model, tokens = source.model, sum(int(b.attention_mask.sum()) for b in batches)
+    with (_attached(source, observers, source.adapter.layers),
+          progress_bar(label, total=tokens, unit="tok", enabled=progress) as bar):
+        for batch in batches:
+            for o in observers:
+                o.begin(batch)
+            if head and batch.loss_mask.any():
+                out = logits(model, batch)
                 for o in observers:
-                    o.begin(batch)
-                if head and batch.loss_mask.any():
-                    out = logits(model, batch)
-                    for o in observers:
-                        if o.wants_logits:
-                            o.logits(batch, out)
-                else:
-                    forward(model, batch.input_ids, batch.attention_mask, head=False)
-                bar.advance(int(batch.attention_mask.sum()))
-    finally:
-        for h in handles:
-            h.remove()
+                    if o.wants_logits:
+                        o.logits(batch, out)
+            else:
+                forward(model, batch.input_ids, batch.attention_mask, head=False)
+            bar.advance(int(batch.attention_mask.sum()))
     for layer in source.adapter.layers:
         for o in observers:
             o.layer_done(layer.index)
@@ -137,12 +129,8 @@ def _run_layers(source, batches, observers, head: bool, last_layer: int | None, 
                 t0 = time.perf_counter()
                 sequential = decide is not None and index in moe
                 with source.layer(index) as layer:
-                    handles = _attach(source, observers, index)
-                    try:
+                    with _attached(source, observers, [l for l in source.adapter.layers if l.index == index]):
                         _layer_pass(source, layer, index, batches, store, observers, write=not sequential)
-                    finally:
-                        for h in handles:
-                            h.remove()
                     for o in observers:
                         o.layer_done(index)
                     if sequential:
@@ -211,9 +199,7 @@ def _resume_point(state_dir: Path | None, key: dict, last: int, head: bool) -> i
     state = read_json(state_dir / "state.json")
     done = int(state.get("layers_done", 0)) if state.get("key") == key else 0
     needs_hidden = done <= last or head
-    if done == 0 or (needs_hidden and not (state_dir / "hidden.bin").exists()):
-        return 0
-    return done
+    return 0 if needs_hidden and not (state_dir / "hidden.bin").exists() else done
 
 
 def _save_state(state_dir: Path, key: dict, done: int, store: HiddenStore, save_hidden: bool) -> None:

@@ -22,7 +22,7 @@ its outputs back into the store, which stays in CPU memory.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -96,9 +96,8 @@ class WeightSource:
 
     def layer_call(self, attention_mask: torch.Tensor, index: int, dtype: torch.dtype) -> tuple[tuple, dict]:
         """(extra positional args, keyword args) the model's forward passes to decoder layer ``index``."""
-        b, t = attention_mask.shape
         hidden = int(self.config.hidden_size)
-        embeds = torch.zeros(b, t, hidden, dtype=dtype, device=self.device)
+        embeds = torch.zeros(*attention_mask.shape, hidden, dtype=dtype, device=self.device)
         _, args, kwargs = self._capture(attention_mask.to(self.device), index, inputs_embeds=embeds)[index]
         return args, kwargs
 
@@ -202,9 +201,17 @@ class FromCheckpoint(WeightSource):
                 if buf is not None and buf.device.type != "meta":
                     module._buffers[name] = buf.to(self._device)
 
-    def _onload(self, module: nn.Module) -> None:
+    @contextmanager
+    def _onloaded(self, *modules: nn.Module) -> Iterator[None]:
+        """``modules``, read from the files, on the device for the block; back on the meta device after."""
         if self._device.type != "cpu":
-            module.to(self._device)
+            for module in modules:
+                module.to(self._device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("meta")
 
     def _target_names(self) -> dict[str, str]:
         """Checkpoint tensor name -> the model parameter it becomes (transformers' own renaming)."""
@@ -278,21 +285,15 @@ class FromCheckpoint(WeightSource):
         self._materialise(self.module_prefix(module), experts)
         if self.edit is not None:
             self.edit(index, module)
-        self._onload(module)
-        try:
+        with self._onloaded(module):
             yield module
-        finally:
-            module.to("meta")
 
     @contextmanager
     def embedding(self) -> Iterator[None]:
         module = self.model.get_input_embeddings()
         self._materialise(self.module_prefix(module))
-        self._onload(module)
-        try:
+        with self._onloaded(module):
             yield
-        finally:
-            module.to("meta")
 
     @contextmanager
     def head(self) -> Iterator[None]:
@@ -300,21 +301,14 @@ class FromCheckpoint(WeightSource):
         lm_head = self.model.get_output_embeddings()
         self._materialise(self.module_prefix(norm))
         prefix = self.module_prefix(lm_head)
-        if self._names_under(prefix):
-            self._materialise(prefix)
-        else:  # tied embeddings: the head is the embedding table
-            embedding = self.model.get_input_embeddings()
-            self._materialise(self.module_prefix(embedding))
-            self._onload(embedding)
-            lm_head.weight = embedding.weight
-        self._onload(norm)
-        self._onload(lm_head)
-        try:
-            yield
-        finally:
-            norm.to("meta")
-            lm_head.to("meta")
-            self.model.get_input_embeddings().to("meta")
+        tied = not self._names_under(prefix)
+        with self.embedding() if tied else nullcontext():
+            if tied:  # the head is the embedding table, already on the device
+                lm_head.weight = self.model.get_input_embeddings().weight
+            else:
+                self._materialise(prefix)
+            with self._onloaded(norm, lm_head):
+                yield
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

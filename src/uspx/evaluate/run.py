@@ -24,9 +24,9 @@ from uspx.engine import FromCheckpoint, Opened, WeightSource, dtype_name, open_s
 from uspx.evaluate.checks import LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_SPAN, LOOP_TAIL, ProgramRunner
 from uspx.evaluate.metrics import ItemStats, Runner, compare, summarise
 from uspx.evaluate.tasks import (DEFAULT_MAX_NEW_TOKENS, TaskSettings, ToolGeneration, checked, family_report,
-                                 generate_answers, generate_with_tools, item_rows, write_items)
+                                 generate_answers, generate_with_tools, item_rows, task_lines, write_items)
 from uspx.io import FingerprintMismatch, UspxError, read_json, write_json
-from uspx.models import LoadedModel
+from uspx.models import LoadedModel, adapter_for
 from uspx.models.loading import resolve_model_path
 from uspx.prune.export import RECORD
 from uspx.prune.files import check_config, weight_files
@@ -254,13 +254,7 @@ def _tasks(result: dict, t: Opened, c: Opened, ks, items: list, settings: TaskSe
            dtype: str, runner: ProgramRunner | None, tools: ToolGeneration | None) -> list[dict]:
     """Both models answer the checked items (whole models: generation needs one); the summary per
     family goes to ``result["tasks"]``, the per-item records are returned."""
-    from uspx.models import adapter_for
-
-    models, skipped = {}, {}
-    for name, side in (("teacher", t), ("candidate", c)):
-        models[name], why = _whole(side, dtype)
-        if why:
-            skipped[name] = why.replace("not measured", "not generated")
+    models, skipped = _whole(t, c, dtype, "generated")
     head = {"settings": {**{k: getattr(settings, k) for k in ("samples", "temperature", "max_new_tokens", "seed")},
                          "pass_k": list(settings.pass_k),
                          "decoding": "greedy" if settings.temperature == 0 else f"sampled at temperature "
@@ -270,8 +264,7 @@ def _tasks(result: dict, t: Opened, c: Opened, ks, items: list, settings: TaskSe
     if skipped:
         result["tasks"] = {**head, "skipped": skipped}
         return []
-    plain = contextlib.nullcontext
-    restrict = (lambda: adapter_for(models["candidate"]).restrict(ks.kept)) if ks else plain
+    restrict = (lambda: adapter_for(models["candidate"]).restrict(ks.kept)) if ks else contextlib.nullcontext
     answers = {"teacher": generate_answers(models["teacher"], t.tokenizer, items, settings, max_length, runner)}
     same = c is t and ks is None
     answers["candidate"] = answers["teacher"] if same else generate_answers(
@@ -285,20 +278,27 @@ def _tasks(result: dict, t: Opened, c: Opened, ks, items: list, settings: TaskSe
     return item_rows(items, answers)
 
 
-def _whole(side: Opened, dtype: str) -> tuple[torch.nn.Module | None, str | None]:
-    """The model loaded whole: itself when resident, else from its folder when its weights fit in
-    the memory available now; otherwise the reason it is not."""
+def _whole(t: Opened, c: Opened, dtype: str,
+           what: str) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Both models loaded whole, by name: each itself when resident, else from its folder when its
+    weights fit in the memory available now; and for those that are not, why they are not ``what``."""
     import psutil
 
-    if side.source.resident:
-        return side.source.model, None
-    # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
-    item = torch.empty((), dtype=side.source.dtype).element_size()
-    need, free = sum(p.numel() for p in side.source.model.parameters()) * item, psutil.virtual_memory().available
-    if need > 0.8 * free:
-        return None, (f"not measured: {side.path} is read a layer at a time and its weights "
-                      f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
-    return open_source(side.path, dtype=dtype).source.model, None
+    models, skipped = {}, {}
+    for name, side in (("teacher", t), ("candidate", c)):
+        if side.source.resident:
+            models[name] = side.source.model
+            continue
+        # its size once loaded: every parameter in the compute precision (MXFP4 experts decoded)
+        item = torch.empty((), dtype=side.source.dtype).element_size()
+        need = sum(p.numel() for p in side.source.model.parameters()) * item
+        free = psutil.virtual_memory().available
+        if need > 0.8 * free:
+            skipped[name] = (f"not {what}: {side.path} is read a layer at a time and its weights "
+                             f"({need / 2**30:.1f} GiB) do not fit the memory available ({free / 2**30:.1f} GiB)")
+        else:
+            models[name] = open_source(side.path, dtype=dtype).source.model
+    return models, skipped
 
 
 # ----- size, memory, speed -------------------------------------------------------------------------
@@ -308,14 +308,12 @@ def _disk(opened: Opened) -> dict:
 
 
 def _sizes(t: Opened, c: Opened, ks) -> dict:
-    teacher = _disk(t)
-    if ks is None:
-        cand = _disk(c)
-    else:
+    teacher, base = _disk(t), _disk(c)
+    cand = base
+    if ks is not None:
         # Mask-only: nothing on disk yet; the size a physical export would take, in the checkpoint's
         # precision (non-uniform sets export padded to the largest count).
         adapter = c.source.adapter
-        base = _disk(c)
         in_memory = torch.empty((), dtype=c.source.dtype).element_size()
         scale = torch.empty((), dtype=getattr(torch, base["dtype"])).element_size() / in_memory
         width = max(len(v) for v in ks.kept.values())
@@ -347,13 +345,9 @@ def _memory(c: Opened, size: dict, budget: int | str | None, context: int, kv_dt
 def _speed(t: Opened, c: Opened, restrict, items, decode_tokens: int, dtype: str) -> dict:
     """Prefill and decode speed of both models, loaded whole: a model read a layer at a time is
     loaded whole for this only when its weights fit in the memory available now."""
-    runners, skipped = {}, {}
-    for name, side in (("teacher", t), ("candidate", c)):
-        model, why = _whole(side, dtype)
-        if why:
-            skipped[name] = why
-            continue
-        runners[name] = Runner(model, restrict if name == "candidate" else contextlib.nullcontext)
+    models, skipped = _whole(t, c, dtype, "measured")
+    runners = {name: Runner(model, restrict if name == "candidate" else contextlib.nullcontext)
+               for name, model in models.items()}
     result = speed_mod.measure(runners, [e.input_ids for e in items], new_tokens=decode_tokens) if runners else {}
     return {**result, **({"skipped": skipped} if skipped else {})}
 
@@ -372,7 +366,6 @@ def _speedups(sp: dict, restricted: bool) -> None:
 def print_verdict(result: dict, *, rule: bool = False) -> None:
     """An evaluation's task success (where items had checks) and its verdict with the reasons, as
     ``uspx eval`` and ``uspx extract`` print them; ``rule``: name the acceptance rule too."""
-    from uspx.evaluate.tasks import task_lines
     from uspx.progress import console
 
     for line in task_lines(result["tasks"]) if result.get("tasks") else []:

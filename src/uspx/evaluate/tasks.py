@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -68,13 +68,8 @@ class Generation:
 
 
 ToolGeneration = Callable[[torch.nn.Module, object, str, int], object]  # -> .text, .calls
-
-
-@dataclass
-class Answers:
-    """Every checked item's generations by one model (``samples`` each, in the items' order)."""
-
-    items: list[list[Generation]] = field(default_factory=list)
+# every checked item's generations by one model (``samples`` each, in the items' order)
+Answers = list[list[Generation]]
 
 
 def checked(items: Sequence[WorkloadItem]) -> list[WorkloadItem]:
@@ -144,11 +139,8 @@ def generate_answers(module: torch.nn.Module, tokenizer, items: Sequence[Workloa
                                stop_strings=stop, tokenizer=tokenizer if stop else None)
                 for r, job in enumerate(batch):
                     rows[job] = _ended(out[r, width:].tolist(), eos, pad)
-    answers = Answers()
-    for n, item in enumerate(items):
-        answers.items.append([_judged(item, tokenizer.decode(rows[(n, s)], skip_special_tokens=True),
-                                      rows[(n, s)], runner) for s in range(settings.samples)])
-    return answers
+    return [[_judged(item, tokenizer.decode(rows[(n, s)], skip_special_tokens=True), rows[(n, s)], runner)
+             for s in range(settings.samples)] for n, item in enumerate(items)]
 
 
 def generate_with_tools(tool_generation: ToolGeneration, module: torch.nn.Module, tokenizer,
@@ -156,12 +148,12 @@ def generate_with_tools(tool_generation: ToolGeneration, module: torch.nn.Module
                         context: Callable[[], ContextManager] = contextlib.nullcontext) -> Answers:
     """Each item answered once, greedily, by ``tool_generation`` (generation with virtual experts:
     the tools' exact results spliced in)."""
-    answers = Answers()
+    answers = []
     with context():
         for item in items:
             g = tool_generation(module, tokenizer, item.prompt, _limit(item, settings))
             tokens = tokenizer.encode(g.text, add_special_tokens=False)
-            answers.items.append([_judged(item, g.text, tokens, runner, len(g.calls))])
+            answers.append([_judged(item, g.text, tokens, runner, len(g.calls))])
     return answers
 
 
@@ -170,7 +162,7 @@ def _pass_at(gens: list[Generation], k: int) -> float:
     return pass_at_k(len(gens), sum(g.passed for g in gens), k)
 
 
-def model_summary(answers: list[list[Generation]], pass_k: Sequence[int]) -> dict:
+def model_summary(answers: Answers, pass_k: Sequence[int]) -> dict:
     """pass@k with Wilson intervals (items as trials), loop rate, mean length, format-valid rate."""
     m = len(answers)
     flat = [g for gens in answers for g in gens]
@@ -189,12 +181,12 @@ def model_summary(answers: list[list[Generation]], pass_k: Sequence[int]) -> dic
     return out
 
 
-def paired(base: list[list[Generation]], other: list[list[Generation]], seed: int = 0) -> dict:
+def paired(base: Answers, other: Answers, seed: int = 0) -> dict:
     """``other`` minus ``base`` in pass@1, item by item: the difference, its paired bootstrap
     interval, the items lost and gained, and McNemar's exact p when each model answered once."""
     a = np.array([_pass_at(g, 1) for g in base])
     b = np.array([_pass_at(g, 1) for g in other])
-    single = all(len(g) == 1 for g in base) and all(len(g) == 1 for g in other)
+    single = all(len(g) == 1 for g in [*base, *other])
     lost, gained = int((b < a).sum()), int((b > a).sum())  # with one answer each: the discordant pairs
     ci = paired_bootstrap(b - a, seed=seed)
     return {"pass@1": float(b.mean() - a.mean()), "pass@1_ci95": list(ci) if ci else None,
@@ -211,7 +203,7 @@ def family_report(items: Sequence[WorkloadItem], answers: dict[str, Answers], pa
         if not idx:
             continue
         row: dict = {"items": len(idx), "checks": dict(Counter(k for n in idx for k in items[n].checks.kinds))}
-        picked = {name: [a.items[n] for n in idx] for name, a in answers.items()}
+        picked = {name: [a[n] for n in idx] for name, a in answers.items()}
         for name, ans in picked.items():
             row[name] = model_summary(ans, pass_k if not name.endswith("_tools") else (1,))
         row["difference"] = paired(picked["teacher"], picked["candidate"], seed)
@@ -228,7 +220,7 @@ def item_rows(items: Sequence[WorkloadItem], answers: dict[str, Answers]) -> lis
     for n, item in enumerate(items):
         row: dict = {"id": item.id, "family": item.family, "checks": item.checks.kinds}
         for name, a in answers.items():
-            gens = a.items[n]
+            gens = a[n]
             first = asdict(gens[0])
             first["text"] = first["text"][:TEXT_KEPT]
             row[name] = {"passed": [g.passed for g in gens], "pass@1": _pass_at(gens, 1), "first": first}

@@ -44,7 +44,8 @@ class MoELayer:
 
 
 class Restriction:
-    """Handle for a mask-only restriction; ``remove()`` (or leaving the ``with`` block) undoes it."""
+    """Hook handles removed together by ``remove()`` or on leaving the ``with`` block: a mask-only
+    restriction's, or the engine's observers' on the layers it runs."""
 
     def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]):
         self._handles = handles
@@ -124,8 +125,8 @@ class MoEAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
-        self._layers = self._find_layers()
-        if not self._layers:
+        self.layers = self._find_layers()
+        if not self.layers:
             raise UspxError(f"{type(model).__name__}: no MoE layers found for family {self.family}")
 
     # ----- structure -------------------------------------------------------------------------
@@ -144,15 +145,11 @@ class MoEAdapter:
             )
         return layers
 
-    @property
-    def layers(self) -> list[MoELayer]:
-        return self._layers
-
     def layer(self, index: int) -> MoELayer:
-        for layer in self._layers:
+        for layer in self.layers:
             if layer.index == index:
                 return layer
-        raise UspxError(f"layer {index} is not a MoE layer; MoE layers: {[l.index for l in self._layers]}")
+        raise UspxError(f"layer {index} is not a MoE layer; MoE layers: {[l.index for l in self.layers]}")
 
     @property
     def num_experts(self) -> int:
@@ -206,7 +203,7 @@ class MoEAdapter:
     def pruned_with_expert(self, param: str) -> MoELayer | None:
         """The MoE layer whose experts parameter ``param`` (a model parameter name) is sliced with:
         its routed experts' tensors and the router's per-expert rows. None for everything else."""
-        for layer in self._layers:
+        for layer in self.layers:
             if param.startswith(f"{layer.name}.experts.") or any(
                     param == f"{layer.name}.{self.router_attr}.{p}" for p in self.router_expert_params):
                 return layer
@@ -239,18 +236,13 @@ class MoEAdapter:
         """
         self.validate_kept(kept, allow_missing=True)
         handles = []
-        for layer in self._layers:
-            if layer.index not in kept:
-                continue
-            banned = torch.ones(layer.num_experts, dtype=torch.bool)
-            banned[list(kept[layer.index])] = False
-            handles.append(
-                layer.router.register_forward_hook(self._restrict_hook(layer, banned), prepend=True)
-            )
+        for layer in self.layers:
+            if layer.index in kept:
+                banned = torch.ones(layer.num_experts, dtype=torch.bool)
+                banned[list(kept[layer.index])] = False
+                hook = self.reroute_hook(layer, lambda b=banned: b)  # bound now: each layer its own mask
+                handles.append(layer.router.register_forward_hook(hook, prepend=True))
         return Restriction(handles)
-
-    def _restrict_hook(self, layer: MoELayer, banned: torch.Tensor) -> Callable:
-        return self.reroute_hook(layer, lambda: banned)
 
     def reroute_hook(self, layer: MoELayer, banned: Callable[[], torch.Tensor]) -> Callable:
         """A router forward hook that routes again without the experts ``banned()`` names: [E] for
@@ -267,7 +259,7 @@ class MoEAdapter:
 
     def validate_kept(self, kept: KeptSet, allow_missing: bool = False) -> None:
         """Refuse kept sets that name unknown layers or experts, or leave fewer than top-k experts."""
-        indices = {l.index for l in self._layers}
+        indices = {l.index for l in self.layers}
         for idx, experts in kept.items():
             if idx not in indices:
                 raise UspxError(f"kept set names layer {idx}, which is not a MoE layer of this model")
@@ -332,7 +324,7 @@ class MoEAdapter:
         return sum(seen.values())
 
     def expert_bytes(self) -> int:
-        return sum(self.bytes_per_expert(l) * l.num_experts for l in self._layers)
+        return sum(self.bytes_per_expert(l) * l.num_experts for l in self.layers)
 
     def other_bytes(self) -> int:
         """Bytes of everything that is not a routed expert (attention, embeddings, shared experts)."""

@@ -206,14 +206,14 @@ def select_units(
 
     budget_bytes = mem.parse_size(budget)
     tables = _tables(values, geo.rep)
-    candidates = _fitting_shapes(geo, units, tables, dense_kinds, size, budget_bytes, reserve_bytes, channel_step)
+    candidates = _fitting_shapes(geo, units, tables, dense_kinds, size, budget_bytes, channel_step)
     est = size(candidates[0][1])
     settings = {"dtype": est.dtype, "kv_dtype": kv_dtype, "context": context, "batch": batch,
                 "cost_source": f"memory planner ({est.dtype})", "units": list(units), "unit_method": unit_method,
                 "channel_step": channel_step}
-    return _joint_plan(geo, values, tables, dense_kinds, candidates, est, settings,
-                       method=method, budget_bytes=budget_bytes, reserve_bytes=reserve_bytes,
-                       scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint)
+    return _joint_plan(geo, values, tables, dense_kinds, candidates, est, settings, method=method,
+                       budget_bytes=budget_bytes, scores_fingerprint=scores_fingerprint,
+                       model_fingerprint=model_fingerprint)
 
 
 @dataclass
@@ -288,7 +288,7 @@ def _unit_values(expert_values: dict[int, np.ndarray], units_table: UnitScores |
 
 
 def _fitting_shapes(geo: _Geometry, units: list[str], tables: _Tables, dense_kinds: list[tuple[int, str, int]],
-                    size: Callable[[Shape], Any], budget_bytes: int, reserve_bytes: int,
+                    size: Callable[[Shape], mem.MemoryEstimate], budget_bytes: int,
                     channel_step: int | None) -> list[tuple[float, Shape, int]]:
     """(value, shape, bytes) of every shape that fits ``budget_bytes``, each with the best dense MLP
     widths that fit beside it; best first (ties: the smaller)."""
@@ -317,8 +317,8 @@ def _fitting_shapes(geo: _Geometry, units: list[str], tables: _Tables, dense_kin
     front_cost = np.array([c for c, _, _ in frontier])
 
     def total(n: int, w: int, g: int, r: int, dense_cost: float = 0.0) -> int:
-        e = sizes[w, g, r]
-        return int(e.fixed_bytes + dense_cost + e.kv_bytes + reserve_bytes + n * geo.params.num_moe_layers * e.expert_bytes)
+        e = sizes[w, g, r]  # sized without experts: fixed weights, KV cache and reserve
+        return int(e.total_bytes + dense_cost + n * geo.params.num_moe_layers * e.expert_bytes)
 
     candidates: list[tuple[float, Shape, int]] = []
     for n in counts:
@@ -342,11 +342,10 @@ def _fitting_shapes(geo: _Geometry, units: list[str], tables: _Tables, dense_kin
 
 
 def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: list[tuple[int, str, int]],
-                candidates: list[tuple[float, Shape, int]], est: Any, settings: dict, *, method: str,
-                budget_bytes: int, reserve_bytes: int, scores_fingerprint: str | None,
-                model_fingerprint: str | None):
+                candidates: list[tuple[float, Shape, int]], est: mem.MemoryEstimate, settings: dict,
+                **plan: Any):
     """The plan of the best shape (``candidates[0]``, whose memory estimate is ``est``); ``settings``
-    gain the shape and notes."""
+    gain the shape and notes; ``plan``: the Plan's own fields (method, budget, fingerprints)."""
     cfg, cls, params, kv, rep = geo.cfg, geo.cls, geo.params, geo.kv, geo.rep
     best_value, best, best_bytes = candidates[0]
     experts, channels, head_ids, dense_ids = _kept_layout(values, best, rep)
@@ -355,20 +354,19 @@ def _joint_plan(geo: _Geometry, values: _Layers, tables: _Tables, dense_kinds: l
     notes = []
     if "channels" in settings["units"] and cls.expert_width_also_sizes:
         notes.append(f"{cls.family}: the expert width also sizes {cls.expert_width_also_sizes}; experts keep their width")
-    kv_dtype = settings["kv_dtype"]
     return Plan(
-        kept=experts, method=method, uniform=True, top_k=params.top_k, num_experts=params.num_experts,
-        predicted_bytes=int(best_bytes), budget_bytes=budget_bytes, model_type=cfg.model_type,
-        sizes={"fixed_weights": est.fixed_bytes, "kv_cache": est.kv_bytes, "reserve": reserve_bytes,
+        kept=experts, uniform=True, top_k=params.top_k, num_experts=params.num_experts,
+        predicted_bytes=int(best_bytes), model_type=cfg.model_type,
+        sizes={"fixed_weights": est.fixed_bytes, "kv_cache": est.kv_bytes, "reserve": est.reserve_bytes,
                "kept_experts": best.experts * params.num_moe_layers * est.expert_bytes,
-               "kv_per_token": mem.kv_cache_bytes(mem.count_params(shaped_config(cfg, best)), 1, kv_dtype),
-               "kv_per_token_original": mem.kv_cache_bytes(params, 1, kv_dtype)},
+               "kv_per_token": mem.kv_cache_bytes(est.params, 1, est.kv_dtype),
+               "kv_per_token_original": mem.kv_cache_bytes(params, 1, est.kv_dtype)},
         settings={**settings, "shape": _shape_record(best), "notes": notes},
         value=best_value, value_total=sum(full.values()),
         solver={"name": "shape enumeration", "shapes_fitting": len(candidates),
                 "value_by_unit": _value(tables, best), "value_total_by_unit": full,
                 "runner_up": [dict(shape=_shape_record(c[1]), value=c[0], bytes=c[2]) for c in candidates[1:4]]},
-        scores_fingerprint=scores_fingerprint, model_fingerprint=model_fingerprint,
+        **plan,
         channels=None if channels is None and not dense_ids else {
             "width": best.width, "original_width": geo.width, "kept": channels or {}, "group": values.group,
             "dense": [{"path": cls.dense_mlp_paths[k][0], "field": fld, "width": w, "original_width": full_w,

@@ -325,7 +325,7 @@ def estimate(
     resolved = _resolve_dtype(params, dtype)
     n = params.num_experts if experts_per_layer is None else int(experts_per_layer)
     if resolved.upper() in GGUF_QUANTS and resolved.upper() not in ("F32", "F16", "BF16"):
-        prec = gguf_precision(resolved, params.num_layers, n_experts=n, **_row_lengths(config))
+        prec = gguf_precision(resolved, params.num_layers, n_experts=n, **_row_lengths(config, params))
     else:
         prec = precision(resolved, scale_group)
     if not 0 <= n <= params.num_experts:
@@ -338,15 +338,14 @@ def estimate(
     )
 
 
-def _row_lengths(config: Any) -> dict[str, int | None]:
+def _row_lengths(config: Any, params: ModelParams) -> dict[str, int | None]:
     """The model's width, an expert's width and one layer's attention K, V and output weights, from
-    a config, for llama-quantize's rules (:func:`gguf_precision`); nothing where only parameter
-    counts were given."""
+    a config (whose counts are ``params``), for llama-quantize's rules (:func:`gguf_precision`);
+    nothing where only parameter counts were given."""
     if isinstance(config, ModelParams):
         return {}
     cfg = load_config(config)
     family = adapter_class(str(cfg.model_type))
-    params = family.count_params(cfg)
     vocab = getattr(cfg, "vocab_size", None)
     # the model's width as the family's own formula counts it: the embedding table is vocab x width
     hidden = params.other["embeddings"].matrix // int(vocab) if vocab else None

@@ -251,9 +251,6 @@ class Placement:
     read_cpu: int  # bytes read from system memory per decoded token
     why: str = ""
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def place(est: MemoryEstimate, hw: Hardware, cpu_moe_layers: int, *, depth: int = 0, ubatch: int = 512) -> Placement:
     """``est``'s model with the experts of ``cpu_moe_layers`` MoE layers in system memory."""
@@ -286,15 +283,13 @@ def place(est: MemoryEstimate, hw: Hardware, cpu_moe_layers: int, *, depth: int 
 
 def best_placement(est: MemoryEstimate, hw: Hardware, **kw: Any) -> Placement:
     """The fastest placement that fits: the smallest ``--n-cpu-moe`` whose GPU share fits (more
-    experts on the GPU are always faster); all experts on the CPU when even that does not fit."""
-    n = est.params.num_moe_layers
-    if hw.gpu_bytes <= 0:
-        return place(est, hw, 0, **kw)
-    for cpu_layers in range(n + 1):
+    experts on the GPU are always faster); all experts on the CPU when even that does not fit.
+    Without a GPU everything is in system memory and fits at once."""
+    for cpu_layers in range(est.params.num_moe_layers + 1):
         pl = place(est, hw, cpu_layers, **kw)
         if pl.fits:
-            return pl
-    return pl  # does not fit even with every expert on the CPU
+            break
+    return pl
 
 
 @dataclass(frozen=True)
@@ -329,15 +324,12 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
     if bad := [k for k in counts if not p.top_k <= k <= p.num_experts]:
         raise UspxError(f"kept experts per layer must be in {p.top_k}..{p.num_experts} (top-k at least), got {bad}")
     full = best_placement(base, hw, depth=depth)
-    pruned = [best_placement(at(k), hw, depth=depth) for k in counts]
-    smallest = None
-    if speedup is not None:  # searched over every count, shown or not
-        every_pl = [best_placement(at(k), hw, depth=depth) for k in range(p.top_k, p.num_experts + 1)]
-        ok = [pl for pl in every_pl if pl.fits and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s]
-        smallest = max(ok, key=lambda pl: pl.experts_per_layer) if ok else None
-        if smallest is not None and smallest.experts_per_layer not in counts:
-            pruned = sorted(pruned + [smallest], key=lambda pl: -pl.experts_per_layer)
-    return OffloadPlan(hw, base.dtype, context, full, pruned, speedup, smallest)
+    searched = counts if speedup is None else range(p.top_k, p.num_experts + 1)  # a target: every count
+    placed = {k: best_placement(at(k), hw, depth=depth) for k in searched}
+    ok = [k for k, pl in placed.items()
+          if speedup is not None and pl.fits and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s]
+    pruned = [placed[k] for k in sorted({*counts, *ok[-1:]}, reverse=True)]  # the smallest pruning shown too
+    return OffloadPlan(hw, base.dtype, context, full, pruned, speedup, placed[ok[-1]] if ok else None)
 
 
 def print_offload_plan(plan: OffloadPlan, num_experts: int) -> None:

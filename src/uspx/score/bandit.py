@@ -44,7 +44,7 @@ rerouted experts' outputs, under one), which the benchmark checks against wall-c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -64,7 +64,7 @@ class BanditResult:
     pulls: np.ndarray  # [L, E] forward passes spent on each arm
     kept: dict[int, list[int]]  # per MoE layer, the ``keep`` experts with the highest estimates
     forwards: int
-    settled: list[bool] = field(default_factory=list)  # per layer: the bounds separated before the budget ran out
+    settled: list[bool]  # per layer: the bounds separated before the budget ran out
     se: np.ndarray | None = None  # [L, E] standard errors of ``value`` (guided ablation)
 
 
@@ -79,21 +79,16 @@ def bandit_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
     total_tokens = float(base.loss_tokens().sum())
     value = np.zeros((len(layers), e_count))
     pulls = np.zeros((len(layers), e_count), dtype=np.int64)
-    kept, settled, forwards = {}, [], 0
+    kept, settled = {}, []
     with torch.no_grad():
         for pos, layer in enumerate(layers):
             hits = [rng.permutation([b for b in range(len(base.batches)) if base.hit(b, pos, e)]) for e in range(e_count)]
             samples: list[list[float]] = [[] for _ in range(e_count)]
 
             def pull(e: int) -> None:
-                nonlocal forwards
-                batch_index = int(hits[e][len(samples[e])])
-                batch = base.batches[batch_index]
-                with ablate(adapter, layer, e, kind):
-                    losses = token_losses(model, batch)
-                forwards += 1
+                batch = int(hits[e][len(samples[e])])
+                samples[e].append(_ablated_delta(model, adapter, base, layer, e, kind, batch))
                 pulls[pos, e] += 1
-                samples[e].append(float(((losses - base.losses[batch_index]).double() * batch.loss_mask).sum()))
 
             def bounds(e: int) -> tuple[float, float, float]:
                 n, size = len(samples[e]), len(hits[e])
@@ -107,11 +102,9 @@ def bandit_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
                 half = z * size * spread / math.sqrt(n) * math.sqrt((size - n) / max(size - 1, 1)) / total_tokens
                 return est, est - half, est + half
 
-            spent = 0
             for e in range(e_count):
                 for _ in range(min(initial, len(hits[e]))):
                     pull(e)
-                    spent += 1
             done = False
             while True:
                 b = [bounds(e) for e in range(e_count)]
@@ -123,16 +116,24 @@ def bandit_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
                     done = True
                     break
                 candidates = [e for e in (weakest, strongest) if len(samples[e]) < len(hits[e])]
-                if not candidates or spent + len(candidates) > budget:
+                if not candidates or int(pulls[pos].sum()) + len(candidates) > budget:
                     break
                 for e in candidates:
                     pull(e)
-                    spent += 1
             for e in range(e_count):
                 value[pos, e] = bounds(e)[0]
             kept[layer.index] = sorted(order[:keep])
             settled.append(done)
-    return BanditResult(value, pulls, kept, forwards, settled)
+    return BanditResult(value, pulls, kept, int(pulls.sum()), settled)
+
+
+def _ablated_delta(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline, layer, expert: int, kind: str,
+                   b: int) -> float:
+    """Batch ``b``'s summed target-loss change with ``expert`` of ``layer`` removed ``kind``-ly."""
+    batch = base.batches[b]
+    with torch.no_grad(), ablate(adapter, layer, expert, kind):
+        losses = token_losses(model, batch)
+    return float(((losses - base.losses[b]).double() * batch.loss_mask).sum())
 
 
 def jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
@@ -199,8 +200,7 @@ def removal_surrogate(model: torch.nn.Module, adapter: MoEAdapter, base: Baselin
                     if grads[pos] is not None:
                         _accumulate(adapter, layer, captured[pos], grads[pos], real, item, predicting, kind,
                                     first[:, pos], size[:, pos])
-    items = sum(len(b.rows) for b in base.batches)
-    return Surrogate(first, size, SURROGATE_FORWARDS * items)
+    return Surrogate(first, size, SURROGATE_FORWARDS * base.n_prompts)
 
 
 def _accumulate(adapter: MoEAdapter, layer, c: dict, g: torch.Tensor, real: torch.Tensor, item: np.ndarray,
@@ -277,18 +277,14 @@ def guided_selection(first_order: np.ndarray, size: np.ndarray, hit: np.ndarray,
     order = [[np.flatnonzero(hits[l, e])[np.argsort(-np.log(rng.random(int(total[l, e]))) / v[l, e][hits[l, e]],
                                                     kind="stable")] for e in range(e_count)] for l in range(l_count)]
     n = np.zeros((l_count, e_count), dtype=np.int64)
-    s_d, s_c, s_qs, s_ss, s_qq = (np.zeros((l_count, e_count)) for _ in range(5))
+    s_d, s_c, s_qs, s_ss, s_qq, s_pulled, v_pulled = (np.zeros((l_count, e_count)) for _ in range(7))
     s_all, v_all, c_all = s.sum(2), v.sum(2), c.sum(2)
-    s_pulled, v_pulled = np.zeros((l_count, e_count)), np.zeros((l_count, e_count))
-    spent = 0
 
     def do(l: int, e: int) -> None:
-        nonlocal spent
         i = int(order[l][e][n[l, e]])
         d = float(pull(l, e, i))
         q = d - c[l, e, i]
         n[l, e] += 1
-        spent += 1
         s_d[l, e] += d
         s_c[l, e] += c[l, e, i]
         s_qs[l, e] += q * s[l, e, i] / v[l, e, i]
@@ -336,10 +332,10 @@ def guided_selection(first_order: np.ndarray, size: np.ndarray, hit: np.ndarray,
     for _ in range(initial if undecided else 0):
         for l in range(l_count):
             for e in range(e_count):
-                if n[l, e] < total[l, e] and spent < budget:
+                if n[l, e] < total[l, e] and n.sum() < budget:
                     do(l, e)
     value, se = estimate()
-    while spent < budget:
+    while n.sum() < budget:
         idx = index(value, se)
         best = np.unravel_index(int(np.argmin(idx)), idx.shape)
         if not np.isfinite(idx[best]) or (z is not None and idx[best] >= z):
@@ -347,7 +343,7 @@ def guided_selection(first_order: np.ndarray, size: np.ndarray, hit: np.ndarray,
         do(int(best[0]), int(best[1]))
         value, se = estimate()
     kept = [sorted(np.argsort(-value[l], kind="stable")[:keep].tolist()) for l in range(l_count)]
-    return dict(value=value, se=se, pulls=n, spent=spent, kept=kept, index=index(value, se))
+    return dict(value=value, se=se, pulls=n, spent=int(n.sum()), kept=kept, index=index(value, se))
 
 
 def guided_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline, keep: int, *, budget: int,
@@ -359,7 +355,7 @@ def guided_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
     A pull removes one expert on one batch of ``base``: ``pull(layer position, expert, batch)``
     returns the batch's summed loss change (default: a forward with the expert removed)."""
     layers = adapter.layers
-    items = sum(len(b.rows) for b in base.batches)
+    items = base.n_prompts
     if budget < SURROGATE_FORWARDS * items:
         raise ValueError(f"a budget of {budget} forwards does not cover the surrogate pass "
                          f"({SURROGATE_FORWARDS} per item, {SURROGATE_FORWARDS * items})")
@@ -367,15 +363,12 @@ def guided_ablation(model: torch.nn.Module, adapter: MoEAdapter, base: Baseline,
     rows = [np.asarray(b.rows) for b in base.batches]
     first = np.stack([sur.first_order[r].sum(0) for r in rows])  # per batch [B, L, E]
     size = np.stack([sur.size[r].sum(0) for r in rows])
-    hit = np.stack([base.routed[b].any(2).any(1).numpy() for b in range(len(base.batches))])
+    hit = np.stack([r.any(2).any(1).numpy() for r in base.routed])
+    if pull is None:
+        def pull(pos: int, expert: int, b: int) -> float:
+            return _ablated_delta(model, adapter, base, layers[pos], expert, kind, b)
 
-    def forward(pos: int, expert: int, b: int) -> float:
-        batch = base.batches[b]
-        with torch.no_grad(), ablate(adapter, layers[pos], expert, kind):
-            losses = token_losses(model, batch)
-        return float(((losses - base.losses[b]).double() * batch.loss_mask).sum())
-
-    out = guided_selection(first, size, hit, keep, max(budget - sur.forwards, 0), pull or forward, initial=initial,
+    out = guided_selection(first, size, hit, keep, max(budget - sur.forwards, 0), pull, initial=initial,
                            prior=prior, z=z, seed=seed)
     total_tokens = float(base.loss_tokens().sum())
     kept = {layer.index: out["kept"][pos] for pos, layer in enumerate(layers)}

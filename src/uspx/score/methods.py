@@ -214,17 +214,17 @@ class Capability(Method):
         return Needs(trace_stats=True)
 
     def compute(self, run: Inputs) -> None:
-        unknown = sorted(set(run.tool_families) - set(run.traced.families))
+        families = set(run.tool_families)
+        unknown = sorted(families - set(run.traced.families))
         if unknown:
             raise UspxError(f"--tool-families {unknown} are not families of {run.traced.source} "
                             f"({', '.join(run.traced.families)})")
         stats = run.stats
-        tool = np.array([run.traced.items[int(i)].family in set(run.tool_families) for i in stats.samples])
-        count = stats.count.astype(np.float64)
-        fluent = ~tool
-        run.add(self.name, [Factor(count * fluent[:, None, None], (stats.tokens * fluent)[:, None, None]
-                                   .astype(np.float64))], (count * fluent[:, None, None]).sum(0), int(fluent.sum()))
-        share = estimate([Factor(count * tool[:, None, None], count)], run.bootstrap, run.seed)
+        tool = np.array([run.traced.items[int(i)].family in families for i in stats.samples])[:, None, None]
+        count, fluent = stats.count.astype(np.float64), ~tool
+        run.add(self.name, [Factor(count * fluent, (stats.tokens[:, None, None] * fluent).astype(np.float64))],
+                (count * fluent).sum(0), int(fluent.sum()))
+        share = estimate([Factor(count * tool, count)], run.bootstrap, run.seed)
         run.options[self.name] = dict(
             tool_families=sorted(run.tool_families), tool_prompts=int(tool.sum()),
             tool_share=np.round(share.value, 4).tolist(),

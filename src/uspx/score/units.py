@@ -128,9 +128,8 @@ class UnitScores:
     def matrix(self, kind: str, method: str, layer: int) -> np.ndarray:
         """One layer's values: [experts, channels] for channels, [MLP kind, channels] for dense
         channels (rows of kinds the layer lacks are 0), [units] for heads."""
-        t = self.table.filter(pc.and_(pc.and_(pc.equal(self.table.column("kind"), kind),
-                                              pc.equal(self.table.column("method"), method)),
-                                      pc.equal(self.table.column("layer"), layer)))
+        t = self.table.filter((pc.field("kind") == kind) & (pc.field("method") == method)
+                              & (pc.field("layer") == layer))
         if not t.num_rows:
             raise UspxError(f"no {method!r} scores for {kind} units of layer {layer} in this unit table")
         at = (t.column("index").to_numpy(),)
@@ -141,7 +140,7 @@ class UnitScores:
         return out
 
     def layers(self, kind: str) -> list[int]:
-        t = self.table.filter(pc.equal(self.table.column("kind"), kind))
+        t = self.table.filter(pc.field("kind") == kind)
         return sorted(set(t.column("layer").to_pylist()))
 
     def write(self, folder: str | Path) -> Path:
@@ -241,6 +240,12 @@ class _Contributions(Observer):
                 self.sums[key] = _Sums(tuple(per_prompt.shape[1:]), self.counts)
             self.sums[key].add(per_prompt, self.state["prompts"])
 
+    def add_tokens(self, kind: str, layer: int, first: int, c: torch.Tensor) -> None:
+        """Contribution norms ``c`` [real tokens, *units] of units from id ``first``, summed per prompt."""
+        local = self.state["local"]
+        self.add(kind, layer, first, self.zeros(*c.shape[1:]).index_add_(0, local, c.pow(2)),
+                 self.zeros(*c.shape[1:]).index_add_(0, local, c))
+
 
 def _expert_channel_hooks(adapter, col: _Contributions) -> list:
     """Forward-pre hooks on every MoE layer's experts: ``g_e |h_c| ||d_c||`` per routed token."""
@@ -289,10 +294,7 @@ def _dense_channel_hooks(adapter, model: nn.Module, col: _Contributions) -> list
         def record(scale):
             norms = down.weight.detach().double().norm(dim=0).cpu()  # [I], read while the layer is in memory
             c = (scale * col.state.pop(key)).abs() * norms
-            sq, ab = col.zeros(1, norms.numel()), col.zeros(1, norms.numel())
-            sq[:, 0].index_add_(0, col.state["local"], c.pow(2))
-            ab[:, 0].index_add_(0, col.state["local"], c)
-            col.add("dense_channel", i, k, sq, ab)  # unit id k: this MLP kind
+            col.add_tokens("dense_channel", i, k, c[:, None])  # unit id k: this MLP kind
 
         def gate_hook(module, args, out):  # the gate runs on the block input: sigmoid(out) scales the MLP
             record(torch.sigmoid(col.real_rows(out)))
@@ -313,12 +315,8 @@ def _head_hooks(adapter, model: nn.Module, col: _Contributions) -> list:
         def hook(module, args):
             x, w = col.real_rows(args[0]), o_proj.weight.detach().double().cpu()
             for kind, blocks in (("query_head", head_cols), ("kv_group", group_cols)):
-                sq, ab = col.zeros(len(blocks)), col.zeros(len(blocks))
-                for u, cols in enumerate(blocks):
-                    norm = (x[:, cols] @ w[:, cols].T).norm(dim=1)
-                    sq[:, u].index_add_(0, col.state["local"], norm.pow(2))
-                    ab[:, u].index_add_(0, col.state["local"], norm)
-                col.add(kind, i, 0, sq, ab)
+                norms = [(x[:, cols] @ w[:, cols].T).norm(dim=1) for cols in blocks]
+                col.add_tokens(kind, i, 0, torch.stack(norms, 1))  # [tokens, units]
         return hook
 
     outs = [adapter.attention_out(a) for a in adapter.attention_modules(model)]

@@ -23,10 +23,8 @@ I_nat / I_int means the scalar's removal hurts.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -34,7 +32,7 @@ import uspx
 from uspx.io import UspxError, write_json, write_text
 from uspx.models import LoadedModel, adapter_for, load_model
 from uspx.models import down_proj as dp
-from uspx.progress import console, progress_bar
+from uspx.progress import Clock, console, progress_bar
 from uspx.superweights.cospike import co_spike
 from uspx.superweights.experts import super_experts
 from uspx.superweights.passes import PassResult, Slice, layer_inputs, make_slice, repetition_rate, run_pass
@@ -97,8 +95,7 @@ def detect(
 ) -> dict:
     """Find the super weights and super experts of ``model`` on ``workload``; write
     ``out_dir/superweights.json`` (the catalogue) and ``out_dir/report.md``; return the catalogue."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    clock = Clock()
     proxies, score_modes = _check_options(proxies, score_modes, routing_entropy_thr, co_spike_tau, p_active_floor, router_bias)
     lm = model if isinstance(model, LoadedModel) else load_model(model, trust_remote_code=trust_remote_code)
     wl = load_workload(workload)
@@ -113,43 +110,42 @@ def detect(
     max_length = min(max_length, int(getattr(net.config, "max_position_embeddings", max_length) or max_length))
     sl = _slices(wl, tok, max_length, batch_size, pad, calib_items, diag_items, proxy_items, heldout_items)
     stop_ids = stopword_ids(tok, int(net.config.vocab_size))
-    timings["setup"] = time.perf_counter() - started
+    clock.done("setup")
 
-    with _timed(timings, "calibration_pass"):
-        cal = _calibration_pass(net, adapter, sl.C)
-        routing, group_note = _routing(adapter, sl, cal, p_active_floor, routing_entropy_thr)
-    with _timed(timings, "discovery"):
-        d_base0, candidates, examined, budget_hit = _discovery(
-            net, adapter, sl, routing, stop_ids, co_spike_tau, proxies, energy_drop_min, stop_min,
-            max_iters_per_expert, min_routed_tokens, max_candidates, seed, progress)
-    with _timed(timings, "causal_scores"):
-        supers = _causal_scores(net, adapter, candidates, sl.D, d_base0, score_modes, router_bias, effect_threshold,
-                                confirm_top, progress)
-    with _timed(timings, "heldout"):
-        heldout = _heldout(net, adapter, sl, candidates, supers, confirm_top)
-    with _timed(timings, "super_experts"):
-        prompts = [e.input_ids[: min(32, len(e.input_ids))] for e in sl.diag[:gen_prompts]]
-        base_rep = repetition_rate(net, prompts, gen_tokens, pad) if prompts else 0.0
-        n_sx = min(super_expert_candidates, len(cal["out_stats"]))
-        with progress_bar("super experts", total=2 * n_sx + 2, unit="ablations", enabled=progress) as bar:
-            sx = super_experts(
-                net, adapter, sl.D, d_base0.loss, base_rep, cal["out_stats"], n_candidates=n_sx, gen_prompts=prompts,
-                gen_tokens=gen_tokens, pad_id=pad, break_loss=super_expert_break_loss,
-                break_rep=super_expert_break_rep, control_factor=super_expert_control_factor, seed=seed, bar=bar,
-            )
+    cal = _calibration_pass(net, adapter, sl.C)
+    routing, group_note = _routing(adapter, sl.C, cal, p_active_floor, routing_entropy_thr)
+    clock.done("calibration_pass")
+    d_base0, candidates, examined, budget_hit = _discovery(
+        net, adapter, sl, routing, stop_ids, co_spike_tau, proxies, energy_drop_min, stop_min,
+        max_iters_per_expert, min_routed_tokens, max_candidates, seed, progress)
+    clock.done("discovery")
+    supers = _causal_scores(net, adapter, candidates, sl.D, d_base0, score_modes, router_bias, effect_threshold,
+                            confirm_top, progress)
+    clock.done("causal_scores")
+    heldout = _heldout(net, adapter, sl, candidates, supers, confirm_top)
+    clock.done("heldout")
+    prompts = [e.input_ids[: min(32, len(e.input_ids))] for e in sl.D.items[:gen_prompts]]
+    base_rep = repetition_rate(net, prompts, gen_tokens, pad) if prompts else 0.0
+    n_sx = min(super_expert_candidates, len(cal["out_stats"]))
+    with progress_bar("super experts", total=2 * n_sx + 2, unit="ablations", enabled=progress) as bar:
+        sx = super_experts(
+            net, adapter, sl.D, d_base0.loss, base_rep, cal["out_stats"], n_candidates=n_sx, gen_prompts=prompts,
+            gen_tokens=gen_tokens, pad_id=pad, break_loss=super_expert_break_loss,
+            break_rep=super_expert_break_rep, control_factor=super_expert_control_factor, seed=seed, bar=bar,
+        )
+    clock.done("super_experts")
 
     settings = dict(
         p_active_floor=p_active_floor, routing_entropy_thr=routing_entropy_thr, co_spike_tau=co_spike_tau,
         router_bias=router_bias, proxies=list(proxies), score_modes=list(score_modes), max_candidates=max_candidates,
         effect_threshold=effect_threshold, energy_drop_min=energy_drop_min, stop_min=stop_min,
-        max_iters_per_expert=max_iters_per_expert, min_routed_tokens=min_routed_tokens, calib_items=len(sl.calib),
-        diag_items=len(sl.diag), proxy_items=len(sl.prox), heldout_items=len(sl.held), max_length=max_length,
+        max_iters_per_expert=max_iters_per_expert, min_routed_tokens=min_routed_tokens, calib_items=len(sl.C.items),
+        diag_items=len(sl.D.items), proxy_items=len(sl.P.items), heldout_items=len(sl.H.items), max_length=max_length,
         batch_size=batch_size, confirm_top=confirm_top, seed=seed,
     )
     cat = _catalogue(lm, adapter, wl, sl, settings, group_note, stop_ids, routing, cal, supers, candidates, examined,
                      budget_hit, heldout, sx)
-    timings["total"] = time.perf_counter() - started
-    cat["runtime_s"] = {k: round(v, 2) for k, v in timings.items()}
+    cat["runtime_s"] = dict(clock.seconds, total=clock.total)
     out = Path(out_dir)
     write_json(out / "superweights.json", cat)
     write_text(out / "report.md", render_report(cat))
@@ -159,27 +155,15 @@ def detect(
 
 
 # ----- the steps -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
-    """Record the seconds the block takes under ``step`` (when it completes)."""
-    t = time.perf_counter()
-    yield
-    timings[step] = time.perf_counter() - t
-
-
 @dataclass
 class _Slices:
-    """The workload items each step reads, and their batches."""
+    """The workload items each step reads, batched."""
 
-    calib: list[EncodedItem]  # statistics and co-spike
-    diag: list[EncodedItem]  # causal scores, super experts
-    prox: list[EncodedItem]  # proxies
-    held: list[EncodedItem]  # held-out confirmation
     held_note: str  # where the held-out items came from
-    C: Slice
-    D: Slice
-    P: Slice
-    H: Slice
+    C: Slice  # calibration: statistics and co-spike
+    D: Slice  # diagnostic: causal scores, super experts
+    P: Slice  # proxies
+    H: Slice  # held-out confirmation
 
 
 def _slices(wl: Workload, tok, max_length: int, batch_size: int, pad: int, calib_items: int, diag_items: int,
@@ -198,21 +182,21 @@ def _slices(wl: Workload, tok, max_length: int, batch_size: int, pad: int, calib
         rest = [e for e in calib_all if e not in calib]
         held = _spread(rest, heldout_items) if rest else diag
         held_note = "no held-out items: unused calibration items" if rest else "no held-out items: diagnostic slice reused"
-    return _Slices(calib, diag, prox, held, held_note, make_slice("calibration", calib, batch_size, pad),
+    return _Slices(held_note, make_slice("calibration", calib, batch_size, pad),
                    make_slice("diagnostic", diag, batch_size, pad), make_slice("proxy", prox, batch_size, pad),
                    make_slice("heldout", held, batch_size, pad))
 
 
-def _routing(adapter, sl: _Slices, cal: dict, p_active_floor: float, entropy_thr) -> tuple[dict, str]:
+def _routing(adapter, C: Slice, cal: dict, p_active_floor: float, entropy_thr) -> tuple[dict, str]:
     """Routing statistics per MoE layer, with stability groups: task families, else even / odd prompts."""
-    families = sorted({e.family for e in sl.calib})
+    families = sorted({e.family for e in C.items})
     if len(families) >= 2:
-        fam_id = torch.tensor([families.index(e.family) for e in sl.calib])
-        group, group_note = fam_id[sl.C.sample], "task families"
+        fam_id = torch.tensor([families.index(e.family) for e in C.items])
+        group, group_note = fam_id[C.sample], "task families"
     else:
-        group, group_note = sl.C.sample % 2, "even / odd prompts (one task family)"
+        group, group_note = C.sample % 2, "even / odd prompts (one task family)"
     routing = {
-        l.index: layer_routing(l.index, cal["routing"][l.index], sl.C.position, group, l.num_experts, p_active_floor,
+        l.index: layer_routing(l.index, cal["routing"][l.index], C.position, group, l.num_experts, p_active_floor,
                                entropy_thr)
         for l in adapter.layers
     }
@@ -281,7 +265,7 @@ def _heldout(net, adapter, sl: _Slices, candidates: list[dict], supers: list[dic
     top = (supers or sorted(scored(candidates), key=lambda c: -strength(c)))[:confirm_top]
     H = sl.H
     h_base = run_pass(net, adapter, H)
-    heldout = dict(items=len(sl.held), tokens=H.n_tokens, source=sl.held_note, baseline_loss=round(h_base.loss, 6),
+    heldout = dict(items=len(H.items), tokens=H.n_tokens, source=sl.held_note, baseline_loss=round(h_base.loss, 6),
                    candidates=[])
     for c in top:
         with _zeroed(adapter, c):
@@ -403,10 +387,10 @@ def _calibration_pass(net, adapter, C: Slice) -> dict:
         hooks += [pre_hook(layer.experts, experts_hook), forward_hook(decoder_layer(adapter, layer), block_hook)]
     with hooked(hooks), torch.no_grad():
         offset = 0
-        for _, ids, mask in C.batches:
-            real = mask.reshape(-1).bool()
-            state.update(real=real, offset=offset, ids=ids.reshape(-1)[real])
-            forward(net, ids, mask, head=False)  # the hooks measure everything: no LM head
+        for b in C.batches:
+            real = b.real
+            state.update(real=real, offset=offset, ids=b.input_ids.reshape(-1)[real])
+            forward(net, b.input_ids, b.attention_mask, head=False)  # the hooks measure everything: no LM head
             offset += int(real.sum())
     rows = []
     for l in adapter.layers:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from uspx.engine.batches import padded
+from uspx.engine.batches import Batch, make_batches
 from uspx.engine.forward import forward, generate
 from uspx.engine.losses import log_probs, masked_token_nll, real_pair_mask
 from uspx.engine.hooks import decoder_layer, forward_hook, hooked, pre_hook
@@ -24,11 +24,11 @@ from uspx.workload import EncodedItem
 
 @dataclass
 class Slice:
-    """A fixed set of workload items cut into right-padded batches."""
+    """A fixed set of workload items cut into right-padded batches, in the items' order."""
 
     name: str
     items: list[EncodedItem]
-    batches: list[tuple[list[EncodedItem], torch.Tensor, torch.Tensor]]
+    batches: list[Batch]
     sample: torch.Tensor  # [N] row in ``items`` of every real token
     position: torch.Tensor  # [N] absolute position of every real token
 
@@ -38,16 +38,9 @@ class Slice:
 
 
 def make_slice(name: str, items: list[EncodedItem], batch_size: int, pad_id: int) -> Slice:
-    bs = padded(items, batch_size, pad_id)
-    rows = {id(it): i for i, it in enumerate(items)}
-    sample, position = [], []
-    for group, ids, mask in bs:
-        b, t = ids.shape
-        s = torch.tensor([rows[id(it)] for it in group]).unsqueeze(1).expand(b, t)
-        p = torch.arange(t).unsqueeze(0).expand(b, t)
-        real = mask.bool()
-        sample.append(s[real])
-        position.append(p[real])
+    bs = make_batches(items, batch_size, pad_id, by_length=False)
+    sample = [torch.tensor(b.rows).repeat_interleave(b.input_ids.shape[1])[b.real] for b in bs]
+    position = [torch.arange(b.input_ids.shape[1]).repeat(len(b.rows))[b.real] for b in bs]
     return Slice(name, items, bs, torch.cat(sample), torch.cat(position))
 
 
@@ -115,20 +108,18 @@ def run_pass(
                              args[2].reshape(flat.shape[0], -1)[real].float().clone()))
 
         hooks.append(pre_hook(layer.experts, keep_inputs))
-    rows = {id(it): i for i, it in enumerate(sl.items)}
     # the hooks are attached before the recorder's, so they see the batch first, as always
     with torch.no_grad(), hooked(hooks), RoutingRecorder(adapter) as rec:
-        for group, ids, mask in sl.batches:
-            real = mask.reshape(-1).bool()
-            state["real"] = real
+        for b in sl.batches:
+            real = state["real"] = b.real
             rec.clear()
-            logits = forward(model, ids, mask).logits
+            logits = forward(model, b.input_ids, b.attention_mask).logits
             # next-token loss where both the position and its target are real tokens
-            valid = real_pair_mask(mask)
-            nll = masked_token_nll(logits, ids, valid)
-            for r, it in enumerate(group):
-                seq_loss[rows[id(it)]] += float(nll[r].sum())
-                seq_count[rows[id(it)]] += float(valid[r].sum())
+            valid = real_pair_mask(b.attention_mask)
+            nll = masked_token_nll(logits, b.input_ids, valid)
+            for r, row in enumerate(b.rows):
+                seq_loss[row] += float(nll[r].sum())
+                seq_count[row] += float(valid[r].sum())
             if stop_ids is not None:
                 stop_parts.append(log_probs(logits)[..., stop_ids].exp().sum(-1).reshape(-1)[real])
             for layer_idx in routes:
@@ -160,10 +151,10 @@ def layer_inputs(model: nn.Module, adapter: MoEAdapter, sl: Slice, layer: MoELay
         raise _Stop
 
     with torch.no_grad(), hooked([pre_hook(layer.experts, hook)]):
-        for _, ids, mask in sl.batches:
-            state["real"] = mask.reshape(-1).bool()
+        for b in sl.batches:
+            state["real"] = b.real
             try:
-                forward(model, ids, mask, head=False)
+                forward(model, b.input_ids, b.attention_mask, head=False)
             except _Stop:
                 pass
     return torch.cat(hs), torch.cat(ix)

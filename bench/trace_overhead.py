@@ -25,7 +25,7 @@ import torch
 
 from uspx.models import adapter_for, load_model
 from uspx.trace import RoutingRecorder, trace
-from uspx.engine.batches import pad_id_of, padded
+from uspx.engine.batches import make_batches, pad_id_of
 from uspx.workload import encode, load_workload
 
 
@@ -50,7 +50,8 @@ def main() -> None:
     wl = load_workload(args.workload)
     wl.items = wl.items[: args.items]
     items = encode(wl, lm.tokenizer, args.max_length)
-    groups = padded(items, args.batch_size, pad_id_of(lm.tokenizer))
+    groups = [(b.items, b.input_ids, b.attention_mask)
+              for b in make_batches(items, args.batch_size, pad_id_of(lm.tokenizer), by_length=False)]
     n_tokens = sum(len(e.input_ids) for e in items)
 
     def plain() -> None:

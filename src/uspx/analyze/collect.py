@@ -12,7 +12,7 @@ from torch import nn
 from uspx.models.base import MoEAdapter, MoELayer
 from uspx.trace.capture import RoutingRecorder
 from uspx.engine.forward import forward, logits as target_logits
-from uspx.engine.batches import make_batches, pad_id_of, padded
+from uspx.engine.batches import make_batches, pad_id_of
 from uspx.engine.losses import next_tokens, token_nll
 from uspx.engine.hooks import decoder_layer, forward_hook, hooked, pre_hook
 from uspx.workload import EncodedItem, encode, load_workload
@@ -82,10 +82,10 @@ def capture(lm, adapter: MoEAdapter, items: list[EncodedItem], batch_size: int =
             hooks.append(forward_hook(attn_mods[l.index], _keep_out(store["attn"], l.index)))
     rows: dict[str, list] = {k: [] for k in ("sample", "split", "token", "in", "attn", "ids", "w")}
     with hooked(hooks), RoutingRecorder(adapter) as rec:
-        for group, ids, mask in padded(items, batch_size, pad_id_of(lm.tokenizer)):
+        for batch in make_batches(items, batch_size, pad_id_of(lm.tokenizer), by_length=False):
             rec.clear()
-            forward(lm, ids, mask, head=False)  # the hooks keep what is needed: no LM head
-            real = mask.reshape(-1).bool()
+            group, ids, real = batch.items, batch.input_ids, batch.real
+            forward(lm, ids, batch.attention_mask, head=False)  # the hooks keep what is needed: no LM head
             b, t = ids.shape
             rows["sample"].append(np.repeat([e.index for e in group], t)[real.numpy()])
             rows["split"].append(np.repeat([e.split for e in group], t)[real.numpy()])

@@ -136,8 +136,3 @@ def pad_id_of(tokenizer) -> int:
         if tok_id is not None:
             return int(tok_id)
     return 0
-
-
-def padded(items: Sequence[EncodedItem], batch_size: int, pad_id: int = 0) -> list[tuple[list[EncodedItem], torch.Tensor, torch.Tensor]]:
-    """(items, input_ids, attention_mask) of each batch of :func:`make_batches`, in the items' order."""
-    return [(b.items, b.input_ids, b.attention_mask) for b in make_batches(items, batch_size, pad_id, by_length=False)]

@@ -247,7 +247,7 @@ def _installed() -> list[str | None]:
 
 @pytest.mark.parametrize("binding", _installed())
 def test_llama_cpp_routing_matches_transformers(teacher_gguf, binding):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from uspx.models.loading import BUNDLED_TEACHER
     from uspx.trace.llama import record
@@ -258,6 +258,8 @@ def test_llama_cpp_routing_matches_transformers(teacher_gguf, binding):
     with Runtime(teacher_gguf, n_ctx=8, vocab_only=True, binding=binding) as rt:
         assert [rt.tokenize(t) for t in TEXTS] == lists  # the GGUF's vocabulary tokenises as the tokenizer does
     model = read_model(teacher_gguf)
+    cfg = AutoConfig.from_pretrained(BUNDLED_TEACHER)  # K and V at f16 in every layer, from the config
+    assert model.kv_bytes_per_token == cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * cfg.head_dim * 2
     rec = record(model, lists, norms=True, energy=True, n_threads=1, binding=binding)
     assert binding is None or rec.binding == binding
     assert rec.nodes == dict(ids="ffn_moe_topk", weights="ffn_moe_weights_softmax", norms="ffn_moe_down_biased",

@@ -36,8 +36,9 @@ from uspx.evaluate.metrics import _Compare
 from uspx.evaluate.run import _per_family, _result, _speedups, _write, acceptance
 from uspx.io import UspxError
 from uspx.prune.gguf_export import gguf_tensors
-from uspx.prune.gguf_file import fingerprint
+from uspx.prune.gguf_file import fingerprint, kv_cache_bytes
 from uspx.workload import DEFAULT_MAX_LENGTH, EncodedItem, Workload, default_max_length, encode, load_workload
+
 
 def is_gguf(model: str | Path) -> bool:
     """Whether ``model`` names a GGUF file (by its magic bytes, or its name when it does not exist)."""
@@ -181,45 +182,6 @@ def _size(side: _Side) -> dict:
     return _disk(side.info["opened"])
 
 
-# llama.cpp's default sliding-window period of architectures whose files may not record it
-# (src/models/openai-moe.cpp: load_swa_pattern(ml, 2)); without either, every layer is counted at the
-# full context, an upper bound
-SLIDING_PATTERN = {"gpt-oss": 2}
-
-
-def _gguf_kv_bytes(path: str, context: int, kv_dtype: str) -> tuple[int, str]:
-    """KV cache bytes from a GGUF's metadata: every layer holds ``context`` tokens of K and V (an
-    upper bound where some layers slide over a shorter window)."""
-    import gguf
-
-    from uspx.plan.memory import KV_BYTES
-
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
-
-    def meta(key: str, default=None):
-        f = reader.fields.get(f"{arch}.{key}")
-        return default if f is None else f.contents()
-
-    layers, heads = int(meta("block_count")), meta("attention.head_count")
-    kv_heads = meta("attention.head_count_kv", heads)
-    kv_heads = max(kv_heads) if isinstance(kv_heads, list) else kv_heads
-    heads = max(heads) if isinstance(heads, list) else heads
-    head_dim = meta("attention.key_length", int(meta("embedding_length")) // int(heads))
-    v_dim = meta("attention.value_length", head_dim)
-    per_layer = int(kv_heads) * (int(head_dim) + int(v_dim))
-    window = meta("attention.sliding_window")
-    # which layers slide: the file's pattern (one flag per layer, or a period n: layer i slides when
-    # i % n < n - 1, as llama.cpp's set_swa_pattern reads it), else the architecture's default
-    pattern = meta("attention.sliding_window_pattern", SLIDING_PATTERN.get(arch))
-    if window and pattern is not None:
-        flags = ([bool(f) for f in pattern] if isinstance(pattern, list) else
-                 [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)])
-        tokens = sum(min(context, int(window)) if f else context for f in flags[:layers])
-        return int(per_layer * tokens * KV_BYTES[kv_dtype]), "from the GGUF's metadata (sliding layers at their window)"
-    return int(per_layer * layers * context * KV_BYTES[kv_dtype]), "from the GGUF's metadata, every layer at the full context"
-
-
 def _memory(c: _Side, t: _Side, size: dict, budget: int | str | None, context: int, kv_dtype: str) -> dict | None:
     if budget is None:
         return None
@@ -231,7 +193,7 @@ def _memory(c: _Side, t: _Side, size: dict, budget: int | str | None, context: i
         config = (t if t.gguf is None else c).info["config"]
         kv, how = mem.kv_cache_bytes(mem.count_params(config), context, kv_dtype), "from the config"
     else:
-        kv, how = _gguf_kv_bytes(c.gguf, context, kv_dtype)
+        kv, how = kv_cache_bytes(c.gguf, context, kv_dtype)
     return {"budget_bytes": budget_bytes, "weights_bytes": weights, "kv_bytes": kv, "kv_from": how,
             "context": context, "kv_dtype": kv_dtype, "total_bytes": weights + kv, "fits": weights + kv <= budget_bytes}
 

@@ -249,15 +249,48 @@ def read_model(path: str | Path) -> "GGUFModel":
         raise UspxError(f"{src}: no expert tensors (blk.N.ffn_*_exps); not a MoE GGUF uspx can read")
     expert_total = sum(int(t.n_bytes) for t in reader.tensors if t.name in experts)
     fixed = sum(int(t.n_bytes) for t in reader.tensors if t.name not in experts)
-    heads_kv = field(gguf.Keys.Attention.HEAD_COUNT_KV, None) or field(gguf.Keys.Attention.HEAD_COUNT, 0)
-    heads = field(gguf.Keys.Attention.HEAD_COUNT, 1) or 1
-    embd = field(gguf.Keys.LLM.EMBEDDING_LENGTH, 0)
-    k_len = field(gguf.Keys.Attention.KEY_LENGTH, None) or (embd // heads)
-    v_len = field(gguf.Keys.Attention.VALUE_LENGTH, None) or (embd // heads)
-    heads_kv = max(heads_kv) if isinstance(heads_kv, list) else heads_kv  # per-layer counts: the largest
     return GGUFModel(
         path=str(src), arch=arch, blocks=blocks, num_experts=n_experts, top_k=used, moe_layers=layers,
         expert_tensors=experts, expert_bytes=round(expert_total / (n_experts * len(layers))), fixed_bytes=fixed,
         file_bytes=src.stat().st_size, fingerprint=fingerprint(src, int(reader.data_offset)),
         context_length=int(field(gguf.Keys.LLM.CONTEXT_LENGTH, 0) or 0),
-        kv_bytes_per_token=int(blocks * int(heads_kv) * (int(k_len) + int(v_len)) * 2))
+        kv_bytes_per_token=blocks * _kv_per_layer(field) * 2)
+
+
+# llama.cpp's default sliding-window period of architectures whose files may not record it
+# (src/models/openai-moe.cpp: load_swa_pattern(ml, 2))
+SLIDING_PATTERN = {"gpt-oss": 2}
+
+
+def _kv_per_layer(field) -> int:
+    """K and V elements one token takes in one layer (the largest per-layer head count), from the
+    metadata ``field`` reads."""
+    gguf = _gguf()
+    heads = field(gguf.Keys.Attention.HEAD_COUNT, 1) or 1
+    heads_kv = field(gguf.Keys.Attention.HEAD_COUNT_KV, None) or heads
+    heads, heads_kv = (max(h) if isinstance(h, list) else h for h in (heads, heads_kv))
+    k_len = field(gguf.Keys.Attention.KEY_LENGTH, None) or int(field(gguf.Keys.LLM.EMBEDDING_LENGTH, 0)) // int(heads)
+    v_len = field(gguf.Keys.Attention.VALUE_LENGTH, None) or k_len
+    return int(heads_kv) * (int(k_len) + int(v_len))
+
+
+def kv_cache_bytes(path: str | Path, context: int, kv_dtype: str) -> tuple[int, str]:
+    """KV cache bytes of ``context`` tokens from a GGUF's metadata, and how they were counted: a
+    sliding layer holds at most its window (the file's pattern: one flag per layer, or a period n
+    where layer i slides when i % n < n - 1, as llama.cpp's set_swa_pattern reads it; else the
+    architecture's default); without either every layer at the full context, an upper bound."""
+    from uspx.plan.memory import KV_BYTES
+
+    gguf = _gguf()
+    reader = _open(Path(path))
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    field = functools.partial(_field, reader, arch=arch)
+    layers, per_layer = int(field(gguf.Keys.LLM.BLOCK_COUNT)), _kv_per_layer(field)
+    window = field(gguf.Keys.Attention.SLIDING_WINDOW)
+    pattern = field(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN, SLIDING_PATTERN.get(arch))
+    if window and pattern is not None:
+        flags = ([bool(f) for f in pattern] if isinstance(pattern, list) else
+                 [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)])
+        tokens = sum(min(context, int(window)) if f else context for f in flags[:layers])
+        return int(per_layer * tokens * KV_BYTES[kv_dtype]), "from the GGUF's metadata (sliding layers at their window)"
+    return int(per_layer * layers * context * KV_BYTES[kv_dtype]), "from the GGUF's metadata, every layer at the full context"

@@ -358,6 +358,17 @@ def test_gguf_only_extract_scores_as_the_checkpoint_does(teacher_gguf, tmp_path)
     assert set(scores.methods) == {"frequency", "reap", "ean"}
     _, freq = scores.matrix("frequency")
     np.testing.assert_allclose(freq, hf.count.sum(0) / hf.tokens.sum(), rtol=1e-9)
+    # capability with prose handed to tools: frequency over the code prompts alone
+    from uspx.gguf_extract import _trace_scores
+    from uspx.prune.gguf_file import read_model
+    from uspx.workload import load_workload
+
+    calibration = load_workload(wl).part("calibration")
+    code = np.array([calibration.items[int(i)].family == "code" for i in hf.samples])
+    table, _ = _trace_scores(read_model(teacher_gguf), tmp_path / "run" / "trace", load_workload(wl),
+                             tmp_path / "capability", ["prose"], 0, 0)
+    _, capability = table.matrix("capability")
+    np.testing.assert_allclose(capability, hf.count[code].sum(0) / hf.tokens[code].sum(), rtol=1e-9)
     with Runtime(tmp_path / "run" / "model.gguf", n_ctx=32, n_threads=1) as rt:
         rt.decode(rt.tokenize("def f(x):\n    return x"))  # llama.cpp loads and runs the pruned file
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uspx.io import UspxError, read_json, record_path, write_json
+from uspx.io import UspxError, read_json, record_path, sha256_json, write_json
 from uspx.progress import Clock, console
 from uspx.workload import DEFAULT_MAX_LENGTH, Workload, encode, load_workload
 
@@ -73,7 +73,7 @@ def extract_gguf(model: str | Path, workload: str | Path | Workload, out_dir: st
     kv = gm.kv_bytes_per_token * context if budget is not None else 0
     plan = select_experts(table.method(method), budget=budget, keep=keep, top_k=gm.top_k,
                           fixed_bytes=gm.fixed_bytes + kv, uniform=True,
-                          scores_fingerprint=table.meta.get("fingerprint"), model_fingerprint=gm.fingerprint)
+                          scores_fingerprint=sha256_json(table.meta), model_fingerprint=gm.fingerprint)
     plan.model_type = gm.arch
     plan.sizes.update(fixed_weights=gm.fixed_bytes, kv_cache=kv)  # the selection's fixed part held both
     plan.settings.update(context=context if budget is not None else 0, kv_dtype="f16 (llama.cpp's default cache)",
@@ -195,19 +195,14 @@ def _trace(gm, wl: Workload, out: Path, max_length: int, threads, n_gpu_layers: 
 
 
 def _meta(gm, methods: list[str], workload: dict, trace: str | None, options: dict, prompts: int) -> dict:
-    import hashlib
-    import json
-
     import uspx
     from uspx.score.table import FORMAT
 
-    meta = dict(format=FORMAT, uspx_version=uspx.__version__, model=gm.info(), workload=workload, trace=trace,
+    return dict(format=FORMAT, uspx_version=uspx.__version__, model=gm.info(), workload=workload, trace=trace,
                 methods=methods, options=dict(options, units=["experts"], sequential=None),
                 prompts=dict(trace=prompts, model=None, model_tokens=None, loss_tokens=None),
                 method_source={m: "llama.cpp" for m in methods},
                 cost_bytes="bytes of one expert in the GGUF as stored (every expert tensor's slice, router row included)")
-    meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return meta
 
 
 def _trace_scores(gm, trace_dir: Path, wl: Workload, out: Path, tool_families, bootstrap: int, seed: int):
@@ -215,7 +210,8 @@ def _trace_scores(gm, trace_dir: Path, wl: Workload, out: Path, tool_families, b
     bootstrap intervals over prompts: the same sums and ratios as ``uspx score`` on any trace."""
     import pyarrow as pa
 
-    from uspx.score.bootstrap import Factor, estimate
+    from uspx.score.bootstrap import estimate
+    from uspx.score.methods import capability_factor
     from uspx.score.table import ScoreTable, build_table
     from uspx.score.trace_stats import stats_from_trace
     from uspx.trace import Trace
@@ -224,12 +220,7 @@ def _trace_scores(gm, trace_dir: Path, wl: Workload, out: Path, tool_families, b
     stats = stats_from_trace(trace, "all", norms=True)
     factors = {"frequency": [stats.frequency()], "reap": [stats.reap()], "ean": [stats.ean()]}
     if tool_families:
-        part = wl.part("calibration")
-        if unknown := sorted(set(tool_families) - set(part.families)):
-            raise UspxError(f"--tool-families {unknown} are not families of {wl.source} ({', '.join(part.families)})")
-        fluent = np.array([part.items[int(i)].family not in set(tool_families) for i in stats.samples])
-        factors["capability"] = [Factor(stats.count.astype(np.float64) * fluent[:, None, None],
-                                        (stats.tokens * fluent)[:, None, None].astype(np.float64))]
+        factors["capability"] = [capability_factor(stats, wl.part("calibration"), tool_families)[0]]
     tables = []
     for name, fs in factors.items():
         est = estimate(fs, bootstrap, seed)

@@ -214,21 +214,28 @@ class Capability(Method):
         return Needs(trace_stats=True)
 
     def compute(self, run: Inputs) -> None:
-        families = set(run.tool_families)
-        unknown = sorted(families - set(run.traced.families))
-        if unknown:
-            raise UspxError(f"--tool-families {unknown} are not families of {run.traced.source} "
-                            f"({', '.join(run.traced.families)})")
         stats = run.stats
-        tool = np.array([run.traced.items[int(i)].family in families for i in stats.samples])[:, None, None]
-        count, fluent = stats.count.astype(np.float64), ~tool
-        run.add(self.name, [Factor(count * fluent, (stats.tokens[:, None, None] * fluent).astype(np.float64))],
-                (count * fluent).sum(0), int(fluent.sum()))
+        factor, tool = capability_factor(stats, run.traced, run.tool_families)
+        count = stats.count.astype(np.float64)
+        run.add(self.name, [factor], factor.num.sum(0), int((~tool).sum()))
         share = estimate([Factor(count * tool, count)], run.bootstrap, run.seed)
         run.options[self.name] = dict(
             tool_families=sorted(run.tool_families), tool_prompts=int(tool.sum()),
             tool_share=np.round(share.value, 4).tolist(),
             tool_share_ci=[np.round(share.ci_low, 4).tolist(), np.round(share.ci_high, 4).tolist()])
+
+
+def capability_factor(stats: RouterStats, traced: Workload,
+                      tool_families: Sequence[str]) -> tuple[Factor, np.ndarray]:
+    """capability's ratio (routed counts over tokens, on the prompts of the families not handed to
+    tools) and the [P, 1, 1] mask of the prompts that are; an unknown family is refused."""
+    families = set(tool_families)
+    if unknown := sorted(families - set(traced.families)):
+        raise UspxError(f"--tool-families {unknown} are not families of {traced.source} "
+                        f"({', '.join(traced.families)})")
+    tool = np.array([traced.items[int(i)].family in families for i in stats.samples])[:, None, None]
+    count, fluent = stats.count.astype(np.float64), ~tool
+    return Factor(count * fluent, (stats.tokens[:, None, None] * fluent).astype(np.float64)), tool
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,16 @@ def test_fit_experts_in_8_gib():
     assert mem.fit_experts(GPT_OSS_20B, small.min_budget_bytes, context=4096, dtype="mxfp4").experts_per_layer == 4
 
 
+def test_fit_experts_sizes_gguf_types_from_the_config():
+    """Under a GGUF quantization the kept count is the largest whose estimate of the model (with
+    llama-quantize's per-row types, which need the config's row lengths) fits the budget."""
+    fit = mem.fit_experts(GPT_OSS_20B, "13GiB", context=0, dtype="q4_k_m")
+    n = fit.experts_per_layer
+    assert 4 <= n < 32 and fit.estimate.total_bytes <= 13 * mem.GIB
+    assert fit.estimate.total_bytes == mem.estimate(GPT_OSS_20B, "q4_k_m", context=0, experts_per_layer=n).total_bytes
+    assert mem.estimate(GPT_OSS_20B, "q4_k_m", context=0, experts_per_layer=n + 1).total_bytes > 13 * mem.GIB
+
+
 def test_breakdown_and_rich_table():
     from rich.console import Console
 

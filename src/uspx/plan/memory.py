@@ -434,14 +434,16 @@ def fit_experts(
     params = config if isinstance(config, ModelParams) else count_params(config)
     dtype = _resolve_dtype(params, dtype)
 
-    def at(n: int) -> MemoryEstimate:
-        return estimate(params, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
+    def at(n: int) -> MemoryEstimate:  # from ``config`` itself: GGUF types follow its rows' lengths
+        return estimate(config, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
                         experts_per_layer=n, scale_group=scale_group, reserve_bytes=reserve_bytes)
 
     base = at(0)
     per_n = base.expert_bytes * params.num_moe_layers
     room = budget - base.total_bytes
     n = 0 if room < 0 else params.num_experts if per_n == 0 else min(params.num_experts, room // per_n)
+    while n > 0 and at(n).total_bytes > budget:  # llama-quantize's choices may change with the count
+        n -= 1
     return ExpertFit(budget, n, base.total_bytes + params.top_k * per_n, at(max(n, params.top_k)))
 
 

@@ -90,3 +90,27 @@ def test_every_check_kind_evaluates_end_to_end_in_the_cli(tiny_gpt_oss_dir, tmp_
     assert ev["tasks"]["families"]["f"]["teacher"]["format_valid"] == 1.0  # "(?s).*" matches any text
     items = [json.loads(x) for x in (tmp_path / "e" / "evaluation.items.jsonl").read_text().splitlines()]
     assert [r["id"] for r in items] == ["a", "r", "j", "t"] and items[1]["teacher"]["passed"] == [True]
+
+
+def test_an_update_with_new_tests_checks_measures_quality_on_losses(tiny_gpt_oss_dir, tmp_path, one_thread):
+    """`uspx extract --update` with new held-out items that carry `tests` checks: the update's own
+    evaluation answers them in the sandbox, and the before/after quality (losses only) covers them."""
+    import json
+
+    from conftest import write_jsonl
+    from uspx.extract import extract
+    from uspx.update import update
+
+    old = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i}", "family": "code",
+            "split": "heldout" if i % 5 == 0 else "calibration"} for i in range(20)]
+    new = [{"prompt": f"def g{i}():\n    return", "completion": f" {i}", "family": "tested",
+            "split": "heldout" if i % 4 == 0 else "calibration"} for i in range(12)]
+    new = [dict(r, tests="assert True", max_new_tokens=2) if r["split"] == "heldout" else r for r in new]
+    extract(tiny_gpt_oss_dir, write_jsonl(tmp_path / "old.jsonl", old), tmp_path / "run", keep="50%",
+            method="frequency", speed=False, progress=False)
+    result = update(tmp_path / "run", write_jsonl(tmp_path / "new.jsonl", new), tmp_path / "up", progress=False)
+    assert json.loads((tmp_path / "up" / "update.json").read_text()) == json.loads(json.dumps(result))
+    report = json.loads((tmp_path / "up" / "report.json").read_text())
+    assert report["tasks"]["overall"]["checks"] == {"tests": 3}  # answered, in the sandbox
+    new_quality = result["quality"]["new"]
+    assert new_quality["before"]["tested"]["items"] == new_quality["after"]["tested"]["items"] == 3

@@ -23,7 +23,7 @@ The run itself is only read, and the update is written to another folder: a fail
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -178,12 +178,12 @@ def update(run_dir: str | Path, new_workload: str | Path | Workload, out_dir: st
     if (out / FILENAME).exists():
         console.print(f"{out} already holds this update")
         return read_json(out / FILENAME)
-    opened = _open(prev, model, dtype)
     old_wl, new_wl = _old_workload(prev), load_workload(new_workload)
     added, repeated = combine(old_wl, new_wl)
     added_wl = Workload(new_wl.source, added, new_wl.summary, new_wl.heldout_fraction)
     if not added_wl.part("calibration").items:
         raise UspxError(f"{new_wl.source}: no new calibration items ({repeated} already in the run)")
+    opened = _open(prev, model, dtype)  # once the workloads are known to hold new work
     out.mkdir(parents=True, exist_ok=True)
     whole = write_workload(old_wl.items + added, out.resolve() / "workload.jsonl")  # the report names it
     tokens = _trace_new(opened, prev, whole, added_wl, out, progress)
@@ -388,8 +388,9 @@ def _quality(opened: Opened, prev: Previous, out: Path, recovered: bool, whole: 
     recovered update's model, are evaluated here."""
     from uspx.evaluate import evaluate
 
-    def run(model: Path, wl: Workload) -> list[dict]:
-        return evaluate(opened, model, wl, split="heldout", max_length=prev.trace["options"]["max_length"],
+    def run(model: Path, wl: Workload) -> list[dict]:  # losses only: checked items are not answered here
+        losses = Workload(wl.source, [replace(i, checks=None) for i in wl.items], wl.summary, wl.heldout_fraction)
+        return evaluate(opened, model, losses, split="heldout", max_length=prev.trace["options"]["max_length"],
                         speed=False, dtype=dtype)["items"]
 
     old_ids = {i.id for i in old_wl.part("heldout").items}

@@ -250,6 +250,9 @@ def test_cli_export_quantized_and_eval(converted, tmp_path, one_thread):
     res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e2"),
                                    "--streaming"])
     assert res.exit_code != 0 and "--streaming" in str(res.exception)
+    res = CliRunner().invoke(app, ["eval", str(out), str(wl), "--teacher", str(model), "-o", str(tmp_path / "e3"),
+                                   "--max-pass-drop", "0.05"])  # not silently dropped: checked items are not run
+    assert res.exit_code != 0 and "--max-pass-drop" in str(res.exception) and not (tmp_path / "e3").exists()
 
 
 def test_memory_rule_from_two_gguf_files(converted, one_thread):

@@ -623,6 +623,9 @@ def eval_cmd(
         if plan_file or streaming or virtual_experts or device:
             raise UspxError("a GGUF file is evaluated whole by llama.cpp: --plan, --streaming, --device and "
                             "--virtual-experts do not apply")
+        if max_pass_drop is not None or samples != 1 or temperature != 0.0 or ks:
+            raise UspxError("a GGUF evaluation measures losses and speed; checked items are not answered in "
+                            "llama.cpp: --max-pass-drop, --samples, --temperature and --pass-k do not apply")
         res = evaluate_gguf(teacher, candidate, workload, split=split, max_length=max_length, epsilon=epsilon,
                             memory_budget=budget, context=context, speed=not no_speed, threads=threads,
                             dtype="fp32" if compute_dtype == "auto" else compute_dtype, out=out, progress=True,

@@ -75,6 +75,19 @@ def test_fit_experts_sizes_gguf_types_from_the_config():
     assert mem.estimate(GPT_OSS_20B, "q4_k_m", context=0, experts_per_layer=n + 1).total_bytes > 13 * mem.GIB
 
 
+def test_select_experts_sizes_gguf_types_from_the_config():
+    """The selection under a GGUF quantization sizes the model as the planner does from the config
+    (llama-quantize's per-row types): the same fixed bytes, and the count fit_experts finds."""
+    import pyarrow as pa
+
+    table = pa.table(dict(layer=[l for l in range(24) for _ in range(32)], expert=list(range(32)) * 24,
+                          value=[float(e) for _ in range(24) for e in range(32)]))
+    plan = sel.select_experts(table, budget="13GiB", config=GPT_OSS_20B, dtype="q4_k_m", context=0)
+    assert plan.sizes["fixed_weights"] == mem.estimate(GPT_OSS_20B, "q4_k_m", context=0, experts_per_layer=0).fixed_bytes
+    n = mem.fit_experts(GPT_OSS_20B, "13GiB", context=0, dtype="q4_k_m").experts_per_layer
+    assert set(plan.counts.values()) == {n} and plan.kept[0] == list(range(32 - n, 32))
+
+
 def test_breakdown_and_rich_table():
     from rich.console import Console
 

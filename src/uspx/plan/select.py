@@ -289,7 +289,8 @@ def select_experts(
     rows = read_scores(scores, need_cost=config is None)
     if config is not None:
         params = config if isinstance(config, mem.ModelParams) else mem.count_params(config)
-        est = mem.estimate(params, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
+        # from the config itself: a GGUF quantization's per-row types need its rows' lengths
+        est = mem.estimate(config, dtype, context=context, kv_dtype=kv_dtype, batch=batch,
                            experts_per_layer=0, scale_group=scale_group, reserve_bytes=reserve_bytes)
         groups = _groups_from_planner(rows, params, est.expert_bytes)
         top_k, n_exp, model_type = params.top_k, params.num_experts, params.model_type

@@ -36,7 +36,7 @@ from uspx.evaluate.metrics import _Compare
 from uspx.evaluate.run import _per_family, _result, _speedups, _write, acceptance
 from uspx.io import UspxError
 from uspx.prune.gguf_export import gguf_tensors
-from uspx.prune.gguf_file import fingerprint, kv_cache_bytes
+from uspx.prune.gguf_file import kv_cache_bytes
 from uspx.workload import DEFAULT_MAX_LENGTH, EncodedItem, Workload, default_max_length, encode, load_workload
 
 
@@ -91,8 +91,9 @@ def _open_side(model: str | Path, n_ctx: int, threads: int | None, dtype: str, t
         if not path.is_file():
             raise UspxError(f"{path}: no such GGUF file")
         rt = _runtime(path, n_ctx, threads, binding)
-        return _Side(str(path), f"llama.cpp ({rt.binding})", fingerprint(path), str(path), rt.n_vocab, rt=rt,
-                     gguf=str(path), threads=threads, binding=rt.binding, info=gguf_tensors(path))
+        info = gguf_tensors(path)
+        return _Side(str(path), f"llama.cpp ({rt.binding})", info["fingerprint"], str(path), rt.n_vocab, rt=rt,
+                     gguf=str(path), threads=threads, binding=rt.binding, info=info)
     from uspx.evaluate.run import _open
 
     opened = _open(model, None, dtype, trust_remote_code)

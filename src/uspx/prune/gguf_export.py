@@ -109,12 +109,15 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp: str | Path
 
 
 def gguf_tensors(path: str | Path) -> dict:
-    """Stored bytes of a GGUF file's tensors and how many tensors of each type it holds."""
-    from uspx.prune.gguf_file import _gguf
+    """Stored bytes of a GGUF file's tensors, how many tensors of each type it holds, and its
+    fingerprint, from one reading of its header (a large vocabulary takes seconds to parse)."""
+    from uspx.prune.gguf_file import _open, fingerprint
 
-    tensors = _gguf().GGUFReader(str(path)).tensors
+    reader = _open(Path(path))
+    tensors = reader.tensors
     return {"parameter_bytes": sum(int(t.n_bytes) for t in tensors), "file_bytes": Path(path).stat().st_size,
-            "tensor_types": dict(Counter(t.tensor_type.name for t in tensors))}
+            "tensor_types": dict(Counter(t.tensor_type.name for t in tensors)),
+            "fingerprint": fingerprint(path, int(reader.data_offset))}
 
 
 # ----- quantization by llama.cpp --------------------------------------------------------------------

@@ -212,13 +212,11 @@ def _check(old, new, expected, count: int, arch: str) -> dict:
     return dict(tensors=len(new.tensors), bytes_compared=compared, expert_count=int(got))
 
 
-def fingerprint(path: str | Path, header_bytes: int | None = None) -> str:
+def fingerprint(path: str | Path, header_bytes: int) -> str:
     """A GGUF file's fingerprint without reading all of it (a model file is many GiB): its size, its
-    header (metadata and tensor table; ``header_bytes``, read from the file when not given) and 16
+    header (metadata and tensor table: its first ``header_bytes``, the reader's ``data_offset``) and 16
     samples of 64 KiB spread over the tensor data."""
     path = Path(path)
-    if header_bytes is None:
-        header_bytes = int(_gguf().GGUFReader(str(path)).data_offset)
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as fh:

@@ -127,6 +127,11 @@ def test_score_until_stable_by_hand(tmp_path, tiny_gpt_oss_dir, one_thread):
     assert not full["stable"] and full["items"] == len(ROWS)
     ref = score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "ref", methods=["taylor"], progress=False)
     np.testing.assert_allclose(load_scores(tmp_path / "ty").matrix("taylor")[1], ref.matrix("taylor")[1], rtol=1e-5)
+    # reconstruction from a trace without its sums: model passes, recorded as uspx score records them
+    score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "rc", method="reconstruction", keep=4,
+                       block=7, tolerance=0.0, patience=9, bootstrap=20, progress=False)
+    ref = score(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "ref_rc", methods=["reconstruction"], progress=False)
+    assert load_scores(tmp_path / "rc").meta["method_source"] == ref.meta["method_source"] == {"reconstruction": "model"}
     with pytest.raises(UspxError, match="scoring until stable uses"):
         score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "x", method="l0", keep=4, progress=False)
 

@@ -219,7 +219,8 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
             break
     used = np.sort(np.concatenate(blocks[: len(rule.history)]))
     out = Path(out_dir)
-    table = _scores(opened, rule, method, traced, out, str(tr.path.resolve()), split)
+    table = _scores(opened, rule, method, traced, out, str(tr.path.resolve()), split,
+                    from_model=sums.items is not None)
     return _result(out, opened, table, rule, method, keep, budget, block, seed, seconds=time.perf_counter() - started,
                    workload=wl.source, items=rule.prompts, calibration_items=len(stats.samples), scores=str(out),
                    trace=str(tr.path), samples=stats.samples[used].tolist())
@@ -289,8 +290,9 @@ def _result(out: Path, opened: Opened, table: ScoreTable, rule: Settling, method
 
 
 def _scores(opened: Opened, rule: Settling, method: str, traced: Workload, out: Path, trace_path: str,
-            split: str) -> ScoreTable:
-    """The score table of the prompts scored (``out``), bootstrap intervals over prompts."""
+            split: str, from_model: bool = False) -> ScoreTable:
+    """The score table of the prompts scored (``out``), bootstrap intervals over prompts;
+    ``from_model``: the sums came from model passes over them, not from the trace."""
     import uspx
     from uspx.score.bootstrap import Factor, estimate
     from uspx.score.table import FORMAT, ScoreTable, build_table
@@ -310,8 +312,8 @@ def _scores(opened: Opened, rule: Settling, method: str, traced: Workload, out: 
         methods=[method],
         options=dict(bootstrap=rule.bootstrap, seed=rule.seed, ci_level=0.95, bootstrap_unit="prompt",
                      sequential=None, units=["experts"], until_stable=dict(rule=rule.rule(), stable=rule.stable)),
-        prompts=dict(trace=n_prompts, model=None, model_tokens=None, loss_tokens=None),
-        method_source={method: "trace" if method in METHODS else "model"},
+        prompts=dict(trace=n_prompts, model=n_prompts if from_model else None, model_tokens=None, loss_tokens=None),
+        method_source={method: "model" if from_model else "trace"},
     )
     t = ScoreTable(table, meta)
     t.write(out)

@@ -213,12 +213,11 @@ def plan(
     path = resolve_model_path(model)
     if gpu is not None:
         from uspx.plan import speed as sp
-        from uspx.plan.memory import count_params
 
         hw, measured = sp.user_hardware(gpu, gpu_bandwidth=gpu_bandwidth, ram=cpu_preset, ram_bandwidth=cpu_bandwidth,
                                         cpu_threads=cpu_threads)
         result = sp.offload_plan(path, hw, dtype=dtype, context=context, kv_dtype=kv_dtype, speedup=speedup)
-        sp.print_offload_plan(result, count_params(path).num_experts)
+        sp.print_offload_plan(result)
         if measured is not None:
             console.print(f"system memory measured here: {measured:.1f} GB/s (one thread's read; all cores may read more)")
         if out is not None:

@@ -154,8 +154,6 @@ def user_hardware(gpu: str, *, gpu_bandwidth: float | None = None, ram: str | No
     no_gpu = gpu.lower() in ("0", "cpu", "none")
     hw = hardware(preset, gpu_memory=None if preset or no_gpu else gpu, gpu_bandwidth=gpu_bandwidth,
                   cpu=None if measured else ram, cpu_bandwidth=ram_bw)
-    if no_gpu:
-        hw = replace(hw, gpu_bytes=0)
     if cpu_threads is not None:
         if cpu_threads < 1:
             raise UspxError(f"--cpu-threads must be >= 1, not {cpu_threads}")
@@ -323,16 +321,18 @@ def offload_plan(config: Any, hw: Hardware, *, dtype: str | None = None, context
     counts = sorted(set(shown), reverse=True)
     if bad := [k for k in counts if not p.top_k <= k <= p.num_experts]:
         raise UspxError(f"kept experts per layer must be in {p.top_k}..{p.num_experts} (top-k at least), got {bad}")
-    full = best_placement(base, hw, depth=depth)
     searched = counts if speedup is None else range(p.top_k, p.num_experts + 1)  # a target: every count
-    placed = {k: best_placement(at(k), hw, depth=depth) for k in searched}
-    ok = [k for k, pl in placed.items()
-          if speedup is not None and pl.fits and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s]
-    pruned = [placed[k] for k in sorted({*counts, *ok[-1:]}, reverse=True)]  # the smallest pruning shown too
-    return OffloadPlan(hw, base.dtype, context, full, pruned, speedup, placed[ok[-1]] if ok else None)
+    placed = {k: best_placement(base if k == p.num_experts else at(k), hw, depth=depth)
+              for k in {*searched, p.num_experts}}
+    full = placed[p.num_experts]
+    smallest = max((k for k, pl in placed.items() if speedup is not None and pl.fits
+                    and pl.decode_tokens_per_s >= speedup * full.decode_tokens_per_s), default=None)
+    rows = {*counts} | ({smallest} if smallest is not None else set())  # the smallest pruning shown too
+    pruned = [placed[k] for k in sorted(rows, reverse=True)]
+    return OffloadPlan(hw, base.dtype, context, full, pruned, speedup, placed.get(smallest))
 
 
-def print_offload_plan(plan: OffloadPlan, num_experts: int) -> None:
+def print_offload_plan(plan: OffloadPlan) -> None:
     from rich.table import Table
 
     from uspx.progress import console
@@ -346,6 +346,7 @@ def print_offload_plan(plan: OffloadPlan, num_experts: int) -> None:
         t.add_row(name, str(pl.cpu_moe_layers), format_bytes(pl.gpu_bytes), format_bytes(pl.cpu_bytes),
                   "yes" if pl.fits else "no", f"{pl.decode_tokens_per_s:.1f}",
                   f"{pl.decode_tokens_per_s / plan.full.decode_tokens_per_s:.2f}", f"{pl.prefill_tokens_per_s:.0f}")
+    num_experts = plan.full.experts_per_layer
     row(f"all {num_experts}", plan.full)
     for pl in plan.pruned:
         if pl.experts_per_layer != num_experts:

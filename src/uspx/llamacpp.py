@@ -1,5 +1,6 @@
 """Where llama.cpp is on this machine: its programs (``llama-quantize``, ``llama-imatrix``, ...) and
-its Python binding (``llama_cpp``, from the llama-cpp-python package).
+its source (the GGUF converter). The Python bindings that run a GGUF in this process are found by
+:mod:`uspx.trace.llama_runtime`.
 
 uspx never builds llama.cpp itself. A user who runs GGUF models already has it; the programs are
 looked up in the folder given on the command line (``--llama-cpp DIR``: a folder of programs, or a
@@ -52,13 +53,3 @@ def source(where: str | Path | None = None) -> Path:
         raise UspxError(f"converting to GGUF needs llama.cpp's source (its convert_hf_to_gguf.py): pass a "
                         f"checkout with --llama-cpp or set ${ENV}")
     return Path(found)
-
-
-def binding():
-    """The ``llama_cpp`` module (llama-cpp-python), which runs a GGUF in this process."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UspxError("running a GGUF in uspx needs llama.cpp's Python binding: pip install 'uspx[llama]' "
-                        "(llama-cpp-python; it compiles llama.cpp, about 20 minutes on 2 cores)") from None
-    return llama_cpp

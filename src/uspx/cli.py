@@ -555,9 +555,7 @@ def quantize_cmd(
 ) -> None:
     """Quantize a GGUF file with llama.cpp's llama-quantize, optionally weighted by an importance
     matrix made on the user's calibration items."""
-    import tempfile
-
-    from uspx.prune.gguf_export import make_imatrix, quantize_gguf
+    from uspx.prune.gguf_export import quantize_gguf, quantize_guided
 
     if dry_run:
         rec = quantize_gguf(gguf_file, gguf_file, quant, imatrix=imatrix, llama_cpp=llama_cpp, dry_run=True)
@@ -566,16 +564,8 @@ def quantize_cmd(
         return
     if out is None:
         raise UspxError("give the quantized file to write (-o OUT.gguf)")
-    if imatrix is not None and imatrix_workload is not None:
-        raise UspxError("give --imatrix or --imatrix-workload, not both")
-    with tempfile.TemporaryDirectory(prefix=".uspx-imatrix-", dir=out.parent if out.parent.exists() else None) as work:
-        made = None
-        if imatrix_workload is not None:
-            made = make_imatrix(gguf_file, imatrix_workload, Path(work) / "imatrix.gguf", llama_cpp=llama_cpp,
-                                threads=threads)
-            imatrix = Path(made["out"])
-        rec = quantize_gguf(gguf_file, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads)
-    rec["imatrix"] = made or ({"file": str(imatrix)} if imatrix else None)
+    rec = quantize_guided(gguf_file, out, quant, workload=imatrix_workload, imatrix=imatrix, llama_cpp=llama_cpp,
+                          threads=threads)
     write_json(record_path(out), rec)
     console.print(f"written {out} ({rec['bytes'] / 2**20:.1f} MiB) from {gguf_file}")
     _print_quantized(rec)

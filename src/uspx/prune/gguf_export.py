@@ -274,18 +274,35 @@ def export_quantized(model_dir: str | Path, out: str | Path, quant: str, *, llam
     out = Path(out)
     if out.exists():
         raise UspxError(f"{out} exists; refusing to overwrite it")
-    if imatrix is not None and workload is not None:
-        raise UspxError("give an importance matrix file or a workload to make one from, not both")
+    _one_guide(workload, imatrix)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".uspx-quant-", dir=out.parent) as work:
         plain = Path(work) / "unquantized.gguf"
         conversion = export_gguf(model_dir, plain, llama_cpp=llama_cpp, outtype=outtype, pre_tokenizer=pre_tokenizer,
                                  timeout=timeout)
+        rec = quantize_guided(plain, out, quant, workload=workload, imatrix=imatrix, llama_cpp=llama_cpp,
+                              threads=threads, timeout=timeout)
+    return dict(rec, source=str(model_dir), conversion={**conversion, "out": None})
+
+
+def quantize_guided(source: str | Path, out: str | Path, quant: str, *, workload=None,
+                    imatrix: str | Path | None = None, llama_cpp: str | Path | None = None,
+                    threads: int | None = None, timeout: float | None = None) -> dict:
+    """:func:`quantize_gguf` guided by ``imatrix`` (a file), or by one made with llama-imatrix on
+    ``workload``'s calibration items (in a temporary folder beside ``out``), or by none; the record's
+    ``imatrix`` says which."""
+    out = Path(out)
+    _one_guide(workload, imatrix)
+    with tempfile.TemporaryDirectory(prefix=".uspx-imatrix-", dir=out.parent if out.parent.exists() else None) as work:
         made = None
         if workload is not None:
-            made = make_imatrix(plain, workload, Path(work) / "imatrix.gguf", llama_cpp=llama_cpp, threads=threads,
+            made = make_imatrix(source, workload, Path(work) / "imatrix.gguf", llama_cpp=llama_cpp, threads=threads,
                                 timeout=timeout)
             imatrix = made["out"]
-        rec = quantize_gguf(plain, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads, timeout=timeout)
-    return dict(rec, source=str(model_dir), conversion={**conversion, "out": None}, imatrix=made or (
-        {"file": str(imatrix)} if imatrix else None))
+        rec = quantize_gguf(source, out, quant, imatrix=imatrix, llama_cpp=llama_cpp, threads=threads, timeout=timeout)
+    return dict(rec, imatrix=made or ({"file": str(imatrix)} if imatrix else None))
+
+
+def _one_guide(workload, imatrix) -> None:
+    if imatrix is not None and workload is not None:
+        raise UspxError("give an importance matrix file or a workload to make one from, not both")

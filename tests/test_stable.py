@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 from uspx.io import UspxError
 from uspx.score import load_scores
-from uspx.stable import jaccard, kept_mask, trace_until_stable
+from uspx.stable import jaccard, kept_mask, score_until_stable, trace_until_stable
 from uspx.trace import Trace
 from uspx.workload import load_workload
 
@@ -95,7 +95,6 @@ def test_the_blocks_traced_are_one_trace_scored_as_uspx_score_does(tmp_path, tin
 
 def test_score_until_stable_by_hand(tmp_path, tiny_gpt_oss_dir, one_thread):
     from uspx.score import score
-    from uspx.stable import score_until_stable
     from uspx.trace import trace
 
     wl = write_jsonl(tmp_path / "w.jsonl", ROWS)
@@ -155,6 +154,9 @@ def test_trace_and_score_take_until_stable(tmp_path, tiny_gpt_oss_dir, one_threa
                                       "--split", "all", "-o", str(tmp_path / "sc"), "--until-stable", "--keep", "4",
                                       "--methods", "frequency", "--block", "4"])
     assert scored.exit_code == 0, scored.output
-    assert json.loads((tmp_path / "sc" / "stable.json").read_text())["items"] <= a["items"]
+    direct = score_until_stable(model, tmp_path / "s" / "trace", tmp_path / "s" / "workload.jsonl", tmp_path / "sd",
+                                keep=4, block=4, split="all", progress=False)
+    cli = json.loads((tmp_path / "sc" / "stable.json").read_text())
+    assert (cli["kept"], cli["history"], cli["samples"]) == (direct["kept"], direct["history"], direct["samples"])
     refused = CliRunner().invoke(app, ["trace", model, str(wl), "-o", str(tmp_path / "x"), "--keep", "4"])
     assert isinstance(refused.exception, UspxError) and "--until-stable" in str(refused.exception)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uspx.io import FingerprintMismatch, UspxError, atomic_path, read_json, write_json
+from uspx.io import FingerprintMismatch, UspxError, read_json, write_json, write_text
 from uspx.progress import Clock, console
 from uspx.workload import Workload, WorkloadItem, load_workload
 
@@ -114,8 +114,7 @@ def write_workload(items: list[WorkloadItem], path: Path) -> Workload:
             obj.update({k: c[k] for k in ("answer", "regex", "tests", "max_new_tokens", "json", "stop")
                         if c[k] not in (None, False, ())})
         lines.append(json.dumps(obj, ensure_ascii=False))
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     wl = load_workload(path)
     if [asdict(i) for i in wl.items] != [asdict(i) for i in items]:
         raise UspxError(f"{path}: the workload written does not read back as the items given")
@@ -327,26 +326,21 @@ def _layout(src, plan_path: Path):
     """Stored tensor name -> its slice in the checkpoint exported from ``plan_path`` (None when the
     family cuts that plan in memory)."""
     from uspx.plan import load_plan
-    from uspx.prune.shaped import plan_cut
-    from uspx.prune.slicing import plan_layout
+    from uspx.prune.export import export_layout
 
     plan = load_plan(plan_path)
-    adapter = src.adapter
     joint = bool(plan.channels or plan.heads)
-    if joint and not adapter.cuts_on_disk:
+    if joint and not src.adapter.cuts_on_disk:
         return None
-    kept = plan.kept_set()
-    full = {l.index: kept.get(l.index, list(range(l.num_experts))) for l in adapter.layers}
-    layout = plan_layout(src, full, max(len(v) for v in full.values()), plan_cut(adapter, plan) if joint else None)
+    layout = export_layout(src, plan.kept_set(), plan if joint else None)  # as the export wrote it
     return {s.name: s for slices in layout.files.values() for s in slices}
 
 
 def _pairs(new: dict, old: dict) -> dict:
-    """New stored name -> (its slice, the old slice cut from the same source tensor, or None)."""
-    by_source: dict[str, list] = {}
-    for s in old.values():
-        by_source.setdefault(s.source, []).append(s)
-    return {name: (s, next(iter(by_source.get(s.source, [])), None)) for name, s in new.items()}
+    """New stored name -> (its slice, the old slice cut from the same source tensor, or None): a
+    layout cuts one slice from each source tensor."""
+    by_source = {s.source: s for s in old.values()}
+    return {name: (s, by_source.get(s.source)) for name, s in new.items()}
 
 
 def _same(a, b) -> bool:

@@ -93,10 +93,7 @@ def export(
 
     adapter.validate_kept(ks.kept, allow_missing=not physical)
     full = _full_kept(adapter, ks.kept)
-    width = adapter.num_experts if not physical else max(len(v) for v in full.values())
-    from uspx.prune.shaped import plan_cut
-
-    layout = plan_layout(layout_source, full, width, plan_cut(adapter, ks.plan) if joint else None)
+    layout = export_layout(layout_source, ks.kept, ks.plan if joint else None, physical=physical)
     expected = predicted_bytes if predicted_bytes is not None else ks.predicted_weight_bytes()
 
     with atomic_folder(out) as tmp:
@@ -226,6 +223,17 @@ def _fp32_model(model: str | Path | LoadedModel, src: Path, trust_remote_code: b
 def _full_kept(adapter, kept: dict[int, list[int]]) -> dict[int, list[int]]:
     """Layers the kept set leaves out keep every expert."""
     return {l.index: kept.get(l.index, list(range(l.num_experts))) for l in adapter.layers}
+
+
+def export_layout(source: FromCheckpoint, kept: dict[int, list[int]], plan=None, *, physical: bool = True):
+    """The stored tensors (:class:`uspx.prune.slicing.Layout`) an export of ``kept`` writes from
+    ``source``'s files: physically, every layer padded to the largest kept count, cut to a joint
+    ``plan``'s channels and heads when given; mask-only, every expert kept in place."""
+    from uspx.prune.shaped import plan_cut
+
+    full = _full_kept(source.adapter, kept)
+    width = max(len(v) for v in full.values()) if physical else source.adapter.num_experts
+    return plan_layout(source, full, width, plan_cut(source.adapter, plan) if plan is not None else None)
 
 
 def _joint_record(plan) -> dict:

@@ -261,3 +261,23 @@ def test_update_keeps_the_runs_task_checks(tmp_path, tiny_gpt_oss_dir, one_threa
     assert [(c["family"], c["threshold"]) for c in drops] == [("code", 0.25)]
     # every answer matches "(?s).*", so neither model loses an item: the rule passes
     assert all(c["ok"] and c["value"] == 0 for c in drops)
+
+
+def test_changes_and_heads_of_two_plans_by_hand():
+    """Experts in and out, channels moved inside experts kept by both, and heads changed, on two
+    plans written out by hand."""
+    from uspx.update import changes, heads_changed
+
+    before = {"kept": {"0": [1, 2, 3], "1": [0, 1]},
+              "channels": {"kept": {"0": [[0, 1], [2, 3], [4, 5]], "1": [[0, 1], [1, 2]]}},
+              "heads": {"kept": {"0": [0, 2], "1": [1, 3]}}}
+    after = {"kept": {"0": [2, 3, 4], "1": [0, 1]},
+             "channels": {"kept": {"0": [[2, 3], [4, 6], [0, 1]], "1": [[0, 1], [1, 2]]}},
+             "heads": {"kept": {"0": [0, 2], "1": [1, 2]}}}
+    got = {c.layer: (c.kept_in, c.kept_out, c.channels_changed) for c in changes(before, after)}
+    # layer 0: expert 4 in, 1 out; 2 keeps [2, 3]; 3 moves from [4, 5] to [4, 6]
+    assert got == {0: ([4], [1], [3]), 1: ([], [], [])}
+    assert heads_changed(before, after) == [1] and heads_changed(before, before) == []
+    assert heads_changed({"kept": {}}, after) == [0, 1]  # against a plan keeping every head: each layer cut
+    with pytest.raises(UspxError, match="different layers"):
+        changes(before, {"kept": {"0": [1, 2, 3]}})

@@ -211,6 +211,10 @@ def plan(
     from uspx.models.loading import resolve_model_path
 
     path = resolve_model_path(model)
+    if dtype is None and not streaming and any(path.glob("*.safetensors")):
+        from uspx.extract import checkpoint_dtype
+
+        dtype = checkpoint_dtype(path)  # as the weights are stored; with no weights, None: the config's
     if gpu is not None:
         from uspx.plan import speed as sp
 
@@ -225,10 +229,6 @@ def plan(
         return
     from uspx.plan import estimate, fit_experts
 
-    if dtype is None and not streaming and any(path.glob("*.safetensors")):
-        from uspx.extract import checkpoint_dtype
-
-        dtype = checkpoint_dtype(path)  # as the weights are stored; with no weights, None: the config's
     if streaming:
         from uspx.plan.streaming import print_streaming_plan
 

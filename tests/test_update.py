@@ -168,6 +168,17 @@ def test_recovery_starts_from_the_run_s_recovered_weights(tmp_path, tiny_gpt_oss
     assert expert_names == 2 * 6  # per layer: gate_up, its bias, down, its bias, router weight and bias
     swapped = sum(len(set(new_kept[l]) - set(old_kept[l])) for l in new_kept)
     assert res["recovery"]["warm_start"]["original_slots"] == swapped * 6
+    # the recovered model's quality on the new held-out items, as uspx eval measures it
+    from uspx.evaluate import evaluate
+    from uspx.workload import load_workload
+
+    max_length = json.loads((run / "trace" / "manifest.json").read_text())["options"]["max_length"]
+    ev = evaluate(tiny_gpt_oss_dir, tmp_path / "up" / "recover" / "model", tmp_path / "up" / "workload.jsonl",
+                  split="heldout", max_length=max_length, speed=False)
+    new_ids = {i.id for i in load_workload(new_wl).part("heldout").items if i.family == "shell"}
+    rows = [r for r in ev["items"] if r["id"] in new_ids and r["tokens"]]
+    want = sum(r["tokens"] * (r["loss_candidate"] - r["loss_teacher"]) for r in rows) / sum(r["tokens"] for r in rows)
+    assert res["quality"]["new"]["after"]["all"]["delta"] == pytest.approx(want, abs=1e-9)
 
 
 def test_the_command_updates_and_keeps_the_run_s_settings(tmp_path, tiny_gpt_oss_dir, workloads, one_thread):

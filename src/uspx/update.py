@@ -378,8 +378,8 @@ def _quality(opened: Opened, prev: Previous, out: Path, recovered: bool, whole: 
     """Held-out loss delta, per family and overall, of the run's judged model (``before``) and the
     update's (``after``), on the old held-out items and on the new ones. What the runs already
     measured is read (the run's own evaluation covers the old items; the update's evaluation of
-    old and new items together is split by item); only the run's model on the new items, and a
-    recovered update's model, are evaluated here."""
+    old and new items together, or its recovery's, is split by item); only the run's model on the
+    new items is evaluated here."""
     from uspx.evaluate import evaluate
 
     def run(model: Path, wl: Workload) -> list[dict]:  # losses only: checked items are not answered here
@@ -389,7 +389,9 @@ def _quality(opened: Opened, prev: Previous, out: Path, recovered: bool, whole: 
 
     old_ids = {i.id for i in old_wl.part("heldout").items}
     new_ids = {i.id for i in added.part("heldout").items}
-    after = run(out / "recover" / "model", whole) if recovered else read_json(out / "evaluation.json")["items"]
+    # the update's judged model on old and new items together, as recovery or the extract evaluated it
+    after = read_json(out / "recover" / "recover.json")["heldout_items"] if recovered else \
+        read_json(out / "evaluation.json")["items"]
     if prev.recovered is not None:  # the run judged its recovered model on its held-out items
         before_old = {f: dict(delta=v["delta"], tokens=v["tokens"])
                       for f, v in read_json(prev.path / "recover" / "recover.json")["heldout"]["after"].items()}

@@ -121,6 +121,7 @@ def _quality(original, pruned: Path, recovered: Path, wl, source: Path, others, 
     share, gap = _recovered_share(before, after)
     return dict(
         heldout=dict(before=_families(before), after=_families(after)),
+        heldout_items=after["items"],  # the recovered model's per-item losses (uspx eval's "items")
         recovered_share=share, gap=gap,
         calibration=dict(before=_families(cal_before), after=_families(cal_after)),
         overfitting_gap=dict(before=_gap(cal_before, before), after=_gap(cal_after, after)),

@@ -133,6 +133,8 @@ def test_score_until_stable_by_hand(tmp_path, tiny_gpt_oss_dir, one_thread):
     assert load_scores(tmp_path / "rc").meta["method_source"] == ref.meta["method_source"] == {"reconstruction": "model"}
     with pytest.raises(UspxError, match="scoring until stable uses"):
         score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "x", method="l0", keep=4, progress=False)
+    with pytest.raises(UspxError, match="covers split 'calibration', not 'heldout'"):
+        score_until_stable(tiny_gpt_oss_dir, tmp_path / "t", wl, tmp_path / "x", keep=4, split="heldout", progress=False)
 
 
 def test_trace_and_score_take_until_stable(tmp_path, tiny_gpt_oss_dir, one_thread):

@@ -194,6 +194,7 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
     of each block): the model passes stop with the blocks."""
     from uspx.engine import open_source
     from uspx.extract import experts_kept
+    from uspx.score.api import traced_split
     from uspx.score.trace_stats import stats_from_trace
     from uspx.trace import Trace
 
@@ -206,7 +207,7 @@ def score_until_stable(model: str | Path | Opened, trace_dir: str | Path, worklo
         raise UspxError("taylor needs the whole model in memory; a layer-by-layer run scores from the trace")
     wl = load_workload(workload)
     tr = Trace(trace_dir)
-    traced = wl.part(tr.manifest["options"].get("split", "all"))
+    traced = wl.part(traced_split(tr, split))
     tr.check(model=opened.fingerprint, workload=traced.fingerprint)
     stats = stats_from_trace(tr, split, norms=method in ("reap", "ean"))
     rule = Settling(experts_kept(opened, keep, budget, context, kv_dtype), tolerance, patience, bootstrap, seed)

@@ -118,9 +118,7 @@ def _score(
     d = current()
     wl = load_workload(workload)
     tr = Trace(trace_dir)
-    trace_split = tr.manifest.get("options", {}).get("split", "all")
-    if trace_split not in ("all", split):
-        raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
+    trace_split = traced_split(tr, split)
     traced = wl.part(trace_split)
     has_norms = "expert_norms" in trace_columns(tr)
     if layered and not has_norms and any(m.norms for m in chosen):
@@ -196,6 +194,14 @@ def check_arguments(model: str | Path | LoadedModel | Opened, methods: Sequence[
     if marginal not in ("natural", "interventional"):
         raise UspxError(f"marginal must be 'natural' or 'interventional', not {marginal!r}")
     return chosen, inner_units
+
+
+def traced_split(tr: Trace, split: str) -> str:
+    """The split of the workload the trace was made on, refused when it does not cover ``split``."""
+    trace_split = tr.manifest.get("options", {}).get("split", "all")
+    if trace_split not in ("all", split):
+        raise UspxError(f"{tr.path}: the trace covers split {trace_split!r}, not {split!r}")
+    return trace_split
 
 
 def _open_model(model: str | Path | LoadedModel | Opened, tr: Trace, traced: Workload, d: Dist, *, dtype: str,
